@@ -1,0 +1,41 @@
+# Two entry points: `make run` (the default campaign) and `make test`.
+# Both bootstrap everything on a fresh Debian machine as root.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+QEMU   := /usr/bin/qemu-img
+
+.PHONY: run test lint typecheck pytest deps spec clean
+
+run: deps
+	$(VENV)/bin/qcow2lab run
+
+test: deps lint typecheck pytest
+
+deps: $(QEMU) $(STAMP)
+
+$(QEMU):
+	@command -v qemu-img >/dev/null 2>&1 || { \
+	  echo "qemu-img missing: installing qemu-utils"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils; }
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+lint:
+	$(VENV)/bin/ruff check spec model impl difftest tests
+
+typecheck:
+	$(VENV)/bin/mypy
+
+pytest:
+	$(VENV)/bin/pytest -q -n 2
+
+spec: deps
+	$(VENV)/bin/qcow2lab spec > docs/spec.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

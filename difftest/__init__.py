@@ -1,0 +1,1 @@
+"""The differential tester and the qcow2lab command line."""

@@ -1,0 +1,1 @@
+"""One module per qcow2lab verb; see difftest/cli.py."""
