@@ -20,6 +20,9 @@ $(QEMU):
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils; }
 
 $(STAMP): pyproject.toml
+	@python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || { \
+	  echo "python3 with venv missing: installing python3-venv"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv python3-pip; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
