@@ -9,7 +9,12 @@ this = c.this
 BME_FLAG_IN_USE = 1 << 0
 BME_FLAG_AUTO = 1 << 1
 BME_FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
-BME_RESERVED_FLAGS = ~0x7 & 0xFFFFFFFF
+BME_RESERVED_FLAGS = 0xFFFFFFFC
+"""Flags QEMU 7.2 refuses (block/qcow2-bitmap.c, check_dir_entry). qcow2.rst defines bit 2,
+extra_data_compatible, but QEMU counts it as reserved (it supports no extra data at all, see
+bitmap_list_load), so a directory entry with bit 2 set fails to load there. We match QEMU."""
+BME_SPEC_RESERVED_FLAGS = ~0x7 & 0xFFFFFFFF
+"""Bits 3-31: reserved according to qcow2.rst "Bitmap directory"."""
 BT_DIRTY_TRACKING_BITMAP = 1
 BITMAP_DIR_ENTRY_HEADER_SIZE = 24
 
@@ -31,4 +36,11 @@ BitmapDirectoryEntry = c.Struct(
 
 
 def bitmap_directory(nb_bitmaps: int) -> c.Construct:
+    """``nb_bitmaps`` entries back to back (the directory must hold exactly these)."""
     return c.Array(nb_bitmaps, BitmapDirectoryEntry)
+
+
+def dir_entry_size(name_size: int, extra_data_size: int) -> int:
+    """Bytes one directory entry occupies, padding included (calc_dir_entry_size)."""
+    n = BITMAP_DIR_ENTRY_HEADER_SIZE + name_size + extra_data_size
+    return n + (-n % 8)

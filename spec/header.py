@@ -141,5 +141,14 @@ HeaderExtension = c.Struct(
 )
 """One header extension: type, length, data, padding to 8 bytes."""
 
+def backing_file_name(backing_file_size: int) -> c.Construct:
+    """The backing file name at ``backing_file_offset``: raw bytes, no NUL, no padding.
+
+    QEMU reads it into a C string (block/qcow2.c, qcow2_do_open), so a NUL inside the name
+    ends it there; spec/image.py applies that when it decodes the name.
+    """
+    return c.Bytes(backing_file_size)
+
+
 HeaderExtensions = c.RepeatUntil(lambda obj, lst, ctx: obj.type == QCOW2_EXT_MAGIC_END, HeaderExtension)
 """The extension list that follows the header, up to and including the end marker."""

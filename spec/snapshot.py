@@ -41,6 +41,11 @@ SnapshotHeader = c.Struct(
 """One snapshot table entry (variable length, 8-byte aligned)."""
 
 
+def snapshot_entry_size(extra_data_size: int, id_str_size: int, name_size: int) -> int:
+    """Bytes of one entry without its trailing padding (what QEMU adds to the table length)."""
+    return SNAPSHOT_HEADER_SIZE + extra_data_size + id_str_size + name_size
+
+
 def snapshot_table(nb_snapshots: int) -> c.Construct:
     """``nb_snapshots`` entries, contiguous at ``snapshots_offset``."""
     return c.Array(nb_snapshots, SnapshotHeader)

@@ -1,0 +1,75 @@
+"""``qcow2lab check``: evaluate the rules catalogue (spec.rules) and report as qemu-img check.
+
+    qcow2lab check [-f qcow2] [--output=human|json] IMAGE
+
+The counters and the exit code are qemu-img's (qemu-img.c img_check): 0 clean, 1 check errors
+(including an image that cannot be opened), 2 corruptions, 3 leaks only. Human output lists
+every violated rule (id, host offset, explanation, spec section), then qemu-img's summary
+lines. JSON output is qemu-img's object, field for field, on stdout; the violated rules go to
+stderr, as qemu-img prints its ERROR lines there. Repair (-r) is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TextIO
+
+from spec.interface import CheckResult
+from spec.rules import RULES_BY_ID, Finding
+from spec.rules.check import check
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="check an image against the rules catalogue (as qemu-img check)")
+    p.add_argument("-f", "--format", dest="fmt", choices=["qcow2"], default="qcow2",
+                   help="image format (only qcow2)")
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("image")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = check(args.image)
+    if args.output == "json":
+        print_findings(result.findings, sys.stderr)
+        print(json.dumps(result.to_json(), indent=4))
+    else:
+        print_findings(result.findings, sys.stdout)
+        print_summary(result, sys.stdout)
+    return result.exit_code
+
+
+def describe(f: Finding) -> str:
+    rule = RULES_BY_ID[f.rule]
+    where = f"{f.offset:#x}" if f.offset is not None else "-"
+    tag = rule.severity.value if rule.qemu_counts else "spec"
+    times = f" (x{f.count})" if f.count != 1 else ""
+    return f"{tag.upper()} {f.rule} at {where}: {f.message}{times}\n    {rule.statement} [{rule.source}]"
+
+
+def print_findings(findings: list[Finding], out: TextIO) -> None:
+    for f in findings:
+        print(describe(f), file=out)
+
+
+def print_summary(r: CheckResult, out: TextIO) -> None:
+    """The summary lines qemu-img check prints (qemu-img.c dump_human_image_check)."""
+    if not (r.corruptions or r.leaks or r.check_errors):
+        print("No errors were found on the image.", file=out)
+    if r.corruptions:
+        print(f"\n{r.corruptions} errors were found on the image.\n"
+              "Data may be corrupted, or further writes to the image may corrupt it.", file=out)
+    if r.leaks:
+        print(f"\n{r.leaks} leaked clusters were found on the image.\n"
+              "This means waste of disk space, but no harm to data.", file=out)
+    if r.check_errors:
+        print(f"\n{r.check_errors} internal errors have occurred during the check.", file=out)
+    total, alloc = r.total_clusters or 0, r.allocated_clusters or 0
+    if total and alloc:
+        frag, comp = r.fragmented_clusters or 0, r.compressed_clusters or 0
+        print(f"{alloc}/{total} = {alloc * 100 / total:.2f}% allocated, {frag * 100 / alloc:.2f}% fragmented, "
+              f"{comp * 100 / alloc:.2f}% compressed clusters", file=out)
+    if r.image_end_offset:
+        print(f"Image end offset: {r.image_end_offset}", file=out)

@@ -1,0 +1,214 @@
+"""Creating an image as ``qemu-img create -f qcow2`` lays it out (block/qcow2.c,
+qcow2_co_create and qcow2_co_create_opts; qcow2_update_header for the extensions).
+
+Layout of a new image, cluster by cluster:
+
+====  =================================================================================
+0     header; extensions: backing format, external data file name, feature name table
+      (v3 only), end; then the backing file name (qcow2_update_header's order)
+1     refcount table, one cluster, entry 0 -> cluster 2
+2     refcount block: clusters 0..3 have refcount 1
+3     L1 table, just large enough for the virtual size (qcow2_grow_l1_table through
+      qcow2_co_truncate); the file ends right after its l1_size entries
+====  =================================================================================
+
+The L1 table is allocated through the model's allocator, as QEMU allocates it through its
+own, so large tables and small refcount blocks come out where QEMU puts them.
+
+Errors: RequestError for options QEMU rejects (the error texts say which rule);
+UnsupportedFeature for a preallocation mode the model does not lay out like QEMU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import construct as c
+
+from spec import features as ft
+from spec import header as hd
+from spec import limits as lim
+from spec.errors import RequestError
+from spec.geometry import Geometry, align_up
+from spec.image import ImageFile
+from spec.info import full_backing_filename
+from spec.tables import refcount_block, refcount_table
+
+from model import mapping as mp
+from model import refcounts as rc
+from model.qfile import Qcow2File
+
+BDRV_SECTOR_SIZE = 512
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+
+
+def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster_size: int = 65536,
+           refcount_bits: int = 16, extended_l2: bool = False, compression_type: str = "zlib",
+           lazy_refcounts: bool = False, backing_file: str | None = None,
+           backing_fmt: str | None = None, data_file: str | None = None,
+           data_file_raw: bool = False, preallocation: str = "off") -> None:
+    """Create a qcow2 image at ``path`` (overwriting it) with the options of
+    ``qemu-img create -f qcow2 -o ...``. ``size`` is rounded up to whole sectors, as
+    qemu-img does.
+
+    ``data_file`` names the external data file (relative to ``path``'s directory); it is
+    created, or truncated to ``size``. ``data_file_raw`` implies metadata preallocation
+    (qcow2_co_create: the data file must read as the guest disk).
+
+    Raises:
+        RequestError: an option or combination QEMU refuses (qcow2_co_create).
+    """
+    path = str(path)
+    _validate(size, version, cluster_size, refcount_bits, extended_l2, compression_type,
+              lazy_refcounts, backing_file, backing_fmt, data_file, data_file_raw, preallocation)
+    size = align_up(size, BDRV_SECTOR_SIZE)
+    if data_file_raw and preallocation == "off":
+        preallocation = "metadata"
+    cluster_bits = cluster_size.bit_length() - 1
+    refcount_order = refcount_bits.bit_length() - 1
+    geometry = Geometry(cluster_bits, extended_l2, refcount_order)
+    ctype = ft.CompressionType.ZSTD if compression_type == "zstd" else ft.CompressionType.ZLIB
+
+    incompat = 0
+    if data_file:
+        incompat |= ft.QCOW2_INCOMPAT_DATA_FILE
+    if ctype is not ft.CompressionType.ZLIB:
+        incompat |= ft.QCOW2_INCOMPAT_COMPRESSION
+    if extended_l2:
+        incompat |= ft.QCOW2_INCOMPAT_EXTL2
+    header = c.Container(
+        magic=lim.QCOW_MAGIC, version=version, backing_file_offset=0, backing_file_size=0,
+        cluster_bits=cluster_bits, size=size, crypt_method=0, l1_size=0, l1_table_offset=0,
+        refcount_table_offset=cluster_size, refcount_table_clusters=1, nb_snapshots=0,
+        snapshots_offset=0, v3=None, ext=None,
+    )
+    if version >= 3:
+        # sizeof(QCowHeader) is 105 bytes with compression_type; QEMU rounds it up to 112.
+        header.v3 = c.Container(
+            incompatible_features=incompat,
+            compatible_features=ft.QCOW2_COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
+            autoclear_features=ft.QCOW2_AUTOCLEAR_DATA_FILE_RAW if data_file_raw else 0,
+            refcount_order=refcount_order, header_length=112)
+        header.ext = c.Container(compression_type=int(ctype), header_tail=bytes(7))
+
+    cluster0 = bytearray(hd.Header.build(header))
+    for etype, data in _extensions(version, backing_fmt if backing_file else None, data_file):
+        # qcow2.rst "Header extensions": type, length, data, padding to 8 bytes.
+        cluster0 += etype.to_bytes(4, "big") + len(data).to_bytes(4, "big") + data + bytes(-len(data) % 8)
+    cluster0 += bytes(8)  # end of the extension list
+    if backing_file:
+        name = backing_file.encode()
+        header.backing_file_offset = len(cluster0)
+        header.backing_file_size = len(name)
+        cluster0 += name
+        cluster0[:len(hd.Header.build(header))] = hd.Header.build(header)
+    if len(cluster0) > cluster_size:
+        raise RequestError("header, extensions and backing file name do not fit in one cluster")
+
+    reftable = [2 * cluster_size] + [0] * (cluster_size // 8 - 1)
+    refblock = [0] * geometry.refcount_block_entries
+    for i in range(min(3, len(refblock))):
+        refblock[i] = 1
+    try:
+        with open(path, "wb") as f:
+            f.write(bytes(cluster0) + bytes(cluster_size - len(cluster0)))
+            f.write(refcount_table(len(reftable)).build(reftable))
+            f.write(refcount_block(geometry).build(refblock))
+    except OSError as e:
+        raise RequestError(f"cannot create {path}: {e.strerror}") from None
+    if data_file:
+        dpath = full_backing_filename(path, data_file)
+        try:
+            with open(dpath, "wb") as f:
+                f.truncate(size)
+        except OSError as e:
+            raise RequestError(f"cannot create data file {dpath}: {e.strerror}") from None
+    _grow_l1(path, header, geometry, size)
+    if preallocation != "off":
+        _preallocate(path, size, preallocation)
+
+
+def _extensions(version: int, backing_fmt: str | None, data_file: str | None) -> list[tuple[int, bytes]]:
+    out: list[tuple[int, bytes]] = []
+    if backing_fmt:
+        out.append((hd.QCOW2_EXT_MAGIC_BACKING_FORMAT, backing_fmt.encode()))
+    if data_file:
+        out.append((hd.QCOW2_EXT_MAGIC_DATA_FILE, data_file.encode()))
+    if version >= 3:
+        table = b"".join(
+            bytes([int(f.type), f.bit]) + f.name.encode().ljust(46, b"\0") for f in ft.FEATURES)
+        out.append((hd.QCOW2_EXT_MAGIC_FEATURE_TABLE, table))
+    return out
+
+
+def _grow_l1(path: str, header: c.Container, geometry: Geometry, size: int) -> None:
+    """qcow2_grow_l1_table from l1_size 0: allocate the table, write it, point the header.
+
+    The file does not pass open-time validation yet (its L1 is too small for its size), so
+    it is wrapped directly rather than through spec.image.open_image."""
+    n = geometry.l1_size_for(size)
+    if n == 0:
+        return
+    with open(path, "r+b") as f:
+        img = ImageFile(path=path, f=f, header=header, extensions=[], geometry=geometry)
+        q = Qcow2File(img, f, readonly=False)
+        off = rc.alloc_clusters(q, geometry.size_to_clusters(n * 8))
+        mp.write_l1(q, [0] * n, off)
+        q.header.l1_size = n
+        q.header.l1_table_offset = off
+        q.write_header()
+
+
+def _preallocate(path: str, size: int, mode: str) -> None:
+    """preallocate_co: allocate and link every cluster without writing data, then extend the
+    file to the last allocated byte. ``falloc`` and ``full`` are laid out the same way here
+    (QEMU places their data area behind a fresh refcount area instead); ``full`` also writes
+    the zeros."""
+    from model.image import open as open_model  # noqa: PLC0415 - image imports create's peers
+
+    with open_model(path) as img:
+        img._preallocate(0, size, full=mode == "full")
+
+
+def _validate(size: int, version: int, cluster_size: int, refcount_bits: int, extended_l2: bool,
+              compression_type: str, lazy_refcounts: bool, backing_file: str | None,
+              backing_fmt: str | None, data_file: str | None, data_file_raw: bool,
+              preallocation: str) -> None:
+    """The checks of qcow2_co_create, in the same spirit and order."""
+    if not isinstance(size, int) or size < 0:
+        raise RequestError("image size must be a non-negative integer")
+    if version not in (2, 3):
+        raise RequestError(f"invalid compat level {version}")
+    if (cluster_size & (cluster_size - 1)) or not (
+            1 << lim.MIN_CLUSTER_BITS <= cluster_size <= 1 << lim.MAX_CLUSTER_BITS):
+        raise RequestError("cluster size must be a power of two between 512 and 2M")
+    if extended_l2:
+        if version < 3:
+            raise RequestError("extended L2 entries are only supported with compat=1.1 and above")
+        if cluster_size < 1 << lim.MIN_CLUSTER_BITS_EXTENDED_L2:
+            raise RequestError("extended L2 entries are only supported with cluster sizes of at least 16 KiB")
+    if refcount_bits < 1 or refcount_bits > 64 or refcount_bits & (refcount_bits - 1):
+        raise RequestError("refcount width must be a power of two and may not exceed 64 bits")
+    if version < 3 and refcount_bits != 16:
+        raise RequestError("different refcount widths than 16 bits require compatibility level 1.1 or above")
+    if version < 3 and lazy_refcounts:
+        raise RequestError("lazy refcounts only supported with compatibility level 1.1 and above")
+    if compression_type not in ("zlib", "zstd"):
+        raise RequestError(f"unknown compression type {compression_type}")
+    if compression_type != "zlib" and version < 3:
+        raise RequestError("non-zlib compression type is only supported with compatibility level 1.1 and above")
+    if backing_fmt and not backing_file:
+        raise RequestError("backing format cannot be used without backing file")
+    if backing_file and len(backing_file.encode()) > lim.BACKING_FILE_NAME_MAX:
+        raise RequestError("backing file name too long")
+    if data_file and version < 3:
+        raise RequestError("external data files are only supported with compatibility level 1.1 and above")
+    if data_file_raw and not data_file:
+        raise RequestError("data-file-raw requires data-file")
+    if data_file_raw and backing_file:
+        raise RequestError("backing file and data-file-raw cannot be used together")
+    if preallocation not in PREALLOCATION_MODES:
+        raise RequestError(f"invalid preallocation mode {preallocation}")
+    if backing_file and preallocation != "off" and not extended_l2:
+        raise RequestError("backing file and preallocation can only be used at the same time "
+                           "if extended_l2 is on")

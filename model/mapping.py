@@ -1,0 +1,102 @@
+"""Guest-to-host mapping: the L1 and L2 tables (qcow2.rst "Cluster mapping",
+"Extended L2 Entries"; block/qcow2-cluster.c).
+
+An L2 entry is handled as a pair ``(l2_entry, l2_bitmap)``; without extended L2 the bitmap
+is always 0, so one code path serves both layouts. Every lookup reads the L1 table and the
+L2 table from disk; every update reads the whole table, changes one entry and writes the
+whole table back.
+
+Errors: CorruptionError (and the image is flagged corrupt by the caller) for an L2 table
+offset that is not cluster aligned, as qcow2_get_host_offset and get_cluster_table find it.
+"""
+
+from __future__ import annotations
+
+from spec.entries import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED
+from spec.errors import CorruptionError
+from spec.tables import l1_table, l2_table
+
+from model import refcounts as rc
+from model.qfile import Qcow2File
+
+L2Pair = tuple[int, int]
+
+
+def read_l1(q: Qcow2File, offset: int | None = None, size: int | None = None) -> list[int]:
+    off = q.header.l1_table_offset if offset is None else offset
+    n = q.header.l1_size if size is None else size
+    return list(l1_table(n).parse(q.pread(off, n * 8)))
+
+
+def write_l1(q: Qcow2File, table: list[int], offset: int | None = None) -> None:
+    off = q.header.l1_table_offset if offset is None else offset
+    q.pwrite(off, l1_table(len(table)).build(table))
+
+
+def read_l2(q: Qcow2File, offset: int) -> list[L2Pair]:
+    raw = l2_table(q.geometry).parse(q.pread(offset, q.cluster_size))
+    if q.extended_l2:
+        return [(int(e.l2_entry), int(e.l2_bitmap)) for e in raw]
+    return [(int(e), 0) for e in raw]
+
+
+def write_l2(q: Qcow2File, offset: int, entries: list[L2Pair]) -> None:
+    if q.extended_l2:
+        obj: list[object] = [{"l2_entry": e, "l2_bitmap": b} for e, b in entries]
+    else:
+        obj = [e for e, _ in entries]
+    q.pwrite(offset, l2_table(q.geometry).build(obj))
+
+
+def l2_offset(q: Qcow2File, l1_entry: int, l1_index: int) -> int:
+    off = l1_entry & L1E_OFFSET_MASK
+    if off % q.cluster_size:
+        raise CorruptionError(f"L2 table offset {off:#x} unaligned (L1 index {l1_index:#x})")
+    return off
+
+
+def get_entry(q: Qcow2File, guest_offset: int, l1: list[int] | None = None) -> L2Pair:
+    """The L2 entry mapping ``guest_offset``; (0, 0) where no L2 table exists."""
+    g = q.geometry
+    i1 = g.l1_index(guest_offset)
+    table = read_l1(q) if l1 is None else l1
+    if i1 >= len(table):
+        return 0, 0
+    off = l2_offset(q, table[i1], i1)
+    if not off:
+        return 0, 0
+    return read_l2(q, off)[g.l2_index(guest_offset)]
+
+
+def l2_table_for_write(q: Qcow2File, guest_offset: int) -> int:
+    """Offset of a writable L2 table for ``guest_offset`` (get_cluster_table + l2_allocate).
+
+    A missing table is allocated zeroed. A table shared with a snapshot (L1 entry without
+    COPIED) is copied to a new cluster, the L1 entry pointed at the copy with COPIED set,
+    and the old table loses one reference. The data clusters' refcounts do not change: the
+    copy and the snapshot's table each still reach them once per L1 table.
+    """
+    g = q.geometry
+    i1 = g.l1_index(guest_offset)
+    l1 = read_l1(q)
+    old_entry = l1[i1]
+    old = l2_offset(q, old_entry, i1)
+    if old and old_entry & QCOW_OFLAG_COPIED:
+        return old
+    new = rc.alloc_clusters(q, 1)
+    content = q.pread(old, q.cluster_size) if old else bytes(q.cluster_size)
+    q.pwrite(new, content)
+    l1 = read_l1(q)
+    l1[i1] = new | QCOW_OFLAG_COPIED
+    write_l1(q, l1)
+    if old:
+        rc.free_clusters(q, old, q.cluster_size)
+    return new
+
+
+def set_entry(q: Qcow2File, guest_offset: int, entry: L2Pair) -> None:
+    """Write one L2 entry (allocating or unsharing its table first)."""
+    off = l2_table_for_write(q, guest_offset)
+    table = read_l2(q, off)
+    table[q.geometry.l2_index(guest_offset)] = entry
+    write_l2(q, off, table)

@@ -1,0 +1,331 @@
+"""Block status and ``qemu-img map`` (block/qcow2.c qcow2_co_block_status, block/io.c
+bdrv_co_block_status and bdrv_co_common_block_status_above, qemu-img.c img_map,
+get_block_status, entry_mergeable, dump_map_entry).
+
+Three levels, as in QEMU:
+
+1. ``qcow2_layer_status``: one qcow2 node. The subcluster type at ``offset`` decides the
+   flags, and the answer covers the following subclusters of the same type (host-contiguous
+   for allocated ones), up to the end of the L2 table (qcow2_get_host_offset):
+
+   ==================  ==========================  ===================================
+   subcluster type     flags                       offset
+   ==================  ==========================  ===================================
+   NORMAL              DATA | ALLOCATED            host offset (data file if external)
+   COMPRESSED          DATA | ALLOCATED            none (one cluster at a time)
+   ZERO_ALLOC          ZERO | ALLOCATED            host offset
+   ZERO_PLAIN          ZERO | ALLOCATED            none
+   UNALLOCATED_ALLOC   (ZERO if nothing below)     host offset
+   UNALLOCATED_PLAIN   (ZERO if nothing below)     none
+   ==================  ==========================  ===================================
+
+   The generic layer adds ZERO to an unallocated answer when there is no backing file, or
+   when the offset is at or past the backing file's end; it is then still not ALLOCATED.
+
+2. ``status_above``: the whole chain, for is_zero (write_zeroes' partial subclusters).
+
+3. ``image_map``: qemu-img map's walk: descend while a layer says neither DATA nor ZERO,
+   count the depth, then merge neighbouring extents that agree on every field (and whose
+   offsets continue).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from spec.entries import L2E_OFFSET_MASK, SubclusterType, subcluster_type
+
+from model import mapping as mp
+from model import refcounts as rc
+from model.backing import (
+    BDRV_BLOCK_ALLOCATED,
+    BDRV_BLOCK_DATA,
+    BDRV_BLOCK_EOF,
+    BDRV_BLOCK_OFFSET_VALID,
+    BDRV_BLOCK_ZERO,
+    Layer,
+    Status,
+)
+
+if TYPE_CHECKING:
+    from model.image import Image
+
+_WITH_OFFSET = (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC, SubclusterType.UNALLOCATED_ALLOC)
+
+
+def qcow2_layer_status(img: Image, offset: int, n: int) -> Status:
+    """bdrv_co_block_status for one qcow2 node (see the module doc)."""
+    if offset >= img.size:
+        return Status(BDRV_BLOCK_EOF, 0)
+    n = min(n, img.size - offset)
+    q, g = img.q, img.q.geometry
+    cs, scs = q.cluster_size, g.subcluster_size
+    l1 = img._l1_for_reading()
+    i1 = g.l1_index(offset)
+    start_in_cluster = g.offset_in_cluster(offset)
+    # qcow2_get_host_offset never looks past the end of the L2 table.
+    avail = (g.l2_entries - g.l2_index(offset)) * cs
+    needed = min(n + start_in_cluster, avail)
+    l2off = mp.l2_offset(q, l1[i1], i1) if i1 < len(l1) else 0
+    host: int | None = None
+    if not l2off:
+        t = SubclusterType.UNALLOCATED_PLAIN
+        covered = needed
+    else:
+        table = mp.read_l2(q, l2off)
+        idx = g.l2_index(offset)
+        sc0 = g.subcluster_index(offset)
+
+        def sct(i: int, sc: int) -> SubclusterType:
+            e, b = table[idx + i]
+            return subcluster_type(e, b, sc, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
+
+        e0 = table[idx][0]
+        t = sct(0, sc0)
+        if t is SubclusterType.INVALID:
+            from spec.errors import CorruptionError  # noqa: PLC0415
+
+            raise CorruptionError(f"invalid cluster entry {e0:#x} (guest {offset:#x})")
+        if t in _WITH_OFFSET:
+            hc = e0 & L2E_OFFSET_MASK
+            if hc % cs:
+                from spec.errors import CorruptionError  # noqa: PLC0415
+
+                raise CorruptionError(f"cluster allocation offset {hc:#x} unaligned")
+            host = hc + start_in_cluster
+        nb_clusters = 1 if t is SubclusterType.COMPRESSED else g.size_to_clusters(needed)
+        count = 0
+        expected = e0 & L2E_OFFSET_MASK
+        done = False
+        for i in range(nb_clusters):
+            e = table[idx + i][0]
+            if t in _WITH_OFFSET and (e & L2E_OFFSET_MASK) != expected:
+                break
+            for sc in range(sc0 if i == 0 else 0, g.subclusters_per_cluster):
+                if sct(i, sc) is not t:
+                    done = True
+                    break
+                count += 1
+            if done:
+                break
+            expected += cs
+        covered = min((count + sc0) * scs, needed)
+    pnum = covered - start_in_cluster
+    flags = 0
+    if t in _WITH_OFFSET:
+        flags |= BDRV_BLOCK_OFFSET_VALID
+    if t in (SubclusterType.ZERO_PLAIN, SubclusterType.ZERO_ALLOC):
+        flags |= BDRV_BLOCK_ZERO
+    elif t not in (SubclusterType.UNALLOCATED_PLAIN, SubclusterType.UNALLOCATED_ALLOC):
+        flags |= BDRV_BLOCK_DATA
+    # The generic part of bdrv_co_block_status.
+    if flags & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO):
+        flags |= BDRV_BLOCK_ALLOCATED
+    elif img.backing is None or offset >= img.backing.size:
+        flags |= BDRV_BLOCK_ZERO
+    if offset + pnum == img.size:
+        flags |= BDRV_BLOCK_EOF
+    filename = None
+    if flags & BDRV_BLOCK_OFFSET_VALID:
+        filename = img.data_filename if q.has_data_file else img.filename
+    if img.map_metadata_preallocation and flags & BDRV_BLOCK_DATA and host is not None:
+        # BDRV_BLOCK_RECURSE: ask the qcow2 file itself (bs->file, even with a data file)
+        # whether the host range is a hole (bdrv_co_block_status's recursion).
+        filename = img.filename
+        fflags, fpnum = file_status(q.f, host, pnum)
+        if fflags & BDRV_BLOCK_EOF and (not fpnum or fflags & BDRV_BLOCK_ZERO):
+            flags |= BDRV_BLOCK_ZERO
+        else:
+            pnum = fpnum
+            flags |= fflags & BDRV_BLOCK_ZERO
+            flags &= ~BDRV_BLOCK_EOF
+            if offset + pnum == img.size:
+                flags |= BDRV_BLOCK_EOF
+    return Status(flags, pnum, host, filename)
+
+
+def file_status(f: Any, offset: int, n: int) -> tuple[int, int]:
+    """file-posix's raw_co_block_status with the generic wrapper: DATA or ZERO (a hole,
+    by SEEK_DATA/SEEK_HOLE) and how far it extends; EOF at the end of the file."""
+    fd = f.fileno()
+    size = os.fstat(fd).st_size
+    if offset >= size:
+        return BDRV_BLOCK_EOF, 0
+    n = min(n, size - offset)
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError:
+        data = None
+    if data is None:
+        flags, pnum = BDRV_BLOCK_ZERO, n
+    elif data == offset:
+        hole = os.lseek(fd, offset, os.SEEK_HOLE)
+        flags, pnum = BDRV_BLOCK_DATA, min(n, hole - offset)
+    else:
+        flags, pnum = BDRV_BLOCK_ZERO, min(n, data - offset)
+    if offset + pnum == size:
+        flags |= BDRV_BLOCK_EOF
+    return flags, pnum
+
+
+def detect_metadata_preallocation(img: Image) -> bool:
+    """qcow2_detect_metadata_preallocation: the image looks preallocated when clearly more
+    clusters have a refcount than the host file has space allocated. QEMU then asks the file
+    about holes (BDRV_BLOCK_RECURSE) when reporting data clusters."""
+    q = img.q
+    cs = q.cluster_size
+    st = os.fstat(q.f.fileno())
+    real_clusters = st.st_blocks * 512 // cs
+    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+    end_cluster = -(-st.st_size // cs)
+    entries = q.geometry.refcount_block_entries
+    table = rc.read_reftable(q)
+    count = 0
+    block: list[int] = []
+    for i in range(end_cluster):
+        if count > threshold:
+            break
+        if i % entries == 0 or not block:
+            rt = i // entries
+            off = table[rt] & ~0x1FF if rt < len(table) else 0
+            block = rc.read_refblock(q, off) if off else [0] * entries
+        count += 1 if block[i % entries] else 0
+    return count > threshold
+
+
+def status_above(img: Image, offset: int, n: int) -> tuple[int, int]:
+    """(flags, pnum) of bdrv_block_status_above(bs, NULL, ...): the chain as one node."""
+    st = img.layer_status(offset, n)
+    if st.length == 0 or st.flags & BDRV_BLOCK_ALLOCATED:
+        return st.flags, st.length
+    n = st.length
+    flags, pnum = st.flags, st.length
+    layer: Layer | None = img.backing
+    while layer is not None:
+        st = layer.layer_status(offset, n)
+        if st.length == 0:
+            # A short backing file: zeros past its end count as allocated there.
+            return BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED, n
+        flags, pnum = st.flags, st.length
+        if flags & BDRV_BLOCK_ALLOCATED:
+            break
+        n = pnum
+        layer = layer.backing
+    return flags, pnum
+
+
+def _entry(img: Image, offset: int, n: int) -> dict[str, Any]:
+    """get_block_status in qemu-img.c: one extent at ``offset``."""
+    depth = 0
+    layer: Layer = img
+    while True:
+        st = layer.layer_status(offset, n)
+        n = st.length
+        if st.flags & (BDRV_BLOCK_ZERO | BDRV_BLOCK_DATA):
+            break
+        if layer.backing is None:
+            st = Status(0, n)
+            break
+        layer = layer.backing
+        depth += 1
+    e: dict[str, Any] = {"start": offset, "length": n, "depth": depth,
+                         "present": bool(st.flags & BDRV_BLOCK_ALLOCATED),
+                         "zero": bool(st.flags & BDRV_BLOCK_ZERO),
+                         "data": bool(st.flags & BDRV_BLOCK_DATA)}
+    if st.flags & BDRV_BLOCK_OFFSET_VALID:
+        e["offset"] = st.offset
+        e["filename"] = st.filename
+    return e
+
+
+def _mergeable(cur: dict[str, Any], nxt: dict[str, Any]) -> bool:
+    """entry_mergeable in qemu-img.c."""
+    if cur["length"] == 0:
+        return False
+    for k in ("zero", "data", "depth", "present"):
+        if cur[k] != nxt[k]:
+            return False
+    if ("offset" in cur) != ("offset" in nxt) or cur.get("filename") != nxt.get("filename"):
+        return False
+    return not ("offset" in cur and cur["offset"] + cur["length"] != nxt["offset"])
+
+
+def image_map(img: Image, offset: int, n: int, *, with_filename: bool = False) -> list[dict[str, Any]]:
+    """The extents ``qemu-img map --output=json`` prints for [offset, offset+n).
+
+    Keys: start, length, depth, present, zero, data, and offset when QEMU knows one.
+    ``with_filename`` adds the host file name (for the human output)."""
+    end = offset + n
+    out: list[dict[str, Any]] = []
+    cur: dict[str, Any] | None = None
+    pos = offset
+    layer: Layer | None = img
+    chain: list[Image] = []
+    while layer is not None:
+        if hasattr(layer, "map_metadata_preallocation"):
+            chain.append(layer)  # type: ignore[arg-type]
+        layer = layer.backing
+    for qimg in chain:
+        qimg.map_metadata_preallocation = detect_metadata_preallocation(qimg)
+    try:
+        extents = _walk(img, pos, end)
+    finally:
+        for qimg in chain:
+            qimg.map_metadata_preallocation = False
+    for nxt in extents:
+        if cur is not None and _mergeable(cur, nxt):
+            cur["length"] += nxt["length"]
+            continue
+        if cur is not None:
+            out.append(cur)
+        cur = nxt
+    if cur is not None:
+        out.append(cur)
+    if not with_filename:
+        for e in out:
+            e.pop("filename", None)
+    return out
+
+
+def _walk(img: Image, pos: int, end: int) -> list[dict[str, Any]]:
+    out = []
+    while pos < end:
+        e = _entry(img, pos, end - pos)
+        pos += e["length"]
+        out.append(e)
+    return out
+
+
+def format_json(extents: list[dict[str, Any]]) -> str:
+    """dump_map_entry's JSON form, byte for byte (qemu-img.c)."""
+    lines = []
+    for e in extents:
+        s = (f'{{ "start": {e["start"]}, "length": {e["length"]}, "depth": {e["depth"]},'
+             f' "present": {_b(e["present"])}, "zero": {_b(e["zero"])}, "data": {_b(e["data"])}')
+        if "offset" in e:
+            s += f', "offset": {e["offset"]}'
+        lines.append(s + "}")
+    return "[" + ",\n".join(lines) + "]\n"
+
+
+def _hex(v: int) -> str:
+    """C's %#x: no 0x prefix for zero."""
+    return f"{v:#x}" if v else "0"
+
+
+def format_human(extents: list[dict[str, Any]]) -> tuple[str, bool]:
+    """dump_map_entry's human form; (text, ok). Not ok when data has no offset (compressed,
+    encrypted or external clusters): qemu-img then reports an error and stops."""
+    out = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n"]
+    for e in extents:
+        if e["data"] and "offset" not in e:
+            return "".join(out), False
+        if e["data"] and not e["zero"]:
+            out.append(f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e.get('offset', 0)):<16}"
+                       f"{e.get('filename') or ''}\n")
+    return "".join(out), True
+
+
+def _b(v: bool) -> str:
+    return "true" if v else "false"

@@ -1,0 +1,303 @@
+"""Host cluster management: refcounts and allocation (qcow2.rst "Host cluster management";
+block/qcow2-refcount.c).
+
+Every refcount read goes to the refcount table and block on disk; every update reads the
+block, changes one entry and writes the whole block back. Allocation follows QEMU's
+algorithm, not just its result, so that the model picks the same host offsets:
+
+- ``alloc_clusters`` scans for ``n`` contiguous free clusters starting at
+  ``free_cluster_index`` and leaves the cursor after them (alloc_clusters_noref);
+- ``alloc_clusters_at`` takes as many free clusters as there are at a fixed offset
+  (qcow2_alloc_clusters_at), the cursor untouched;
+- a refcount going to 0 moves the cursor back (update_refcount);
+- a missing refcount block is placed at the next free cluster; if it does not describe
+  itself its own refcount is set first, and the caller's search starts over
+  (alloc_refcount_block, the -EAGAIN protocol);
+- a refcount table that is too small is replaced by a larger one placed with new,
+  self-describing refcount blocks at the start of the first uncovered refblock range
+  (qcow2_refcount_area).
+
+Errors: CorruptionError for an unaligned refcount block offset, a refcount overflow, or an
+allocation at offset 0. ``free_clusters`` ignores failures, as qcow2_free_clusters does.
+"""
+
+from __future__ import annotations
+
+from spec.entries import REFT_OFFSET_MASK
+from spec.errors import CorruptionError
+from spec.geometry import align_up, div_round_up
+from spec.limits import QCOW_MAX_REFTABLE_SIZE
+from spec.tables import refcount_block, refcount_table
+
+from model.qfile import Qcow2File
+
+
+class _Again(Exception):  # noqa: N818 - QEMU's -EAGAIN: "restart the search for free clusters"
+    """A refcount block was allocated; the caller's free-cluster search must start over."""
+
+
+# --- tables -------------------------------------------------------------------------------
+
+def read_reftable(q: Qcow2File) -> list[int]:
+    n = q.header.refcount_table_clusters * q.cluster_size // 8
+    data = q.pread(q.header.refcount_table_offset, n * 8)
+    return list(refcount_table(n).parse(data))
+
+
+def write_reftable(q: Qcow2File, table: list[int]) -> None:
+    q.pwrite(q.header.refcount_table_offset, refcount_table(len(table)).build(table))
+
+
+def read_refblock(q: Qcow2File, offset: int) -> list[int]:
+    return list(refcount_block(q.geometry).parse(q.pread(offset, q.cluster_size)))
+
+
+def write_refblock(q: Qcow2File, offset: int, values: list[int]) -> None:
+    q.pwrite(offset, refcount_block(q.geometry).build(values))
+
+
+def _refblock_offset(q: Qcow2File, table: list[int], rt_index: int) -> int:
+    """The refcount block for reftable index ``rt_index``; 0 if there is none."""
+    if rt_index >= len(table):
+        return 0
+    off = table[rt_index] & REFT_OFFSET_MASK
+    if off % q.cluster_size:
+        # qcow2_get_refcount: "Refblock offset ... unaligned" is a corruption.
+        raise CorruptionError(f"refcount block offset {off:#x} unaligned (reftable index {rt_index})")
+    return off
+
+
+# --- reading --------------------------------------------------------------------------------
+
+def get_refcount(q: Qcow2File, cluster_index: int) -> int:
+    """Refcount of host cluster ``cluster_index``; 0 where no refcount block covers it."""
+    g = q.geometry
+    block = _refblock_offset(q, read_reftable(q), cluster_index // g.refcount_block_entries)
+    if not block:
+        return 0
+    return read_refblock(q, block)[cluster_index % g.refcount_block_entries]
+
+
+# --- updating --------------------------------------------------------------------------------
+
+def update_refcount(q: Qcow2File, offset: int, length: int, addend: int, *, discard: bool = False) -> None:
+    """Add ``addend`` to the refcount of every cluster touched by [offset, offset+length).
+
+    ``discard``: a cluster whose refcount drops to 0 has its host range punched out, as QEMU
+    does when the free's discard type is passed through (update_refcount_discard,
+    qcow2_process_discards; pass-discard-request and pass-discard-snapshot default on).
+
+    Raises _Again (after undoing what it did) when a refcount block had to be allocated,
+    like update_refcount's -EAGAIN; CorruptionError on overflow or underflow.
+    """
+    if length <= 0:
+        return
+    cs = q.cluster_size
+    start = offset - offset % cs
+    end = align_up(offset + length, cs)
+    done = 0
+    for cl in range(start, end, cs):
+        idx = cl // cs
+        try:
+            block = _refblock_for_update(q, idx, allocate=addend > 0)
+        except _Again:
+            if done:
+                # update_refcount restores the refcounts it already changed before failing.
+                update_refcount(q, start, done * cs, -addend)
+            raise
+        if not block:
+            raise CorruptionError(f"refcount of cluster {idx} would drop below zero")
+        values = read_refblock(q, block)
+        i = idx % q.geometry.refcount_block_entries
+        new = values[i] + addend
+        if new < 0 or new > q.refcount_max:
+            raise CorruptionError(f"refcount of cluster {idx} out of range ({new})")
+        values[i] = new
+        write_refblock(q, block, values)
+        done += 1
+        if new == 0 and idx < q.free_cluster_index:
+            q.free_cluster_index = idx
+        if new == 0 and discard:
+            q.punch_hole(cl, cs)
+
+
+def set_refcount(q: Qcow2File, cluster_index: int, value: int) -> None:
+    """Set one refcount to ``value`` (used by the repair of lazy-refcount images)."""
+    while True:
+        try:
+            block = _refblock_for_update(q, cluster_index, allocate=True)
+            break
+        except _Again:
+            continue
+    values = read_refblock(q, block)
+    values[cluster_index % q.geometry.refcount_block_entries] = value
+    write_refblock(q, block, values)
+    if value == 0 and cluster_index < q.free_cluster_index:
+        q.free_cluster_index = cluster_index
+
+
+def free_clusters(q: Qcow2File, offset: int, length: int, *, discard: bool = False) -> None:
+    """Drop one reference to every cluster of [offset, offset+length).
+
+    qcow2_free_clusters reports a failed update ("qcow2_free_clusters failed") and goes on,
+    leaving a leak or an error for qemu-img check; the model does the same.
+    """
+    try:
+        update_refcount(q, offset, length, -1, discard=discard)
+    except CorruptionError:
+        pass
+
+
+# --- allocation ------------------------------------------------------------------------------
+
+def _alloc_noref(q: Qcow2File, n: int) -> int:
+    """n contiguous clusters with refcount 0, scanning from the cursor (alloc_clusters_noref)."""
+    found = 0
+    while found < n:
+        idx = q.free_cluster_index
+        q.free_cluster_index += 1
+        found = found + 1 if get_refcount(q, idx) == 0 else 0
+    return (q.free_cluster_index - n) * q.cluster_size
+
+
+def alloc_clusters(q: Qcow2File, n: int) -> int:
+    """Allocate ``n`` contiguous clusters with refcount 1; returns the host offset
+    (qcow2_alloc_clusters)."""
+    while True:
+        offset = _alloc_noref(q, n)
+        try:
+            update_refcount(q, offset, n * q.cluster_size, 1)
+        except _Again:
+            continue
+        return offset
+
+
+def alloc_clusters_at(q: Qcow2File, offset: int, n: int) -> int:
+    """Allocate up to ``n`` clusters exactly at ``offset``; returns how many were free there
+    (qcow2_alloc_clusters_at). The cursor does not move."""
+    while True:
+        i = 0
+        while i < n and get_refcount(q, offset // q.cluster_size + i) == 0:
+            i += 1
+        try:
+            update_refcount(q, offset, i * q.cluster_size, 1)
+        except _Again:
+            continue
+        return i
+
+
+def alloc_bytes(q: Qcow2File, size: int) -> int:
+    """Allocate ``size`` bytes for a compressed cluster, packing several into one host
+    cluster (qcow2_alloc_bytes). The data may continue into the next cluster when that one
+    is the next free one; each touched cluster gains one reference."""
+    cs = q.cluster_size
+    offset = q.free_byte_offset
+    if offset and get_refcount(q, offset // cs) == q.refcount_max:
+        offset = 0
+    free_in_cluster = cs - offset % cs
+    while True:
+        if not offset or free_in_cluster < size:
+            new_cluster = _alloc_noref(q, 1)
+            if not offset or align_up(offset, cs) != new_cluster:
+                offset = new_cluster
+                free_in_cluster = cs
+            else:
+                free_in_cluster += cs
+        try:
+            update_refcount(q, offset, size, 1)
+        except _Again:
+            offset = 0
+            continue
+        break
+    q.free_byte_offset = (offset + size) if (offset + size) % cs else 0
+    return offset
+
+
+def _refblock_for_update(q: Qcow2File, cluster_index: int, *, allocate: bool) -> int:
+    """The refcount block covering ``cluster_index``, allocating it if ``allocate``
+    (alloc_refcount_block). Raises _Again after hooking up a new block."""
+    g = q.geometry
+    table = read_reftable(q)
+    rt_index = cluster_index // g.refcount_block_entries
+    block = _refblock_offset(q, table, rt_index)
+    if block or not allocate:
+        return block
+    new_block = _alloc_noref(q, 1)
+    if new_block == 0:
+        raise CorruptionError("preventing invalid allocation of a refcount block at offset 0")
+    entries = g.refcount_block_entries
+    if new_block // q.cluster_size // entries == rt_index:
+        # The block describes itself.
+        values = [0] * entries
+        values[new_block // q.cluster_size % entries] = 1
+    else:
+        update_refcount(q, new_block, q.cluster_size, 1)
+        values = [0] * entries
+    write_refblock(q, new_block, values)
+    if rt_index < len(table):
+        table = read_reftable(q)
+        table[rt_index] = new_block
+        write_reftable(q, table)
+        raise _Again
+    _grow_reftable(q, cluster_index, rt_index, new_block)
+    raise _Again
+
+
+def _grow_reftable(q: Qcow2File, cluster_index: int, new_index: int, new_block: int) -> None:
+    """Replace the refcount table by one large enough for ``cluster_index``
+    (alloc_refcount_block's second half and qcow2_refcount_area).
+
+    The new table and the refcount blocks that describe it go at the start of the first
+    refblock range past the ones in use; the old table is freed afterwards.
+    """
+    g = q.geometry
+    cs = q.cluster_size
+    entries = g.refcount_block_entries
+    old = read_reftable(q)
+    blocks_used = div_round_up(cluster_index, entries)
+    start = blocks_used * entries * cs
+    # Size the table and the area together: the area's own clusters need covering too.
+    table_entries = max(len(old), blocks_used + 1)
+    while True:
+        table_clusters = div_round_up(table_entries * 8, cs)
+        new_table = old + [0] * (table_entries - len(old))
+        if new_index < table_entries:
+            new_table[new_index] = new_block
+        first_area_rt = start // cs // entries
+        # Count the refcount blocks the area needs, then check the table covers them.
+        n_blocks = 0
+        while True:
+            end = start + (n_blocks + table_clusters) * cs
+            last_rt = (end - 1) // cs // entries
+            needed = sum(1 for i in range(first_area_rt, last_rt + 1)
+                         if i >= len(new_table) or not new_table[i])
+            if needed == n_blocks:
+                break
+            n_blocks = needed
+        if last_rt < table_entries:
+            break
+        table_entries = last_rt + 1 + table_entries // 2
+    if table_entries * 8 > QCOW_MAX_REFTABLE_SIZE:
+        raise CorruptionError("refcount table would exceed QEMU's maximum size")
+    table_offset = start + n_blocks * cs
+    end = table_offset + table_clusters * cs
+    block_offset = start
+    for i in range(first_area_rt, last_rt + 1):
+        fresh = not new_table[i]
+        if fresh:
+            new_table[i] = block_offset
+            block_offset += cs
+        values = [0] * entries if fresh else read_refblock(q, new_table[i])
+        first_covered = i * entries * cs
+        j = max(start, first_covered)
+        while j < min(end, first_covered + entries * cs):
+            values[(j - first_covered) // cs] = 1
+            j += cs
+        write_refblock(q, new_table[i], values)
+    full = new_table + [0] * (table_clusters * cs // 8 - len(new_table))
+    q.pwrite(table_offset, refcount_table(len(full)).build(full))
+    old_offset, old_clusters = q.header.refcount_table_offset, q.header.refcount_table_clusters
+    q.header.refcount_table_offset = table_offset
+    q.header.refcount_table_clusters = table_clusters
+    q.write_header()
+    free_clusters(q, old_offset, old_clusters * cs)

@@ -1,0 +1,284 @@
+"""Refcount checking and rebuilding (block/qcow2-refcount.c, qcow2_check_refcounts,
+calculate_refcounts, compare_refcounts, check_oflag_copied).
+
+The model computes what every refcount must be by walking every structure that owns host
+clusters, and compares with what the refcount blocks say:
+
+=========================================  =====================================
+structure                                  clusters referenced
+=========================================  =====================================
+header                                     cluster 0
+active L1 table, each snapshot's L1        its clusters (once per table)
+snapshot table                             its clusters
+L2 tables                                  once per L1 table pointing at them
+data clusters (NORMAL, ZERO_ALLOC)         once per L1 table reaching them
+compressed clusters                        every cluster its sectors touch
+refcount table, refcount blocks            their clusters
+bitmap directory, tables, data clusters    their clusters
+LUKS header                                its clusters
+=========================================  =====================================
+
+A stored refcount below the computed one is a corruption, above it a leak (qemu-img
+check's terms). COPIED must be set exactly on active L1/L2 entries whose cluster has
+refcount 1.
+
+Errors: CorruptionError when a structure points outside what can be walked; FormatError
+from spec.image.open_image in ``check``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+from spec import header as hd
+from spec.entries import (
+    L2E_OFFSET_MASK,
+    QCOW_OFLAG_COPIED,
+    REFT_OFFSET_MASK,
+    ClusterType,
+    cluster_type,
+    compressed_range,
+)
+from spec.errors import CorruptionError, FormatError, Qcow2Error
+from spec.image import open_image
+from spec.interface import CheckResult, Repair
+
+from model import mapping as mp
+from model import refcounts as rc
+from model.qfile import Qcow2File
+
+
+def expected_refcounts(q: Qcow2File) -> Counter[int]:
+    """Computed refcount of every host cluster that something references."""
+    cs = q.cluster_size
+    refs: Counter[int] = Counter()
+
+    def ref(offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        for cl in range(offset // cs, (offset + length - 1) // cs + 1):
+            refs[cl] += 1
+
+    ref(0, cs)
+    ref(q.header.refcount_table_offset, q.header.refcount_table_clusters * cs)
+    for e in rc.read_reftable(q):
+        if e & REFT_OFFSET_MASK:
+            ref(e & REFT_OFFSET_MASK, cs)
+    l1_tables = [(int(q.header.l1_table_offset), int(q.header.l1_size))]
+    if q.header.nb_snapshots:
+        size = 0
+        for s in q.image_file.snapshot_table():
+            l1_tables.append((int(s.l1_table_offset), int(s.l1_size)))
+            size += _snapshot_entry_size(s)
+        ref(q.header.snapshots_offset, size)
+    for l1_off, l1_size in l1_tables:
+        ref(l1_off, l1_size * 8)
+        for i, l1e in enumerate(mp.read_l1(q, l1_off, l1_size)):
+            l2off = mp.l2_offset(q, l1e, i)
+            if not l2off:
+                continue
+            ref(l2off, cs)
+            for entry, _ in mp.read_l2(q, l2off):
+                t = cluster_type(entry, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
+                if t is ClusterType.COMPRESSED:
+                    coff, csize = compressed_range(entry, q.cluster_bits)
+                    ref(coff, csize)
+                elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and not q.has_data_file:
+                    ref(entry & L2E_OFFSET_MASK, cs)
+    _bitmap_refs(q, ref)
+    crypt = q.image_file.extension(hd.QCOW2_EXT_MAGIC_CRYPTO_HEADER)
+    if crypt is not None:
+        ref(crypt.data.offset, crypt.data.length)
+    return refs
+
+
+def _snapshot_entry_size(s: object) -> int:
+    n = 40 + int(s.extra_data_size) + int(s.id_str_size) + int(s.name_size)  # type: ignore[attr-defined]
+    return n + (-n % 8)
+
+
+def _bitmap_refs(q: Qcow2File, ref: object) -> None:
+    ext = q.image_file.extension(hd.QCOW2_EXT_MAGIC_BITMAPS)
+    if ext is None:
+        return
+    add = ref  # type: ignore[assignment]
+    add(ext.data.bitmap_directory_offset, ext.data.bitmap_directory_size)  # type: ignore[operator]
+    for e in q.image_file.bitmap_directory():
+        add(e.bitmap_table_offset, e.bitmap_table_size * 8)  # type: ignore[operator]
+        for be in mp.read_l1(q, e.bitmap_table_offset, e.bitmap_table_size):
+            if be & 0x00FFFFFFFFFFFE00:
+                add(be & 0x00FFFFFFFFFFFE00, q.cluster_size)  # type: ignore[operator]
+
+
+def stored_refcounts(q: Qcow2File, n_clusters: int) -> list[int]:
+    return [rc.get_refcount(q, i) for i in range(n_clusters)]
+
+
+def rebuild_refcounts(q: Qcow2File) -> None:
+    """Make every stored refcount equal the computed one and fix COPIED flags
+    (qcow2_check with BDRV_FIX_ERRORS | BDRV_FIX_LEAKS, which QEMU runs when it opens a dirty
+    image read-write). New refcount blocks the repair needs are counted on the next pass."""
+    for _ in range(8):
+        want = expected_refcounts(q)
+        n = max(q.file_size() // q.cluster_size + 1, max(want, default=0) + 1)
+        changed = False
+        for i in range(n):
+            if rc.get_refcount(q, i) != want.get(i, 0):
+                rc.set_refcount(q, i, want.get(i, 0))
+                changed = True
+        if not changed:
+            break
+    else:
+        raise CorruptionError("refcounts do not converge while rebuilding")
+    fix_copied(q)
+    q.free_cluster_index = 0
+
+
+def fix_copied(q: Qcow2File) -> int:
+    """Set COPIED exactly where the active tables' clusters have refcount 1
+    (check_oflag_copied with repair). Returns how many entries were wrong."""
+    wrong = 0
+    l1 = mp.read_l1(q)
+    for i, l1e in enumerate(l1):
+        l2off = mp.l2_offset(q, l1e, i)
+        if not l2off:
+            continue
+        want = rc.get_refcount(q, l2off // q.cluster_size) == 1
+        if bool(l1e & QCOW_OFLAG_COPIED) != want:
+            wrong += 1
+            l1[i] = l2off | (QCOW_OFLAG_COPIED if want else 0)
+            mp.write_l1(q, l1)
+        table = mp.read_l2(q, l2off)
+        dirty = False
+        for j, (e, b) in enumerate(table):
+            t = cluster_type(e, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
+            if t not in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+                continue
+            if q.has_data_file:
+                ok = True
+            else:
+                ok = rc.get_refcount(q, (e & L2E_OFFSET_MASK) // q.cluster_size) == 1
+            if bool(e & QCOW_OFLAG_COPIED) != ok:
+                wrong += 1
+                table[j] = ((e | QCOW_OFLAG_COPIED) if ok else (e & ~QCOW_OFLAG_COPIED), b)
+                dirty = True
+        if dirty and not q.readonly:
+            mp.write_l2(q, l2off, table)
+    return wrong
+
+
+def check(path: str | os.PathLike[str], *, repair: Repair = None) -> CheckResult:
+    """``qemu-img check`` of the image at ``path`` (qcow2_co_check_locked).
+
+    ``repair``: None only reports; "leaks" lowers refcounts that are too high; "all" also
+    raises those that are too low and fixes COPIED flags.
+
+    Raises FormatError / UnsupportedFeature when the image does not open.
+    """
+    from model.image import open as open_model  # noqa: PLC0415
+
+    path = str(path)
+    result = CheckResult(filename=path)
+    img = open_model(path, readonly=repair is None) if repair is None else None
+    if img is None:
+        # Repair works on a read-write file without the open-time rebuild of dirty images.
+        raw = open_image(path)
+        raw.f.close()
+        raw.f = open(path, "r+b")  # noqa: SIM115 - owned by the Qcow2File below
+        q = Qcow2File(raw, raw.f, readonly=False)
+    else:
+        q = img.q
+    try:
+        want = expected_refcounts(q)
+        n = max(q.file_size() // q.cluster_size + (1 if q.file_size() % q.cluster_size else 0),
+                max(want, default=-1) + 1)
+        for i in range(n):
+            have = rc.get_refcount(q, i)
+            exp = want.get(i, 0)
+            if have == exp:
+                continue
+            if have > exp:
+                if repair in ("leaks", "all"):
+                    rc.set_refcount(q, i, exp)
+                    result.leaks_fixed += 1
+                else:
+                    result.leaks += 1
+            else:
+                if repair == "all":
+                    rc.set_refcount(q, i, exp)
+                    result.corruptions_fixed += 1
+                else:
+                    result.corruptions += 1
+        copied = fix_copied(q) if repair == "all" else _count_copied(q)
+        if repair == "all":
+            result.corruptions_fixed += copied
+        else:
+            result.corruptions += copied
+        total = q.geometry.size_to_clusters(int(q.header.size))
+        result.total_clusters = total
+        result.image_end_offset = _image_end(q, want)
+        result.allocated_clusters, result.compressed_clusters, result.fragmented_clusters = _stats(q)
+    except (CorruptionError, FormatError) as e:
+        result.check_errors += 1
+        result.findings.append(str(e))
+    except Qcow2Error:
+        raise
+    finally:
+        if img is not None:
+            img.close()
+        else:
+            q.f.close()
+    return result
+
+
+def _count_copied(q: Qcow2File) -> int:
+    ro = q.readonly
+    q.readonly = True
+    try:
+        return _copied_errors(q)
+    finally:
+        q.readonly = ro
+
+
+def _copied_errors(q: Qcow2File) -> int:
+    wrong = 0
+    for i, l1e in enumerate(mp.read_l1(q)):
+        l2off = mp.l2_offset(q, l1e, i)
+        if not l2off:
+            continue
+        if bool(l1e & QCOW_OFLAG_COPIED) != (rc.get_refcount(q, l2off // q.cluster_size) == 1):
+            wrong += 1
+        for e, _ in mp.read_l2(q, l2off):
+            t = cluster_type(e, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
+            if t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and not q.has_data_file and bool(
+                    e & QCOW_OFLAG_COPIED) != (rc.get_refcount(q, (e & L2E_OFFSET_MASK) // q.cluster_size) == 1):
+                wrong += 1
+    return wrong
+
+
+def _image_end(q: Qcow2File, want: Counter[int]) -> int:
+    last = max((i for i, v in want.items() if v), default=0)
+    return (last + 1) * q.cluster_size
+
+
+def _stats(q: Qcow2File) -> tuple[int, int, int]:
+    """allocated, compressed and fragmented guest clusters, as qemu-img check counts them."""
+    allocated = compressed = fragmented = 0
+    prev: int | None = None
+    for i, l1e in enumerate(mp.read_l1(q)):
+        l2off = mp.l2_offset(q, l1e, i)
+        if not l2off:
+            continue
+        for e, _ in mp.read_l2(q, l2off):
+            t = cluster_type(e, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
+            if t is ClusterType.COMPRESSED:
+                allocated += 1
+                compressed += 1
+            elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+                allocated += 1
+                off = e & L2E_OFFSET_MASK
+                if prev is not None and off != prev + q.cluster_size:
+                    fragmented += 1
+                prev = off
+    return allocated, compressed, fragmented

@@ -1,0 +1,66 @@
+"""``check(path) -> CheckResult``: the catalogue evaluated and counted as ``qemu-img check``
+counts it (qemu-img.c img_check, collect_image_check; block/qcow2.c qcow2_co_check_locked).
+
+Only findings of rules QEMU counts (Rule.qemu_counts) move the counters, so the exit code is
+QEMU's verdict; the others ride along in ``CheckResult.findings``. A repair mode can act on the
+findings: each names its rule, its host offset and, for refcounts, both numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from spec.errors import FormatError, UnsupportedFeature
+from spec.image import open_image
+from spec.interface import CheckResult
+from spec.rules.catalogue import Finding, Severity
+from spec.rules.evaluate import run
+
+_OPEN_RULES = tuple((re.compile(p), r) for p, r in (
+    # FormatError field paths (spec.image) that have a more precise rule than IMAGE-OPENS.
+    (r"^header\.ext\.compression_type|^header\.v3\.incompatible_features", "FEATURE-COMPRESSION-TYPE"),
+    (r"^header\.(snapshots_offset|nb_snapshots)|^snapshots\[", "SNAPSHOT-TABLE-READABLE"),
+    (r"^bitmap_directory|^bitmaps\.", "BITMAP-DIRECTORY-VALID"),
+    (r"^bitmap_table", "BITMAP-TABLE-ENTRY-VALID"),
+    (r"^header\.v3\.autoclear_features", "FEATURE-RAW-NEEDS-DATA-FILE"),
+    (r"^extensions$", "FEATURE-LUKS-CRYPTO-HEADER"),
+    (r"^extensions\[\d+\]\.data\.offset$", "CRYPTO-HEADER-ALIGNED"),
+))
+
+
+def open_failure(e: FormatError | UnsupportedFeature) -> Finding:
+    """The finding for an image QEMU (and spec.image) refuses to open."""
+    path = (e.path or "") if isinstance(e, FormatError) else ""
+    rule = next((r for pat, r in _OPEN_RULES if pat.search(path)), "IMAGE-OPENS")
+    return Finding(rule, None, str(e))
+
+
+def check(path: str | os.PathLike[str]) -> CheckResult:
+    """Check ``path`` read-only; never raises for a malformed file (the result says why)."""
+    result = CheckResult(filename=str(path))
+    try:
+        img = open_image(path)
+    except (FormatError, UnsupportedFeature) as e:
+        result.findings = [open_failure(e)]
+        result.check_errors = 1
+        return result
+    with img:
+        ev = run(img)
+    result.findings = ev.findings
+    for f in ev.findings:
+        if not f.counted:
+            continue
+        if f.severity is Severity.CORRUPTION:
+            result.corruptions += f.count
+        elif f.severity is Severity.LEAK:
+            result.leaks += f.count
+        else:
+            result.check_errors += f.count
+    # qemu-img leaves out the numbers that are zero (collect_image_check: has_* = value != 0).
+    result.image_end_offset = ev.image_end_offset or None
+    result.total_clusters = ev.bfi.total_clusters or None
+    result.allocated_clusters = ev.bfi.allocated_clusters or None
+    result.fragmented_clusters = ev.bfi.fragmented_clusters or None
+    result.compressed_clusters = ev.bfi.compressed_clusters or None
+    return result

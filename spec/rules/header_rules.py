@@ -1,0 +1,82 @@
+"""Rules on the header, the feature bits and the extensions (qcow2.rst "Header",
+"Additional fields", "Header padding", "Header extensions"; block/qcow2.c qcow2_do_open,
+qcow2_read_extensions).
+
+``open_checks`` are the ones QEMU refuses to open an image for (so ``qemu-img check`` exits 1)
+beyond those spec.image already enforces; ``spec_checks`` are the spec's own, which QEMU does
+not count.
+"""
+
+from __future__ import annotations
+
+import os
+
+from spec import features as ft
+from spec import header as hd
+from spec.limits import V3_MIN_HEADER_LENGTH
+from spec.rules.context import Context
+
+FEATURE_NAME_ENTRY_SIZE = 48
+
+
+def open_checks(ctx: Context) -> None:
+    """Checks QEMU makes at open that spec.image does not; each one stops the check."""
+    img = ctx.img
+    raw = bool(img.autoclear_features & ft.QCOW2_AUTOCLEAR_DATA_FILE_RAW)
+    if raw and not img.has_data_file:
+        raise ctx.abort("FEATURE-RAW-NEEDS-DATA-FILE", None,
+                        "raw external data bit without the external data file bit")
+    if img.has_data_file:
+        if img.data_file is None:
+            raise ctx.abort("FEATURE-DATA-FILE-NAME", None,
+                            "external data file bit set but no data file name extension")
+        # QEMU 7.2 opens a relative name relative to its working directory, not to the image's
+        # (block/qcow2.c qcow2_do_open passes it to bdrv_open_child as is); we do the same.
+        if not os.path.exists(img.data_file):
+            raise ctx.abort("FEATURE-DATA-FILE-NAME", None, f"data file {img.data_file!r} not found")
+    if img.backing_file:
+        # bdrv_get_full_backing_filename: a relative name is relative to the image's directory.
+        backing = os.path.join(os.path.dirname(os.path.abspath(img.path)), img.backing_file)
+        if "://" not in img.backing_file and not os.path.exists(backing):
+            raise ctx.abort("BACKING-FILE-OPENS", int(img.header.backing_file_offset),
+                            f"backing file {img.backing_file!r} not found")
+    crypto = img.extension(hd.QCOW2_EXT_MAGIC_CRYPTO_HEADER)
+    if crypto is not None and int(crypto.data.offset) % ctx.cluster_size:
+        raise ctx.abort("CRYPTO-HEADER-ALIGNED", int(crypto.data.offset),
+                        "LUKS header offset is not cluster aligned")
+
+
+def spec_checks(ctx: Context) -> None:
+    img = ctx.img
+    h = img.header
+    if h.v3 is not None:
+        hlen = img.header_length
+        if hlen % 8:
+            ctx.add("HEADER-LENGTH-ALIGNED", 100, f"header_length {hlen} is not a multiple of 8")
+        if h.ext is not None:
+            # Bytes 105..111 pad compression_type to 8 bytes; later bytes may be future fields.
+            pad = bytes(h.ext.header_tail)[: 112 - (V3_MIN_HEADER_LENGTH + 1)]
+            if any(pad):
+                ctx.add("HEADER-PADDING-ZERO", V3_MIN_HEADER_LENGTH + 1, "header padding is not zero")
+        if img.incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT:
+            ctx.add("HEADER-NOT-CORRUPT", 72, "the corrupt bit is set")
+        unknown = img.autoclear_features & ~ft.QCOW2_AUTOCLEAR_MASK
+        if unknown:
+            ctx.add("HEADER-UNKNOWN-AUTOCLEAR-ZERO", 88, f"unknown autoclear bits {unknown:#x}")
+        dirty = img.incompatible_features & ft.QCOW2_INCOMPAT_DIRTY
+        if dirty and not img.compatible_features & ft.QCOW2_COMPAT_LAZY_REFCOUNTS:
+            ctx.add("FEATURE-LAZY-DIRTY", 72, "dirty bit set without lazy refcounts")
+    bitmaps = img.extension(hd.QCOW2_EXT_MAGIC_BITMAPS)
+    if bool(img.autoclear_features & ft.QCOW2_AUTOCLEAR_BITMAPS) != (bitmaps is not None):
+        ctx.add("FEATURE-BITMAPS-EXTENSION", 88,
+                "bitmaps autoclear bit and bitmaps extension disagree (QEMU then ignores the bitmaps)")
+    if bitmaps is not None and bitmaps.data.reserved32:
+        ctx.add("EXT-BITMAPS-RESERVED-ZERO", None, "bitmaps extension reserved field is not zero")
+    if img.data_file is not None and not img.has_data_file:
+        ctx.add("DATA-FILE-NAME-NEEDS-BIT", None, "data file name without the external data file bit")
+    table = img.extension(hd.QCOW2_EXT_MAGIC_FEATURE_TABLE)
+    if table is not None:
+        bad_types = [e for e in img.feature_names if e.type > ft.FeatureType.AUTOCLEAR]
+        if table.length % FEATURE_NAME_ENTRY_SIZE or bad_types:
+            ctx.add("EXT-FEATURE-TABLE-WHOLE", None, "feature name table is not whole 48-byte entries "
+                    "of known types")

@@ -1,0 +1,211 @@
+"""L1 and L2 tables: the references they hold and the rules on their entries
+(qcow2.rst "Cluster mapping", "Extended L2 Entries", "Compressed Clusters Descriptor";
+block/qcow2-refcount.c check_refcounts_l1, check_refcounts_l2, check_oflag_copied).
+
+Entries are decoded with numpy, a whole table at a time, with the masks of spec/entries.py;
+the classification is qcow2_get_cluster_type's (spec.entries.cluster_type), vectorised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from spec import entries as en
+from spec.features import QCOW2_AUTOCLEAR_DATA_FILE_RAW
+from spec.refcounts import Comparison, Kind, StoredRefcounts
+from spec.rules.context import Context
+
+U64 = npt.NDArray[np.uint64]
+Mask = npt.NDArray[np.bool_]
+
+
+def _u(v: int) -> np.uint64:
+    return np.uint64(v)
+
+
+@dataclass
+class L2View:
+    """One L2 table, decoded: first words, bitmaps (zeros without extended L2) and classes."""
+
+    entries: U64
+    bitmaps: U64
+    compressed: Mask
+    zero_plain: Mask
+    allocated: Mask
+    """NORMAL or ZERO_ALLOC: a host cluster is in use."""
+    unallocated: Mask
+
+    @property
+    def offsets(self) -> U64:
+        return self.entries & _u(en.L2E_OFFSET_MASK)
+
+
+def decode_l2(ctx: Context, data: bytes) -> L2View:
+    words = np.frombuffer(data, dtype=">u8").astype(np.uint64)
+    if ctx.img.extended_l2:
+        entries, bitmaps = words[0::2], words[1::2]
+    else:
+        entries, bitmaps = words, np.zeros_like(words)
+    has_data_file = ctx.img.has_data_file
+    compressed = (entries & _u(en.QCOW_OFLAG_COMPRESSED)) != 0
+    zero = ~compressed & ((entries & _u(en.QCOW_OFLAG_ZERO)) != 0) & (not ctx.img.extended_l2)
+    has_off = (entries & _u(en.L2E_OFFSET_MASK)) != 0
+    copied = (entries & _u(en.QCOW_OFLAG_COPIED)) != 0
+    normal = ~compressed & ~zero & (has_off | (copied & has_data_file))
+    return L2View(entries, bitmaps, compressed, zero & ~has_off, normal | (zero & has_off),
+                  ~compressed & ~zero & ~normal)
+
+
+def walk_l1(ctx: Context, l1_offset: int, l1_size: int, *, active: bool) -> None:
+    """check_refcounts_l1: the L1 table, each L2 table it points to, and their clusters."""
+    if l1_size == 0:
+        return
+    ctx.ref(l1_offset, l1_size * 8, Kind.ACTIVE_L1 if active else Kind.INACTIVE_L1, "L1 table")
+    l1 = np.frombuffer(ctx.read(l1_offset, l1_size * 8), dtype=">u8").astype(np.uint64)
+    for i in np.nonzero(l1 & _u(en.L1E_RESERVED_MASK))[0].tolist():
+        ctx.add("L1-RESERVED-ZERO", l1_offset + 8 * i,
+                f"L1 entry {i} = {int(l1[i]):#x} has reserved bits set")
+    l2_offsets = l1 & _u(en.L1E_OFFSET_MASK)
+    # QEMU tests the whole entry, not its offset, for "unallocated": an entry holding only
+    # flag or reserved bits is walked as an L2 table at host offset 0 (the header).
+    for i in np.nonzero(l1)[0].tolist():
+        l2_offset = int(l2_offsets[i])
+        ctx.ref(l2_offset, ctx.cluster_size, Kind.L2, "L2 table")
+        if l2_offset % ctx.cluster_size:
+            ctx.add("L1-L2-ALIGNED", l1_offset + 8 * i,
+                    f"L1 entry {i}: L2 table offset {l2_offset:#x} is not cluster aligned")
+        walk_l2(ctx, l2_offset, l1_index=i, active=active)
+
+
+def walk_l2(ctx: Context, l2_offset: int, *, l1_index: int, active: bool) -> None:
+    """check_refcounts_l2 for one table, plus the spec-only entry rules."""
+    img, cs, cb = ctx.img, ctx.cluster_size, ctx.cluster_bits
+    esize = ctx.geometry.l2_entry_size
+    v = decode_l2(ctx, ctx.read(l2_offset, cs))
+    ents, bms = v.entries, v.bitmaps
+
+    def at(j: int) -> int:
+        return l2_offset + j * esize
+
+    reserved = ~v.compressed & ((ents & _u(en.L2E_STD_RESERVED_MASK)) != 0)
+    for j in np.nonzero(reserved)[0].tolist():
+        ctx.add("L2-RESERVED-ZERO", at(j), f"L2 entry {int(ents[j]):#x} has reserved bits set")
+
+    # Compressed clusters.
+    comp = v.compressed
+    for j in np.nonzero(comp & ((ents & _u(en.QCOW_OFLAG_COPIED)) != 0))[0].tolist():
+        ctx.add("COMPRESSED-NO-COPIED", at(j), "COPIED set on a compressed cluster descriptor")
+    if img.has_data_file:
+        for j in np.nonzero(comp)[0].tolist():
+            ctx.add("COMPRESSED-NO-DATA-FILE", at(j), "compressed cluster in an image with a data file")
+        comp = np.zeros_like(comp)
+    bad_bitmap = comp & (bms != 0)
+    for j in np.nonzero(bad_bitmap)[0].tolist():
+        ctx.add("COMPRESSED-NO-BITMAP", at(j), f"compressed cluster with subcluster bitmap {int(bms[j]):#x}")
+    comp = comp & ~bad_bitmap
+    if comp.any():
+        omask = _u(en.cluster_offset_mask(cb))
+        coff = ents[comp] & omask
+        nb = ((ents[comp] >> _u(en.csize_shift(cb))) & _u(en.csize_mask(cb))) + _u(1)
+        csize = nb * _u(512) - (coff & _u(511))
+        ctx.refs(coff, csize, Kind.COMPRESSED, "compressed data")
+        for j in np.nonzero(comp & (((ents & omask) >> _u(56)) != 0))[0].tolist():
+            ctx.add("COMPRESSED-OFFSET-RESERVED", at(j), "compressed host offset has bits above 55 set")
+        if active:
+            n = int(comp.sum())
+            ctx.bfi.allocated_clusters += n
+            ctx.bfi.compressed_clusters += n
+            # QEMU counts every compressed cluster as fragmented (they share sectors).
+            ctx.bfi.fragmented_clusters += n
+
+    # Standard and preallocated zero clusters.
+    alloc = v.allocated
+    offs = v.offsets
+    if img.extended_l2:
+        bad = alloc & (((bms >> _u(32)) & bms & _u(en.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
+        bad |= v.unallocated & ((bms & _u(en.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
+        for j in np.nonzero(bad)[0].tolist():
+            ctx.add("SUBCLUSTER-BITMAP-VALID", at(j), f"invalid subcluster bitmap {int(bms[j]):#x}")
+        for j in np.nonzero(~v.compressed & ((ents & _u(en.QCOW_OFLAG_ZERO)) != 0))[0].tolist():
+            ctx.add("EXTL2-ZERO-FLAG-CLEAR", at(j), "zero flag set in an extended L2 entry")
+    elif img.version == 2:
+        for j in np.nonzero(~v.compressed & ((ents & _u(en.QCOW_OFLAG_ZERO)) != 0))[0].tolist():
+            ctx.add("L2-NO-ZERO-FLAG-V2", at(j), "zero flag set in a version 2 image")
+    for j in np.nonzero(alloc & ((offs & _u(cs - 1)) != 0))[0].tolist():
+        ctx.add("L2-DATA-ALIGNED", at(j), f"host offset {int(offs[j]):#x} is not cluster aligned")
+    aoffs = offs[alloc]
+    if active and aoffs.size:
+        ctx.bfi.allocated_clusters += int(aoffs.size)
+        ctx.bfi.fragmented_clusters += int(np.count_nonzero(aoffs[1:] != aoffs[:-1] + _u(cs)))
+    if not img.has_data_file:
+        # Data in an external data file is not refcounted (qcow2.rst "External data file").
+        ctx.refs(aoffs, cs, Kind.DATA, "data cluster")
+    elif active and img.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
+        guest = (np.arange(ents.size, dtype=np.uint64) + _u(l1_index * ctx.geometry.l2_entries)) << _u(cb)
+        for j in np.nonzero(alloc & (offs != guest))[0].tolist():
+            ctx.add("DATA-FILE-IDENTITY-MAP", at(j),
+                    f"raw data file maps guest {int(guest[j]):#x} to host {int(offs[j]):#x}")
+
+
+def check_oflag_copied(ctx: Context, stored_get: StoredGet) -> None:
+    """check_oflag_copied: COPIED on active L1/L2 entries iff the stored refcount is 1."""
+    img, cb = ctx.img, ctx.cluster_bits
+    l1_offset, l1_size = int(img.header.l1_table_offset), int(img.header.l1_size)
+    if l1_size == 0:
+        return
+    l1 = np.frombuffer(ctx.read(l1_offset, l1_size * 8), dtype=">u8").astype(np.uint64)
+    esize = ctx.geometry.l2_entry_size
+    for i in np.nonzero(l1 & _u(en.L1E_OFFSET_MASK))[0].tolist():
+        entry = int(l1[i])
+        l2_offset = entry & en.L1E_OFFSET_MASK
+        rc = stored_get(l2_offset >> cb)
+        if rc is None:
+            continue  # QEMU skips silently: compare_refcounts already counted it
+        if (rc == 1) != bool(entry & en.QCOW_OFLAG_COPIED):
+            ctx.add("L1-COPIED-IFF-REFCOUNT-1", l1_offset + 8 * i,
+                    f"L1 entry {i} = {entry:#x}: COPIED does not match refcount {rc}", stored=rc)
+        v = decode_l2(ctx, ctx.read(l2_offset, ctx.cluster_size))
+        idx = np.nonzero(v.allocated)[0]
+        if idx.size == 0:
+            continue
+        ents = v.entries[idx]
+        copied = (ents & _u(en.QCOW_OFLAG_COPIED)) != 0
+        if img.has_data_file:
+            # Clusters in an external data file have an implicit refcount of 1.
+            rcs = np.ones(idx.size, dtype=np.int64)
+        else:
+            rcs = stored_get.many(((ents & _u(en.L2E_OFFSET_MASK)) >> _u(cb)).astype(np.int64))
+        wrong = (rcs >= 0) & ((rcs == 1) != copied)
+        for j, e, rc2 in zip(idx[wrong].tolist(), ents[wrong].tolist(), rcs[wrong].tolist(), strict=True):
+            ctx.add("COPIED-IFF-REFCOUNT-1", l2_offset + j * esize,
+                    f"L2 entry {e:#x}: COPIED does not match refcount {rc2}", stored=rc2)
+
+
+class StoredGet:
+    """Stored refcount lookups: the dense array compare() read for clusters inside the file,
+    block reads past it."""
+
+    def __init__(self, cmp: Comparison, stored: StoredRefcounts) -> None:
+        self.cmp, self.stored = cmp, stored
+
+    def __call__(self, k: int) -> int | None:
+        if k < self.cmp.stored_dense.size:
+            return None if self.cmp.unreadable_dense[k] else int(self.cmp.stored_dense[k])
+        return self.stored.get(k)
+
+    def many(self, clusters: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Stored refcounts of ``clusters``; -1 where unreadable. Refcounts that do not fit an
+        int64 (64-bit refcounts near 2^64) are clamped, which keeps them != 1."""
+        n = self.cmp.stored_dense.size
+        out = np.full(clusters.size, -1, dtype=np.int64)
+        inside = clusters < n
+        ci = clusters[inside]
+        vals = np.minimum(self.cmp.stored_dense[ci], np.uint64(2**62)).astype(np.int64)
+        out[inside] = np.where(self.cmp.unreadable_dense[ci], -1, vals)
+        for i in np.nonzero(~inside)[0].tolist():
+            rc = self.stored.get(int(clusters[i]))
+            out[i] = -1 if rc is None else min(rc, 2**62)
+        return out
