@@ -841,6 +841,13 @@ class Image:
         try:
             if not self.readonly and not self.broken:
                 self.q.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
+                # bdrv_close flushes: after fdatasync the file's holes are stable, so that
+                # SEEK_HOLE (and qemu-img map, see mapping_report) sees what QEMU's would.
+                for f in (self.q.f, self.q.data_f):
+                    if f is not None:
+                        os.fdatasync(f.fileno())
+        except OSError as e:
+            raise CorruptionError(f"flush at close failed: {e}") from None
         finally:
             self.q.f.close()
             if self.q.data_f is not None:

@@ -184,14 +184,14 @@ def detect_metadata_preallocation(img: Image) -> bool:
     count = 0
     block: list[int] = []
     for i in range(end_cluster):
-        if count > threshold:
+        if count >= threshold:
             break
         if i % entries == 0 or not block:
             rt = i // entries
             off = table[rt] & ~0x1FF if rt < len(table) else 0
             block = rc.read_refblock(q, off) if off else [0] * entries
         count += 1 if block[i % entries] else 0
-    return count > threshold
+    return count >= threshold
 
 
 def status_above(img: Image, offset: int, n: int) -> tuple[int, int]:

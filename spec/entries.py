@@ -36,20 +36,20 @@ QCOW_L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
 QCOW_L2_BITMAP_ALL_ZEROES = QCOW_L2_BITMAP_ALL_ALLOC << 32
 
 
-def QCOW_OFLAG_SUB_ALLOC(sc: int) -> int:  # noqa: N802 - QEMU's macro name
+def QCOW_OFLAG_SUB_ALLOC(sc: int) -> int:  # QEMU's macro name
     return 1 << sc
 
 
-def QCOW_OFLAG_SUB_ZERO(sc: int) -> int:  # noqa: N802 - QEMU's macro name
+def QCOW_OFLAG_SUB_ZERO(sc: int) -> int:  # QEMU's macro name
     return 1 << (32 + sc)
 
 
-def QCOW_OFLAG_SUB_ALLOC_RANGE(lo: int, hi: int) -> int:  # noqa: N802 - QEMU's macro name
+def QCOW_OFLAG_SUB_ALLOC_RANGE(lo: int, hi: int) -> int:  # QEMU's macro name
     """Allocation bits for subclusters lo..hi-1."""
     return ((1 << hi) - 1) & ~((1 << lo) - 1)
 
 
-def QCOW_OFLAG_SUB_ZERO_RANGE(lo: int, hi: int) -> int:  # noqa: N802 - QEMU's macro name
+def QCOW_OFLAG_SUB_ZERO_RANGE(lo: int, hi: int) -> int:  # QEMU's macro name
     return QCOW_OFLAG_SUB_ALLOC_RANGE(lo, hi) << 32
 
 

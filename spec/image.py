@@ -416,14 +416,14 @@ def _load(path: str, f: BinaryIO) -> ImageFile:
 
     extensions = _read_extensions(f, hlen, ext_end, h, file_size)
     img = ImageFile(path=path, f=f, header=h, extensions=extensions, geometry=geometry, file_size=file_size)
-    for e in extensions:
+    for ext in extensions:
         # A later duplicate replaces an earlier one, as in qcow2_read_extensions.
-        if e.type == hd.QCOW2_EXT_MAGIC_BACKING_FORMAT:
-            img.backing_format = c_string(e.data)
-        elif e.type == hd.QCOW2_EXT_MAGIC_DATA_FILE:
-            img.data_file = c_string(e.data)
-        elif e.type == hd.QCOW2_EXT_MAGIC_FEATURE_TABLE:
-            img.feature_names = list(e.data.entries)
+        if ext.type == hd.QCOW2_EXT_MAGIC_BACKING_FORMAT:
+            img.backing_format = c_string(ext.data)
+        elif ext.type == hd.QCOW2_EXT_MAGIC_DATA_FILE:
+            img.data_file = c_string(ext.data)
+        elif ext.type == hd.QCOW2_EXT_MAGIC_FEATURE_TABLE:
+            img.feature_names = list(ext.data.entries)
 
     if not incompat & ft.QCOW2_INCOMPAT_DATA_FILE and autoclear & ft.QCOW2_AUTOCLEAR_DATA_FILE_RAW:
         raise FormatError("data-file-raw requires a data file", "header.v3.autoclear_features")
@@ -590,9 +590,9 @@ def _read_bitmap_directory(img: ImageFile) -> list[c.Container]:
         if extra:
             # bitmap_list_load: QEMU supports no bitmap extra data whatever the flags say.
             raise UnsupportedFeature("bitmap extra data")
-        e = parse(bm.BitmapDirectoryEntry, data[pos:pos + n], where)
-        _check_dir_entry(img, e, where)
-        entries.append(e)
+        entry = parse(bm.BitmapDirectoryEntry, data[pos:pos + n], where)
+        _check_dir_entry(img, entry, where)
+        entries.append(entry)
         pos += n
     if len(entries) != d.nb_bitmaps:
         raise FormatError("fewer bitmaps found than the extension declares", "bitmaps.nb_bitmaps")
@@ -615,5 +615,24 @@ def _check_dir_entry(img: ImageFile, e: c.Container, where: str) -> None:
     # A bitmap in use may be short (not saved after a resize); a saved one must cover the
     # whole disk. QEMU compares against the virtual size (bdrv_getlength of the qcow2 node).
     length = img.size // 512 * 512  # bs->total_sectors * BDRV_SECTOR_SIZE
-    if not e.flags & bm.BME_FLAG_IN_USE and length > (phys * 8) << e.granularity_bits:
+    if e.flags & bm.BME_FLAG_IN_USE:
+        return
+    if length > (phys * 8) << e.granularity_bits:
         raise FormatError("bitmap table too small for the disk", f"{where}.bitmap_table_size")
+    # A saved bitmap is loaded at open (qcow2-bitmap.c, load_bitmap): its table must have
+    # exactly the clusters its serialized data needs, and every table entry must be valid.
+    if e.bitmap_table_size != bitmap_table_clusters(length, e.granularity_bits, cs):
+        raise FormatError("bitmap table size does not match the disk size", f"{where}.bitmap_table_size")
+    img.bitmap_table(e)
+
+
+def bitmap_table_clusters(disk_size: int, granularity_bits: int, cluster_size: int) -> int:
+    """Clusters of bitmap data a saved bitmap has (qcow2-bitmap.c, load_bitmap_data).
+
+    QEMU serializes a dirty bitmap in whole 64-bit words, one bit per ``2**granularity_bits``
+    bytes of disk (util/hbitmap.c, hbitmap_serialization_size), and stores that in clusters.
+    """
+    if disk_size == 0:
+        return 0
+    words = (((disk_size - 1) >> granularity_bits) >> 6) + 1
+    return -(-words * 8 // cluster_size)

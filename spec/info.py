@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from spec import bitmaps as bmp
+from spec import entries as en
 from spec import features as ft
 from spec import header as hd
 from spec import limits as lim
@@ -198,6 +199,16 @@ def qcow2_info(img: ImageFile, filename: str, actual_size: int | None) -> Info:
     ])
 
 
+def image_file_info(img: ImageFile) -> Info:
+    """``qcow2_info`` for an image opened by ``spec.image.open_image``: the name it was opened
+    by and the allocation of its file. What model/ and impl/ return from ``Image.info()``."""
+    try:
+        actual: int | None = allocated_size(os.fstat(img.f.fileno()))
+    except (OSError, ValueError):
+        actual = None  # QEMU leaves actual-size out when it cannot tell
+    return qcow2_info(img, img.path, actual)
+
+
 def _c_str(value: str | None) -> str:
     return "" if value is None else value.split("\0", 1)[0]
 
@@ -302,15 +313,6 @@ def snapshot_list(img: ImageFile) -> list[Info] | None:
 
 # --- Persistent bitmaps (block/qcow2-bitmap.c) -------------------------------------------------
 
-# QEMU 7.2 treats every flag but in_use and auto as reserved, including bit 2
-# (extra_data_compatible) that qcow2.rst defines: an entry with it set fails to load.
-QEMU_BME_RESERVED_FLAGS = 0xFFFFFFFC
-BME_MAX_PHYS_SIZE = 0x20000000
-BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
-BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
-
-
 def bitmap_list(img: ImageFile, vsize: int) -> list[Info] | None:
     """Qcow2BitmapInfo for each persistent bitmap, or None when there are none.
 
@@ -357,12 +359,12 @@ def _check_dir_entry(img: ImageFile, e: Any, vsize: int, where: str) -> None:
     bad = (e.bitmap_table_size == 0 or e.bitmap_table_offset == 0 or e.bitmap_table_offset % cs
            or e.bitmap_table_size > lim.BME_MAX_TABLE_SIZE
            or not lim.BME_MIN_GRANULARITY_BITS <= e.granularity_bits <= lim.BME_MAX_GRANULARITY_BITS
-           or e.flags & QEMU_BME_RESERVED_FLAGS or e.name_size > lim.BME_MAX_NAME_SIZE
+           or e.flags & bmp.BME_RESERVED_FLAGS or e.name_size > lim.BME_MAX_NAME_SIZE
            or e.type != bmp.BT_DIRTY_TRACKING_BITMAP)
     if bad:
         raise FormatError("bitmap does not satisfy the constraints", where)
     phys = e.bitmap_table_size * cs
-    if phys > BME_MAX_PHYS_SIZE:
+    if phys > lim.BME_MAX_PHYS_SIZE:
         raise FormatError("bitmap table too large", f"{where}.bitmap_table_size")
     if not e.flags & bmp.BME_FLAG_IN_USE and vsize > (phys * 8) << e.granularity_bits:
         raise FormatError("bitmap table too small for the disk size", f"{where}.bitmap_table_size")
@@ -376,9 +378,9 @@ def _check_bitmap_table(img: ImageFile, e: Any, vsize: int, where: str) -> None:
     data = _pread_padded(img, e.bitmap_table_offset, n * 8, f"{where}.bitmap_table")
     for k in range(n):
         entry = int.from_bytes(data[8 * k:8 * k + 8], "big")
-        offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
-        if entry & BME_TABLE_ENTRY_RESERVED_MASK or (
-                offset and (entry & BME_TABLE_ENTRY_FLAG_ALL_ONES or offset % cs)):
+        offset = entry & en.BME_TABLE_ENTRY_OFFSET_MASK
+        if entry & en.BME_TABLE_ENTRY_RESERVED_MASK or (
+                offset and (entry & en.BME_TABLE_ENTRY_FLAG_ALL_ONES or offset % cs)):
             raise FormatError("invalid bitmap table entry", f"{where}.bitmap_table[{k}]")
     bits = -(-vsize // (1 << e.granularity_bits))
     need = -(-(-(-bits // 64) * 8) // cs)

@@ -204,6 +204,10 @@ def decode_refcount_block(data: bytes, refcount_bits: int) -> UIntArray:
     return vals.reshape(-1).astype(np.uint64)
 
 
+BDRV_MAX_LENGTH = ((1 << 63) - 1) & ~((1 << 30) - 1)
+"""QEMU's block layer refuses any request reaching past this offset (include/block/block_int.h,
+bdrv_check_qiov_request): such a read is an I/O error, not zeros."""
+
 Reader = Callable[[int, int], bytes]
 """read(offset, n) -> n bytes, zero-filled past the end of the file (as QEMU's block layer)."""
 
@@ -213,8 +217,9 @@ class StoredRefcounts:
     """The refcounts the image stores, read as qcow2_get_refcount reads them.
 
     An index past the refcount table, or a zero table entry, means refcount 0. A refcount block
-    offset that is not cluster aligned cannot be read: QEMU fails the lookup (-EIO), and check
-    counts one check error per cluster it cannot look up.
+    offset that is not cluster aligned, or lies beyond what the block layer can address, cannot
+    be read: QEMU fails the lookup (-EIO), and check counts one check error per cluster it
+    cannot look up.
     """
 
     geometry: Geometry
@@ -232,7 +237,9 @@ class StoredRefcounts:
         return int(self.reftable[rt_index]) & REFT_OFFSET_MASK
 
     def readable(self, rt_index: int) -> bool:
-        return self.geometry.offset_in_cluster(self.block_offset(rt_index)) == 0
+        off = self.block_offset(rt_index)
+        end = off + self.geometry.cluster_size
+        return self.geometry.offset_in_cluster(off) == 0 and end <= BDRV_MAX_LENGTH
 
     def block(self, rt_index: int) -> UIntArray | None:
         """Refcounts of block ``rt_index``; None if unreadable; zeros if unallocated."""

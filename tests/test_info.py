@@ -156,6 +156,15 @@ def test_image_info_is_qemu_json(qemu_images: dict[str, Path]) -> None:
         assert key_order(mine) == key_order(theirs)
 
 
+def test_image_file_info_for_model_and_impl(qemu_images: dict[str, Path]) -> None:
+    """The entry point model/ and impl/ use: an ImageFile in, the qemu-img info data out."""
+    path = qemu_images["snapshots"]
+    with open_image(str(path)) as img:
+        info = si.image_file_info(img)
+    assert info == image_info(str(path))
+    assert key_order(info) == key_order(image_info(str(path)))
+
+
 # --- relative and raw backing chains ---------------------------------------------------------
 
 @pytest.fixture
@@ -473,6 +482,16 @@ def test_data_file_name_without_feature_bit(tmp_path: Path) -> None:
     patch(p, 72, (read_be(p, 72, 8) & ~4).to_bytes(8, "big"))
     data = json.loads(assert_same(p)["json"])["format-specific"]["data"]
     assert data["data-file"] == str(tmp_path / "df.data") and "data-file-raw" not in data
+
+
+def test_data_file_bit_hides_snapshots(tmp_path: Path, qemu_images: dict[str, Path]) -> None:
+    """qcow2_snapshot_list refuses images with a data file, so info lists no snapshots."""
+    p = tmp_path / "snap-df.qcow2"
+    p.write_bytes(qemu_images["snapshots"].read_bytes())
+    assert "snapshots" in json.loads(assert_same(p)["json"])
+    set_incompatible(p, 4)
+    info = json.loads(assert_same(p)["json"])
+    assert "snapshots" not in info and info["format-specific"]["data"]["data-file-raw"] is False
 
 
 def test_backing_names_are_c_strings(tmp_path: Path) -> None:

@@ -88,7 +88,8 @@ RULES: tuple[Rule, ...] = (
          f"{_REF} qcow2_check_refcounts", _E),
     # --- header and features ------------------------------------------------------------
     Rule("BACKING-FILE-OPENS",
-         "The backing file named in the header exists (QEMU opens the whole chain to check).",
+         "The backing file named in the header exists and its format, if named, is a QEMU driver "
+         "(QEMU opens the whole chain to check).",
          "qcow2.rst §Header (backing_file_offset); block.c bdrv_open_backing_file (a relative name "
          "is taken relative to the image's directory)", _E),
     Rule("HEADER-LENGTH-ALIGNED",
@@ -149,7 +150,7 @@ RULES: tuple[Rule, ...] = (
          "In the active L1 table, COPIED is set exactly when the L2 table's refcount is 1.",
          f"qcow2.rst §Cluster mapping (L1 bit 63); {_REF} check_oflag_copied", _C),
     Rule("L1-READABLE",
-         "An L1 table can be read in full (allocation and I/O succeed).",
+         "An L1 table can be read in full: it lies within what the block layer addresses.",
          f"{_REF} check_refcounts_l1", _E),
     # --- L2 tables --------------------------------------------------------------------------
     Rule("L2-RESERVED-ZERO",
@@ -203,7 +204,8 @@ RULES: tuple[Rule, ...] = (
          "Every refcount block has a refcount of exactly 1.",
          f"qcow2.rst §Host cluster management; {_REF} check_refblocks", _C),
     Rule("REFCOUNT-READABLE",
-         "The stored refcount of every host cluster can be read (its refcount block is aligned).",
+         "The stored refcount of every host cluster can be read (its refcount block is aligned and "
+         "addressable).",
          f"{_REF} compare_refcounts, qcow2_get_refcount", _E),
     Rule("REFCOUNT-MATCHES-REFERENCES",
          "No host cluster's stored refcount is below the number of references to it.",

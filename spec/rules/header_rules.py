@@ -18,6 +18,16 @@ from spec.rules.context import Context
 
 FEATURE_NAME_ENTRY_SIZE = 48
 
+QEMU_FORMATS = frozenset((
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
+    "copy-on-read", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http",
+    "https", "iscsi", "iser", "luks", "nbd", "nfs", "null-aio", "null-co", "nvme", "parallels",
+    "preallocate", "qcow", "qcow2", "qed", "quorum", "raw", "rbd", "replication",
+    "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat",
+))
+"""Block drivers of the QEMU 7.2 build the project tests against (``qemu-img --help``): a
+backing format outside this list makes QEMU fail to open the backing file."""
+
 
 def open_checks(ctx: Context) -> None:
     """Checks QEMU makes at open that spec.image does not; each one stops the check."""
@@ -40,6 +50,8 @@ def open_checks(ctx: Context) -> None:
         if "://" not in img.backing_file and not os.path.exists(backing):
             raise ctx.abort("BACKING-FILE-OPENS", int(img.header.backing_file_offset),
                             f"backing file {img.backing_file!r} not found")
+        if img.backing_format is not None and img.backing_format not in QEMU_FORMATS:
+            raise ctx.abort("BACKING-FILE-OPENS", None, f"unknown backing format {img.backing_format!r}")
     crypto = img.extension(hd.QCOW2_EXT_MAGIC_CRYPTO_HEADER)
     if crypto is not None and int(crypto.data.offset) % ctx.cluster_size:
         raise ctx.abort("CRYPTO-HEADER-ALIGNED", int(crypto.data.offset),

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from spec import entries as en
 from spec.features import QCOW2_AUTOCLEAR_DATA_FILE_RAW
-from spec.refcounts import Comparison, Kind, StoredRefcounts
+from spec.refcounts import BDRV_MAX_LENGTH, Comparison, Kind, StoredRefcounts
 from spec.rules.context import Context
 
 U64 = npt.NDArray[np.uint64]
@@ -64,6 +64,8 @@ def walk_l1(ctx: Context, l1_offset: int, l1_size: int, *, active: bool) -> None
     if l1_size == 0:
         return
     ctx.ref(l1_offset, l1_size * 8, Kind.ACTIVE_L1 if active else Kind.INACTIVE_L1, "L1 table")
+    if l1_offset + l1_size * 8 > BDRV_MAX_LENGTH:
+        raise ctx.abort("L1-READABLE", l1_offset, "L1 table lies beyond what QEMU can read")
     l1 = np.frombuffer(ctx.read(l1_offset, l1_size * 8), dtype=">u8").astype(np.uint64)
     for i in np.nonzero(l1 & _u(en.L1E_RESERVED_MASK))[0].tolist():
         ctx.add("L1-RESERVED-ZERO", l1_offset + 8 * i,

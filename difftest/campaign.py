@@ -1,0 +1,240 @@
+"""Running the state machine as a campaign: profiles, seeds, shards, statistics.
+
+A campaign is one or more shards; a shard is one Hypothesis run of the state machine
+(``max_examples`` examples of up to ``steps`` operations, from one seed). Shards run in this
+process or, with ``jobs > 1``, in worker processes that report progress through a queue.
+Failing examples are kept in a Hypothesis example database (``db_dir``), so the next run
+replays them first; the shrunk reproducers of shard S land in ``repro_dir/seed-S``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, seed as hyp_seed, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.stateful import run_state_machine_as_test
+
+from difftest.config import Config
+from difftest.lockstep import Divergence, Lockstep
+from difftest.machine import Hooks, make_machine
+
+PROFILES: dict[str, dict[str, int]] = {
+    "quick": {"examples": 20, "steps": 25},
+    "ci": {"examples": 40, "steps": 30},
+    "deep": {"examples": 400, "steps": 80},
+}
+
+
+@dataclass
+class Found:
+    """One divergence, after shrinking."""
+
+    kind: str
+    message: str
+    seed: int
+    repro_dir: str | None
+    steps: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "seed": self.seed,
+                "repro_dir": self.repro_dir, "steps": self.steps}
+
+
+@dataclass
+class Stats:
+    examples: int = 0
+    steps: int = 0
+    elapsed: float = 0.0
+    ops: Counter[str] = field(default_factory=Counter)
+    configs: Counter[str] = field(default_factory=Counter)
+    notes: Counter[str] = field(default_factory=Counter)
+    divergences: list[Found] = field(default_factory=list)
+    shards: int = 0
+
+    def merge(self, other: Stats) -> None:
+        self.examples += other.examples
+        self.steps += other.steps
+        self.ops.update(other.ops)
+        self.configs.update(other.configs)
+        self.notes.update(other.notes)
+        self.divergences += other.divergences
+        self.shards += other.shards
+
+    @property
+    def ops_per_second(self) -> float:
+        return sum(self.ops.values()) / self.elapsed if self.elapsed > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"examples": self.examples, "steps": self.steps, "shards": self.shards,
+                "elapsed_s": round(self.elapsed, 3), "ops": dict(self.ops),
+                "ops_per_second": round(self.ops_per_second, 1),
+                "configurations": len(self.configs), "configs": dict(self.configs),
+                "notes": dict(self.notes), "divergences": [d.to_json() for d in self.divergences]}
+
+
+@dataclass
+class Shard:
+    targets: list[str]
+    seed: int
+    examples: int
+    steps: int
+    overrides: dict[str, Any] = field(default_factory=dict)
+    db_dir: str | None = ".hypothesis/difftest"
+    repro_dir: str | None = "difftest-repro"
+    workdir: str | None = None
+    shrink: bool = True
+
+
+def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) -> Stats:
+    """One Hypothesis run. ``on_event(kind, value)`` gets "step", "example", "divergence"."""
+    stats = Stats(shards=1)
+    repro = Path(shard.repro_dir) / f"seed-{shard.seed}" if shard.repro_dir else None
+    last: dict[str, Any] = {}
+
+    def step(_what: str) -> None:
+        stats.steps += 1
+        if on_event:
+            on_event("step", 1)
+
+    def example(cfg: Config) -> None:
+        stats.examples += 1
+        stats.configs[cfg.short()] += 1
+        if on_event:
+            on_event("example", cfg.short())
+
+    def divergence(d: Divergence, ls: Lockstep) -> None:
+        last["d"], last["steps"] = d, len(ls.log)
+
+    hooks = Hooks(targets=shard.targets, overrides=shard.overrides,
+                  workdir=Path(shard.workdir) if shard.workdir else None, repro_dir=repro,
+                  on_step=step, on_example=example, on_divergence=divergence)
+    # Count operations and notes of every example through Lockstep's counters.
+    orig_close = Lockstep.close
+
+    def counting_close(self: Lockstep) -> None:
+        if not getattr(self, "_counted", False):
+            self._counted = True  # type: ignore[attr-defined]
+            stats.ops.update(self.ops)
+            stats.notes.update(self.notes)
+        orig_close(self)
+
+    phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
+    if shard.shrink:
+        phases.append(Phase.shrink)
+    db = DirectoryBasedExampleDatabase(str(Path(shard.db_dir) / "-".join(shard.targets))) \
+        if shard.db_dir else None
+    s = settings(max_examples=shard.examples, stateful_step_count=shard.steps, deadline=None,
+                 database=db, phases=phases, suppress_health_check=list(HealthCheck),
+                 report_multiple_bugs=False, print_blob=False)
+    machine = make_machine(hooks)
+    t0 = time.perf_counter()
+    Lockstep.close = counting_close  # type: ignore[method-assign]
+    try:
+        _run_seeded(machine, s, shard.seed)
+    except Divergence as d:
+        d2 = last.get("d", d)
+        stats.divergences.append(Found(d2.kind, str(d2), shard.seed, str(repro) if repro else None,
+                                       int(last.get("steps", 0))))
+    except Exception as e:  # Flaky failures and oracle trouble are findings too
+        d2 = last.get("d")
+        kind = d2.kind if isinstance(d2, Divergence) else type(e).__name__
+        msg = str(d2) if d2 is not None else "".join(traceback.format_exception_only(e)).strip()
+        stats.divergences.append(Found(kind, f"{type(e).__name__}: {msg}", shard.seed,
+                                       str(repro) if repro else None, int(last.get("steps", 0))))
+    finally:
+        Lockstep.close = orig_close  # type: ignore[method-assign]
+        stats.elapsed = time.perf_counter() - t0
+    if on_event and stats.divergences:
+        on_event("divergence", stats.divergences[-1].kind)
+    return stats
+
+
+def _run_seeded(machine: Any, s: settings, seed: int) -> None:
+    """run_state_machine_as_test with a fixed seed (Hypothesis' @seed on the machine test)."""
+    try:
+        from hypothesis.stateful import get_state_machine_test
+    except ImportError:  # older Hypothesis: no seed control, still a valid run
+        run_state_machine_as_test(machine, settings=s)
+        return
+    test = get_state_machine_test(machine, settings=s)
+    hyp_seed(seed)(test)()
+
+
+# -- multi-process ----------------------------------------------------------------------------
+
+def _worker(shard: Shard, q: Any) -> None:
+    pending = 0
+
+    def ev(kind: str, value: Any) -> None:
+        nonlocal pending
+        if kind == "step":
+            pending += 1
+            if pending >= 20:
+                q.put(("step", pending))
+                pending = 0
+        else:
+            q.put((kind, value))
+
+    stats = run_shard(shard, ev)
+    if pending:
+        q.put(("step", pending))
+    q.put(("done", stats))
+
+
+def run_shards(shards: list[Shard], jobs: int, on_event: Callable[[str, Any], None] | None = None,
+               deadline: float | None = None) -> Stats:
+    """Run ``shards`` on ``jobs`` processes (in this process when jobs == 1). With a
+    ``deadline`` (time.monotonic()), no shard starts after it."""
+    total = Stats()
+    t0 = time.perf_counter()
+    if jobs <= 1:
+        for sh in shards:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            total.merge(run_shard(sh, on_event))
+        total.elapsed = time.perf_counter() - t0
+        return total
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    todo = list(shards)
+    running: list[Any] = []
+    started = finished = 0
+    while todo or finished < started:
+        while todo and len(running) < jobs and (deadline is None or time.monotonic() < deadline):
+            p = ctx.Process(target=_worker, args=(todo.pop(0), q), daemon=True)
+            p.start()
+            running.append(p)
+            started += 1
+        if finished >= started and not (todo and len(running) < jobs):
+            break
+        try:
+            kind, value = q.get(timeout=0.5)
+        except queue.Empty:
+            for p in list(running):
+                if not p.is_alive():
+                    p.join()
+                    running.remove(p)
+                    if p.exitcode != 0:
+                        finished += 1  # it died before reporting
+                        total.divergences.append(Found("worker-died", f"exit {p.exitcode}", -1, None))
+            continue
+        if kind == "done":
+            finished += 1
+            total.merge(value)
+            for p in list(running):
+                if not p.is_alive():
+                    p.join()
+                    running.remove(p)
+        elif on_event:
+            on_event(kind, value)
+    total.elapsed = time.perf_counter() - t0
+    return total

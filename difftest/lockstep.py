@@ -1,0 +1,320 @@
+"""The lockstep harness: one operation applied to every target, then cross-checked.
+
+``Lockstep`` is what the Hypothesis state machine (difftest/machine.py) drives, and also
+what a reproducer calls directly: every public method is one guest operation, is logged in
+``log`` as ``(method, kwargs)``, and raises ``Divergence`` when the targets disagree.
+
+After every operation:
+- every target succeeded, or every target failed with the same spec.errors class;
+- the touched range reads back the same bytes on every target (runs of one byte are
+  verified inside qemu-io with ``read -P``, the rest compared byte for byte);
+- in-process targets agree on ``map`` (present/zero/data/depth per extent) over the
+  touched range; qemu's map costs a qemu-img process, so it is compared by the
+  ``compare_map`` operation and in ``finish``.
+``finish`` closes everything and checks each target's file (difftest/teardown.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from difftest import qemuio
+from difftest.config import Config
+from difftest.targets import Target, build_backing, copy_backing, make_target, random_bytes
+from spec.errors import Qcow2Error
+
+VERIFY_MAX = 256 * 1024
+"""Touched ranges longer than this are verified at both ends and in the middle only."""
+VERIFY_PIECE = 64 * 1024
+
+
+class Divergence(AssertionError):
+    """The targets disagree. ``kind`` is a short class of disagreement (bytes, error, map,
+    check, rules, crossread, snapshots, size, crash), ``op`` the operation."""
+
+    def __init__(self, kind: str, op: str, message: str) -> None:
+        self.kind = kind
+        self.op = op
+        super().__init__(f"[{kind}] {op}: {message}")
+
+
+Outcome = tuple[str, Any]
+"""("ok", value) or ("err", exception class name)."""
+
+
+def normalize_map(extents: list[dict[str, Any]], start: int, end: int) -> list[tuple[int, int, bool, bool,
+                                                                                       bool, int]]:
+    """Extents clipped to [start, end), host offsets dropped, equal neighbours merged.
+
+    qemu-img map merges neighbours only when their host offsets are contiguous; host
+    placement is not guest-visible, so it is left out of the comparison.
+    """
+    out: list[list[Any]] = []
+    for e in extents:
+        s = max(int(e["start"]), start)
+        t = min(int(e["start"]) + int(e["length"]), end)
+        if s >= t:
+            continue
+        key = (bool(e.get("present", True)), bool(e["zero"]), bool(e["data"]), int(e.get("depth", 0)))
+        if out and out[-1][1] == s and tuple(out[-1][2:]) == key:
+            out[-1][1] = t
+        else:
+            out.append([s, t, *key])
+    return [(a, b - a, p, z, d, dep) for a, b, p, z, d, dep in out]
+
+
+class Lockstep:
+    def __init__(self, root: Path | str, cfg: Config, targets: list[str]) -> None:
+        self.root = Path(root)
+        self.cfg = cfg
+        self.log: list[tuple[str, dict[str, Any]]] = []
+        self.touched: list[tuple[int, int]] = []
+        self.ops: Counter[str] = Counter()
+        self.notes: list[str] = []
+        self.size = cfg.size
+        self.targets: list[Target] = []
+        self.root.mkdir(parents=True, exist_ok=True)
+        backing_dir = self.root / "backing"
+        backing_dir.mkdir(exist_ok=True)
+        backing = build_backing(cfg, backing_dir) if cfg.backing != "none" else None
+        for spec in targets:
+            t = make_target(spec, self.root)
+            t.dir.mkdir(parents=True, exist_ok=True)
+            if backing is not None:
+                copy_backing(cfg, backing_dir, t.dir)
+            self.targets.append(t)
+        # In-process targets first: they give the reference bytes cheaply.
+        self.targets.sort(key=lambda t: not t.in_process)
+        for t in self.targets:
+            try:
+                t.setup(cfg, backing)
+            except Qcow2Error as e:
+                raise Divergence("setup", "create", f"{t.name}: {type(e).__name__}: {e}") from e
+        sizes = {t.name: t.image.size for t in self.targets}
+        if len(set(sizes.values())) > 1:
+            raise Divergence("size", "create", f"virtual sizes differ: {sizes}")
+        self.size = next(iter(sizes.values()))
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _each(self, op: str, fn: Callable[[Target], Any]) -> list[Outcome]:
+        out: list[Outcome] = []
+        for t in self.targets:
+            try:
+                out.append(("ok", fn(t)))
+            except qemuio.QemuIoDied as e:
+                raise Divergence("crash", op, f"{t.name}: {e}") from e
+            except Qcow2Error as e:
+                out.append(("err", type(e).__name__))
+            except Exception as e:  # DESIGN.md: only spec.errors may escape
+                raise Divergence("exception", op, f"{t.name} raised {type(e).__name__}: {e}") from e
+        return out
+
+    def _agree(self, op: str, outcomes: list[Outcome]) -> bool:
+        """True when all succeeded, False when all failed alike; Divergence otherwise."""
+        kinds = {o[0] if o[0] == "ok" else o[1] for o in outcomes}
+        if len(kinds) > 1:
+            desc = ", ".join(f"{t.name}={o[0] if o[0] == 'ok' else o[1]}"
+                             for t, o in zip(self.targets, outcomes, strict=True))
+            raise Divergence("error", op, f"outcomes differ: {desc}")
+        return outcomes[0][0] == "ok"
+
+    def _op(self, name: str, kw: dict[str, Any], fn: Callable[[Target], Any],
+            touched: tuple[int, int] | None = None) -> bool:
+        self.log.append((name, kw))
+        self.ops[name] += 1
+        desc = f"{name}({', '.join(f'{k}={v}' for k, v in kw.items())})"
+        ok = self._agree(desc, self._each(desc, fn))
+        if ok and touched is not None:
+            self.touched.append(touched)
+            self.verify(touched[0], touched[1], desc)
+            self._compare_map_in_process(touched[0], touched[1], desc)
+        return ok
+
+    def _ref_read(self, off: int, n: int) -> bytes:
+        return bytes(self.targets[0].image.read(off, n))
+
+    def _check_bytes(self, off: int, n: int, desc: str) -> None:
+        try:
+            self._check_bytes_raw(off, n, desc)
+        except qemuio.QemuIoDied as e:
+            raise Divergence("crash", desc, str(e)) from e
+        except Qcow2Error as e:
+            raise Divergence("error", desc, f"reading back [{off}, {off + n}) raised "
+                             f"{type(e).__name__}: {e}") from e
+
+    def _check_bytes_raw(self, off: int, n: int, desc: str) -> None:
+        if n <= 0:
+            return
+        want = self._ref_read(off, n)
+        for t in self.targets[1:]:
+            img = t.image
+            same = img.matches(off, want) if hasattr(img, "matches") else bytes(img.read(off, n)) == want
+            if not same:
+                got = bytes(img.read(off, n))
+                i = next((k for k in range(n) if got[k] != want[k]), n)
+                raise Divergence("bytes", desc, f"{self.targets[0].name} and {t.name} differ at guest "
+                                 f"offset {off + i}: {want[i:i + 16].hex()} vs {got[i:i + 16].hex()}")
+
+    def verify(self, off: int, n: int, desc: str = "verify") -> None:
+        """Every target reads the same bytes in [off, off+n) (clipped to the image)."""
+        off = max(0, min(off, self.size))
+        n = max(0, min(n, self.size - off))
+        if n <= VERIFY_MAX:
+            self._check_bytes(off, n, desc)
+            return
+        mid = off + (n // 2) // 512 * 512
+        for a in (off, mid, off + n - VERIFY_PIECE):
+            self._check_bytes(a, VERIFY_PIECE, desc)
+
+    def _maps(self, off: int, n: int, targets: list[Target], desc: str) -> None:
+        if len(targets) < 2 or n <= 0:
+            return
+        got = []
+        for t in targets:
+            try:
+                got.append(normalize_map(t.image.map(off, n), off, off + n))
+            except Qcow2Error as e:
+                raise Divergence("map", desc, f"{t.name}.map raised {type(e).__name__}: {e}") from e
+        for t, m in zip(targets[1:], got[1:], strict=True):
+            if m != got[0]:
+                raise Divergence("map", desc, f"map of [{off}, {off + n}) differs:\n  {targets[0].name}: "
+                                 f"{got[0]}\n  {t.name}: {m}")
+
+    def _compare_map_in_process(self, off: int, n: int, desc: str) -> None:
+        off = max(0, min(off, self.size))
+        n = max(0, min(n, self.size - off))
+        if n <= 0:
+            return
+        self._maps(off, n, [t for t in self.targets if t.in_process], desc)
+        # Top-layer allocation is cheap to get from qemu-io (its ``map`` command), so it is
+        # compared after every step; the zero/data flags wait for compare_map.
+        got = [(t, self._top_alloc(t, off, n, desc)) for t in self.targets]
+        for t, runs in got[1:]:
+            if runs != got[0][1]:
+                raise Divergence("map", desc, f"top-layer allocation of [{off}, {off + n}) differs:\n  "
+                                 f"{got[0][0].name}: {got[0][1]}\n  {t.name}: {runs}")
+
+    def _top_alloc(self, t: Target, off: int, n: int, desc: str) -> list[tuple[int, int, bool]]:
+        """[(start, length, allocated in the top image)] over [off, off+n), merged."""
+        try:
+            if hasattr(t.image, "present_runs"):
+                raw = [{"start": a, "length": k, "present": p, "zero": False, "data": False, "depth": 0}
+                       for a, k, p in t.image.present_runs()]
+            else:
+                raw = [dict(e, present=bool(e.get("present", True)) and int(e.get("depth", 0)) == 0,
+                            zero=False, data=False, depth=0) for e in t.image.map(off, n)]
+        except Qcow2Error as e:
+            raise Divergence("map", desc, f"{t.name} map raised {type(e).__name__}: {e}") from e
+        return [(a, k, p) for a, k, p, _z, _d, _dep in normalize_map(raw, off, off + n)]
+
+    # -- operations (each is one reproducer line) ---------------------------------------------
+    def write(self, off: int, n: int, byte: int) -> bool:
+        data = bytes([byte]) * n
+        return self._op("write", {"off": off, "n": n, "byte": byte},
+                        lambda t: t.image.write(off, data), (off, n))
+
+    def write_random(self, off: int, n: int, seed: int) -> bool:
+        data = random_bytes(seed, n)
+        return self._op("write_random", {"off": off, "n": n, "seed": seed},
+                        lambda t: t.image.write(off, data), (off, n))
+
+    def write_zeroes(self, off: int, n: int, unmap: bool = False) -> bool:
+        return self._op("write_zeroes", {"off": off, "n": n, "unmap": unmap},
+                        lambda t: t.image.write_zeroes(off, n, unmap=unmap), (off, n))
+
+    def discard(self, off: int, n: int) -> bool:
+        return self._op("discard", {"off": off, "n": n}, lambda t: t.image.discard(off, n), (off, n))
+
+    def write_compressed(self, off: int, n: int, byte: int | None = None, seed: int | None = None) -> bool:
+        data = random_bytes(seed, n) if seed is not None else bytes([byte or 0]) * n
+        kw: dict[str, Any] = {"off": off, "n": n}
+        kw.update({"seed": seed} if seed is not None else {"byte": byte})
+        return self._op("write_compressed", kw, lambda t: t.image.write_compressed(off, data), (off, n))
+
+    def read(self, off: int, n: int) -> bool:
+        """Same outcome everywhere, and the same bytes when it succeeds."""
+        desc = f"read(off={off}, n={n})"
+        self.log.append(("read", {"off": off, "n": n}))
+        self.ops["read"] += 1
+        if off < 0 or n < 0 or off + n > self.size:
+            # Out-of-range reads must fail alike.
+            return self._agree(desc, self._each(desc, lambda t: t.image.read(off, n)))
+        self._check_bytes(off, n, desc)
+        return True
+
+    def flush(self) -> bool:
+        return self._op("flush", {}, lambda t: t.image.flush())
+
+    def resize(self, new_size: int, shrink: bool = True) -> bool:
+        ok = self._op("resize", {"new_size": new_size, "shrink": shrink},
+                      lambda t: t.image.resize(new_size, shrink=shrink))
+        if ok:
+            self._sync_size("resize")
+            old = self.size
+            self.size = new_size = int(self.targets[0].image.size)
+            if new_size > old:
+                self.touched.append((old, new_size - old))
+                self.verify(old, new_size - old, "resize")
+        return ok
+
+    def _sync_size(self, desc: str) -> None:
+        sizes = {t.name: int(t.image.size) for t in self.targets}
+        if len(set(sizes.values())) > 1:
+            raise Divergence("size", desc, f"virtual sizes differ: {sizes}")
+
+    def snapshot_create(self, name: str) -> bool:
+        return self._op("snapshot_create", {"name": name}, lambda t: t.image.snapshot_create(name))
+
+    def snapshot_apply(self, name: str) -> bool:
+        ok = self._op("snapshot_apply", {"name": name}, lambda t: t.image.snapshot_apply(name))
+        if ok:
+            self._sync_size("snapshot_apply")
+            self.size = int(self.targets[0].image.size)
+            for a, n in self.touched[-8:]:
+                self.verify(a, n, f"snapshot_apply({name!r})")
+        return ok
+
+    def snapshot_delete(self, name: str) -> bool:
+        return self._op("snapshot_delete", {"name": name}, lambda t: t.image.snapshot_delete(name))
+
+    def reopen(self) -> bool:
+        ok = self._op("reopen", {}, lambda t: t.reopen())
+        if ok:
+            self._sync_size("reopen")
+            for a, n in self.touched[-4:]:
+                self.verify(a, n, "reopen")
+        return ok
+
+    def compare_map(self, off: int = 0, n: int | None = None) -> bool:
+        """Every target (qemu included) reports the same map over [off, off+n)."""
+        self.log.append(("compare_map", {"off": off, "n": n}))
+        self.ops["compare_map"] += 1
+        end = self.size if n is None else min(self.size, off + n)
+        off = min(off, self.size)
+        self._maps(off, end - off, self.targets, f"compare_map(off={off}, n={n})")
+        return True
+
+    def snapshot_names(self) -> dict[str, list[tuple[str, str]]]:
+        return {t.name: [(str(s.get("id")), str(s.get("name"))) for s in t.image.snapshots()]
+                for t in self.targets}
+
+    # -- teardown -------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Close every target and check the files they wrote (difftest/teardown.py)."""
+        from difftest.teardown import finish
+        finish(self)
+
+    def close(self) -> None:
+        for t in self.targets:
+            try:
+                t.close()
+            except Exception as e:  # closing is also an operation; report, don't mask
+                self.notes.append(f"{t.name}.close raised {type(e).__name__}: {e}")
+
+    def cleanup(self) -> None:
+        self.close()
+        shutil.rmtree(self.root, ignore_errors=True)

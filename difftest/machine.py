@@ -1,0 +1,271 @@
+"""The Hypothesis state machine that drives ``Lockstep`` (difftest/lockstep.py).
+
+One configuration is drawn per run by ``initialize`` (difftest/config.py); every rule is one
+guest operation whose offsets and lengths come from strategies biased to the edges where
+qcow2 implementations go wrong: subcluster, cluster, L2-slice and L1 (L2-table reach)
+boundaries, plus or minus one byte and one sector, the end of the backing file and the end
+of the image. A few requests fall outside the image on purpose: every target must refuse
+them with the same error class.
+
+Every step is ``note()``d, preconditions gate the snapshot rules, and on a divergence the
+machine writes the two reproducers (difftest/repro.py) before re-raising: the last run
+Hypothesis makes is the shrunk one, so the files left behind are minimal.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hypothesis import note
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from difftest.config import Config, configs
+from difftest.lockstep import Divergence, Lockstep
+
+SNAPSHOT_NAMES = ("s0", "s1")
+RANDOM_WRITE_MAX = 64 * 1024
+READ_MAX = 256 * 1024
+
+
+@dataclass
+class Hooks:
+    """Campaign plumbing: where reproducers go and what to call as the run advances."""
+
+    targets: list[str]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    workdir: Path | None = None
+    repro_dir: Path | None = None
+    on_step: Callable[[str], None] | None = None
+    on_example: Callable[[Config], None] | None = None
+    on_divergence: Callable[[Divergence, Lockstep], None] | None = None
+    slow_map_every: int = 25
+    """Compare qemu's map (a qemu-img process) every this many steps; in-process maps are
+    compared after every step."""
+
+
+def edge_points(cfg: Config, size: int) -> list[int]:
+    g = cfg.geometry
+    c = cfg.cluster_size
+    slice_reach = (4096 // g.l2_entry_size) * c  # QEMU's default 4 KiB L2 cache slice
+    pts = {0, size, g.subcluster_size, 2 * g.subcluster_size + c, c, 2 * c, 3 * c, slice_reach,
+           g.l2_coverage, 2 * g.l2_coverage, size - c, size // 2 // c * c, cfg.backing_bytes}
+    return sorted(p for p in pts if 0 <= p <= size)
+
+
+def offsets(draw: st.DrawFn, cfg: Config, size: int) -> int:
+    if size == 0:
+        return 0
+    if draw(st.integers(0, 3)) == 0:
+        return draw(st.integers(0, size))
+    base = draw(st.sampled_from(edge_points(cfg, size)))
+    delta = draw(st.sampled_from([0, 0, 0, -1, 1, -512, 512, 4096 - 512]))
+    return min(max(0, base + delta), size)
+
+
+def lengths(draw: st.DrawFn, cfg: Config, limit: int) -> int:
+    g = cfg.geometry
+    c = cfg.cluster_size
+    choices = [1, 511, 512, 513, g.subcluster_size, c - 1, c, c + 1, c + 512, 2 * c, 3 * c - 512]
+    if draw(st.integers(0, 3)) == 0:
+        n = draw(st.integers(1, max(1, min(limit, 4 * c))))
+    else:
+        n = draw(st.sampled_from(choices))
+    return max(0, min(n, limit))
+
+
+def _fit(draw: st.DrawFn, off: int, n: int, size: int) -> int:
+    """Mostly keep the request inside the image; one time in ten let it run past the end."""
+    if draw(st.integers(0, 9)) == 0:
+        return n
+    return max(0, min(n, size - off))
+
+
+def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
+    cfg_strategy = configs(hooks.overrides)
+
+    class DiffMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ls: Lockstep | None = None
+            self.failed = False
+            self.snaps: list[str] = []
+            self.steps = 0
+            self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+        # -- plumbing ---------------------------------------------------------------------------
+        def _do(self, op: Callable[[Lockstep], Any], what: str) -> Any:
+            assert self.ls is not None
+            note(what)
+            self.steps += 1
+            if hooks.on_step:
+                hooks.on_step(what)
+            try:
+                result = op(self.ls)
+                if self.steps % hooks.slow_map_every == 0:
+                    self.ls.compare_map()
+                return result
+            except Divergence as d:
+                self._fail(d)
+                raise
+
+        def _fail(self, d: Divergence) -> None:
+            self.failed = True
+            if self.ls is not None and hooks.repro_dir is not None:
+                from difftest.repro import write_reproducers
+                write_reproducers(hooks.repro_dir, self.ls.cfg, self.ls.log, hooks.targets, d)
+            if hooks.on_divergence and self.ls is not None:
+                hooks.on_divergence(d, self.ls)
+
+        @property
+        def cfg(self) -> Config:
+            assert self.ls is not None
+            return self.ls.cfg
+
+        @property
+        def size(self) -> int:
+            assert self.ls is not None
+            return self.ls.size
+
+        # -- set-up -----------------------------------------------------------------------------
+        @initialize(cfg=cfg_strategy)
+        def setup(self, cfg: Config) -> None:
+            note(f"config: {cfg!r}")
+            base = hooks.workdir
+            if base is not None:
+                base.mkdir(parents=True, exist_ok=True)
+            self._tmp = tempfile.TemporaryDirectory(prefix="difftest-", dir=base)
+            if hooks.on_example:
+                hooks.on_example(cfg)
+            try:
+                self.ls = Lockstep(Path(self._tmp.name), cfg, hooks.targets)
+            except Divergence as d:
+                self.failed = True
+                if hooks.repro_dir is not None:
+                    from difftest.repro import write_reproducers
+                    write_reproducers(hooks.repro_dir, cfg, [], hooks.targets, d)
+                raise
+
+        # -- operations ---------------------------------------------------------------------------
+        @rule(data=st.data())
+        def write(self, data: st.DataObject) -> None:
+            off = offsets(data.draw, self.cfg, self.size)
+            n = _fit(data.draw, off, lengths(data.draw, self.cfg, 4 * self.cfg.cluster_size), self.size)
+            byte = data.draw(st.sampled_from([0x00, 0x11, 0x5A, 0xFF]))
+            self._do(lambda ls: ls.write(off, n, byte), f"write(off={off}, n={n}, byte={byte:#x})")
+
+        @rule(data=st.data())
+        def write_random(self, data: st.DataObject) -> None:
+            off = offsets(data.draw, self.cfg, self.size)
+            n = _fit(data.draw, off, lengths(data.draw, self.cfg, RANDOM_WRITE_MAX), self.size)
+            seed = data.draw(st.integers(0, 2**16))
+            self._do(lambda ls: ls.write_random(off, n, seed), f"write_random(off={off}, n={n}, seed={seed})")
+
+        @rule(data=st.data(), unmap=st.booleans())
+        def write_zeroes(self, data: st.DataObject, unmap: bool) -> None:
+            off = offsets(data.draw, self.cfg, self.size)
+            n = _fit(data.draw, off, lengths(data.draw, self.cfg, 4 * self.cfg.cluster_size), self.size)
+            self._do(lambda ls: ls.write_zeroes(off, n, unmap), f"write_zeroes(off={off}, n={n}, unmap={unmap})")
+
+        @rule(data=st.data())
+        def discard(self, data: st.DataObject) -> None:
+            off = offsets(data.draw, self.cfg, self.size)
+            n = _fit(data.draw, off, lengths(data.draw, self.cfg, 4 * self.cfg.cluster_size), self.size)
+            self._do(lambda ls: ls.discard(off, n), f"discard(off={off}, n={n})")
+
+        @rule(data=st.data())
+        def write_compressed(self, data: st.DataObject) -> None:
+            c = self.cfg.cluster_size
+            clusters = max(1, -(-self.size // c))
+            idx = data.draw(st.integers(0, clusters - 1))
+            off = idx * c
+            n = min(c, self.size - off)
+            if data.draw(st.integers(0, 15)) == 0:  # misaligned or short: must fail alike
+                off += data.draw(st.sampled_from([0, 512, 1]))
+                n = data.draw(st.sampled_from([c, c - 512, 512]))
+            if data.draw(st.booleans()):
+                seed = data.draw(st.integers(0, 2**16))
+                self._do(lambda ls: ls.write_compressed(off, n, seed=seed),
+                         f"write_compressed(off={off}, n={n}, seed={seed})")
+            else:
+                byte = data.draw(st.sampled_from([0x00, 0x33, 0xC4]))
+                self._do(lambda ls: ls.write_compressed(off, n, byte=byte),
+                         f"write_compressed(off={off}, n={n}, byte={byte:#x})")
+
+        @rule(data=st.data())
+        def read(self, data: st.DataObject) -> None:
+            off = offsets(data.draw, self.cfg, self.size)
+            n = _fit(data.draw, off, lengths(data.draw, self.cfg, READ_MAX), self.size)
+            self._do(lambda ls: ls.read(off, n), f"read(off={off}, n={n})")
+
+        @rule()
+        def flush(self) -> None:
+            self._do(lambda ls: ls.flush(), "flush()")
+
+        @rule(data=st.data())
+        def resize(self, data: st.DataObject) -> None:
+            c = self.cfg.cluster_size
+            grow = data.draw(st.booleans())
+            delta = data.draw(st.sampled_from([512, c, c + 512, 3 * c, 1]))
+            new = self.size + delta if grow else max(0, self.size - delta)
+            shrink = not grow and data.draw(st.integers(0, 7)) > 0
+            self._do(lambda ls: ls.resize(new, shrink), f"resize(new_size={new}, shrink={shrink})")
+
+        @rule(name=st.sampled_from(SNAPSHOT_NAMES))
+        def snapshot_create(self, name: str) -> None:
+            if self._do(lambda ls: ls.snapshot_create(name), f"snapshot_create({name!r})") and \
+                    name not in self.snaps:
+                self.snaps.append(name)
+
+        @precondition(lambda self: bool(self.snaps))
+        @rule(data=st.data())
+        def snapshot_apply(self, data: st.DataObject) -> None:
+            name = data.draw(st.sampled_from([*self.snaps, "nosuch"]))
+            self._do(lambda ls: ls.snapshot_apply(name), f"snapshot_apply({name!r})")
+
+        @precondition(lambda self: bool(self.snaps))
+        @rule(data=st.data())
+        def snapshot_delete(self, data: st.DataObject) -> None:
+            name = data.draw(st.sampled_from(self.snaps))
+            if self._do(lambda ls: ls.snapshot_delete(name), f"snapshot_delete({name!r})"):
+                self.snaps.remove(name)
+
+        @rule()
+        def reopen(self) -> None:
+            self._do(lambda ls: ls.reopen(), "reopen()")
+
+        @rule(data=st.data())
+        def compare_map(self, data: st.DataObject) -> None:
+            off = offsets(data.draw, self.cfg, self.size)
+            n = lengths(data.draw, self.cfg, 16 * self.cfg.cluster_size)
+            self._do(lambda ls: ls.compare_map(off, n), f"compare_map(off={off}, n={n})")
+
+        @invariant()
+        def sizes_agree(self) -> None:
+            if self.ls is not None and not self.failed:
+                sizes = {t.name: int(t.image.size) for t in self.ls.targets}
+                if len(set(sizes.values())) > 1:
+                    d = Divergence("size", "invariant", f"virtual sizes differ: {sizes}")
+                    self._fail(d)
+                    raise d
+
+        def teardown(self) -> None:
+            try:
+                if self.ls is not None and not self.failed:
+                    note("finish()")
+                    try:
+                        self.ls.finish()
+                    except Divergence as d:
+                        self._fail(d)
+                        raise
+            finally:
+                if self.ls is not None:
+                    self.ls.close()
+                if self._tmp is not None:
+                    self._tmp.cleanup()
+
+    return DiffMachine

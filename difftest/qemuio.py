@@ -1,0 +1,374 @@
+"""A qcow2 image driven through ONE persistent ``qemu-io`` process (the oracle target).
+
+Protocol, found by experiment with qemu-io 7.2 (qemu-io.c, command_loop):
+- With stdin not a tty, qemu-io reads one line with stdio, runs it, prints the prompt
+  ``qemu-io> `` and flushes. It reads stdin only when its event loop sees the fd readable,
+  so commands sent ahead are stuck in the stdio buffer: we send one command, wait for the
+  prompt, then send the next. The prompt is therefore the response delimiter.
+- A prompt counts only at the very end of the output and at the start of a line: hexdump
+  lines of ``read -v`` begin with an offset, so their ASCII column cannot fake it.
+- stderr is merged into stdout so an error message stays in order with its prompt.
+- ``-t unsafe``: qemu-io defaults to writethrough, which fdatasyncs after every write
+  (2 ms each here). ``unsafe`` still writes the qcow2 metadata caches to the file on
+  ``flush`` (bdrv_co_flush calls bdrv_co_flush_to_os; only the host sync is skipped), which
+  is all ``qemu-img map -U`` and the teardown checks need.
+
+Bytes come back through ``read -v`` (hexdump, parsed); long runs of one byte are verified
+with ``read -P`` instead, which is exact and transfers nothing. Arbitrary bytes go in with
+``write -s FILE`` (qemu-io 7.2's pattern-file option: the file is the buffer).
+Snapshot operations close the process's image, run ``qemu-img snapshot`` and reopen it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from spec.errors import CorruptionError, Qcow2Error, RequestError, UnsupportedFeature
+
+PROMPT = b"qemu-io> "
+TIMEOUT = 120.0
+"""Seconds without output after which qemu-io is considered hung (a 2 MiB-cluster
+compressed write of a whole cluster is the slowest legitimate command)."""
+
+
+def available() -> bool:
+    return shutil.which("qemu-io") is not None and shutil.which("qemu-img") is not None
+
+
+class QemuIoDied(Qcow2Error):
+    """qemu-io exited or hung: an oracle crash, reported as a divergence of its own."""
+
+
+def error_class(text: str) -> type[Qcow2Error]:
+    """The spec.errors class a qemu-io/qemu-img failure message stands for.
+
+    qemu reports errno strings. Out-of-range and misaligned requests are EIO/EINVAL
+    (block/block-backend.c, blk_check_byte_request; block/io.c), which are the caller's
+    fault; ENOTSUP means the image uses a combination qemu refuses (e.g. compressed
+    writes with an external data file, qcow2_co_pwritev_compressed_task); a corrupt flag
+    (qcow2_signal_corruption prints "Marking image as corrupt") is CorruptionError.
+    """
+    low = text.lower()
+    if "marking image as corrupt" in low or "image is corrupt" in low:
+        return CorruptionError
+    if "not supported" in low:
+        return UnsupportedFeature
+    return RequestError
+
+
+_FAIL = re.compile(r"(failed|error|not found|can't|cannot|could not|unable)", re.IGNORECASE)
+
+
+class QemuIo:
+    """The raw command channel: ``cmd(line) -> output text`` (prompt stripped)."""
+
+    def __init__(self, path: str | Path, *, fmt: str = "qcow2", readonly: bool = False,
+                 command: list[str] | None = None) -> None:
+        argv = list(command) if command else ["qemu-io", "-t", "unsafe", "-f", fmt]
+        if readonly:
+            argv.append("-r")
+        argv.append(str(path))
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, bufsize=0, cwd=str(Path(path).parent))
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self._out = self.proc.stdout.fileno()
+        self._in = self.proc.stdin
+        self.banner = self._response()
+        self.commands = 0
+
+    def _response(self) -> str:
+        chunks: list[bytes] = []
+        tail = b""
+        while True:
+            ready, _, _ = select.select([self._out], [], [], TIMEOUT)
+            if not ready:
+                self.kill()
+                raise QemuIoDied(f"qemu-io hung; output so far: {b''.join(chunks)[-500:]!r}")
+            chunk = os.read(self._out, 1 << 20)
+            if not chunk:
+                self.kill()
+                raise QemuIoDied(f"qemu-io exited; output: {b''.join(chunks)[-500:]!r}")
+            chunks.append(chunk)
+            tail = (tail + chunk)[-(len(PROMPT) + 1):]
+            if tail.endswith(PROMPT) and (len(tail) == len(PROMPT) or tail[0:1] == b"\n"):
+                break
+            if len(chunks) == 1 and chunk == PROMPT:
+                break
+        data = b"".join(chunks)
+        return data[: -len(PROMPT)].decode("latin-1")
+
+    def cmd(self, line: str) -> str:
+        if self.proc.poll() is not None:
+            raise QemuIoDied(f"qemu-io is not running (exit {self.proc.returncode})")
+        self.commands += 1
+        try:
+            self._in.write(line.encode() + b"\n")
+        except BrokenPipeError as e:
+            raise QemuIoDied("qemu-io closed its stdin") from e
+        return self._response()
+
+    def checked(self, line: str) -> str:
+        """Run ``line``; raise the matching spec.errors class if qemu-io reports a failure."""
+        out = self.cmd(line)
+        # Failures are one short line; a hexdump body is never searched (it is long, and
+        # its ASCII column could spell anything).
+        if out and (_FAIL.search(out[:200]) or (len(out) > 200 and _FAIL.search(out[-200:]))):
+            raise error_class(out)(f"qemu-io {line!r}: {out.strip()}")
+        return out
+
+    def quit(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self._in.write(b"quit\n")
+                self._in.close()
+                self.proc.wait(30)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.kill()
+        self.proc.stdout.close() if self.proc.stdout else None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def parse_hexdump(text: str, n: int) -> bytes:
+    """The bytes of ``read -v``'s dump (qemu_hexdump: 16 bytes a line, offset first)."""
+    parts: list[str] = []
+    got = 0
+    for line in text.splitlines():
+        if got >= n:
+            break
+        if len(line) < 11 or line[8] != ":":
+            continue
+        k = min(16, n - got)
+        parts.append(line[11: 11 + 3 * k - 1])
+        got += k
+    out = bytes.fromhex("".join(parts))
+    if len(out) != n:
+        raise QemuIoDied(f"short hexdump: {len(out)} of {n} bytes")
+    return out
+
+
+def runs(data: bytes, min_run: int) -> list[tuple[int, int, int | None]]:
+    """Split ``data`` into (start, length, byte) runs of one byte at least ``min_run`` long
+    and (start, length, None) pieces in between."""
+    out: list[tuple[int, int, int | None]] = []
+    i, n, last = 0, len(data), 0
+    while i < n:
+        b = data[i]
+        j = i + 1
+        # Find the run's end quickly by comparing slices of growing size.
+        step = 64
+        while j < n:
+            k = min(n, j + step)
+            if data[j:k] == bytes([b]) * (k - j):
+                j = k
+                step *= 2
+                continue
+            while j < n and data[j] == b:
+                j += 1
+            break
+        if j - i >= min_run:
+            if last < i:
+                out.append((last, i - last, None))
+            out.append((i, j - i, b))
+            last = j
+        i = j
+    if last < n:
+        out.append((last, n - last, None))
+    return out
+
+
+_MAP_LINE = re.compile(r"\((0x[0-9a-f]+)\) bytes\s+(not )?allocated at offset .*?\((0x[0-9a-f]+)\)")
+
+
+class QemuImage:
+    """spec.interface.Image over a persistent qemu-io. ``path`` is the qcow2 file."""
+
+    READ_V_MAX = 1 << 20
+    """Longest hexdump we ask for; longer reads are split."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False, command: list[str] | None = None,
+                 size: int | None = None, cluster_size: int | None = None) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self.io: QemuIo | None = QemuIo(self.path, readonly=readonly, command=command)
+        if _FAIL.search(self.io.banner):
+            err = self.io.banner
+            self.io.kill()
+            self.io = None
+            raise error_class(err)(f"qemu-io could not open {path}: {err.strip()}")
+        self._tmp = tempfile.NamedTemporaryFile(prefix="qcow2lab-src-", suffix=".bin", delete=False)
+        self._tmp.close()
+        if size is None or cluster_size is None:
+            info = self.info()
+            size, cluster_size = int(info["virtual-size"]), int(info.get("cluster-size", 65536))
+        self.size = size
+        self.cluster_size = cluster_size
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _io(self) -> QemuIo:
+        if self.io is None:
+            raise RequestError("image is closed")
+        return self.io
+
+    def __enter__(self) -> QemuImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- guest I/O ----------------------------------------------------------------------
+    def read(self, offset: int, n: int) -> bytes:
+        io = self._io()
+        if n == 0:
+            io.checked(f"read -q {offset} 0")
+            return b""
+        out = bytearray()
+        pos = offset
+        while pos < offset + n:
+            k = min(self.READ_V_MAX, offset + n - pos)
+            text = io.checked(f"read -v {pos} {k}")
+            out += parse_hexdump(text, k)
+            pos += k
+        return bytes(out)
+
+    def matches(self, offset: int, expected: bytes) -> bool:
+        """Whether qemu reads ``expected`` at ``offset``; runs of one byte are checked with
+        ``read -P`` (no transfer), the rest through the hexdump."""
+        io = self._io()
+        for start, length, byte in runs(expected, 512):
+            if byte is None:
+                if self.read(offset + start, length) != expected[start: start + length]:
+                    return False
+            else:
+                out = io.cmd(f"read -q -P {byte:#x} {offset + start} {length}")
+                if "verification failed" in out:
+                    return False
+                if out and _FAIL.search(out):
+                    raise error_class(out)(out.strip())
+        return True
+
+    def write(self, offset: int, data: bytes) -> None:
+        io = self._io()
+        if data and data == bytes([data[0]]) * len(data):
+            io.checked(f"write -q -P {data[0]:#x} {offset} {len(data)}")
+            return
+        with open(self._tmp.name, "wb") as f:
+            f.write(data)
+        if not data:
+            io.checked(f"write -q {offset} 0")
+            return
+        io.checked(f"write -q -s {self._tmp.name} {offset} {len(data)}")
+
+    def write_zeroes(self, offset: int, n: int, *, unmap: bool = False) -> None:
+        self._io().checked(f"write -q -z{' -u' if unmap else ''} {offset} {n}")
+
+    def discard(self, offset: int, n: int) -> None:
+        self._io().checked(f"discard -q {offset} {n}")
+
+    def write_compressed(self, offset: int, data: bytes) -> None:
+        io = self._io()
+        if data and data == bytes([data[0]]) * len(data):
+            io.checked(f"write -q -c -P {data[0]:#x} {offset} {len(data)}")
+            return
+        with open(self._tmp.name, "wb") as f:
+            f.write(data)
+        io.checked(f"write -q -c -s {self._tmp.name} {offset} {len(data)}")
+
+    def flush(self) -> None:
+        self._io().checked("flush")
+
+    def resize(self, new_size: int, *, shrink: bool = False) -> None:
+        # qemu-img resize refuses to shrink without --shrink (qemu-img.c, img_resize);
+        # qemu-io's truncate has no such guard, so the guard is applied here.
+        if new_size < self.size and not shrink:
+            raise RequestError("shrinking needs shrink=True (qemu-img resize --shrink)")
+        self._io().checked(f"truncate {new_size}")
+        # qemu may round the request (qcow2_co_truncate); take the size it settled on.
+        self.size = int(self.info()["virtual-size"])
+
+    # -- open/close -------------------------------------------------------------------
+    def close(self) -> None:
+        if self.io is not None:
+            self.io.quit()
+            self.io = None
+        if os.path.exists(self._tmp.name):
+            os.unlink(self._tmp.name)
+
+    def suspend(self) -> None:
+        """Close the image inside qemu-io (the process stays) so qemu-img can use the file."""
+        self._io().checked("close")
+
+    def resume(self) -> None:
+        opts = "-r " if self.readonly else ""
+        self._io().checked(f"open -t unsafe {opts}-o driver=qcow2 {self.path}")
+
+    def reopen(self) -> None:
+        self.suspend()
+        self.resume()
+
+    # -- metadata through qemu-img (the image is flushed first, read with -U) -----------
+    def _img(self, *args: str) -> str:
+        r = subprocess.run(["qemu-img", *args], capture_output=True, text=True, cwd=str(self.path.parent))
+        if r.returncode != 0:
+            raise error_class(r.stderr)(f"qemu-img {' '.join(args)}: {r.stderr.strip()}")
+        return r.stdout
+
+    def map(self, offset: int = 0, n: int | None = None) -> list[dict[str, Any]]:
+        if self.io is not None and not self.readonly:
+            self.flush()
+        args = ["map", "--output=json", "-U", "-f", "qcow2"]
+        if offset:
+            args += ["--start-offset", str(offset)]
+        if n is not None:
+            args += ["--max-length", str(n)]
+        return list(json.loads(self._img(*args, str(self.path))))
+
+    def present_runs(self) -> list[tuple[int, int, bool]]:
+        """(start, length, present) over the whole image from qemu-io's ``map`` command, which
+        asks bdrv_is_allocated_above over the whole chain (qemu-io-cmds.c, map_f): the
+        ``present`` flag of qemu-img map, without spawning a process."""
+        out = self._io().checked("map")
+        runs_: list[tuple[int, int, bool]] = []
+        for m in _MAP_LINE.finditer(out):
+            runs_.append((int(m.group(3), 16), int(m.group(1), 16), m.group(2) is None))
+        return runs_
+
+    def info(self) -> dict[str, Any]:
+        if self.io is not None and not self.readonly and hasattr(self, "size"):
+            self.flush()  # qemu-img reads the file: the metadata caches must be in it
+        return dict(json.loads(self._img("info", "--output=json", "-U", "-f", "qcow2", str(self.path))))
+
+    def _snapshot(self, flag: str, name: str) -> None:
+        self.suspend()
+        try:
+            self._img("snapshot", "-q", flag, name, str(self.path))
+            if flag == "-a":
+                # Applying a snapshot restores its virtual size too.
+                self.size = int(json.loads(self._img("info", "--output=json", "-f", "qcow2",
+                                                     str(self.path)))["virtual-size"])
+        finally:
+            self.resume()
+
+    def snapshot_create(self, name: str) -> None:
+        self._snapshot("-c", name)
+
+    def snapshot_apply(self, name: str) -> None:
+        self._snapshot("-a", name)
+
+    def snapshot_delete(self, name: str) -> None:
+        self._snapshot("-d", name)
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        return list(self.info().get("snapshots", []))

@@ -1,0 +1,253 @@
+"""Targets: the implementations stepped in lockstep.
+
+A target owns one directory, makes its own starting image there with its own ``create``
+and opens it as a spec.interface.Image. Three kinds:
+
+- ``ModuleTarget``: a package exporting spec.interface's ``create``/``open`` (model, impl).
+- ``QemuTarget``: ``qemu-img create`` plus one persistent ``qemu-io`` (difftest/qemuio.py).
+- ``CommandTarget``: an external program that speaks qemu-io's command language on stdin
+  (the adapter interface, form (b); see difftest/adapters/__init__.py). Its image is made
+  with qemu-img create; metadata queries (map, info, snapshots) go to qemu-img.
+
+The backing chain is common to all targets: built once per example by ``build_backing``
+(qemu-img and qemu-io when present) and copied into each target's directory, so every
+target's top image names a backing file by the same relative name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+from difftest import qemuio
+from difftest.config import Config
+from spec.errors import Qcow2Error, RequestError
+
+TOP = "top.qcow2"
+DATA = "top.data"
+
+
+class Target(Protocol):
+    name: str
+    in_process: bool
+    dir: Path
+    image: Any
+
+    def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None: ...
+    def reopen(self) -> None: ...
+    def close(self) -> None: ...
+    def open_readonly(self, path: Path) -> Any: ...
+
+    @property
+    def path(self) -> Path: ...
+
+
+def _create_args(cfg: Config, backing: tuple[str, str] | None) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(cfg.create_options())
+    if backing is not None:
+        kw["backing_file"], kw["backing_fmt"] = backing
+    if cfg.data_file:
+        kw["data_file"] = DATA
+        kw["data_file_raw"] = cfg.data_file_raw
+    return kw
+
+
+def qemu_img_create(path: Path, cfg: Config, backing: tuple[str, str] | None) -> list[str]:
+    """The qemu-img create argv for ``cfg`` (also used by the shell reproducer)."""
+    o = [f"compat={'0.10' if cfg.version == 2 else '1.1'}", f"cluster_size={cfg.cluster_size}"]
+    if cfg.version == 3:
+        o += [f"refcount_bits={cfg.refcount_bits}",
+              f"extended_l2={'on' if cfg.extended_l2 else 'off'}",
+              f"compression_type={cfg.compression_type}",
+              f"lazy_refcounts={'on' if cfg.lazy_refcounts else 'off'}"]
+    if cfg.data_file:
+        o += [f"data_file={DATA}", f"data_file_raw={'on' if cfg.data_file_raw else 'off'}"]
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", ",".join(o)]
+    if backing is not None:
+        argv += ["-b", backing[0], "-F", backing[1]]
+    return [*argv, path.name, str(cfg.size)]
+
+
+def _run(argv: list[str], cwd: Path) -> None:
+    r = subprocess.run(argv, cwd=str(cwd), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} failed: {r.stdout}{r.stderr}")
+
+
+class ModuleTarget:
+    in_process = True
+
+    def __init__(self, name: str, module: ModuleType, root: Path) -> None:
+        self.name = name
+        self.module = module
+        self.dir = root / name
+        self.image: Any = None
+
+    @property
+    def path(self) -> Path:
+        return self.dir / TOP
+
+    def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None:
+        self.module.create(str(self.path), cfg.size, **_create_args(cfg, backing))
+        self.image = self.module.open(str(self.path))
+
+    def reopen(self) -> None:
+        self.image.close()
+        self.image = self.module.open(str(self.path))
+
+    def close(self) -> None:
+        if self.image is not None:
+            self.image.close()
+            self.image = None
+
+    def open_readonly(self, path: Path) -> Any:
+        return self.module.open(str(path), readonly=True)
+
+
+class QemuTarget:
+    in_process = False
+
+    def __init__(self, name: str, root: Path, command: list[str] | None = None) -> None:
+        self.name = name
+        self.dir = root / name
+        self.command = command
+        self.image: Any = None
+
+    @property
+    def path(self) -> Path:
+        return self.dir / TOP
+
+    def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None:
+        _run(qemu_img_create(self.path, cfg, backing), self.dir)
+        self.image = qemuio.QemuImage(self.path, command=self.command, size=cfg.size,
+                                      cluster_size=cfg.cluster_size)
+
+    def reopen(self) -> None:
+        self.image.reopen()
+
+    def close(self) -> None:
+        if self.image is not None:
+            self.image.close()
+            self.image = None
+
+    def open_readonly(self, path: Path) -> Any:
+        return qemuio.QemuImage(path, readonly=True, command=self.command)
+
+
+# -- the shared backing chain ---------------------------------------------------------------
+
+BACKING_PATTERNS = (0xB1, 0xC2)
+
+
+def backing_plan(cfg: Config) -> list[tuple[str, str, int, list[str]]]:
+    """(file name, format, size, qemu-io commands) from the bottom of the chain up.
+
+    The content is deterministic: a pattern over most of each layer, a zeroed piece and an
+    unwritten hole, placed at cluster-unaligned offsets so reads cross every kind of edge.
+    """
+    if cfg.backing == "none":
+        return []
+    size = cfg.backing_bytes
+    c = cfg.cluster_size
+    base_cmds = [f"write -q -P {BACKING_PATTERNS[0]:#x} 0 {size}",
+                 f"write -q -z {min(size - 512, c + 512)} {min(512 * 3, size - min(size - 512, c + 512))}"]
+    hole = (size // 3) // 512 * 512
+    base_cmds.append(f"discard -q {hole} {min(c * 2, size - hole)}")
+    if cfg.backing == "raw":
+        return [("base.raw", "raw", size, base_cmds)]
+    layers = [("base.qcow2", "qcow2", size, base_cmds)]
+    if cfg.backing == "qcow2x2":
+        mid = (size // 2) // 512 * 512
+        layers.append(("mid.qcow2", "qcow2", size,
+                       [f"write -q -P {BACKING_PATTERNS[1]:#x} {mid} {min(c + 1024, size - mid)}",
+                        f"write -q -z 0 {min(1024, size)}"]))
+    return layers
+
+
+def build_backing(cfg: Config, where: Path) -> tuple[str, str] | None:
+    """Write the backing chain into ``where`` with qemu-img/qemu-io; return (name, fmt) of
+    the layer the top image points to."""
+    plan = backing_plan(cfg)
+    below: tuple[str, str] | None = None
+    for name, fmt, size, cmds in plan:
+        if fmt == "raw":
+            _write_raw(where / name, size, cmds)
+        else:
+            argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"cluster_size={cfg.cluster_size}"]
+            if below is not None:
+                argv += ["-b", below[0], "-F", below[1]]
+            _run([*argv, name, str(size)], where)
+            io_argv = ["qemu-io", "-t", "unsafe", "-f", "qcow2"]
+            for cmd in cmds:
+                io_argv += ["-c", cmd]
+            _run([*io_argv, name], where)
+        below = (name, fmt)
+    return below
+
+
+def _write_raw(path: Path, size: int, cmds: list[str]) -> None:
+    """The raw base: the same commands as the qcow2 base, applied in Python (a discard on a
+    raw file reads back as zeros, as qemu's raw driver punches a hole)."""
+    buf = bytearray(size)
+    for cmd in cmds:
+        words = cmd.split()
+        off, n = int(words[-2]), int(words[-1])
+        byte = int(words[words.index("-P") + 1], 0) if "-P" in words else 0
+        buf[off: off + n] = bytes([byte]) * n
+    path.write_bytes(bytes(buf))
+
+
+def copy_backing(cfg: Config, src: Path, dst: Path) -> None:
+    for name, _fmt, _size, _cmds in backing_plan(cfg):
+        shutil.copyfile(src / name, dst / name)
+
+
+def random_bytes(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+# -- target names -----------------------------------------------------------------------------
+
+def module_available(name: str) -> bool:
+    try:
+        mod = importlib.import_module(name)
+    except Exception:
+        return False
+    return callable(getattr(mod, "create", None)) and callable(getattr(mod, "open", None))
+
+
+def make_target(spec: str, root: Path) -> Target:
+    """``model``, ``impl``, ``qemu``, ``qemu2`` (a second independent qemu), ``cmd:NAME=ARGV``
+    (a command adapter) or ``py:package.module`` (any module exporting create/open)."""
+    if spec in ("model", "impl"):
+        return ModuleTarget(spec, importlib.import_module(spec), root)
+    if spec.startswith("qemu"):
+        if not qemuio.available():
+            raise RequestError("qemu-io/qemu-img are not installed")
+        return QemuTarget(spec, root)
+    if spec.startswith("cmd:"):
+        name, _, argv = spec[4:].partition("=")
+        return QemuTarget(name or "cmd", root, command=shlex.split(argv))
+    if spec.startswith("py:"):
+        modname = spec[3:]
+        return ModuleTarget(modname.rsplit(".", 1)[-1], importlib.import_module(modname), root)
+    raise RequestError(f"unknown target {spec!r}")
+
+
+def default_targets() -> list[str]:
+    out = [t for t in ("model", "impl") if module_available(t)]
+    if qemuio.available():
+        out.append("qemu")
+        if len(out) == 1:
+            out.append("qemu2")
+    return out
+
+
+__all__ = ["Qcow2Error", "Target", "build_backing", "copy_backing", "default_targets", "make_target"]
