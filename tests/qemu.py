@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,9 @@ def _optval(v: Any) -> str:
 def raw_content(path: str | Path, *, snapshot: str | None = None, fmt: str = "qcow2",
                 extra: tuple[str, ...] = ()) -> bytes:
     """Guest content as qemu-img convert -O raw gives it (optionally of a snapshot, with -l)."""
-    out = Path(str(path) + ".raw")
+    fd, name = tempfile.mkstemp(suffix=".raw")  # beside the image may be read-only (corpus)
+    os.close(fd)
+    out = Path(name)
     argv = ["convert", *extra, "-f", fmt, "-O", "raw"]
     if snapshot is not None:
         argv += ["-l", f"snapshot.name={snapshot}"]
