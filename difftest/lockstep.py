@@ -306,7 +306,15 @@ class Lockstep:
     def finish(self) -> None:
         """Close every target and check the files they wrote (difftest/teardown.py)."""
         from difftest.teardown import finish
-        finish(self)
+        self.log.append(("finish", {}))
+        try:
+            finish(self)
+        except Divergence:
+            raise
+        except qemuio.QemuIoDied as e:
+            raise Divergence("crash", "finish", str(e)) from e
+        except Exception as e:  # DESIGN.md: only spec.errors may escape, and not even those here
+            raise Divergence("exception", "finish", f"{type(e).__name__}: {e}") from e
 
     def close(self) -> None:
         for t in self.targets:

@@ -112,6 +112,10 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
             except Divergence as d:
                 self._fail(d)
                 raise
+            except Exception as e:  # a bug in the harness or a target: still a finding
+                d = Divergence("exception", what, f"{type(e).__name__}: {e}")
+                self._fail(d)
+                raise d from e
 
         def _fail(self, d: Divergence) -> None:
             self.failed = True

@@ -120,6 +120,12 @@ def _build(name: str, d: Path) -> Base:
         _run("qemu-img", "snapshot", "-c", "s1", str(p))
         _io(p, "write -P 0x22 8k 8k")
         _pin_snapshot_dates(p)
+    elif name == "bitmap":
+        _create(p, "4M", "cluster_size=4096")
+        _io(p, "write -P 0x11 0 64k")
+        _run("qemu-img", "bitmap", "--add", str(p), "b0")
+        _run("qemu-img", "bitmap", "--add", "-g", "128k", str(p), "b1")
+        _io(p, "write -P 0x22 1M 64k")
     elif name == "overlay":
         b = d / "overlay-backing.qcow2"
         _create(b, "4M", "cluster_size=4096")
@@ -132,7 +138,7 @@ def _build(name: str, d: Path) -> Base:
     return Base(name, p.name, p.read_bytes(), side)
 
 
-BASE_NAMES = ("v3", "v2", "extl2", "snap", "overlay")
+BASE_NAMES = ("v3", "v2", "extl2", "snap", "bitmap", "overlay")
 
 
 def build_bases(workdir: str | os.PathLike[str]) -> dict[str, Base]:
@@ -204,7 +210,7 @@ def _layout(img: ImageFile) -> Layout:
         reftable_offset=h.refcount_table_offset, reftable=img.refcount_table(),
         snapshots_offset=h.snapshots_offset, nb_snapshots=h.nb_snapshots,
         backing_file_offset=h.backing_file_offset, backing_file_size=h.backing_file_size,
-        first_extension=img.header_length if ext_types and ext_types[0] != hd.QCOW2_EXT_MAGIC_END else None,
+        first_extension=img.header_length if ext_types else None,
     )
     esize = g.l2_entry_size
     for l1e in lay.l1:
@@ -225,10 +231,15 @@ def _layout(img: ImageFile) -> Layout:
     refblocks = [r & en.REFT_OFFSET_MASK for r in lay.reftable if r & en.REFT_OFFSET_MASK]
     cs = lay.cluster_size
     reftable = [lay.reftable_offset + i * cs for i in range(h.refcount_table_clusters)]
+    extra: set[int] = set()
+    if lay.nb_snapshots:
+        extra.add(lay.snapshots_offset - lay.snapshots_offset % cs)
+    bitmaps = img.extension(hd.QCOW2_EXT_MAGIC_BITMAPS)
+    if bitmaps is not None:
+        extra.add(bitmaps.data.bitmap_directory_offset)
+        extra |= {e.bitmap_table_offset for e in img.bitmap_directory()}
     lay.metadata_clusters = sorted({0, lay.l1_offset - lay.l1_offset % cs, *reftable, *refblocks,
-                                    *lay.l2_tables}
-                                   | ({lay.snapshots_offset - lay.snapshots_offset % cs}
-                                      if lay.nb_snapshots else set()))
+                                    *lay.l2_tables} | extra)
     return lay
 
 
@@ -414,8 +425,8 @@ def _m_huge_hlen(base: Base, lay: Layout, buf: _Buf, rng: random.Random) -> str 
 
 
 @mutation("header-huge-extension-length",
-          "The first header extension claims a length running past the end of the header cluster: "
-          "refused at open.", "refused", ("v3", "overlay"))
+          "The first header extension (the end marker, if it is the only one) claims a length "
+          "running past the end of the header cluster: refused at open.", "refused", ("v3", "overlay"))
 def _m_huge_ext(base: Base, lay: Layout, buf: _Buf, rng: random.Random) -> str | None:
     if lay.first_extension is None:
         return None
@@ -704,15 +715,34 @@ def _m_trunc_l1(base: Base, lay: Layout, buf: _Buf, rng: random.Random) -> str |
     return ""
 
 
+def _interesting(lay: Layout, rng: random.Random, width: int) -> int:
+    """A value likely to hit a boundary: 0, all ones, powers of two, sizes near a limit."""
+    top = (1 << (8 * width)) - 1
+    cands = [0, top, top >> 1, (top >> 1) + 1, 1, lay.cluster_size, lay.cluster_size - 8,
+             1 << rng.randrange(8 * width), rng.randrange(top + 1)]
+    return rng.choice(cands) & top
+
+
 def _flip_mutant(base: Base, lay: Layout, buf: _Buf, rng: random.Random) -> None:
-    """1-8 random bit flips, each in a random metadata cluster (header, L1, L2, refcounts, snapshots)."""
+    """1-8 random changes, each in a random metadata cluster (header, L1, L2, refcounts,
+    snapshots): mostly single bit flips, sometimes a random byte, sometimes an aligned 2-, 4-
+    or 8-byte field set to a boundary value (so length and count fields get huge or zero)."""
     for _ in range(rng.randrange(1, 9)):
         cluster = rng.choice(lay.metadata_clusters)
         span = lay.cluster_size if cluster else min(lay.cluster_size, 4096)
         off = cluster + rng.randrange(span)
         if off >= len(buf.data):
             continue
-        buf.put(off, bytes([buf.data[off] ^ (1 << rng.randrange(8))]))
+        kind = rng.random()
+        if kind < 0.6:
+            buf.put(off, bytes([buf.data[off] ^ (1 << rng.randrange(8))]))
+        elif kind < 0.75:
+            buf.put(off, bytes([rng.randrange(256)]))
+        else:
+            width = rng.choice((2, 4, 8))
+            off -= off % width
+            if off + width <= len(buf.data):
+                buf.put_u(off, width, _interesting(lay, rng, width))
 
 
 # --- generation --------------------------------------------------------------------------------

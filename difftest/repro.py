@@ -115,7 +115,8 @@ def pytest_body(cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: lis
     for name, kw in log:
         args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
         lines.append(f"        ls.{name}({args})")
-    lines.append("        ls.finish()")
+    if not log or log[-1][0] != "finish":
+        lines.append("        ls.finish()")
     lines.append("    finally:")
     lines.append("        ls.close()")
     return "\n".join(lines) + "\n"

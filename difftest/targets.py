@@ -224,10 +224,13 @@ def module_available(name: str) -> bool:
 
 
 def make_target(spec: str, root: Path) -> Target:
-    """``model``, ``impl``, ``qemu``, ``qemu2`` (a second independent qemu), ``cmd:NAME=ARGV``
-    (a command adapter) or ``py:package.module`` (any module exporting create/open)."""
-    if spec in ("model", "impl"):
-        return ModuleTarget(spec, importlib.import_module(spec), root)
+    """``model``, ``impl``, ``qemu``, ``qemu2`` (a second independent qemu; likewise
+    ``model2``), ``cmd:NAME=ARGV`` (a command adapter) or ``py:package.module`` (any module
+    exporting create/open)."""
+    base = spec.rstrip("0123456789")
+    if base in ("model", "impl"):
+        # "model2" is a second, independent instance of the model (for self-checks).
+        return ModuleTarget(spec, importlib.import_module(base), root)
     if spec.startswith("qemu"):
         if not qemuio.available():
             raise RequestError("qemu-io/qemu-img are not installed")

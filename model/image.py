@@ -256,11 +256,16 @@ class Image:
         cluster, as QEMU's do (perform_cow reads through the driver)."""
         out = bytearray()
         pos, end = offset, offset + n
-        sc_size = self.q.geometry.subcluster_size
+        q = self.q
+        cs, scs = q.cluster_size, q.geometry.subcluster_size
         while pos < end:
-            piece_end = min(end, align_down(pos, sc_size) + sc_size)
-            out += self._read_subcluster(pos, piece_end - pos)
-            pos = piece_end
+            # One lookup per cluster; then each subcluster is classified from that entry.
+            entry, bitmap = mp.get_entry(q, pos, self._l1_for_reading())
+            cluster_end = min(end, align_down(pos, cs) + cs)
+            while pos < cluster_end:
+                piece_end = min(cluster_end, align_down(pos, scs) + scs)
+                out += self._read_subcluster(pos, piece_end - pos, entry, bitmap)
+                pos = piece_end
         return bytes(out)
 
     def _l1_for_reading(self) -> list[int]:
@@ -268,9 +273,8 @@ class Image:
             return mp.read_l1(self.q, *self.snapshot_l1)
         return mp.read_l1(self.q)
 
-    def _read_subcluster(self, pos: int, n: int) -> bytes:
+    def _read_subcluster(self, pos: int, n: int, entry: int, bitmap: int) -> bytes:
         q = self.q
-        entry, bitmap = mp.get_entry(q, pos, self._l1_for_reading())
         t = subcluster_type(entry, bitmap, q.geometry.subcluster_index(pos),
                             extended_l2=q.extended_l2, has_data_file=q.has_data_file)
         if t in (SubclusterType.UNALLOCATED_PLAIN, SubclusterType.UNALLOCATED_ALLOC):

@@ -12,9 +12,10 @@ offset that is not cluster aligned, as qcow2_get_host_offset and get_cluster_tab
 
 from __future__ import annotations
 
+import struct
+
 from spec.entries import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED
 from spec.errors import CorruptionError
-from spec.tables import l1_table, l2_table
 
 from model import refcounts as rc
 from model.qfile import Qcow2File
@@ -22,30 +23,35 @@ from model.qfile import Qcow2File
 L2Pair = tuple[int, int]
 
 
+# The layouts are spec.tables.l1_table and spec.tables.l2_table (big-endian 64-bit words;
+# an extended entry is the word pair (l2_entry, l2_bitmap)). They are decoded here with
+# struct because construct is too slow to run on every lookup; tests/test_model_tables.py
+# checks that both readings agree.
+
 def read_l1(q: Qcow2File, offset: int | None = None, size: int | None = None) -> list[int]:
     off = q.header.l1_table_offset if offset is None else offset
     n = q.header.l1_size if size is None else size
-    return list(l1_table(n).parse(q.pread(off, n * 8)))
+    return list(struct.unpack(f">{n}Q", q.pread(off, n * 8)))
 
 
 def write_l1(q: Qcow2File, table: list[int], offset: int | None = None) -> None:
     off = q.header.l1_table_offset if offset is None else offset
-    q.pwrite(off, l1_table(len(table)).build(table))
+    q.pwrite(off, struct.pack(f">{len(table)}Q", *table))
 
 
 def read_l2(q: Qcow2File, offset: int) -> list[L2Pair]:
-    raw = l2_table(q.geometry).parse(q.pread(offset, q.cluster_size))
+    words = struct.unpack(f">{q.cluster_size // 8}Q", q.pread(offset, q.cluster_size))
     if q.extended_l2:
-        return [(int(e.l2_entry), int(e.l2_bitmap)) for e in raw]
-    return [(int(e), 0) for e in raw]
+        return list(zip(words[0::2], words[1::2], strict=True))
+    return [(w, 0) for w in words]
 
 
 def write_l2(q: Qcow2File, offset: int, entries: list[L2Pair]) -> None:
     if q.extended_l2:
-        obj: list[object] = [{"l2_entry": e, "l2_bitmap": b} for e, b in entries]
+        words = [w for pair in entries for w in pair]
     else:
-        obj = [e for e, _ in entries]
-    q.pwrite(offset, l2_table(q.geometry).build(obj))
+        words = [e for e, _ in entries]
+    q.pwrite(offset, struct.pack(f">{len(words)}Q", *words))
 
 
 def l2_offset(q: Qcow2File, l1_entry: int, l1_index: int) -> int:

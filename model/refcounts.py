@@ -23,11 +23,13 @@ allocation at offset 0. ``free_clusters`` ignores failures, as qcow2_free_cluste
 
 from __future__ import annotations
 
+import struct
+
 from spec.entries import REFT_OFFSET_MASK
 from spec.errors import CorruptionError
 from spec.geometry import align_up, div_round_up
 from spec.limits import QCOW_MAX_REFTABLE_SIZE
-from spec.tables import refcount_block, refcount_table
+from spec.tables import refcount_block
 
 from model.qfile import Qcow2File
 
@@ -38,17 +40,43 @@ class _Again(Exception):  # noqa: N818 - QEMU's -EAGAIN: "restart the search for
 
 # --- tables -------------------------------------------------------------------------------
 
+# The layouts are spec.tables.refcount_table and spec.tables.refcount_block; they are
+# decoded here with struct and integer arithmetic because construct is too slow to run on
+# every lookup (tests/test_model_tables.py checks both readings agree).
+
 def read_reftable(q: Qcow2File) -> list[int]:
     n = q.header.refcount_table_clusters * q.cluster_size // 8
     data = q.pread(q.header.refcount_table_offset, n * 8)
-    return list(refcount_table(n).parse(data))
+    return list(struct.unpack(f">{n}Q", data))
 
 
 def write_reftable(q: Qcow2File, table: list[int]) -> None:
-    q.pwrite(q.header.refcount_table_offset, refcount_table(len(table)).build(table))
+    q.pwrite(q.header.refcount_table_offset, struct.pack(f">{len(table)}Q", *table))
+
+
+def refcount_get(block: bytes, index: int, bits: int) -> int:
+    """Entry ``index`` of a refcount block (qcow2.rst "Refcount block entry"): widths below
+    a byte are packed from the least significant bit; wider ones are big-endian."""
+    if bits < 8:
+        per = 8 // bits
+        return (block[index // per] >> (bits * (index % per))) & ((1 << bits) - 1)
+    w = bits // 8
+    return int.from_bytes(block[index * w:(index + 1) * w], "big")
+
+
+def refcount_set(block: bytearray, index: int, bits: int, value: int) -> None:
+    if bits < 8:
+        per = 8 // bits
+        shift = bits * (index % per)
+        mask = ((1 << bits) - 1) << shift
+        block[index // per] = (block[index // per] & ~mask) | (value << shift)
+        return
+    w = bits // 8
+    block[index * w:(index + 1) * w] = value.to_bytes(w, "big")
 
 
 def read_refblock(q: Qcow2File, offset: int) -> list[int]:
+    """A whole refcount block through the spec schema (bulk walks, not lookups)."""
     return list(refcount_block(q.geometry).parse(q.pread(offset, q.cluster_size)))
 
 
@@ -75,7 +103,8 @@ def get_refcount(q: Qcow2File, cluster_index: int) -> int:
     block = _refblock_offset(q, read_reftable(q), cluster_index // g.refcount_block_entries)
     if not block:
         return 0
-    return read_refblock(q, block)[cluster_index % g.refcount_block_entries]
+    return refcount_get(q.pread(block, q.cluster_size), cluster_index % g.refcount_block_entries,
+                        g.refcount_bits)
 
 
 # --- updating --------------------------------------------------------------------------------
@@ -107,13 +136,13 @@ def update_refcount(q: Qcow2File, offset: int, length: int, addend: int, *, disc
             raise
         if not block:
             raise CorruptionError(f"refcount of cluster {idx} would drop below zero")
-        values = read_refblock(q, block)
+        data = bytearray(q.pread(block, cs))
         i = idx % q.geometry.refcount_block_entries
-        new = values[i] + addend
+        new = refcount_get(data, i, q.geometry.refcount_bits) + addend
         if new < 0 or new > q.refcount_max:
             raise CorruptionError(f"refcount of cluster {idx} out of range ({new})")
-        values[i] = new
-        write_refblock(q, block, values)
+        refcount_set(data, i, q.geometry.refcount_bits, new)
+        q.pwrite(block, bytes(data))
         done += 1
         if new == 0 and idx < q.free_cluster_index:
             q.free_cluster_index = idx
@@ -129,9 +158,9 @@ def set_refcount(q: Qcow2File, cluster_index: int, value: int) -> None:
             break
         except _Again:
             continue
-    values = read_refblock(q, block)
-    values[cluster_index % q.geometry.refcount_block_entries] = value
-    write_refblock(q, block, values)
+    data = bytearray(q.pread(block, q.cluster_size))
+    refcount_set(data, cluster_index % q.geometry.refcount_block_entries, q.geometry.refcount_bits, value)
+    q.pwrite(block, bytes(data))
     if value == 0 and cluster_index < q.free_cluster_index:
         q.free_cluster_index = cluster_index
 
@@ -295,7 +324,7 @@ def _grow_reftable(q: Qcow2File, cluster_index: int, new_index: int, new_block: 
             j += cs
         write_refblock(q, new_table[i], values)
     full = new_table + [0] * (table_clusters * cs // 8 - len(new_table))
-    q.pwrite(table_offset, refcount_table(len(full)).build(full))
+    q.pwrite(table_offset, struct.pack(f">{len(full)}Q", *full))
     old_offset, old_clusters = q.header.refcount_table_offset, q.header.refcount_table_clusters
     q.header.refcount_table_offset = table_offset
     q.header.refcount_table_clusters = table_clusters

@@ -1,8 +1,8 @@
 """Reading an image file through the schemas, with QEMU's open-time validation.
 
-``ImageFile`` parses the header, the extensions, the backing file name, the snapshot table
-and the bitmap directory eagerly (QEMU reads all of them at open), and the L1, L2, refcount
-and bitmap tables on demand. The checks and their order follow block/qcow2.c
+``ImageFile`` parses the header, the extensions, the backing file name, the snapshot table,
+the bitmap directory and the tables of saved bitmaps eagerly (QEMU reads all of them at
+open), and the L1, L2 and refcount tables on demand. The checks and their order follow block/qcow2.c
 (qcow2_do_open, qcow2_read_extensions, qcow2_validate_table), block/qcow2-snapshot.c
 (qcow2_do_read_snapshots) and block/qcow2-bitmap.c (bitmap_list_load, check_dir_entry,
 check_table_entry).
@@ -18,8 +18,12 @@ before it is read, so a header can claim anything without costing more than QEMU
 allocate (at most 32 MiB for an L1 table, 8 MiB for the refcount table, 64 MiB of snapshot
 table, 64 MiB of bitmap directory, 8 MiB for a bitmap table).
 
-Where we are stricter than QEMU: QEMU's file driver reads past the end of the file as
-zeros; we refuse any structure that does not fit in the file with FormatError.
+Where we differ from QEMU, on purpose:
+- QEMU's file driver reads past the end of the file as zeros; we refuse any structure that
+  does not fit in the file with FormatError (QEMU itself never writes such a file, except
+  that the padding after the last snapshot table entry may be missing: that is accepted).
+- Nothing outside the file is opened: a missing external data file name ("'data-file' is
+  required" in QEMU), the backing chain and encryption keys are the caller's business.
 """
 
 from __future__ import annotations
@@ -308,14 +312,19 @@ def _decode_name(raw: bytes, where: str) -> str:
     return c_string(raw)
 
 
-def open_image(path: str | os.PathLike[str]) -> ImageFile:
-    """Open ``path`` read-only and validate it as qcow2_do_open does. See the module doc."""
+def open_image(path: str | os.PathLike[str], *, check_mode: bool = False) -> ImageFile:
+    """Open ``path`` read-only and validate it as qcow2_do_open does. See the module doc.
+
+    ``check_mode`` is QEMU's BDRV_O_CHECK (how `qemu-img check` opens): an empty refcount
+    table is allowed and the snapshot table and bitmaps are not read at open, because a
+    check must be able to report (and repair) exactly those.
+    """
     try:
         f = open(path, "rb")  # noqa: SIM115 - owned by the returned ImageFile
     except (OSError, ValueError) as e:
         raise FormatError(f"cannot open: {e}", str(path)) from None
     try:
-        return _load(str(path), f)
+        return _load(str(path), f, check_mode)
     except BaseException:
         f.close()
         raise
@@ -325,7 +334,7 @@ def _be(data: bytes, start: int, n: int) -> int:
     return int.from_bytes(data[start:start + n], "big")
 
 
-def _load(path: str, f: BinaryIO) -> ImageFile:
+def _load(path: str, f: BinaryIO, check_mode: bool = False) -> ImageFile:
     try:
         file_size = os.fstat(f.fileno()).st_size
         head = os.pread(f.fileno(), lim.V3_MIN_HEADER_LENGTH, 0)
@@ -391,15 +400,16 @@ def _load(path: str, f: BinaryIO) -> ImageFile:
         raise FormatError("reference count entry width too large", "header.v3.refcount_order")
     geometry = Geometry(cluster_bits, extended_l2, refcount_order)
 
-    if h.refcount_table_clusters == 0:
+    if h.refcount_table_clusters == 0 and not check_mode:
         # QEMU refuses this unless opened for `qemu-img check` (BDRV_O_CHECK), which can rebuild.
         raise FormatError("image does not contain a reference count table", "header.refcount_table_clusters")
     validate_table(h.refcount_table_offset, h.refcount_table_clusters, cluster_size,
                    lim.QCOW_MAX_REFTABLE_SIZE, cluster_size,
                    "header.refcount_table_clusters", "header.refcount_table_offset")
-    validate_table(h.snapshots_offset, h.nb_snapshots, SNAPSHOT_HEADER_SIZE,
-                   SNAPSHOT_HEADER_SIZE * lim.QCOW_MAX_SNAPSHOTS, cluster_size,
-                   "header.nb_snapshots", "header.snapshots_offset")
+    if not check_mode:
+        validate_table(h.snapshots_offset, h.nb_snapshots, SNAPSHOT_HEADER_SIZE,
+                       SNAPSHOT_HEADER_SIZE * lim.QCOW_MAX_SNAPSHOTS, cluster_size,
+                       "header.nb_snapshots", "header.snapshots_offset")
     validate_table(h.l1_table_offset, h.l1_size, 8, lim.QCOW_MAX_L1_SIZE, cluster_size,
                    "header.l1_size", "header.l1_table_offset")
     # QEMU computes this index with 64-bit wrap-around (size_to_l1) and then fails for sizes
@@ -439,9 +449,10 @@ def _load(path: str, f: BinaryIO) -> ImageFile:
         img.backing_file_raw = raw
         img.backing_file = c_string(raw)
 
-    img.snapshots, img.snapshot_offsets = _read_snapshots(img)
-    if img.bitmaps_enabled:
-        img.bitmaps = _read_bitmap_directory(img)
+    if not check_mode:
+        img.snapshots, img.snapshot_offsets = _read_snapshots(img)
+        if img.bitmaps_enabled:
+            img.bitmaps = _read_bitmap_directory(img)
     return img
 
 
@@ -532,6 +543,9 @@ def _read_snapshots(img: ImageFile) -> tuple[list[c.Container], list[int]]:
     nb = h.nb_snapshots
     if not nb:
         return [], []
+    validate_table(h.snapshots_offset, nb, SNAPSHOT_HEADER_SIZE,
+                   SNAPSHOT_HEADER_SIZE * lim.QCOW_MAX_SNAPSHOTS, img.cluster_size,
+                   "header.nb_snapshots", "header.snapshots_offset")
     # Every entry has at least its 40-byte fixed part: a table that cannot fit in the file is
     # refused before any entry is parsed, so a huge nb_snapshots costs nothing.
     if h.snapshots_offset + nb * SNAPSHOT_HEADER_SIZE > img.file_size:

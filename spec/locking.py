@@ -31,7 +31,15 @@ qemu-img info                 nothing (no I/O)        WRITE, RESIZE
 qemu-io -r -U                 CONSISTENT_READ         nothing (shares everything)
 qemu-img info -U              nothing                 nothing (takes no lock at all)
 qemu-io -U (read-write)       refused: "force-share=on can only be used with read-only images"
+external data file, rw        CONSISTENT_READ,        RESIZE
+                              WRITE, RESIZE
+external data file, -r        CONSISTENT_READ         RESIZE
+external data file, -r -U     CONSISTENT_READ         nothing
 ============================  =====================  =====================================
+
+The image file and its external data file are locked separately, each through its own
+descriptor (qemu-img info, which does no I/O, does not open the data file at all). A
+backing file is opened read-only and locked like ``qemu-io -r``.
 
 WRITE_UNCHANGED is always shared. ``lock_mode()`` below encodes this table.
 
@@ -122,10 +130,14 @@ class LockMode:
         return [RAW_LOCK_SHARED_BASE + b for b in range(4) if not self.shared & (1 << b)]
 
 
-def lock_mode(*, write: bool, force_share: bool = False, no_io: bool = False) -> LockMode:
+def lock_mode(*, write: bool, force_share: bool = False, no_io: bool = False,
+              data_file: bool = False) -> LockMode:
     """The permissions QEMU 7.2 takes for an open (the table in the module doc).
 
     ``no_io`` is qemu-img info's open (BDRV_O_NO_IO): no data access, so nothing held.
+    ``data_file`` is the lock on an external data file: QEMU lets other writers share it
+    (WRITE is shared) but still refuses resizes (block.c, bdrv_default_perms_for_storage
+    gives a pure data child WRITE sharing; observed as the table shows).
     force_share with write is refused as QEMU refuses it (block.c, bdrv_open_common:
     "force-share=on can only be used with read-only images"): RequestError.
     """
@@ -135,7 +147,8 @@ def lock_mode(*, write: bool, force_share: bool = False, no_io: bool = False) ->
         perm = BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE | BLK_PERM_RESIZE
     else:
         perm = 0 if no_io else BLK_PERM_CONSISTENT_READ
-    shared = BLK_PERM_ALL if force_share else BLK_PERM_ALL & ~_UNSHARED_DEFAULT
+    unshared = BLK_PERM_RESIZE if data_file else _UNSHARED_DEFAULT
+    shared = BLK_PERM_ALL if force_share else BLK_PERM_ALL & ~unshared
     return LockMode(perm, shared)
 
 
@@ -178,13 +191,14 @@ class ImageLock:
             raise UnsupportedFeature("locking", f"OFD locks unavailable: {e.strerror}") from None
         return True
 
-    def acquire(self, *, write: bool, force_share: bool = False, no_io: bool = False) -> LockMode:
+    def acquire(self, *, write: bool, force_share: bool = False, no_io: bool = False,
+                data_file: bool = False) -> LockMode:
         """Take QEMU's locks for this open, or raise RequestError if another process conflicts.
 
         Order as raw_handle_perm_lock: apply our lock bytes first, then probe; on a conflict
         our own bytes are dropped again so a failed open leaves nothing behind.
         """
-        mode = lock_mode(write=write, force_share=force_share, no_io=no_io)
+        mode = lock_mode(write=write, force_share=force_share, no_io=no_io, data_file=data_file)
         if self.mode is not None:
             self.release()
         if not self._supported():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from difftest.cli import main
 from spec import entries as en
 from spec import features as ft
 from spec import header as hd
+from spec.errors import UnsupportedFeature
 from spec.image import ImageFile, open_image
 from spec.rules import RULES_BY_ID, check
 from tests.qemu import SECRET_ARGS, create, qemu_io
@@ -32,7 +34,8 @@ def qemu_check(path: Path, *, luks: bool = False) -> tuple[int, dict[str, object
     """qemu-img check --output=json: (exit code, JSON or None when it printed none)."""
     target = ["--image-opts", LUKS_OPTS + str(path)] if luks else ["-f", "qcow2", str(path)]
     argv = ["qemu-img", "check", *(SECRET_ARGS if luks else []), "--output=json", *target]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    # QEMU opens a relative data file name relative to its working directory: run beside the image.
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=path.parent)
     try:
         return r.returncode, json.loads(r.stdout)
     except json.JSONDecodeError:
@@ -42,9 +45,10 @@ def qemu_check(path: Path, *, luks: bool = False) -> tuple[int, dict[str, object
 # --- catalogue: field for field ---------------------------------------------------------------
 
 
-def test_catalogue_matches_qemu_img(qemu_images: dict[str, Path]) -> None:
+def test_catalogue_matches_qemu_img(qemu_images: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     for name, path in qemu_images.items():
         code, want = qemu_check(path, luks=name == "luks")
+        monkeypatch.chdir(path.parent)  # as qemu-img, for the relative data file names
         got = check(path)
         assert want is not None, name
         want["filename"] = str(path)  # --image-opts (LUKS) names the file differently
@@ -52,13 +56,27 @@ def test_catalogue_matches_qemu_img(qemu_images: dict[str, Path]) -> None:
         assert got.exit_code == code, name
 
 
-def test_cli_json_and_exit_code(qemu_images: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    path = qemu_images["zstd-compressed"]
-    assert main(["check", "--output=json", str(path)]) == 0
-    assert json.loads(capsys.readouterr().out) == qemu_check(path)[1]
+def test_cli_json_is_qemu_img_byte_for_byte(qemu_images: dict[str, Path],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("zstd-compressed", "lazy-dirty", "snapshots", "deflate-compressed", "v2-backing"):
+        path = qemu_images[name]
+        r = subprocess.run(["qemu-img", "check", "-f", "qcow2", "--output=json", str(path)],
+                           capture_output=True, text=True, cwd=path.parent)
+        code = main(["check", "--output=json", str(path)])
+        assert capsys.readouterr().out == r.stdout, name
+        assert code == r.returncode, name
+
+
+def test_cli_human_output(qemu_images: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(qemu_images["lazy-dirty"])]) == 2
     out = capsys.readouterr().out
-    assert "REFCOUNT-MATCHES-REFERENCES" in out and "errors were found on the image" in out
+    assert "REFCOUNT-MATCHES-REFERENCES at 0x" in out and "COPIED-IFF-REFCOUNT-1 at 0x" in out
+    assert "block/qcow2-refcount.c compare_refcounts" in out
+    assert "\n2 errors were found on the image.\n" in out
+    path = qemu_images["v3"]
+    assert main(["check", str(path)]) == 0
+    qemu = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(path)], capture_output=True, text=True)
+    assert capsys.readouterr().out == qemu.stdout  # a clean image: qemu-img's summary lines exactly
 
 
 def test_cli_unopenable_file_is_a_check_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -67,6 +85,16 @@ def test_cli_unopenable_file_is_a_check_error(tmp_path: Path, capsys: pytest.Cap
     assert main(["check", str(p)]) == 1
     assert "IMAGE-OPENS" in capsys.readouterr().out
     assert qemu_check(p)[0] == 1
+
+
+def test_repair_is_refused_not_ignored(qemu_images: dict[str, Path], tmp_path: Path) -> None:
+    dst = tmp_path / "leaky.qcow2"
+    shutil.copyfile(qemu_images["v3"], dst)
+    before = dst.read_bytes()
+    with pytest.raises(UnsupportedFeature):
+        check(dst, repair="leaks")
+    assert main(["check", "-r", "all", str(dst)]) == 1
+    assert dst.read_bytes() == before
 
 
 # --- mutations ----------------------------------------------------------------------------------
@@ -285,6 +313,11 @@ def _snapshot_l1_past_eof(t: Target) -> None:
     t.put(t.snapshot(0), (t.grow(0) + 3) * t.cs)
 
 
+def _snapshot_l1_unreadable(t: Target) -> None:
+    # Aligned, but past what QEMU's block layer addresses (BDRV_MAX_LENGTH): the read fails.
+    t.put(t.snapshot(0), (1 << 63) - t.cs)
+
+
 def _snapshot_l1_huge(t: Target) -> None:
     t.put(t.snapshot(0) + 8, 1 << 23, 4)
 
@@ -436,6 +469,15 @@ def _snapshot_without_v3_extra(t: Target) -> None:
     _add_snapshot(t, b"")
 
 
+def _luks_magic(t: Target) -> None:
+    d = t.ext_offset(hd.QCOW2_EXT_MAGIC_CRYPTO_HEADER)
+    t.put_bytes(t.u64(d), b"LUKZ")
+
+
+def _bitmaps_bit_without_extension(t: Target) -> None:
+    t.put(88, t.u64(88) | ft.QCOW2_AUTOCLEAR_BITMAPS)
+
+
 def _huge_file(t: Target) -> None:
     # More than INT_MAX clusters of 512 bytes, as a sparse file.
     os.truncate(t.path, (1 << 31) * 512 + 512)
@@ -475,6 +517,8 @@ MUTATIONS = [
     Mutation("REFERENCE-INSIDE-FILE", "snapshots", _snapshot_l1_past_eof),
     Mutation("SNAPSHOT-L1-ALIGNED", "snapshots", _snapshot_l1_misaligned),
     Mutation("SNAPSHOT-L1-SIZE", "snapshots", _snapshot_l1_huge),
+    Mutation("L1-READABLE", "snapshots", _snapshot_l1_unreadable),
+    Mutation("CHECK-COMPLETES", "snapshots", _snapshot_l1_unreadable),
     Mutation("SNAPSHOT-TABLE-READABLE", "snapshots", _snapshot_extra_huge),
     Mutation("SNAPSHOT-ID-UNIQUE", "snapshots", _snapshot_same_id),
     Mutation("BITMAP-DIRECTORY-VALID", "bitmap", _bitmap_granularity),
@@ -496,6 +540,8 @@ MUTATIONS = [
     Mutation("IMAGE-SIZE-LIMIT", "local:cluster-512", _huge_file),
     Mutation("BACKING-FILE-OPENS", "v2-backing", _drop_backing),
     Mutation("FEATURE-LUKS-CRYPTO-HEADER", "luks", _hide_crypto_header),
+    Mutation("CRYPTO-HEADER-LUKS", "luks", _luks_magic),
+    Mutation("FEATURE-BITMAPS-EXTENSION", "v3", _bitmaps_bit_without_extension),
     Mutation("FEATURE-LAZY-DIRTY", "v3", _dirty_without_lazy),
     Mutation("EXT-BITMAPS-RESERVED-ZERO", "bitmap", _bitmaps_reserved_ignored),
     Mutation("DATA-FILE-NAME-NEEDS-BIT", "local:data-file-raw", _data_file_name_without_bit),
@@ -536,7 +582,7 @@ def _verdict(code: int) -> str:
 
 @pytest.mark.parametrize("mut", MUTATIONS, ids=lambda m: f"{m.rule}-{m.edit.__name__.strip('_')}")
 def test_mutation_reports_rule_and_qemu_verdict(mut: Mutation, qemu_images: dict[str, Path],
-                                                tmp_path: Path) -> None:
+                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if mut.base.startswith("local:"):
         src = _local_base(mut.base.split(":", 1)[1], tmp_path)
         dst = src.with_name("mutant.qcow2")
@@ -545,6 +591,9 @@ def test_mutation_reports_rule_and_qemu_verdict(mut: Mutation, qemu_images: dict
         src = qemu_images[mut.base]
         dst = tmp_path / "mutant.qcow2"
         shutil.copyfile(src, dst)
+        with open_image(src) as img:
+            if img.data_file:
+                shutil.copyfile(src.parent / img.data_file, tmp_path / img.data_file)
     with open_image(src) as img:
         if img.backing_file:  # qemu-img check opens the backing chain too
             shutil.copyfile(src.parent / img.backing_file, dst.parent / img.backing_file)
@@ -553,6 +602,7 @@ def test_mutation_reports_rule_and_qemu_verdict(mut: Mutation, qemu_images: dict
         mut.edit(t)
     finally:
         t.img.close()
+    monkeypatch.chdir(dst.parent)
     result = check(dst)
     assert mut.rule in {f.rule for f in result.findings}
     qemu_code, want = qemu_check(dst, luks=mut.base == "luks")
@@ -569,3 +619,57 @@ def test_every_counted_rule_with_a_mutation_changes_the_verdict() -> None:
     counted = {m.rule for m in MUTATIONS if RULES_BY_ID[m.rule].qemu_counts}
     assert len({m.rule for m in MUTATIONS}) >= 35
     assert len(counted) >= 25
+
+
+# --- random campaign (slow) -------------------------------------------------------------------
+
+
+def _metadata_regions(img: ImageFile) -> list[tuple[int, int]]:
+    """(offset, length) of the header and the tables a random flip may hit."""
+    h, cs = img.header, img.cluster_size
+    regions = [(0, img.header_length + 256), (int(h.l1_table_offset), int(h.l1_size) * 8),
+               (int(h.refcount_table_offset), 64)]
+    regions += [(e & en.L1E_OFFSET_MASK, cs) for e in img.l1_table() if e & en.L1E_OFFSET_MASK]
+    regions += [(e & en.REFT_OFFSET_MASK, min(cs, 4096)) for e in img.refcount_table() if e]
+    if h.nb_snapshots:
+        regions.append((int(h.snapshots_offset), 256))
+        regions += [(int(sn.l1_table_offset), int(sn.l1_size) * 8) for sn in img.snapshot_table()]
+    return [r for r in regions if r[1] > 0]
+
+
+@pytest.mark.slow
+def test_random_metadata_flips_agree_with_qemu(qemu_images: dict[str, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """400 images with 1-3 random bit flips or byte writes in their metadata: the JSON (or,
+    when qemu-img prints none, the exit code) is the same as qemu-img check's."""
+    rng = random.Random(20261121)
+    names = sorted(n for n in qemu_images if not n.startswith("corpus:") and n != "luks")
+    disagree = []
+    for i in range(400):
+        name = rng.choice(names)
+        src = qemu_images[name]
+        d = tmp_path / str(i)
+        d.mkdir()
+        dst = d / "m.qcow2"
+        shutil.copyfile(src, dst)
+        with open_image(src) as img:
+            for side in (img.backing_file, img.data_file):
+                if side:
+                    shutil.copyfile(src.parent / side, d / side)
+            regions = _metadata_regions(img)
+        with open(dst, "r+b") as f:
+            for _ in range(rng.randint(1, 3)):
+                off, n = rng.choice(regions)
+                pos = off + rng.randrange(n)
+                old = os.pread(f.fileno(), 1, pos)
+                if old:
+                    new = old[0] ^ 1 << rng.randrange(8) if rng.random() < 0.6 else rng.randrange(256)
+                    os.pwrite(f.fileno(), bytes([new]), pos)
+        monkeypatch.chdir(d)
+        ours = check(dst)
+        code, want = qemu_check(dst)
+        if want is not None:
+            want["filename"] = str(dst)
+        if ours.exit_code != code or (want is not None and ours.to_json() != want):
+            disagree.append((i, name, code, ours.exit_code))
+    assert disagree == []

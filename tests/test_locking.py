@@ -36,17 +36,19 @@ def image(tmp_path: Path) -> Path:
 
 
 @contextmanager
-def live_qemu_io(path: Path, *flags: str, expect_perm: int) -> Iterator[subprocess.Popen[bytes]]:
+def live_qemu_io(path: Path, *flags: str, expect_perm: int,
+                 watch: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """An interactive qemu-io holding ``path`` open until the block ends.
 
-    Waits until its locks are visible (``expect_perm`` held bits; for -U without any held
-    bit, until it answers a command) so the test never races the open.
+    Waits until its locks are visible on ``watch`` (default ``path``): ``expect_perm`` held
+    bits, so the test never races the open. It runs in the image's directory, because QEMU
+    7.2 resolves a relative external data file name against the working directory.
     """
     proc = subprocess.Popen(["qemu-io", *flags, "-f", "qcow2", str(path)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=path.parent)
     try:
         deadline = time.monotonic() + 20
-        while conflicts(path)["perm"] != expect_perm:
+        while conflicts(watch or path)["perm"] != expect_perm:
             if proc.poll() is not None:
                 raise AssertionError(f"qemu-io exited: {proc.stderr.read() if proc.stderr else b''!r}")
             if time.monotonic() > deadline:
@@ -95,6 +97,24 @@ def test_our_lock_bytes_equal_qemu_io_lock_bytes(image: Path, flags: tuple[str, 
         ours = conflicts(image)
     assert ours == theirs == {"perm": mode.perm, "unshared": 0xF & ~mode.shared}
     assert conflicts(image) == {"perm": 0, "unshared": 0}  # released
+
+
+@pytest.mark.parametrize(("flags", "write", "force_share"), [
+    ((), True, False), (("-r",), False, False), (("-r", "-U"), False, True)])
+def test_data_file_lock_bytes_equal_qemu_io(tmp_path: Path, flags: tuple[str, ...], write: bool,
+                                            force_share: bool) -> None:
+    """QEMU locks an external data file too, sharing WRITE on it but not RESIZE."""
+    img = create(tmp_path / "df.qcow2", "1M", data_file="df.data")
+    data = tmp_path / "df.data"
+    mode = lock_mode(write=write, force_share=force_share, data_file=True)
+    assert not mode.shared & BLK_PERM_RESIZE or force_share
+    assert mode.shared & BLK_PERM_WRITE
+    with live_qemu_io(img, *flags, expect_perm=mode.perm, watch=data):
+        theirs = conflicts(data)
+    with open(data, "rb") as f, ImageLock(f) as lock:
+        lock.acquire(write=write, force_share=force_share, data_file=True)
+        ours = conflicts(data)
+    assert ours == theirs == {"perm": mode.perm, "unshared": 0xF & ~mode.shared}
 
 
 def test_write_acquire_fails_while_qemu_io_holds_image_rw(image: Path) -> None:

@@ -671,3 +671,22 @@ def test_open_agrees_with_qemu_io(make: Callable[..., Path], base: str, values: 
     except (FormatError, UnsupportedFeature):
         ours = False
     assert ours == _qemu_io_opens(p)
+
+
+def test_check_mode(make: Callable[..., Path], qemu_images: dict[str, Path]) -> None:
+    """check_mode opens as `qemu-img check` does (BDRV_O_CHECK): what a check must report is
+    not an open error there, but reading the broken structure still is."""
+    p = make("v3", fields(refcount_table_clusters=0))
+    assert outcome(p) is FormatError
+    with open_image(p, check_mode=True) as img:
+        assert img.refcount_table() == []
+    p = make("snapshots", fields(nb_snapshots=65537))
+    with open_image(p, check_mode=True) as img, pytest.raises(FormatError):
+        img.snapshot_table()
+    _, d0 = _bitmaps(qemu_images)
+    p = make("bitmap", lambda d: put(d, d0 + 17, 1, 40))
+    assert outcome(p) is FormatError
+    with open_image(p, check_mode=True) as img:
+        assert img.bitmaps == []
+        with pytest.raises(FormatError):
+            img.bitmap_directory()

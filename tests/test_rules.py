@@ -76,8 +76,10 @@ def test_tally_refuses_references_a_cluster_past_eof() -> None:
     assert t.nb_clusters == 4 and t.get(0) == 1 and t.get(3) == 1
 
 
-def test_catalogue_images_have_no_findings(qemu_images: dict[str, Path]) -> None:
+def test_catalogue_images_have_no_findings(qemu_images: dict[str, Path],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     for name, path in qemu_images.items():
+        monkeypatch.chdir(path.parent)  # relative data file names are relative to the CWD, as in QEMU
         with open_image(path) as img:
             findings = evaluate(img)
         if name == "lazy-dirty":

@@ -1,21 +1,23 @@
 """``qcow2lab check``: evaluate the rules catalogue (spec.rules) and report as qemu-img check.
 
-    qcow2lab check [-f qcow2] [--output=human|json] IMAGE
+    qcow2lab check [-f qcow2] [--output=human|json] [-r leaks|all] IMAGE
 
 The counters and the exit code are qemu-img's (qemu-img.c img_check): 0 clean, 1 check errors
 (including an image that cannot be opened), 2 corruptions, 3 leaks only. Human output lists
 every violated rule (id, host offset, explanation, spec section), then qemu-img's summary
 lines. JSON output is qemu-img's object, field for field, on stdout; the violated rules go to
-stderr, as qemu-img prints its ERROR lines there. Repair (-r) is not implemented yet.
+stderr, as qemu-img prints its ERROR lines there. Repair (-r) is not implemented yet: asking
+for it is refused (UnsupportedFeature, exit 1) rather than silently ignored.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TextIO
 
+from difftest.commands.info import to_json
+from spec.info import qdict
 from spec.interface import CheckResult
 from spec.rules import RULES_BY_ID, Finding
 from spec.rules.check import check
@@ -26,19 +28,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--format", dest="fmt", choices=["qcow2"], default="qcow2",
                    help="image format (only qcow2)")
     p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("-r", dest="repair", choices=["leaks", "all"],
+                   help="repair (as qemu-img check -r); not implemented yet: refused with exit 1")
     p.add_argument("image")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = check(args.image)
+    result = check(args.image, repair=args.repair)
     if args.output == "json":
         print_findings(result.findings, sys.stderr)
-        print(json.dumps(result.to_json(), indent=4))
+        print(json_text(result))
     else:
         print_findings(result.findings, sys.stdout)
         print_summary(result, sys.stdout)
     return result.exit_code
+
+
+# ImageCheck's members in QAPI schema order (qapi/block-core.json): QEMU inserts them into its
+# QDict in this order, and the QDict's hash order is the order qemu-img prints them in.
+IMAGE_CHECK_MEMBERS = ("filename", "format", "check-errors", "image-end-offset", "corruptions", "leaks",
+                       "corruptions-fixed", "leaks-fixed", "total-clusters", "allocated-clusters",
+                       "fragmented-clusters", "compressed-clusters")
+
+
+def json_text(result: CheckResult) -> str:
+    """qemu-img check --output=json, byte for byte (key order and layout included)."""
+    fields = result.to_json()
+    return to_json(qdict((k, fields.get(k)) for k in IMAGE_CHECK_MEMBERS))
 
 
 def describe(f: Finding) -> str:
@@ -69,7 +86,8 @@ def print_summary(r: CheckResult, out: TextIO) -> None:
     total, alloc = r.total_clusters or 0, r.allocated_clusters or 0
     if total and alloc:
         frag, comp = r.fragmented_clusters or 0, r.compressed_clusters or 0
-        print(f"{alloc}/{total} = {alloc * 100 / total:.2f}% allocated, {frag * 100 / alloc:.2f}% fragmented, "
+        print(f"{alloc}/{total} = {alloc * 100 / total:.2f}% allocated, "
+              f"{frag * 100 / alloc:.2f}% fragmented, "
               f"{comp * 100 / alloc:.2f}% compressed clusters", file=out)
     if r.image_end_offset:
         print(f"Image end offset: {r.image_end_offset}", file=out)

@@ -130,6 +130,11 @@ RULES: tuple[Rule, ...] = (
     Rule("CRYPTO-HEADER-ALIGNED",
          "The LUKS header offset is cluster aligned.",
          "qcow2.rst §Full disk encryption header pointer; block/qcow2.c qcow2_read_extensions", _E),
+    Rule("CRYPTO-HEADER-LUKS",
+         "A LUKS image's encryption header is a LUKS1 header QEMU accepts (magic, version 1, "
+         "NUL-terminated names, known algorithms, key slots inside the header area).",
+         "qcow2.rst §Full disk encryption header pointer; crypto/block-luks.c "
+         "qcrypto_block_luks_check_header (checked at open, with or without the key)", _E),
     Rule("FEATURE-LAZY-DIRTY",
          "The dirty bit is set only on an image with lazy refcounts.",
          "qcow2.rst §Header (incompatible bit 0, compatible bit 0)", _C, qemu_counts=False),
@@ -251,7 +256,7 @@ RULES: tuple[Rule, ...] = (
     # --- bitmaps ------------------------------------------------------------------------------
     Rule("BITMAP-DIRECTORY-VALID",
          "The bitmap directory is readable and its entries are sane: reserved flags zero, type 1, "
-         "granularity 9..31, non-empty name, table aligned and sized for the disk, entries fill the "
+         "granularity 9..31, no extra data, table aligned and sized for the disk, entries fill the "
          "directory size exactly.",
          f"qcow2.rst §Bitmap directory; {_BMP} bitmap_list_load, check_dir_entry, "
          "qcow2_check_bitmaps_refcounts", _C),

@@ -8,7 +8,7 @@ adds the spec's own rules, which QEMU does not count (Rule.qemu_counts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,7 +35,6 @@ class Evaluation:
     image_end_offset: int = 0
     aborted: bool = False
     """QEMU's check fails here (exit 1, no result): a CHECK-COMPLETES finding is included."""
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 def evaluate(img: ImageFile) -> list[Finding]:
@@ -44,6 +43,7 @@ def evaluate(img: ImageFile) -> list[Finding]:
 
 
 def run(img: ImageFile) -> Evaluation:
+    """Evaluate ``img``: findings, QEMU's fragmentation numbers and image-end-offset."""
     file_clusters = div_round_up(img.file_size, img.cluster_size)
     ctx = Context(img, Tally(img.geometry, 0))  # replaced once the file size is known to be sane
     ev = Evaluation(ctx.findings, ctx.bfi)
@@ -70,7 +70,7 @@ def run(img: ImageFile) -> Evaluation:
                         f"reference={m.computed}", stored=m.stored, computed=m.computed)
         for first, n in cmp.unreadable:
             ctx.add("REFCOUNT-READABLE", first << ctx.cluster_bits,
-                    f"clusters {first}..{first + n - 1}: refcount block offset is not aligned", count=n)
+                    f"clusters {first}..{first + n - 1}: their refcount block cannot be read", count=n)
         mapping.check_oflag_copied(ctx, mapping.StoredGet(cmp, stored))
         ev.image_end_offset = (cmp.highest_cluster + 1) * img.cluster_size
         _overlaps(ctx)

@@ -13,7 +13,10 @@ import os
 
 from spec import features as ft
 from spec import header as hd
+from spec.errors import FormatError, UnsupportedFeature
+from spec.image import QCOW_CRYPT_LUKS
 from spec.limits import V3_MIN_HEADER_LENGTH
+from spec.luks import luks_info, read_luks_header
 from spec.rules.context import Context
 
 FEATURE_NAME_ENTRY_SIZE = 48
@@ -56,6 +59,13 @@ def open_checks(ctx: Context) -> None:
     if crypto is not None and int(crypto.data.offset) % ctx.cluster_size:
         raise ctx.abort("CRYPTO-HEADER-ALIGNED", int(crypto.data.offset),
                         "LUKS header offset is not cluster aligned")
+    if crypto is not None and img.header.crypt_method == QCOW_CRYPT_LUKS:
+        # QEMU parses and checks the LUKS header whenever it opens the image, key or not
+        # (crypto/block-luks.c); spec/luks.py does the same checks.
+        try:
+            luks_info(read_luks_header(img))
+        except (FormatError, UnsupportedFeature) as e:
+            raise ctx.abort("CRYPTO-HEADER-LUKS", int(crypto.data.offset), str(e)) from None
 
 
 def spec_checks(ctx: Context) -> None:

@@ -1,0 +1,73 @@
+"""``qcow2lab bench <what>``: benchmarks that print figures taken in one run on this machine.
+
+Each benchmark is a sub-verb; ``difftest`` measures the differential harness (difftest/bench.py).
+Other benchmarks can add their own sub-verb in ``SUBVERBS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+from difftest import qemuio
+from difftest.targets import module_available
+
+
+def _difftest(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from difftest import bench
+    from difftest.config import Config
+
+    cfg = Config(cluster_size=4096, size=64 << 20)
+    sets: list[list[str]] = []
+    if module_available("model"):
+        sets.append(["model", "model2"])
+        if module_available("impl"):
+            sets.append(["model", "impl"])
+    if qemuio.available():
+        if module_available("model"):
+            sets.append(["model", "qemu"])
+        sets.append(["qemu", "qemu2"])
+    rows = []
+    for targets in sets:
+        row = {"steady": bench.steady_state(targets, args.ops, cfg)}
+        if not args.no_campaign:
+            row["campaign"] = bench.campaign(targets, args.examples, 30)
+        rows.append(row)
+    if args.output == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    t = Table(title=f"difftest throughput ({cfg.short()}, {args.ops} steady-state ops)")
+    for col in ("targets", "steady ops/s", "campaign ops/s (incl. set-up + teardown)", "campaign examples"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        camp = r.get("campaign", {})
+        t.add_row(",".join(r["steady"]["targets"]), f"{r['steady']['ops_per_second']:.0f}",
+                  f"{camp.get('ops_per_second', 0):.0f}" if camp else "-", str(camp.get("examples", "-")))
+    Console().print(t)
+    return 0
+
+
+def _difftest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ops", type=int, default=2000, help="steady-state operations per target set")
+    p.add_argument("--examples", type=int, default=10, help="examples of the campaign figure")
+    p.add_argument("--no-campaign", action="store_true")
+    p.add_argument("--output", choices=["human", "json"], default="human")
+
+
+SUBVERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace], int]]] = {
+    "difftest": ("throughput of the differential harness", _difftest_args, _difftest),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (figures from one run on this machine)")
+    inner = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    for name, (helptext, add_args, fn) in SUBVERBS.items():
+        q = inner.add_parser(name, help=helptext)
+        add_args(q)
+        q.set_defaults(func=fn)
