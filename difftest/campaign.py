@@ -134,22 +134,25 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
         if shard.db_dir else None
     s = settings(max_examples=shard.examples, stateful_step_count=shard.steps, deadline=None,
                  database=db, phases=phases, suppress_health_check=list(HealthCheck),
-                 report_multiple_bugs=False, print_blob=False)
+                 report_multiple_bugs=True, print_blob=False)
     machine = make_machine(hooks)
     t0 = time.perf_counter()
     Lockstep.close = counting_close  # type: ignore[method-assign]
     try:
         _run_seeded(machine, s, shard.seed)
-    except Divergence as d:
-        d2 = last.get("d", d)
-        stats.divergences.append(Found(d2.kind, str(d2), shard.seed, str(repro) if repro else None,
-                                       int(last.get("steps", 0))))
     except Exception as e:  # Flaky failures and oracle trouble are findings too
-        d2 = last.get("d")
-        kind = d2.kind if isinstance(d2, Divergence) else type(e).__name__
-        msg = str(d2) if d2 is not None else "".join(traceback.format_exception_only(e)).strip()
-        stats.divergences.append(Found(kind, f"{type(e).__name__}: {msg}", shard.seed,
-                                       str(repro) if repro else None, int(last.get("steps", 0))))
+        # report_multiple_bugs: Hypothesis shrinks every distinct failure (kind + place) on
+        # its own and raises them together.
+        errors = list(e.exceptions) if isinstance(e, BaseExceptionGroup) else [e]
+        for err in errors:
+            d = err if isinstance(err, Divergence) else last.get("d")
+            if isinstance(d, Divergence):
+                where, steps = hooks.store.lookup(d) if hooks.store is not None else (None, 0)
+                stats.divergences.append(Found(d.kind, str(d), shard.seed, str(where) if where else None,
+                                               steps))
+            else:
+                msg = "".join(traceback.format_exception_only(err)).strip()
+                stats.divergences.append(Found(type(err).__name__, msg, shard.seed, None, 0))
     finally:
         Lockstep.close = orig_close  # type: ignore[method-assign]
         stats.elapsed = time.perf_counter() - t0

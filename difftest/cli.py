@@ -11,7 +11,7 @@ import sys
 from spec.errors import Qcow2Error
 
 # Verb modules in --help order.
-COMMANDS = ["info", "check", "spec", "fuzz", "difftest", "bench", "run"]
+COMMANDS = ["info", "check", "map", "spec", "fuzz", "difftest", "bench", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:

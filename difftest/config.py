@@ -2,7 +2,8 @@
 
 The valid combinations follow qemu-img create (block/qcow2.c, qcow2_co_create_opts and
 qcow2_co_create): extended_l2, zstd, lazy_refcounts and data files need compat=1.1
-(version 3); extended L2 needs clusters of at least 16 KiB; data_file_raw needs a data file.
+(version 3); extended L2 needs clusters of at least 16 KiB; data_file_raw needs a data file
+and no backing file.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class Config:
             raise ValueError("extended_l2 needs cluster_size >= 16K")
         if self.data_file_raw and not self.data_file:
             raise ValueError("data_file_raw needs data_file")
+        if self.data_file_raw and self.backing != "none":
+            # qcow2_co_create: "Backing file and data-file-raw cannot be used at the same time"
+            raise ValueError("data_file_raw excludes a backing file")
         if self.backing not in BACKINGS or self.backing_size not in BACKING_SIZES:
             raise ValueError("bad backing set-up")
         if self.size % 512:
@@ -148,7 +152,8 @@ def configs(draw: st.DrawFn, overrides: dict[str, Any] | None = None) -> Config:
     backing_size = pick("backing_size", st.sampled_from(BACKING_SIZES) if backing != "none"
                         else st.just("same"))
     data_file = pick("data_file", st.sampled_from([False, False, False, True]) if v3 else st.just(False))
-    data_file_raw = pick("data_file_raw", st.booleans() if data_file else st.just(False))
+    data_file_raw = pick("data_file_raw", st.booleans() if data_file and backing == "none"
+                         else st.just(False))
     g = Geometry(cluster_size.bit_length() - 1, bool(extended_l2))
     # Sizes: a few clusters, or a bit more than one L2 table's reach so an L1 boundary is
     # inside the image (kept below 1 GiB of virtual size so a whole-image compare stays cheap

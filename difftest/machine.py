@@ -40,6 +40,8 @@ class Hooks:
     overrides: dict[str, Any] = field(default_factory=dict)
     workdir: Path | None = None
     repro_dir: Path | None = None
+    store: Any = None
+    """A difftest.repro.ReproStore; made from repro_dir when not given."""
     on_step: Callable[[str], None] | None = None
     on_example: Callable[[Config], None] | None = None
     on_divergence: Callable[[Divergence, Lockstep], None] | None = None
@@ -87,6 +89,9 @@ def _fit(draw: st.DrawFn, off: int, n: int, size: int) -> int:
 
 def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
     cfg_strategy = configs(hooks.overrides)
+    if hooks.store is None and hooks.repro_dir is not None:
+        from difftest.repro import ReproStore
+        hooks.store = ReproStore(hooks.repro_dir)
 
     class DiffMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
@@ -119,9 +124,8 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
 
         def _fail(self, d: Divergence) -> None:
             self.failed = True
-            if self.ls is not None and hooks.repro_dir is not None:
-                from difftest.repro import write_reproducers
-                write_reproducers(hooks.repro_dir, self.ls.cfg, self.ls.log, hooks.targets, d)
+            if self.ls is not None and hooks.store is not None:
+                hooks.store.record(self.ls.cfg, self.ls.log, hooks.targets, d)
             if hooks.on_divergence and self.ls is not None:
                 hooks.on_divergence(d, self.ls)
 
@@ -149,9 +153,8 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
                 self.ls = Lockstep(Path(self._tmp.name), cfg, hooks.targets)
             except Divergence as d:
                 self.failed = True
-                if hooks.repro_dir is not None:
-                    from difftest.repro import write_reproducers
-                    write_reproducers(hooks.repro_dir, cfg, [], hooks.targets, d)
+                if hooks.store is not None:
+                    hooks.store.record(cfg, [], hooks.targets, d)
                 raise
 
         # -- operations ---------------------------------------------------------------------------

@@ -133,3 +133,35 @@ def write_reproducers(where: Path, cfg: Config, log: list[tuple[str, dict[str, A
     py = where / "test_repro.py"
     py.write_text(pytest_body(cfg, log, targets, d))
     return sh, py
+
+
+def origin(d: Divergence) -> str:
+    """A divergence's identity for reproducer bookkeeping: its kind and operation name."""
+    return f"{d.kind}-{d.op.split('(')[0]}"
+
+
+class ReproStore:
+    """Keeps, per divergence origin, the smallest reproducer seen in ``root/<origin>``.
+
+    While Hypothesis shrinks one failure it may run into others (and larger instances of
+    the first), so "the last one written" is not the shrunk one; the smallest per origin is.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.best: dict[str, int] = {}
+
+    def record(self, cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: list[str],
+               d: Divergence) -> None:
+        key = origin(d)
+        steps = sum(1 for name, _ in log if name != "finish")
+        if key in self.best and self.best[key] < steps:
+            return
+        self.best[key] = steps
+        write_reproducers(self.root / key, cfg, log, targets, d)
+
+    def lookup(self, d: Divergence) -> tuple[Path | None, int]:
+        key = origin(d)
+        if key not in self.best:
+            return None, 0
+        return self.root / key, self.best[key]

@@ -48,17 +48,21 @@ class Target(Protocol):
     def path(self) -> Path: ...
 
 
-def _create_args(cfg: Config, backing: tuple[str, str] | None) -> dict[str, Any]:
+def _create_args(cfg: Config, backing: tuple[str, str] | None, where: Path) -> dict[str, Any]:
     kw: dict[str, Any] = dict(cfg.create_options())
     if backing is not None:
         kw["backing_file"], kw["backing_fmt"] = backing
     if cfg.data_file:
-        kw["data_file"] = DATA
+        # Absolute: QEMU opens a relative data_file name relative to its working directory,
+        # not to the image (qcow2_open -> bdrv_open_child on the bare name), unlike a
+        # backing file name; the teardown runs one qemu-img over two targets' files.
+        kw["data_file"] = str((where / DATA).resolve())
         kw["data_file_raw"] = cfg.data_file_raw
     return kw
 
 
-def qemu_img_create(path: Path, cfg: Config, backing: tuple[str, str] | None) -> list[str]:
+def qemu_img_create(path: Path, cfg: Config, backing: tuple[str, str] | None,
+                    data_file: str = DATA) -> list[str]:
     """The qemu-img create argv for ``cfg`` (also used by the shell reproducer)."""
     o = [f"compat={'0.10' if cfg.version == 2 else '1.1'}", f"cluster_size={cfg.cluster_size}"]
     if cfg.version == 3:
@@ -67,7 +71,7 @@ def qemu_img_create(path: Path, cfg: Config, backing: tuple[str, str] | None) ->
               f"compression_type={cfg.compression_type}",
               f"lazy_refcounts={'on' if cfg.lazy_refcounts else 'off'}"]
     if cfg.data_file:
-        o += [f"data_file={DATA}", f"data_file_raw={'on' if cfg.data_file_raw else 'off'}"]
+        o += [f"data_file={data_file}", f"data_file_raw={'on' if cfg.data_file_raw else 'off'}"]
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", ",".join(o)]
     if backing is not None:
         argv += ["-b", backing[0], "-F", backing[1]]
@@ -83,7 +87,7 @@ def _run(argv: list[str], cwd: Path) -> None:
 class ModuleTarget:
     in_process = True
 
-    def __init__(self, name: str, module: ModuleType, root: Path) -> None:
+    def __init__(self, name: str, module: ModuleType | Any, root: Path) -> None:
         self.name = name
         self.module = module
         self.dir = root / name
@@ -94,7 +98,7 @@ class ModuleTarget:
         return self.dir / TOP
 
     def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None:
-        self.module.create(str(self.path), cfg.size, **_create_args(cfg, backing))
+        self.module.create(str(self.path), cfg.size, **_create_args(cfg, backing, self.dir))
         self.image = self.module.open(str(self.path))
 
     def reopen(self) -> None:
@@ -124,7 +128,7 @@ class QemuTarget:
         return self.dir / TOP
 
     def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None:
-        _run(qemu_img_create(self.path, cfg, backing), self.dir)
+        _run(qemu_img_create(self.path, cfg, backing, str((self.dir / DATA).resolve())), self.dir)
         self.image = qemuio.QemuImage(self.path, command=self.command, size=cfg.size,
                                       cluster_size=cfg.cluster_size)
 
@@ -226,7 +230,7 @@ def module_available(name: str) -> bool:
 def make_target(spec: str, root: Path) -> Target:
     """``model``, ``impl``, ``qemu``, ``qemu2`` (a second independent qemu; likewise
     ``model2``), ``cmd:NAME=ARGV`` (a command adapter) or ``py:package.module`` (any module
-    exporting create/open)."""
+    exporting create/open; ``py:package.module:NAME`` takes the object NAME in it)."""
     base = spec.rstrip("0123456789")
     if base in ("model", "impl"):
         # "model2" is a second, independent instance of the model (for self-checks).
@@ -239,8 +243,10 @@ def make_target(spec: str, root: Path) -> Target:
         name, _, argv = spec[4:].partition("=")
         return QemuTarget(name or "cmd", root, command=shlex.split(argv))
     if spec.startswith("py:"):
-        modname = spec[3:]
-        return ModuleTarget(modname.rsplit(".", 1)[-1], importlib.import_module(modname), root)
+        modname, _, attr = spec[3:].partition(":")
+        mod = importlib.import_module(modname)
+        obj = getattr(mod, attr) if attr else mod
+        return ModuleTarget(attr or modname.rsplit(".", 1)[-1], obj, root)
     raise RequestError(f"unknown target {spec!r}")
 
 

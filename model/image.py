@@ -713,8 +713,9 @@ class Image:
         """Discard [offset, offset+n) (bdrv_co_pdiscard, qcow2_co_pdiscard,
         qcow2_cluster_discard / discard_in_l2_slice).
 
-        The block layer cuts the request at cluster boundaries (pdiscard_alignment); the
-        driver ignores (-ENOTSUP, and the block layer then reports success) every partial
+        A v2 image with a backing file ignores discards entirely (qcow2_co_pdiscard: it
+        cannot mark clusters zero). The block layer cuts the request at cluster boundaries
+        (pdiscard_alignment); the driver ignores (-ENOTSUP, and the block layer then reports success) every partial
         cluster except a last one that ends at the end of the image. Whole clusters:
 
         ===================================  ==========================================
@@ -740,6 +741,10 @@ class Image:
 
     def _discard_internal(self, offset: int, n: int) -> None:
         cs = self.cluster_size
+        if self.q.version < 3 and self.backing is not None:
+            # qcow2_co_pdiscard: without the zero flag a discarded cluster would expose the
+            # backing file, so v2 images with a backing file ignore discards.
+            return
         for start, length in _split_aligned(offset, n, cs):
             if start % cs or length % cs:
                 if start % cs or start + length != self.size:
@@ -890,7 +895,9 @@ class Image:
             img.close()
 
     def resize(self, new_size: int, *, shrink: bool = False) -> None:
-        """Change the virtual size (qcow2_co_truncate). See model/resize.py."""
+        """Change the virtual size (qcow2_co_truncate). See model/resize.py.
+        Raises RequestError (size, shrink without ``shrink``, snapshots, read-only, closed),
+        CorruptionError."""
         from model import resize as rs  # noqa: PLC0415
 
         self._writable()

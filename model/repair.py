@@ -68,7 +68,7 @@ def expected_refcounts(q: Qcow2File) -> Counter[int]:
     l1_tables = [(int(q.header.l1_table_offset), int(q.header.l1_size))]
     if q.header.nb_snapshots:
         size = 0
-        for s in q.image_file.snapshot_table():
+        for s in _snapshot_table(q):
             l1_tables.append((int(s.l1_table_offset), int(s.l1_size)))
             size += _snapshot_entry_size(s)
         ref(q.header.snapshots_offset, size)
@@ -91,6 +91,12 @@ def expected_refcounts(q: Qcow2File) -> Counter[int]:
     if crypt is not None:
         ref(crypt.data.offset, crypt.data.length)
     return refs
+
+
+def _snapshot_table(q: Qcow2File) -> list:  # type: ignore[type-arg]
+    from model.snapshots import _table  # noqa: PLC0415 - snapshots imports image
+
+    return _table(q)
 
 
 def _snapshot_entry_size(s: object) -> int:

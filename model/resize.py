@@ -1,0 +1,135 @@
+"""Changing the virtual size (block/qcow2.c qcow2_co_truncate; block/qcow2-cluster.c
+qcow2_grow_l1_table, qcow2_shrink_l1_table; block/qcow2-refcount.c qcow2_shrink_reftable,
+qcow2_get_last_cluster).
+
+======================  ===================================================================
+request                 what happens
+======================  ===================================================================
+grow                    the L1 table is replaced by a larger one (exactly the size needed)
+                        at newly allocated clusters, the old one freed; the header size
+                        is updated. Nothing else is allocated.
+shrink (shrink=True)    clusters past the new end (rounded up to a cluster) are fully
+                        discarded (entries 0, clusters freed and punched out); L1 entries
+                        past the new L1 size are zeroed and their L2 tables freed; refcount
+                        blocks that only count themselves are dropped; the file is cut after
+                        the last used cluster.
+======================  ===================================================================
+
+With an external data file, the data file is resized to the new size too.
+
+Errors: RequestError for a size that is not a multiple of 512, a shrink without
+``shrink=True``, a v2 image with snapshots (QEMU refuses it); CorruptionError from the
+tables.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from spec.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
+from spec.geometry import align_up
+from spec.limits import QCOW_MAX_L1_SIZE
+
+from model import mapping as mp
+from model import refcounts as rc
+from spec.errors import RequestError
+
+if TYPE_CHECKING:
+    from model.image import Image
+    from model.qfile import Qcow2File
+
+
+def grow_l1(q: Qcow2File, min_size: int) -> None:
+    """qcow2_grow_l1_table with exact_size: copy the table to a larger one."""
+    old_size = int(q.header.l1_size)
+    if min_size <= old_size:
+        return
+    if min_size * 8 > QCOW_MAX_L1_SIZE:
+        raise RequestError("L1 table would exceed QEMU's maximum size")
+    table = mp.read_l1(q) + [0] * (min_size - old_size)
+    new_off = rc.alloc_clusters(q, q.geometry.size_to_clusters(min_size * 8))
+    mp.write_l1(q, table, new_off)
+    old_off = int(q.header.l1_table_offset)
+    q.header.l1_size = min_size
+    q.header.l1_table_offset = new_off
+    q.write_header()
+    if old_size:
+        rc.free_clusters(q, old_off, old_size * 8)
+
+
+def resize(img: Image, new_size: int, shrink: bool, *, from_snapshot: bool = False) -> None:
+    """qcow2_co_truncate with preallocation off (see the module doc)."""
+    q = img.q
+    if new_size < 0 or new_size % 512:
+        raise RequestError("the new size must be a non-negative multiple of 512")
+    nb_snapshots = int(q.header.nb_snapshots)
+    if nb_snapshots and q.version < 3:
+        raise RequestError("can't resize a v2 image which has snapshots")
+    old = img.size
+    if new_size < old and not shrink:
+        raise RequestError("use shrink=True to shrink an image")
+    img._mark_dirty()
+    g = q.geometry
+    new_l1 = g.l1_size_for(new_size)
+    if new_size < old:
+        start = align_up(new_size, q.cluster_size)
+        if start < old:
+            img._cluster_discard(start, old - start, request=True, full=True)
+        _shrink_l1(q, new_l1)
+        _shrink_reftable(q)
+        _cut_file(q)
+    else:
+        grow_l1(q, new_l1)
+    if q.has_data_file:
+        q.truncate(new_size, q.data_f)
+    q.header.size = new_size
+    q.write_header()
+    img.size = new_size
+
+
+def _shrink_l1(q: Qcow2File, new_l1: int) -> None:
+    """qcow2_shrink_l1_table: zero the entries past ``new_l1``; free their L2 tables. The
+    header keeps the old l1_size."""
+    table = mp.read_l1(q)
+    if new_l1 >= len(table):
+        return
+    freed = [e & L1E_OFFSET_MASK for e in table[new_l1:]]
+    mp.write_l1(q, table[:new_l1] + [0] * (len(table) - new_l1))
+    for off in reversed(freed):
+        if off:
+            rc.free_clusters(q, off, q.cluster_size, discard=True)
+
+
+def _shrink_reftable(q: Qcow2File) -> None:
+    """qcow2_shrink_reftable: drop refcount blocks that count nothing but themselves."""
+    cs = q.cluster_size
+    bits = q.geometry.refcount_bits
+    entries = q.geometry.refcount_block_entries
+    table = rc.read_reftable(q)
+    new = list(table)
+    for i, e in enumerate(table):
+        off = e & REFT_OFFSET_MASK
+        if not off:
+            continue
+        data = bytearray(q.pread(off, cs))
+        if off // cs // entries == i:
+            rc.refcount_set(data, off // cs % entries, bits, 0)
+        if not any(data):
+            new[i] = 0
+    if new == table:
+        return
+    rc.write_reftable(q, new)
+    for i, e in enumerate(table):
+        if e and not new[i]:
+            rc.free_clusters(q, e & REFT_OFFSET_MASK, cs, discard=True)
+
+
+def _cut_file(q: Qcow2File) -> None:
+    """Truncate the file after the last cluster with a refcount (qcow2_get_last_cluster)."""
+    cs = q.cluster_size
+    size = q.file_size()
+    last = -(-size // cs) - 1
+    while last >= 0 and rc.get_refcount(q, last) == 0:
+        last -= 1
+    if (last + 1) * cs < size:
+        q.truncate((last + 1) * cs)
