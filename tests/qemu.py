@@ -13,7 +13,8 @@ SECRET_ARGS = ["--object", "secret,id=sec0,data=qcow2lab-test"]
 """Key for the LUKS test image; pass with --image-opts style options where qemu needs it."""
 
 
-def qemu_img(*args: str, check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+def qemu_img(*args: str, check: bool = True,
+             cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=check, cwd=cwd)
 
 
