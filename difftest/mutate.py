@@ -20,6 +20,7 @@ report) and ``hang`` (no answer within the time limit).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -820,13 +821,13 @@ def corpus(bases: dict[str, Base], count: int, seed: int = 0) -> list[Mutant]:
     return out
 
 
-_LAYOUT_CACHE: dict[tuple[str, int], Layout] = {}
+_LAYOUT_CACHE: dict[tuple[str, str], Layout] = {}
 
 
 def _layouts(bases: dict[str, Base]) -> dict[str, Layout]:
     out = {}
     for name, b in bases.items():
-        key = (name, hash(b.data))
+        key = (name, hashlib.sha256(b.data).hexdigest())
         if key not in _LAYOUT_CACHE:
             tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"qcow2lab-layout-{os.getpid()}-{name}.qcow2"
             tmp.write_bytes(b.data)

@@ -5,7 +5,8 @@ Layout of a new image, cluster by cluster:
 
 ====  =================================================================================
 0     header; extensions: backing format, external data file name, feature name table
-      (v3 only), end; then the backing file name (qcow2_update_header's order)
+      (v3 with clusters over 4 KiB only), end; then the backing file name
+      (qcow2_update_header's order)
 1     refcount table, one cluster, entry 0 -> cluster 2
 2     refcount block: clusters 0..3 have refcount 1
 3     L1 table, just large enough for the virtual size (qcow2_grow_l1_table through
@@ -92,7 +93,7 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
         header.ext = c.Container(compression_type=int(ctype), header_tail=bytes(7))
 
     cluster0 = bytearray(hd.Header.build(header))
-    for etype, data in _extensions(version, backing_fmt if backing_file else None, data_file):
+    for etype, data in _extensions(version, cluster_size, backing_fmt if backing_file else None, data_file):
         # qcow2.rst "Header extensions": type, length, data, padding to 8 bytes.
         cluster0 += etype.to_bytes(4, "big") + len(data).to_bytes(4, "big") + data + bytes(-len(data) % 8)
     cluster0 += bytes(8)  # end of the extension list
@@ -128,13 +129,16 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
         _preallocate(path, size, preallocation)
 
 
-def _extensions(version: int, backing_fmt: str | None, data_file: str | None) -> list[tuple[int, bytes]]:
+def _extensions(version: int, cluster_size: int, backing_fmt: str | None,
+                data_file: str | None) -> list[tuple[int, bytes]]:
     out: list[tuple[int, bytes]] = []
     if backing_fmt:
         out.append((hd.QCOW2_EXT_MAGIC_BACKING_FORMAT, backing_fmt.encode()))
     if data_file:
         out.append((hd.QCOW2_EXT_MAGIC_DATA_FILE, data_file.encode()))
-    if version >= 3:
+    if version >= 3 and cluster_size > 4096:
+        # qcow2_update_header omits the feature name table for clusters of 4 KiB and less,
+        # to leave room for a backing file name in the header cluster.
         table = b"".join(
             bytes([int(f.type), f.bit]) + f.name.encode().ljust(46, b"\0") for f in ft.FEATURES)
         out.append((hd.QCOW2_EXT_MAGIC_FEATURE_TABLE, table))
