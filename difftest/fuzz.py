@@ -288,8 +288,16 @@ def iterate(mutants: list[Mutant], *, jobs: int = 1, time_limit: float = TIME_LI
         queue = list(mutants)
         while queue or pending:
             while queue and len(pending) < window:
-                m = queue.pop(0)
-                pending.append((m, pool.ex.submit(run_one, m, probes, time_limit, memory_limit)))
+                try:
+                    fut = pool.ex.submit(run_one, queue[0], probes, time_limit, memory_limit)
+                except cf.process.BrokenProcessPool:
+                    # A worker died after the last result was collected; the pending future
+                    # that ran on it reports the crash below.
+                    if pending:
+                        break
+                    pool.reset()
+                    continue
+                pending.append((queue.pop(0), fut))
             m, fut = pending.pop(0)
             try:
                 yield fut.result(timeout=BACKSTOP)
