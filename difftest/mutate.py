@@ -862,11 +862,13 @@ def qemu_verdict(path: str | os.PathLike[str], *, oracle: str = "check", timeout
         raise RuntimeError("qemu-img is not installed")
     if oracle == "chain":
         r = subprocess.run(["qemu-img", "info", "--backing-chain", "--output=json", str(path)],
-                           capture_output=True, text=True, timeout=timeout)
+                           capture_output=True, text=True, errors="replace",
+                           timeout=timeout)
         return Verdict("clean" if r.returncode == 0 else "refused", r.returncode, None, r.stderr)
     try:
         r = subprocess.run(["qemu-img", "check", "--output=json", "-f", "qcow2", str(path)],
-                           capture_output=True, text=True, timeout=timeout)
+                           capture_output=True, text=True, errors="replace",
+                           timeout=timeout)
     except subprocess.TimeoutExpired:
         return Verdict("hang", None, None, "")
     try:

@@ -26,18 +26,16 @@ import os
 
 import construct as c
 
+from model import mapping as mp
+from model import refcounts as rc
+from model.qfile import Qcow2File
 from spec import features as ft
 from spec import header as hd
 from spec import limits as lim
 from spec.errors import RequestError
 from spec.geometry import Geometry, align_up
 from spec.image import ImageFile
-from spec.info import full_backing_filename
 from spec.tables import refcount_block, refcount_table
-
-from model import mapping as mp
-from model import refcounts as rc
-from model.qfile import Qcow2File
 
 BDRV_SECTOR_SIZE = 512
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
@@ -52,8 +50,9 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
     ``qemu-img create -f qcow2 -o ...``. ``size`` is rounded up to whole sectors, as
     qemu-img does.
 
-    ``data_file`` names the external data file (relative to ``path``'s directory); it is
-    created, or truncated to ``size``. ``data_file_raw`` implies metadata preallocation
+    ``data_file`` names the external data file; like qemu-img, a relative name is relative
+    to the current directory (also when the image is opened later). It is created, or
+    truncated to ``size``. ``data_file_raw`` implies metadata preallocation
     (qcow2_co_create: the data file must read as the guest disk).
 
     Raises:
@@ -118,7 +117,7 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
     except OSError as e:
         raise RequestError(f"cannot create {path}: {e.strerror}") from None
     if data_file:
-        dpath = full_backing_filename(path, data_file)
+        dpath = data_file  # relative to the current directory, as qemu-img create does
         try:
             with open(dpath, "wb") as f:
                 f.truncate(size)
@@ -168,7 +167,7 @@ def _preallocate(path: str, size: int, mode: str) -> None:
     file to the last allocated byte. ``falloc`` and ``full`` are laid out the same way here
     (QEMU places their data area behind a fresh refcount area instead); ``full`` also writes
     the zeros."""
-    from model.image import open as open_model  # noqa: PLC0415 - image imports create's peers
+    from model.image import open as open_model
 
     with open_model(path) as img:
         img._preallocate(0, size, full=mode == "full")
@@ -200,7 +199,8 @@ def _validate(size: int, version: int, cluster_size: int, refcount_bits: int, ex
     if compression_type not in ("zlib", "zstd"):
         raise RequestError(f"unknown compression type {compression_type}")
     if compression_type != "zlib" and version < 3:
-        raise RequestError("non-zlib compression type is only supported with compatibility level 1.1 and above")
+        raise RequestError("non-zlib compression type is only supported with compatibility level 1.1 "
+                           "and above")
     if backing_fmt and not backing_file:
         raise RequestError("backing format cannot be used without backing file")
     if backing_file and len(backing_file.encode()) > lim.BACKING_FILE_NAME_MAX:

@@ -9,11 +9,16 @@ what QEMU does.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 from typing import Any, BinaryIO
 
+from model import backing as bk
+from model import compress as cz
+from model import mapping as mp
+from model import refcounts as rc
+from model.qfile import Qcow2File
 from spec import features as ft
-from spec import header as hd
 from spec.entries import (
     L2E_OFFSET_MASK,
     QCOW_L2_BITMAP_ALL_ALLOC,
@@ -35,12 +40,6 @@ from spec.image import ImageFile, open_image
 from spec.info import full_backing_filename, virtual_size
 from spec.limits import QCOW2_MAX_BACKING_DEPTH
 
-from model import backing as bk
-from model import compress as cz
-from model import mapping as mp
-from model import refcounts as rc
-from model.qfile import Qcow2File
-
 BDRV_SECTOR_SIZE = 512
 
 IMPL_OPTIONS = frozenset({"l2_cache_size", "l2_cache_entry_size", "refcount_cache_size",
@@ -49,7 +48,7 @@ IMPL_OPTIONS = frozenset({"l2_cache_size", "l2_cache_entry_size", "refcount_cach
 one call works for both packages, and ignores them."""
 
 
-def open(path: str | os.PathLike[str], *, readonly: bool = False,  # noqa: A001 - interface name
+def open(path: str | os.PathLike[str], *, readonly: bool = False,
          snapshot: str | None = None, **options: Any) -> Image:
     """Open a qcow2 image (block/qcow2.c, qcow2_do_open, and block.c for the backing chain).
 
@@ -97,7 +96,7 @@ def _open_image(img: ImageFile, path: str, *, readonly: bool, snapshot: str | No
     f: BinaryIO = img.f
     if not readonly:
         try:
-            f = builtins.open(path, "r+b")
+            f = builtins.open(path, "r+b")  # noqa: SIM115 - owned by the Image
         except OSError as e:
             raise FormatError(f"cannot open for writing: {e.strerror}", path) from None
         img.f.close()
@@ -106,9 +105,12 @@ def _open_image(img: ImageFile, path: str, *, readonly: bool, snapshot: str | No
     if img.has_data_file:
         if img.data_file is None:
             raise FormatError("external data file flag set but no data file name", "extensions")
-        data_path = full_backing_filename(path, img.data_file)
+        # QEMU opens the data file by the name in the header as given, relative to the
+        # current directory, not to the image (qcow2_do_open opens the "data-file" child
+        # from that name); the model does the same.
+        data_path = img.data_file
         try:
-            data_f = builtins.open(data_path, "rb" if readonly else "r+b")
+            data_f = builtins.open(data_path, "rb" if readonly else "r+b")  # noqa: SIM115
         except OSError as e:
             raise FormatError(f"could not open data file: {e.strerror}", data_path) from None
     q = Qcow2File(img, f, readonly=readonly, data_f=data_f)
@@ -122,7 +124,7 @@ def _open_image(img: ImageFile, path: str, *, readonly: bool, snapshot: str | No
             backing = _open(bpath, readonly=True, snapshot=None, depth=depth + 1, options={})
     image = Image(q, backing)
     if snapshot is not None:
-        from model import snapshots as sn  # noqa: PLC0415 - snapshots imports this module
+        from model import snapshots as sn
         sn.load_for_reading(image, snapshot)
     elif not readonly:
         image._open_read_write()
@@ -142,7 +144,7 @@ class Image:
         self.backing = backing
         self.filename = q.path
         data_name = q.image_file.data_file
-        self.data_filename = full_backing_filename(q.path, data_name) if data_name else None
+        self.data_filename = data_name
         self.cluster_size = q.cluster_size
         self.size = virtual_size(int(q.header.size))
         self.readonly = q.readonly
@@ -180,10 +182,8 @@ class Image:
         """Flag the image corrupt as qcow2_signal_corruption(fatal=true) does: set the
         corrupt bit when writable, and refuse every further request. Returns the error."""
         if not self.readonly and not self.broken:
-            try:
+            with contextlib.suppress(Qcow2Error):
                 self.q.set_incompatible_bit(ft.QCOW2_INCOMPAT_CORRUPT, True)
-            except Qcow2Error:
-                pass
         self.broken = True
         return CorruptionError(message)
 
@@ -215,7 +215,7 @@ class Image:
             h.v3.autoclear_features &= keep
             self.q.write_header()
         if h.v3.incompatible_features & ft.QCOW2_INCOMPAT_DIRTY:
-            from model import repair  # noqa: PLC0415 - repair walks the image through this module
+            from model import repair
 
             self._guard(repair.rebuild_refcounts, self.q)
             self.q.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
@@ -478,9 +478,10 @@ class Image:
 
         # Where the COW starts in the first cluster and ends in the last (calculate_l2_meta).
         t_first = sctype(0, pos)
-        e0, b0 = table[idx]
+        b0 = table[idx][1]
         if keep_old:
-            cow_start_from = cow_start_to if t_first is SubclusterType.NORMAL else align_down(cow_start_to, scs)
+            cow_start_from = (cow_start_to if t_first is SubclusterType.NORMAL
+                              else align_down(cow_start_to, scs))
         elif t_first is SubclusterType.COMPRESSED:
             cow_start_from = 0
         elif t_first in (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC, SubclusterType.UNALLOCATED_ALLOC):
@@ -634,7 +635,7 @@ class Image:
         n = min(n, self.size - offset)
         if n <= 0:
             return True
-        from model import mapping_report as mr  # noqa: PLC0415 - mapping_report imports this module
+        from model import mapping_report as mr
 
         flags, pnum = mr.status_above(self, offset, n)
         return bool(flags & bk.BDRV_BLOCK_ZERO) and pnum == n
@@ -655,9 +656,8 @@ class Image:
         offset += head
         tail = 0 if end >= self.size else end - max(offset, align_down(end, cs))
         end -= tail
-        if head:
-            if not self._zero_subclusters(offset - head, head):
-                return False
+        if head and not self._zero_subclusters(offset - head, head):
+            return False
         pos = offset
         while pos < end:
             l2off = mp.l2_table_for_write(q, pos)
@@ -682,10 +682,7 @@ class Image:
                     table = mp.read_l2(q, l2off)
                 idx += 1
                 pos += cs
-        if tail:
-            if not self._zero_subclusters(end, tail):
-                return False
-        return True
+        return not (tail and not self._zero_subclusters(end, tail))
 
     def _zero_subclusters(self, offset: int, n: int) -> bool:
         """zero_l2_subclusters: within one cluster, mark subclusters zero."""
@@ -715,8 +712,9 @@ class Image:
 
         A v2 image with a backing file ignores discards entirely (qcow2_co_pdiscard: it
         cannot mark clusters zero). The block layer cuts the request at cluster boundaries
-        (pdiscard_alignment); the driver ignores (-ENOTSUP, and the block layer then reports success) every partial
-        cluster except a last one that ends at the end of the image. Whole clusters:
+        (pdiscard_alignment); the driver ignores (-ENOTSUP, and the block layer then reports
+        success) every partial cluster except a last one that ends at the end of the image.
+        Whole clusters:
 
         ===================================  ==========================================
         cluster, image                       new entry (discard_in_l2_slice)
@@ -746,9 +744,8 @@ class Image:
             # backing file, so v2 images with a backing file ignore discards.
             return
         for start, length in _split_aligned(offset, n, cs):
-            if start % cs or length % cs:
-                if start % cs or start + length != self.size:
-                    continue
+            if (start % cs or length % cs) and (start % cs or start + length != self.size):
+                continue
             self._mark_dirty()
             self._cluster_discard(start, length, request=True, full=False)
 
@@ -821,7 +818,7 @@ class Image:
             raise RequestError("compressed writes need an unallocated cluster (QEMU: -EIO)")
         host = rc.alloc_bytes(q, len(out))
         nb_additional = ((host + len(out) - 1) >> 9) - (host >> 9)
-        from spec.entries import csize_shift  # noqa: PLC0415
+        from spec.entries import csize_shift
 
         entry = QCOW_OFLAG_COMPRESSED | (nb_additional << csize_shift(q.cluster_bits)) | host
         table = mp.read_l2(q, l2off)
@@ -868,7 +865,7 @@ class Image:
     def map(self, offset: int = 0, n: int | None = None) -> list[dict[str, Any]]:
         """Extents of [offset, offset+n) as ``qemu-img map --output=json`` lists them.
         See model/mapping_report.py. Raises RequestError (range, closed), CorruptionError."""
-        from model import mapping_report as mr  # noqa: PLC0415
+        from model import mapping_report as mr
 
         self._usable()
         n = self.size - offset if n is None else n
@@ -878,14 +875,14 @@ class Image:
     def layer_status(self, offset: int, n: int) -> bk.Status:
         """This image's own block status at ``offset`` (qcow2_co_block_status plus the
         generic part of bdrv_co_block_status). See model/mapping_report.py."""
-        from model import mapping_report as mr  # noqa: PLC0415
+        from model import mapping_report as mr
 
         return mr.qcow2_layer_status(self, offset, n)
 
     def info(self) -> dict[str, Any]:
         """``qemu-img info --output=json`` of the file as it is now (spec.info.qcow2_info).
         Raises RequestError (closed), FormatError."""
-        from spec.info import allocated_size, qcow2_info  # noqa: PLC0415
+        from spec.info import allocated_size, qcow2_info
 
         self._usable()
         img = open_image(self.filename)
@@ -898,35 +895,35 @@ class Image:
         """Change the virtual size (qcow2_co_truncate). See model/resize.py.
         Raises RequestError (size, shrink without ``shrink``, snapshots, read-only, closed),
         CorruptionError."""
-        from model import resize as rs  # noqa: PLC0415
+        from model import resize as rs
 
         self._writable()
         self._guard(rs.resize, self, new_size, shrink)
 
     def snapshot_create(self, name: str) -> None:
         """See model/snapshots.py (qcow2_snapshot_create)."""
-        from model import snapshots as sn  # noqa: PLC0415
+        from model import snapshots as sn
 
         self._writable()
         self._guard(sn.create, self, name)
 
     def snapshot_apply(self, name: str) -> None:
         """See model/snapshots.py (qcow2_snapshot_goto)."""
-        from model import snapshots as sn  # noqa: PLC0415
+        from model import snapshots as sn
 
         self._writable()
         self._guard(sn.apply, self, name)
 
     def snapshot_delete(self, name: str) -> None:
         """See model/snapshots.py (qcow2_snapshot_delete)."""
-        from model import snapshots as sn  # noqa: PLC0415
+        from model import snapshots as sn
 
         self._writable()
         self._guard(sn.delete, self, name)
 
     def snapshots(self) -> list[dict[str, Any]]:
         """See model/snapshots.py (qcow2_snapshot_list)."""
-        from model import snapshots as sn  # noqa: PLC0415
+        from model import snapshots as sn
 
         self._usable()
         return sn.listing(self)

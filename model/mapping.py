@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import struct
 
-from spec.entries import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED
-from spec.errors import CorruptionError
-
 from model import refcounts as rc
 from model.qfile import Qcow2File
+from spec.entries import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED
+from spec.errors import CorruptionError
 
 L2Pair = tuple[int, int]
 
@@ -47,10 +46,7 @@ def read_l2(q: Qcow2File, offset: int) -> list[L2Pair]:
 
 
 def write_l2(q: Qcow2File, offset: int, entries: list[L2Pair]) -> None:
-    if q.extended_l2:
-        words = [w for pair in entries for w in pair]
-    else:
-        words = [e for e, _ in entries]
+    words = [w for pair in entries for w in pair] if q.extended_l2 else [e for e, _ in entries]
     q.pwrite(offset, struct.pack(f">{len(words)}Q", *words))
 
 

@@ -34,8 +34,6 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from spec.entries import L2E_OFFSET_MASK, SubclusterType, subcluster_type
-
 from model import mapping as mp
 from model import refcounts as rc
 from model.backing import (
@@ -47,6 +45,7 @@ from model.backing import (
     Layer,
     Status,
 )
+from spec.entries import L2E_OFFSET_MASK, SubclusterType, subcluster_type
 
 if TYPE_CHECKING:
     from model.image import Image
@@ -84,13 +83,13 @@ def qcow2_layer_status(img: Image, offset: int, n: int) -> Status:
         e0 = table[idx][0]
         t = sct(0, sc0)
         if t is SubclusterType.INVALID:
-            from spec.errors import CorruptionError  # noqa: PLC0415
+            from spec.errors import CorruptionError
 
             raise CorruptionError(f"invalid cluster entry {e0:#x} (guest {offset:#x})")
         if t in _WITH_OFFSET:
             hc = e0 & L2E_OFFSET_MASK
             if hc % cs:
-                from spec.errors import CorruptionError  # noqa: PLC0415
+                from spec.errors import CorruptionError
 
                 raise CorruptionError(f"cluster allocation offset {hc:#x} unaligned")
             host = hc + start_in_cluster

@@ -30,7 +30,6 @@ from spec.errors import CorruptionError, RequestError
 from spec.geometry import Geometry
 from spec.image import ImageFile
 
-
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10

@@ -23,18 +23,18 @@ allocation at offset 0. ``free_clusters`` ignores failures, as qcow2_free_cluste
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
+from model.qfile import Qcow2File
 from spec.entries import REFT_OFFSET_MASK
 from spec.errors import CorruptionError
 from spec.geometry import align_up, div_round_up
 from spec.limits import QCOW_MAX_REFTABLE_SIZE
 from spec.tables import refcount_block
 
-from model.qfile import Qcow2File
 
-
-class _Again(Exception):  # noqa: N818 - QEMU's -EAGAIN: "restart the search for free clusters"
+class _Again(Exception):
     """A refcount block was allocated; the caller's free-cluster search must start over."""
 
 
@@ -54,7 +54,7 @@ def write_reftable(q: Qcow2File, table: list[int]) -> None:
     q.pwrite(q.header.refcount_table_offset, struct.pack(f">{len(table)}Q", *table))
 
 
-def refcount_get(block: bytes, index: int, bits: int) -> int:
+def refcount_get(block: bytes | bytearray, index: int, bits: int) -> int:
     """Entry ``index`` of a refcount block (qcow2.rst "Refcount block entry"): widths below
     a byte are packed from the least significant bit; wider ones are big-endian."""
     if bits < 8:
@@ -124,8 +124,7 @@ def update_refcount(q: Qcow2File, offset: int, length: int, addend: int, *, disc
     cs = q.cluster_size
     start = offset - offset % cs
     end = align_up(offset + length, cs)
-    done = 0
-    for cl in range(start, end, cs):
+    for done, cl in enumerate(range(start, end, cs)):
         idx = cl // cs
         try:
             block = _refblock_for_update(q, idx, allocate=addend > 0)
@@ -143,7 +142,6 @@ def update_refcount(q: Qcow2File, offset: int, length: int, addend: int, *, disc
             raise CorruptionError(f"refcount of cluster {idx} out of range ({new})")
         refcount_set(data, i, q.geometry.refcount_bits, new)
         q.pwrite(block, bytes(data))
-        done += 1
         if new == 0 and idx < q.free_cluster_index:
             q.free_cluster_index = idx
         if new == 0 and discard:
@@ -171,10 +169,8 @@ def free_clusters(q: Qcow2File, offset: int, length: int, *, discard: bool = Fal
     qcow2_free_clusters reports a failed update ("qcow2_free_clusters failed") and goes on,
     leaving a leak or an error for qemu-img check; the model does the same.
     """
-    try:
+    with contextlib.suppress(CorruptionError):
         update_refcount(q, offset, length, -1, discard=discard)
-    except CorruptionError:
-        pass
 
 
 # --- allocation ------------------------------------------------------------------------------

@@ -30,9 +30,15 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
+from model import mapping as mp
+from model import refcounts as rc
+from model.qfile import Qcow2File
 from spec import header as hd
 from spec.entries import (
+    BME_TABLE_ENTRY_OFFSET_MASK,
     L2E_OFFSET_MASK,
     QCOW_OFLAG_COPIED,
     REFT_OFFSET_MASK,
@@ -43,10 +49,6 @@ from spec.entries import (
 from spec.errors import CorruptionError, FormatError, Qcow2Error
 from spec.image import open_image
 from spec.interface import CheckResult, Repair
-
-from model import mapping as mp
-from model import refcounts as rc
-from model.qfile import Qcow2File
 
 
 def expected_refcounts(q: Qcow2File) -> Counter[int]:
@@ -93,28 +95,28 @@ def expected_refcounts(q: Qcow2File) -> Counter[int]:
     return refs
 
 
-def _snapshot_table(q: Qcow2File) -> list:  # type: ignore[type-arg]
-    from model.snapshots import _table  # noqa: PLC0415 - snapshots imports image
+def _snapshot_table(q: Qcow2File) -> list[Any]:
+    from model.snapshots import _table  # snapshots imports image, which imports this module
 
     return _table(q)
 
 
-def _snapshot_entry_size(s: object) -> int:
-    n = 40 + int(s.extra_data_size) + int(s.id_str_size) + int(s.name_size)  # type: ignore[attr-defined]
+def _snapshot_entry_size(s: Any) -> int:
+    n = 40 + int(s.extra_data_size) + int(s.id_str_size) + int(s.name_size)
     return n + (-n % 8)
 
 
-def _bitmap_refs(q: Qcow2File, ref: object) -> None:
+def _bitmap_refs(q: Qcow2File, ref: Callable[[int, int], None]) -> None:
+    """Bitmap directory, bitmap tables and their data clusters (qcow2.rst "Bitmaps")."""
     ext = q.image_file.extension(hd.QCOW2_EXT_MAGIC_BITMAPS)
-    if ext is None:
+    if ext is None or not q.image_file.bitmaps_enabled:
         return
-    add = ref  # type: ignore[assignment]
-    add(ext.data.bitmap_directory_offset, ext.data.bitmap_directory_size)  # type: ignore[operator]
+    ref(ext.data.bitmap_directory_offset, ext.data.bitmap_directory_size)
     for e in q.image_file.bitmap_directory():
-        add(e.bitmap_table_offset, e.bitmap_table_size * 8)  # type: ignore[operator]
+        ref(e.bitmap_table_offset, e.bitmap_table_size * 8)
         for be in mp.read_l1(q, e.bitmap_table_offset, e.bitmap_table_size):
-            if be & 0x00FFFFFFFFFFFE00:
-                add(be & 0x00FFFFFFFFFFFE00, q.cluster_size)  # type: ignore[operator]
+            if be & BME_TABLE_ENTRY_OFFSET_MASK:
+                ref(be & BME_TABLE_ENTRY_OFFSET_MASK, q.cluster_size)
 
 
 def stored_refcounts(q: Qcow2File, n_clusters: int) -> list[int]:
@@ -161,10 +163,8 @@ def fix_copied(q: Qcow2File) -> int:
             t = cluster_type(e, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
             if t not in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
                 continue
-            if q.has_data_file:
-                ok = True
-            else:
-                ok = rc.get_refcount(q, (e & L2E_OFFSET_MASK) // q.cluster_size) == 1
+            # With a data file every cluster counts as referenced once (no refcounts).
+            ok = q.has_data_file or rc.get_refcount(q, (e & L2E_OFFSET_MASK) // q.cluster_size) == 1
             if bool(e & QCOW_OFLAG_COPIED) != ok:
                 wrong += 1
                 table[j] = ((e | QCOW_OFLAG_COPIED) if ok else (e & ~QCOW_OFLAG_COPIED), b)
@@ -182,7 +182,7 @@ def check(path: str | os.PathLike[str], *, repair: Repair = None) -> CheckResult
 
     Raises FormatError / UnsupportedFeature when the image does not open.
     """
-    from model.image import open as open_model  # noqa: PLC0415
+    from model.image import open as open_model
 
     path = str(path)
     result = CheckResult(filename=path)
@@ -257,8 +257,10 @@ def _copied_errors(q: Qcow2File) -> int:
             wrong += 1
         for e, _ in mp.read_l2(q, l2off):
             t = cluster_type(e, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
-            if t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and not q.has_data_file and bool(
-                    e & QCOW_OFLAG_COPIED) != (rc.get_refcount(q, (e & L2E_OFFSET_MASK) // q.cluster_size) == 1):
+            if t not in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) or q.has_data_file:
+                continue
+            single = rc.get_refcount(q, (e & L2E_OFFSET_MASK) // q.cluster_size) == 1
+            if bool(e & QCOW_OFLAG_COPIED) != single:
                 wrong += 1
     return wrong
 

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from spec.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
-from spec.geometry import align_up
-from spec.limits import QCOW_MAX_L1_SIZE
-
 from model import mapping as mp
 from model import refcounts as rc
+from spec.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
 from spec.errors import RequestError
+from spec.geometry import align_up
+from spec.limits import QCOW_MAX_L1_SIZE
 
 if TYPE_CHECKING:
     from model.image import Image

@@ -31,15 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 import construct as c
 
+from model import mapping as mp
+from model import refcounts as rc
 from spec.entries import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, ClusterType, cluster_type
 from spec.errors import CorruptionError, RequestError, UnsupportedFeature
 from spec.image import open_image, parse
 from spec.info import snapshot_list
 from spec.limits import QCOW_MAX_SNAPSHOT_EXTRA_DATA, QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOTS_SIZE
 from spec.snapshot import SnapshotHeader
-
-from model import mapping as mp
-from model import refcounts as rc
 
 if TYPE_CHECKING:
     from model.image import Image
@@ -109,7 +108,7 @@ def update_snapshot_refcount(q: Qcow2File, l1_offset: int, l1_size: int, addend:
             t = cluster_type(entry, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
             if t is ClusterType.COMPRESSED:
                 if addend:
-                    from spec.entries import compressed_range  # noqa: PLC0415
+                    from spec.entries import compressed_range
 
                     coff, csize = compressed_range(entry, q.cluster_bits)
                     rc.update_refcount(q, coff, csize, addend, discard=addend < 0)
@@ -145,7 +144,8 @@ def _entry_bytes(s: c.Container) -> bytes:
     padding: extra data at least the 24 bytes QEMU knows, unknown extra data kept."""
     extra = s.extra_data
     unknown = bytes(extra.unknown) if extra.unknown else b""
-    vm_state = int(extra.vm_state_size_large) if extra.vm_state_size_large is not None else int(s.vm_state_size)
+    large = extra.vm_state_size_large
+    vm_state = int(large) if large is not None else int(s.vm_state_size)
     body = SnapshotHeader.build({
         "l1_table_offset": s.l1_table_offset, "l1_size": s.l1_size,
         "id_str_size": len(s.id_str), "name_size": len(s.name),
@@ -228,12 +228,12 @@ def apply(img: Image, name: str) -> None:
     s = _table(q)[_find(q, name)]
     disk_size = int(s.extra_data.disk_size) if s.extra_data.disk_size is not None else img.size
     if disk_size != img.size:
-        from model import resize as rs  # noqa: PLC0415
+        from model import resize as rs
 
         rs.resize(img, disk_size, True, from_snapshot=True)
     sn_off, sn_size = int(s.l1_table_offset), int(s.l1_size)
     if sn_size > int(q.header.l1_size):
-        from model import resize as rs  # noqa: PLC0415
+        from model import resize as rs
 
         rs.grow_l1(q, sn_size)
     cur_size = int(q.header.l1_size)

@@ -9,6 +9,7 @@ declares encryption, which the model refuses with UnsupportedFeature.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,12 @@ def _qemu_map(path: Path) -> list[dict[str, object]]:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_model_reads_like_qemu(name: str, qemu_images: dict[str, Path]) -> None:
+def test_model_reads_like_qemu(name: str, qemu_images: dict[str, Path],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
     path = qemu_images[name]
+    # QEMU opens an external data file relative to the current directory, and the
+    # catalogue's qemu-img ran in the image's directory.
+    monkeypatch.chdir(path.parent)
     if name in ENCRYPTED:
         with pytest.raises(UnsupportedFeature) as e:
             model.open(path, readonly=True)
@@ -51,9 +56,12 @@ def test_model_reads_like_qemu(name: str, qemu_images: dict[str, Path]) -> None:
 @pytest.mark.parametrize("output", ["json", "human"])
 def test_cli_map_prints_what_qemu_img_prints(name: str, output: str, qemu_images: dict[str, Path]) -> None:
     path = str(qemu_images[name])
+    cwd = qemu_images[name].parent
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     ours = subprocess.run([sys.executable, "-m", "difftest.cli", "map", f"--output={output}", path],
-                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
-    theirs = subprocess.run(["qemu-img", "map", f"--output={output}", path], capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=cwd, env=env)
+    theirs = subprocess.run(["qemu-img", "map", f"--output={output}", path], capture_output=True, text=True,
+                            cwd=cwd)
     assert ours.stdout == theirs.stdout
     assert (ours.returncode == 0) == (theirs.returncode == 0)
 

@@ -16,8 +16,11 @@ Examples are bounded and derandomized so that the run is reproducible and fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "backing-v3": {"backing": True},
     "backing-v2": {"backing": True, "compat": "0.10"},
     "backing-extended-l2": {"backing": True, "extended_l2": True},
+    "data-file": {"data_file": "img.data"},
+    "data-file-raw": {"data_file": "img.data", "data_file_raw": True},
 }
 
 Op = tuple[str, int, int, int]
@@ -94,45 +99,68 @@ def _model_apply(img: model.Image, op: Op) -> bool:
 
 
 def _check(path: Path) -> dict[str, Any]:
-    out = json.loads(qemu_img("check", "--output=json", str(path), check=False).stdout)
+    out = json.loads(qemu_img("check", "--output=json", str(path), check=False, cwd=path.parent).stdout)
     out.pop("filename")
     return out
 
 
 def _setup(tmp: Path, cfg: dict[str, Any], size: int) -> tuple[Path, Path]:
+    """The same image twice, under the same names in two directories: ``m/img.qcow2``
+    made by model.create and ``q/img.qcow2`` by qemu-img create (with the same backing
+    file and data file names beside each)."""
     cfg = dict(cfg)
+    (tmp / "m").mkdir()
+    (tmp / "q").mkdir()
     backing = None
     if cfg.pop("backing", False):
-        base = qemu_create(tmp / "base.qcow2", size + 5 * 65536)
+        base = qemu_create(tmp / "q" / "base.qcow2", size + 5 * 65536)
         qemu_io(base, f"write -P 0xbb 0 {size // 2}", f"write -P 0xcc {size // 2} {size // 4}")
+        shutil.copy(base, tmp / "m" / "base.qcow2")
         backing = "base.qcow2"
-    q = qemu_create(tmp / "q.qcow2", size, backing=backing, **cfg)
-    m = tmp / "m.qcow2"
+    q = qemu_create(tmp / "q" / "img.qcow2", size, backing=backing, **cfg)
+    m = tmp / "m" / "img.qcow2"
     version = 2 if cfg.get("compat") == "0.10" else 3
-    model.create(m, size, version=version, cluster_size=cfg.get("cluster_size", 65536),
-                 refcount_bits=cfg.get("refcount_bits", 16), extended_l2=cfg.get("extended_l2", False),
-                 compression_type=cfg.get("compression_type", "zlib"),
-                 lazy_refcounts=cfg.get("lazy_refcounts", False),
-                 backing_file=backing, backing_fmt="qcow2" if backing else None)
+    with _cwd(m.parent):
+        model.create(m, size, version=version, cluster_size=cfg.get("cluster_size", 65536),
+                     refcount_bits=cfg.get("refcount_bits", 16), extended_l2=cfg.get("extended_l2", False),
+                     compression_type=cfg.get("compression_type", "zlib"),
+                     lazy_refcounts=cfg.get("lazy_refcounts", False),
+                     backing_file=backing, backing_fmt="qcow2" if backing else None,
+                     data_file=cfg.get("data_file"), data_file_raw=cfg.get("data_file_raw", False))
     assert m.read_bytes() == q.read_bytes(), "model.create differs from qemu-img create"
     return m, q
+
+
+@contextlib.contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    """QEMU opens external data files relative to the current directory (and the wrappers
+    in tests/qemu.py run qemu in the image's directory), so the model runs there too."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def run_sequence(tmp: Path, cfg: dict[str, Any], ops: list[Op], size: int = 2 * MiB) -> None:
     m, q = _setup(tmp, cfg, size)
     done = []
-    with model.open(m) as img:
-        for op in ops:
-            if _model_apply(img, op):
-                done.append(op)
-    qemu_io(q, *[_qemu_cmd(op) for op in done])
-    assert m.read_bytes() == q.read_bytes()
-    with model.open(m, readonly=True) as img:
-        content = img.read(0, img.size)
-        extents = img.map()
-    assert content == raw_content(q)
-    assert extents == json.loads(qemu_img("map", "--output=json", str(m)).stdout)
-    assert _check(m) == _check(q)
+    with _cwd(m.parent):
+        with model.open(m) as img:
+            for op in ops:
+                if _model_apply(img, op):
+                    done.append(op)
+        qemu_io(q, *[_qemu_cmd(op) for op in done])
+        assert m.read_bytes() == q.read_bytes()
+        if "data_file" in cfg:
+            assert (m.parent / cfg["data_file"]).read_bytes() == (q.parent / cfg["data_file"]).read_bytes()
+        with model.open(m, readonly=True) as img:
+            content = img.read(0, img.size)
+            extents = img.map()
+        assert content == raw_content(q)
+        assert extents == json.loads(qemu_img("map", "--output=json", str(m), cwd=m.parent).stdout)
+        assert _check(m) == _check(q)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -159,7 +187,7 @@ def test_model_images_pass_check(tmp_path: Path) -> None:
                      ("compress", 5 * 65536, 65536, 7), ("write", 5 * 65536 + 10, 10, 8),
                      ("zero_unmap", 3 * 65536, 3 * 65536, 0), ("write", MiB, 5 * 65536 + 3, 9)]
     run_sequence(tmp_path, {}, ops)
-    c = _check(tmp_path / "m.qcow2")
+    c = _check(tmp_path / "m" / "img.qcow2")
     assert c["check-errors"] == 0 and "corruptions" not in c and "leaks" not in c
 
 
@@ -170,4 +198,4 @@ def test_qemu_reuses_a_freed_compressed_cluster(tmp_path: Path) -> None:
     ops: list[Op] = [("compress", 6 * 65536, 65536, 91), ("discard", 6 * 65536, 65536, 0),
                      ("write", 28 * 65536, 2 * 65536, 21), ("compress", 8 * 65536, 65536, 225)]
     run_sequence(tmp_path, {}, ops)
-    assert _check(tmp_path / "m.qcow2").get("corruptions") == 1
+    assert _check(tmp_path / "m" / "img.qcow2").get("corruptions") == 1

@@ -6,7 +6,9 @@ The counters and the exit code are qemu-img's (qemu-img.c img_check): 0 clean, 1
 (including an image that cannot be opened), 2 corruptions, 3 leaks only. Human output lists
 every violated rule (id, host offset, explanation, spec section), then qemu-img's summary
 lines. JSON output is qemu-img's object, field for field, on stdout; the violated rules go to
-stderr, as qemu-img prints its ERROR lines there. Repair (-r) is not implemented yet: asking
+stderr, as qemu-img prints its ERROR lines there. An image qemu-img refuses (it cannot open it
+or its check stops with an error) gets no summary and no JSON, only the violated rules, and
+exit 1, as qemu-img prints only an error then. Repair (-r) is not implemented yet: asking
 for it is refused (UnsupportedFeature, exit 1) rather than silently ignored.
 """
 
@@ -20,7 +22,7 @@ from difftest.commands.info import to_json
 from spec.info import qdict
 from spec.interface import CheckResult
 from spec.rules import RULES_BY_ID, Finding
-from spec.rules.check import check
+from spec.rules.check import check, verdict
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     result = check(args.image, repair=args.repair)
+    if verdict(result) == "refused":
+        # qemu-img prints no report when it cannot open the image or its check stops with an
+        # error (qemu-img.c img_check): only the reasons, and exit 1. JSON stdout stays empty.
+        print_findings(result.findings, sys.stderr if args.output == "json" else sys.stdout)
+        return 1
     if args.output == "json":
         print_findings(result.findings, sys.stderr)
         print(json_text(result))

@@ -46,9 +46,14 @@ def check(path: str | os.PathLike[str], *, repair: Repair = None) -> CheckResult
         raise UnsupportedFeature("check repair", f"repair={repair!r} is not implemented yet")
     result = CheckResult(filename=str(path))
     try:
-        img = open_image(path)
+        # As qemu-img check opens (BDRV_O_CHECK): the snapshot table and the bitmaps are not
+        # read at open, so their damage is counted by the walk rather than refused.
+        img = open_image(path, check_mode=True)
     except (FormatError, UnsupportedFeature) as e:
-        result.findings = [open_failure(e)]
+        # qemu-img check reports nothing for an image it cannot open: mark it as for a check
+        # that stops (CHECK-COMPLETES), so ``verdict`` says "refused" for both.
+        result.findings = [open_failure(e),
+                           Finding("CHECK-COMPLETES", None, "qemu-img cannot open the image")]
         result.check_errors = 1
         return result
     with img:
@@ -70,3 +75,19 @@ def check(path: str | os.PathLike[str], *, repair: Repair = None) -> CheckResult
     result.fragmented_clusters = ev.bfi.fragmented_clusters or None
     result.compressed_clusters = ev.bfi.compressed_clusters or None
     return result
+
+
+VERDICTS = ("clean", "leaks", "corruptions", "check-errors", "refused")
+
+
+def verdict(result: CheckResult) -> str:
+    """The outcome class of ``qemu-img check`` this result stands for.
+
+    "refused" means qemu-img prints no report at all and exits 1: it could not open the image
+    (or its backing chain), or its check stopped with an error (qemu-img.c collect_image_check
+    returns the error before filling the report). Otherwise the class follows the exit code:
+    "clean" (0), "check-errors" (1), "corruptions" (2), "leaks" (3).
+    """
+    if any(f.rule == "CHECK-COMPLETES" for f in result.findings):
+        return "refused"
+    return {0: "clean", 1: "check-errors", 2: "corruptions", 3: "leaks"}[result.exit_code]

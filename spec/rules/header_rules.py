@@ -14,8 +14,8 @@ import os
 from spec import features as ft
 from spec import header as hd
 from spec.errors import FormatError, UnsupportedFeature
-from spec.image import QCOW_CRYPT_LUKS
-from spec.limits import V3_MIN_HEADER_LENGTH
+from spec.image import QCOW_CRYPT_LUKS, ImageFile, open_image
+from spec.limits import QCOW2_MAX_BACKING_DEPTH, V3_MIN_HEADER_LENGTH
 from spec.luks import luks_info, read_luks_header
 from spec.rules.context import Context
 
@@ -47,14 +47,9 @@ def open_checks(ctx: Context) -> None:
         # (block/qcow2.c qcow2_do_open passes it to bdrv_open_child as is); we do the same.
         if not os.path.exists(img.data_file):
             raise ctx.abort("FEATURE-DATA-FILE-NAME", None, f"data file {img.data_file!r} not found")
-    if img.backing_file:
-        # bdrv_get_full_backing_filename: a relative name is relative to the image's directory.
-        backing = os.path.join(os.path.dirname(os.path.abspath(img.path)), img.backing_file)
-        if "://" not in img.backing_file and not os.path.exists(backing):
-            raise ctx.abort("BACKING-FILE-OPENS", int(img.header.backing_file_offset),
-                            f"backing file {img.backing_file!r} not found")
-        if img.backing_format is not None and img.backing_format not in QEMU_FORMATS:
-            raise ctx.abort("BACKING-FILE-OPENS", None, f"unknown backing format {img.backing_format!r}")
+    problem = backing_chain_problem(img)
+    if problem is not None:
+        raise ctx.abort("BACKING-FILE-OPENS", int(img.header.backing_file_offset) or None, problem)
     crypto = img.extension(hd.QCOW2_EXT_MAGIC_CRYPTO_HEADER)
     if crypto is not None and int(crypto.data.offset) % ctx.cluster_size:
         raise ctx.abort("CRYPTO-HEADER-ALIGNED", int(crypto.data.offset),
@@ -66,6 +61,62 @@ def open_checks(ctx: Context) -> None:
             luks_info(read_luks_header(img))
         except (FormatError, UnsupportedFeature) as e:
             raise ctx.abort("CRYPTO-HEADER-LUKS", int(crypto.data.offset), str(e)) from None
+
+
+def backing_chain_problem(img: ImageFile) -> str | None:
+    """Why QEMU could not open ``img``'s backing chain, or None if it could.
+
+    qemu-img check opens the whole chain before checking (block.c bdrv_open_backing_file), so
+    a missing file, an unknown format or a bad qcow2 image anywhere down the chain makes it
+    refuse the top image. A chain that comes back to a file already in it is refused by
+    ``qemu-img info --backing-chain`` ("creates an infinite loop"); ``qemu-img check`` 7.2 itself
+    never answers on such a chain (it keeps opening it), so we refuse it as info does.
+    """
+    seen = {os.path.realpath(img.path)}
+    cur: ImageFile | None = None
+    name, fmt, directory = img.backing_file, img.backing_format, os.path.dirname(os.path.abspath(img.path))
+    try:
+        for _ in range(QCOW2_MAX_BACKING_DEPTH):
+            if not name:
+                return None
+            # QEMU copies the extension into a C string: an empty (all-NUL) format means "probe".
+            if fmt and fmt not in QEMU_FORMATS:
+                return f"unknown backing format {fmt!r}"
+            if "://" in name:
+                return None  # a protocol URL: QEMU's network drivers, not files we can follow
+            # bdrv_get_full_backing_filename: a relative name is relative to the image's directory.
+            path = os.path.join(directory, name)
+            if not os.path.exists(path):
+                return f"backing file {name!r} not found"
+            real = os.path.realpath(path)
+            if real in seen:
+                return f"backing file {name!r} creates an infinite loop"
+            seen.add(real)
+            is_qcow2 = _has_qcow2_magic(path)
+            if fmt == "qcow2" and not is_qcow2:
+                return f"backing file {name!r} is not a qcow2 image"
+            if fmt not in (None, "", "qcow2") or not is_qcow2:
+                return None  # another format ends the chain as far as the qcow2 rules go
+            if cur is not None:
+                cur.close()
+            try:
+                cur = open_image(path)
+            except (FormatError, UnsupportedFeature) as e:
+                return f"backing file {name!r} cannot be opened: {e}"
+            name, fmt = cur.backing_file, cur.backing_format
+            directory = os.path.dirname(os.path.abspath(path))
+        return f"backing chain deeper than {QCOW2_MAX_BACKING_DEPTH} (a loop)"
+    finally:
+        if cur is not None:
+            cur.close()
+
+
+def _has_qcow2_magic(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"QFI\xfb"
+    except OSError:
+        return False
 
 
 def spec_checks(ctx: Context) -> None:

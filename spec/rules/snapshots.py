@@ -25,14 +25,22 @@ class SnapshotEntry:
 def read_snapshot_table(ctx: Context) -> tuple[list[SnapshotEntry], int]:
     """(entries, snapshots_size), reading the way qcow2_do_read_snapshots does (no repair).
 
-    The table's offset and entry count were validated at open (spec.image). Reads past the end
-    of the file give zeros, as in QEMU. An entry with more than 1 KiB of extra data, or a table
-    longer than QCOW_MAX_SNAPSHOTS_SIZE, makes QEMU's check fail outright.
+    The table's offset and entry count are validated first, as the check does (the open skips
+    the snapshot table in check mode). Reads past the end of the file give zeros, as in QEMU.
+    An entry with more than 1 KiB of extra data, or a table longer than QCOW_MAX_SNAPSHOTS_SIZE, makes QEMU's check fail outright.
     """
     h = ctx.img.header
     start = offset = int(h.snapshots_offset)
+    nb = int(h.nb_snapshots)
+    # qcow2_check_read_snapshot_table validates the table pointer itself (the open skips it in
+    # check mode): a failure counts one check error and stops QEMU's check, whatever nb is.
+    if nb > lim.QCOW_MAX_SNAPSHOTS:
+        raise ctx.abort("SNAPSHOT-TABLE-READABLE", 60,
+                        f"{nb} snapshots (QEMU: at most {lim.QCOW_MAX_SNAPSHOTS})")
+    if nb * SNAPSHOT_HEADER_SIZE > lim.INT64_MAX - start or start % ctx.cluster_size:
+        raise ctx.abort("SNAPSHOT-TABLE-READABLE", 64, f"snapshot table offset {start:#x} is invalid")
     out: list[SnapshotEntry] = []
-    for i in range(int(h.nb_snapshots)):
+    for i in range(nb):
         offset += -offset % 8
         fixed = ctx.read(offset, SNAPSHOT_HEADER_SIZE)
         l1_off = int.from_bytes(fixed[0:8], "big")
