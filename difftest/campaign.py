@@ -139,7 +139,8 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
     t0 = time.perf_counter()
     Lockstep.close = counting_close  # type: ignore[method-assign]
     try:
-        _run_seeded(machine, s, shard.seed)
+        _run_seeded(machine, s, shard.seed,
+                    f"qcow2lab-difftest:{sorted(shard.overrides.items())}".encode())
     except Exception as e:  # Flaky failures and oracle trouble are findings too
         # report_multiple_bugs: Hypothesis shrinks every distinct failure (kind + place) on
         # its own and raises them together.
@@ -161,14 +162,20 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
     return stats
 
 
-def _run_seeded(machine: Any, s: settings, seed: int) -> None:
-    """run_state_machine_as_test with a fixed seed (Hypothesis' @seed on the machine test)."""
+def _run_seeded(machine: Any, s: settings, seed: int, db_key: bytes = b"qcow2lab-difftest") -> None:
+    """run_state_machine_as_test with a fixed seed (Hypothesis' @seed on the machine test).
+
+    Hypothesis turns its example database off for a test run under a forced seed unless the
+    test names its database key, so the key is set here: without it failures found under a
+    seed would never be replayed (hypothesis/core.py, run_engine).
+    """
     try:
         from hypothesis.stateful import get_state_machine_test
     except ImportError:  # older Hypothesis: no seed control, still a valid run
         run_state_machine_as_test(machine, settings=s)
         return
     test = get_state_machine_test(machine, settings=s)
+    test._hypothesis_internal_database_key = db_key  # type: ignore[attr-defined]
     hyp_seed(seed)(test)()
 
 

@@ -64,7 +64,10 @@ def error_class(text: str) -> type[Qcow2Error]:
     return RequestError
 
 
-_FAIL = re.compile(r"(failed|error|not found|can't|cannot|could not|unable)", re.IGNORECASE)
+_FAIL = re.compile(r"(failed|error|not found|can't|cannot|could not|unable|must|invalid|not supported"
+                   r"|^qemu-io: )", re.IGNORECASE | re.MULTILINE)
+"""What marks a qemu-io reply as a failure: block-layer errors print "... failed: <errno>",
+and error_report() lines start with the program name ("qemu-io: The new size must be...")."""
 
 
 class QemuIo:
@@ -153,7 +156,10 @@ def parse_hexdump(text: str, n: int) -> bytes:
         k = min(16, n - got)
         parts.append(line[11: 11 + 3 * k - 1])
         got += k
-    out = bytes.fromhex("".join(parts))
+    try:
+        out = bytes.fromhex("".join(parts))
+    except ValueError as e:
+        raise QemuIoDied(f"unreadable hexdump: {text[:200]!r}") from e
     if len(out) != n:
         raise QemuIoDied(f"short hexdump: {len(out)} of {n} bytes")
     return out

@@ -20,10 +20,15 @@ The interface is spec.interface's: ``create``, ``open`` (returning an ``Image``)
 ``check``. The model never imports impl/ (tests/test_layering.py).
 
 Modules: create.py (qemu-img create's layout), image.py (Image: read/write/zeroes/discard/
-compressed writes), mapping.py (L1/L2), refcounts.py (refcounts and allocation),
-backing.py (backing layers), compress.py (deflate, zstd), mapping_report.py (block status,
-qemu-img map), snapshots.py (internal snapshots), resize.py, repair.py (refcount rebuild
-of dirty images, check).
+compressed writes), qfile.py (the host file and header, QEMU's file operations),
+mapping.py (L1/L2), refcounts.py (refcounts and allocation), overlap.py (metadata overlap
+checks), backing.py (backing layers), compress.py (deflate, zstd), mapping_report.py
+(block status, qemu-img map), snapshots.py (internal snapshots), resize.py, repair.py
+(check, and the refcount rebuild of dirty images).
+
+Known deliberate QEMU 7.2 behaviour kept for fidelity: qcow2_alloc_bytes keeps packing
+compressed data after ``free_byte_offset`` even when that host cluster was freed and reused
+(see tests/test_model_qemu.py, test_qemu_reuses_a_freed_compressed_cluster).
 """
 
 from model.create import create

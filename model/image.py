@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 from model import backing as bk
 from model import compress as cz
 from model import mapping as mp
+from model import overlap as ov
 from model import refcounts as rc
 from model.qfile import Qcow2File
 from spec import features as ft
@@ -32,6 +33,7 @@ from spec.entries import (
     SubclusterType,
     cluster_type,
     compressed_range,
+    csize_shift,
     subcluster_type,
 )
 from spec.errors import CorruptionError, FormatError, Qcow2Error, RequestError, UnsupportedFeature
@@ -403,6 +405,9 @@ class Image:
             pos = self._write_run(pos, end, b"", pos, prealloc=True)
         target = q.data_f if q.has_data_file else None
         size = q.file_size(target)
+        # QEMU's file (or data file) then ends with the last allocated cluster, whole
+        # (observed with 7.2).
+        self.last_host_end = align_up(self.last_host_end, q.cluster_size)
         if self.last_host_end > size:
             if full:
                 chunk = 1 << 20
@@ -473,6 +478,7 @@ class Image:
             if prealloc:
                 return []
             # Every touched subcluster is already allocated: a plain overwrite, no metadata.
+            ov.check_data_write(q, host + cow_start_to, len(piece))
             q.data_pwrite(host + cow_start_to, piece)
             return []
 
@@ -508,6 +514,7 @@ class Image:
             cow_end_to = align_up(cow_end_from, scs)
 
         if not prealloc:
+            ov.check_data_write(q, host + cow_start_from, cow_end_to - cow_start_from)
             has_cow = cow_start_from < cow_start_to or cow_end_from < cow_end_to
             target = q.data_f if q.has_data_file else None
             if (has_cow and self._is_zero(first + cow_start_from, cow_start_to - cow_start_from)
@@ -817,9 +824,8 @@ class Image:
         if table[idx][0] & L2E_OFFSET_MASK:
             raise RequestError("compressed writes need an unallocated cluster (QEMU: -EIO)")
         host = rc.alloc_bytes(q, len(out))
+        ov.check_data_write(q, host, len(out))
         nb_additional = ((host + len(out) - 1) >> 9) - (host >> 9)
-        from spec.entries import csize_shift
-
         entry = QCOW_OFLAG_COMPRESSED | (nb_additional << csize_shift(q.cluster_bits)) | host
         table = mp.read_l2(q, l2off)
         table[idx] = (entry, 0)

@@ -11,8 +11,8 @@ algorithm, not just its result, so that the model picks the same host offsets:
   (qcow2_alloc_clusters_at), the cursor untouched;
 - a refcount going to 0 moves the cursor back (update_refcount);
 - a missing refcount block is placed at the next free cluster; if it does not describe
-  itself its own refcount is set first, and the caller's search starts over
-  (alloc_refcount_block, the -EAGAIN protocol);
+  itself its own refcount is set first, and the caller's search starts over from the
+  clusters it had found (alloc_refcount_block and update_refcount, the -EAGAIN protocol);
 - a refcount table that is too small is replaced by a larger one placed with new,
   self-describing refcount blocks at the start of the first uncovered refblock range
   (qcow2_refcount_area).
@@ -129,6 +129,9 @@ def update_refcount(q: Qcow2File, offset: int, length: int, addend: int, *, disc
         try:
             block = _refblock_for_update(q, idx, allocate=addend > 0)
         except _Again:
+            # update_refcount: the caller restarts its search, and tries the same clusters
+            # first since they may still be free.
+            q.free_cluster_index = min(q.free_cluster_index, start // cs)
             if done:
                 # update_refcount restores the refcounts it already changed before failing.
                 update_refcount(q, start, done * cs, -addend)
@@ -268,59 +271,71 @@ def _refblock_for_update(q: Qcow2File, cluster_index: int, *, allocate: bool) ->
     raise _Again
 
 
-def _grow_reftable(q: Qcow2File, cluster_index: int, new_index: int, new_block: int) -> None:
-    """Replace the refcount table by one large enough for ``cluster_index``
-    (alloc_refcount_block's second half and qcow2_refcount_area).
+def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int,
+                           generous: bool) -> tuple[int, int]:
+    """(refcount blocks, refcount table clusters) needed to count ``clusters`` clusters plus
+    themselves: the fixed point qcow2_refcount_metadata_size computes. ``generous`` adds
+    room for half the table again once, as QEMU does when growing."""
+    per_table_cluster = cluster_size // 8
+    per_block = cluster_size * 8 >> refcount_order
+    table = blocks = n = 0
+    while True:
+        last = n
+        blocks = div_round_up(clusters + table + blocks, per_block)
+        table = div_round_up(blocks, per_table_cluster)
+        n = clusters + blocks + table
+        if n == last and generous:
+            clusters += div_round_up(table, 2)
+            n = 0
+            generous = False
+            continue
+        if n == last:
+            return blocks, table
 
-    The new table and the refcount blocks that describe it go at the start of the first
-    refblock range past the ones in use; the old table is freed afterwards.
+
+def _grow_reftable(q: Qcow2File, cluster_index: int, new_index: int, new_block: int) -> None:
+    """Replace the refcount table by a larger one (alloc_refcount_block's second half, then
+    qcow2_refcount_area with additional_clusters 0 and a generous size).
+
+    The area starts at the first refblock range past the ones in use (counting the refblock
+    just allocated). New refcount blocks for every missing table entry up to the computed
+    count come first, then the table; the area's clusters get refcount 1 in the blocks that
+    cover them; the header is switched and the old table freed.
     """
     g = q.geometry
     cs = q.cluster_size
     entries = g.refcount_block_entries
-    old = read_reftable(q)
-    blocks_used = div_round_up(cluster_index, entries)
+    blocks_used = div_round_up(max(cluster_index + 1, new_block // cs + 1), entries)
     start = blocks_used * entries * cs
-    # Size the table and the area together: the area's own clusters need covering too.
-    table_entries = max(len(old), blocks_used + 1)
-    while True:
-        table_clusters = div_round_up(table_entries * 8, cs)
-        new_table = old + [0] * (table_entries - len(old))
-        if new_index < table_entries:
-            new_table[new_index] = new_block
-        first_area_rt = start // cs // entries
-        # Count the refcount blocks the area needs, then check the table covers them.
-        n_blocks = 0
-        while True:
-            end = start + (n_blocks + table_clusters) * cs
-            last_rt = (end - 1) // cs // entries
-            needed = sum(1 for i in range(first_area_rt, last_rt + 1)
-                         if i >= len(new_table) or not new_table[i])
-            if needed == n_blocks:
-                break
-            n_blocks = needed
-        if last_rt < table_entries:
-            break
-        table_entries = last_rt + 1 + table_entries // 2
-    if table_entries * 8 > QCOW_MAX_REFTABLE_SIZE:
+    total_blocks, _ = refcount_metadata_size(start // cs, cs, g.refcount_order, True)
+    table_size = total_blocks + div_round_up(total_blocks, 2)
+    table_size = align_up(table_size, cs // 8)
+    table_clusters = table_size * 8 // cs
+    if table_size * 8 > QCOW_MAX_REFTABLE_SIZE:
         raise CorruptionError("refcount table would exceed QEMU's maximum size")
-    table_offset = start + n_blocks * cs
+    old = read_reftable(q)
+    new_table = (old + [0] * table_size)[:table_size]
+    new_table[new_index] = new_block
+    area_index = start // cs // entries
+    additional = sum(1 for i in range(area_index, total_blocks) if not new_table[i])
+    table_offset = start + additional * cs
     end = table_offset + table_clusters * cs
     block_offset = start
-    for i in range(first_area_rt, last_rt + 1):
-        fresh = not new_table[i]
-        if fresh:
+    bits = g.refcount_bits
+    for i in range(area_index, total_blocks):
+        if new_table[i]:
+            data = bytearray(q.pread(new_table[i], cs))
+        else:
+            data = bytearray(cs)
             new_table[i] = block_offset
             block_offset += cs
-        values = [0] * entries if fresh else read_refblock(q, new_table[i])
         first_covered = i * entries * cs
-        j = max(start, first_covered)
-        while j < min(end, first_covered + entries * cs):
-            values[(j - first_covered) // cs] = 1
-            j += cs
-        write_refblock(q, new_table[i], values)
-    full = new_table + [0] * (table_clusters * cs // 8 - len(new_table))
-    q.pwrite(table_offset, struct.pack(f">{len(full)}Q", *full))
+        if first_covered < end:
+            j = (start - first_covered) // cs if first_covered < start else 0
+            for k in range(j, min((end - first_covered) // cs, entries)):
+                refcount_set(data, k, bits, 1)
+        q.pwrite(new_table[i], bytes(data))
+    q.pwrite(table_offset, struct.pack(f">{table_size}Q", *new_table))
     old_offset, old_clusters = q.header.refcount_table_offset, q.header.refcount_table_clusters
     q.header.refcount_table_offset = table_offset
     q.header.refcount_table_clusters = table_clusters

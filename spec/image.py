@@ -22,6 +22,9 @@ Where we differ from QEMU, on purpose:
 - QEMU's file driver reads past the end of the file as zeros; we refuse any structure that
   does not fit in the file with FormatError (QEMU itself never writes such a file, except
   that the padding after the last snapshot table entry may be missing: that is accepted).
+  In ``check_mode`` the header, its extensions and the backing file name are read as QEMU
+  reads them, zero-filled past the end of the file, so ``qemu-img check``'s verdict on a
+  truncated header can be matched (spec/rules counts what follows from the zeros).
 - Nothing outside the file is opened: a missing external data file name ("'data-file' is
   required" in QEMU), the backing chain and encryption keys are the caller's business.
 """
@@ -67,6 +70,20 @@ def parse(schema: c.Construct, data: bytes, where: str, **ctx: Any) -> Any:
         inner = str(e).split("\n", 1)
         path = (getattr(e, "path", None) or "").replace("(parsing) -> ", "").replace(" -> ", ".")
         raise FormatError(inner[-1], f"{where}.{path}" if path else where) from None
+
+
+def pread_zero_filled(f: BinaryIO, offset: int, n: int, where: str, file_size: int) -> bytes:
+    """``n`` bytes at ``offset``, zeros past the end of the file (QEMU's file driver).
+
+    Only for the small reads of the header area (``n`` at most a cluster), so the buffer
+    stays bounded whatever the header claims.
+    """
+    if offset < 0 or n < 0:
+        raise FormatError(f"invalid read of {n} bytes at {offset}", where)
+    if offset >= file_size:
+        return bytes(n)
+    data = pread_exact(f, offset, min(n, file_size - offset), where, file_size)
+    return data + bytes(n - len(data))
 
 
 def pread_exact(f: BinaryIO, offset: int, n: int, where: str, file_size: int | None = None) -> bytes:
@@ -340,6 +357,12 @@ def _load(path: str, f: BinaryIO, check_mode: bool = False) -> ImageFile:
         head = os.pread(f.fileno(), lim.V3_MIN_HEADER_LENGTH, 0)
     except OSError as e:
         raise FormatError(f"cannot read: {e}", "header") from None
+    if check_mode:
+        # qcow2_do_open reads the fixed header with bdrv_pread, which zero-fills past the end
+        # of the file: a cut header is then judged on its zeros (version 0, cluster_bits 0,
+        # header_length 0, ... are refused as such; a cut after byte 104 may open).
+        head += bytes(lim.V3_MIN_HEADER_LENGTH - len(head))
+    read = pread_zero_filled if check_mode else pread_exact
     if head[:4] != lim.QCOW_MAGIC:
         raise FormatError("not a qcow2 image (bad magic)", "header.magic")
     if len(head) < lim.V2_HEADER_LENGTH:
@@ -363,7 +386,7 @@ def _load(path: str, f: BinaryIO, check_mode: bool = False) -> ImageFile:
         # qcow2.rst also wants a multiple of 8; QEMU does not check that, so neither do we.
     if hlen > cluster_size:
         raise FormatError("header exceeds cluster size", "header.v3.header_length")
-    h = parse(hd.Header, pread_exact(f, 0, hlen, "header", file_size), "header")
+    h = parse(hd.Header, read(f, 0, hlen, "header", file_size), "header")
     backing_offset = h.backing_file_offset
     if backing_offset > cluster_size:
         raise FormatError("invalid backing file offset", "header.backing_file_offset")
@@ -424,7 +447,7 @@ def _load(path: str, f: BinaryIO, check_mode: bool = False) -> ImageFile:
         # qcow2_update_options_prepare: EINVAL.
         raise FormatError(f"unsupported encryption method {h.crypt_method}", "header.crypt_method")
 
-    extensions = _read_extensions(f, hlen, ext_end, h, file_size)
+    extensions = _read_extensions(f, hlen, ext_end, h, file_size, zero_fill=check_mode)
     img = ImageFile(path=path, f=f, header=h, extensions=extensions, geometry=geometry, file_size=file_size)
     for ext in extensions:
         # A later duplicate replaces an earlier one, as in qcow2_read_extensions.
@@ -444,7 +467,7 @@ def _load(path: str, f: BinaryIO, check_mode: bool = False) -> ImageFile:
         n = h.backing_file_size
         if n > min(lim.BACKING_FILE_NAME_MAX, cluster_size - backing_offset):
             raise FormatError("backing file name too long", "header.backing_file_size")
-        raw = parse(hd.backing_file_name(n), pread_exact(f, backing_offset, n, "backing_file", file_size),
+        raw = parse(hd.backing_file_name(n), read(f, backing_offset, n, "backing_file", file_size),
                     "backing_file")
         img.backing_file_raw = raw
         img.backing_file = c_string(raw)
@@ -473,23 +496,25 @@ def _unknown_feature_names(f: BinaryIO, start: int, end: int, h: c.Container, fi
 
 
 def _read_extensions(f: BinaryIO, start: int, end: int, h: c.Container, file_size: int,
-                     validate: bool = True) -> list[Extension]:
+                     validate: bool = True, zero_fill: bool = False) -> list[Extension]:
     """The extension list between the header and ``end`` (qcow2_read_extensions).
 
     The list ends at an end marker or when the next extension would start at or past
     ``end``. An extension's data must end by ``end``, but its padding may run past it; the
-    padding beyond ``end`` is not read (it is taken as zeros).
+    padding beyond ``end`` is not read (it is taken as zeros). ``zero_fill``: bytes past the
+    end of the file read as zeros (check mode, as QEMU reads them).
     """
+    read = pread_zero_filled if zero_fill else pread_exact
     out: list[Extension] = []
     offset = start
     while offset < end:
         where = f"extensions[{len(out)}]"
-        fixed = pread_exact(f, offset, 8, where, file_size)
+        fixed = read(f, offset, 8, where, file_size)
         etype, elen = _be(fixed, 0, 4), _be(fixed, 4, 4)
         if offset + 8 > end or elen > end - offset - 8:
             raise FormatError("header extension too large", f"{where}.length")
         padded = elen + (-elen % 8)
-        raw_bytes = pread_exact(f, offset, 8 + min(padded, end - offset - 8), where, file_size)
+        raw_bytes = read(f, offset, 8 + min(padded, end - offset - 8), where, file_size)
         raw_bytes += b"\0" * (8 + padded - len(raw_bytes))
         raw = parse(hd.HeaderExtension, raw_bytes, where)
         ext = Extension(etype, elen, raw.data, raw, offset)

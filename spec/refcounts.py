@@ -117,7 +117,10 @@ class Tally:
             return False
         cb = self.geometry.cluster_bits
         first, last = offset >> cb, (offset + size - 1) >> cb
-        self.add_clusters(np.arange(first, last + 1, dtype=np.int64), kind)
+        if first == last and first < self.file_clusters:
+            self._add_one_inside(first, kind)  # the common case, without numpy's per-call cost
+        else:
+            self.add_clusters(np.arange(first, last + 1, dtype=np.int64), kind)
         return True
 
     def add_regions(self, offsets: UIntArray, sizes: UIntArray, kind: Kind) -> UIntArray:
@@ -147,8 +150,26 @@ class Tally:
         for k in clusters[clusters >= self.file_clusters].tolist():
             self._add_one_past_eof(int(k), kind)
 
+    def _add_one_inside(self, k: int, kind: Kind) -> None:
+        """``_add_inside`` for a single cluster inside the file, with the same effects."""
+        self.nb_clusters = max(self.nb_clusters, k + 1)
+        n = int(self.counts[k]) + 1
+        if n > self.refcount_max:
+            self.overflows.append((k, n - self.refcount_max))
+            n = self.refcount_max
+        self.counts[k] = n
+        old = int(self.kinds[k])
+        if old == Kind.FREE:
+            self.kinds[k] = kind
+        elif kind not in SHAREABLE or old != kind:
+            self.overlaps.append(Overlap(k, Kind(old), kind))
+
     def _add_inside(self, clusters: IntArray, kind: Kind) -> None:
-        uniq, reps = np.unique(clusters, return_counts=True)
+        if clusters.size == 1 or bool(np.all(clusters[1:] > clusters[:-1])):
+            # Already unique and sorted (a table's clusters usually are): skip np.unique's sort.
+            uniq, reps = clusters, np.ones(clusters.size, dtype=np.int64)
+        else:
+            uniq, reps = np.unique(clusters, return_counts=True)
         new = self.counts[uniq].astype(np.uint64) + reps.astype(np.uint64)
         over = new > self.refcount_max
         if over.any():

@@ -58,9 +58,26 @@ def _difftest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", choices=["human", "json"], default="human")
 
 
+def _check(args: argparse.Namespace) -> int:
+    from difftest import bench_check
+
+    r = bench_check.run(bench_check.parse_size(args.size), args.cluster_size, args.repeat)
+    print(json.dumps(r, indent=2) if args.output == "json" else bench_check.human(r))
+    return 0
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", default="16G", help="virtual size of the preallocated image (qemu-img syntax)")
+    p.add_argument("--cluster-size", type=int, default=65536)
+    p.add_argument("--repeat", type=int, default=5, help="timed runs of each check (the median is shown)")
+    p.add_argument("--output", choices=["human", "json"], default="human")
+
+
 SUBVERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "difftest": ("throughput of the differential harness", _difftest_args, _difftest),
+    "check": ("qcow2lab check against qemu-img check on a preallocated image (difftest/bench_check.py)",
+              _check_args, _check),
 }
 
 

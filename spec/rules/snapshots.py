@@ -27,7 +27,8 @@ def read_snapshot_table(ctx: Context) -> tuple[list[SnapshotEntry], int]:
 
     The table's offset and entry count are validated first, as the check does (the open skips
     the snapshot table in check mode). Reads past the end of the file give zeros, as in QEMU.
-    An entry with more than 1 KiB of extra data, or a table longer than QCOW_MAX_SNAPSHOTS_SIZE, makes QEMU's check fail outright.
+    An entry with more than 1 KiB of extra data, or a table longer than QCOW_MAX_SNAPSHOTS_SIZE,
+    makes QEMU's check fail outright.
     """
     h = ctx.img.header
     start = offset = int(h.snapshots_offset)

@@ -1,0 +1,50 @@
+"""Metadata overlap checks before data writes (block/qcow2-refcount.c,
+qcow2_check_metadata_overlap and qcow2_pre_write_overlap_check, with QEMU's default
+overlap-check mode "cached": everything except inactive L2 tables).
+
+A data write that would land on the header, an L1 table (active or a snapshot's), an active
+L2 table, the refcount table, a refcount block or the snapshot table means the tables are
+inconsistent. QEMU then refuses the write and flags the image corrupt; so does the model
+(the caller turns the CorruptionError into the corrupt bit). Writes to an external data file
+are not checked: no metadata lives there.
+"""
+
+from __future__ import annotations
+
+from model import mapping as mp
+from model import refcounts as rc
+from model.qfile import Qcow2File
+from spec.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
+from spec.errors import CorruptionError
+
+
+def _ranges(q: Qcow2File) -> list[tuple[str, int, int]]:
+    cs = q.cluster_size
+    out = [("qcow2_header", 0, cs),
+           ("active L1 table", int(q.header.l1_table_offset), int(q.header.l1_size) * 8),
+           ("refcount table", int(q.header.refcount_table_offset),
+            int(q.header.refcount_table_clusters) * cs)]
+    for e in mp.read_l1(q):
+        if e & L1E_OFFSET_MASK:
+            out.append(("active L2 table", e & L1E_OFFSET_MASK, cs))
+    for e in rc.read_reftable(q):
+        if e & REFT_OFFSET_MASK:
+            out.append(("refcount block", e & REFT_OFFSET_MASK, cs))
+    if int(q.header.nb_snapshots):
+        from model.snapshots import _table, _table_size
+
+        out.append(("snapshot table", int(q.header.snapshots_offset), _table_size(q)))
+        for s in _table(q):
+            out.append(("inactive L1 table", int(s.l1_table_offset), int(s.l1_size) * 8))
+    return out
+
+
+def check_data_write(q: Qcow2File, offset: int, n: int) -> None:
+    """Raise CorruptionError if [offset, offset+n) on the image file overlaps metadata."""
+    if q.has_data_file or n <= 0:
+        return
+    cs = q.cluster_size
+    lo, hi = offset - offset % cs, -(-(offset + n) // cs) * cs
+    for name, start, length in _ranges(q):
+        if length > 0 and start < hi and lo < start + length:
+            raise CorruptionError(f"preventing invalid write on metadata (overlaps with {name})")

@@ -1,0 +1,255 @@
+"""The differential tester's own machinery: the qemu-io channel, the lockstep harness, the
+Hypothesis campaign (qemu against qemu must never diverge), fault injection with shrinking,
+the reproducers and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from difftest import qemuio
+from difftest.campaign import Shard, run_shard
+from difftest.cli import main
+from difftest.config import Config, configs, parse_overrides
+from difftest.lockstep import Divergence, Lockstep, normalize_map
+from difftest.repro import pytest_body, shell_script
+from spec.errors import RequestError
+
+pytestmark = pytest.mark.skipif(not qemuio.available(), reason="qemu-io is the oracle")
+
+
+# -- pure helpers ---------------------------------------------------------------------------
+
+def test_parse_hexdump_unaligned_and_short_last_line() -> None:
+    text = ("00000ffa:  41 41 41 41 41 41 00 01 02 03 04 05 06 07 08 09  AAAAAA..........\n"
+            "0000100a:  0a 0b 0c  ...\nread 19/19 bytes at offset 4090\n")
+    assert qemuio.parse_hexdump(text, 19) == b"A" * 6 + bytes(range(13))
+
+
+def test_parse_hexdump_refuses_short_output() -> None:
+    with pytest.raises(qemuio.QemuIoDied):
+        qemuio.parse_hexdump("00000000:  41  A\n", 2)
+
+
+def test_runs_cover_data_exactly() -> None:
+    data = b"\0" * 700 + b"xyz" + b"\x11" * 512 + b"ab" + b"\x22" * 511
+    pieces = qemuio.runs(data, 512)
+    assert [(a, n, b) for a, n, b in pieces if b is not None] == [(0, 700, 0), (703, 512, 0x11)]
+    assert b"".join(data[a:a + n] for a, n, _ in pieces) == data
+
+
+def test_normalize_map_merges_and_clips() -> None:
+    ext = [{"start": 0, "length": 4096, "depth": 0, "present": True, "zero": False, "data": True,
+            "offset": 1 << 20},
+           {"start": 4096, "length": 4096, "depth": 0, "present": True, "zero": False, "data": True,
+            "offset": 9 << 20},
+           {"start": 8192, "length": 8192, "depth": 0, "present": False, "zero": True, "data": False}]
+    assert normalize_map(ext, 100, 9000) == [(100, 8092, True, False, True, 0),
+                                             (8192, 808, False, True, False, 0)]
+
+
+def test_config_rules_follow_qemu_img_create() -> None:
+    with pytest.raises(ValueError):
+        Config(version=2, extended_l2=True).validate()
+    with pytest.raises(ValueError):
+        Config(cluster_size=8192, extended_l2=True).validate()
+    with pytest.raises(ValueError):
+        Config(data_file=True, data_file_raw=True, backing="raw").validate()
+    assert parse_overrides(["cluster_size=4k", "extended_l2=on", "backing=raw"]) == {
+        "cluster_size": 4096, "extended_l2": True, "backing": "raw"}
+    with pytest.raises(ValueError):
+        parse_overrides(["nonsense=1"])
+
+
+def test_config_strategy_draws_only_valid_configs() -> None:
+    from hypothesis import given, settings
+
+    @settings(max_examples=60, database=None)
+    @given(configs())
+    def check(cfg: Config) -> None:
+        cfg.validate()
+
+    check()
+
+
+# -- the qemu-io channel ------------------------------------------------------------------------
+
+def test_qemu_image_roundtrip_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "a.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(path), "1M"],
+                   check=True)
+    img = qemuio.QemuImage(path)
+    try:
+        blob = bytes(range(256)) * 20 + b"tail"
+        img.write(1000, blob)
+        img.write(9000, b"\x5a" * 3000)
+        assert img.read(1000, len(blob)) == blob
+        assert img.matches(8000, b"\0" * 1000 + b"\x5a" * 3000 + b"\0" * 100)
+        assert not img.matches(8000, b"\0" * 1000 + b"\x5a" * 2999 + b"\0" * 101)
+        with pytest.raises(RequestError):
+            img.write((1 << 20) - 1, b"ab")
+        with pytest.raises(RequestError):
+            img.read(1 << 20, 1)
+        img.write_zeroes(0, 4096, unmap=True)
+        assert img.read(1000, 8) == b"\0" * 8
+        img.snapshot_create("s0")
+        img.write(0, b"\x77" * 512)
+        img.snapshot_apply("s0")
+        assert img.read(0, 512) == b"\0" * 512
+        assert [s["name"] for s in img.snapshots()] == ["s0"]
+        img.resize(2 << 20)
+        assert img.size == 2 << 20
+        with pytest.raises(RequestError):
+            img.resize(1 << 20)  # a shrink needs shrink=True, as qemu-img resize needs --shrink
+        img.reopen()
+        assert img.read(9000, 4) == b"\x5a" * 4
+        top = img.present_runs()
+        assert top[0][2] is True and sum(n for _, n, _ in top) == 2 << 20
+    finally:
+        img.close()
+
+
+# -- the harness and the campaign -----------------------------------------------------------------
+
+def test_lockstep_qemu_against_qemu_with_backing_chain(tmp_path: Path) -> None:
+    cfg = Config(cluster_size=4096, backing="qcow2x2", backing_size="shorter", size=4096 * 37 + 1536)
+    ls = Lockstep(tmp_path, cfg, ["qemu", "qemu2"])
+    try:
+        ls.write(100, 5000, 0x11)
+        ls.write_random(7000, 3000, 5)
+        ls.write_zeroes(0, 4096, unmap=True)
+        ls.discard(8192, 8192)
+        ls.write_compressed(4096 * 5, 4096, byte=3)
+        assert not ls.write_compressed(4096 * 5 + 512, 4096, byte=3)  # misaligned: both refuse
+        ls.read(0, 50000)
+        assert not ls.read(cfg.size, 10)  # past the end: both refuse
+        ls.resize(cfg.size + 4096)
+        ls.snapshot_create("s0")
+        ls.write(0, 4096 * 3, 0x44)
+        ls.snapshot_apply("s0")
+        ls.reopen()
+        ls.compare_map()
+        ls.finish()
+    finally:
+        ls.close()
+    assert ls.ops["write"] == 2
+
+
+def test_campaign_qemu_against_qemu_never_diverges(tmp_path: Path) -> None:
+    stats = run_shard(Shard(["qemu", "qemu2"], seed=20261121, examples=8, steps=15, db_dir=None,
+                            repro_dir=str(tmp_path / "repro"), workdir=str(tmp_path / "work")))
+    assert stats.divergences == []
+    assert stats.examples >= 8 and sum(stats.ops.values()) > 0
+
+
+class DropsLastByte:
+    """An injected bug: a qemu-backed target whose writes of more than one sector that do not
+    start on a sector boundary lose their last byte. Exposed as ``create``/``open``
+    like a package, to run as a ``py:`` target."""
+
+    def create(self, path: str, size: int, **kw: Any) -> None:
+        from difftest.targets import qemu_img_create
+        cfg = Config(version=kw["version"], cluster_size=kw["cluster_size"], refcount_bits=kw["refcount_bits"],
+                     extended_l2=kw["extended_l2"], compression_type=kw["compression_type"],
+                     lazy_refcounts=kw["lazy_refcounts"], size=size)
+        backing = (kw["backing_file"], kw["backing_fmt"]) if kw.get("backing_file") else None
+        p = Path(path)
+        subprocess.run(qemu_img_create(p, cfg, backing), cwd=p.parent, check=True)
+
+    def open(self, path: str, readonly: bool = False) -> qemuio.QemuImage:
+        img = qemuio.QemuImage(path, readonly=readonly)
+        real = img.write
+
+        def write(off: int, data: bytes) -> None:
+            if off % 512 and len(data) > 512:
+                data = data[:-1]
+            real(off, data)
+
+        img.write = write  # type: ignore[method-assign]
+        return img
+
+
+faulty = DropsLastByte()
+
+
+def test_injected_fault_is_found_shrunk_and_reproduced(tmp_path: Path) -> None:
+    stats = run_shard(Shard(["py:tests.test_difftest:faulty", "qemu"], seed=7, examples=25, steps=12,
+                            overrides={"backing": "none", "data_file": False, "cluster_size": 4096,
+                                       "version": 3},
+                            db_dir=None, repro_dir=str(tmp_path / "repro"), workdir=str(tmp_path / "w")))
+    assert stats.divergences, "the dropped byte was not noticed"
+    found = stats.divergences[0]
+    assert found.kind == "bytes"
+    assert 1 <= found.steps <= 6
+    assert found.repro_dir is not None
+    where = Path(found.repro_dir)
+    body = (where / "test_repro.py").read_text()
+    namespace: dict[str, Any] = {}
+    exec(compile(body, str(where / "test_repro.py"), "exec"), namespace)
+    with pytest.raises(Divergence):
+        namespace["test_repro"](tmp_path / "replay")
+    script = where / "repro.sh"
+    run_dir = tmp_path / "sh"
+    run_dir.mkdir()
+    r = subprocess.run(["sh", str(script)], cwd=run_dir, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "No errors were found" in r.stdout
+
+
+def test_example_database_replays_the_failure_first(tmp_path: Path) -> None:
+    shard = Shard(["py:tests.test_difftest:faulty", "qemu"], seed=7, examples=25, steps=12,
+                  overrides={"backing": "none", "data_file": False, "cluster_size": 4096, "version": 3},
+                  db_dir=str(tmp_path / "db"), repro_dir=str(tmp_path / "repro"),
+                  workdir=str(tmp_path / "w"))
+    first = run_shard(shard)
+    assert first.divergences
+    shard.seed, shard.examples = 99, 1  # a different seed and a single example: only the replay finds it
+    again = run_shard(shard)
+    assert again.divergences and again.divergences[0].kind == "bytes"
+
+
+def test_reproducers_render_every_operation() -> None:
+    cfg = Config(cluster_size=512, backing="raw", size=8192)
+    log: list[tuple[str, dict[str, Any]]] = [
+        ("write", {"off": 1, "n": 600, "byte": 0x11}), ("write_random", {"off": 0, "n": 10, "seed": 3}),
+        ("write_zeroes", {"off": 0, "n": 512, "unmap": True}), ("discard", {"off": 0, "n": 512}),
+        ("write_compressed", {"off": 512, "n": 512, "byte": 0}), ("read", {"off": 0, "n": 16}),
+        ("flush", {}), ("resize", {"new_size": 4096, "shrink": True}), ("snapshot_create", {"name": "s0"}),
+        ("snapshot_apply", {"name": "s0"}), ("snapshot_delete", {"name": "s0"}), ("reopen", {}),
+        ("compare_map", {"off": 0, "n": None})]
+    sh = shell_script(cfg, log)
+    for needle in ("write -q -P 0x11 1 600", "randbytes(10)", "write -q -z -u 0 512", "discard -q 0 512",
+                   "write -q -c -P 0x0 512 512", "read -v 0 16", "truncate 4096", "snapshot -c s0",
+                   "snapshot -a s0", "snapshot -d s0", "base.raw"):
+        assert needle in sh
+    body = pytest_body(cfg, log, ["model", "qemu"])
+    compile(body, "test_repro.py", "exec")
+    assert "ls.snapshot_delete(name='s0')" in body and body.rstrip().endswith("ls.close()")
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+def test_cli_difftest_json_clean_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["difftest", "--targets", "qemu,qemu2", "--examples", "3", "--steps", "6", "--seed", "3",
+               "--db", "none", "--repro", str(tmp_path / "r"), "--config", "cluster_size=4k",
+               "--output", "json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["divergences"] == [] and out["examples"] >= 3
+    assert set(out) >= {"ops", "ops_per_second", "configurations", "targets"}
+
+
+def test_cli_difftest_exit_1_on_divergence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["difftest", "--targets", "py:tests.test_difftest:faulty,qemu", "--examples", "40",
+               "--steps", "10", "--seed", "7", "--db", "none", "--repro", str(tmp_path / "r"),
+               "--config", "cluster_size=4k", "--config", "backing=none", "--config", "data_file=off",
+               "--config", "version=3", "--output", "json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 1 and out["divergences"]
+
+
+def test_cli_refuses_fewer_than_two_targets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["difftest", "--targets", "qemu", "--examples", "1", "--db", "none", "--output", "json"]) == 1

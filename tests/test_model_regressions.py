@@ -1,0 +1,437 @@
+"""Named regressions and the corners of the model's interface, each checked against QEMU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import model
+from model import mapping as mp
+from spec import features as ft
+from spec.entries import L2E_OFFSET_MASK, compressed_range
+from spec.errors import CorruptionError, FormatError, Qcow2Error, RequestError, UnsupportedFeature
+from spec.image import open_image
+from tests.qemu import create as qemu_create
+from tests.qemu import qemu_img, qemu_io, raw_content
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def _check(path: Path) -> dict[str, object]:
+    return json.loads(qemu_img("check", "--output=json", str(path), check=False, cwd=path.parent).stdout)
+
+
+def _clean(path: Path) -> bool:
+    c = _check(path)
+    return not (c.get("corruptions") or c.get("leaks") or c.get("check-errors"))
+
+
+def _base(tmp: Path, size: int = 4 * MiB, pattern: int = 0xAA) -> Path:
+    base = qemu_create(tmp / "base.qcow2", size)
+    qemu_io(base, f"write -P {pattern} 0 {size}")
+    return base
+
+
+# --- named regressions ------------------------------------------------------------------------
+
+def test_zero_cluster_over_backing_data(tmp_path: Path) -> None:
+    _base(tmp_path)
+    top = tmp_path / "top.qcow2"
+    model.create(top, 4 * MiB, backing_file="base.qcow2", backing_fmt="qcow2")
+    with model.open(top) as img:
+        img.write_zeroes(64 * KiB, 64 * KiB)
+        img.discard(192 * KiB, 64 * KiB)
+        assert img.read(64 * KiB, 64 * KiB) == bytes(64 * KiB)
+        assert img.read(192 * KiB, 64 * KiB) == bytes(64 * KiB)
+        assert img.read(0, 16) == b"\xaa" * 16
+        extents = img.map()
+    assert raw_content(top) == raw_content(tmp_path / "base.qcow2")[:64 * KiB] + bytes(64 * KiB) + (
+        b"\xaa" * 64 * KiB) + bytes(64 * KiB) + b"\xaa" * (4 * MiB - 256 * KiB)
+    assert {"start": 64 * KiB, "length": 64 * KiB, "depth": 0, "present": True, "zero": True,
+            "data": False} in extents
+    assert _clean(top)
+
+
+def test_overlay_longer_than_its_backing_file(tmp_path: Path) -> None:
+    _base(tmp_path, size=1 * MiB + 512)
+    top = tmp_path / "top.qcow2"
+    model.create(top, 3 * MiB, backing_file="base.qcow2", backing_fmt="qcow2")
+    with model.open(top) as img:
+        # A write whose cluster straddles the backing file's end copies what is below
+        # the end and zeros beyond it.
+        img.write(MiB + 4 * KiB, b"\x01" * 512)
+        data = img.read(0, img.size)
+        extents = img.map()
+    assert data == raw_content(top)
+    assert data[MiB:MiB + 512] == b"\xaa" * 512
+    assert data[MiB + 512:MiB + 4 * KiB] == bytes(4 * KiB - 512)
+    assert data[2 * MiB:] == bytes(MiB)
+    assert extents == json.loads(qemu_img("map", "--output=json", str(top)).stdout)
+    assert _clean(top)
+
+
+def test_v2_image_with_header_extensions(tmp_path: Path) -> None:
+    """A v2 header is 72 bytes, yet extensions (here the backing format) follow it."""
+    _base(tmp_path)
+    m = tmp_path / "m.qcow2"
+    model.create(m, 4 * MiB, version=2, backing_file="base.qcow2", backing_fmt="qcow2")
+    q = qemu_create(tmp_path / "q.qcow2", "4M", backing="base.qcow2", compat="0.10")
+    assert m.read_bytes() == q.read_bytes()
+    img_file = open_image(m)
+    try:
+        assert img_file.version == 2 and img_file.backing_format == "qcow2"
+    finally:
+        img_file.close()
+    with model.open(m) as img:
+        img.write(100 * KiB, b"\x02" * 3000)
+        img.write_zeroes(0, 64 * KiB)  # v2 with backing: written as data
+    qemu_io(q, "write -P 2 102400 3000", "write -z 0 65536")
+    assert m.read_bytes() == q.read_bytes()
+    assert raw_content(m) == raw_content(q)
+
+
+def test_extended_l2_read_spanning_clusters_with_mixed_subclusters(tmp_path: Path) -> None:
+    _base(tmp_path, pattern=0xBB)
+    top = tmp_path / "top.qcow2"
+    model.create(top, 4 * MiB, extended_l2=True, backing_file="base.qcow2", backing_fmt="qcow2")
+    with model.open(top) as img:
+        img.write(0, b"\x01" * 2 * KiB)             # normal subcluster, partial (COW from backing)
+        img.write(6 * KiB, b"\x02" * 4 * KiB)       # two more normal subclusters
+        img.write_zeroes(12 * KiB, 2 * KiB)         # zero subcluster in an allocated cluster
+        img.write_zeroes(64 * KiB, 8 * KiB)         # zero-plain subclusters in the next cluster
+        img.write(90 * KiB, b"\x03" * 1 * KiB)      # normal in the next cluster
+        span = img.read(1 * KiB, 100 * KiB)          # crosses the cluster boundary at 64 KiB
+        extents = img.map()
+    assert span == raw_content(top)[1 * KiB:101 * KiB]
+    assert span[:KiB] == b"\x01" * KiB and span[KiB:5 * KiB] == b"\xbb" * 4 * KiB
+    assert span[11 * KiB:13 * KiB] == bytes(2 * KiB)
+    assert span[63 * KiB:71 * KiB] == bytes(8 * KiB)
+    assert extents == json.loads(qemu_img("map", "--output=json", str(top)).stdout)
+    assert _clean(top)
+
+
+def test_compressed_data_crossing_a_host_cluster_boundary(tmp_path: Path) -> None:
+    path = tmp_path / "c.qcow2"
+    model.create(path, 4 * MiB, cluster_size=4096)
+    rng = __import__("random").Random(7)
+    clusters = [bytes(rng.choice(b"abcdefgh") for _ in range(4096)) for _ in range(6)]
+    with model.open(path) as img:
+        for i, data in enumerate(clusters):
+            img.write_compressed(i * 4096, data)
+        entries = [mp.get_entry(img.q, i * 4096)[0] for i in range(6)]
+    crossing = [e for e in entries
+                if (compressed_range(e, 12)[0] % 4096) + compressed_range(e, 12)[1] > 4096]
+    assert crossing, "no compressed cluster crosses a host cluster boundary"
+    assert raw_content(path)[:6 * 4096] == b"".join(clusters)
+    with model.open(path, readonly=True) as img:
+        assert img.read(0, 6 * 4096) == b"".join(clusters)
+    assert _clean(path)
+
+
+def test_image_declaring_encryption_is_unsupported(qemu_images: dict[str, Path]) -> None:
+    with pytest.raises(UnsupportedFeature) as e:
+        model.open(qemu_images["luks"])
+    assert e.value.feature == "encryption"
+
+
+# --- interface corners --------------------------------------------------------------------------
+
+def test_read_only_image_is_never_written(qemu_images: dict[str, Path], tmp_path: Path) -> None:
+    src = qemu_images["snapshots"]
+    path = tmp_path / "ro.qcow2"
+    shutil.copy(src, path)
+    before = path.read_bytes()
+    st = os.stat(path)
+    with model.open(path, readonly=True) as img:
+        img.read(0, img.size)
+        img.map()
+        img.snapshots()
+        img.info()
+        for call in (lambda: img.write(0, b"x"), lambda: img.write_zeroes(0, 512),
+                     lambda: img.discard(0, 65536), lambda: img.write_compressed(0, bytes(65536)),
+                     lambda: img.resize(8 * MiB), lambda: img.snapshot_create("x"),
+                     lambda: img.snapshot_apply("first"), lambda: img.snapshot_delete("first")):
+            with pytest.raises(RequestError):
+                call()
+    assert path.read_bytes() == before
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns
+
+
+def test_requests_outside_the_image_and_bad_options(tmp_path: Path) -> None:
+    path = tmp_path / "a.qcow2"
+    model.create(path, MiB)
+    with pytest.raises(RequestError):
+        model.open(path, bogus_option=1)
+    with pytest.raises(RequestError):
+        model.open(path, snapshot="x")  # snapshots open read-only only
+    with model.open(path, l2_cache_size=1 << 20) as img:
+        for call in (lambda: img.read(MiB - 1, 2), lambda: img.write(-1, b"x"),
+                     lambda: img.write_zeroes(MiB, 1), lambda: img.discard(0, MiB + 1),
+                     lambda: img.write_compressed(512, bytes(65536)), lambda: img.resize(1000),
+                     lambda: img.resize(512 * KiB), lambda: img.snapshot_apply("nope")):
+            with pytest.raises(RequestError):
+                call()
+    with pytest.raises(RequestError):
+        img.read(0, 1)  # closed
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"version": 4}, {"cluster_size": 1000}, {"cluster_size": 256}, {"refcount_bits": 3},
+    {"version": 2, "refcount_bits": 8}, {"extended_l2": True, "cluster_size": 4096},
+    {"compression_type": "lz4"}, {"version": 2, "lazy_refcounts": True}, {"backing_fmt": "qcow2"},
+    {"data_file_raw": True}, {"preallocation": "sparse"},
+])
+def test_create_refuses_what_qemu_refuses(tmp_path: Path, kwargs: dict[str, object]) -> None:
+    with pytest.raises(RequestError):
+        model.create(tmp_path / "x.qcow2", MiB, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("opts", [
+    {}, {"version": 2}, {"cluster_size": 512}, {"cluster_size": 4096, "refcount_bits": 64},
+    {"cluster_size": 2 * MiB}, {"extended_l2": True}, {"compression_type": "zstd"},
+    {"lazy_refcounts": True}, {"preallocation": "metadata"},
+])
+def test_create_matches_qemu_img_create(tmp_path: Path, opts: dict[str, object]) -> None:
+    m = tmp_path / "m.qcow2"
+    model.create(m, 64 * MiB + 512, **opts)  # type: ignore[arg-type]
+    qopts = {k: v for k, v in opts.items() if k != "version"}
+    if opts.get("version") == 2:
+        qopts["compat"] = "0.10"
+    q = qemu_create(tmp_path / "q.qcow2", 64 * MiB + 512, **qopts)
+    assert m.read_bytes() == q.read_bytes()
+    info = json.loads(qemu_img("info", "--output=json", str(m)).stdout)
+    assert info["virtual-size"] == 64 * MiB + 512
+    assert _clean(m)
+    with model.open(m, readonly=True) as img:
+        assert img.info()["virtual-size"] == 64 * MiB + 512
+        assert img.map() == json.loads(qemu_img("map", "--output=json", str(m)).stdout)
+
+
+def test_missing_backing_file_fails_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "top.qcow2"
+    model.create(path, MiB, backing_file="nowhere.qcow2", backing_fmt="qcow2")
+    with pytest.raises(FormatError):
+        model.open(path)
+
+
+def test_raw_backing_chain_and_relative_names(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(b"\x07" * 300 * KiB)
+    mid = tmp_path / "d" / "mid.qcow2"
+    model.create(mid, MiB, backing_file="../base.raw", backing_fmt="raw")
+    with model.open(mid) as img:
+        img.write(128 * KiB, b"\x08" * 1000)
+    top = tmp_path / "d" / "top.qcow2"
+    model.create(top, 2 * MiB, backing_file="mid.qcow2", backing_fmt="qcow2")
+    with model.open(top) as img:
+        img.write(0, b"\x09" * 10)
+        data = img.read(0, img.size)
+        extents = img.map()
+    assert data == raw_content(top)
+    assert extents == json.loads(qemu_img("map", "--output=json", str(top)).stdout)
+
+
+def test_lazy_refcounts_dirty_image_is_repaired_on_read_write_open(
+        qemu_images: dict[str, Path], tmp_path: Path) -> None:
+    path = tmp_path / "dirty.qcow2"
+    shutil.copy(qemu_images["lazy-dirty"], path)
+    assert open_image(path).incompatible_features & ft.QCOW2_INCOMPAT_DIRTY
+    content = raw_content(path)
+    with model.open(path) as img:
+        assert img.read(0, img.size) == content
+    assert not open_image(path).incompatible_features & ft.QCOW2_INCOMPAT_DIRTY
+    assert _clean(path)
+    assert raw_content(path) == content
+
+
+def test_lazy_refcounts_set_the_dirty_bit_while_open(tmp_path: Path) -> None:
+    path = tmp_path / "lazy.qcow2"
+    model.create(path, MiB, lazy_refcounts=True)
+    with model.open(path) as img:
+        img.write(0, b"x")
+        assert open_image(path).incompatible_features & ft.QCOW2_INCOMPAT_DIRTY
+    assert not open_image(path).incompatible_features & ft.QCOW2_INCOMPAT_DIRTY
+    assert _clean(path)
+
+
+def _set_header_u64(path: Path, offset: int, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(value.to_bytes(8, "big"))
+
+
+def test_feature_bits(tmp_path: Path) -> None:
+    path = tmp_path / "f.qcow2"
+    model.create(path, MiB)
+    _set_header_u64(path, 72, 1 << 40)       # unknown incompatible bit
+    with pytest.raises(UnsupportedFeature):
+        model.open(path, readonly=True)
+    _set_header_u64(path, 72, 0)
+    _set_header_u64(path, 88, (1 << 40) | ft.QCOW2_AUTOCLEAR_BITMAPS)  # unknown + bitmaps autoclear
+    with model.open(path, readonly=True):
+        pass
+    assert open_image(path).autoclear_features == (1 << 40) | ft.QCOW2_AUTOCLEAR_BITMAPS
+    with model.open(path):
+        pass
+    assert open_image(path).autoclear_features == 0
+    _set_header_u64(path, 80, 1 << 33)        # unknown compatible bit: ignored
+    with model.open(path) as img:
+        img.write(0, b"ok")
+    assert _clean(path)
+
+
+def test_corruption_found_during_io_sets_the_corrupt_bit(tmp_path: Path) -> None:
+    path = tmp_path / "c.qcow2"
+    model.create(path, MiB)
+    with model.open(path) as img:
+        img.write(0, b"x" * 512)
+        l2 = mp.read_l1(img.q)[0] & L2E_OFFSET_MASK
+    with open(path, "r+b") as f:  # point the L2 entry at an unaligned host offset
+        f.seek(l2)
+        f.write(((1 << 63) | 0x50200).to_bytes(8, "big"))
+    with model.open(path) as img:
+        with pytest.raises(CorruptionError):
+            img.read(0, 512)
+        with pytest.raises(CorruptionError):
+            img.read(65536, 512)  # the image is out of service once found corrupt
+    assert open_image(path).incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT
+    with pytest.raises(RequestError):
+        model.open(path)  # QEMU refuses a read-write open of a corrupt image
+    with model.open(path, readonly=True) as img:
+        assert img.read(65536, 4) == bytes(4)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "magic", "garbage-l1", "l1-size"])
+def test_malformed_files_raise_only_spec_errors(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "d.qcow2"
+    model.create(path, 4 * MiB)
+    with model.open(path) as img:
+        img.write(0, b"y" * 200 * KiB)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:100]
+    elif damage == "magic":
+        data[0] = 0
+    elif damage == "garbage-l1":
+        data[3 * 65536:3 * 65536 + 8] = b"\xff" * 8
+    else:
+        data[36:40] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(data))
+    with pytest.raises(Qcow2Error), model.open(path) as img:
+        img.read(0, img.size)
+        img.write(0, b"z" * 70000)
+
+
+def test_snapshots_against_qemu(tmp_path: Path) -> None:
+    path = tmp_path / "s.qcow2"
+    model.create(path, 4 * MiB)
+    with model.open(path) as img:
+        img.write(0, b"\x10" * 128 * KiB)
+        img.snapshot_create("first")
+        img.write(64 * KiB, b"\x20" * 128 * KiB)
+        img.snapshot_create("second")
+        img.write_zeroes(0, 64 * KiB)
+        assert [s["name"] for s in img.snapshots()] == ["first", "second"]
+    assert _clean(path)
+    listed = json.loads(qemu_img("info", "--output=json", str(path)).stdout)["snapshots"]
+    assert [s["name"] for s in listed] == ["first", "second"]
+    for name in ("first", "second"):
+        with model.open(path, readonly=True, snapshot=name) as img:
+            assert img.read(0, img.size) == raw_content(path, snapshot=name)
+    first = raw_content(path, snapshot="first")
+    with model.open(path) as img:
+        img.snapshot_apply("first")
+        img.snapshot_delete("second")
+        img.write(3 * MiB, b"after")
+    assert _clean(path)
+    assert raw_content(path)[:3 * MiB] == first[:3 * MiB]
+    qemu_img("snapshot", "-d", "first", str(path))
+    assert _clean(path)
+
+
+def test_resize_grow_and_shrink(tmp_path: Path) -> None:
+    m = tmp_path / "m.qcow2"
+    q = qemu_create(tmp_path / "q.qcow2", "1M")
+    model.create(m, MiB)
+    with model.open(m) as img:
+        img.write(0, b"a" * 70000)
+        img.resize(300 * MiB)
+        img.write(200 * MiB, b"b" * 5000)
+        assert img.size == 300 * MiB
+        img.resize(64 * KiB, shrink=True)
+        assert img.read(0, 64 * KiB) == b"a" * 64 * KiB
+    qemu_io(q, "write -P 0x61 0 70000")
+    qemu_img("resize", str(q), str(300 * MiB))
+    qemu_io(q, "write -P 0x62 209715200 5000")
+    qemu_img("resize", "--shrink", str(q), str(64 * KiB))
+    assert raw_content(m) == raw_content(q)
+    assert _clean(m)
+    assert m.read_bytes() == q.read_bytes()
+
+
+def test_data_write_over_metadata_is_refused_and_flags_corruption(tmp_path: Path) -> None:
+    """A data cluster that points at the L1 table: QEMU's overlap check refuses the write
+    and marks the image corrupt (qcow2_pre_write_overlap_check)."""
+    path = tmp_path / "o.qcow2"
+    model.create(path, MiB)
+    with model.open(path) as img:
+        img.write(0, b"x" * 512)
+        l1 = mp.read_l1(img.q)
+        l2 = l1[0] & L2E_OFFSET_MASK
+        l1_offset = int(img.q.header.l1_table_offset)
+    with open(path, "r+b") as f:
+        f.seek(l2)
+        f.write(((1 << 63) | l1_offset).to_bytes(8, "big"))
+    before = path.read_bytes()[l1_offset:l1_offset + 512]
+    with model.open(path) as img, pytest.raises(CorruptionError):
+        img.write(0, b"\xff" * 512)
+    assert path.read_bytes()[l1_offset:l1_offset + 512] == before
+    assert open_image(path).incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT
+
+
+def test_check_agrees_with_qemu_img_check(tmp_path: Path) -> None:
+    path = tmp_path / "k.qcow2"
+    model.create(path, 4 * MiB)
+    with model.open(path) as img:
+        img.write(0, b"q" * 300 * KiB)
+        img.snapshot_create("s")
+        img.write(0, b"r" * 100 * KiB)
+    ours = model.check(path)
+    assert ours.exit_code == 0 and ours.corruptions == 0 and ours.leaks == 0
+    theirs = _check(path)
+    assert ours.allocated_clusters == theirs["allocated-clusters"]
+    assert ours.image_end_offset == theirs["image-end-offset"]
+    with open(path, "ab") as f:  # a leaked cluster: refcount 1, referenced by nothing
+        f.write(bytes(65536))
+    with model.open(path) as img:
+        from model import refcounts as rc
+        rc.update_refcount(img.q, (path.stat().st_size // 65536 - 1) * 65536, 65536, 1)
+    assert model.check(path).leaks == 1 == _check(path)["leaks"]
+    fixed = model.check(path, repair="leaks")
+    assert fixed.leaks_fixed == 1
+    assert _clean(path)
+
+
+def test_refcount_table_growth_keeps_the_image_valid(tmp_path: Path) -> None:
+    """512-byte clusters with 64-bit refcounts: a refcount block counts 64 clusters and the
+    first refcount table 64 blocks, so 3 MiB of data needs new refcount blocks and a new,
+    larger refcount table (alloc_refcount_block, qcow2_refcount_area)."""
+    path = tmp_path / "g.qcow2"
+    model.create(path, 16 * MiB, cluster_size=512, refcount_bits=64)
+    q = qemu_create(tmp_path / "q.qcow2", 16 * MiB, cluster_size=512, refcount_bits=64)
+    cmds = []
+    with model.open(path) as img:
+        for off in range(0, 3 * MiB, 40000):
+            img.write(off, bytes([off % 251 + 1]) * 40000)
+            cmds.append(f"write -P {off % 251 + 1} {off} 40000")
+        data = img.read(0, 4 * MiB)
+    qemu_io(q, *cmds)
+    assert open_image(path).header.refcount_table_clusters > 1
+    assert path.read_bytes() == q.read_bytes()  # same refcount blocks, same new table
+    assert _clean(path)
+    assert raw_content(path)[:4 * MiB] == data
