@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, Phase, seed as hyp_seed, settings
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import seed as hyp_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.stateful import run_state_machine_as_test
 
@@ -92,6 +93,7 @@ class Shard:
     repro_dir: str | None = "difftest-repro"
     workdir: str | None = None
     shrink: bool = True
+    readers: list[str] = field(default_factory=list)
 
 
 def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) -> Stats:
@@ -114,7 +116,7 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
     def divergence(d: Divergence, ls: Lockstep) -> None:
         last["d"], last["steps"] = d, len(ls.log)
 
-    hooks = Hooks(targets=shard.targets, overrides=shard.overrides,
+    hooks = Hooks(targets=shard.targets, readers=shard.readers, overrides=shard.overrides,
                   workdir=Path(shard.workdir) if shard.workdir else None, repro_dir=repro,
                   on_step=step, on_example=example, on_divergence=divergence)
     # Count operations and notes of every example through Lockstep's counters.
@@ -165,9 +167,10 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
 def _run_seeded(machine: Any, s: settings, seed: int, db_key: bytes = b"qcow2lab-difftest") -> None:
     """run_state_machine_as_test with a fixed seed (Hypothesis' @seed on the machine test).
 
-    Hypothesis turns its example database off for a test run under a forced seed unless the
-    test names its database key, so the key is set here: without it failures found under a
-    seed would never be replayed (hypothesis/core.py, run_engine).
+    Hypothesis' @seed switches the example database off (hypothesis/core.py, ``seed``:
+    "deterministic CI tests rather than reproducing observed failures"), and a forced seed
+    also drops the database key. A campaign wants both a seed and failures replayed first,
+    so the settings and the key are put back after @seed.
     """
     try:
         from hypothesis.stateful import get_state_machine_test
@@ -175,8 +178,10 @@ def _run_seeded(machine: Any, s: settings, seed: int, db_key: bytes = b"qcow2lab
         run_state_machine_as_test(machine, settings=s)
         return
     test = get_state_machine_test(machine, settings=s)
+    test = hyp_seed(seed)(test)
+    test._hypothesis_internal_use_settings = s  # type: ignore[attr-defined]
     test._hypothesis_internal_database_key = db_key  # type: ignore[attr-defined]
-    hyp_seed(seed)(test)()
+    test()
 
 
 # -- multi-process ----------------------------------------------------------------------------

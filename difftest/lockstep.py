@@ -68,8 +68,11 @@ def normalize_map(extents: list[dict[str, Any]], start: int, end: int) -> list[t
 
 
 class Lockstep:
-    def __init__(self, root: Path | str, cfg: Config, targets: list[str]) -> None:
+    def __init__(self, root: Path | str, cfg: Config, targets: list[str],
+                 readers: list[str] | tuple[str, ...] = ()) -> None:
         self.root = Path(root)
+        self.readers = list(readers)
+        """Read-only adapters (difftest/adapters) that read every file at ``finish``."""
         self.cfg = cfg
         self.log: list[tuple[str, dict[str, Any]]] = []
         self.touched: list[tuple[int, int]] = []

@@ -27,6 +27,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from difftest.config import Config, configs
 from difftest.lockstep import Divergence, Lockstep
 
+Draw = Callable[..., Any]
+"""``data.draw``: takes a strategy, returns a value."""
+
 SNAPSHOT_NAMES = ("s0", "s1")
 RANDOM_WRITE_MAX = 64 * 1024
 READ_MAX = 256 * 1024
@@ -37,6 +40,7 @@ class Hooks:
     """Campaign plumbing: where reproducers go and what to call as the run advances."""
 
     targets: list[str]
+    readers: list[str] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
     workdir: Path | None = None
     repro_dir: Path | None = None
@@ -59,7 +63,7 @@ def edge_points(cfg: Config, size: int) -> list[int]:
     return sorted(p for p in pts if 0 <= p <= size)
 
 
-def offsets(draw: st.DrawFn, cfg: Config, size: int) -> int:
+def offsets(draw: Draw, cfg: Config, size: int) -> int:
     if size == 0:
         return 0
     if draw(st.integers(0, 3)) == 0:
@@ -69,7 +73,7 @@ def offsets(draw: st.DrawFn, cfg: Config, size: int) -> int:
     return min(max(0, base + delta), size)
 
 
-def lengths(draw: st.DrawFn, cfg: Config, limit: int) -> int:
+def lengths(draw: Draw, cfg: Config, limit: int) -> int:
     g = cfg.geometry
     c = cfg.cluster_size
     choices = [1, 511, 512, 513, g.subcluster_size, c - 1, c, c + 1, c + 512, 2 * c, 3 * c - 512]
@@ -80,7 +84,7 @@ def lengths(draw: st.DrawFn, cfg: Config, limit: int) -> int:
     return max(0, min(n, limit))
 
 
-def _fit(draw: st.DrawFn, off: int, n: int, size: int) -> int:
+def _fit(draw: Draw, off: int, n: int, size: int) -> int:
     """Mostly keep the request inside the image; one time in ten let it run past the end."""
     if draw(st.integers(0, 9)) == 0:
         return n
@@ -124,9 +128,9 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
                 self._fail(d)
                 raise
             except Exception as e:  # a bug in the harness or a target: still a finding
-                d = Divergence("exception", what, f"{type(e).__name__}: {e}")
-                self._fail(d)
-                raise d from e
+                div = Divergence("exception", what, f"{type(e).__name__}: {e}")
+                self._fail(div)
+                raise div from e
 
         def _fail(self, d: Divergence) -> None:
             self.failed = True
@@ -156,7 +160,7 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
             if hooks.on_example:
                 hooks.on_example(cfg)
             try:
-                self.ls = Lockstep(Path(self._tmp.name), cfg, hooks.targets)
+                self.ls = Lockstep(Path(self._tmp.name), cfg, hooks.targets, hooks.readers)
             except Divergence as d:
                 self.failed = True
                 if hooks.store is not None:
@@ -182,7 +186,8 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
         def write_zeroes(self, data: st.DataObject, unmap: bool) -> None:
             off = offsets(data.draw, self.cfg, self.size)
             n = _fit(data.draw, off, lengths(data.draw, self.cfg, 4 * self.cfg.cluster_size), self.size)
-            self._do(lambda ls: ls.write_zeroes(off, n, unmap), f"write_zeroes(off={off}, n={n}, unmap={unmap})")
+            self._do(lambda ls: ls.write_zeroes(off, n, unmap),
+                     f"write_zeroes(off={off}, n={n}, unmap={unmap})")
 
         @rule(data=st.data())
         def discard(self, data: st.DataObject) -> None:

@@ -214,8 +214,9 @@ class QemuImage:
             self.io.kill()
             self.io = None
             raise error_class(err)(f"qemu-io could not open {path}: {err.strip()}")
-        self._tmp = tempfile.NamedTemporaryFile(prefix="qcow2lab-src-", suffix=".bin", delete=False)
-        self._tmp.close()
+        # The file that ``write -s`` reads arbitrary bytes from (one per image, reused).
+        fd, self._src = tempfile.mkstemp(prefix="qcow2lab-src-", suffix=".bin")
+        os.close(fd)
         if size is None or cluster_size is None:
             info = self.info()
             size, cluster_size = int(info["virtual-size"]), int(info.get("cluster-size", 65536))
@@ -270,12 +271,12 @@ class QemuImage:
         if data and data == bytes([data[0]]) * len(data):
             io.checked(f"write -q -P {data[0]:#x} {offset} {len(data)}")
             return
-        with open(self._tmp.name, "wb") as f:
+        with open(self._src, "wb") as f:
             f.write(data)
         if not data:
             io.checked(f"write -q {offset} 0")
             return
-        io.checked(f"write -q -s {self._tmp.name} {offset} {len(data)}")
+        io.checked(f"write -q -s {self._src} {offset} {len(data)}")
 
     def write_zeroes(self, offset: int, n: int, *, unmap: bool = False) -> None:
         self._io().checked(f"write -q -z{' -u' if unmap else ''} {offset} {n}")
@@ -288,9 +289,9 @@ class QemuImage:
         if data and data == bytes([data[0]]) * len(data):
             io.checked(f"write -q -c -P {data[0]:#x} {offset} {len(data)}")
             return
-        with open(self._tmp.name, "wb") as f:
+        with open(self._src, "wb") as f:
             f.write(data)
-        io.checked(f"write -q -c -s {self._tmp.name} {offset} {len(data)}")
+        io.checked(f"write -q -c -s {self._src} {offset} {len(data)}")
 
     def flush(self) -> None:
         self._io().checked("flush")
@@ -309,8 +310,8 @@ class QemuImage:
         if self.io is not None:
             self.io.quit()
             self.io = None
-        if os.path.exists(self._tmp.name):
-            os.unlink(self._tmp.name)
+        if os.path.exists(self._src):
+            os.unlink(self._src)
 
     def suspend(self) -> None:
         """Close the image inside qemu-io (the process stays) so qemu-img can use the file."""

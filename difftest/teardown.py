@@ -6,6 +6,7 @@
    "qemu-leaks": QEMU itself leaks in that sequence, e.g. refcount blocks left behind by a
    shrink, qcow2_co_truncate keeps them; see ``Lockstep.notes``).
 3. Each file obeys spec.rules (same leak excuse).
+   Read-only adapters (``Lockstep.readers``) then read every file like the first target.
 4. Cross-reads: ``qemu-img compare`` reads each target's file against the first one's, and
    each in-process target opens every other target's file and reads the touched ranges.
 """
@@ -55,7 +56,7 @@ def finish(ls: Lockstep) -> None:
     # qemu-img process); the files' snapshot tables are still checked by check and rules.
     if any(name.startswith("snapshot_") for name, _ in ls.log):
         names = ls.snapshot_names()
-        for name, snaps in names.items():
+        for snaps in names.values():
             if snaps != names[first]:
                 raise Divergence("snapshots", "finish", f"snapshot lists differ: {names}")
     ls.compare_map()
@@ -83,6 +84,8 @@ def finish(ls: Lockstep) -> None:
                 raise Divergence("crossread", "finish", f"qemu-img compare {first} {t.name}: exit "
                                  f"{r.returncode} {r.stdout.strip()} {r.stderr.strip()}")
     _cross_read(ls)
+    for spec in ls.readers:
+        _reader(ls, spec)
 
 
 def _rules(ls: Lockstep, qemu_leaks: bool) -> None:
@@ -106,9 +109,7 @@ def _rules(ls: Lockstep, qemu_leaks: bool) -> None:
             raise Divergence("rules", "finish", f"{t.name}'s file breaks {len(bad)} rule(s): {shown}")
 
 
-def _cross_read(ls: Lockstep) -> None:
-    """Each in-process target reads every other target's file and gets its own content."""
-    from difftest.lockstep import Divergence
+def _plan(ls: Lockstep) -> list[tuple[int, int]]:
     ranges = _merged([*ls.touched, (0, 65536), (max(0, ls.size - 65536), 65536)], ls.size)
     budget = CROSS_READ_MAX
     plan: list[tuple[int, int]] = []
@@ -118,6 +119,52 @@ def _cross_read(ls: Lockstep) -> None:
             break
         plan.append((a, n))
         budget -= n
+    return plan
+
+
+def _reader(ls: Lockstep, spec: str) -> None:
+    """A read-only adapter reads every target's file; it must read what the first target
+    reads from that same file. Its exceptions are findings (foreign code, any class)."""
+    from difftest.adapters import load
+    from difftest.lockstep import Divergence
+    reader = load(spec)
+    ref_t = ls.targets[0]
+    for t in ls.targets:
+        ref = ref_t.open_readonly(t.path)
+        try:
+            try:
+                img = reader.open(str(t.path), readonly=True)
+            except Exception as e:
+                raise Divergence("reader", "finish", f"{spec} cannot open {t.name}'s file: "
+                                 f"{type(e).__name__}: {e}") from e
+            try:
+                if int(img.size) != int(ref.size):
+                    raise Divergence("reader", "finish", f"{spec} reads size {img.size} from {t.name}'s "
+                                     f"file, {ref_t.name} {ref.size}")
+                for a, n in _plan(ls):
+                    for pos in range(a, a + n, 1 << 20):
+                        k = min(1 << 20, a + n - pos)
+                        want = bytes(ref.read(pos, k))
+                        try:
+                            got = bytes(img.read(pos, k))
+                        except Exception as e:
+                            raise Divergence("reader", "finish", f"{spec} reading [{pos}, {pos + k}) of "
+                                             f"{t.name}'s file: {type(e).__name__}: {e}") from e
+                        if got != want:
+                            i = next((j for j in range(min(len(got), k)) if got[j] != want[j]), len(got))
+                            raise Divergence("reader", "finish", f"{spec} reads {t.name}'s file differently "
+                                             f"from {ref_t.name} at guest offset {pos + i}: "
+                                             f"{got[i:i + 8].hex()} vs {want[i:i + 8].hex()}")
+            finally:
+                img.close()
+        finally:
+            ref.close()
+
+
+def _cross_read(ls: Lockstep) -> None:
+    """Each in-process target reads every other target's file and gets its own content."""
+    from difftest.lockstep import Divergence
+    plan = _plan(ls)
     for reader in ls.targets:
         if not reader.in_process:
             continue

@@ -70,11 +70,25 @@ def open(path: str | os.PathLike[str], *, readonly: bool = False,
     return _open(str(path), readonly=readonly, snapshot=snapshot, depth=0, options=options)
 
 
-def _open(path: str, *, readonly: bool, snapshot: str | None, depth: int,
-          options: dict[str, Any]) -> Image:
+def _validate_options(options: dict[str, Any]) -> None:
+    """Unknown names, and values QEMU would reject for the impl's options, are the caller's
+    mistake (RequestError); valid ones are accepted and ignored (see IMPL_OPTIONS)."""
     bad = set(options) - IMPL_OPTIONS
     if bad:
         raise RequestError(f"unknown option(s): {', '.join(sorted(bad))}")
+    for name in ("l2_cache_size", "l2_cache_entry_size", "refcount_cache_size", "cache_clean_interval"):
+        v = options.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise RequestError(f"{name} must be a non-negative integer")
+    if options.get("cache", "writeback") not in ("writeback", "none"):
+        raise RequestError("cache must be 'writeback' or 'none'")
+    if options.get("overlap_check", "cached") not in ("none", "constant", "cached", "all"):
+        raise RequestError("overlap_check must be one of none, constant, cached, all")
+
+
+def _open(path: str, *, readonly: bool, snapshot: str | None, depth: int,
+          options: dict[str, Any]) -> Image:
+    _validate_options(options)
     if snapshot is not None and not readonly:
         raise RequestError("a snapshot can only be opened read-only")
     if depth > QCOW2_MAX_BACKING_DEPTH:

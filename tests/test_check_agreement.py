@@ -19,7 +19,11 @@ QEMU's verdicts are computed in the run (no committed verdict files) and cached 
 The corpus is split into SHARDS tests so ``pytest -n 2`` runs them side by side; each shard
 must agree on at least MIN_AGREEMENT of its images, and every disagreement must be listed in
 EXPECTED_DIFFERENCES with the reason (a listed difference that no longer happens fails too,
-so the table stays true).
+so the table stays true). Where qemu-img prints a report, ours must also be the same JSON,
+field for field (counters, image-end-offset, fragmentation numbers).
+
+Beside the corpus: truncation sweeps (every base cut at many lengths, and a 512-byte-cluster
+image cut at odd lengths), and the ``qcow2lab bench check`` command run end to end.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import pytest
 
 from difftest import mutate as mu
 from spec.rules.check import check, verdict
+from tests.qemu import create, qemu_io
 
 SEED = 0
 COUNT = 2000
@@ -83,8 +88,12 @@ EXPECTED_DIFFERENCES: dict[str, tuple[str, str, str]] = {
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[mu.Mutant]:
-    bases = mu.build_bases(tmp_path_factory.mktemp("agreement-bases"))
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, mu.Base]:
+    return mu.build_bases(tmp_path_factory.mktemp("agreement-bases"))
+
+
+@pytest.fixture(scope="module")
+def corpus(bases: dict[str, mu.Base]) -> list[mu.Mutant]:
     return mu.corpus(bases, COUNT, seed=SEED)
 
 
@@ -117,11 +126,17 @@ def test_expected_differences_are_explained() -> None:
 def test_check_agrees_with_qemu_img(shard: int, corpus: list[mu.Mutant], tmp_path: Path) -> None:
     mine = [m for i, m in enumerate(corpus) if i % SHARDS == shard]
     outcomes: dict[str, tuple[str, str]] = {}
+    reports_differ = []
     for m in mine:
         # Each mutant in its own directory: loops and backing files use fixed names.
         path = m.write(tmp_path / m.name.replace("@", "_"))
-        theirs = mu.qemu_verdict(path, oracle=m.oracle, timeout=QEMU_TIMEOUT).kind
-        outcomes[m.name] = (theirs, verdict(check(path)))
+        theirs = mu.qemu_verdict(path, oracle=m.oracle, timeout=QEMU_TIMEOUT)
+        result = check(path)
+        outcomes[m.name] = (theirs.kind, verdict(result))
+        # Beyond the verdict: where qemu-img prints a report, every number is the same.
+        if theirs.report is not None and result.to_json() != theirs.report:
+            reports_differ.append(m.name)
+    assert [n for n in reports_differ if n not in EXPECTED_DIFFERENCES] == []
     differ = {n: v for n, v in outcomes.items() if v[0] != v[1]}
     unexpected = {n: v for n, v in differ.items() if EXPECTED_DIFFERENCES.get(n, ())[:2] != v}
     assert unexpected == {}, "verdicts differ from qemu-img check's (qemu-img, ours)"
@@ -136,11 +151,11 @@ def test_check_agrees_with_qemu_img(shard: int, corpus: list[mu.Mutant], tmp_pat
 
 
 @pytest.mark.parametrize("base", mu.BASE_NAMES)
-def test_truncated_files_agree(base: str, tmp_path: Path) -> None:
+def test_truncated_files_agree(base: str, bases: dict[str, mu.Base], tmp_path: Path) -> None:
     """Every base cut at every 4 bytes through the header area and then every 200 bytes to
     4 KiB. QEMU reads the missing bytes as zeros (a cut after byte 104 can still open and then
     show corruptions); spec.image does the same in check mode."""
-    b = mu.build_bases(tmp_path / "bases")[base]
+    b = bases[base]
     outcomes: list[tuple[int, str, str]] = []
     for cut in [*range(4, 128, 4), *range(128, 4096, 200)]:
         d = tmp_path / str(cut)
@@ -153,6 +168,25 @@ def test_truncated_files_agree(base: str, tmp_path: Path) -> None:
         outcomes.append((cut, theirs, verdict(check(path))))
     assert [k for k in outcomes if k[1] != k[2]] == []
     assert {k[1] for k in outcomes} >= {"refused", "corruptions"}
+
+
+def test_truncated_512_byte_cluster_image_agrees(tmp_path: Path) -> None:
+    """512-byte clusters, cut at odd lengths everywhere: QEMU measures the file in whole
+    sectors (bdrv_getlength), which decides whether a table "exceeds the end of the file by
+    one cluster or more"."""
+    src = create(tmp_path / "c512.qcow2", "1M", cluster_size=512)
+    qemu_io(src, "write -P 0x11 0 4k", "write -c -P 0x22 64k 512", "write -P 0x33 512k 1k")
+    data = src.read_bytes()
+    wrong = []
+    for cut in range(0, len(data), 127):
+        path = tmp_path / f"cut-{cut}.qcow2"
+        path.write_bytes(data[:cut])
+        theirs = mu.qemu_verdict(path, timeout=QEMU_TIMEOUT)
+        result = check(path)
+        if theirs.kind != verdict(result) or (
+                theirs.report is not None and result.to_json() != theirs.report):
+            wrong.append(cut)
+    assert wrong == []
 
 
 def _disagreements(corpus: list[mu.Mutant], directory: Path) -> dict[str, tuple[str, str]]:
@@ -182,6 +216,24 @@ def test_qemu_img_check_never_answers_on_a_backing_loop(corpus: list[mu.Mutant],
     path = m.write(tmp_path)
     assert mu.qemu_verdict(path, oracle="check", timeout=10).kind == "hang"
     assert mu.qemu_verdict(path, oracle="chain").kind == "refused" == verdict(check(path))
+
+
+def test_cli_prints_no_report_when_qemu_img_prints_none(corpus: list[mu.Mutant], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A refused image: qemu-img check --output=json prints nothing on stdout and exits 1;
+    qcow2lab check does the same and names the violated rule on stderr."""
+    from difftest.cli import main
+
+    for name in ("header-huge-l1-size@v3", "backing-loop-self@overlay", "refcount-table-block-misaligned@v3"):
+        m = next(m for m in corpus if m.name == name)
+        path = m.write(tmp_path / m.name.replace("@", "_"))
+        code = main(["check", "--output=json", str(path)])
+        out, err = capsys.readouterr()
+        theirs = mu.qemu_verdict(path, oracle=m.oracle)
+        if theirs.kind == "refused":
+            assert (code, out) == (1, "") and err
+        else:  # check errors, but with a report (QEMU counted them and went on)
+            assert code == theirs.exit_code == 1 and json.loads(out)["check-errors"] > 0
 
 
 # --- the check speed benchmark (qcow2lab bench check) ------------------------------------------

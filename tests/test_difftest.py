@@ -153,9 +153,10 @@ class DropsLastByte:
 
     def create(self, path: str, size: int, **kw: Any) -> None:
         from difftest.targets import qemu_img_create
-        cfg = Config(version=kw["version"], cluster_size=kw["cluster_size"], refcount_bits=kw["refcount_bits"],
-                     extended_l2=kw["extended_l2"], compression_type=kw["compression_type"],
-                     lazy_refcounts=kw["lazy_refcounts"], size=size)
+        cfg = Config(version=kw["version"], cluster_size=kw["cluster_size"],
+                     refcount_bits=kw["refcount_bits"], extended_l2=kw["extended_l2"],
+                     compression_type=kw["compression_type"], lazy_refcounts=kw["lazy_refcounts"],
+                     size=size)
         backing = (kw["backing_file"], kw["backing_fmt"]) if kw.get("backing_file") else None
         p = Path(path)
         subprocess.run(qemu_img_create(p, cfg, backing), cwd=p.parent, check=True)

@@ -157,12 +157,17 @@ def run_sequence(tmp: Path, cfg: dict[str, Any], ops: list[Op], size: int = 2 * 
         assert m.read_bytes() == q.read_bytes()
         if "data_file" in cfg:
             assert (m.parent / cfg["data_file"]).read_bytes() == (q.parent / cfg["data_file"]).read_bytes()
+        expected_check = _check(q)
+        assert _check(m) == expected_check
+        if expected_check.get("corruptions"):
+            # QEMU's own compressed-cluster bug (see below) can leave data over compressed
+            # data, which then fails to read; identical files are all there is to compare.
+            return
         with model.open(m, readonly=True) as img:
             content = img.read(0, img.size)
             extents = img.map()
         assert content == raw_content(q)
         assert extents == json.loads(qemu_img("map", "--output=json", str(m), cwd=m.parent).stdout)
-        assert _check(m) == _check(q)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -435,3 +435,53 @@ def test_refcount_table_growth_keeps_the_image_valid(tmp_path: Path) -> None:
     assert path.read_bytes() == q.read_bytes()  # same refcount blocks, same new table
     assert _clean(path)
     assert raw_content(path)[:4 * MiB] == data
+
+
+@pytest.mark.parametrize("options", [{"cache": "sometimes"}, {"l2_cache_size": -1},
+                                     {"overlap_check": "paranoid"}, {"refcount_cache_size": "big"}])
+def test_bad_option_values_are_request_errors(tmp_path: Path, options: dict[str, object]) -> None:
+    path = tmp_path / "o.qcow2"
+    model.create(path, MiB)
+    with pytest.raises(RequestError):
+        model.open(path, **options)
+
+
+def _mask_snapshot_dates(path: Path) -> bytes:
+    """The file with every snapshot's date (bytes 16-23 of its entry) zeroed."""
+    data = bytearray(path.read_bytes())
+    img = open_image(path)
+    try:
+        off = img.header.snapshots_offset
+        for s in img.snapshot_table():
+            data[off + 16:off + 24] = bytes(8)
+            n = 40 + s.extra_data_size + s.id_str_size + s.name_size
+            off += n + (-n % 8)
+    finally:
+        img.close()
+    return bytes(data)
+
+
+def test_snapshot_operations_are_byte_identical_to_qemu(tmp_path: Path) -> None:
+    """Create, apply and delete snapshots through the model and through qemu-img snapshot,
+    with writes in between: after every step both files are the same but for the dates."""
+    m = tmp_path / "m.qcow2"
+    model.create(m, 4 * MiB)
+    q = qemu_create(tmp_path / "q.qcow2", "4M")
+    steps: list[tuple[str, ...]] = [
+        ("write", "0", "131072", "16"), ("snap", "-c", "first"), ("write", "65536", "131072", "32"),
+        ("zero", "0", "65536"), ("snap", "-c", "second"), ("write", "300000", "5000", "48"),
+        ("snap", "-a", "first"), ("write", "70000", "1000", "64"), ("snap", "-d", "second"),
+        ("write", "1000000", "70000", "80"), ("snap", "-d", "first")]
+    for step in steps:
+        with model.open(m) as img:
+            if step[0] == "write":
+                img.write(int(step[1]), bytes([int(step[3])]) * int(step[2]))
+                qemu_io(q, f"write -P {step[3]} {step[1]} {step[2]}")
+            elif step[0] == "zero":
+                img.write_zeroes(int(step[1]), int(step[2]))
+                qemu_io(q, f"write -z {step[1]} {step[2]}")
+            else:
+                {"-c": img.snapshot_create, "-a": img.snapshot_apply, "-d": img.snapshot_delete}[step[1]](step[2])
+                qemu_img("snapshot", step[1], step[2], str(q))
+        assert _mask_snapshot_dates(m) == _mask_snapshot_dates(q), step
+    assert _clean(m)

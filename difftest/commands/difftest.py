@@ -29,6 +29,9 @@ def add_campaign_args(p: argparse.ArgumentParser, *, profile: str = "quick") -> 
     p.add_argument("--seed", type=int, default=0, help="first seed (shard k uses seed+k); default 0")
     p.add_argument("--targets", help="comma-separated: model, impl, qemu, qemu2, cmd:NAME=ARGV, "
                    "py:MODULE (default: model and impl when usable, and qemu)")
+    p.add_argument("--readers", default="", help="comma-separated read-only adapters that read every "
+                   "file at teardown: 'dissect' (dissect.hypervisor, pip-installed on first use) or "
+                   "py:MODULE[:NAME] (see difftest/adapters/__init__.py)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=profile)
     p.add_argument("--config", action="append", default=[], metavar="KEY=VAL",
                    help="pin a configuration field (version, cluster_size, refcount_bits, extended_l2, "
@@ -52,10 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def resolve_targets(spec: str | None, warn: Any) -> list[str]:
-    if spec:
-        wanted = [t.strip() for t in spec.split(",") if t.strip()]
-    else:
-        wanted = default_targets()
+    wanted = [t.strip() for t in spec.split(",") if t.strip()] if spec else default_targets()
     out = []
     for t in wanted:
         if t.startswith("qemu") and not qemuio.available():
@@ -90,12 +90,17 @@ def campaign(args: argparse.Namespace) -> tuple[Stats, list[str]]:
     nshards = args.shards or (jobs if not args.time_budget else max(jobs, 64))
     # Under a time budget shards are kept small, so the last one ends soon after the budget.
     per = max(1, -(-examples // nshards)) if not args.time_budget else 6
+    readers = [r.strip() for r in args.readers.split(",") if r.strip()]
+    if "dissect" in readers:
+        from difftest.adapters.dissect_qcow2 import ensure_installed
+        ensure_installed()  # once, before workers fork
     shards = [Shard(targets, args.seed + k, per, steps, overrides,
-                    None if args.db == "none" else args.db, args.repro, shrink=not args.no_shrink)
+                    None if args.db == "none" else args.db, args.repro, shrink=not args.no_shrink,
+                    readers=readers)
               for k in range(nshards)]
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
     if not quiet:
-        err.print(f"targets: [bold]{', '.join(targets)}[/]  profile: {args.profile}  examples: "
+        err.print(f"targets: [bold]{', '.join(targets)}[/]  readers: {', '.join(readers) or '-'}  profile: {args.profile}  examples: "
                   f"{'until budget' if deadline else examples}  steps<= {steps}  jobs: {jobs}  "
                   f"seed: {args.seed}")
     counts = {"steps": 0, "examples": 0, "div": 0}
@@ -144,7 +149,8 @@ def summary(stats: Stats, targets: list[str]) -> None:
     for d in stats.divergences:
         con.print(f"[bold red]DIVERGENCE[/] seed {d.seed} ({d.steps} steps): {d.message}")
         if d.repro_dir:
-            con.print(f"  reproducers: {d.repro_dir}/repro.sh (qemu side), {d.repro_dir}/test_repro.py (pytest)")
+            con.print(f"  reproducers: {d.repro_dir}/repro.sh (qemu side), "
+                      f"{d.repro_dir}/test_repro.py (pytest)")
 
 
 def run(args: argparse.Namespace) -> int:

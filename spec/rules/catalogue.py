@@ -88,8 +88,8 @@ RULES: tuple[Rule, ...] = (
          f"{_REF} qcow2_check_refcounts", _E),
     # --- header and features ------------------------------------------------------------
     Rule("BACKING-FILE-OPENS",
-         "The backing file named in the header exists and its format, if named, is a QEMU driver "
-         "(QEMU opens the whole chain to check).",
+         "Every file of the backing chain exists, opens in its named (or probed) format and the "
+         "chain never comes back to a file already in it (QEMU opens the whole chain to check).",
          "qcow2.rst §Header (backing_file_offset); block.c bdrv_open_backing_file (a relative name "
          "is taken relative to the image's directory)", _E),
     Rule("HEADER-LENGTH-ALIGNED",

@@ -4,6 +4,12 @@ counts it (qemu-img.c img_check, collect_image_check; block/qcow2.c qcow2_co_che
 Only findings of rules QEMU counts (Rule.qemu_counts) move the counters, so the exit code is
 QEMU's verdict; the others ride along in ``CheckResult.findings``. A repair mode can act on the
 findings: each names its rule, its host offset and, for refcounts, both numbers.
+
+The image is opened as ``qemu-img check`` opens it (BDRV_O_CHECK: spec.image's check_mode,
+zero-filled reads past the end of the file, no snapshot table or bitmaps read at open), and
+its backing chain is followed as far as QEMU would open it. ``verdict(result)`` names the
+outcome class qemu-img's exit code and output stand for ("refused" when it prints no report);
+tests/test_check_agreement.py holds it to qemu-img's on a corpus of damaged images.
 """
 
 from __future__ import annotations

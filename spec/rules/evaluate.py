@@ -54,7 +54,9 @@ def run(img: ImageFile) -> Evaluation:
         snapshots.check_snapshot_entries(ctx, snaps)
         if file_clusters > INT_MAX:
             raise ctx.abort("IMAGE-SIZE-LIMIT", None, f"{file_clusters} clusters (QEMU: at most INT_MAX)")
-        ctx.tally = Tally(img.geometry, img.file_size)
+        # QEMU sees the file's length in whole 512-byte sectors (block.c bdrv_getlength is
+        # bdrv_nb_sectors * BDRV_SECTOR_SIZE), and judges "past the end of the file" on that.
+        ctx.tally = Tally(img.geometry, div_round_up(img.file_size, BDRV_SECTOR_SIZE) * BDRV_SECTOR_SIZE)
         ctx.bfi.total_clusters = div_round_up(img.size // BDRV_SECTOR_SIZE * BDRV_SECTOR_SIZE,
                                               img.cluster_size)
         stored = _calculate_refcounts(ctx, snaps, snapshots_size)
