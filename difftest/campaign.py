@@ -94,6 +94,7 @@ class Shard:
     workdir: str | None = None
     shrink: bool = True
     readers: list[str] = field(default_factory=list)
+    finish: bool = True
 
 
 def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) -> Stats:
@@ -117,6 +118,7 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
         last["d"], last["steps"] = d, len(ls.log)
 
     hooks = Hooks(targets=shard.targets, readers=shard.readers, overrides=shard.overrides,
+                  finish=shard.finish,
                   workdir=Path(shard.workdir) if shard.workdir else None, repro_dir=repro,
                   on_step=step, on_example=example, on_divergence=divergence)
     # Count operations and notes of every example through Lockstep's counters.

@@ -119,12 +119,22 @@ class QemuIo:
             raise QemuIoDied("qemu-io closed its stdin") from e
         return self._response()
 
-    def checked(self, line: str) -> str:
-        """Run ``line``; raise the matching spec.errors class if qemu-io reports a failure."""
+    def checked(self, line: str, *, quiet: bool = False) -> str:
+        """Run ``line``; raise the matching spec.errors class if qemu-io reports a failure.
+
+        ``quiet``: the command prints nothing when it succeeds (``-q`` I/O, flush, truncate,
+        open, close), so any output at all is the failure message; qemu-io's messages have
+        no common form ("write failed: ...", "16385 is not a sector-aligned value for
+        'offset'", "qemu-io: The new size must be a multiple of 512").
+        """
         out = self.cmd(line)
-        # Failures are one short line; a hexdump body is never searched (it is long, and
-        # its ASCII column could spell anything).
-        if out and (_FAIL.search(out[:200]) or (len(out) > 200 and _FAIL.search(out[-200:]))):
+        if quiet:
+            if out.strip():
+                raise error_class(out)(f"qemu-io {line!r}: {out.strip()}")
+            return out
+        # A reply that starts with a hexdump line is a successful ``read -v`` (qemu-io dumps
+        # only what it read); its ASCII column could spell anything, so it is not searched.
+        if out and not _HEXLINE.match(out) and _FAIL.search(out):
             raise error_class(out)(f"qemu-io {line!r}: {out.strip()}")
         return out
 
@@ -195,6 +205,7 @@ def runs(data: bytes, min_run: int) -> list[tuple[int, int, int | None]]:
     return out
 
 
+_HEXLINE = re.compile(r"[0-9a-f]{8}:  ")
 _MAP_LINE = re.compile(r"\((0x[0-9a-f]+)\) bytes\s+(not )?allocated at offset .*?\((0x[0-9a-f]+)\)")
 
 
@@ -239,7 +250,7 @@ class QemuImage:
     def read(self, offset: int, n: int) -> bytes:
         io = self._io()
         if n == 0:
-            io.checked(f"read -q {offset} 0")
+            io.checked(f"read -q {offset} 0", quiet=True)
             return b""
         out = bytearray()
         pos = offset
@@ -262,46 +273,46 @@ class QemuImage:
                 out = io.cmd(f"read -q -P {byte:#x} {offset + start} {length}")
                 if "verification failed" in out:
                     return False
-                if out and _FAIL.search(out):
+                if out.strip():  # quiet on success: anything else is a failure
                     raise error_class(out)(out.strip())
         return True
 
     def write(self, offset: int, data: bytes) -> None:
         io = self._io()
         if data and data == bytes([data[0]]) * len(data):
-            io.checked(f"write -q -P {data[0]:#x} {offset} {len(data)}")
+            io.checked(f"write -q -P {data[0]:#x} {offset} {len(data)}", quiet=True)
             return
         with open(self._src, "wb") as f:
             f.write(data)
         if not data:
-            io.checked(f"write -q {offset} 0")
+            io.checked(f"write -q {offset} 0", quiet=True)
             return
-        io.checked(f"write -q -s {self._src} {offset} {len(data)}")
+        io.checked(f"write -q -s {self._src} {offset} {len(data)}", quiet=True)
 
     def write_zeroes(self, offset: int, n: int, *, unmap: bool = False) -> None:
-        self._io().checked(f"write -q -z{' -u' if unmap else ''} {offset} {n}")
+        self._io().checked(f"write -q -z{' -u' if unmap else ''} {offset} {n}", quiet=True)
 
     def discard(self, offset: int, n: int) -> None:
-        self._io().checked(f"discard -q {offset} {n}")
+        self._io().checked(f"discard -q {offset} {n}", quiet=True)
 
     def write_compressed(self, offset: int, data: bytes) -> None:
         io = self._io()
         if data and data == bytes([data[0]]) * len(data):
-            io.checked(f"write -q -c -P {data[0]:#x} {offset} {len(data)}")
+            io.checked(f"write -q -c -P {data[0]:#x} {offset} {len(data)}", quiet=True)
             return
         with open(self._src, "wb") as f:
             f.write(data)
-        io.checked(f"write -q -c -s {self._src} {offset} {len(data)}")
+        io.checked(f"write -q -c -s {self._src} {offset} {len(data)}", quiet=True)
 
     def flush(self) -> None:
-        self._io().checked("flush")
+        self._io().checked("flush", quiet=True)
 
     def resize(self, new_size: int, *, shrink: bool = False) -> None:
         # qemu-img resize refuses to shrink without --shrink (qemu-img.c, img_resize);
         # qemu-io's truncate has no such guard, so the guard is applied here.
         if new_size < self.size and not shrink:
             raise RequestError("shrinking needs shrink=True (qemu-img resize --shrink)")
-        self._io().checked(f"truncate {new_size}")
+        self._io().checked(f"truncate {new_size}", quiet=True)
         # qemu may round the request (qcow2_co_truncate); take the size it settled on.
         self.size = int(self.info()["virtual-size"])
 
@@ -315,11 +326,11 @@ class QemuImage:
 
     def suspend(self) -> None:
         """Close the image inside qemu-io (the process stays) so qemu-img can use the file."""
-        self._io().checked("close")
+        self._io().checked("close", quiet=True)
 
     def resume(self) -> None:
         opts = "-r " if self.readonly else ""
-        self._io().checked(f"open -t unsafe {opts}-o driver=qcow2 {self.path}")
+        self._io().checked(f"open -t unsafe {opts}-o driver=qcow2 {self.path}", quiet=True)
 
     def reopen(self) -> None:
         self.suspend()

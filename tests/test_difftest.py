@@ -181,7 +181,8 @@ def test_injected_fault_is_found_shrunk_and_reproduced(tmp_path: Path) -> None:
     stats = run_shard(Shard(["py:tests.test_difftest:faulty", "qemu"], seed=7, examples=25, steps=12,
                             overrides={"backing": "none", "data_file": False, "cluster_size": 4096,
                                        "version": 3},
-                            db_dir=None, repro_dir=str(tmp_path / "repro"), workdir=str(tmp_path / "w")))
+                            db_dir=None, repro_dir=str(tmp_path / "repro"), workdir=str(tmp_path / "w"),
+                            finish=False))  # the per-step checks find this bug; keep the test fast
     assert stats.divergences, "the dropped byte was not noticed"
     found = stats.divergences[0]
     assert found.kind == "bytes"
@@ -205,7 +206,7 @@ def test_example_database_replays_the_failure_first(tmp_path: Path) -> None:
     shard = Shard(["py:tests.test_difftest:faulty", "qemu"], seed=7, examples=25, steps=12,
                   overrides={"backing": "none", "data_file": False, "cluster_size": 4096, "version": 3},
                   db_dir=str(tmp_path / "db"), repro_dir=str(tmp_path / "repro"),
-                  workdir=str(tmp_path / "w"))
+                  workdir=str(tmp_path / "w"), shrink=False, finish=False)
     first = run_shard(shard)
     assert first.divergences
     shard.seed, shard.examples = 99, 1  # a different seed and a single example: only the replay finds it
@@ -244,8 +245,8 @@ def test_cli_difftest_json_clean_run(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_cli_difftest_exit_1_on_divergence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["difftest", "--targets", "py:tests.test_difftest:faulty,qemu", "--examples", "40",
-               "--steps", "10", "--seed", "7", "--db", "none", "--repro", str(tmp_path / "r"),
+    rc = main(["difftest", "--targets", "py:tests.test_difftest:faulty,qemu", "--examples", "25",
+               "--steps", "12", "--seed", "7", "--db", "none", "--repro", str(tmp_path / "r"), "--no-shrink",
                "--config", "cluster_size=4k", "--config", "backing=none", "--config", "data_file=off",
                "--config", "version=3", "--output", "json"])
     out = json.loads(capsys.readouterr().out)

@@ -481,7 +481,8 @@ def test_snapshot_operations_are_byte_identical_to_qemu(tmp_path: Path) -> None:
                 img.write_zeroes(int(step[1]), int(step[2]))
                 qemu_io(q, f"write -z {step[1]} {step[2]}")
             else:
-                {"-c": img.snapshot_create, "-a": img.snapshot_apply, "-d": img.snapshot_delete}[step[1]](step[2])
+                op = {"-c": img.snapshot_create, "-a": img.snapshot_apply, "-d": img.snapshot_delete}
+                op[step[1]](step[2])
                 qemu_img("snapshot", step[1], step[2], str(q))
         assert _mask_snapshot_dates(m) == _mask_snapshot_dates(q), step
     assert _clean(m)

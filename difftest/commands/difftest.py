@@ -100,7 +100,8 @@ def campaign(args: argparse.Namespace) -> tuple[Stats, list[str]]:
               for k in range(nshards)]
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
     if not quiet:
-        err.print(f"targets: [bold]{', '.join(targets)}[/]  readers: {', '.join(readers) or '-'}  profile: {args.profile}  examples: "
+        err.print(f"targets: [bold]{', '.join(targets)}[/]  readers: {', '.join(readers) or '-'}  "
+                  f"profile: {args.profile}  examples: "
                   f"{'until budget' if deadline else examples}  steps<= {steps}  jobs: {jobs}  "
                   f"seed: {args.seed}")
     counts = {"steps": 0, "examples": 0, "div": 0}

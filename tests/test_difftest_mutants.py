@@ -1,0 +1,117 @@
+"""Mutation tests of the differential tester: plausible bugs are injected into the model
+(monkeypatched for one test), and the state machine must find each within a bounded number
+of examples and shrink it to at most six operations.
+
+The configuration is pinned where each bug lives (a qcow2 backing file shorter than the
+image, 4 KiB clusters) and the seed is fixed; ``test_unmutated_model_is_clean_here`` is the
+control: without a mutant the same campaign finds nothing, so a found divergence is the
+mutant's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from difftest import qemuio
+from difftest.campaign import Shard, Stats, run_shard
+from difftest.targets import module_available
+
+pytestmark = pytest.mark.skipif(not (qemuio.available() and module_available("model")),
+                                reason="needs qemu-io and the model")
+
+PINNED = {"version": 3, "cluster_size": 4096, "backing": "qcow2", "backing_size": "shorter",
+          "data_file": False}
+MAX_SHRUNK_STEPS = 6
+
+
+def campaign(tmp_path: Path, *, examples: int, finish: bool, seed: int = 11) -> Stats:
+    return run_shard(Shard(["model", "qemu"], seed=seed, examples=examples, steps=12, overrides=PINNED,
+                           db_dir=None, repro_dir=str(tmp_path / "repro"), workdir=str(tmp_path / "w"),
+                           finish=finish))
+
+
+def test_unmutated_model_is_clean_here(tmp_path: Path) -> None:
+    stats = campaign(tmp_path, examples=12, finish=True)
+    assert stats.divergences == []
+
+
+def _zero_flag_ignored(mp: pytest.MonkeyPatch) -> None:
+    """Reads of a zero cluster fall through to the backing file."""
+    import model.image as mi
+    from spec.entries import SubclusterType
+    orig: Callable[..., bytes] = mi.Image._read_subcluster
+
+    def read_subcluster(self: Any, pos: int, n: int, entry: int, bitmap: int) -> bytes:
+        q = self.q
+        t = mi.subcluster_type(entry, bitmap, q.geometry.subcluster_index(pos),
+                               extended_l2=q.extended_l2, has_data_file=q.has_data_file)
+        if t in (SubclusterType.ZERO_PLAIN, SubclusterType.ZERO_ALLOC):
+            return bytes(self._backing_read(pos, n))
+        return orig(self, pos, n, entry, bitmap)
+
+    mp.setattr(mi.Image, "_read_subcluster", read_subcluster)
+
+
+def _garbage_past_backing_end(mp: pytest.MonkeyPatch) -> None:
+    """Reads beyond a shorter backing file return stale bytes instead of zeros."""
+    import model.image as mi
+
+    def backing_read(self: Any, pos: int, n: int) -> bytes:
+        if self.backing is None:
+            return bytes(n)
+        inside = max(0, min(n, self.backing.size - pos))
+        head = self.backing.read(pos, inside) if inside else b""
+        return bytes(head) + b"\xb1" * (n - inside)
+
+    mp.setattr(mi.Image, "_backing_read", backing_read)
+
+
+def _discard_keeps_refcount(mp: pytest.MonkeyPatch) -> None:
+    """A guest discard unmaps the cluster but never drops its reference (a leak)."""
+    import model.refcounts as rc
+    orig = rc.free_clusters
+
+    def free_clusters(q: Any, offset: int, length: int, *, discard: bool = False) -> None:
+        if discard:
+            return
+        orig(q, offset, length, discard=discard)
+
+    mp.setattr(rc, "free_clusters", free_clusters)
+
+
+def _compressed_size_short(mp: pytest.MonkeyPatch) -> None:
+    """Compressed clusters are stored a few bytes short of their compressed size."""
+    import model.compress as cz
+    orig = cz.compress
+
+    def compress(data: bytes, ctype: Any, limit: int) -> bytes | None:
+        out: bytes | None = orig(data, ctype, limit)
+        return out[:-4] if out and len(out) > 8 else out
+
+    mp.setattr(cz, "compress", compress)
+
+
+MUTANTS: list[tuple[str, Callable[[pytest.MonkeyPatch], None], set[str], bool, int]] = [
+    # name, injector, divergence kinds that betray it, teardown checks needed, examples
+    ("zero-flag-ignored", _zero_flag_ignored, {"bytes"}, False, 40),
+    ("garbage-past-shorter-backing", _garbage_past_backing_end, {"bytes"}, False, 40),
+    ("discard-keeps-refcount", _discard_keeps_refcount, {"check", "rules"}, True, 40),
+    ("compressed-size-short", _compressed_size_short, {"bytes", "error", "crossread"}, False, 60),
+]
+
+
+@pytest.mark.parametrize(("name", "inject", "kinds", "finish", "examples"), MUTANTS,
+                         ids=[m[0] for m in MUTANTS])
+def test_mutant_is_found_and_shrunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
+                                    inject: Callable[[pytest.MonkeyPatch], None], kinds: set[str],
+                                    finish: bool, examples: int) -> None:
+    inject(monkeypatch)
+    stats = campaign(tmp_path, examples=examples, finish=finish)
+    found = [d for d in stats.divergences if d.kind in kinds]
+    assert found, f"{name} not found: {[(d.kind, d.message) for d in stats.divergences]}"
+    assert min(d.steps for d in found) <= MAX_SHRUNK_STEPS, [(d.steps, d.message) for d in found]
+    assert all(d.repro_dir and (Path(d.repro_dir) / "test_repro.py").exists() for d in found)
