@@ -276,18 +276,13 @@ class Image:
         cs, scs = q.cluster_size, q.geometry.subcluster_size
         while pos < end:
             # One lookup per cluster; then each subcluster is classified from that entry.
-            entry, bitmap = mp.get_entry(q, pos, self._l1_for_reading())
+            entry, bitmap = mp.get_entry(q, pos, self.snapshot_l1)
             cluster_end = min(end, align_down(pos, cs) + cs)
             while pos < cluster_end:
                 piece_end = min(cluster_end, align_down(pos, scs) + scs)
                 out += self._read_subcluster(pos, piece_end - pos, entry, bitmap)
                 pos = piece_end
         return bytes(out)
-
-    def _l1_for_reading(self) -> list[int]:
-        if self.snapshot_l1 is not None:
-            return mp.read_l1(self.q, *self.snapshot_l1)
-        return mp.read_l1(self.q)
 
     def _read_subcluster(self, pos: int, n: int, entry: int, bitmap: int) -> bytes:
         q = self.q

@@ -57,14 +57,21 @@ def l2_offset(q: Qcow2File, l1_entry: int, l1_index: int) -> int:
     return off
 
 
-def get_entry(q: Qcow2File, guest_offset: int, l1: list[int] | None = None) -> L2Pair:
-    """The L2 entry mapping ``guest_offset``; (0, 0) where no L2 table exists."""
+def read_l1_entry(q: Qcow2File, index: int, l1: tuple[int, int] | None = None) -> int:
+    """One entry of the L1 table at ``l1`` = (offset, size), the active one by default;
+    0 past its end. Only the entry is read: an L1 table can be 32 MiB."""
+    off, size = (int(q.header.l1_table_offset), int(q.header.l1_size)) if l1 is None else l1
+    if index >= size:
+        return 0
+    return int.from_bytes(q.pread(off + 8 * index, 8), "big")
+
+
+def get_entry(q: Qcow2File, guest_offset: int, l1: tuple[int, int] | None = None) -> L2Pair:
+    """The L2 entry mapping ``guest_offset`` through the L1 table at ``l1`` (offset, size),
+    the active one by default; (0, 0) where no L2 table exists."""
     g = q.geometry
     i1 = g.l1_index(guest_offset)
-    table = read_l1(q) if l1 is None else l1
-    if i1 >= len(table):
-        return 0, 0
-    off = l2_offset(q, table[i1], i1)
+    off = l2_offset(q, read_l1_entry(q, i1, l1), i1)
     if not off:
         return 0, 0
     return read_l2(q, off)[g.l2_index(guest_offset)]
@@ -80,8 +87,7 @@ def l2_table_for_write(q: Qcow2File, guest_offset: int) -> int:
     """
     g = q.geometry
     i1 = g.l1_index(guest_offset)
-    l1 = read_l1(q)
-    old_entry = l1[i1]
+    old_entry = read_l1_entry(q, i1)
     old = l2_offset(q, old_entry, i1)
     if old and old_entry & QCOW_OFLAG_COPIED:
         return old

@@ -60,13 +60,12 @@ def qcow2_layer_status(img: Image, offset: int, n: int) -> Status:
     n = min(n, img.size - offset)
     q, g = img.q, img.q.geometry
     cs, scs = q.cluster_size, g.subcluster_size
-    l1 = img._l1_for_reading()
     i1 = g.l1_index(offset)
     start_in_cluster = g.offset_in_cluster(offset)
     # qcow2_get_host_offset never looks past the end of the L2 table.
     avail = (g.l2_entries - g.l2_index(offset)) * cs
     needed = min(n + start_in_cluster, avail)
-    l2off = mp.l2_offset(q, l1[i1], i1) if i1 < len(l1) else 0
+    l2off = mp.l2_offset(q, mp.read_l1_entry(q, i1, img.snapshot_l1), i1)
     host: int | None = None
     if not l2off:
         t = SubclusterType.UNALLOCATED_PLAIN

@@ -84,11 +84,17 @@ def write_refblock(q: Qcow2File, offset: int, values: list[int]) -> None:
     q.pwrite(offset, refcount_block(q.geometry).build(values))
 
 
-def _refblock_offset(q: Qcow2File, table: list[int], rt_index: int) -> int:
-    """The refcount block for reftable index ``rt_index``; 0 if there is none."""
-    if rt_index >= len(table):
+def _refblock_offset(q: Qcow2File, table: list[int] | None, rt_index: int) -> int:
+    """The refcount block for reftable index ``rt_index``; 0 if there is none. Without
+    ``table`` only that entry is read from the file (a refcount table can be 8 MiB)."""
+    n = int(q.header.refcount_table_clusters) * q.cluster_size // 8
+    if rt_index >= n:
         return 0
-    off = table[rt_index] & REFT_OFFSET_MASK
+    if table is None:
+        entry = int.from_bytes(q.pread(int(q.header.refcount_table_offset) + 8 * rt_index, 8), "big")
+    else:
+        entry = table[rt_index]
+    off = entry & REFT_OFFSET_MASK
     if off % q.cluster_size:
         # qcow2_get_refcount: "Refblock offset ... unaligned" is a corruption.
         raise CorruptionError(f"refcount block offset {off:#x} unaligned (reftable index {rt_index})")
@@ -100,7 +106,7 @@ def _refblock_offset(q: Qcow2File, table: list[int], rt_index: int) -> int:
 def get_refcount(q: Qcow2File, cluster_index: int) -> int:
     """Refcount of host cluster ``cluster_index``; 0 where no refcount block covers it."""
     g = q.geometry
-    block = _refblock_offset(q, read_reftable(q), cluster_index // g.refcount_block_entries)
+    block = _refblock_offset(q, None, cluster_index // g.refcount_block_entries)
     if not block:
         return 0
     return refcount_get(q.pread(block, q.cluster_size), cluster_index % g.refcount_block_entries,

@@ -119,20 +119,49 @@ def _bitmap_refs(q: Qcow2File, ref: Callable[[int, int], None]) -> None:
                 ref(be & BME_TABLE_ENTRY_OFFSET_MASK, q.cluster_size)
 
 
-def stored_refcounts(q: Qcow2File, n_clusters: int) -> list[int]:
-    return [rc.get_refcount(q, i) for i in range(n_clusters)]
+def stored_refcounts(q: Qcow2File) -> dict[int, int]:
+    """Every non-zero refcount the refcount blocks hold, each block read once."""
+    g = q.geometry
+    entries, bits = g.refcount_block_entries, g.refcount_bits
+    table = rc.read_reftable(q)
+    out: dict[int, int] = {}
+    for i in range(len(table)):
+        block = rc._refblock_offset(q, table, i)
+        if not block:
+            continue
+        data = q.pread(block, q.cluster_size)
+        if not any(data):
+            continue
+        for j in range(entries):
+            v = rc.refcount_get(data, j, bits)
+            if v:
+                out[i * entries + j] = v
+    return out
+
+
+def _beyond_file(q: Qcow2File, want: Counter[int]) -> list[int]:
+    """Referenced clusters past the end of the file (qemu-img check: "beyond the end")."""
+    last = -(-q.file_size() // q.cluster_size)
+    return [i for i in want if i >= last]
 
 
 def rebuild_refcounts(q: Qcow2File) -> None:
     """Make every stored refcount equal the computed one and fix COPIED flags
     (qcow2_check with BDRV_FIX_ERRORS | BDRV_FIX_LEAKS, which QEMU runs when it opens a dirty
-    image read-write). New refcount blocks the repair needs are counted on the next pass."""
+    image read-write). New refcount blocks the repair needs are counted on the next pass.
+
+    QEMU rebuilds the whole refcount structure in new clusters (rebuild_refcount_structure);
+    the model corrects the entries in place, which gives a different but equally valid file.
+    A reference past the end of the file is a CorruptionError: nothing sane can be rebuilt.
+    """
     for _ in range(8):
         want = expected_refcounts(q)
-        n = max(q.file_size() // q.cluster_size + 1, max(want, default=0) + 1)
+        if _beyond_file(q, want):
+            raise CorruptionError("a table references a cluster past the end of the file")
+        have = stored_refcounts(q)
         changed = False
-        for i in range(n):
-            if rc.get_refcount(q, i) != want.get(i, 0):
+        for i in sorted(set(want) | set(have)):
+            if have.get(i, 0) != want.get(i, 0):
                 rc.set_refcount(q, i, want.get(i, 0))
                 changed = True
         if not changed:
@@ -197,11 +226,15 @@ def check(path: str | os.PathLike[str], *, repair: Repair = None) -> CheckResult
         q = img.q
     try:
         want = expected_refcounts(q)
-        n = max(q.file_size() // q.cluster_size + (1 if q.file_size() % q.cluster_size else 0),
-                max(want, default=-1) + 1)
-        for i in range(n):
-            have = rc.get_refcount(q, i)
+        beyond = set(_beyond_file(q, want))
+        stored = stored_refcounts(q)
+        for i in sorted(set(want) | set(stored)):
+            have = stored.get(i, 0)
             exp = want.get(i, 0)
+            if i in beyond:
+                # QEMU reports these and cannot fix them by changing refcounts.
+                result.corruptions += 1
+                continue
             if have == exp:
                 continue
             if have > exp:
@@ -221,10 +254,14 @@ def check(path: str | os.PathLike[str], *, repair: Repair = None) -> CheckResult
             result.corruptions_fixed += copied
         else:
             result.corruptions += copied
+        # qemu-img leaves out the counters that are 0 (collect_image_check: has_* = value != 0).
         total = q.geometry.size_to_clusters(int(q.header.size))
-        result.total_clusters = total
-        result.image_end_offset = _image_end(q, want)
-        result.allocated_clusters, result.compressed_clusters, result.fragmented_clusters = _stats(q)
+        result.total_clusters = total or None
+        result.image_end_offset = _image_end(q, want) or None
+        allocated, compressed, fragmented = _stats(q)
+        result.allocated_clusters = allocated or None
+        result.compressed_clusters = compressed or None
+        result.fragmented_clusters = fragmented or None
     except (CorruptionError, FormatError) as e:
         result.check_errors += 1
         result.findings.append(str(e))
@@ -281,8 +318,10 @@ def _stats(q: Qcow2File) -> tuple[int, int, int]:
         for e, _ in mp.read_l2(q, l2off):
             t = cluster_type(e, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
             if t is ClusterType.COMPRESSED:
+                # check_refcounts_l2: compressed clusters count as fragmented by nature.
                 allocated += 1
                 compressed += 1
+                fragmented += 1
             elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
                 allocated += 1
                 off = e & L2E_OFFSET_MASK

@@ -28,8 +28,8 @@ PINNED = {"version": 3, "cluster_size": 4096, "backing": "qcow2", "backing_size"
 MAX_SHRUNK_STEPS = 6
 
 
-def campaign(tmp_path: Path, *, examples: int, finish: bool, seed: int = 11) -> Stats:
-    return run_shard(Shard(["model", "qemu"], seed=seed, examples=examples, steps=12, overrides=PINNED,
+def campaign(tmp_path: Path, *, examples: int, finish: bool, seed: int = 11, steps: int = 12) -> Stats:
+    return run_shard(Shard(["model", "qemu"], seed=seed, examples=examples, steps=steps, overrides=PINNED,
                            db_dir=None, repro_dir=str(tmp_path / "repro"), workdir=str(tmp_path / "w"),
                            finish=finish))
 
@@ -95,22 +95,22 @@ def _compressed_size_short(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(cz, "compress", compress)
 
 
-MUTANTS: list[tuple[str, Callable[[pytest.MonkeyPatch], None], set[str], bool, int]] = [
-    # name, injector, divergence kinds that betray it, teardown checks needed, examples
-    ("zero-flag-ignored", _zero_flag_ignored, {"bytes"}, False, 40),
-    ("garbage-past-shorter-backing", _garbage_past_backing_end, {"bytes"}, False, 40),
-    ("discard-keeps-refcount", _discard_keeps_refcount, {"check", "rules"}, True, 40),
-    ("compressed-size-short", _compressed_size_short, {"bytes", "error", "crossread"}, False, 60),
+MUTANTS: list[tuple[str, Callable[[pytest.MonkeyPatch], None], set[str], bool, int, int]] = [
+    # name, injector, divergence kinds that betray it, teardown checks needed, examples, steps
+    ("zero-flag-ignored", _zero_flag_ignored, {"bytes"}, False, 40, 12),
+    ("garbage-past-shorter-backing", _garbage_past_backing_end, {"bytes"}, False, 40, 12),
+    ("discard-keeps-refcount", _discard_keeps_refcount, {"check", "rules"}, True, 40, 6),
+    ("compressed-size-short", _compressed_size_short, {"bytes", "error", "crossread"}, False, 60, 6),
 ]
 
 
-@pytest.mark.parametrize(("name", "inject", "kinds", "finish", "examples"), MUTANTS,
+@pytest.mark.parametrize(("name", "inject", "kinds", "finish", "examples", "steps"), MUTANTS,
                          ids=[m[0] for m in MUTANTS])
 def test_mutant_is_found_and_shrunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
                                     inject: Callable[[pytest.MonkeyPatch], None], kinds: set[str],
-                                    finish: bool, examples: int) -> None:
+                                    finish: bool, examples: int, steps: int) -> None:
     inject(monkeypatch)
-    stats = campaign(tmp_path, examples=examples, finish=finish)
+    stats = campaign(tmp_path, examples=examples, finish=finish, steps=steps)
     found = [d for d in stats.divergences if d.kind in kinds]
     assert found, f"{name} not found: {[(d.kind, d.message) for d in stats.divergences]}"
     assert min(d.steps for d in found) <= MAX_SHRUNK_STEPS, [(d.steps, d.message) for d in found]

@@ -69,3 +69,18 @@ def test_cli_map_prints_what_qemu_img_prints(name: str, output: str, qemu_images
 def test_snapshot_fixture_lists_both_snapshots(qemu_images: dict[str, Path]) -> None:
     with model.open(qemu_images["snapshots"], readonly=True) as img:
         assert [s["name"] for s in img.snapshots()] == ["first", "second"]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ENCRYPTED])
+def test_model_check_matches_qemu_img_check(name: str, qemu_images: dict[str, Path],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    path = qemu_images[name]
+    monkeypatch.chdir(path.parent)
+    theirs = subprocess.run(["qemu-img", "check", "--output=json", str(path)], capture_output=True, text=True)
+    expected = json.loads(theirs.stdout)
+    result = model.check(path)
+    ours = result.to_json()
+    for d in (ours, expected):
+        d.pop("filename")
+    assert ours == expected
+    assert result.exit_code == theirs.returncode

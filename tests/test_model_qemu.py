@@ -206,3 +206,22 @@ def test_qemu_reuses_a_freed_compressed_cluster(tmp_path: Path) -> None:
                      ("write", 28 * 65536, 2 * 65536, 21), ("compress", 8 * 65536, 65536, 225)]
     run_sequence(tmp_path, {}, ops)
     assert _check(tmp_path / "m" / "img.qcow2").get("corruptions") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_model_matches_qemu_campaign(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same property with many more examples (``pytest -m slow``)."""
+    cfg = CONFIGS[name]
+    cluster = cfg.get("cluster_size", 65536)
+
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(ops=_ops(2 * MiB, cluster))
+    def prop(ops: list[Op]) -> None:
+        tmp = tmp_path_factory.mktemp(name)
+        try:
+            run_sequence(tmp, cfg, ops)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    prop()

@@ -59,15 +59,33 @@ def _difftest_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
+    import subprocess
+    import sys
+
     from difftest import bench_check
 
-    r = bench_check.run(bench_check.parse_size(args.size), args.cluster_size, args.repeat)
+    try:
+        r = bench_check.run(args.size, args.cluster_size, args.repeat)
+    except subprocess.CalledProcessError as e:  # qemu-img create refused the geometry
+        print(f"qcow2lab bench check: qemu-img create failed: {e.stderr.decode(errors='replace').strip()}",
+              file=sys.stderr)
+        return 1
     print(json.dumps(r, indent=2) if args.output == "json" else bench_check.human(r))
     return 0
 
 
+def _size(text: str) -> int:
+    from difftest.bench_check import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _check_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", default="16G", help="virtual size of the preallocated image (qemu-img syntax)")
+    p.add_argument("--size", type=_size, default="16G",
+                   help="virtual size of the preallocated image (qemu-img syntax: 64M, 16G, 1T)")
     p.add_argument("--cluster-size", type=int, default=65536)
     p.add_argument("--repeat", type=int, default=5, help="timed runs of each check (the median is shown)")
     p.add_argument("--output", choices=["human", "json"], default="human")
