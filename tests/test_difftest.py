@@ -255,3 +255,11 @@ def test_cli_difftest_exit_1_on_divergence(tmp_path: Path, capsys: pytest.Captur
 
 def test_cli_refuses_fewer_than_two_targets(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["difftest", "--targets", "qemu", "--examples", "1", "--db", "none", "--output", "json"]) == 1
+
+
+def test_missing_qemu_is_announced_and_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from difftest.commands.difftest import resolve_targets
+    monkeypatch.setattr(qemuio, "available", lambda: False)
+    said: list[str] = []
+    assert resolve_targets("qemu,qemu2", said.append) == []
+    assert len(said) == 2 and all("WARNING" in m and "qemu" in m for m in said)
