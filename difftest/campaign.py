@@ -95,6 +95,8 @@ class Shard:
     shrink: bool = True
     readers: list[str] = field(default_factory=list)
     finish: bool = True
+    multiple_bugs: bool = True
+    """Shrink every distinct failure (Hypothesis report_multiple_bugs); off: only the first."""
 
 
 def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) -> Stats:
@@ -138,7 +140,7 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
         if shard.db_dir else None
     s = settings(max_examples=shard.examples, stateful_step_count=shard.steps, deadline=None,
                  database=db, phases=phases, suppress_health_check=list(HealthCheck),
-                 report_multiple_bugs=True, print_blob=False)
+                 report_multiple_bugs=shard.multiple_bugs, print_blob=False)
     machine = make_machine(hooks)
     t0 = time.perf_counter()
     Lockstep.close = counting_close  # type: ignore[method-assign]

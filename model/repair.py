@@ -29,6 +29,7 @@ from spec.image.open_image in ``check``.
 from __future__ import annotations
 
 import os
+import struct
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,7 @@ from spec.entries import (
     compressed_range,
 )
 from spec.errors import CorruptionError, FormatError, Qcow2Error
+from spec.geometry import align_up
 from spec.image import open_image
 from spec.interface import CheckResult, Repair
 
@@ -56,11 +58,11 @@ def expected_refcounts(q: Qcow2File) -> Counter[int]:
     cs = q.cluster_size
     refs: Counter[int] = Counter()
 
-    def ref(offset: int, length: int) -> None:
+    def ref(offset: int, length: int, times: int = 1) -> None:
         if length <= 0:
             return
         for cl in range(offset // cs, (offset + length - 1) // cs + 1):
-            refs[cl] += 1
+            refs[cl] += times
 
     ref(0, cs)
     ref(q.header.refcount_table_offset, q.header.refcount_table_clusters * cs)
@@ -74,20 +76,27 @@ def expected_refcounts(q: Qcow2File) -> Counter[int]:
             l1_tables.append((int(s.l1_table_offset), int(s.l1_size)))
             size += _snapshot_entry_size(s)
         ref(q.header.snapshots_offset, size)
+    # An L2 table counts once per L1 entry that points at it, and so does everything it
+    # points at; each distinct table is read once and its references multiplied.
+    uses: Counter[int] = Counter()
     for l1_off, l1_size in l1_tables:
         ref(l1_off, l1_size * 8)
         for i, l1e in enumerate(mp.read_l1(q, l1_off, l1_size)):
             l2off = mp.l2_offset(q, l1e, i)
-            if not l2off:
-                continue
-            ref(l2off, cs)
-            for entry, _ in mp.read_l2(q, l2off):
-                t = cluster_type(entry, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
-                if t is ClusterType.COMPRESSED:
-                    coff, csize = compressed_range(entry, q.cluster_bits)
-                    ref(coff, csize)
-                elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and not q.has_data_file:
-                    ref(entry & L2E_OFFSET_MASK, cs)
+            if l2off:
+                uses[l2off] += 1
+    file_size = q.file_size()
+    for l2off, times in uses.items():
+        ref(l2off, cs, times)
+        if l2off >= file_size:
+            continue  # reads as zeros: references nothing
+        for entry, _ in mp.read_l2(q, l2off):
+            t = cluster_type(entry, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
+            if t is ClusterType.COMPRESSED:
+                coff, csize = compressed_range(entry, q.cluster_bits)
+                ref(coff, csize, times)
+            elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and not q.has_data_file:
+                ref(entry & L2E_OFFSET_MASK, cs, times)
     _bitmap_refs(q, ref)
     crypt = q.image_file.extension(hd.QCOW2_EXT_MAGIC_CRYPTO_HEADER)
     if crypt is not None:
@@ -146,30 +155,109 @@ def _beyond_file(q: Qcow2File, want: Counter[int]) -> list[int]:
 
 
 def rebuild_refcounts(q: Qcow2File) -> None:
-    """Make every stored refcount equal the computed one and fix COPIED flags
-    (qcow2_check with BDRV_FIX_ERRORS | BDRV_FIX_LEAKS, which QEMU runs when it opens a dirty
-    image read-write). New refcount blocks the repair needs are counted on the next pass.
+    """Repair a dirty image's refcounts the way QEMU does when it opens one read-write
+    (qcow2_do_open -> qcow2_check_refcounts with BDRV_FIX_ERRORS | BDRV_FIX_LEAKS):
 
-    QEMU rebuilds the whole refcount structure in new clusters (rebuild_refcount_structure);
-    the model corrects the entries in place, which gives a different but equally valid file.
+    - if some referenced cluster has a stored refcount of 0, the whole refcount structure
+      is rebuilt in free space (rebuild_refcount_structure), then every cluster the old
+      structure leaves leaked is freed again;
+    - otherwise each wrong refcount is corrected in place (compare_refcounts);
+    - finally COPIED flags are fixed (check_oflag_copied).
+
     A reference past the end of the file is a CorruptionError: nothing sane can be rebuilt.
     """
-    for _ in range(8):
+    want = expected_refcounts(q)
+    if _beyond_file(q, want):
+        raise CorruptionError("a table references a cluster past the end of the file")
+    have = stored_refcounts(q)
+    if any(v and not have.get(i) for i, v in want.items()):
+        nb = -(-q.file_size() // q.cluster_size)
+        _rebuild_structure(q, [want.get(i, 0) for i in range(nb)])
         want = expected_refcounts(q)
-        if _beyond_file(q, want):
-            raise CorruptionError("a table references a cluster past the end of the file")
         have = stored_refcounts(q)
-        changed = False
-        for i in sorted(set(want) | set(have)):
-            if have.get(i, 0) != want.get(i, 0):
-                rc.set_refcount(q, i, want.get(i, 0))
-                changed = True
-        if not changed:
-            break
-    else:
-        raise CorruptionError("refcounts do not converge while rebuilding")
+    for i in sorted(set(want) | set(have)):
+        diff = want.get(i, 0) - have.get(i, 0)
+        if diff:
+            # compare_refcounts fixes with update_refcount(..., QCOW2_DISCARD_ALWAYS).
+            while True:
+                try:
+                    rc.update_refcount(q, i * q.cluster_size, 1, diff, discard=True)
+                    break
+                except rc._Again:
+                    continue
     fix_copied(q)
-    q.free_cluster_index = 0
+
+
+def _alloc_imrt(imrt: list[int], count: int, first_free: list[int]) -> int:
+    """alloc_clusters_imrt: ``count`` contiguous free clusters in the in-memory refcount
+    array from ``first_free[0]`` on, growing the array past the end if needed; they get
+    refcount 1. Returns the first cluster index."""
+    cluster = first_free[0]
+    found = 0
+    first_gap = True
+    while cluster < len(imrt) and found < count:
+        if not imrt[cluster]:
+            found += 1
+            if first_gap:
+                first_free[0] = cluster
+                first_gap = False
+        else:
+            found = 0
+        cluster += 1
+    if found < count:
+        imrt.extend([0] * (cluster + count - found - len(imrt)))
+    cluster -= found
+    for k in range(count):
+        imrt[cluster + k] = 1
+    return cluster
+
+
+def _write_refblocks(q: Qcow2File, imrt: list[int], first: int, end: int, reftable: list[int]) -> bool:
+    """rebuild_refcounts_write_refblocks: write a refblock for every block range of
+    [first, end) that has a non-zero refcount, allocating it in ``imrt`` if new. Returns
+    whether ``reftable`` had to grow."""
+    entries = q.geometry.refcount_block_entries
+    grown = False
+    first_free = [0]
+    cluster = first
+    while cluster < end:
+        if cluster >= len(imrt) or not imrt[cluster]:
+            cluster += 1
+            continue
+        index = cluster // entries
+        block_start = index * entries
+        if index < len(reftable) and reftable[index]:
+            block = reftable[index]
+        else:
+            first_free[0] = max(first_free[0], block_start)
+            block_cluster = _alloc_imrt(imrt, 1, first_free)
+            block = block_cluster * q.cluster_size
+            end = max(end, block_cluster + 1)
+            if len(reftable) <= index:
+                reftable.extend([0] * (align_up((index + 1) * 8, q.cluster_size) // 8 - len(reftable)))
+                grown = True
+            reftable[index] = block
+        values = (imrt[block_start:block_start + entries] + [0] * entries)[:entries]
+        rc.write_refblock(q, block, values)
+        cluster = block_start + entries
+    return grown
+
+
+def _rebuild_structure(q: Qcow2File, imrt: list[int]) -> None:
+    """rebuild_refcount_structure: new refcount blocks and a new refcount table, placed in
+    the free clusters of the computed refcounts ``imrt``; the old structure is leaked (the
+    caller frees it). Repeats until the table stops growing."""
+    reftable: list[int] = []
+    _write_refblocks(q, imrt, 0, len(imrt), reftable)
+    while True:
+        clusters = -(-len(reftable) * 8 // q.cluster_size)
+        start = _alloc_imrt(imrt, clusters, [0])
+        if not _write_refblocks(q, imrt, start, start + clusters, reftable):
+            break
+    q.pwrite(start * q.cluster_size, struct.pack(f">{len(reftable)}Q", *reftable))
+    q.header.refcount_table_offset = start * q.cluster_size
+    q.header.refcount_table_clusters = clusters
+    q.write_header()
 
 
 def fix_copied(q: Qcow2File) -> int:

@@ -182,7 +182,7 @@ def test_injected_fault_is_found_shrunk_and_reproduced(tmp_path: Path) -> None:
                             overrides={"backing": "none", "data_file": False, "cluster_size": 4096,
                                        "version": 3},
                             db_dir=None, repro_dir=str(tmp_path / "repro"), workdir=str(tmp_path / "w"),
-                            finish=False))  # the per-step checks find this bug; keep the test fast
+                            finish=False, multiple_bugs=False))  # per-step checks find it; stay fast
     assert stats.divergences, "the dropped byte was not noticed"
     found = stats.divergences[0]
     assert found.kind == "bytes"

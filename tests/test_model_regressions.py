@@ -242,11 +242,15 @@ def test_lazy_refcounts_dirty_image_is_repaired_on_read_write_open(
     shutil.copy(qemu_images["lazy-dirty"], path)
     assert open_image(path).incompatible_features & ft.QCOW2_INCOMPAT_DIRTY
     content = raw_content(path)
+    theirs = tmp_path / "theirs.qcow2"
+    shutil.copy(path, theirs)
+    qemu_io(theirs, "read 0 1")  # QEMU repairs a dirty image when it opens it read-write
     with model.open(path) as img:
         assert img.read(0, img.size) == content
     assert not open_image(path).incompatible_features & ft.QCOW2_INCOMPAT_DIRTY
     assert _clean(path)
     assert raw_content(path) == content
+    assert path.read_bytes() == theirs.read_bytes()  # same rebuilt refcount structure
 
 
 def test_lazy_refcounts_set_the_dirty_bit_while_open(tmp_path: Path) -> None:

@@ -137,7 +137,9 @@ def summary(stats: Stats, targets: list[str]) -> None:
     t.add_row("operations run", str(sum(stats.ops.values())))
     t.add_row("ops/second (wall, incl. set-up and teardown checks)", f"{stats.ops_per_second:.0f}")
     t.add_row("elapsed", f"{stats.elapsed:.1f} s")
-    t.add_row("divergences", f"[{'red' if stats.divergences else 'green'}]{len(stats.divergences)}[/]")
+    distinct = len({d.message for d in stats.divergences})
+    t.add_row("divergences (distinct)", f"[{'red' if stats.divergences else 'green'}]"
+              f"{len(stats.divergences)} ({distinct})[/]")
     con.print(t)
     ops = Table(title="operations")
     ops.add_column("op")
@@ -147,11 +149,18 @@ def summary(stats: Stats, targets: list[str]) -> None:
     con.print(ops)
     if stats.notes:
         con.print("notes: " + "; ".join(f"{k} (x{v})" for k, v in stats.notes.items()))
+    # Shards share the example database, so one bug is often replayed by many shards:
+    # report each distinct divergence once, with its smallest reproducer.
+    groups: dict[str, list[Any]] = {}
     for d in stats.divergences:
-        con.print(f"[bold red]DIVERGENCE[/] seed {d.seed} ({d.steps} steps): {d.message}")
-        if d.repro_dir:
-            con.print(f"  reproducers: {d.repro_dir}/repro.sh (qemu side), "
-                      f"{d.repro_dir}/test_repro.py (pytest)")
+        groups.setdefault(d.message, []).append(d)
+    for msg, ds in groups.items():
+        best = min(ds, key=lambda d: d.steps)
+        seeds = ", ".join(str(d.seed) for d in ds[:8]) + (" ..." if len(ds) > 8 else "")
+        con.print(f"[bold red]DIVERGENCE[/] x{len(ds)} (seeds {seeds}; {best.steps} steps): {msg}")
+        if best.repro_dir:
+            con.print(f"  reproducers: {best.repro_dir}/repro.sh (qemu side), "
+                      f"{best.repro_dir}/test_repro.py (pytest)")
 
 
 def run(args: argparse.Namespace) -> int:
