@@ -31,6 +31,7 @@ A Qcow2Error is a *rejection*, the right answer for a malformed image.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import contextlib
 import importlib
@@ -42,12 +43,12 @@ import signal
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difftest.mutate import Mutant, build_bases, corpus
+from difftest.mutate import Mutant, build_bases, iter_corpus
 
 TIME_LIMIT = 1.0
 MEMORY_LIMIT = 256 * 1024 * 1024
@@ -276,41 +277,54 @@ class _Pool:
         self.ex = self._new()
 
 
-def iterate(mutants: list[Mutant], *, jobs: int = 1, time_limit: float = TIME_LIMIT,
+def iterate(mutants: Iterable[Mutant], *, jobs: int = 1, time_limit: float = TIME_LIMIT,
             memory_limit: int = MEMORY_LIMIT, probes: list[str] | None = None) -> Iterator[Result]:
-    """Probe every mutant, yielding results in order (for a progress bar)."""
+    """Probe every mutant, yielding results in order (for a progress bar).
+
+    ``mutants`` is consumed lazily, so a campaign of any size holds only a window of images
+    in memory.
+    """
     if probes is None:
         probes = available_probes()[0]
     pool = _Pool(max(1, jobs), memory_limit)
+    source = iter(mutants)
+    retry: collections.deque[Mutant] = collections.deque()  # requeued after a pool reset
+    pending: collections.deque[tuple[Mutant, cf.Future[Result]]] = collections.deque()
+    window = max(1, jobs) * 2
+
+    def requeue() -> None:
+        retry.extendleft(reversed([m for m, _ in pending]))
+        pending.clear()
+        pool.reset()
+
     try:
-        window = max(1, jobs) * 2
-        pending: list[tuple[Mutant, cf.Future[Result]]] = []
-        queue = list(mutants)
-        while queue or pending:
-            while queue and len(pending) < window:
+        while True:
+            while len(pending) < window:
+                m = retry.popleft() if retry else next(source, None)
+                if m is None:
+                    break
                 try:
-                    fut = pool.ex.submit(run_one, queue[0], probes, time_limit, memory_limit)
+                    fut = pool.ex.submit(run_one, m, probes, time_limit, memory_limit)
                 except cf.process.BrokenProcessPool:
                     # A worker died after the last result was collected; the pending future
                     # that ran on it reports the crash below.
+                    retry.appendleft(m)
                     if pending:
                         break
                     pool.reset()
                     continue
-                pending.append((queue.pop(0), fut))
-            m, fut = pending.pop(0)
+                pending.append((m, fut))
+            if not pending:
+                return
+            m, fut = pending.popleft()
             try:
                 yield fut.result(timeout=BACKSTOP)
             except cf.TimeoutError:
                 yield Result(m.name, "hang", None, f"no answer in {BACKSTOP} s (wall clock)")
-                queue = [p[0] for p in pending] + queue
-                pending = []
-                pool.reset()
+                requeue()
             except cf.process.BrokenProcessPool as e:
                 yield Result(m.name, "crash", None, f"worker died: {e}")
-                queue = [p[0] for p in pending] + queue
-                pending = []
-                pool.reset()
+                requeue()
     finally:
         pool.ex.shutdown(wait=True, cancel_futures=True)
 
@@ -321,7 +335,7 @@ def campaign(n: int, *, seed: int = 0, jobs: int = 1, workdir: str | None = None
     """Build the bases, generate ``n`` mutants with ``seed`` and probe them all."""
     wd = workdir or tempfile.mkdtemp(prefix="qcow2lab-fuzz-")
     bases = build_bases(wd)
-    mutants = corpus(bases, n, seed)
+    mutants = iter_corpus(bases, n, seed)
     probes, skipped = available_probes()
     results = []
     for r in iterate(mutants, jobs=jobs, time_limit=time_limit, memory_limit=memory_limit, probes=probes):

@@ -21,6 +21,7 @@ report) and ``hang`` (no answer within the time limit).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -807,18 +808,14 @@ def random_flips(bases: dict[str, Base], seed: int = 0, start: int = 0) -> Itera
         i += 1
 
 
+def iter_corpus(bases: dict[str, Base], count: int, seed: int = 0) -> Iterator[Mutant]:
+    """``count`` mutants, lazily: the targeted ones first, then random flips to make up the number."""
+    return itertools.islice(itertools.chain(targeted(bases, seed), random_flips(bases, seed)), count)
+
+
 def corpus(bases: dict[str, Base], count: int, seed: int = 0) -> list[Mutant]:
-    """``count`` mutants: the targeted ones first, then random flips to make up the number."""
-    out: list[Mutant] = []
-    for m in targeted(bases, seed):
-        if len(out) >= count:
-            return out
-        out.append(m)
-    for m in random_flips(bases, seed):
-        if len(out) >= count:
-            break
-        out.append(m)
-    return out
+    """``iter_corpus`` as a list, for callers that need every mutant at once."""
+    return list(iter_corpus(bases, count, seed))
 
 
 _LAYOUT_CACHE: dict[tuple[str, str], Layout] = {}

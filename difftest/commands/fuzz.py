@@ -17,6 +17,7 @@ import collections
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -24,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from difftest import fuzz
-from difftest.mutate import Mutant, build_bases, corpus, qemu_verdict
+from difftest.mutate import Mutant, build_bases, iter_corpus, qemu_verdict
 
 CHECK_EXIT_KIND = {0: "clean", 1: "check-errors", 2: "corruptions", 3: "leaks"}
 
@@ -53,38 +54,48 @@ def run(args: argparse.Namespace) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="qcow2lab-fuzz-") as wd:
         with console.status("building base images with qemu-img"):
-            mutants = corpus(build_bases(wd), args.images, args.seed)
+            bases = build_bases(wd)
         probes, skipped = fuzz.available_probes()
         for name, why in skipped.items():
             console.print(f"[yellow]probe {name} skipped:[/] {why}")
-        by_name = {m.name: m for m in mutants}
+        # Mutants stream through: only those in flight and those with findings stay in memory.
+        in_flight: dict[str, Mutant] = {}
+
+        def feed() -> Iterator[Mutant]:
+            for m in iter_corpus(bases, args.images, args.seed):
+                in_flight[m.name] = m
+                yield m
+
         results: list[fuzz.Result] = []
+        found: list[tuple[fuzz.Result, Mutant]] = []
         counts: collections.Counter[str] = collections.Counter()
         columns = (TextColumn("[bold]fuzz"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[counts]}"))
         with Progress(*columns, console=console) as progress:
-            task = progress.add_task("fuzz", total=len(mutants), counts="")
-            for r in fuzz.iterate(mutants, jobs=args.jobs, time_limit=args.time_limit,
+            task = progress.add_task("fuzz", total=args.images, counts="")
+            for r in fuzz.iterate(feed(), jobs=args.jobs, time_limit=args.time_limit,
                                   memory_limit=args.memory_limit << 20, probes=probes):
                 results.append(r)
+                m = in_flight.pop(r.name)
                 counts[r.outcome] += 1
                 progress.update(task, advance=1, counts=_counts_text(counts))
                 if r.finding:
+                    found.append((r, m))
                     progress.console.print(f"[red]{r.outcome}[/] {r.name} ({r.probe}): {r.error}")
         _summary(out, args, results, probes)
-        findings = [r for r in results if r.finding]
-        for r in findings:
+        for r, m in found:
             out.print(f"\n[red bold]{r.outcome}[/] {r.name} in probe {r.probe}: {r.error}")
-            out.print(f"  {by_name[r.name].description}")
+            out.print(f"  {m.description}")
             if r.detail:
                 out.print(r.detail, markup=False, highlight=False)
-        if args.keep and findings:
+        if args.keep and found:
             keep = Path(args.keep)
-            for r in findings:
-                by_name[r.name].write(keep / r.name.replace("@", "-"))
+            for r, m in found:
+                m.write(keep / r.name.replace("@", "-"))
             out.print(f"findings written under {keep}")
         if args.qemu:
-            _compare_with_qemu(out, console, mutants, wd)
+            _compare_with_qemu(out, console, iter_corpus(bases, args.images, args.seed), args.images, wd)
+        findings = [r for r, _ in found]
     return 1 if findings else 0
 
 
@@ -118,7 +129,8 @@ def _summary(out: Console, args: argparse.Namespace, results: list[fuzz.Result],
                   f"slowest probe: {slow.cpu * 1000:.0f} ms CPU ({slow.name})")
 
 
-def _compare_with_qemu(out: Console, console: Console, mutants: list[Mutant], wd: str) -> None:
+def _compare_with_qemu(out: Console, console: Console, mutants: Iterable[Mutant], total: int,
+                      wd: str) -> None:
     """Tabulate qemu-img check's verdict against spec.rules' for every mutant."""
     from spec.errors import Qcow2Error
     from spec.rules.check import check
@@ -127,7 +139,7 @@ def _compare_with_qemu(out: Console, console: Console, mutants: list[Mutant], wd
     missed = []
     with Progress(TextColumn("[bold]qemu-img check"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("qemu", total=len(mutants))
+        task = progress.add_task("qemu", total=total)
         for m in mutants:
             d = Path(wd) / "qemu" / m.name.replace("@", "-")
             p = m.write(d)
@@ -141,6 +153,7 @@ def _compare_with_qemu(out: Console, console: Console, mutants: list[Mutant], wd
             table[(theirs, ours)] += 1
             if m.expect and theirs not in m.expect:
                 missed.append((m.name, sorted(m.expect), theirs))
+            shutil.rmtree(d)  # a long campaign must not fill the disk
             progress.advance(task)
     out.print("qemu-img check's verdict against spec.rules' (qcow2lab check) on the same mutants:")
     t = Table()
