@@ -24,7 +24,8 @@ compressed writes), qfile.py (the host file and header, QEMU's file operations),
 mapping.py (L1/L2), refcounts.py (refcounts and allocation), overlap.py (metadata overlap
 checks), backing.py (backing layers), compress.py (deflate, zstd), mapping_report.py
 (block status, qemu-img map), snapshots.py (internal snapshots), resize.py, repair.py
-(check, and the refcount rebuild of dirty images).
+(check and ``check -r leaks|all`` as qemu-img, and the refcount rebuild of dirty images).
+``open`` takes QEMU's image locks (spec/locking.py) and releases them at close.
 
 Known deliberate QEMU 7.2 behaviour kept for fidelity: qcow2_alloc_bytes keeps packing
 compressed data after ``free_byte_offset`` even when that host cluster was freed and reused

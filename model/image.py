@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from model import backing as bk
@@ -41,6 +42,7 @@ from spec.geometry import align_down, align_up
 from spec.image import ImageFile, open_image
 from spec.info import full_backing_filename, virtual_size
 from spec.limits import QCOW2_MAX_BACKING_DEPTH
+from spec.locking import ImageLock, Locking
 
 BDRV_SECTOR_SIZE = 512
 
@@ -57,8 +59,16 @@ def open(path: str | os.PathLike[str], *, readonly: bool = False,
     ``snapshot`` opens an internal snapshot's state, read-only (block/snapshot.c,
     bdrv_snapshot_load_tmp refuses a writable node).
 
+    Locking (spec/locking.py): the image file (and its external data file, and every
+    backing file, read-only) is locked on the descriptor the Image keeps, with the OFD lock
+    bytes QEMU 7.2 uses, until close(): read-write as qemu-io takes them, read-only as
+    qemu-io -r. ``force_share=True`` is -U (read-only only); ``locking="auto"|"on"|"off"``
+    is file-posix's option. Two opens of one image in the same process are two openers
+    and conflict like two QEMU processes; open the second with ``force_share=True``.
+
     Raises:
-        RequestError: an unknown option; ``snapshot`` without ``readonly``; a corrupt image
+        RequestError: an unknown option; ``snapshot`` without ``readonly``; ``force_share``
+            without ``readonly``; another process (or open) holds a conflicting lock; a corrupt image
             opened read-write (QEMU: "Image is corrupt; cannot be opened read/write");
             no snapshot of that name or id.
         FormatError: the file, or a file in its backing chain, is not a valid qcow2 image,
@@ -67,7 +77,31 @@ def open(path: str | os.PathLike[str], *, readonly: bool = False,
             other than qcow2/raw.
         CorruptionError: inconsistency found while rebuilding a dirty image's refcounts.
     """
-    return _open(str(path), readonly=readonly, snapshot=snapshot, depth=0, options=options)
+    options = dict(options)
+    force_share = options.pop("force_share", False)
+    locking = options.pop("locking", "auto")
+    if not isinstance(force_share, bool):
+        raise RequestError("force_share must be a bool")
+    if locking not in ("auto", "on", "off"):
+        raise RequestError("locking must be 'auto', 'on' or 'off'")
+    if force_share and not readonly:
+        # block.c bdrv_open_common: "force-share=on can only be used with read-only images".
+        raise RequestError("force_share can only be used with read-only images")
+    lock = LockOptions(force_share=force_share, locking=locking)
+    return _open(str(path), readonly=readonly, snapshot=snapshot, depth=0, options=options, lock=lock)
+
+
+@dataclass(frozen=True)
+class LockOptions:
+    """QEMU's image locking for one open (spec/locking.py; block/file-posix.c).
+
+    ``force_share`` is qemu-io/qemu-img ``-U``: a read-only open that shares every
+    permission with other processes. ``locking`` is file-posix's option: "auto" (default;
+    silently unlocked where the file system has no OFD locks), "on", "off".
+    """
+
+    force_share: bool = False
+    locking: Locking = "auto"
 
 
 def _validate_options(options: dict[str, Any]) -> None:
@@ -87,7 +121,7 @@ def _validate_options(options: dict[str, Any]) -> None:
 
 
 def _open(path: str, *, readonly: bool, snapshot: str | None, depth: int,
-          options: dict[str, Any]) -> Image:
+          options: dict[str, Any], lock: LockOptions) -> Image:
     _validate_options(options)
     if snapshot is not None and not readonly:
         raise RequestError("a snapshot can only be opened read-only")
@@ -95,14 +129,14 @@ def _open(path: str, *, readonly: bool, snapshot: str | None, depth: int,
         raise FormatError("backing chain too deep (a loop?)", "backing_file")
     img = open_image(path)
     try:
-        return _open_image(img, path, readonly=readonly, snapshot=snapshot, depth=depth)
+        return _open_image(img, path, readonly=readonly, snapshot=snapshot, depth=depth, lock=lock)
     except BaseException:
         img.close()
         raise
 
 
 def _open_image(img: ImageFile, path: str, *, readonly: bool, snapshot: str | None,
-                depth: int) -> Image:
+                depth: int, lock: LockOptions) -> Image:
     if img.header.crypt_method:
         # The model never touches ciphertext (DESIGN.md): encryption is declared unsupported.
         raise UnsupportedFeature("encryption")
@@ -117,6 +151,11 @@ def _open_image(img: ImageFile, path: str, *, readonly: bool, snapshot: str | No
             raise FormatError(f"cannot open for writing: {e.strerror}", path) from None
         img.f.close()
         img.f = f
+    # QEMU locks the image before it reads or writes anything beyond the header probe
+    # (raw_open_common, then raw_check_perm/raw_set_perm as the node gets its permissions).
+    # The lock lives on the descriptor the Image keeps, so closing it releases the lock.
+    locks = [ImageLock(f, locking=lock.locking, path=path)]
+    locks[0].acquire(write=not readonly, force_share=lock.force_share)
     data_f = None
     if img.has_data_file:
         if img.data_file is None:
@@ -129,16 +168,35 @@ def _open_image(img: ImageFile, path: str, *, readonly: bool, snapshot: str | No
             data_f = builtins.open(data_path, "rb" if readonly else "r+b")  # noqa: SIM115
         except OSError as e:
             raise FormatError(f"could not open data file: {e.strerror}", data_path) from None
+        try:
+            data_lock = ImageLock(data_f, locking=lock.locking, path=data_path)
+            data_lock.acquire(write=not readonly, force_share=lock.force_share, data_file=True)
+        except Qcow2Error:
+            data_f.close()
+            raise
+        locks.append(data_lock)
     q = Qcow2File(img, f, readonly=readonly, data_f=data_f)
     backing: bk.Layer | None = None
     if img.backing_file:
         bpath = full_backing_filename(path, img.backing_file)
         kind = bk.backing_kind(bpath, img.backing_format)
         if kind == "raw":
-            backing = bk.open_raw(bpath)
+            raw_backing = bk.open_raw(bpath)
+            raw_lock = ImageLock(raw_backing.f, locking=lock.locking, path=bpath)
+            try:
+                raw_lock.acquire(write=False, force_share=lock.force_share)
+            except Qcow2Error:
+                raw_backing.close()
+                raise
+            locks.append(raw_lock)
+            backing = raw_backing
         else:
-            backing = _open(bpath, readonly=True, snapshot=None, depth=depth + 1, options={})
+            # A backing file is opened read-only and locked as qemu-io -r locks it (-U
+            # applies to the whole chain).
+            backing = _open(bpath, readonly=True, snapshot=None, depth=depth + 1, options={},
+                            lock=lock)
     image = Image(q, backing)
+    image.locks = locks
     if snapshot is not None:
         from model import snapshots as sn
         sn.load_for_reading(image, snapshot)
@@ -171,6 +229,8 @@ class Image:
         """Set by mapping_report while a map is computed (see detect_metadata_preallocation)."""
         self.snapshot_l1: tuple[int, int] | None = None
         """(l1_table_offset, l1_size) when open(snapshot=...) redirected reads."""
+        self.locks: list[ImageLock] = []
+        """QEMU's locks on the image file (and the data file); released by close()."""
 
     # --- plumbing -------------------------------------------------------------------------
     def __enter__(self) -> Image:
@@ -870,6 +930,8 @@ class Image:
         except OSError as e:
             raise CorruptionError(f"flush at close failed: {e}") from None
         finally:
+            for lock in self.locks:
+                lock.release()
             self.q.f.close()
             if self.q.data_f is not None:
                 self.q.data_f.close()

@@ -37,6 +37,7 @@ from typing import Any
 from model import mapping as mp
 from model import refcounts as rc
 from model.qfile import Qcow2File
+from spec import features as ft
 from spec import header as hd
 from spec.entries import (
     BME_TABLE_ENTRY_OFFSET_MASK,
@@ -47,10 +48,11 @@ from spec.entries import (
     cluster_type,
     compressed_range,
 )
-from spec.errors import CorruptionError, FormatError, Qcow2Error
+from spec.errors import CorruptionError, FormatError, Qcow2Error, UnsupportedFeature
 from spec.geometry import align_up
 from spec.image import open_image
 from spec.interface import CheckResult, Repair
+from spec.locking import ImageLock
 
 
 def expected_refcounts(q: Qcow2File) -> Counter[int]:
@@ -67,7 +69,9 @@ def expected_refcounts(q: Qcow2File) -> Counter[int]:
     ref(0, cs)
     ref(q.header.refcount_table_offset, q.header.refcount_table_clusters * cs)
     for e in rc.read_reftable(q):
-        if e & REFT_OFFSET_MASK:
+        # check_refblocks skips an unaligned refcount block offset (counted as a corruption
+        # that forces a rebuild) instead of referencing the cluster it points into.
+        if e & REFT_OFFSET_MASK and not (e & REFT_OFFSET_MASK) % cs:
             ref(e & REFT_OFFSET_MASK, cs)
     l1_tables = [(int(q.header.l1_table_offset), int(q.header.l1_size))]
     if q.header.nb_snapshots:
@@ -128,13 +132,16 @@ def _bitmap_refs(q: Qcow2File, ref: Callable[[int, int], None]) -> None:
                 ref(be & BME_TABLE_ENTRY_OFFSET_MASK, q.cluster_size)
 
 
-def stored_refcounts(q: Qcow2File) -> dict[int, int]:
-    """Every non-zero refcount the refcount blocks hold, each block read once."""
+def stored_refcounts(q: Qcow2File, limit: int | None = None) -> dict[int, int]:
+    """Every non-zero refcount the refcount blocks hold, each block read once; with
+    ``limit``, only the blocks covering clusters below it (compare_refcounts looks at the
+    clusters of the file and no further)."""
     g = q.geometry
     entries, bits = g.refcount_block_entries, g.refcount_bits
     table = rc.read_reftable(q)
     out: dict[int, int] = {}
-    for i in range(len(table)):
+    count = len(table) if limit is None else min(len(table), -(-limit // entries))
+    for i in range(count):
         block = rc._refblock_offset(q, table, i)
         if not block:
             continue
@@ -143,7 +150,7 @@ def stored_refcounts(q: Qcow2File) -> dict[int, int]:
             continue
         for j in range(entries):
             v = rc.refcount_get(data, j, bits)
-            if v:
+            if v and (limit is None or i * entries + j < limit):
                 out[i * entries + j] = v
     return out
 
@@ -294,24 +301,23 @@ def fix_copied(q: Qcow2File) -> int:
 def check(path: str | os.PathLike[str], *, repair: Repair = None) -> CheckResult:
     """``qemu-img check`` of the image at ``path`` (qcow2_co_check_locked).
 
-    ``repair``: None only reports; "leaks" lowers refcounts that are too high; "all" also
-    raises those that are too low and fixes COPIED flags.
+    ``repair``: None only reports and never writes to the file. "leaks" and "all" repair
+    as ``qemu-img check -r leaks|all`` does; see ``_check_and_repair``.
 
-    Raises FormatError / UnsupportedFeature when the image does not open.
+    Raises FormatError / UnsupportedFeature when the image does not open; with ``repair``
+    also UnsupportedFeature when the image has damage the model does not repair (nothing
+    is written then).
     """
+    if repair is not None:
+        return _check_and_repair(str(path), repair)
     from model.image import open as open_model
 
     path = str(path)
     result = CheckResult(filename=path)
-    img = open_model(path, readonly=repair is None) if repair is None else None
-    if img is None:
-        # Repair works on a read-write file without the open-time rebuild of dirty images.
-        raw = open_image(path)
-        raw.f.close()
-        raw.f = open(path, "r+b")  # noqa: SIM115 - owned by the Qcow2File below
-        q = Qcow2File(raw, raw.f, readonly=False)
-    else:
-        q = img.q
+    # Locked as ``qemu-img check -U`` locks (a shared read lock that shares everything), so a
+    # report never fails for another process (or another model Image) holding the file.
+    img = open_model(path, readonly=True, force_share=True)
+    q = img.q
     try:
         want = expected_refcounts(q)
         beyond = set(_beyond_file(q, want))
@@ -323,25 +329,11 @@ def check(path: str | os.PathLike[str], *, repair: Repair = None) -> CheckResult
                 # QEMU reports these and cannot fix them by changing refcounts.
                 result.corruptions += 1
                 continue
-            if have == exp:
-                continue
             if have > exp:
-                if repair in ("leaks", "all"):
-                    rc.set_refcount(q, i, exp)
-                    result.leaks_fixed += 1
-                else:
-                    result.leaks += 1
-            else:
-                if repair == "all":
-                    rc.set_refcount(q, i, exp)
-                    result.corruptions_fixed += 1
-                else:
-                    result.corruptions += 1
-        copied = fix_copied(q) if repair == "all" else _count_copied(q)
-        if repair == "all":
-            result.corruptions_fixed += copied
-        else:
-            result.corruptions += copied
+                result.leaks += 1
+            elif have < exp:
+                result.corruptions += 1
+        result.corruptions += _count_copied(q)
         # qemu-img leaves out the counters that are 0 (collect_image_check: has_* = value != 0).
         total = q.geometry.size_to_clusters(int(q.header.size))
         result.total_clusters = total or None
@@ -353,14 +345,216 @@ def check(path: str | os.PathLike[str], *, repair: Repair = None) -> CheckResult
     except (CorruptionError, FormatError) as e:
         result.check_errors += 1
         result.findings.append(str(e))
-    except Qcow2Error:
-        raise
     finally:
-        if img is not None:
-            img.close()
-        else:
-            q.f.close()
+        img.close()
     return result
+
+
+# Damage the repair knows how to fix: refcounts that disagree with the references (either
+# way, including a missing refcount block, which makes referenced clusters read refcount 0)
+# and COPIED flags. Rules QEMU does not count (qemu_counts=False) never block a repair.
+REPAIRABLE_RULES = frozenset({"REFCOUNT-MATCHES-REFERENCES", "REFCOUNT-NO-LEAK",
+                              "L1-COPIED-IFF-REFCOUNT-1", "COPIED-IFF-REFCOUNT-1",
+                              "REFBLOCK-REFCOUNT-1"})
+
+
+def _check_and_repair(path: str, repair: str) -> CheckResult:
+    """``qemu-img check -r leaks|all`` (qemu-img.c img_check; block/qcow2.c
+    qcow2_co_check_locked; block/qcow2-refcount.c qcow2_check_refcounts).
+
+    1. A read-only check (the rules catalogue, spec.rules, which agrees with qemu-img
+       check) decides whether to touch the file at all: an image qemu-img would not report
+       on ("refused") is returned as is, and damage outside REPAIRABLE_RULES raises
+       UnsupportedFeature. Nothing is written in either case.
+    2. The fix pass (``_fix_refcounts``) follows qcow2_check_refcounts: compare computed and
+       stored refcounts; if a referenced cluster has refcount 0, "all" rebuilds the whole
+       refcount structure (rebuild_refcount_structure) and then frees the old structure's
+       now-leaked clusters, while "leaks" gives up with a check error (QEMU: "ERROR need
+       to rebuild refcount structures", no report, exit 1); otherwise each wrong refcount is
+       fixed in place, leaks always, too-low ones only with "all". Then COPIED flags
+       (check_oflag_copied): always fixed with "all", with "leaks" only if the refcounts are
+       now all right.
+    3. If the image is then free of errors the dirty and corrupt bits are cleared
+       (qcow2_mark_clean, qcow2_mark_consistent).
+    4. As qemu-img, when something was fixed the image is checked again and that result is
+       reported, carrying the fix pass's corruptions-fixed / leaks-fixed.
+    """
+    from spec.rules.check import check as rules_check
+    from spec.rules.check import verdict
+
+    before = rules_check(path)
+    if verdict(before) == "refused":
+        return before
+    counted = {f.rule for f in before.findings if f.counted}
+    if {"REFBLOCK-ALIGNED", "REFCOUNT-READABLE"} <= counted:
+        return _refuse_unaligned_refblock(path, before)
+    unrepairable = sorted(counted - REPAIRABLE_RULES - {"REFBLOCK-ALIGNED"})
+    if unrepairable:
+        raise UnsupportedFeature("check repair", f"the model cannot repair {', '.join(unrepairable)}")
+    # check_refblocks counts one corruption, and asks for a rebuild, for each refcount block
+    # whose offset is unaligned (and that no cluster of the file needs: it covers clusters
+    # past the end) or whose cluster is referenced more than once.
+    forced = sum(f.count for f in before.findings
+                 if f.counted and f.rule in ("REFBLOCK-ALIGNED", "REFBLOCK-REFCOUNT-1"))
+    fixed = _fix_refcounts(path, repair, forced)
+    if fixed.check_errors:
+        return fixed
+    if not (fixed.corruptions_fixed or fixed.leaks_fixed):
+        return before
+    after = rules_check(path)
+    after.corruptions_fixed = fixed.corruptions_fixed
+    after.leaks_fixed = fixed.leaks_fixed
+    return after
+
+
+def _open_for_repair(path: str) -> Qcow2File:
+    """The image read-write, without the open-time rebuild of dirty images (qemu-img check
+    opens with BDRV_O_CHECK, which skips it), locked as a writer: qemu-img check -r opens
+    read-write, so a conflicting process makes it RequestError."""
+    raw = open_image(path)
+    try:
+        raw.f.close()
+        raw.f = open(path, "r+b")  # noqa: SIM115 - the caller closes q.f
+    except OSError as e:
+        raw.close()
+        raise FormatError(f"cannot open for writing: {e.strerror}", path) from None
+    q = Qcow2File(raw, raw.f, readonly=False)
+    try:
+        ImageLock(q.f, path=path).acquire(write=True)
+        # A read-write open clears the autoclear bits QEMU does not know (qcow2_do_open:
+        # "autoclear_features &= QCOW2_AUTOCLEAR_MASK", then the header is rewritten).
+        v3 = q.header.v3
+        if v3 is not None and int(v3.autoclear_features) & ~ft.QCOW2_AUTOCLEAR_MASK:
+            v3.autoclear_features = int(v3.autoclear_features) & ft.QCOW2_AUTOCLEAR_MASK
+            q.write_header()
+    except Qcow2Error:
+        q.f.close()
+        raise
+    return q
+
+
+def _refuse_unaligned_refblock(path: str, before: CheckResult) -> CheckResult:
+    """An unaligned refcount block offset: QEMU 7.2's repair reads a refcount through it,
+    which flags the image corrupt (qcow2_get_refcount -> qcow2_signal_corruption, "Refblock
+    offset ... unaligned"), and the check then stops with an error: no report, exit 1, and
+    the corrupt bit is the one change in the file (observed: qemu-img check -r all/leaks on
+    difftest/mutate.py's refcount-table-block-misaligned). The model does the same."""
+    from spec.rules import Finding
+
+    q = _open_for_repair(path)
+    try:
+        q.set_incompatible_bit(ft.QCOW2_INCOMPAT_CORRUPT, True)
+    finally:
+        q.f.close()
+    before.check_errors = max(before.check_errors, 1)
+    before.findings.append(Finding("CHECK-COMPLETES", None,
+                                   "a refcount block offset is unaligned: the repair stops"))
+    return before
+
+
+def _fix_refcounts(path: str, repair: str, forced: int = 0) -> CheckResult:
+    """The fix pass of ``_check_and_repair`` (step 2 and 3). Its corruptions/leaks are what
+    remains unfixed; check_errors with a CHECK-COMPLETES finding means qemu-img stops.
+    ``forced``: refcount block corruptions found by check_refblocks, each forcing a rebuild."""
+    from spec.rules import Finding
+
+    result = CheckResult(filename=path)
+    q = _open_for_repair(path)
+    try:
+        want = expected_refcounts(q)
+        beyond = set(_beyond_file(q, want))
+        stored = stored_refcounts(q, _compared(q, want))
+        corruptions, leaks = forced, 0
+        rebuild = forced > 0
+        for i in sorted(set(want) | set(stored)):
+            have, exp = stored.get(i, 0), want.get(i, 0)
+            if have == exp:
+                continue
+            if have == 0 and i not in beyond:
+                rebuild = True
+            if have < exp:
+                corruptions += 1
+            else:
+                leaks += 1
+        if rebuild and repair == "all":
+            nb = -(-q.file_size() // q.cluster_size)
+            _rebuild_structure(q, [want.get(i, 0) for i in range(nb)])
+            # The old structure is leaked now; compare again with FIX_LEAKS. What the new
+            # structure gets wrong (nothing, unless it is broken) stays counted.
+            want = expected_refcounts(q)
+            stored = stored_refcounts(q, _compared(q, want))
+            # QEMU keeps only the leaks of this pass (fresh_leaks); its corruptions are
+            # dropped, so every corruption counted before the rebuild counts as fixed.
+            _, fresh_leaks = _fix_diffs(q, want, stored, leaks_only=True)
+            result.corruptions_fixed = corruptions
+            result.leaks_fixed = leaks
+            result.leaks = fresh_leaks
+        elif rebuild:
+            result.check_errors += 1
+            result.findings.append(Finding("CHECK-COMPLETES", None,
+                                           "a referenced cluster has refcount 0: the refcount "
+                                           "structure must be rebuilt, which needs -r all"))
+        else:
+            before_c, before_l = corruptions, leaks
+            result.corruptions, result.leaks = _fix_diffs(q, want, stored, leaks_only=repair == "leaks")
+            result.corruptions_fixed = before_c - result.corruptions
+            result.leaks_fixed = before_l - result.leaks
+        if not result.check_errors:
+            # check_oflag_copied: with "leaks" only when the refcounts are now known right.
+            if repair == "all" or not (result.corruptions or result.leaks):
+                result.corruptions_fixed += fix_copied(q)
+            else:
+                result.corruptions += _count_copied(q)
+            if not result.corruptions:
+                # qcow2_co_check_locked: a successful repair marks the image consistent.
+                q.set_incompatible_bit(ft.QCOW2_INCOMPAT_CORRUPT, False)
+        # Closing a read-write qcow2 node marks it clean whatever the check found
+        # (qcow2_inactivate -> qcow2_mark_clean): observed on a lazy-refcount dirty image
+        # whose -r leaks stops with "need to rebuild", which still loses its dirty bit.
+        q.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
+        os.fsync(q.f.fileno())
+    except (CorruptionError, FormatError) as e:
+        result.check_errors += 1
+        result.findings.append(Finding("CHECK-COMPLETES", None, str(e)))
+    except OSError as e:
+        result.check_errors += 1
+        result.findings.append(Finding("CHECK-COMPLETES", None, f"fsync failed: {e}"))
+    finally:
+        q.f.close()
+    return result
+
+
+def _compared(q: Qcow2File, want: Counter[int]) -> int:
+    """How many clusters compare_refcounts looks at: those of the file, and as many more as
+    the computed refcounts reach (calculate_refcounts grows its array for them)."""
+    return max(-(-q.file_size() // q.cluster_size), max(want, default=-1) + 1)
+
+
+def _fix_diffs(q: Qcow2File, want: Counter[int], stored: dict[int, int], *,
+               leaks_only: bool) -> tuple[int, int]:
+    """compare_refcounts with fixing: bring each stored refcount to the computed one (only
+    the too-high ones if ``leaks_only``) with update_refcount(..., QCOW2_DISCARD_ALWAYS),
+    so a cluster freed this way is also punched out. Returns the (corruptions, leaks) left."""
+    last = -(-q.file_size() // q.cluster_size)
+    corruptions = leaks = 0
+    for i in sorted(set(want) | set(stored)):
+        have, exp = stored.get(i, 0), want.get(i, 0)
+        if have == exp:
+            continue
+        if i >= last or have == 0 or (leaks_only and have < exp):
+            # Past the end, or needing a refcount block that does not exist: not fixable here.
+            if have < exp:
+                corruptions += 1
+            else:
+                leaks += 1
+            continue
+        while True:
+            try:
+                rc.update_refcount(q, i * q.cluster_size, 1, exp - have, discard=True)
+                break
+            except rc._Again:
+                continue
+    return corruptions, leaks
 
 
 def _count_copied(q: Qcow2File) -> int:

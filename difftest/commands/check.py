@@ -8,8 +8,16 @@ every violated rule (id, host offset, explanation, spec section), then qemu-img'
 lines. JSON output is qemu-img's object, field for field, on stdout; the violated rules go to
 stderr, as qemu-img prints its ERROR lines there. An image qemu-img refuses (it cannot open it
 or its check stops with an error) gets no summary and no JSON, only the violated rules, and
-exit 1, as qemu-img prints only an error then. Repair (-r) is not implemented yet: asking
-for it is refused (UnsupportedFeature, exit 1) rather than silently ignored.
+exit 1, as qemu-img prints only an error then.
+
+Repair (``-r leaks|all``) is the reference model's (model.check(path, repair=...), which
+follows block/qcow2-refcount.c qcow2_check_refcounts with BDRV_FIX_LEAKS/BDRV_FIX_ERRORS and
+rebuild_refcount_structure). As qemu-img (qemu-img.c img_check), when something was repaired
+the human output first says what ("The following inconsistencies were found and repaired"),
+then the image is checked again and that second check is what is reported, with the fix
+pass's corruptions-fixed / leaks-fixed; the exit code is the second check's. Damage the model
+does not repair (anything but refcounts and COPIED flags) is refused before anything is
+written: "qcow2lab: cannot repair ...", exit 1.
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ import argparse
 import sys
 from typing import TextIO
 
+import model
 from difftest.commands.info import to_json
+from spec.errors import Qcow2Error, UnsupportedFeature
 from spec.info import qdict
 from spec.interface import CheckResult
 from spec.rules import RULES_BY_ID, Finding
@@ -31,13 +41,32 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image format (only qcow2)")
     p.add_argument("--output", choices=["human", "json"], default="human")
     p.add_argument("-r", dest="repair", choices=["leaks", "all"],
-                   help="repair (as qemu-img check -r); not implemented yet: refused with exit 1")
+                   help="repair the image in place, as qemu-img check -r: 'leaks' frees leaked "
+                        "clusters (refcounts too high; also COPIED flags once refcounts are right), "
+                        "'all' also fixes refcounts that are too low (rebuilding the refcount "
+                        "structure if a refcount block is missing) and COPIED flags. The image is "
+                        "then checked again and that result is reported. Damage other than "
+                        "refcounts and COPIED flags is refused without writing (exit 1)")
     p.add_argument("image")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = check(args.image, repair=args.repair)
+    if args.repair is not None:
+        try:
+            result = model.check(args.image, repair=args.repair)
+        except UnsupportedFeature as e:
+            print(f"qcow2lab: cannot repair {args.image}: {e}", file=sys.stderr)
+            return 1
+        except Qcow2Error as e:
+            # Opening failed (as qemu-img check -r cannot open it) or the image is locked.
+            print(f"qcow2lab: {args.image}: {e}", file=sys.stderr)
+            return 1
+        if args.output == "human" and verdict(result) != "refused" and (
+                result.corruptions_fixed or result.leaks_fixed):
+            print_repaired(result, sys.stdout)
+    else:
+        result = check(args.image)
     if verdict(result) == "refused":
         # qemu-img prints no report when it cannot open the image or its check stops with an
         # error (qemu-img.c img_check): only the reasons, and exit 1. JSON stdout stays empty.
@@ -76,6 +105,14 @@ def describe(f: Finding) -> str:
 def print_findings(findings: list[Finding], out: TextIO) -> None:
     for f in findings:
         print(describe(f), file=out)
+
+
+def print_repaired(r: CheckResult, out: TextIO) -> None:
+    """What qemu-img check -r prints before it checks the repaired image again."""
+    print("The following inconsistencies were found and repaired:\n\n"
+          f"    {r.leaks_fixed} leaked clusters\n"
+          f"    {r.corruptions_fixed} corruptions\n\n"
+          "Double checking the fixed image now...", file=out)
 
 
 def print_summary(r: CheckResult, out: TextIO) -> None:
