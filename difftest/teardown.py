@@ -13,8 +13,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import subprocess
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from difftest import qemuio
@@ -122,6 +126,33 @@ def _plan(ls: Lockstep) -> list[tuple[int, int]]:
     return plan
 
 
+READER_TIMEOUT = 20.0
+"""Seconds a foreign reader may spend on one open or read before it is reported as hung."""
+
+
+class ReaderHung(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Interrupt foreign code that loops forever (SIGALRM; main thread only, else no bound)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def fire(_sig: int, _frame: Any) -> None:
+        raise ReaderHung(f"no answer within {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def _reader(ls: Lockstep, spec: str) -> None:
     """A read-only adapter reads every target's file; it must read what the first target
     reads from that same file. Its exceptions are findings (foreign code, any class)."""
@@ -133,7 +164,8 @@ def _reader(ls: Lockstep, spec: str) -> None:
         ref = ref_t.open_readonly(t.path)
         try:
             try:
-                img = reader.open(str(t.path), readonly=True)
+                with _deadline(READER_TIMEOUT):
+                    img = reader.open(str(t.path), readonly=True)
             except Exception as e:
                 raise Divergence("reader", "finish", f"{spec} cannot open {t.name}'s file: "
                                  f"{type(e).__name__}: {e}") from e
@@ -146,7 +178,8 @@ def _reader(ls: Lockstep, spec: str) -> None:
                         k = min(1 << 20, a + n - pos)
                         want = bytes(ref.read(pos, k))
                         try:
-                            got = bytes(img.read(pos, k))
+                            with _deadline(READER_TIMEOUT):
+                                got = bytes(img.read(pos, k))
                         except Exception as e:
                             raise Divergence("reader", "finish", f"{spec} reading [{pos}, {pos + k}) of "
                                              f"{t.name}'s file: {type(e).__name__}: {e}") from e

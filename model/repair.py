@@ -22,8 +22,15 @@ A stored refcount below the computed one is a corruption, above it a leak (qemu-
 check's terms). COPIED must be set exactly on active L1/L2 entries whose cluster has
 refcount 1.
 
+``check(path, repair="leaks"|"all")`` is ``qemu-img check -r`` (see _check_and_repair): it
+fixes refcounts (in place, or by rebuilding the refcount structure), COPIED flags and the
+dirty/corrupt bits, refuses other damage without writing, and reports what a second check
+finds, with the fixed counts, as qemu-img does. tests/test_repair.py holds it to QEMU's
+report, exit code and repaired bytes.
+
 Errors: CorruptionError when a structure points outside what can be walked; FormatError
-from spec.image.open_image in ``check``.
+from spec.image.open_image in ``check``; UnsupportedFeature for damage the repair does not
+fix; RequestError when another process holds a conflicting lock (spec/locking.py).
 """
 
 from __future__ import annotations
@@ -321,7 +328,8 @@ def check(path: str | os.PathLike[str], *, repair: Repair = None) -> CheckResult
     try:
         want = expected_refcounts(q)
         beyond = set(_beyond_file(q, want))
-        stored = stored_refcounts(q)
+        # compare_refcounts never looks past the file's clusters (and what is referenced).
+        stored = stored_refcounts(q, _compared(q, want))
         for i in sorted(set(want) | set(stored)):
             have = stored.get(i, 0)
             exp = want.get(i, 0)
