@@ -53,7 +53,8 @@ def steady_state(targets: list[str], ops: int, cfg: Config, seed: int = 0) -> di
 
 def campaign(targets: list[str], examples: int, steps: int, seed: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="difftest-bench-") as d:
-        st = run_shard(Shard(targets, seed, examples, steps, db_dir=None, repro_dir=str(Path(d) / "repro")))
+        st = run_shard(Shard(targets, seed, examples, steps, db_dir=None, repro_dir=str(Path(d) / "repro"),
+                             shrink=False, multiple_bugs=False))  # a figure, not a hunt
     return {"targets": targets, "examples": st.examples, "ops": sum(st.ops.values()),
             "seconds": round(st.elapsed, 3), "ops_per_second": round(st.ops_per_second, 1),
             "divergences": len(st.divergences)}

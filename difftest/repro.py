@@ -41,6 +41,16 @@ def _io_line(name: str, kw: dict[str, Any]) -> str | None:
     return None
 
 
+def _until_finish(log: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """The guest operations: what ``finish`` logs itself (its map comparison) is left out."""
+    out = []
+    for entry in log:
+        if entry[0] == "finish":
+            break
+        out.append(entry)
+    return out
+
+
 def shell_script(cfg: Config, log: list[tuple[str, dict[str, Any]]], d: Divergence | None = None) -> str:
     lines = ["#!/bin/sh", "# qcow2lab difftest reproducer, qemu side. Run in an empty directory.",
              f"# config: {cfg!r}"]
@@ -77,7 +87,7 @@ def shell_script(cfg: Config, log: list[tuple[str, dict[str, Any]]], d: Divergen
             lines.append(shlex.join([*argv, TOP]))
             segment.clear()
 
-    for name, kw in log:
+    for name, kw in _until_finish(log):
         line = _io_line(name, kw)
         if name == "resize" and not kw["shrink"]:
             # Image.resize(shrink=False) means qemu-img resize without --shrink.
@@ -112,11 +122,10 @@ def pytest_body(cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: lis
         lines += [f"    # divergence: {line}" for line in str(d).splitlines()]
     lines.append(f"    ls = Lockstep(tmp_path, {cfg!r}, {targets!r})")
     lines.append("    try:")
-    for name, kw in log:
+    for name, kw in _until_finish(log):
         args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
         lines.append(f"        ls.{name}({args})")
-    if not log or log[-1][0] != "finish":
-        lines.append("        ls.finish()")
+    lines.append("        ls.finish()")
     lines.append("    finally:")
     lines.append("        ls.close()")
     return "\n".join(lines) + "\n"
