@@ -17,8 +17,9 @@ algorithm, not just its result, so that the model picks the same host offsets:
   self-describing refcount blocks at the start of the first uncovered refblock range
   (qcow2_refcount_area).
 
-Errors: CorruptionError for an unaligned refcount block offset, a refcount overflow, or an
-allocation at offset 0. ``free_clusters`` ignores failures, as qcow2_free_clusters does.
+Errors: CorruptionError for an unaligned refcount block offset, a refcount underflow, or an
+allocation at offset 0; RequestError for a refcount overflow (the image stays consistent).
+``free_clusters`` ignores failures, as qcow2_free_clusters does.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import struct
 
 from model.qfile import Qcow2File
 from spec.entries import REFT_OFFSET_MASK
-from spec.errors import CorruptionError
+from spec.errors import CorruptionError, RequestError
 from spec.geometry import align_up, div_round_up
 from spec.limits import QCOW_MAX_REFTABLE_SIZE
 from spec.tables import refcount_block
@@ -123,7 +124,8 @@ def update_refcount(q: Qcow2File, offset: int, length: int, addend: int, *, disc
     qcow2_process_discards; pass-discard-request and pass-discard-snapshot default on).
 
     Raises _Again (after undoing what it did) when a refcount block had to be allocated,
-    like update_refcount's -EAGAIN; CorruptionError on overflow or underflow.
+    like update_refcount's -EAGAIN; RequestError on overflow (after undoing what it did),
+    CorruptionError on underflow.
     """
     if length <= 0:
         return
@@ -147,8 +149,17 @@ def update_refcount(q: Qcow2File, offset: int, length: int, addend: int, *, disc
         data = bytearray(q.pread(block, cs))
         i = idx % q.geometry.refcount_block_entries
         new = refcount_get(data, i, q.geometry.refcount_bits) + addend
-        if new < 0 or new > q.refcount_max:
-            raise CorruptionError(f"refcount of cluster {idx} out of range ({new})")
+        if new < 0:
+            raise CorruptionError(f"refcount of cluster {idx} would drop below zero ({new})")
+        if new > q.refcount_max:
+            # update_refcount fails the whole request with -EINVAL, without signalling
+            # corruption, after restoring the refcounts it already raised in this call; the
+            # image stays consistent (a caller's earlier steps, such as a snapshot's L1 copy,
+            # are left as QEMU leaves them). The caller asked for more references than the
+            # refcount width can count (refcount_bits=1 and a snapshot, say): RequestError.
+            if done:
+                update_refcount(q, start, done * cs, -addend)
+            raise RequestError(f"refcount of cluster {idx} would exceed {q.refcount_max}")
         refcount_set(data, i, q.geometry.refcount_bits, new)
         q.pwrite(block, bytes(data))
         if new == 0 and idx < q.free_cluster_index:

@@ -7,7 +7,10 @@ request                 what happens
 ======================  ===================================================================
 grow                    the L1 table is replaced by a larger one (exactly the size needed)
                         at newly allocated clusters, the old one freed; the header size
-                        is updated. Nothing else is allocated.
+                        is updated. Nothing else is allocated, unless:
+grow over a backing     the new area is zeroed (v3: zero clusters, plus a written head
+file longer than the    cluster when the old size is not subcluster-aligned); v2 fails
+old size                with UnsupportedFeature, the size unchanged (_zero_new_area).
 shrink (shrink=True)    clusters past the new end (rounded up to a cluster) are fully
                         discarded (entries 0, clusters freed and punched out); L1 entries
                         past the new L1 size are zeroed and their L2 tables freed; refcount
@@ -18,8 +21,8 @@ shrink (shrink=True)    clusters past the new end (rounded up to a cluster) are 
 With an external data file, the data file is resized to the new size too.
 
 Errors: RequestError for a size that is not a multiple of 512, a shrink without
-``shrink=True``, a v2 image with snapshots (QEMU refuses it); CorruptionError from the
-tables.
+``shrink=True``, a v2 image with snapshots (QEMU refuses it); UnsupportedFeature for a
+v2 image grown over a longer backing file; CorruptionError from the tables.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING
 from model import mapping as mp
 from model import refcounts as rc
 from spec.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
-from spec.errors import RequestError
+from spec.errors import Qcow2Error, RequestError, UnsupportedFeature
 from spec.geometry import align_up
 from spec.limits import QCOW_MAX_L1_SIZE
 
@@ -79,11 +82,39 @@ def resize(img: Image, new_size: int, shrink: bool, *, from_snapshot: bool = Fal
         _cut_file(q)
     else:
         grow_l1(q, new_l1)
+        if new_size > old and img.backing is not None and img.backing.size > old:
+            _zero_new_area(img, old, new_size)
     if q.has_data_file:
         q.truncate(new_size, q.data_f)
     q.header.size = new_size
     q.write_header()
     img.size = new_size
+
+
+def _zero_new_area(img: Image, old: int, new_size: int) -> None:
+    """Make [old, new_size) read as zeros instead of backing data.
+
+    block/io.c bdrv_co_truncate asks the driver for BDRV_REQ_ZERO_WRITE when the image
+    grows and its backing file is longer than the old size; block/qcow2.c qcow2_co_truncate
+    then, with the new size already in effect (total_sectors), zeroes from the old size
+    rounded up to a subcluster to the new end with qcow2_subcluster_zeroize, and only then
+    writes explicit zeros over the unaligned head [old, that boundary) with an ordinary
+    write (which allocates its cluster and copies the part below ``old`` from the backing
+    file). If the zeroing is refused (v2 image: no zero flag, and a discard would expose the
+    backing file) QEMU fails the truncate with -ENOTSUP after the L1 table has grown, and
+    the size stays the old one.
+    """
+    zero_start = align_up(old, img.q.geometry.subcluster_size)
+    img.size = new_size
+    try:
+        if new_size > zero_start and not img._zeroize(zero_start, new_size - zero_start, False):
+            raise UnsupportedFeature("zeroing the grown area over a backing file needs the "
+                                     "zero flag (qcow2 v3)")
+        if zero_start > old:
+            img._write_internal(old, bytes(min(zero_start, new_size) - old))
+    except Qcow2Error:
+        img.size = old
+        raise
 
 
 def _shrink_l1(q: Qcow2File, new_l1: int) -> None:

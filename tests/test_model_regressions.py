@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -195,9 +196,9 @@ def test_create_refuses_what_qemu_refuses(tmp_path: Path, kwargs: dict[str, obje
     {"cluster_size": 2 * MiB}, {"extended_l2": True}, {"compression_type": "zstd"},
     {"lazy_refcounts": True}, {"preallocation": "metadata"},
 ])
-def test_create_matches_qemu_img_create(tmp_path: Path, opts: dict[str, object]) -> None:
+def test_create_matches_qemu_img_create(tmp_path: Path, opts: dict[str, Any]) -> None:
     m = tmp_path / "m.qcow2"
-    model.create(m, 64 * MiB + 512, **opts)  # type: ignore[arg-type]
+    model.create(m, 64 * MiB + 512, **opts)
     qopts = {k: v for k, v in opts.items() if k != "version"}
     if opts.get("version") == 2:
         qopts["compat"] = "0.10"
@@ -443,7 +444,7 @@ def test_refcount_table_growth_keeps_the_image_valid(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("options", [{"cache": "sometimes"}, {"l2_cache_size": -1},
                                      {"overlap_check": "paranoid"}, {"refcount_cache_size": "big"}])
-def test_bad_option_values_are_request_errors(tmp_path: Path, options: dict[str, object]) -> None:
+def test_bad_option_values_are_request_errors(tmp_path: Path, options: dict[str, Any]) -> None:
     path = tmp_path / "o.qcow2"
     model.create(path, MiB)
     with pytest.raises(RequestError):
@@ -490,3 +491,117 @@ def test_snapshot_operations_are_byte_identical_to_qemu(tmp_path: Path) -> None:
                 qemu_img("snapshot", step[1], step[2], str(q))
         assert _mask_snapshot_dates(m) == _mask_snapshot_dates(q), step
     assert _clean(m)
+
+
+# --- divergences found by the differential tester ----------------------------------------------
+
+def _pair(tmp: Path, backing: str, backing_fmt: str, size: int, **opts: Any) -> tuple[Path, Path]:
+    """The same starting image written twice by qemu-img: one for QEMU, one for the model."""
+    q = qemu_create(tmp / "q.qcow2", size, backing=backing, backing_fmt=backing_fmt, **opts)
+    m = tmp / "m.qcow2"
+    shutil.copyfile(q, m)
+    return q, m
+
+
+def _map(path: Path) -> object:
+    return json.loads(qemu_img("map", "--output=json", str(path), cwd=path.parent).stdout)
+
+
+@pytest.mark.parametrize(("old", "new", "opts", "raw_backing"), [
+    (MiB + 512, 3 * MiB, {}, False),                  # unaligned head, then zero clusters
+    (MiB, 3 * MiB, {}, True),                         # aligned old size, raw backing file
+    (MiB + 512, MiB + 1024, {}, False),               # only the head write
+    (MiB + 6 * KiB, 3 * MiB + 512, {"cluster_size": 16 * KiB, "extended_l2": True}, False),
+    (MiB + 512, 3 * MiB, {"cluster_size": 512}, False),
+    (MiB + 512, 8 * MiB, {"cluster_size": 4096}, False),  # the L1 table grows too
+])
+def test_grow_over_longer_backing_file_reads_zeros_like_qemu(
+        tmp_path: Path, old: int, new: int, opts: dict[str, Any], raw_backing: bool) -> None:
+    """block/io.c bdrv_co_truncate + block/qcow2.c qcow2_co_truncate (BDRV_REQ_ZERO_WRITE):
+    the grown area must not show the backing file's data past the old size."""
+    if raw_backing:
+        base = tmp_path / "base.raw"
+        base.write_bytes(b"\xaa" * 4 * MiB)
+        bname, bfmt = "base.raw", "raw"
+    else:
+        _base(tmp_path)
+        bname, bfmt = "base.qcow2", "qcow2"
+    q, m = _pair(tmp_path, bname, bfmt, old, **opts)
+    qemu_io(q, f"truncate {new}")
+    with model.open(m) as img:
+        img.resize(new)
+        assert img.size == new
+        assert img.read(old, new - old) == bytes(new - old)
+        assert img.read(0, old) == b"\xaa" * old
+    assert m.read_bytes() == q.read_bytes()
+    assert _map(m) == _map(q)
+    assert raw_content(m) == raw_content(q) == b"\xaa" * old + bytes(new - old)
+    assert _clean(m)
+
+
+def test_grow_over_shorter_backing_file_is_metadata_only(tmp_path: Path) -> None:
+    """No zeroing when the backing file ends before the old size (bdrv_co_truncate)."""
+    _base(tmp_path)
+    q, m = _pair(tmp_path, "base.qcow2", "qcow2", 5 * MiB)
+    size_before = m.stat().st_size
+    qemu_io(q, f"truncate {6 * MiB}")
+    with model.open(m) as img:
+        img.resize(6 * MiB)
+    assert m.read_bytes() == q.read_bytes()
+    assert m.stat().st_size == size_before
+
+
+def test_v2_grow_over_longer_backing_file_fails_like_qemu(tmp_path: Path) -> None:
+    """v2 has no zero flag, so qcow2_subcluster_zeroize refuses (-ENOTSUP) and the truncate
+    fails after the L1 table has grown; the size stays the old one."""
+    import subprocess
+
+    _base(tmp_path)
+    q, m = _pair(tmp_path, "base.qcow2", "qcow2", MiB + 512, compat="0.10")
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"truncate {1024 * MiB}", str(q)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0
+    with model.open(m) as img:
+        with pytest.raises(UnsupportedFeature):
+            img.resize(1024 * MiB)
+        assert img.size == MiB + 512
+        assert img.read(0, 512) == b"\xaa" * 512
+    assert m.read_bytes() == q.read_bytes()
+    assert _clean(m)
+
+
+def test_refcount_overflow_in_snapshot_create_is_a_request_error(tmp_path: Path) -> None:
+    """refcount_bits=1: a snapshot needs refcount 2 on the data cluster. QEMU's
+    update_refcount fails the request (-EINVAL) without flagging corruption and restores what
+    it changed; qcow2_snapshot_create leaks its L1 copy. The model leaves the same file."""
+    q = qemu_create(tmp_path / "q.qcow2", 4096, cluster_size=512, refcount_bits=1)
+    qemu_io(q, "write -q -c -P 0x0 0 512", "write -q -P 0x0 0 1", "write -q -P 0x0 0 1")
+    m = tmp_path / "m.qcow2"
+    shutil.copyfile(q, m)
+    assert qemu_img("snapshot", "-c", "s0", str(q), check=False).returncode != 0
+    with model.open(m) as img:
+        with pytest.raises(RequestError):
+            img.snapshot_create("s0")
+        assert img.snapshots() == []
+        assert img.read(0, 512) == bytes(512)  # not flagged corrupt: requests still served
+    assert m.read_bytes() == q.read_bytes()
+    assert not open_image(m).header.v3.incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT
+    cm, cq = _check(m), _check(q)
+    cm.pop("filename")
+    cq.pop("filename")
+    assert cm == cq
+    assert cm.get("leaks") == 1 and not cm.get("corruptions")
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_create_512_byte_clusters_with_raw_backing_matches_qemu(tmp_path: Path, version: int) -> None:
+    """v3 images with clusters of 4 KiB or less carry no feature name table
+    (qcow2_update_header), so the header, the backing format and the name fit in 512 bytes."""
+    (tmp_path / "base.raw").write_bytes(b"\xb1" * 4096)
+    q = qemu_create(tmp_path / "q.qcow2", 4096, backing="base.raw", backing_fmt="raw",
+                    cluster_size=512, compat="1.1" if version == 3 else "0.10")
+    m = tmp_path / "m.qcow2"
+    model.create(m, 4096, version=version, cluster_size=512, backing_file="base.raw", backing_fmt="raw")
+    assert m.read_bytes() == q.read_bytes()
+    with model.open(m) as img:
+        assert img.read(0, 4096) == b"\xb1" * 4096
