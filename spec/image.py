@@ -631,6 +631,9 @@ def _read_bitmap_directory(img: ImageFile) -> list[c.Container]:
             raise UnsupportedFeature("bitmap extra data")
         entry = parse(bm.BitmapDirectoryEntry, data[pos:pos + n], where)
         _check_dir_entry(img, entry, where)
+        if any(bytes(other.name) == bytes(entry.name) for other in entries):
+            # bitmap_list_load refuses a directory whose names are not unique.
+            raise FormatError("duplicate bitmap name", f"{where}.name")
         entries.append(entry)
         pos += n
     if len(entries) != d.nb_bitmaps:

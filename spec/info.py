@@ -30,11 +30,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from spec import bitmaps as bmp
-from spec import entries as en
 from spec import features as ft
 from spec import header as hd
-from spec import limits as lim
-from spec.errors import FormatError, UnsupportedFeature
 from spec.image import QCOW_CRYPT_AES, QCOW_CRYPT_LUKS, ImageFile
 from spec.luks import luks_info, read_luks_header
 
@@ -239,7 +236,7 @@ def qcow2_specific(img: ImageFile, vsize: int) -> Info:
         ("corrupt", bool(incompat & ft.QCOW2_INCOMPAT_CORRUPT)),
         ("refcount-bits", refcount_bits),
         ("encrypt", encrypt),
-        ("bitmaps", bitmap_list(img, vsize)),
+        ("bitmaps", bitmap_list(img)),
         ("compression-type", ft.COMPRESSION_NAMES[img.compression_type]),
     ])
 
@@ -313,85 +310,22 @@ def snapshot_list(img: ImageFile) -> list[Info] | None:
 
 # --- Persistent bitmaps (block/qcow2-bitmap.c) -------------------------------------------------
 
-def bitmap_list(img: ImageFile, vsize: int) -> list[Info] | None:
+def bitmap_list(img: ImageFile) -> list[Info] | None:
     """Qcow2BitmapInfo for each persistent bitmap, or None when there are none.
 
     QEMU ignores the bitmaps extension unless the "bitmaps" autoclear bit is set
     (qcow2_read_extensions), and on open it loads every bitmap (qcow2_load_dirty_bitmaps), so
-    a directory or bitmap table that would not load makes qemu-img info fail; the same checks
-    run here (bitmap_list_load, check_dir_entry, load_bitmap, bitmap_table_load).
+    a directory or bitmap table that would not load makes qemu-img info fail. spec.image runs
+    those load-time checks when it opens the image (bitmap_list_load, check_dir_entry,
+    load_bitmap, bitmap_table_load), so here the directory is only reported.
     """
     ext = img.extension(hd.QCOW2_EXT_MAGIC_BITMAPS)
     if ext is None or not img.autoclear_features & ft.QCOW2_AUTOCLEAR_BITMAPS:
         return None
-    entries = img.bitmap_directory()
-    used = sum(_dir_entry_size(e) for e in entries)
-    if used != ext.data.bitmap_directory_size:
-        raise FormatError("broken bitmap directory: entries do not fill it exactly", "bitmap_directory")
-    names: set[bytes] = set()
     out = []
-    for i, e in enumerate(entries):
-        where = f"bitmap_directory[{i}]"
-        if e.extra_data_size:
-            raise UnsupportedFeature("bitmap extra data")
-        _check_dir_entry(img, e, vsize, where)
-        name = bytes(e.name)
-        if name in names:
-            raise FormatError("duplicate bitmap name", f"{where}.name")
-        names.add(name)
-        if not e.flags & bmp.BME_FLAG_IN_USE:
-            _check_bitmap_table(img, e, vsize, where)
+    for e in img.bitmap_directory():  # open_image has already run QEMU's load-time checks
         flags = [f for bit, f in ((bmp.BME_FLAG_IN_USE, "in-use"), (bmp.BME_FLAG_AUTO, "auto"))
                  if e.flags & bit]
-        out.append(qdict([("name", c_string(name)), ("granularity", 1 << e.granularity_bits),
+        out.append(qdict([("name", c_string(bytes(e.name))), ("granularity", 1 << e.granularity_bits),
                           ("flags", flags)]))
     return out
-
-
-def _dir_entry_size(e: Any) -> int:
-    n = bmp.BITMAP_DIR_ENTRY_HEADER_SIZE + e.extra_data_size + e.name_size
-    return n + (-n % 8)
-
-
-def _check_dir_entry(img: ImageFile, e: Any, vsize: int, where: str) -> None:
-    """check_dir_entry: the constraints every directory entry must meet to be loaded."""
-    cs = img.cluster_size
-    bad = (e.bitmap_table_size == 0 or e.bitmap_table_offset == 0 or e.bitmap_table_offset % cs
-           or e.bitmap_table_size > lim.BME_MAX_TABLE_SIZE
-           or not lim.BME_MIN_GRANULARITY_BITS <= e.granularity_bits <= lim.BME_MAX_GRANULARITY_BITS
-           or e.flags & bmp.BME_RESERVED_FLAGS or e.name_size > lim.BME_MAX_NAME_SIZE
-           or e.type != bmp.BT_DIRTY_TRACKING_BITMAP)
-    if bad:
-        raise FormatError("bitmap does not satisfy the constraints", where)
-    phys = e.bitmap_table_size * cs
-    if phys > lim.BME_MAX_PHYS_SIZE:
-        raise FormatError("bitmap table too large", f"{where}.bitmap_table_size")
-    if not e.flags & bmp.BME_FLAG_IN_USE and vsize > (phys * 8) << e.granularity_bits:
-        raise FormatError("bitmap table too small for the disk size", f"{where}.bitmap_table_size")
-
-
-def _check_bitmap_table(img: ImageFile, e: Any, vsize: int, where: str) -> None:
-    """bitmap_table_load and load_bitmap_data: every entry valid, and exactly as many entries as
-    the serialized bitmap needs (its bits packed into 64-bit words, in whole clusters)."""
-    cs = img.cluster_size
-    n = e.bitmap_table_size
-    data = _pread_padded(img, e.bitmap_table_offset, n * 8, f"{where}.bitmap_table")
-    for k in range(n):
-        entry = int.from_bytes(data[8 * k:8 * k + 8], "big")
-        offset = entry & en.BME_TABLE_ENTRY_OFFSET_MASK
-        if entry & en.BME_TABLE_ENTRY_RESERVED_MASK or (
-                offset and (entry & en.BME_TABLE_ENTRY_FLAG_ALL_ONES or offset % cs)):
-            raise FormatError("invalid bitmap table entry", f"{where}.bitmap_table[{k}]")
-    bits = -(-vsize // (1 << e.granularity_bits))
-    need = -(-(-(-bits // 64) * 8) // cs)
-    if need != n:
-        raise FormatError("bitmap table size does not match the disk size", f"{where}.bitmap_table_size")
-
-
-def _pread_padded(img: ImageFile, offset: int, n: int, where: str) -> bytes:
-    """Read like QEMU's file driver: past the end of the file, zeros (file-posix pads short reads)."""
-    try:
-        data = os.pread(img.f.fileno(), n, offset)
-    except (OSError, OverflowError) as e:
-        raise FormatError(f"cannot read {n} bytes at {offset}: {e}", where) from None
-    return data + b"\0" * (n - len(data))
