@@ -170,12 +170,13 @@ def run_sequence(tmp: Path, cfg: dict[str, Any], ops: list[Op], size: int = 2 * 
         assert extents == json.loads(qemu_img("map", "--output=json", str(m), cwd=m.parent).stdout)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_model_matches_qemu(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def _property(name: str, tmp_path_factory: pytest.TempPathFactory, *, examples: int,
+              derandomize: bool) -> None:
+    """Random operation sequences on configuration ``name``: model and qemu-io must agree."""
     cfg = CONFIGS[name]
     cluster = cfg.get("cluster_size", 65536)
 
-    @settings(max_examples=6, derandomize=True, deadline=None, database=None,
+    @settings(max_examples=examples, derandomize=derandomize, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(ops=_ops(2 * MiB, cluster))
     def prop(ops: list[Op]) -> None:
@@ -186,6 +187,11 @@ def test_model_matches_qemu(name: str, tmp_path_factory: pytest.TempPathFactory)
             shutil.rmtree(tmp, ignore_errors=True)
 
     prop()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_model_matches_qemu(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    _property(name, tmp_path_factory, examples=6, derandomize=True)
 
 
 def test_model_images_pass_check(tmp_path: Path) -> None:
@@ -212,16 +218,4 @@ def test_qemu_reuses_a_freed_compressed_cluster(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_model_matches_qemu_campaign(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     """The same property with many more examples (``pytest -m slow``)."""
-    cfg = CONFIGS[name]
-    cluster = cfg.get("cluster_size", 65536)
-
-    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(ops=_ops(2 * MiB, cluster))
-    def prop(ops: list[Op]) -> None:
-        tmp = tmp_path_factory.mktemp(name)
-        try:
-            run_sequence(tmp, cfg, ops)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    prop()
+    _property(name, tmp_path_factory, examples=150, derandomize=False)
