@@ -24,7 +24,14 @@ from typing import Any
 
 from difftest import qemuio
 from difftest.config import Config
-from difftest.targets import Target, build_backing, copy_backing, make_target, random_bytes
+from difftest.targets import (
+    Target,
+    build_backing,
+    copy_backing,
+    in_separate_process,
+    make_target,
+    random_bytes,
+)
 from spec.errors import Qcow2Error
 
 VERIFY_MAX = 256 * 1024
@@ -270,10 +277,12 @@ class Lockstep:
             raise Divergence("size", desc, f"virtual sizes differ: {sizes}")
 
     def snapshot_create(self, name: str) -> bool:
-        return self._op("snapshot_create", {"name": name}, lambda t: t.image.snapshot_create(name))
+        return self._op("snapshot_create", {"name": name},
+                        lambda t: in_separate_process(t, lambda u: u.image.snapshot_create(name)))
 
     def snapshot_apply(self, name: str) -> bool:
-        ok = self._op("snapshot_apply", {"name": name}, lambda t: t.image.snapshot_apply(name))
+        ok = self._op("snapshot_apply", {"name": name},
+                        lambda t: in_separate_process(t, lambda u: u.image.snapshot_apply(name)))
         if ok:
             self._sync_size("snapshot_apply")
             self.size = int(self.targets[0].image.size)
@@ -282,7 +291,8 @@ class Lockstep:
         return ok
 
     def snapshot_delete(self, name: str) -> bool:
-        return self._op("snapshot_delete", {"name": name}, lambda t: t.image.snapshot_delete(name))
+        return self._op("snapshot_delete", {"name": name},
+                        lambda t: in_separate_process(t, lambda u: u.image.snapshot_delete(name)))
 
     def reopen(self) -> bool:
         ok = self._op("reopen", {}, lambda t: t.reopen())
@@ -298,7 +308,24 @@ class Lockstep:
         self.ops["compare_map"] += 1
         end = self.size if n is None else min(self.size, off + n)
         off = min(off, self.size)
-        self._maps(off, end - off, self.targets, f"compare_map(off={off}, n={n})")
+        desc = f"compare_map(off={off}, n={n})"
+        if self.cfg.lazy_refcounts and not all(t.in_process for t in self.targets):
+            # qemu's map is a separate ``qemu-img map -U`` reading the live file. With
+            # lazy_refcounts QEMU's flush leaves refcount blocks in its cache
+            # (qcow2_write_caches writes them only if qcow2_need_accurate_refcounts), so
+            # that process would see stale refcounts, and qcow2_detect_metadata_preallocation
+            # (which counts refcounted clusters) would decide differently from an in-process
+            # map. Closing writes the caches (qcow2_close -> qcow2_mark_clean), so every
+            # target is closed and reopened first, the model too, to keep their in-memory
+            # state (free_byte_offset etc.) in step.
+            for t in self.targets:
+                try:
+                    t.reopen()
+                except qemuio.QemuIoDied as e:
+                    raise Divergence("crash", desc, f"{t.name} reopen: {e}") from e
+                except Qcow2Error as e:
+                    raise Divergence("error", desc, f"{t.name} reopen raised {type(e).__name__}: {e}") from e
+        self._maps(off, end - off, self.targets, desc)
         return True
 
     def snapshot_names(self) -> dict[str, list[tuple[str, str]]]:

@@ -21,6 +21,7 @@ import random
 import shlex
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -142,6 +143,25 @@ class QemuTarget:
 
     def open_readonly(self, path: Path) -> Any:
         return qemuio.QemuImage(path, readonly=True, command=self.command)
+
+
+def in_separate_process(t: Target, fn: Callable[[Target], Any]) -> Any:
+    """Run ``fn`` (a snapshot operation) as the qemu side runs it: QemuImage closes its
+    image inside qemu-io, runs ``qemu-img snapshot`` (a fresh process, fresh
+    BlockDriverState) and reopens. Every open starts with empty in-memory allocation state
+    (BDRVQcow2State.free_byte_offset of qcow2_alloc_bytes, free_cluster_index; the dirty bit
+    is cleared on close), and qcow2_snapshot_create/goto/delete do NOT reset that state
+    themselves (block/qcow2-snapshot.c; free_byte_offset is only assigned in
+    qcow2_alloc_bytes, block/qcow2-refcount.c). So an in-process target gets the same
+    close/open around the operation, else its compressed-cluster packing continues where
+    QEMU's restarts."""
+    if not t.in_process:
+        return fn(t)
+    t.reopen()
+    try:
+        return fn(t)
+    finally:
+        t.reopen()
 
 
 # -- the shared backing chain ---------------------------------------------------------------

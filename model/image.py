@@ -872,12 +872,14 @@ class Image:
         self._writable()
         self._range(offset, len(data))
         cs = self.cluster_size
+        # qcow2_co_pwritev_compressed_part refuses an external data file (-ENOTSUP) before
+        # it looks at the alignment (-EINVAL), so that check comes first here too.
+        if self.q.has_data_file:
+            raise UnsupportedFeature("compressed writes with an external data file")
         if offset % cs:
             raise RequestError("compressed writes must be cluster aligned")
         if len(data) != cs and not (0 < len(data) < cs and offset + len(data) == self.size):
             raise RequestError("compressed writes must cover exactly one cluster")
-        if self.q.has_data_file:
-            raise UnsupportedFeature("compressed writes with an external data file")
         self._guard(self._write_compressed_internal, offset, bytes(data) + bytes(cs - len(data)))
 
     def _write_compressed_internal(self, offset: int, data: bytes) -> None:

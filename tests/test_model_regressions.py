@@ -605,3 +605,102 @@ def test_create_512_byte_clusters_with_raw_backing_matches_qemu(tmp_path: Path, 
     assert m.read_bytes() == q.read_bytes()
     with model.open(m) as img:
         assert img.read(0, 4096) == b"\xb1" * 4096
+
+
+# --- difftest seed-0 divergences (quick profile): compressed writes vs the process model ------
+
+def _lockstep(tmp: Path, **cfg: Any) -> Any:
+    from difftest.config import Config
+    from difftest.lockstep import Lockstep
+
+    base = dict(version=3, refcount_bits=16, extended_l2=False, compression_type="zlib",
+                backing="none", backing_size="same", data_file=False, data_file_raw=False)
+    return Lockstep(tmp, Config(**{**base, **cfg}), ["model", "qemu"])
+
+
+def test_snapshot_op_resets_compressed_packing_like_qemu_img_snapshot(tmp_path: Path) -> None:
+    # qemu's side runs ``qemu-img snapshot`` between two qemu-io opens, so QEMU's
+    # free_byte_offset (qcow2_alloc_bytes) starts again after it; the model target is closed
+    # and reopened around the operation the same way. Before, the model packed the next
+    # compressed cluster after the old offset, inside the snapshot's L1 table, and failed
+    # with CorruptionError where QEMU succeeded.
+    ls = _lockstep(tmp_path, cluster_size=65536, lazy_refcounts=True, size=524288)
+    try:
+        ls.write_compressed(off=458752, n=65536, byte=0)
+        ls.write_zeroes(off=458752, n=65536, unmap=False)
+        ls.snapshot_create(name="s0")
+        ls.write(off=134656, n=1, byte=0)
+        ls.write_compressed(off=262144, n=65536, byte=196)
+        ls.finish()  # map, qemu-img check, rules, qemu-img compare, cross reads
+    finally:
+        ls.close()
+    model_file = (tmp_path / "model" / "top.qcow2").read_bytes()
+    qemu_file = (tmp_path / "qemu" / "top.qcow2").read_bytes()
+    assert _mask_snapshot_dates(tmp_path / "model" / "top.qcow2") == \
+        _mask_snapshot_dates(tmp_path / "qemu" / "top.qcow2")
+    assert len(model_file) == len(qemu_file)
+
+
+def test_lazy_refcount_map_sees_written_refcounts_like_qemu(tmp_path: Path) -> None:
+    # With lazy_refcounts QEMU's flush keeps refcount blocks in its cache, so a
+    # ``qemu-img map -U`` of the live file saw stale refcounts and decided differently in
+    # qcow2_detect_metadata_preallocation (zero=true,data=true vs data only at the tail of a
+    # partly written cluster). compare_map now closes and reopens every target first.
+    ls = _lockstep(tmp_path, cluster_size=65536, lazy_refcounts=True, size=524288)
+    try:
+        ls.write_compressed(off=0, n=65536, byte=0)
+        ls.flush()
+        ls.write(off=262144, n=153382, byte=0)
+        ls.write_compressed(off=0, n=65536, byte=0)
+        assert ls.compare_map()
+        ls.finish()
+    finally:
+        ls.close()
+    assert _map(tmp_path / "model" / "top.qcow2") == _map(tmp_path / "qemu" / "top.qcow2")
+
+
+def test_compressed_packing_into_reused_cluster_corrupts_like_qemu(tmp_path: Path) -> None:
+    # QEMU 7.2 (one qemu-io process) packs a compressed cluster into a host cluster that was
+    # freed and reused for data: qemu-img check then reports an OFLAG_COPIED error. The model
+    # reproduces it on purpose; the tester counts identical corruption as agreement.
+    ls = _lockstep(tmp_path, cluster_size=4096, lazy_refcounts=False, size=32768)
+    try:
+        ls.write_compressed(off=0, n=4096, byte=0)
+        ls.flush()
+        ls.write(off=16384, n=1, byte=0)
+        ls.write_compressed(off=0, n=4096, byte=0)
+        ls.write_zeroes(off=0, n=293, unmap=False)
+        ls.write_compressed(off=4096, n=4096, seed=29)
+        ls.write_zeroes(off=0, n=4608, unmap=False)
+        ls.write(off=4096, n=4095, byte=255)
+        ls.write_compressed(off=0, n=4096, seed=7834)
+        ls.write_compressed(off=28672, n=4096, seed=168)
+        ls.write_compressed(off=4096, n=4096, seed=23213)
+        ls.write_compressed(off=12288, n=4096, byte=196)
+        ls.finish()
+    finally:
+        ls.close()
+    checks = {name: _check(tmp_path / name / "top.qcow2") for name in ("model", "qemu")}
+    for c in checks.values():
+        c.pop("filename", None)
+    assert checks["qemu"]["corruptions"] == 1
+    assert checks["model"] == checks["qemu"]
+    assert any(n.startswith("qemu-corrupt") for n in ls.notes)
+
+
+def test_unaligned_compressed_write_with_data_file_is_unsupported_like_qemu(tmp_path: Path) -> None:
+    # qcow2_co_pwritev_compressed_part checks for a data file before the alignment, so a
+    # half-cluster compressed write fails with ENOTSUP in QEMU, not EINVAL.
+    ls = _lockstep(tmp_path, cluster_size=1024, lazy_refcounts=False, size=8192, data_file=True)
+    try:
+        ls.write_compressed(off=0, n=1024, byte=0)
+        ls.write_compressed(off=0, n=512, byte=0)
+        ls.finish()
+    finally:
+        ls.close()
+    img = model.open(str(tmp_path / "model" / "top.qcow2"))
+    try:
+        with pytest.raises(UnsupportedFeature):
+            img.write_compressed(0, bytes(512))
+    finally:
+        img.close()
