@@ -24,7 +24,6 @@ from typing import BinaryIO
 
 import construct as c
 
-from spec import features as ft
 from spec import header as hd
 from spec.errors import CorruptionError, RequestError
 from spec.geometry import Geometry
@@ -45,7 +44,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
     return ctypes.get_errno() or errno.EIO
 
 
-class Qcow2File:
+class Qcow2File(hd.HeaderViews):
     """The host file of a qcow2 image plus its in-memory header (see the module doc)."""
 
     def __init__(self, img: ImageFile, f: BinaryIO, *, readonly: bool,
@@ -60,35 +59,7 @@ class Qcow2File:
         self.free_cluster_index = 0
         self.free_byte_offset = 0
 
-    # --- header views ---------------------------------------------------------------------
-    @property
-    def cluster_size(self) -> int:
-        return self.geometry.cluster_size
-
-    @property
-    def cluster_bits(self) -> int:
-        return self.geometry.cluster_bits
-
-    @property
-    def version(self) -> int:
-        return int(self.header.version)
-
-    @property
-    def incompatible_features(self) -> int:
-        return int(self.header.v3.incompatible_features) if self.header.v3 else 0
-
-    @property
-    def has_data_file(self) -> bool:
-        return bool(self.incompatible_features & ft.QCOW2_INCOMPAT_DATA_FILE)
-
-    @property
-    def data_file_raw(self) -> bool:
-        return bool(self.header.v3 and self.header.v3.autoclear_features & ft.QCOW2_AUTOCLEAR_DATA_FILE_RAW)
-
-    @property
-    def extended_l2(self) -> bool:
-        return self.geometry.extended_l2
-
+    # --- header views: spec.header.HeaderViews, plus what only a writer needs -------------
     @property
     def refcount_max(self) -> int:
         return (1 << self.geometry.refcount_bits) - 1

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import construct as c
 
+from spec import features as ft
+from spec.geometry import Geometry
 from spec.limits import QCOW_MAGIC, V2_HEADER_LENGTH, V3_MIN_HEADER_LENGTH
 
 this = c.this
@@ -76,6 +78,65 @@ Header = c.Struct(
 
 def header_length(h: c.Container) -> int:
     return h.v3.header_length if h.v3 is not None else V2_HEADER_LENGTH
+
+
+class HeaderViews:
+    """Named views of a parsed ``Header`` and its Geometry, shared by every holder of one
+    (spec.image.ImageFile, model's Qcow2File) so the v2/v3 defaults live in one place:
+    a v2 header has no feature bitmasks (all zero) and always deflate compression."""
+
+    header: c.Container
+    geometry: Geometry
+
+    @property
+    def version(self) -> int:
+        return int(self.header.version)
+
+    @property
+    def cluster_size(self) -> int:
+        return self.geometry.cluster_size
+
+    @property
+    def cluster_bits(self) -> int:
+        return self.geometry.cluster_bits
+
+    @property
+    def size(self) -> int:
+        return int(self.header.size)
+
+    @property
+    def incompatible_features(self) -> int:
+        return int(self.header.v3.incompatible_features) if self.header.v3 else 0
+
+    @property
+    def compatible_features(self) -> int:
+        return int(self.header.v3.compatible_features) if self.header.v3 else 0
+
+    @property
+    def autoclear_features(self) -> int:
+        return int(self.header.v3.autoclear_features) if self.header.v3 else 0
+
+    @property
+    def header_length(self) -> int:
+        return header_length(self.header)
+
+    @property
+    def compression_type(self) -> ft.CompressionType:
+        if self.header.ext is None:
+            return ft.CompressionType.ZLIB
+        return ft.CompressionType(self.header.ext.compression_type)
+
+    @property
+    def has_data_file(self) -> bool:
+        return bool(self.incompatible_features & ft.QCOW2_INCOMPAT_DATA_FILE)
+
+    @property
+    def data_file_raw(self) -> bool:
+        return bool(self.autoclear_features & ft.QCOW2_AUTOCLEAR_DATA_FILE_RAW)
+
+    @property
+    def extended_l2(self) -> bool:
+        return self.geometry.extended_l2
 
 
 # --- Header extensions --------------------------------------------------------------------

@@ -158,7 +158,7 @@ class Extension:
 
 
 @dataclass
-class ImageFile:
+class ImageFile(hd.HeaderViews):
     """An opened qcow2 file, read through the schemas. Never writes."""
 
     path: str
@@ -181,48 +181,6 @@ class ImageFile:
     """The bitmap directory, read and checked at open as bitmap_list_load does."""
 
     # --- convenience views of the header -------------------------------------------------
-    @property
-    def version(self) -> int:
-        return int(self.header.version)
-
-    @property
-    def cluster_size(self) -> int:
-        return self.geometry.cluster_size
-
-    @property
-    def size(self) -> int:
-        return int(self.header.size)
-
-    @property
-    def incompatible_features(self) -> int:
-        return int(self.header.v3.incompatible_features) if self.header.v3 else 0
-
-    @property
-    def compatible_features(self) -> int:
-        return int(self.header.v3.compatible_features) if self.header.v3 else 0
-
-    @property
-    def autoclear_features(self) -> int:
-        return int(self.header.v3.autoclear_features) if self.header.v3 else 0
-
-    @property
-    def header_length(self) -> int:
-        return hd.header_length(self.header)
-
-    @property
-    def compression_type(self) -> ft.CompressionType:
-        if self.header.ext is None:
-            return ft.CompressionType.ZLIB
-        return ft.CompressionType(self.header.ext.compression_type)
-
-    @property
-    def has_data_file(self) -> bool:
-        return bool(self.incompatible_features & ft.QCOW2_INCOMPAT_DATA_FILE)
-
-    @property
-    def extended_l2(self) -> bool:
-        return self.geometry.extended_l2
-
     @property
     def bitmaps_enabled(self) -> bool:
         """QEMU uses the bitmaps extension only while the autoclear bitmaps bit is set
