@@ -12,7 +12,9 @@ offset that is not cluster aligned, as qcow2_get_host_offset and get_cluster_tab
 
 from __future__ import annotations
 
+import itertools
 import struct
+from collections.abc import Iterator
 
 from model import refcounts as rc
 from model.qfile import Qcow2File
@@ -38,14 +40,66 @@ def write_l1(q: Qcow2File, table: list[int], offset: int | None = None) -> None:
     q.pwrite(off, struct.pack(f">{len(table)}Q", *table))
 
 
-def read_l2(q: Qcow2File, offset: int) -> list[L2Pair]:
-    words = struct.unpack(f">{q.cluster_size // 8}Q", q.pread(offset, q.cluster_size))
+class L2Table:
+    """One L2 table as read from the file: entry ``i`` is (l2_entry, l2_bitmap), the bitmap 0
+    without extended L2. Entries are decoded when indexed (struct on the raw bytes), since
+    decoding a whole 64 KiB table per lookup dominated the model's run time; an assignment
+    changes the bytes, which write_l2 writes back whole."""
+
+    def __init__(self, data: bytes, extended_l2: bool) -> None:
+        self.raw = bytearray(data)
+        self.extended_l2 = extended_l2
+        self.width = 16 if extended_l2 else 8
+
+    def __len__(self) -> int:
+        return len(self.raw) // self.width
+
+    def __getitem__(self, i: int) -> L2Pair:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if self.extended_l2:
+            entry, bitmap = struct.unpack_from(">QQ", self.raw, 16 * i)
+            return entry, bitmap
+        return struct.unpack_from(">Q", self.raw, 8 * i)[0], 0
+
+    def __setitem__(self, i: int, pair: L2Pair) -> None:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if self.extended_l2:
+            struct.pack_into(">QQ", self.raw, 16 * i, *pair)
+        else:
+            struct.pack_into(">Q", self.raw, 8 * i, pair[0])
+
+    def __iter__(self) -> Iterator[L2Pair]:
+        words = struct.unpack(f">{len(self.raw) // 8}Q", self.raw)
+        if self.extended_l2:
+            return zip(words[0::2], words[1::2], strict=True)
+        return zip(words, itertools.repeat(0))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, L2Table):
+            return self.raw == other.raw and self.extended_l2 == other.extended_l2
+        return isinstance(other, list) and list(self) == other
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+
+def read_l2(q: Qcow2File, offset: int) -> L2Table:
+    return L2Table(q.pread(offset, q.cluster_size), q.extended_l2)
+
+
+def read_l2_entry(q: Qcow2File, offset: int, index: int) -> L2Pair:
+    """Entry ``index`` of the L2 table at ``offset``; only that entry is read."""
     if q.extended_l2:
-        return list(zip(words[0::2], words[1::2], strict=True))
-    return [(w, 0) for w in words]
+        entry, bitmap = struct.unpack(">QQ", q.pread(offset + 16 * index, 16))
+        return entry, bitmap
+    return int.from_bytes(q.pread(offset + 8 * index, 8), "big"), 0
 
 
-def write_l2(q: Qcow2File, offset: int, entries: list[L2Pair]) -> None:
+def write_l2(q: Qcow2File, offset: int, entries: L2Table | list[L2Pair]) -> None:
+    if isinstance(entries, L2Table):
+        q.pwrite(offset, bytes(entries.raw))
+        return
     words = [w for pair in entries for w in pair] if q.extended_l2 else [e for e, _ in entries]
     q.pwrite(offset, struct.pack(f">{len(words)}Q", *words))
 
@@ -74,7 +128,7 @@ def get_entry(q: Qcow2File, guest_offset: int, l1: tuple[int, int] | None = None
     off = l2_offset(q, read_l1_entry(q, i1, l1), i1)
     if not off:
         return 0, 0
-    return read_l2(q, off)[g.l2_index(guest_offset)]
+    return read_l2_entry(q, off, g.l2_index(guest_offset))
 
 
 def l2_table_for_write(q: Qcow2File, guest_offset: int) -> int:

@@ -27,12 +27,13 @@ from __future__ import annotations
 import contextlib
 import struct
 
+import numpy as np
+
 from model.qfile import Qcow2File
 from spec.entries import REFT_OFFSET_MASK
 from spec.errors import CorruptionError, RequestError
 from spec.geometry import align_up, div_round_up
 from spec.limits import QCOW_MAX_REFTABLE_SIZE
-from spec.tables import refcount_block
 
 
 class _Again(Exception):
@@ -42,8 +43,8 @@ class _Again(Exception):
 # --- tables -------------------------------------------------------------------------------
 
 # The layouts are spec.tables.refcount_table and spec.tables.refcount_block; they are
-# decoded here with struct and integer arithmetic because construct is too slow to run on
-# every lookup (tests/test_model_tables.py checks both readings agree).
+# decoded here with struct, numpy and integer arithmetic because construct is too slow to
+# run on every lookup (tests/test_model_tables.py checks both readings agree).
 
 def read_reftable(q: Qcow2File) -> list[int]:
     n = q.header.refcount_table_clusters * q.cluster_size // 8
@@ -76,13 +77,35 @@ def refcount_set(block: bytearray, index: int, bits: int, value: int) -> None:
     block[index * w:(index + 1) * w] = value.to_bytes(w, "big")
 
 
+def refblock_array(q: Qcow2File, offset: int) -> np.ndarray:
+    """A whole refcount block as a numpy array (bulk walks, not lookups): the spec schema
+    (spec.tables.refcount_block) takes ~0.1 s per 64 KiB block, which made every map()
+    call slow (tests/test_model_tables.py checks both readings agree)."""
+    bits = q.geometry.refcount_bits
+    data = np.frombuffer(q.pread(offset, q.cluster_size), dtype=np.uint8)
+    if bits >= 8:
+        return data.view(f">u{bits // 8}")
+    per = 8 // bits
+    # Sub-byte entries are packed from the least significant bit (refcount_get).
+    shifts = np.arange(per, dtype=np.uint8) * bits
+    return ((data[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
+
+
 def read_refblock(q: Qcow2File, offset: int) -> list[int]:
-    """A whole refcount block through the spec schema (bulk walks, not lookups)."""
-    return list(refcount_block(q.geometry).parse(q.pread(offset, q.cluster_size)))
+    values: list[int] = refblock_array(q, offset).tolist()
+    return values
 
 
 def write_refblock(q: Qcow2File, offset: int, values: list[int]) -> None:
-    q.pwrite(offset, refcount_block(q.geometry).build(values))
+    """The inverse of read_refblock (values must fit refcount_bits)."""
+    bits = q.geometry.refcount_bits
+    if bits >= 8:
+        q.pwrite(offset, np.asarray(values, dtype=np.uint64).astype(f">u{bits // 8}").tobytes())
+        return
+    per = 8 // bits
+    shifts = np.arange(per, dtype=np.uint8) * bits
+    packed = (np.asarray(values, dtype=np.uint8).reshape(-1, per) << shifts).sum(axis=1, dtype=np.uint8)
+    q.pwrite(offset, packed.tobytes())
 
 
 def _refblock_offset(q: Qcow2File, table: list[int] | None, rt_index: int) -> int:
