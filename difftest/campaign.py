@@ -29,9 +29,9 @@ from difftest.lockstep import Divergence, Lockstep
 from difftest.machine import Hooks, make_machine
 
 PROFILES: dict[str, dict[str, int]] = {
-    "quick": {"examples": 20, "steps": 25},
-    "ci": {"examples": 40, "steps": 30},
-    "deep": {"examples": 400, "steps": 80},
+    "quick": {"examples": 20, "steps": 60},
+    "ci": {"examples": 40, "steps": 60},
+    "deep": {"examples": 400, "steps": 200},
 }
 
 

@@ -222,9 +222,14 @@ class Lockstep:
         # is wholly allocated or wholly not, the allocated byte count (qemu-io ``alloc``, one
         # line) pins the other target's layout down exactly; only a mixed range needs the
         # whole-image ``map``.
+        # In-process targets other than the reference were compared by _maps already (the
+        # present flag and depth say the same thing).
+        others = [t for t in self.targets[1:] if not t.in_process]
+        if not others:
+            return
         ref = self._top_alloc(self.targets[0], off, n, desc)
         uniform = len(ref) == 1
-        for t in self.targets[1:]:
+        for t in others:
             if uniform and hasattr(t.image, "allocated_bytes"):
                 try:
                     count = t.image.allocated_bytes(off, n)

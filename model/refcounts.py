@@ -96,16 +96,19 @@ def read_refblock(q: Qcow2File, offset: int) -> list[int]:
     return values
 
 
-def write_refblock(q: Qcow2File, offset: int, values: list[int]) -> None:
-    """The inverse of read_refblock (values must fit refcount_bits)."""
-    bits = q.geometry.refcount_bits
+def encode_refblock(values: list[int], bits: int) -> bytes:
+    """The bytes of a refcount block holding ``values`` (which must fit ``bits``)."""
     if bits >= 8:
-        q.pwrite(offset, np.asarray(values, dtype=np.uint64).astype(f">u{bits // 8}").tobytes())
-        return
+        return np.asarray(values, dtype=np.uint64).astype(f">u{bits // 8}").tobytes()
     per = 8 // bits
     shifts = np.arange(per, dtype=np.uint8) * bits
     packed = (np.asarray(values, dtype=np.uint8).reshape(-1, per) << shifts).sum(axis=1, dtype=np.uint8)
-    q.pwrite(offset, packed.tobytes())
+    return packed.tobytes()
+
+
+def write_refblock(q: Qcow2File, offset: int, values: list[int]) -> None:
+    """The inverse of read_refblock."""
+    q.pwrite(offset, encode_refblock(values, q.geometry.refcount_bits))
 
 
 def _refblock_offset(q: Qcow2File, table: list[int] | None, rt_index: int) -> int:
