@@ -7,7 +7,7 @@ boundaries, plus or minus one byte and one sector, the end of the backing file a
 of the image. A few requests fall outside the image on purpose: every target must refuse
 them with the same error class.
 
-Every step is ``note()``d, preconditions gate the snapshot rules, and on a divergence the
+Every step is ``note()``d, one ``maintenance`` rule holds the non-I/O operations, and on a divergence the
 machine writes the two reproducers (difftest/repro.py) before re-raising: the last run
 Hypothesis makes is the shrunk one, so the files left behind are minimal.
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 from hypothesis import note
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from difftest.config import Config, configs
 from difftest.lockstep import Divergence, Lockstep
@@ -93,10 +93,10 @@ def _fit(draw: Draw, off: int, n: int, size: int) -> int:
     return max(0, min(n, size - off))
 
 
-def _maintenance(self: Any) -> bool:
-    """Flush, reopen, resize, snapshot and map-comparison rules run on one step in four:
-    Hypothesis picks among enabled rules uniformly, and guest I/O is where the bugs are."""
-    return bool(self.steps % 4 == 3)
+MAINTENANCE = ("flush", "reopen", "compare_map", "resize", "snapshot_create", "snapshot_apply",
+               "snapshot_delete")
+"""The maintenance operations, simplest first (Hypothesis shrinks towards the first); the
+last two need a snapshot to exist."""
 
 
 def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
@@ -222,14 +222,28 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
             n = _fit(data.draw, off, lengths(data.draw, self.cfg, READ_MAX), self.size)
             self._do(lambda ls: ls.read(off, n), f"read(off={off}, n={n})")
 
-        @precondition(_maintenance)
-        @rule()
-        def flush(self) -> None:
+        @rule(data=st.data())
+        def maintenance(self, data: st.DataObject) -> None:
+            """One of the operations around the guest I/O: flush, reopen, compare_map,
+            resize or a snapshot operation. They share one rule so that Hypothesis, which
+            picks uniformly among rules, spends most steps on guest I/O (where the bugs are),
+            without a precondition tied to the step number: such a precondition made a
+            step's meaning depend on its position, and shrinking could not delete steps."""
+            kinds = MAINTENANCE if self.snaps else MAINTENANCE[:-2]
+            getattr(self, "_" + data.draw(st.sampled_from(kinds)))(data)
+
+        def _flush(self, data: st.DataObject) -> None:
             self._do(lambda ls: ls.flush(), "flush()")
 
-        @precondition(_maintenance)
-        @rule(data=st.data())
-        def resize(self, data: st.DataObject) -> None:
+        def _reopen(self, data: st.DataObject) -> None:
+            self._do(lambda ls: ls.reopen(), "reopen()")
+
+        def _compare_map(self, data: st.DataObject) -> None:
+            off = offsets(data.draw, self.cfg, self.size)
+            n = lengths(data.draw, self.cfg, 16 * self.cfg.cluster_size)
+            self._do(lambda ls: ls.compare_map(off, n), f"compare_map(off={off}, n={n})")
+
+        def _resize(self, data: st.DataObject) -> None:
             c = self.cfg.cluster_size
             grow = data.draw(st.booleans())
             delta = data.draw(st.sampled_from([512, c, c + 512, 3 * c, 1]))
@@ -237,37 +251,20 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
             shrink = not grow and data.draw(st.integers(0, 7)) > 0
             self._do(lambda ls: ls.resize(new, shrink), f"resize(new_size={new}, shrink={shrink})")
 
-        @precondition(_maintenance)
-        @rule(name=st.sampled_from(SNAPSHOT_NAMES))
-        def snapshot_create(self, name: str) -> None:
+        def _snapshot_create(self, data: st.DataObject) -> None:
+            name = data.draw(st.sampled_from(SNAPSHOT_NAMES))
             if self._do(lambda ls: ls.snapshot_create(name), f"snapshot_create({name!r})") and \
                     name not in self.snaps:
                 self.snaps.append(name)
 
-        @precondition(lambda self: bool(self.snaps) and _maintenance(self))
-        @rule(data=st.data())
-        def snapshot_apply(self, data: st.DataObject) -> None:
+        def _snapshot_apply(self, data: st.DataObject) -> None:
             name = data.draw(st.sampled_from([*self.snaps, "nosuch"]))
             self._do(lambda ls: ls.snapshot_apply(name), f"snapshot_apply({name!r})")
 
-        @precondition(lambda self: bool(self.snaps) and _maintenance(self))
-        @rule(data=st.data())
-        def snapshot_delete(self, data: st.DataObject) -> None:
+        def _snapshot_delete(self, data: st.DataObject) -> None:
             name = data.draw(st.sampled_from(self.snaps))
             if self._do(lambda ls: ls.snapshot_delete(name), f"snapshot_delete({name!r})"):
                 self.snaps.remove(name)
-
-        @precondition(_maintenance)
-        @rule()
-        def reopen(self) -> None:
-            self._do(lambda ls: ls.reopen(), "reopen()")
-
-        @precondition(_maintenance)
-        @rule(data=st.data())
-        def compare_map(self, data: st.DataObject) -> None:
-            off = offsets(data.draw, self.cfg, self.size)
-            n = lengths(data.draw, self.cfg, 16 * self.cfg.cluster_size)
-            self._do(lambda ls: ls.compare_map(off, n), f"compare_map(off={off}, n={n})")
 
         @invariant()
         def sizes_agree(self) -> None:

@@ -101,9 +101,9 @@ MUTANTS: list[Any] = [
     pytest.param("garbage-past-shorter-backing", _garbage_past_backing_end, {"bytes"}, False, 40, 12,
                  id="garbage-past-shorter-backing"),
     # Found only by the teardown checks, so every shrink step pays for qemu-img check, compare
-    # and the rules (~2.5 min on 2 cores): a slow campaign, run with ``-m slow``.
+    # and the rules (~50 s).
     pytest.param("discard-keeps-refcount", _discard_keeps_refcount, {"check", "rules"}, True, 40, 12,
-                 marks=pytest.mark.slow, id="discard-keeps-refcount"),
+                 id="discard-keeps-refcount"),
     pytest.param("compressed-size-short", _compressed_size_short, {"bytes", "error", "crossread"}, False,
                  60, 12, id="compressed-size-short"),
 ]
