@@ -22,15 +22,18 @@ A stored refcount below the computed one is a corruption, above it a leak (qemu-
 check's terms). COPIED must be set exactly on active L1/L2 entries whose cluster has
 refcount 1.
 
-``check(path, repair="leaks"|"all")`` is ``qemu-img check -r`` (see _check_and_repair): it
-fixes refcounts (in place, or by rebuilding the refcount structure), COPIED flags and the
-dirty/corrupt bits, refuses other damage without writing, and reports what a second check
+``check(path, repair="leaks"|"all")`` is ``qemu-img check -r`` (see _check_and_repair and
+model/repair_pass.py): it repairs what QEMU repairs (refcounts, in place or by rebuilding
+the refcount structure; COPIED flags; misaligned preallocated zero clusters; refcount blocks
+past the end of the file; the dirty/corrupt bits), keeps counted the damage QEMU never
+repairs, stops with an error where QEMU's repair does, and reports what a second check
 finds, with the fixed counts, as qemu-img does. tests/test_repair.py holds it to QEMU's
 report, exit code and repaired bytes.
 
 Errors: CorruptionError when a structure points outside what can be walked; FormatError
 from spec.image.open_image in ``check``; UnsupportedFeature for damage the repair does not
-fix; RequestError when another process holds a conflicting lock (spec/locking.py).
+handle QEMU's way (refused before anything is written); RequestError when another process
+holds a conflicting lock (spec/locking.py).
 """
 
 from __future__ import annotations
@@ -226,7 +229,12 @@ def _alloc_imrt(imrt: list[int], count: int, first_free: list[int]) -> int:
     return cluster
 
 
-def _write_refblocks(q: Qcow2File, imrt: list[int], first: int, end: int, reftable: list[int]) -> bool:
+PreWrite = Callable[[int, int], None]
+"""qcow2_pre_write_overlap_check before each write of a rebuild; raises to stop it."""
+
+
+def _write_refblocks(q: Qcow2File, imrt: list[int], first: int, end: int, reftable: list[int],
+                     pre_write: PreWrite | None = None) -> bool:
     """rebuild_refcounts_write_refblocks: write a refblock for every block range of
     [first, end) that has a non-zero refcount, allocating it in ``imrt`` if new. Returns
     whether ``reftable`` had to grow."""
@@ -252,22 +260,27 @@ def _write_refblocks(q: Qcow2File, imrt: list[int], first: int, end: int, reftab
                 grown = True
             reftable[index] = block
         values = (imrt[block_start:block_start + entries] + [0] * entries)[:entries]
+        if pre_write is not None:
+            pre_write(block, q.cluster_size)
         rc.write_refblock(q, block, values)
         cluster = block_start + entries
     return grown
 
 
-def _rebuild_structure(q: Qcow2File, imrt: list[int]) -> None:
+def _rebuild_structure(q: Qcow2File, imrt: list[int], pre_write: PreWrite | None = None) -> None:
     """rebuild_refcount_structure: new refcount blocks and a new refcount table, placed in
     the free clusters of the computed refcounts ``imrt``; the old structure is leaked (the
-    caller frees it). Repeats until the table stops growing."""
+    caller frees it). Repeats until the table stops growing. ``pre_write`` is called before
+    each refcount block and the table are written (QEMU's overlap check)."""
     reftable: list[int] = []
-    _write_refblocks(q, imrt, 0, len(imrt), reftable)
+    _write_refblocks(q, imrt, 0, len(imrt), reftable, pre_write)
     while True:
         clusters = -(-len(reftable) * 8 // q.cluster_size)
         start = _alloc_imrt(imrt, clusters, [0])
-        if not _write_refblocks(q, imrt, start, start + clusters, reftable):
+        if not _write_refblocks(q, imrt, start, start + clusters, reftable, pre_write):
             break
+    if pre_write is not None:
+        pre_write(start * q.cluster_size, len(reftable) * 8)
     q.pwrite(start * q.cluster_size, struct.pack(f">{len(reftable)}Q", *reftable))
     q.header.refcount_table_offset = start * q.cluster_size
     q.header.refcount_table_clusters = clusters
@@ -358,35 +371,23 @@ def check(path: str | os.PathLike[str], *, repair: Repair = None) -> CheckResult
     return result
 
 
-# Damage the repair knows how to fix: refcounts that disagree with the references (either
-# way, including a missing refcount block, which makes referenced clusters read refcount 0)
-# and COPIED flags. Rules QEMU does not count (qemu_counts=False) never block a repair.
-REPAIRABLE_RULES = frozenset({"REFCOUNT-MATCHES-REFERENCES", "REFCOUNT-NO-LEAK",
-                              "L1-COPIED-IFF-REFCOUNT-1", "COPIED-IFF-REFCOUNT-1",
-                              "REFBLOCK-REFCOUNT-1"})
-
-
 def _check_and_repair(path: str, repair: str) -> CheckResult:
     """``qemu-img check -r leaks|all`` (qemu-img.c img_check; block/qcow2.c
     qcow2_co_check_locked; block/qcow2-refcount.c qcow2_check_refcounts).
 
     1. A read-only check (the rules catalogue, spec.rules, which agrees with qemu-img
        check) decides whether to touch the file at all: an image qemu-img would not report
-       on ("refused") is returned as is, and damage outside REPAIRABLE_RULES raises
-       UnsupportedFeature. Nothing is written in either case.
-    2. The fix pass (``_fix_refcounts``) follows qcow2_check_refcounts: compare computed and
-       stored refcounts; if a referenced cluster has refcount 0, "all" rebuilds the whole
-       refcount structure (rebuild_refcount_structure) and then frees the old structure's
-       now-leaked clusters, while "leaks" gives up with a check error (QEMU: "ERROR need
-       to rebuild refcount structures", no report, exit 1); otherwise each wrong refcount is
-       fixed in place, leaks always, too-low ones only with "all". Then COPIED flags
-       (check_oflag_copied): always fixed with "all", with "leaks" only if the refcounts are
-       now all right.
-    3. If the image is then free of errors the dirty and corrupt bits are cleared
-       (qcow2_mark_clean, qcow2_mark_consistent).
-    4. As qemu-img, when something was fixed the image is checked again and that result is
+       on ("refused") is returned as is, and damage the model's repair does not handle
+       (repair_pass.HANDLED) raises UnsupportedFeature, as does a
+       refcount block that would grow the file past repair_pass.GROW_LIMIT_CLUSTERS.
+       Nothing is written in those cases.
+    2. The fix pass (model/repair_pass.py) repairs what QEMU repairs, in QEMU's order, and
+       leaves counted what QEMU leaves; when QEMU's check would end with an error, so does
+       it (no report, exit 1), after the writes QEMU makes before that point.
+    3. As qemu-img, when something was fixed the image is checked again and that result is
        reported, carrying the fix pass's corruptions-fixed / leaks-fixed.
     """
+    from model import repair_pass as rp
     from spec.rules.check import check as rules_check
     from spec.rules.check import verdict
 
@@ -396,15 +397,22 @@ def _check_and_repair(path: str, repair: str) -> CheckResult:
     counted = {f.rule for f in before.findings if f.counted}
     if {"REFBLOCK-ALIGNED", "REFCOUNT-READABLE"} <= counted:
         return _refuse_unaligned_refblock(path, before)
-    unrepairable = sorted(counted - REPAIRABLE_RULES - {"REFBLOCK-ALIGNED"})
+    unrepairable = sorted(counted - rp.HANDLED)
     if unrepairable:
         raise UnsupportedFeature("check repair", f"the model cannot repair {', '.join(unrepairable)}")
-    # check_refblocks counts one corruption, and asks for a rebuild, for each refcount block
-    # whose offset is unaligned (and that no cluster of the file needs: it covers clusters
-    # past the end) or whose cluster is referenced more than once.
-    forced = sum(f.count for f in before.findings
-                 if f.counted and f.rule in ("REFBLOCK-ALIGNED", "REFBLOCK-REFCOUNT-1"))
-    fixed = _fix_refcounts(path, repair, forced)
+    growths: list[rp.Growth] = []
+    if repair == "all" and "REFBLOCK-INSIDE-FILE" in counted:
+        ev = rp.evaluate(path)
+        cs = ev.tally.geometry.cluster_size if ev.tally else 512
+        growths = rp.plan_growth(path, ev, cs)
+        try:
+            largest = rp.probe_growth(path, growths, cs)
+        except OSError as e:
+            raise FormatError(f"cannot resize: {e.strerror}", path) from None
+        if largest > rp.GROW_LIMIT_CLUSTERS * cs:
+            raise UnsupportedFeature("check repair", f"repairing a refcount block past the end of "
+                                     f"the file would grow it to {largest} bytes")
+    fixed = _fix_pass(path, repair, growths)
     if fixed.check_errors:
         return fixed
     if not (fixed.corruptions_fixed or fixed.leaks_fixed):
@@ -460,62 +468,28 @@ def _refuse_unaligned_refblock(path: str, before: CheckResult) -> CheckResult:
     return before
 
 
-def _fix_refcounts(path: str, repair: str, forced: int = 0) -> CheckResult:
-    """The fix pass of ``_check_and_repair`` (step 2 and 3). Its corruptions/leaks are what
-    remains unfixed; check_errors with a CHECK-COMPLETES finding means qemu-img stops.
-    ``forced``: refcount block corruptions found by check_refblocks, each forcing a rebuild."""
+def _fix_pass(path: str, repair: str, growths: list[Any]) -> CheckResult:
+    """Run model.repair_pass on the file opened for repair. Its corruptions/leaks are what
+    remains unfixed; check_errors with a CHECK-COMPLETES finding means qemu-img stops."""
+    from model import repair_pass as rp
     from spec.rules import Finding
 
     result = CheckResult(filename=path)
     q = _open_for_repair(path)
     try:
-        want = expected_refcounts(q)
-        beyond = set(_beyond_file(q, want))
-        stored = stored_refcounts(q, _compared(q, want))
-        corruptions, leaks = forced, 0
-        rebuild = forced > 0
-        for i in sorted(set(want) | set(stored)):
-            have, exp = stored.get(i, 0), want.get(i, 0)
-            if have == exp:
-                continue
-            if have == 0 and i not in beyond:
-                rebuild = True
-            if have < exp:
-                corruptions += 1
-            else:
-                leaks += 1
-        if rebuild and repair == "all":
-            nb = -(-q.file_size() // q.cluster_size)
-            _rebuild_structure(q, [want.get(i, 0) for i in range(nb)])
-            # The old structure is leaked now; compare again with FIX_LEAKS. What the new
-            # structure gets wrong (nothing, unless it is broken) stays counted.
-            want = expected_refcounts(q)
-            stored = stored_refcounts(q, _compared(q, want))
-            # QEMU keeps only the leaks of this pass (fresh_leaks); its corruptions are
-            # dropped, so every corruption counted before the rebuild counts as fixed.
-            _, fresh_leaks = _fix_diffs(q, want, stored, leaks_only=True)
-            result.corruptions_fixed = corruptions
-            result.leaks_fixed = leaks
-            result.leaks = fresh_leaks
-        elif rebuild:
+        try:
+            result = rp.run_pass(q, path, repair, growths)
+        except rp.Fatal as e:
+            # qcow2_signal_corruption: the corrupt bit is set and the node made unusable, so
+            # it is not marked clean on close either.
+            q.set_incompatible_bit(ft.QCOW2_INCOMPAT_CORRUPT, True)
             result.check_errors += 1
-            result.findings.append(Finding("CHECK-COMPLETES", None,
-                                           "a referenced cluster has refcount 0: the refcount "
-                                           "structure must be rebuilt, which needs -r all"))
-        else:
-            before_c, before_l = corruptions, leaks
-            result.corruptions, result.leaks = _fix_diffs(q, want, stored, leaks_only=repair == "leaks")
-            result.corruptions_fixed = before_c - result.corruptions
-            result.leaks_fixed = before_l - result.leaks
-        if not result.check_errors:
-            # check_oflag_copied: with "leaks" only when the refcounts are now known right.
-            if repair == "all" or not (result.corruptions or result.leaks):
-                result.corruptions_fixed += fix_copied(q)
-            else:
-                result.corruptions += _count_copied(q)
-            if not result.corruptions:
-                # qcow2_co_check_locked: a successful repair marks the image consistent.
-                q.set_incompatible_bit(ft.QCOW2_INCOMPAT_CORRUPT, False)
+            result.findings.append(Finding("CHECK-COMPLETES", None, str(e)))
+            os.fsync(q.f.fileno())
+            return result
+        except rp.CheckFailed as e:
+            result.check_errors += 1
+            result.findings.append(Finding("CHECK-COMPLETES", None, str(e)))
         # Closing a read-write qcow2 node marks it clean whatever the check found
         # (qcow2_inactivate -> qcow2_mark_clean): observed on a lazy-refcount dirty image
         # whose -r leaks stops with "need to rebuild", which still loses its dirty bit.
@@ -536,33 +510,6 @@ def _compared(q: Qcow2File, want: Counter[int]) -> int:
     """How many clusters compare_refcounts looks at: those of the file, and as many more as
     the computed refcounts reach (calculate_refcounts grows its array for them)."""
     return max(-(-q.file_size() // q.cluster_size), max(want, default=-1) + 1)
-
-
-def _fix_diffs(q: Qcow2File, want: Counter[int], stored: dict[int, int], *,
-               leaks_only: bool) -> tuple[int, int]:
-    """compare_refcounts with fixing: bring each stored refcount to the computed one (only
-    the too-high ones if ``leaks_only``) with update_refcount(..., QCOW2_DISCARD_ALWAYS),
-    so a cluster freed this way is also punched out. Returns the (corruptions, leaks) left."""
-    last = -(-q.file_size() // q.cluster_size)
-    corruptions = leaks = 0
-    for i in sorted(set(want) | set(stored)):
-        have, exp = stored.get(i, 0), want.get(i, 0)
-        if have == exp:
-            continue
-        if i >= last or have == 0 or (leaks_only and have < exp):
-            # Past the end, or needing a refcount block that does not exist: not fixable here.
-            if have < exp:
-                corruptions += 1
-            else:
-                leaks += 1
-            continue
-        while True:
-            try:
-                rc.update_refcount(q, i * q.cluster_size, 1, exp - have, discard=True)
-                break
-            except rc._Again:
-                continue
-    return corruptions, leaks
 
 
 def _count_copied(q: Qcow2File) -> int:

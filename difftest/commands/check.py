@@ -10,14 +10,18 @@ stderr, as qemu-img prints its ERROR lines there. An image qemu-img refuses (it 
 or its check stops with an error) gets no summary and no JSON, only the violated rules, and
 exit 1, as qemu-img prints only an error then.
 
-Repair (``-r leaks|all``) is the reference model's (model.check(path, repair=...), which
-follows block/qcow2-refcount.c qcow2_check_refcounts with BDRV_FIX_LEAKS/BDRV_FIX_ERRORS and
-rebuild_refcount_structure). As qemu-img (qemu-img.c img_check), when something was repaired
-the human output first says what ("The following inconsistencies were found and repaired"),
-then the image is checked again and that second check is what is reported, with the fix
-pass's corruptions-fixed / leaks-fixed; the exit code is the second check's. Damage the model
-does not repair (anything but refcounts and COPIED flags) is refused before anything is
-written: "qcow2lab: cannot repair ...", exit 1.
+Repair (``-r leaks|all``) is the reference model's (model.check(path, repair=...), whose fix
+pass, model/repair_pass.py, follows block/qcow2.c qcow2_co_check_locked and
+block/qcow2-refcount.c qcow2_check_refcounts with BDRV_FIX_LEAKS/BDRV_FIX_ERRORS). It repairs
+what qemu-img check -r repairs and keeps counted what QEMU keeps (reserved bits, unaligned
+tables, bad subcluster bitmaps, references past the end of the file...). As qemu-img
+(qemu-img.c img_check), when something was repaired the human output first says what ("The
+following inconsistencies were found and repaired"), then the image is checked again and that
+second check is what is reported, with the fix pass's corruptions-fixed / leaks-fixed; the
+exit code is the second check's. What the model does not repair QEMU's way (a refcount block
+so far past the end of the file that QEMU would grow it beyond 128 MiB, a damaged snapshot
+table or bitmaps that -r all would rewrite) is refused before anything is written:
+"qcow2lab: cannot repair ...", exit 1.
 """
 
 from __future__ import annotations
@@ -42,11 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", choices=["human", "json"], default="human")
     p.add_argument("-r", dest="repair", choices=["leaks", "all"],
                    help="repair the image in place, as qemu-img check -r: 'leaks' frees leaked "
-                        "clusters (refcounts too high; also COPIED flags once refcounts are right), "
+                        "clusters (refcounts too high; also COPIED flags once no error remains), "
                         "'all' also fixes refcounts that are too low (rebuilding the refcount "
-                        "structure if a refcount block is missing) and COPIED flags. The image is "
-                        "then checked again and that result is reported. Damage other than "
-                        "refcounts and COPIED flags is refused without writing (exit 1)")
+                        "structure when a refcount block is missing, unaligned, shared or past the "
+                        "end of the file), COPIED flags and misaligned preallocated zero clusters. "
+                        "Damage QEMU never repairs (reserved bits, unaligned tables, bad subcluster "
+                        "bitmaps...) stays counted. The image is then checked again and that result "
+                        "is reported. What the model cannot repair as QEMU does is refused without "
+                        "writing (exit 1)")
     p.add_argument("image")
     p.set_defaults(func=run)
 

@@ -35,6 +35,9 @@ class Evaluation:
     image_end_offset: int = 0
     aborted: bool = False
     """QEMU's check fails here (exit 1, no result): a CHECK-COMPLETES finding is included."""
+    tally: Tally | None = None
+    """The computed refcounts (calculate_refcounts' in-memory table), once the walk got that
+    far: what a repair (model/repair.py) compares with and rebuilds from."""
 
 
 def evaluate(img: ImageFile) -> list[Finding]:
@@ -60,6 +63,7 @@ def run(img: ImageFile) -> Evaluation:
         ctx.bfi.total_clusters = div_round_up(img.size // BDRV_SECTOR_SIZE * BDRV_SECTOR_SIZE,
                                               img.cluster_size)
         stored = _calculate_refcounts(ctx, snaps, snapshots_size)
+        ev.tally = ctx.tally
         cmp = compare(ctx.tally, stored)
         for m in cmp.mismatches:
             off = m.cluster << ctx.cluster_bits
