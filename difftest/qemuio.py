@@ -287,7 +287,10 @@ class QemuImage:
 
     def write_compressed(self, offset: int, data: bytes) -> None:
         io = self._io()
-        if data and data == bytes([data[0]]) * len(data):
+        if not data:  # ``-s`` refuses an empty pattern file
+            io.checked(f"write -q -c {offset} 0", quiet=True)
+            return
+        if data == bytes([data[0]]) * len(data):
             io.checked(f"write -q -c -P {data[0]:#x} {offset} {len(data)}", quiet=True)
             return
         with open(self._src, "wb") as f:

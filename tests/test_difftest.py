@@ -78,6 +78,19 @@ def test_zero_range_page_cache_is_not_a_divergence(tmp_path: Path) -> None:
         ls.close()
 
 
+@pytest.mark.skipif(not qemuio.available(), reason="needs qemu-io")
+def test_zero_length_compressed_write_agrees(tmp_path: Path) -> None:
+    """Found by ``make run``: an empty compressed write reached qemu-io as ``write -s`` with
+    an empty pattern file, which qemu-io refuses; QEMU itself accepts the request."""
+    ls = Lockstep(tmp_path, Config(version=2, cluster_size=512, size=4096), ["model", "qemu"])
+    try:
+        assert ls.write_compressed(off=2048, n=0, byte=0)
+        assert ls.write_compressed(off=0, n=0, seed=1)
+        ls.finish()
+    finally:
+        ls.close()
+
+
 def test_config_rules_follow_qemu_img_create() -> None:
     with pytest.raises(ValueError):
         Config(version=2, extended_l2=True).validate()
