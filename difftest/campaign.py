@@ -228,7 +228,9 @@ def run_shards(shards: list[Shard], jobs: int, on_event: Callable[[str, Any], No
     running: list[Any] = []
     started = finished = 0
     while todo or finished < started:
-        while todo and len(running) < jobs and (deadline is None or time.monotonic() < deadline):
+        if deadline is not None and time.monotonic() >= deadline:
+            todo.clear()  # the budget is spent: wait for the running shards only
+        while todo and len(running) < jobs:
             p = ctx.Process(target=_worker, args=(todo.pop(0), q), daemon=True)
             p.start()
             running.append(p)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from difftest import qemuio
-from difftest.campaign import Shard, run_shard
+from difftest.campaign import Shard, run_shard, run_shards
 from difftest.cli import main
 from difftest.config import Config, configs, parse_overrides
 from difftest.lockstep import Divergence, Lockstep, normalize_map
@@ -153,6 +154,16 @@ def test_qemu_image_roundtrip_and_errors(tmp_path: Path) -> None:
 
 
 # -- the harness and the campaign -----------------------------------------------------------------
+
+def test_run_shards_stops_at_the_deadline_with_shards_left(tmp_path: Path) -> None:
+    """More shards than the budget allows: the running ones finish, the rest are dropped
+    (this once waited forever for shards it would never start)."""
+    shards = [Shard(["model", "model2"], seed=i, examples=1, steps=2, db_dir=None,
+                    repro_dir=str(tmp_path / "r"), workdir=str(tmp_path / "w")) for i in range(6)]
+    stats = run_shards(shards, jobs=2, deadline=time.monotonic() + 0.05)
+    assert stats.shards <= 2  # at most the first two started
+    assert stats.divergences == []
+
 
 def test_lockstep_qemu_against_qemu_with_backing_chain(tmp_path: Path) -> None:
     cfg = Config(cluster_size=4096, backing="qcow2x2", backing_size="shorter", size=4096 * 37 + 1536)
