@@ -230,6 +230,21 @@ class QemuImage:
             raise RequestError("image is closed")
         return self.io
 
+    def _request(self, line: str, offset: int, n: int) -> str:
+        """Run a guest I/O command. qemu reports both an out-of-range request and an image it
+        cannot read (a compressed cluster that does not decode, qcow2_co_preadv_compressed,
+        met by a read or a copy-on-write) as EIO; for a request inside the image only the
+        second is possible, and that is what the model calls CorruptionError. A compressed
+        write is the exception: EIO there means the cluster is already allocated
+        (qcow2_alloc_compressed_cluster_offset), the caller's fault."""
+        try:
+            return self._io().checked(line, quiet=line.startswith(("write", "discard", "read -q")))
+        except RequestError as e:
+            if "Input/output error" in str(e) and " -c " not in line and offset >= 0 and \
+                    offset + n <= self.size:
+                raise CorruptionError(str(e)) from None
+            raise
+
     def __enter__(self) -> QemuImage:
         return self
 
@@ -238,15 +253,14 @@ class QemuImage:
 
     # -- guest I/O ----------------------------------------------------------------------
     def read(self, offset: int, n: int) -> bytes:
-        io = self._io()
         if n == 0:
-            io.checked(f"read -q {offset} 0", quiet=True)
+            self._request(f"read -q {offset} 0", offset, 0)
             return b""
         out = bytearray()
         pos = offset
         while pos < offset + n:
             k = min(self.READ_V_MAX, offset + n - pos)
-            text = io.checked(f"read -v {pos} {k}")
+            text = self._request(f"read -v {pos} {k}", pos, k)
             out += parse_hexdump(text, k)
             pos += k
         return bytes(out)
@@ -264,38 +278,37 @@ class QemuImage:
                 if "verification failed" in out:
                     return False
                 if out.strip():  # quiet on success: anything else is a failure
+                    self._request(f"read -q {offset + start} {length}", offset + start, length)
                     raise error_class(out)(out.strip())
         return True
 
     def write(self, offset: int, data: bytes) -> None:
-        io = self._io()
         if data and data == bytes([data[0]]) * len(data):
-            io.checked(f"write -q -P {data[0]:#x} {offset} {len(data)}", quiet=True)
+            self._request(f"write -q -P {data[0]:#x} {offset} {len(data)}", offset, len(data))
             return
         with open(self._src, "wb") as f:
             f.write(data)
         if not data:
-            io.checked(f"write -q {offset} 0", quiet=True)
+            self._request(f"write -q {offset} 0", offset, 0)
             return
-        io.checked(f"write -q -s {self._src} {offset} {len(data)}", quiet=True)
+        self._request(f"write -q -s {self._src} {offset} {len(data)}", offset, len(data))
 
     def write_zeroes(self, offset: int, n: int, *, unmap: bool = False) -> None:
-        self._io().checked(f"write -q -z{' -u' if unmap else ''} {offset} {n}", quiet=True)
+        self._request(f"write -q -z{' -u' if unmap else ''} {offset} {n}", offset, n)
 
     def discard(self, offset: int, n: int) -> None:
-        self._io().checked(f"discard -q {offset} {n}", quiet=True)
+        self._request(f"discard -q {offset} {n}", offset, n)
 
     def write_compressed(self, offset: int, data: bytes) -> None:
-        io = self._io()
         if not data:  # ``-s`` refuses an empty pattern file
-            io.checked(f"write -q -c {offset} 0", quiet=True)
+            self._request(f"write -q -c {offset} 0", offset, 0)
             return
         if data == bytes([data[0]]) * len(data):
-            io.checked(f"write -q -c -P {data[0]:#x} {offset} {len(data)}", quiet=True)
+            self._request(f"write -q -c -P {data[0]:#x} {offset} {len(data)}", offset, len(data))
             return
         with open(self._src, "wb") as f:
             f.write(data)
-        io.checked(f"write -q -c -s {self._src} {offset} {len(data)}", quiet=True)
+        self._request(f"write -q -c -s {self._src} {offset} {len(data)}", offset, len(data))
 
     def flush(self) -> None:
         self._io().checked("flush", quiet=True)

@@ -92,6 +92,27 @@ def test_zero_length_compressed_write_agrees(tmp_path: Path) -> None:
         ls.close()
 
 
+@pytest.mark.skipif(not qemuio.available(), reason="needs qemu-io")
+def test_qemu_packing_corruption_fails_alike(tmp_path: Path) -> None:
+    """Found by ``make run`` (seed 39): QEMU 7.2 packs compressed data into a host cluster a
+    normal write then reuses (qcow2_alloc_bytes), and the model does the same. Overwriting
+    that cluster leaves guest [1024, 1536) undecodable in both files: reads must fail alike
+    (qemu's EIO inside the image is a CorruptionError), and teardown notes the damage."""
+    ls = Lockstep(tmp_path, Config(version=3, cluster_size=512, size=4096), ["model", "qemu"])
+    try:
+        ls.write_compressed(off=512, n=512, byte=0)
+        ls.write_compressed(off=512, n=512, seed=0)
+        ls.write(off=0, n=1, byte=0)
+        ls.write_compressed(off=1024, n=512, byte=0)
+        ls.write_compressed(off=0, n=512, seed=0)
+        assert not ls.read(off=1024, n=512)
+        ls.finish()
+    finally:
+        ls.close()
+    assert any(n.startswith("qemu-unreadable") for n in ls.notes)
+    assert any(n.startswith("qemu-corrupt") for n in ls.notes)
+
+
 def test_config_rules_follow_qemu_img_create() -> None:
     with pytest.raises(ValueError):
         Config(version=2, extended_l2=True).validate()
