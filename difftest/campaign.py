@@ -22,6 +22,7 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import seed as hyp_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.internal.conjecture import engine
 from hypothesis.stateful import run_state_machine_as_test
 
 from difftest.config import Config
@@ -29,8 +30,8 @@ from difftest.lockstep import Divergence, Lockstep
 from difftest.machine import Hooks, make_machine
 
 PROFILES: dict[str, dict[str, int]] = {
-    "quick": {"examples": 20, "steps": 60},
-    "ci": {"examples": 40, "steps": 60},
+    "quick": {"examples": 20, "steps": 40},
+    "ci": {"examples": 40, "steps": 40},
     "deep": {"examples": 400, "steps": 200},
 }
 
@@ -97,6 +98,8 @@ class Shard:
     finish: bool = True
     multiple_bugs: bool = True
     """Shrink every distinct failure (Hypothesis report_multiple_bugs); off: only the first."""
+    shrink_seconds: float | None = None
+    """Stop shrinking after this long (Hypothesis's own limit, 300 s, when None)."""
 
 
 def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) -> Stats:
@@ -144,6 +147,11 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
     machine = make_machine(hooks)
     t0 = time.perf_counter()
     Lockstep.close = counting_close  # type: ignore[method-assign]
+    # Hypothesis bounds shrinking by time with a module constant and no setting; a campaign
+    # under a time budget lowers it (every shrink attempt replays a whole example).
+    shrink_limit = engine.MAX_SHRINKING_SECONDS
+    if shard.shrink_seconds is not None:
+        engine.MAX_SHRINKING_SECONDS = shard.shrink_seconds  # type: ignore[assignment]
     try:
         _run_seeded(machine, s, shard.seed,
                     f"qcow2lab-difftest:{sorted(shard.overrides.items())}".encode())
@@ -161,6 +169,7 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
                 msg = "".join(traceback.format_exception_only(err)).strip()
                 stats.divergences.append(Found(type(err).__name__, msg, shard.seed, None, 0))
     finally:
+        engine.MAX_SHRINKING_SECONDS = shrink_limit
         Lockstep.close = orig_close  # type: ignore[method-assign]
         stats.elapsed = time.perf_counter() - t0
     if on_event and stats.divergences:

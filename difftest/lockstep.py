@@ -338,9 +338,11 @@ class Lockstep:
     def snapshot_apply(self, name: str) -> bool:
         ok = self._op("snapshot_apply", {"name": name},
                         lambda t: in_separate_process(t, lambda u: u.image.snapshot_apply(name)))
+        # The snapshot's size is restored before its references are taken, so a failed apply
+        # (a refcount overflow) can have changed the size too (qcow2_snapshot_goto).
+        self._sync_size("snapshot_apply")
+        self.size = int(self.targets[0].image.size)
         if ok:
-            self._sync_size("snapshot_apply")
-            self.size = int(self.targets[0].image.size)
             for a, n in self.touched[-8:]:
                 self.verify(a, n, f"snapshot_apply({name!r})")
         return ok

@@ -388,11 +388,13 @@ class QemuImage:
         self.suspend()
         try:
             self._img("snapshot", "-q", flag, name, str(self.path))
+        finally:
             if flag == "-a":
-                # Applying a snapshot restores its virtual size too.
+                # Applying a snapshot restores its virtual size first (qcow2_snapshot_goto
+                # truncates, then takes references), so even a failed apply, such as a
+                # refcount overflow, can leave the image at the snapshot's size.
                 self.size = int(json.loads(self._img("info", "--output=json", "-f", "qcow2",
                                                      str(self.path)))["virtual-size"])
-        finally:
             self.resume()
 
     def snapshot_create(self, name: str) -> None:

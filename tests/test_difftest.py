@@ -113,6 +113,26 @@ def test_qemu_packing_corruption_fails_alike(tmp_path: Path) -> None:
     assert any(n.startswith("qemu-corrupt") for n in ls.notes)
 
 
+@pytest.mark.skipif(not qemuio.available(), reason="needs qemu-io")
+def test_failed_snapshot_apply_keeps_sizes_in_step(tmp_path: Path) -> None:
+    """Found by ``make run`` (seed 16): with refcount_bits=2 applying a snapshot overflows a
+    refcount and fails, after QEMU (and the model) restored the snapshot's virtual size."""
+    ls = Lockstep(tmp_path, Config(version=3, cluster_size=4096, refcount_bits=2, backing="raw",
+                                   backing_size="longer", size=153088), ["model", "qemu"])
+    try:
+        ls.resize(new_size=157184, shrink=False)
+        ls.snapshot_create(name="s0")
+        ls.write_zeroes(off=0, n=1, unmap=True)
+        ls.snapshot_create(name="s0")
+        assert not ls.snapshot_apply(name="s0")
+        ls.resize(new_size=157696, shrink=False)
+        assert not ls.snapshot_apply(name="s0")
+        assert ls.size == 157184
+        ls.finish()
+    finally:
+        ls.close()
+
+
 def test_config_rules_follow_qemu_img_create() -> None:
     with pytest.raises(ValueError):
         Config(version=2, extended_l2=True).validate()

@@ -2,7 +2,8 @@
 
     qcow2lab difftest [--examples N] [--steps N] [--seed S] [--targets model,qemu,...]
                       [--profile quick|ci|deep] [--config KEY=VAL ...] [--jobs N]
-                      [--db DIR] [--repro DIR] [--time-budget SECONDS] [--output=human|json]
+                      [--db DIR] [--repro DIR] [--time-budget SECONDS] [--shrink-seconds S]
+                      [--output=human|json]
 
 Exit status: 0 when every target agreed everywhere, 1 on any divergence (or when fewer than
 two targets can run), as a test runner would.
@@ -44,6 +45,8 @@ def add_campaign_args(p: argparse.ArgumentParser, *, profile: str = "quick") -> 
     p.add_argument("--repro", default="difftest-repro", help="where reproducers are written")
     p.add_argument("--time-budget", type=float, help="stop starting new shards after this many seconds")
     p.add_argument("--no-shrink", action="store_true", help="report the first failing sequence unshrunk")
+    p.add_argument("--shrink-seconds", type=float, help="stop shrinking a failure after this many "
+                   "seconds (default: Hypothesis's 300, or a third of --time-budget)")
     p.add_argument("--output", choices=["human", "json"], default="human")
 
 
@@ -94,9 +97,12 @@ def campaign(args: argparse.Namespace) -> tuple[Stats, list[str]]:
     if "dissect" in readers:
         from difftest.adapters.dissect_qcow2 import ensure_installed
         ensure_installed()  # once, before workers fork
+    shrink_seconds = args.shrink_seconds
+    if shrink_seconds is None and args.time_budget:
+        shrink_seconds = max(10.0, args.time_budget / 3)
     shards = [Shard(targets, args.seed + k, per, steps, overrides,
                     None if args.db == "none" else args.db, args.repro, shrink=not args.no_shrink,
-                    readers=readers)
+                    readers=readers, shrink_seconds=shrink_seconds)
               for k in range(nshards)]
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
     if not quiet:
