@@ -3,7 +3,8 @@
 of examples and shrink it to at most six operations.
 
 The configuration is pinned where each bug lives (a qcow2 backing file shorter than the
-image, 4 KiB clusters) and the seed is fixed; ``test_unmutated_model_is_clean_here`` is the
+image, 4 KiB clusters; 16 KiB clusters with extended L2 for the bitmap mutant) and the seed is
+fixed; ``test_unmutated_model_is_clean_here`` is the
 control: without a mutant the same campaign finds nothing, so a found divergence is the
 mutant's.
 """
@@ -28,14 +29,21 @@ PINNED = {"version": 3, "cluster_size": 4096, "backing": "qcow2", "backing_size"
 MAX_SHRUNK_STEPS = 6
 
 
-def campaign(tmp_path: Path, *, examples: int, finish: bool, seed: int = 11, steps: int = 12) -> Stats:
-    return run_shard(Shard(["model", "qemu"], seed=seed, examples=examples, steps=steps, overrides=PINNED,
+EXTENDED = {**PINNED, "cluster_size": 16384, "extended_l2": True}
+"""Where the subcluster bitmap matters (extended L2 needs clusters of 16 KiB or more)."""
+
+
+def campaign(tmp_path: Path, *, examples: int, finish: bool, seed: int = 11, steps: int = 12,
+             overrides: dict[str, Any] | None = None) -> Stats:
+    return run_shard(Shard(["model", "qemu"], seed=seed, examples=examples, steps=steps,
+                           overrides=overrides or PINNED,
                            db_dir=None, repro_dir=str(tmp_path / "repro"), workdir=str(tmp_path / "w"),
                            finish=finish, multiple_bugs=False))
 
 
-def test_unmutated_model_is_clean_here(tmp_path: Path) -> None:
-    stats = campaign(tmp_path, examples=12, finish=True)
+@pytest.mark.parametrize("extended", [False, True], ids=["pinned", "extended"])
+def test_unmutated_model_is_clean_here(tmp_path: Path, extended: bool) -> None:
+    stats = campaign(tmp_path, examples=12, finish=True, overrides=EXTENDED if extended else PINNED)
     assert stats.divergences == []
 
 
@@ -95,6 +103,52 @@ def _compressed_size_short(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(cz, "compress", compress)
 
 
+def _l1_bound_off_by_one(mp: pytest.MonkeyPatch) -> None:
+    """The last L1 entry is treated as past the end of the L1 table."""
+    import model.mapping as mpg
+    orig = mpg.read_l1_entry
+
+    def read_l1_entry(q: Any, index: int, l1: tuple[int, int] | None = None) -> int:
+        size = int(q.header.l1_size) if l1 is None else l1[1]
+        return 0 if index >= size - 1 else orig(q, index, l1)
+
+    mp.setattr(mpg, "read_l1_entry", read_l1_entry)
+
+
+def _bitmap_wrong_word(mp: pytest.MonkeyPatch) -> None:
+    """Extended L2: an entry's subcluster bitmap is taken from the next entry's pair."""
+    import model.mapping as mpg
+    orig_get = mpg.L2Table.__getitem__
+    orig_entry = mpg.read_l2_entry
+
+    def getitem(self: Any, i: int) -> tuple[int, int]:
+        e, b = orig_get(self, i)
+        return (e, orig_get(self, i + 1)[1]) if self.extended_l2 and i + 1 < len(self) else (e, b)
+
+    def read_l2_entry(q: Any, offset: int, index: int) -> tuple[int, int]:
+        e, b = orig_entry(q, offset, index)
+        return (e, orig_entry(q, offset, index + 1)[1]) if q.extended_l2 else (e, b)
+
+    mp.setattr(mpg.L2Table, "__getitem__", getitem)
+    mp.setattr(mpg, "read_l2_entry", read_l2_entry)
+
+
+def _copied_left_after_snapshot(mp: pytest.MonkeyPatch) -> None:
+    """Creating a snapshot leaves the active L1 entries' COPIED flags set, so the next write
+    changes an L2 table the snapshot shares in place."""
+    import model.mapping as mpg
+    import model.snapshots as sn
+    orig = sn.update_snapshot_refcount
+
+    def update(q: Any, l1_offset: int, l1_size: int, addend: int, l1: list[int] | None = None) -> None:
+        before = mpg.read_l1(q, l1_offset, l1_size) if addend == 1 else None
+        orig(q, l1_offset, l1_size, addend, l1)
+        if before is not None and l1_offset == int(q.header.l1_table_offset):
+            mpg.write_l1(q, before, l1_offset)
+
+    mp.setattr(sn, "update_snapshot_refcount", update)
+
+
 MUTANTS: list[Any] = [
     # name, injector, divergence kinds that betray it, teardown checks needed, examples, steps
     pytest.param("zero-flag-ignored", _zero_flag_ignored, {"bytes"}, False, 40, 12, id="zero-flag-ignored"),
@@ -106,6 +160,12 @@ MUTANTS: list[Any] = [
                  id="discard-keeps-refcount"),
     pytest.param("compressed-size-short", _compressed_size_short, {"bytes", "error", "crossread"}, False,
                  60, 12, id="compressed-size-short"),
+    pytest.param("l1-bound-off-by-one", _l1_bound_off_by_one, {"bytes", "map", "error"}, False, 40, 12,
+                 id="l1-bound-off-by-one"),
+    pytest.param("bitmap-wrong-word", _bitmap_wrong_word, {"bytes", "map", "error"}, False, 40, 12,
+                 id="bitmap-wrong-word"),
+    pytest.param("copied-left-after-snapshot", _copied_left_after_snapshot,
+                 {"bytes", "check", "rules", "crossread"}, True, 40, 12, id="copied-left-after-snapshot"),
 ]
 
 
@@ -114,7 +174,8 @@ def test_mutant_is_found_and_shrunk(tmp_path: Path, monkeypatch: pytest.MonkeyPa
                                     inject: Callable[[pytest.MonkeyPatch], None], kinds: set[str],
                                     finish: bool, examples: int, steps: int) -> None:
     inject(monkeypatch)
-    stats = campaign(tmp_path, examples=examples, finish=finish, steps=steps)
+    overrides = EXTENDED if name == "bitmap-wrong-word" else PINNED
+    stats = campaign(tmp_path, examples=examples, finish=finish, steps=steps, overrides=overrides)
     found = [d for d in stats.divergences if d.kind in kinds]
     assert found, f"{name} not found: {[(d.kind, d.message) for d in stats.divergences]}"
     assert min(d.steps for d in found) <= MAX_SHRUNK_STEPS, [(d.steps, d.message) for d in found]

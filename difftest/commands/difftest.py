@@ -90,7 +90,7 @@ def campaign(args: argparse.Namespace) -> tuple[Stats, list[str]]:
     steps = args.steps or prof["steps"]
     jobs = max(1, args.jobs)
     overrides = parse_overrides(args.config)
-    nshards = args.shards or (jobs if not args.time_budget else max(jobs, 64))
+    nshards = args.shards or (jobs if not args.time_budget else max(jobs, 512))
     # Under a time budget shards are kept small, so the last one ends soon after the budget.
     per = max(1, -(-examples // nshards)) if not args.time_budget else 6
     readers = [r.strip() for r in args.readers.split(",") if r.strip()]
