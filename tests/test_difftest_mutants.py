@@ -165,7 +165,7 @@ MUTANTS: list[Any] = [
     pytest.param("bitmap-wrong-word", _bitmap_wrong_word, {"bytes", "map", "error"}, False, 40, 12,
                  id="bitmap-wrong-word"),
     pytest.param("copied-left-after-snapshot", _copied_left_after_snapshot,
-                 {"bytes", "check", "rules", "crossread"}, True, 40, 12, id="copied-left-after-snapshot"),
+                 {"bytes", "check", "rules", "crossread"}, True, 80, 20, id="copied-left-after-snapshot"),
 ]
 
 
