@@ -50,7 +50,7 @@ class Layer(Protocol):
     backing: Layer | None
 
     def read(self, offset: int, n: int) -> bytes: ...
-    def layer_status(self, offset: int, n: int) -> Status: ...
+    def layer_status(self, offset: int, n: int, want_zero: bool = True) -> Status: ...
     def close(self) -> None: ...
 
 
@@ -74,10 +74,22 @@ class RawLayer:
             raise FormatError(f"cannot read backing file: {e.strerror}", self.filename) from None
         return data + bytes(n - len(data))
 
-    def layer_status(self, offset: int, n: int) -> Status:
+    def layer_status(self, offset: int, n: int, want_zero: bool = True) -> Status:
         """The raw driver answers DATA|OFFSET_VALID and recurses into the file, whose holes
-        (SEEK_HOLE) are ZERO (block/raw-format.c, block/file-posix.c raw_co_block_status)."""
+        (SEEK_HOLE) are ZERO (block/raw-format.c, block/file-posix.c raw_co_block_status).
+
+        At or past the layer's end the answer is EOF with nothing covered (block/io.c,
+        bdrv_co_block_status); the chain above then treats the rest as zeros allocated here
+        (bdrv_co_common_block_status_above)."""
+        if offset >= self.size:
+            return Status(BDRV_BLOCK_EOF, 0)
         n = min(n, self.size - offset)
+        if not want_zero:
+            # file-posix answers a caller that does not need zeros (bdrv_co_is_zero_fast)
+            # with DATA for the whole range, without looking for holes.
+            flags = BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID | BDRV_BLOCK_ALLOCATED
+            return Status(flags | (BDRV_BLOCK_EOF if offset + n == self.size else 0), n, offset,
+                          self.filename)
         fd = self.f.fileno()
         file_size = os.fstat(fd).st_size
         if offset >= file_size:

@@ -45,6 +45,9 @@ from spec.limits import QCOW2_MAX_BACKING_DEPTH
 from spec.locking import ImageLock, Locking
 
 BDRV_SECTOR_SIZE = 512
+PERFORM_COW_MERGE_MAX = 16384
+"""perform_cow (block/qcow2.c) reads both COW regions in one request when at most this
+many bytes of new data lie between them."""
 
 IMPL_OPTIONS = frozenset({"l2_cache_size", "l2_cache_entry_size", "refcount_cache_size",
                           "cache_clean_interval", "overlap_check", "cache"})
@@ -264,11 +267,14 @@ class Image:
         return CorruptionError(message)
 
     def _guard(self, fn: Any, *args: Any) -> Any:
-        """Run a metadata operation; a CorruptionError from the tables flags the image."""
+        """Run a metadata operation; a CorruptionError from the tables flags the image.
+        A compressed cluster that does not decode, here or in a backing file, fails the
+        request with a plain CorruptionError and flags nothing (QEMU: -EIO from
+        qcow2_co_preadv_compressed); see _UnflaggedError."""
         try:
             return fn(*args)
-        except _DecompressError:
-            raise
+        except _UnflaggedError as e:
+            raise CorruptionError(str(e)) from None
         except CorruptionError as e:
             if not self.broken:
                 raise self.corrupt(str(e)) from None
@@ -372,13 +378,16 @@ class Image:
         except CorruptionError as e:
             # qcow2_co_preadv_compressed fails the request with -EIO but does not flag the
             # image; mark the error so _guard lets it through unflagged.
-            raise _DecompressError(str(e)) from None
+            raise _UnflaggedError(str(e)) from None
 
     def _backing_read(self, pos: int, n: int) -> bytes:
         if self.backing is None or pos >= self.backing.size:
             return bytes(n)
         inside = min(n, self.backing.size - pos)
-        return self.backing.read(pos, inside) + bytes(n - inside)
+        try:
+            return self.backing.read(pos, inside) + bytes(n - inside)
+        except CorruptionError as e:
+            raise _UnflaggedError(str(e)) from None
 
     # --- writing ---------------------------------------------------------------------------
     def write(self, offset: int, data: bytes) -> None:
@@ -403,7 +412,15 @@ class Image:
         ===================================  =============================================
 
         With extended L2 entries only the COW range calculate_l2_meta picks is written and
-        marked allocated. With an external data file, host offset = guest offset and no
+        marked allocated. The COW regions are read as perform_cow reads them (one read
+        across the new data when both exist and at most 16 KiB lie between, else each
+        alone); when such a read fails (a compressed cluster that does not decode) the
+        request fails and the fresh clusters are freed (qcow2_alloc_cluster_abort).
+        Replaced clusters lose their reference once the whole request is linked, so no
+        piece of a request reuses a cluster another piece gave up (qcow2_co_pwritev_part).
+        Whether a COW region may be zeroed instead of copied is bdrv_co_is_zero_fast's
+        answer (handle_alloc_space), not is_zero's.
+        With an external data file, host offset = guest offset and no
         refcounts are used (do_alloc_cluster_offset).
 
         Raises RequestError (range, read-only, closed), CorruptionError.
@@ -417,17 +434,32 @@ class Image:
     def _write_internal(self, offset: int, data: bytes) -> None:
         self._mark_dirty()
         pos, end = offset, offset + len(data)
-        while pos < end:
-            pos = self._write_run(pos, end, data, offset)
+        # The clusters the request replaces lose their reference only when the whole request
+        # is done. QEMU allocates every piece of a request (qcow2_alloc_host_offset in the
+        # loop of qcow2_co_pwritev_part) before the write tasks, running concurrently,
+        # link their L2 entries and free what they replace (qcow2_alloc_cluster_link_l2);
+        # so a later piece never reuses a cluster an earlier piece gave up.
+        frees: list[int] = []
+        try:
+            while pos < end:
+                pos = self._write_run(pos, end, data, offset, frees=frees)
+        finally:
+            for old in frees:
+                self._free_any_cluster(old, request=False)
 
-    def _write_run(self, pos: int, end: int, data: bytes, base: int, *, prealloc: bool = False) -> int:
+    def _write_run(self, pos: int, end: int, data: bytes, base: int, *, prealloc: bool = False,
+                   frees: list[int] | None = None) -> int:
         """One pass of qcow2_alloc_host_offset: as many clusters as are contiguous on the host.
         Returns the guest offset where the run stopped. ``prealloc`` allocates and links
-        without writing (preallocate_co; link_l2 with m->prealloc leaves the bitmap alone)."""
+        without writing (preallocate_co; link_l2 with m->prealloc leaves the bitmap alone).
+        The old entries the run replaces are appended to ``frees`` for the caller to free;
+        without it they are freed at the end of the run."""
         q, g = self.q, self.q.geometry
         cs = q.cluster_size
         expected: int | None = None
-        frees: list[int] = []
+        own_frees = frees is None
+        if frees is None:
+            frees = []
         while pos < end:
             l2off = mp.l2_table_for_write(q, pos)
             table = mp.read_l2(q, l2off)
@@ -455,13 +487,21 @@ class Image:
                         break
                     host = expected
                 nbytes = min(end - pos, n * cs - pos % cs)
-                frees += self._write_clusters(pos, nbytes, host, data, base, keep_old=False,
-                                              prealloc=prealloc)
+                try:
+                    frees += self._write_clusters(pos, nbytes, host, data, base, keep_old=False,
+                                                  prealloc=prealloc)
+                except _UnflaggedError:
+                    # The COW read failed (-EIO): qcow2_alloc_cluster_abort gives the fresh
+                    # clusters back, without a discard; nothing was linked.
+                    if not q.has_data_file:
+                        rc.free_clusters(q, host, n * cs)
+                    raise
             expected = host + pos % cs + nbytes
             self.last_host_end = expected
             pos += nbytes
-        for old in frees:
-            self._free_any_cluster(old, request=False)
+        if own_frees:
+            for old in frees:
+                self._free_any_cluster(old, request=False)
         return pos
 
     def _preallocate(self, offset: int, n: int, *, full: bool) -> None:
@@ -474,9 +514,10 @@ class Image:
             pos = self._write_run(pos, end, b"", pos, prealloc=True)
         target = q.data_f if q.has_data_file else None
         size = q.file_size(target)
-        # QEMU's file (or data file) then ends with the last allocated cluster, whole
-        # (observed with 7.2).
-        self.last_host_end = align_up(self.last_host_end, q.cluster_size)
+        # QEMU's file (or data file) then ends with the last allocated subcluster, whole
+        # (observed with 7.2 for extended L2 entries and without; without them a subcluster
+        # is the cluster).
+        self.last_host_end = align_up(self.last_host_end, q.geometry.subcluster_size)
         if self.last_host_end > size:
             if full:
                 chunk = 1 << 20
@@ -494,7 +535,7 @@ class Image:
             return not entry & QCOW_OFLAG_COPIED
         return True
 
-    def _count_clusters(self, table: list[mp.L2Pair], idx: int, want: int, *, new_alloc: bool) -> int:
+    def _count_clusters(self, table: mp.L2Table, idx: int, want: int, *, new_alloc: bool) -> int:
         """count_single_write_clusters: consecutive clusters of the same kind; in-place ones
         must also be contiguous on the host."""
         expected = table[idx][0] & L2E_OFFSET_MASK
@@ -538,13 +579,16 @@ class Image:
             for sc in range(w_from // scs, (w_to - 1) // scs + 1):
                 if sctype(i, sc * scs) is SubclusterType.INVALID:
                     raise CorruptionError(f"invalid cluster entry {e:#x}/{b:#x}")
-        if keep_old and (prealloc or all(
+        if keep_old and all(
             sctype(i, sc * scs) is SubclusterType.NORMAL
             for i in range(n)
             for sc in range(max(cow_start_to, i * cs) // scs,
                             (min(cow_end_from, (i + 1) * cs) - 1) // scs + 1)
-        )):
+        ):
             if prealloc:
+                # calculate_l2_meta (skip_cow): nothing to link. Anything else kept in
+                # place, a ZERO_ALLOC cluster say, is linked below like a write would
+                # link it, and so turns into data (preallocate_co over a zeroed cluster).
                 return []
             # Every touched subcluster is already allocated: a plain overwrite, no metadata.
             ov.check_data_write(q, host + cow_start_to, len(piece))
@@ -586,17 +630,31 @@ class Image:
             ov.check_data_write(q, host + cow_start_from, cow_end_to - cow_start_from)
             has_cow = cow_start_from < cow_start_to or cow_end_from < cow_end_to
             target = q.data_f if q.has_data_file else None
-            if (has_cow and self._is_zero(first + cow_start_from, cow_start_to - cow_start_from)
-                    and self._is_zero(first + cow_end_from, cow_end_to - cow_end_from)
+            if (has_cow and self._is_zero_fast(first + cow_start_from, cow_start_to - cow_start_from)
+                    and self._is_zero_fast(first + cow_end_from, cow_end_to - cow_end_from)
                     and q.write_zeroes_no_fallback(host + cow_start_from, cow_end_to - cow_start_from,
                                                    target)):
                 # handle_alloc_space: the COW regions read as zeros, so the whole range is
                 # zeroed on the host with fallocate and only the new data is written.
                 q.data_pwrite(host + cow_start_to, piece)
             else:
-                # Naive COW: what the range reads as now, with the new data laid over it.
-                merged = bytearray(self._read_internal(first + cow_start_from, cow_end_to - cow_start_from))
-                merged[cow_start_to - cow_start_from:cow_end_from - cow_start_from] = piece
+                # Naive COW: what the COW regions read as now, with the new data laid over
+                # them, written in one go. Which guest bytes are read is QEMU's choice
+                # (perform_cow): nothing without COW regions; the whole range, middle
+                # included, when both regions exist and at most 16 KiB lie between them;
+                # else each region alone. It matters where reading fails (a compressed
+                # cluster that does not decode): a cluster that is overwritten whole is
+                # read only in the first case.
+                head, tail = cow_start_to - cow_start_from, cow_end_to - cow_end_from
+                merged = bytearray(cow_end_to - cow_start_from)
+                if head and tail and cow_end_from - cow_start_to <= PERFORM_COW_MERGE_MAX:
+                    merged[:] = self._read_internal(first + cow_start_from, len(merged))
+                else:
+                    if head:
+                        merged[:head] = self._read_internal(first + cow_start_from, head)
+                    if tail:
+                        merged[len(merged) - tail:] = self._read_internal(first + cow_end_from, tail)
+                merged[head:head + nbytes] = piece
                 q.data_pwrite(host + cow_start_from, bytes(merged))
 
         # Link the clusters (qcow2_alloc_cluster_link_l2).
@@ -653,8 +711,9 @@ class Image:
         piece                                        result
         ===========================================  ========================================
         partial subcluster whose rest does not       refused -> written as data
-        already read as zero (is_zero), or whose     (qcow2_co_pwrite_zeroes)
-        subcluster is NORMAL/COMPRESSED
+        already read as zero (is_zero; zeros past    (qcow2_co_pwrite_zeroes)
+        a shorter backing file's end count), or
+        whose subcluster is NORMAL/COMPRESSED
         v2, no backing file                          clusters discarded: entries become 0
                                                      (qcow2_subcluster_zeroize ->
                                                      qcow2_cluster_discard)
@@ -707,14 +766,33 @@ class Image:
         return self._zeroize(offset, n, unmap)
 
     def _is_zero(self, offset: int, n: int) -> bool:
-        """is_zero: the block status of the whole range, through the chain, is one ZERO extent."""
+        """is_zero (block/qcow2.c): every block-status answer over the range, through the
+        chain, says ZERO. QEMU asks in a loop because the chain's answer does not merge
+        zeros of different kinds (an unallocated hole of the backing file, then zeros past
+        a short backing file's end): one answer may stop short of the range."""
         n = min(n, self.size - offset)
+        from model import mapping_report as mr
+
+        while n > 0:
+            flags, pnum = mr.status_above(self, offset, n)
+            if not flags & bk.BDRV_BLOCK_ZERO or pnum <= 0:
+                return False
+            offset += pnum
+            n -= pnum
+        return True
+
+    def _is_zero_fast(self, offset: int, n: int) -> bool:
+        """bdrv_co_is_zero_fast, as handle_alloc_space asks it about COW regions
+        (is_zero_cow): ONE block-status answer of the chain (want_zero off) must cover the
+        range and say ZERO. Unlike is_zero there is no clamp to the image end, so a COW
+        region past the end (the last cluster of an unaligned image) is not zero and is
+        copied; and a raw backing file answers DATA, holes included."""
         if n <= 0:
             return True
         from model import mapping_report as mr
 
-        flags, pnum = mr.status_above(self, offset, n)
-        return bool(flags & bk.BDRV_BLOCK_ZERO) and pnum == n
+        flags, pnum = mr.status_above(self, offset, n, want_zero=False)
+        return pnum == n and bool(flags & bk.BDRV_BLOCK_ZERO)
 
     def _zeroize(self, offset: int, n: int, unmap: bool) -> bool:
         """qcow2_subcluster_zeroize. False means -ENOTSUP."""
@@ -865,17 +943,45 @@ class Image:
         compressed bytes are packed after the previous compressed cluster, possibly running
         into the next host cluster.
 
+        The checks, in QEMU's order:
+
+        ==================================  ===============================================
+        request                             outcome
+        ==================================  ===============================================
+        offset or length not a multiple     RequestError (qemu-io-cmds.c write_f refuses
+        of 512                              ``write -c`` that is not sector-aligned)
+        outside the image                   RequestError (blk_check_byte_request)
+        external data file                  UnsupportedFeature (qcow2_co_pwritev_compressed
+                                            _part, before any other check)
+        empty (``data`` is b"")             success; the host file's length is rounded up
+                                            to a multiple of 512 (same function: the empty
+                                            write ends a compressed stream, qemu-img
+                                            convert -c)
+        not one cluster, cluster-aligned    RequestError (-EINVAL)
+        ==================================  ===============================================
+
         Raises RequestError (alignment, size, range, read-only, closed, or the cluster is
         already allocated: QEMU fails that with -EIO), UnsupportedFeature (external data
         file: QEMU refuses compression there), CorruptionError.
         """
         self._writable()
+        if offset % BDRV_SECTOR_SIZE or len(data) % BDRV_SECTOR_SIZE:
+            raise RequestError("compressed writes must be sector aligned (qemu-io write -c)")
         self._range(offset, len(data))
         cs = self.cluster_size
         # qcow2_co_pwritev_compressed_part refuses an external data file (-ENOTSUP) before
         # it looks at the alignment (-EINVAL), so that check comes first here too.
         if self.q.has_data_file:
             raise UnsupportedFeature("compressed writes with an external data file")
+        if not data:
+            # The driver takes an empty compressed write as "the stream is complete" and
+            # truncates the file to its own length as the block layer sees it, in whole
+            # sectors (bdrv_getlength): a file ending mid-sector after packed compressed
+            # data is padded with zeros. Nothing else changes (not even the dirty bit).
+            size = self.q.file_size()
+            if size % BDRV_SECTOR_SIZE:
+                self._guard(self.q.truncate, align_up(size, BDRV_SECTOR_SIZE))
+            return
         if offset % cs:
             raise RequestError("compressed writes must be cluster aligned")
         if len(data) != cs and not (0 < len(data) < cs and offset + len(data) == self.size):
@@ -951,12 +1057,12 @@ class Image:
         self._range(offset, n)
         return self._guard(mr.image_map, self, offset, n)
 
-    def layer_status(self, offset: int, n: int) -> bk.Status:
+    def layer_status(self, offset: int, n: int, want_zero: bool = True) -> bk.Status:
         """This image's own block status at ``offset`` (qcow2_co_block_status plus the
         generic part of bdrv_co_block_status). See model/mapping_report.py."""
         from model import mapping_report as mr
 
-        return mr.qcow2_layer_status(self, offset, n)
+        return mr.qcow2_layer_status(self, offset, n, want_zero)
 
     def info(self) -> dict[str, Any]:
         """``qemu-img info --output=json`` of the file as it is now (spec.info.qcow2_info).
@@ -1008,8 +1114,11 @@ class Image:
         return sn.listing(self)
 
 
-class _DecompressError(CorruptionError):
-    """A compressed cluster that does not decode: fails the request, flags nothing."""
+class _UnflaggedError(CorruptionError):
+    """Fails the request and flags nothing: a compressed cluster that does not decode
+    (qcow2_co_preadv_compressed returns -EIO), or a failed read of a backing file (QEMU
+    flags the backing node, if anything, not this one). Public methods raise it as a plain
+    CorruptionError (Image._guard)."""
 
 
 def _split_aligned(offset: int, n: int, align: int) -> list[tuple[int, int]]:

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 _WITH_OFFSET = (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC, SubclusterType.UNALLOCATED_ALLOC)
 
 
-def qcow2_layer_status(img: Image, offset: int, n: int) -> Status:
+def qcow2_layer_status(img: Image, offset: int, n: int, want_zero: bool = True) -> Status:
     """bdrv_co_block_status for one qcow2 node (see the module doc)."""
     if offset >= img.size:
         return Status(BDRV_BLOCK_EOF, 0)
@@ -122,14 +122,16 @@ def qcow2_layer_status(img: Image, offset: int, n: int) -> Status:
     # The generic part of bdrv_co_block_status.
     if flags & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO):
         flags |= BDRV_BLOCK_ALLOCATED
-    elif img.backing is None or offset >= img.backing.size:
+    elif img.backing is None or (want_zero and offset >= img.backing.size):
+        # Past a shorter backing file's end only a caller that wants zeros is told so
+        # here (bdrv_co_block_status); the chain walk finds them below either way.
         flags |= BDRV_BLOCK_ZERO
     if offset + pnum == img.size:
         flags |= BDRV_BLOCK_EOF
     filename = None
     if flags & BDRV_BLOCK_OFFSET_VALID:
         filename = img.data_filename if q.has_data_file else img.filename
-    if img.map_metadata_preallocation and flags & BDRV_BLOCK_DATA and host is not None:
+    if want_zero and img.map_metadata_preallocation and flags & BDRV_BLOCK_DATA and host is not None:
         # BDRV_BLOCK_RECURSE: ask the qcow2 file itself (bs->file, even with a data file)
         # whether the host range is a hole (bdrv_co_block_status's recursion).
         filename = img.filename
@@ -194,16 +196,17 @@ def detect_metadata_preallocation(img: Image) -> bool:
     return count >= threshold
 
 
-def status_above(img: Image, offset: int, n: int) -> tuple[int, int]:
-    """(flags, pnum) of bdrv_block_status_above(bs, NULL, ...): the chain as one node."""
-    st = img.layer_status(offset, n)
+def status_above(img: Image, offset: int, n: int, *, want_zero: bool = True) -> tuple[int, int]:
+    """(flags, pnum) of bdrv_block_status_above(bs, NULL, ...): the chain as one node.
+    ``want_zero=False`` is bdrv_co_is_zero_fast's cheaper question."""
+    st = img.layer_status(offset, n, want_zero)
     if st.length == 0 or st.flags & BDRV_BLOCK_ALLOCATED:
         return st.flags, st.length
     n = st.length
     flags, pnum = st.flags, st.length
     layer: Layer | None = img.backing
     while layer is not None:
-        st = layer.layer_status(offset, n)
+        st = layer.layer_status(offset, n, want_zero)
         if st.length == 0:
             # A short backing file: zeros past its end count as allocated there.
             return BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED, n

@@ -8,6 +8,8 @@ request                 what happens
 grow                    the L1 table is replaced by a larger one (exactly the size needed)
                         at newly allocated clusters, the old one freed; the header size
                         is updated. Nothing else is allocated, unless:
+grow, data-file-raw     metadata preallocation of the new area (every new cluster linked
+                        to its offset in the data file), which grows the data file.
 grow over a backing     the new area is zeroed (v3: zero clusters, plus a written head
 file longer than the    cluster when the old size is not subcluster-aligned); v2 fails
 old size                with UnsupportedFeature, the size unchanged (_zero_new_area).
@@ -80,12 +82,21 @@ def resize(img: Image, new_size: int, shrink: bool, *, from_snapshot: bool = Fal
         _shrink_l1(q, new_l1)
         _shrink_reftable(q)
         _cut_file(q)
+        if q.has_data_file:
+            q.truncate(new_size, q.data_f)
     else:
         grow_l1(q, new_l1)
+        if q.data_file_raw:
+            # qcow2_co_truncate: with data-file-raw a growing truncate without
+            # preallocation is done as preallocation=metadata, so that the L2 tables keep
+            # covering the whole data file (as qemu-img create made them). preallocate_co
+            # links every new cluster to its own offset in the data file and only grows
+            # the data file, never cuts it.
+            img._preallocate(old, new_size - old, full=False)
+        elif q.has_data_file:
+            q.truncate(new_size, q.data_f)
         if new_size > old and img.backing is not None and img.backing.size > old:
             _zero_new_area(img, old, new_size)
-    if q.has_data_file:
-        q.truncate(new_size, q.data_f)
     q.header.size = new_size
     q.write_header()
     img.size = new_size

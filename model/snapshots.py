@@ -91,6 +91,10 @@ def update_snapshot_refcount(q: Qcow2File, l1_offset: int, l1_size: int, addend:
     still has in memory). The L1 table is written back only for ``addend >= 0``; L2 tables
     are always updated in place, as QEMU's cache does. Freed clusters are discarded
     (QCOW2_DISCARD_SNAPSHOT, passed through by default).
+
+    A refcount overflow half-way (RequestError) undoes nothing but the failing update itself,
+    as QEMU: the refcounts already raised and the L2 entries already changed stay, and the
+    L1 table is not written.
     """
     cs = q.cluster_size
     table = mp.read_l1(q, l1_offset, l1_size) if l1 is None else list(l1)
@@ -103,30 +107,42 @@ def update_snapshot_refcount(q: Qcow2File, l1_offset: int, l1_size: int, addend:
             raise CorruptionError(f"L2 table offset {l2off:#x} unaligned (L1 index {i:#x})")
         l2 = mp.read_l2(q, l2off)
         dirty = False
-        for j, (old, bitmap) in enumerate(l2):
-            entry = old & ~QCOW_OFLAG_COPIED
-            t = cluster_type(entry, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
-            if t is ClusterType.COMPRESSED:
-                if addend:
-                    from spec.entries import compressed_range
+        try:
+            for j, (old, bitmap) in enumerate(l2):
+                entry = old & ~QCOW_OFLAG_COPIED
+                t = cluster_type(entry, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
+                if t is ClusterType.COMPRESSED:
+                    if addend:
+                        from spec.entries import compressed_range
 
-                    coff, csize = compressed_range(entry, q.cluster_bits)
-                    rc.update_refcount(q, coff, csize, addend, discard=addend < 0)
-                refcount = 2  # compressed clusters are never written in place
-            elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
-                off = entry & L2E_OFFSET_MASK
-                if off % cs:
-                    raise CorruptionError(f"cluster offset {off:#x} unaligned")
-                if addend:
-                    rc.update_refcount(q, off, cs, addend, discard=addend < 0)
-                refcount = rc.get_refcount(q, off // cs)
-            else:
-                refcount = 0
-            if refcount == 1:
-                entry |= QCOW_OFLAG_COPIED
-            if entry != old:
-                l2[j] = (entry, bitmap)
-                dirty = True
+                        coff, csize = compressed_range(entry, q.cluster_bits)
+                        rc.update_refcount(q, coff, csize, addend, discard=addend < 0)
+                    refcount = 2  # compressed clusters are never written in place
+                elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+                    off = entry & L2E_OFFSET_MASK
+                    if off % cs:
+                        raise CorruptionError(f"cluster offset {off:#x} unaligned")
+                    if addend:
+                        rc.update_refcount(q, off, cs, addend, discard=addend < 0)
+                    refcount = rc.get_refcount(q, off // cs)
+                else:
+                    refcount = 0
+                if refcount == 1:
+                    entry |= QCOW_OFLAG_COPIED
+                if entry != old:
+                    l2[j] = (entry, bitmap)
+                    dirty = True
+        except CorruptionError:
+            raise  # QEMU stops serving the image; its dirty cache never reaches the file
+        except Exception:
+            # QEMU changes each entry in the cached L2 slice as it goes and marks the slice
+            # dirty, so when a refcount update fails half-way (-EINVAL on a refcount
+            # overflow, say) the entries already done, COPIED cleared, still reach the file
+            # together with their raised refcounts; nothing is rolled back
+            # (qcow2_update_snapshot_refcount, its fail: path).
+            if dirty:
+                mp.write_l2(q, l2off, l2)
+            raise
         if dirty:
             mp.write_l2(q, l2off, l2)
         if addend:

@@ -704,3 +704,310 @@ def test_unaligned_compressed_write_with_data_file_is_unsupported_like_qemu(tmp_
             img.write_compressed(0, bytes(512))
     finally:
         img.close()
+
+
+# --- difftest divergences, quick profile (issue #3): model vs qemu-io directly ------------------
+
+def _short_raw_base(tmp: Path, size: int, data: int) -> None:
+    """A raw backing file of ``size`` bytes whose first ``data`` bytes are 0xb1 and the rest a
+    hole (the file is extended with truncate)."""
+    base = tmp / "base.raw"
+    base.write_bytes(b"\xb1" * data)
+    os.truncate(base, size)
+
+
+@pytest.mark.parametrize(("base_size", "base_data", "cluster_size", "zero_at"), [
+    (66048, 66048, 16 * KiB, 66048),   # the seed-0 reproducer: subcluster wholly past the end
+    (66048, 66048, 16 * KiB, 66559),   # same subcluster, the 1 byte at its end (head check)
+    (5120, 4096, 64 * KiB, 4096),      # subcluster straddles the end: hole, then past the end
+    (5120, 4096, 64 * KiB, 6143),      # the same from its last byte
+])
+def test_partial_subcluster_zeroes_past_short_raw_backing_end_like_qemu(
+        tmp_path: Path, base_size: int, base_data: int, cluster_size: int, zero_at: int) -> None:
+    """qcow2_co_pwrite_zeroes on a partial subcluster asks is_zero about the rest of it.
+    Past the end of a shorter backing file block status answers nothing at that layer (pnum
+    0, EOF) and bdrv_co_common_block_status_above turns that into ZERO|ALLOCATED; is_zero
+    loops over the answers (zeros of a backing hole, then zeros past the end). The model's
+    raw layer answered with a negative length there, so the piece was written as data, and a
+    later compressed write to that cluster failed where QEMU's succeeds."""
+    _short_raw_base(tmp_path, base_size, base_data)
+    q, m = _pair(tmp_path, "base.raw", "raw", 128 * KiB, cluster_size=cluster_size, extended_l2=True)
+    cl = zero_at - zero_at % cluster_size
+    qemu_io(q, f"write -q -z {zero_at} 1")
+    with model.open(m) as img:
+        img.write_zeroes(zero_at, 1)
+    assert _map(m) == _map(q)
+    assert m.read_bytes() == q.read_bytes()
+    qemu_io(q, f"write -q -c -P 0x5 {cl} {cluster_size}")
+    with model.open(m) as img:
+        img.write_compressed(cl, b"\x05" * cluster_size)
+    assert m.read_bytes() == q.read_bytes()
+    assert raw_content(m) == raw_content(q)
+    assert _clean(m)
+
+
+def test_snapshot_refcount_overflow_keeps_copied_updates_already_made_like_qemu(tmp_path: Path) -> None:
+    """qcow2_update_snapshot_refcount changes each L2 entry in the cached table as it goes.
+    When a later entry's refcount overflows (three compressed clusters packed in one host
+    cluster, refcount_bits=2: 3 + 1 > 3) the earlier data cluster keeps its raised refcount
+    and its cleared COPIED flag, and QEMU writes that L2 table out. The model used to drop
+    the L2 update, leaving COPIED on a cluster with refcount 2: qemu-img check then found a
+    corruption in the model's file only."""
+    q, m = _pair(tmp_path, "", "", 64 * KiB, cluster_size=4096, refcount_bits=2)
+    qemu_io(q, "write -q -P 0x1 0 4096", "write -q -c -P 0x0 4096 4096",
+            "write -q -c -P 0x0 8192 4096", "write -q -c -P 0x0 12288 4096")
+    shutil.copyfile(q, m)
+    assert qemu_img("snapshot", "-c", "s1", str(q), check=False).returncode != 0
+    with model.open(m) as img:
+        with pytest.raises(RequestError):
+            img.snapshot_create("s1")
+        assert img.snapshots() == []
+        assert img.read(0, 4096) == b"\x01" * 4096
+    assert m.read_bytes() == q.read_bytes()
+    cm, cq = _check(m), _check(q)
+    cm.pop("filename")
+    cq.pop("filename")
+    assert cm == cq
+    assert not cm.get("corruptions") and cm.get("leaks")
+    # A write to the now shared data cluster copies it, in both.
+    qemu_io(q, "write -q -P 0x2 0 512")
+    with model.open(m) as img:
+        img.write(0, b"\x02" * 512)
+    assert m.read_bytes() == q.read_bytes()
+
+
+def _qemu_io_fails(path: Path, cmd: str) -> str:
+    """Run one qemu-io command that must fail; returns its message."""
+    import subprocess
+
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", cmd, str(path.resolve())],
+                       capture_output=True, text=True, cwd=path.parent)
+    assert r.returncode != 0
+    return r.stdout + r.stderr
+
+
+def test_empty_compressed_write_pads_the_file_to_a_sector_like_qemu(tmp_path: Path) -> None:
+    """qcow2_co_pwritev_compressed_part takes a 0-byte compressed write as the end of a
+    compressed stream: it truncates the host file to its length in whole sectors. Packed
+    compressed data leaves the file ending mid-sector, so the file grows to the next 512.
+    The model refused the request (RequestError) where QEMU succeeds."""
+    q, m = _pair(tmp_path, "", "", 64 * KiB, cluster_size=4096)
+    data = bytes(range(256)) * 8 + bytes(2048)
+    (tmp_path / "c.bin").write_bytes(data)
+    qemu_io(q, "write -q -c -s c.bin 4096 4096")
+    shutil.copyfile(q, m)
+    assert q.stat().st_size % 512  # the compressed bytes end mid-sector
+    qemu_io(q, "write -q -c -P 0 8192 0")
+    with model.open(m) as img:
+        img.write_compressed(8192, b"")
+        assert img.read(4096, 4096) == data
+    assert q.stat().st_size % 512 == 0
+    assert m.read_bytes() == q.read_bytes()
+    assert _clean(m)
+
+
+@pytest.mark.parametrize(("offset", "n", "error"), [
+    (0, 0, UnsupportedFeature),     # the data file check comes before the empty-write case
+    (0, 512, UnsupportedFeature),
+    (1, 512, RequestError),         # qemu-io refuses a write -c that is not sector-aligned
+    (512, 100, RequestError),
+])
+def test_compressed_write_checks_in_qemus_order_with_a_data_file(
+        tmp_path: Path, offset: int, n: int, error: type[Qcow2Error]) -> None:
+    q, m = _pair(tmp_path, "", "", 8 * KiB, cluster_size=1024, data_file="data.raw")
+    msg = _qemu_io_fails(q, f"write -c -P 0 {offset} {n}")
+    assert ("not supported" in msg.lower()) == (error is UnsupportedFeature)
+    model.create(m, 8 * KiB, cluster_size=1024, data_file=str(tmp_path / "mdata.raw"))
+    with model.open(m) as img, pytest.raises(error):
+        img.write_compressed(offset, bytes(n))
+
+
+def _with_undecodable_compressed_cluster(tmp: Path) -> tuple[Path, Path]:
+    """Two copies of a 4 KiB-cluster image whose guest cluster 1 is compressed but whose
+    compressed bytes are garbage: reading it fails with EIO in QEMU. Its neighbours are
+    compressed clusters that decode, so COW regions there are not zero (handle_alloc_space
+    would otherwise skip the COW reads)."""
+    q, m = _pair(tmp, "", "", 64 * KiB, cluster_size=4096)
+    qemu_io(q, "write -q -c -P 0x33 0 4096", "write -q -c -P 0x11 4096 4096",
+            "write -q -c -P 0x33 8192 4096")
+    with model.open(q, readonly=True) as img:
+        coff, csize = compressed_range(mp.get_entry(img.q, 4096)[0], 12)
+    with open(q, "r+b") as f:
+        f.seek(coff)
+        f.write(b"\xff" * csize)
+    shutil.copyfile(q, m)
+    return q, m
+
+
+@pytest.mark.parametrize(("offset", "n", "fails"), [
+    (4096, 4096, False),          # the cluster is overwritten whole: no COW, nothing read
+    (100, 8192, True),            # COW head and tail, 8 KiB between: one read across it
+    (100, 24576, False),          # more than 16 KiB between: two reads, around it
+    (4096, 4000, True),           # COW tail inside the cluster itself
+])
+def test_cow_reads_only_what_perform_cow_reads_like_qemu(
+        tmp_path: Path, offset: int, n: int, fails: bool) -> None:
+    """perform_cow reads the COW regions of an allocation (nothing when there are none; one
+    read spanning the new data when both exist and at most 16 KiB lie between). The model
+    read the whole range, so overwriting an undecodable compressed cluster whole failed in
+    the model only (seed 6 of the quick profile)."""
+    q, m = _with_undecodable_compressed_cluster(tmp_path)
+    r = __import__("subprocess").run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -q -P 0x22 {offset} {n}", str(q)],
+        capture_output=True, text=True)
+    assert ("Input/output error" in r.stdout + r.stderr) == fails
+    with model.open(m) as img:
+        if fails:
+            with pytest.raises(CorruptionError):
+                img.write(offset, b"\x22" * n)
+        else:
+            img.write(offset, b"\x22" * n)
+            assert img.read(offset, n) == b"\x22" * n
+    assert m.read_bytes() == q.read_bytes()
+    assert not open_image(m).header.v3.incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT
+
+
+@pytest.mark.parametrize("extended_l2", [False, True])
+def test_data_file_raw_grow_preallocates_metadata_like_qemu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extended_l2: bool) -> None:
+    """qcow2_co_truncate turns a growing truncate of a data-file-raw image into
+    preallocation=metadata (preallocate_co), so the new clusters are linked to their data
+    file offsets and a later discard of them makes zero clusters, as for the old ones. The
+    model only grew the L1 table (seed 2 of the quick profile: map differed after a discard
+    of the grown tail). The data file ends with the last subcluster, whole."""
+    size, new = 3 * 64 * KiB + 512, 5 * 64 * KiB + 1024
+    sides = {}
+    for side in ("q", "m"):
+        d = tmp_path / side
+        d.mkdir()
+        sides[side] = d / "top.qcow2"
+    qemu_create(sides["q"], size, cluster_size=64 * KiB, extended_l2=extended_l2,
+                data_file="top.data", data_file_raw=True)
+    monkeypatch.chdir(tmp_path / "m")  # the data file name is relative to the working directory
+    model.create(sides["m"], size, cluster_size=64 * KiB, extended_l2=extended_l2,
+                 data_file="top.data", data_file_raw=True)
+    assert sides["m"].read_bytes() == sides["q"].read_bytes()
+    qemu_io(sides["q"], f"truncate {new}", f"discard {new - 1024} 1024")
+    with model.open(sides["m"]) as img:
+        img.resize(new)
+        img.discard(new - 1024, 1024)
+        extents = img.map()
+    assert sides["m"].read_bytes() == sides["q"].read_bytes()
+    assert (tmp_path / "m" / "top.data").stat().st_size == (tmp_path / "q" / "top.data").stat().st_size
+    q_map = json.loads(qemu_img("map", "--output=json", "top.qcow2", cwd=tmp_path / "q").stdout)
+    assert extents == q_map
+
+
+@pytest.mark.parametrize(("cluster_size", "extended_l2"), [(64 * KiB, True), (16 * KiB, True),
+                                                           (64 * KiB, False)])
+def test_metadata_preallocation_ends_the_file_at_a_subcluster_like_qemu(
+        tmp_path: Path, cluster_size: int, extended_l2: bool) -> None:
+    """preallocate_co extends the file to the end of the last allocation, which with
+    extended L2 entries is the last subcluster, not the whole cluster."""
+    size = 3 * cluster_size + 512
+    q = qemu_create(tmp_path / "q.qcow2", size, cluster_size=cluster_size, extended_l2=extended_l2,
+                    preallocation="metadata")
+    m = tmp_path / "m.qcow2"
+    model.create(m, size, cluster_size=cluster_size, extended_l2=extended_l2, preallocation="metadata")
+    assert m.read_bytes() == q.read_bytes()
+
+
+def test_undecodable_backing_cluster_fails_requests_without_flagging_like_qemu(tmp_path: Path) -> None:
+    """A compressed cluster of the backing file that does not decode fails reads and COW
+    writes of the overlay with EIO; QEMU flags neither image (qcow2_co_preadv_compressed).
+    The model flagged the overlay corrupt, because the backing image's CorruptionError
+    reached the overlay's guard as if its own tables were bad."""
+    base = qemu_create(tmp_path / "base.qcow2", 64 * KiB, cluster_size=4096)
+    qemu_io(base, "write -q -c -P 0x11 4096 4096")
+    with model.open(base, readonly=True) as img:
+        coff, csize = compressed_range(mp.get_entry(img.q, 4096)[0], 12)
+    with open(base, "r+b") as f:
+        f.seek(coff)
+        f.write(b"\xff" * csize)
+    q, m = _pair(tmp_path, "base.qcow2", "qcow2", 64 * KiB, cluster_size=4096)
+    msg = _qemu_io_fails(q, "write -P 1 4096 512")
+    assert "Input/output error" in msg
+    with model.open(m) as img:
+        with pytest.raises(CorruptionError):
+            img.read(4096, 512)
+        with pytest.raises(CorruptionError):
+            img.write(4096, b"\x01" * 512)
+        assert img.read(0, 512) == bytes(512)  # still serving requests: not flagged
+    assert m.read_bytes() == q.read_bytes()
+    assert not open_image(m).header.v3.incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT
+
+
+@pytest.mark.parametrize(("cluster_size", "size", "zero_at", "zero_n", "new"), [
+    (1024, 39424, 38400, 1024, 39936),            # deep seed 110
+    (16 * KiB, 607744, 591360, 16 * KiB, 608256),  # deep seed 101
+])
+def test_data_file_raw_grow_over_a_zero_cluster_makes_it_data_like_qemu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cluster_size: int, size: int,
+        zero_at: int, zero_n: int, new: int) -> None:
+    """preallocate_co runs qcow2_alloc_host_offset over the grown area. The old last
+    cluster, zeroed in place (ZERO flag, still allocated: ZERO_ALLOC), is kept by
+    handle_copied, but calculate_l2_meta only skips clusters whose touched subclusters are
+    all NORMAL; so it is linked again (offset|COPIED, zero flag gone) and reads as data.
+    The model left the zero flag on it."""
+    sides = {}
+    for side in ("q", "m"):
+        (tmp_path / side).mkdir()
+        sides[side] = tmp_path / side / "top.qcow2"
+    qemu_create(sides["q"], size, cluster_size=cluster_size, data_file="top.data", data_file_raw=True)
+    qemu_io(sides["q"], f"write -q -z {zero_at} {zero_n}", f"truncate {new}")
+    monkeypatch.chdir(tmp_path / "m")
+    model.create(sides["m"], size, cluster_size=cluster_size, data_file="top.data", data_file_raw=True)
+    with model.open(sides["m"]) as img:
+        img.write_zeroes(zero_at, zero_n)
+        img.resize(new)
+        extents = img.map()
+    assert sides["m"].read_bytes() == sides["q"].read_bytes()
+    assert (tmp_path / "m" / "top.data").read_bytes() == (tmp_path / "q" / "top.data").read_bytes()
+    assert extents == json.loads(qemu_img("map", "--output=json", "top.qcow2", cwd=tmp_path / "q").stdout)
+
+
+def test_cow_past_the_image_end_is_copied_not_zeroed_like_qemu(tmp_path: Path) -> None:
+    """handle_alloc_space asks bdrv_co_is_zero_fast, not is_zero, whether a COW region is
+    zero: one block-status answer, no clamp to the image end. A write up to the end of an
+    unaligned image over a compressed cluster therefore copies the cluster's tail past the
+    end (perform_cow), and growing the image shows it. The model's check clamped the
+    region away, took the zeroing shortcut, and showed zeros there (deep seed 222)."""
+    q, m = _pair(tmp_path, "", "", 128 * KiB, cluster_size=16 * KiB, extended_l2=True)
+    data = bytes(range(256)) * 126  # 32256 bytes: [48 KiB, 81408), the new image end
+    (tmp_path / "d.bin").write_bytes(data)
+    qemu_io(q, "write -q -c -P 0xc4 65536 16384", "truncate 81408", "write -q -s d.bin 49152 32256",
+            "truncate 130560")
+    with model.open(m) as img:
+        img.write_compressed(65536, b"\xc4" * 16384)
+        img.resize(81408, shrink=True)
+        img.write(49152, data)
+        img.resize(130560)
+        assert img.read(81408, 512) == b"\xc4" * 512
+    assert m.read_bytes() == q.read_bytes()
+    assert raw_content(m) == raw_content(q)
+
+
+def test_clusters_a_write_replaces_are_freed_after_the_whole_request_like_qemu(tmp_path: Path) -> None:
+    """qcow2_co_pwritev_part allocates every piece of a request before its write tasks link
+    the L2 entries and free the clusters they replace. The model freed the old compressed
+    cluster after the first piece, the third piece reused it, and a later compressed write
+    packed its bytes into that (now data) cluster: METADATA-NO-OVERLAP broken in the
+    model's file only (deep seed 205)."""
+    mb2 = 2 * MiB
+    q, m = _pair(tmp_path, "", "", 16 * MiB, cluster_size=mb2, refcount_bits=64, extended_l2=True,
+                 compression_type="zstd")
+    rnd = __import__("random").Random(65536).randbytes(999)
+    (tmp_path / "r.bin").write_bytes(rnd)
+    qemu_io(q, f"truncate {9 * mb2}", f"write -q -c -P 0x33 {8 * mb2} {mb2}", f"truncate {10 * mb2 + 512}",
+            f"write -q -s r.bin {9 * mb2 + 513} 999", f"truncate {11 * mb2 + 512}",
+            f"write -q -P 0xff {8 * mb2 + 512} {2 * mb2}", f"write -q -c -P 0x33 {11 * mb2} 512")
+    with model.open(m) as img:
+        img.resize(9 * mb2)
+        img.write_compressed(8 * mb2, b"\x33" * mb2)
+        img.resize(10 * mb2 + 512)
+        img.write(9 * mb2 + 513, rnd)
+        img.resize(11 * mb2 + 512)
+        img.write(8 * mb2 + 512, b"\xff" * 2 * mb2)
+        img.write_compressed(11 * mb2, b"\x33" * 512)
+    assert m.read_bytes() == q.read_bytes()
+    assert _clean(m)
