@@ -87,13 +87,26 @@ def shell_script(cfg: Config, log: list[tuple[str, dict[str, Any]]], d: Divergen
             lines.append(shlex.join([*argv, TOP]))
             segment.clear()
 
+    # The virtual size is tracked so that a resize runs as the harness runs it: qemu-io's
+    # ``truncate`` in the same process (a separate ``qemu-img resize`` would restart QEMU's
+    # in-memory allocation state, e.g. the compressed-cluster packing offset), and a shrink
+    # without shrink=True is refused before reaching qemu, as QemuImage.resize does.
+    size = -(-cfg.size // 512) * 512  # qemu-img create rounds up to a sector
+    snapshot_sizes: dict[str, list[int]] = {}  # QEMU picks the first snapshot of a name
     for name, kw in _until_finish(log):
         line = _io_line(name, kw)
-        if name == "resize" and not kw["shrink"]:
-            # Image.resize(shrink=False) means qemu-img resize without --shrink.
-            flush_segment()
-            lines.append(shlex.join(["qemu-img", "resize", "-f", "qcow2", TOP, str(kw["new_size"])]))
-        elif line is not None:
+        if name == "resize" and not kw["shrink"] and kw["new_size"] < size:
+            lines.append(f"# resize to {kw['new_size']} refused: shrinking needs --shrink")
+            continue
+        if name == "resize":
+            size = kw["new_size"]
+        elif name == "snapshot_create":
+            snapshot_sizes.setdefault(kw["name"], []).append(size)
+        elif name == "snapshot_apply":
+            size = (snapshot_sizes.get(kw["name"]) or [size])[0]
+        elif name == "snapshot_delete" and snapshot_sizes.get(kw["name"]):
+            snapshot_sizes[kw["name"]].pop(0)
+        if line is not None:
             segment.append(line)
         elif name.startswith("snapshot_"):
             flush_segment()

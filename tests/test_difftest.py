@@ -319,6 +319,11 @@ def test_reproducers_render_every_operation() -> None:
                    "write -q -c -P 0x0 512 512", "read -v 0 16", "truncate 4096", "snapshot -c s0",
                    "snapshot -a s0", "snapshot -d s0", "base.raw"):
         assert needle in sh
+    # Resizes run in the same qemu-io, as in the harness; a shrink without shrink=True is
+    # refused before reaching qemu.
+    grow = shell_script(cfg, [("resize", {"new_size": 16384, "shrink": False}),
+                              ("resize", {"new_size": 4096, "shrink": False})])
+    assert "truncate 16384" in grow and "truncate 4096" not in grow and "qemu-img resize" not in grow
     body = pytest_body(cfg, log, ["model", "qemu"])
     compile(body, "test_repro.py", "exec")
     assert "ls.snapshot_delete(name='s0')" in body and body.rstrip().endswith("ls.close()")
