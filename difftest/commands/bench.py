@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 
 from difftest import qemuio
+from difftest.campaign import PROFILES
 from difftest.targets import module_available
 
 
@@ -35,7 +36,7 @@ def _difftest(args: argparse.Namespace) -> int:
     for targets in sets:
         row = {"steady": bench.steady_state(targets, args.ops, cfg)}
         if not args.no_campaign:
-            row["campaign"] = bench.campaign(targets, args.examples, 30)
+            row["campaign"] = bench.campaign(targets, args.examples, PROFILES["ci"]["steps"])
         rows.append(row)
     if args.output == "json":
         print(json.dumps(rows, indent=2))
