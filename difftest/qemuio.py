@@ -360,9 +360,9 @@ class QemuImage:
         return list(json.loads(self._img(*args, str(self.path))))
 
     def present_runs(self) -> list[tuple[int, int, bool]]:
-        """(start, length, present) over the whole image from qemu-io's ``map`` command, which
-        asks bdrv_is_allocated_above over the whole chain (qemu-io-cmds.c, map_f): the
-        ``present`` flag of qemu-img map, without spawning a process."""
+        """(start, length, allocated) over the whole image from qemu-io's ``map`` command,
+        which asks bdrv_is_allocated of the top image (qemu-io-cmds.c, map_is_allocated):
+        allocation in this layer, without spawning a process."""
         out = self._io().cmd("map")
         found = _MAP_LINE.findall(out)
         if len(found) != len(out.strip().splitlines()):  # every line of a good reply is an extent
