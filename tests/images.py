@@ -10,13 +10,25 @@ and LUKS. tests/conftest.py builds them once per session.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.qemu import SECRET_ARGS, create, qemu_img, qemu_io
 
-CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
+
+def _corpus() -> Path:
+    """The shared corpus: $QCOW2LAB_CORPUS, else ../shared/corpus beside the checkout, else
+    /work/shared/corpus (a clone made elsewhere, as CI's may be, still finds it)."""
+    here = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
+    for cand in (os.environ.get("QCOW2LAB_CORPUS"), here, "/work/shared/corpus"):
+        if cand and Path(cand).is_dir():
+            return Path(cand)
+    return here
+
+
+CORPUS = _corpus()
 
 Builder = Callable[[Path], Path]
 BUILDERS: dict[str, Builder] = {}
