@@ -113,6 +113,9 @@ class Lockstep:
         self.notes: list[str] = []
         self.size = cfg.size
         self.targets: list[Target] = []
+        self.oracle_broken = False
+        """Set when QEMU's own image turned out corrupt at a disagreement (see
+        _unless_oracle_corrupt); nothing is compared after that."""
         self.root.mkdir(parents=True, exist_ok=True)
         backing_dir = self.root / "backing"
         backing_dir.mkdir(exist_ok=True)
@@ -163,12 +166,38 @@ class Lockstep:
         self.log.append((name, kw))
         self.ops[name] += 1
         desc = f"{name}({', '.join(f'{k}={v}' for k, v in kw.items())})"
-        ok = self._agree(desc, self._each(desc, fn))
-        if ok and touched is not None:
-            self.touched.append(touched)
-            self.verify(touched[0], touched[1], desc)
-            self._compare_map_in_process(touched[0], touched[1], desc)
+        outcomes = self._each(desc, fn)
+        if self.oracle_broken:
+            return outcomes[0][0] == "ok"
+        try:
+            ok = self._agree(desc, outcomes)
+            if ok and touched is not None:
+                self.touched.append(touched)
+                self.verify(touched[0], touched[1], desc)
+                self._compare_map_in_process(touched[0], touched[1], desc)
+        except Divergence as d:
+            self._unless_oracle_corrupt(d)
+            return outcomes[0][0] == "ok"
         return ok
+
+    def _unless_oracle_corrupt(self, d: Divergence) -> None:
+        """Raise ``d``, unless QEMU's own image already fails ``qemu-img check``: QEMU 7.2 can
+        corrupt it (compressed data packed into a reused cluster, see teardown.py), and what
+        it does next on such an image depends on its internal concurrency (the pieces of one
+        write run in parallel), which a sequential target cannot mirror. The oracle being
+        gone, the rest of the example is not compared (noted as ``qemu-corrupt-live``)."""
+        from difftest.teardown import qemu_check
+
+        qemu = [t for t in self.targets if not t.in_process and t.name.startswith("qemu")]
+        if d.kind not in ("bytes", "error", "map") or not qemu:
+            raise d
+        for t in qemu:
+            t.image.flush()
+            res = qemu_check(str(t.path), force_share=True)
+            if not (res.get("corruptions") or res.get("check-errors")) or "stderr" in res:
+                raise d
+        self.oracle_broken = True
+        self.notes.append(f"qemu-corrupt-live: QEMU's own image was corrupt when {d.op} diverged")
 
     def _ref_read(self, off: int, n: int) -> bytes:
         return bytes(self.targets[0].image.read(off, n))
@@ -306,10 +335,16 @@ class Lockstep:
         desc = f"read(off={off}, n={n})"
         self.log.append(("read", {"off": off, "n": n}))
         self.ops["read"] += 1
-        if off < 0 or n < 0 or off + n > self.size:
-            # Out-of-range reads must fail alike.
-            return self._agree(desc, self._each(desc, lambda t: t.image.read(off, n)))
-        return self._check_bytes(off, n, desc)
+        if self.oracle_broken:
+            return True
+        try:
+            if off < 0 or n < 0 or off + n > self.size:
+                # Out-of-range reads must fail alike.
+                return self._agree(desc, self._each(desc, lambda t: t.image.read(off, n)))
+            return self._check_bytes(off, n, desc)
+        except Divergence as d:
+            self._unless_oracle_corrupt(d)
+            return False
 
     def flush(self) -> bool:
         return self._op("flush", {}, lambda t: t.image.flush())
@@ -366,6 +401,8 @@ class Lockstep:
         end = self.size if n is None else min(self.size, off + n)
         off = min(off, self.size)
         desc = f"compare_map(off={off}, n={n})"
+        if self.oracle_broken:
+            return True
         if self.cfg.lazy_refcounts and not all(t.in_process for t in self.targets):
             # qemu's map is a separate ``qemu-img map -U`` reading the live file. With
             # lazy_refcounts QEMU's flush leaves refcount blocks in its cache
@@ -394,6 +431,9 @@ class Lockstep:
         """Close every target and check the files they wrote (difftest/teardown.py)."""
         from difftest.teardown import finish
         self.log.append(("finish", {}))
+        if self.oracle_broken:
+            self.close()
+            return
         try:
             finish(self)
         except Divergence:

@@ -44,9 +44,10 @@ def _merged(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
     return [(a, b - a) for a, b in out]
 
 
-def qemu_check(path: str) -> dict[str, Any]:
-    r = subprocess.run(["qemu-img", "check", "--output=json", "-f", "qcow2", path],
-                       capture_output=True, text=True)
+def qemu_check(path: str, *, force_share: bool = False) -> dict[str, Any]:
+    """``qemu-img check`` of ``path`` (``-U`` with force_share: a live qemu-io holds it)."""
+    r = subprocess.run(["qemu-img", "check", "--output=json", "-f", "qcow2",
+                        *(["-U"] if force_share else []), path], capture_output=True, text=True)
     if r.returncode not in (0, 2, 3) or not r.stdout.strip():
         return {"check-errors": 1, "stderr": r.stderr.strip(), "exit": r.returncode}
     out = dict(json.loads(r.stdout))

@@ -133,6 +133,29 @@ def test_failed_snapshot_apply_keeps_sizes_in_step(tmp_path: Path) -> None:
         ls.close()
 
 
+@pytest.mark.skipif(not qemuio.available(), reason="needs qemu-io")
+def test_disagreement_on_an_image_qemu_corrupted_is_a_note(tmp_path: Path) -> None:
+    """Found by a deep campaign (seed 5025): QEMU packs the compressed cluster at 3072 into
+    a host cluster it reuses, then runs the two pieces of the write at 3583 concurrently, so
+    what it reads back depends on their order. Its own image fails qemu-img check by then:
+    the example stops being compared and says why."""
+    ls = Lockstep(tmp_path, Config(version=2, cluster_size=512, backing="raw", backing_size="same",
+                                   size=4096), ["model", "qemu"])
+    try:
+        ls.write_compressed(off=0, n=512, byte=0)
+        ls.write(off=3584, n=1, byte=0)
+        ls.write_zeroes(off=0, n=513, unmap=False)
+        ls.write_compressed(off=3072, n=512, byte=0)
+        ls.write_zeroes(off=512, n=511, unmap=False)
+        ls.write(off=3583, n=3, byte=0)
+        ls.read(off=3584, n=2)
+        ls.finish()
+    finally:
+        ls.close()
+    assert ls.oracle_broken
+    assert any(n.startswith("qemu-corrupt-live") for n in ls.notes)
+
+
 def test_config_rules_follow_qemu_img_create() -> None:
     with pytest.raises(ValueError):
         Config(version=2, extended_l2=True).validate()
