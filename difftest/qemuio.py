@@ -230,20 +230,27 @@ class QemuImage:
             raise RequestError("image is closed")
         return self.io
 
-    def _request(self, line: str, offset: int, n: int) -> str:
-        """Run a guest I/O command. qemu reports both an out-of-range request and an image it
-        cannot read (a compressed cluster that does not decode, qcow2_co_preadv_compressed,
-        met by a read or a copy-on-write) as EIO; for a request inside the image only the
-        second is possible, and that is what the model calls CorruptionError. A compressed
-        write is the exception: EIO there means the cluster is already allocated
-        (qcow2_alloc_compressed_cluster_offset), the caller's fault."""
+    def _failure(self, text: str, offset: int, n: int, *, compressed: bool = False) -> Qcow2Error:
+        """The spec.errors exception for a failed guest request. qemu reports both an
+        out-of-range request and an image it cannot read (a compressed cluster that does not
+        decode, qcow2_co_preadv_compressed, met by a read or a copy-on-write) as EIO; for a
+        request inside the image only the second is possible, and that is what the model
+        calls CorruptionError. A compressed write is the exception: EIO there means the
+        cluster is already allocated (qcow2_alloc_compressed_cluster_offset), the caller's
+        fault."""
+        cls = error_class(text)
+        if cls is RequestError and not compressed and "Input/output error" in text and \
+                offset >= 0 and offset + n <= self.size:
+            cls = CorruptionError
+        return cls(text.strip())
+
+    def _request(self, line: str, offset: int, n: int, *, quiet: bool = True,
+                 compressed: bool = False) -> str:
+        """Run a guest I/O command on [offset, offset+n); see _failure for its errors."""
         try:
-            return self._io().checked(line, quiet=line.startswith(("write", "discard", "read -q")))
+            return self._io().checked(line, quiet=quiet)
         except RequestError as e:
-            if "Input/output error" in str(e) and " -c " not in line and offset >= 0 and \
-                    offset + n <= self.size:
-                raise CorruptionError(str(e)) from None
-            raise
+            raise self._failure(str(e), offset, n, compressed=compressed) from None
 
     def __enter__(self) -> QemuImage:
         return self
@@ -260,7 +267,7 @@ class QemuImage:
         pos = offset
         while pos < offset + n:
             k = min(self.READ_V_MAX, offset + n - pos)
-            text = self._request(f"read -v {pos} {k}", pos, k)
+            text = self._request(f"read -v {pos} {k}", pos, k, quiet=False)
             out += parse_hexdump(text, k)
             pos += k
         return bytes(out)
@@ -278,8 +285,7 @@ class QemuImage:
                 if "verification failed" in out:
                     return False
                 if out.strip():  # quiet on success: anything else is a failure
-                    self._request(f"read -q {offset + start} {length}", offset + start, length)
-                    raise error_class(out)(out.strip())
+                    raise self._failure(out, offset + start, length)
         return True
 
     def write(self, offset: int, data: bytes) -> None:
@@ -301,14 +307,16 @@ class QemuImage:
 
     def write_compressed(self, offset: int, data: bytes) -> None:
         if not data:  # ``-s`` refuses an empty pattern file
-            self._request(f"write -q -c {offset} 0", offset, 0)
+            self._request(f"write -q -c {offset} 0", offset, 0, compressed=True)
             return
         if data == bytes([data[0]]) * len(data):
-            self._request(f"write -q -c -P {data[0]:#x} {offset} {len(data)}", offset, len(data))
+            self._request(f"write -q -c -P {data[0]:#x} {offset} {len(data)}", offset, len(data),
+                          compressed=True)
             return
         with open(self._src, "wb") as f:
             f.write(data)
-        self._request(f"write -q -c -s {self._src} {offset} {len(data)}", offset, len(data))
+        self._request(f"write -q -c -s {self._src} {offset} {len(data)}", offset, len(data),
+                      compressed=True)
 
     def flush(self) -> None:
         self._io().checked("flush", quiet=True)

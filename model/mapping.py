@@ -96,12 +96,8 @@ def read_l2_entry(q: Qcow2File, offset: int, index: int) -> L2Pair:
     return int.from_bytes(q.pread(offset + 8 * index, 8), "big"), 0
 
 
-def write_l2(q: Qcow2File, offset: int, entries: L2Table | list[L2Pair]) -> None:
-    if isinstance(entries, L2Table):
-        q.pwrite(offset, bytes(entries.raw))
-        return
-    words = [w for pair in entries for w in pair] if q.extended_l2 else [e for e, _ in entries]
-    q.pwrite(offset, struct.pack(f">{len(words)}Q", *words))
+def write_l2(q: Qcow2File, offset: int, table: L2Table) -> None:
+    q.pwrite(offset, bytes(table.raw))
 
 
 def l2_offset(q: Qcow2File, l1_entry: int, l1_index: int) -> int:

@@ -77,27 +77,21 @@ def refcount_set(block: bytearray, index: int, bits: int, value: int) -> None:
     block[index * w:(index + 1) * w] = value.to_bytes(w, "big")
 
 
-def refblock_array(q: Qcow2File, offset: int) -> np.ndarray:
-    """A whole refcount block as a numpy array (bulk walks, not lookups): the spec schema
-    (spec.tables.refcount_block) takes ~0.1 s per 64 KiB block, which made every map()
-    call slow (tests/test_model_tables.py checks both readings agree)."""
-    bits = q.geometry.refcount_bits
-    data = np.frombuffer(q.pread(offset, q.cluster_size), dtype=np.uint8)
+def decode_refblock(data: bytes, bits: int) -> np.ndarray:
+    """The entries of a refcount block, decoded with numpy: the spec schema
+    (spec.tables.refcount_block) takes ~0.1 s per 64 KiB block, which made every map() call
+    slow (tests/test_model_tables.py checks both readings agree)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
     if bits >= 8:
-        return data.view(f">u{bits // 8}")
+        return raw.view(f">u{bits // 8}")
     per = 8 // bits
     # Sub-byte entries are packed from the least significant bit (refcount_get).
     shifts = np.arange(per, dtype=np.uint8) * bits
-    return ((data[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
-
-
-def read_refblock(q: Qcow2File, offset: int) -> list[int]:
-    values: list[int] = refblock_array(q, offset).tolist()
-    return values
+    return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
 
 
 def encode_refblock(values: list[int], bits: int) -> bytes:
-    """The bytes of a refcount block holding ``values`` (which must fit ``bits``)."""
+    """The inverse of decode_refblock (values must fit ``bits``)."""
     if bits >= 8:
         return np.asarray(values, dtype=np.uint64).astype(f">u{bits // 8}").tobytes()
     per = 8 // bits
@@ -106,8 +100,12 @@ def encode_refblock(values: list[int], bits: int) -> bytes:
     return packed.tobytes()
 
 
+def refblock_array(q: Qcow2File, offset: int) -> np.ndarray:
+    """The whole refcount block at ``offset`` (bulk walks, not lookups)."""
+    return decode_refblock(q.pread(offset, q.cluster_size), q.geometry.refcount_bits)
+
+
 def write_refblock(q: Qcow2File, offset: int, values: list[int]) -> None:
-    """The inverse of read_refblock."""
     q.pwrite(offset, encode_refblock(values, q.geometry.refcount_bits))
 
 

@@ -4,22 +4,19 @@
 from __future__ import annotations
 
 import random
-from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 import model
 from model import mapping as mp
 from model import refcounts as rc
-from model.qfile import Qcow2File
 from spec.geometry import Geometry
 from spec.tables import l1_table, l2_table, refcount_block, refcount_table
 
 
 @pytest.mark.parametrize("order", range(7))
-def test_refcount_entries_agree_with_the_schema(tmp_path: Path, order: int) -> None:
+def test_refcount_entries_agree_with_the_schema(order: int) -> None:
     g = Geometry(9, False, order)
     rng = random.Random(order)
     data = bytes(rng.getrandbits(8) for _ in range(g.cluster_size))
@@ -30,16 +27,8 @@ def test_refcount_entries_agree_with_the_schema(tmp_path: Path, order: int) -> N
         rc.refcount_set(rebuilt, i, g.refcount_bits, v)
     assert bytes(rebuilt) == refcount_block(g).build(values) == data
     # The bulk codecs (numpy) agree too.
-    path = tmp_path / "blk"
-    path.write_bytes(bytes(g.cluster_size) + data)
-    q = SimpleNamespace(geometry=g, cluster_size=g.cluster_size, readonly=False, f=path.open("r+b"))
-    q.pread, q.pwrite = partial(Qcow2File.pread, q), partial(Qcow2File.pwrite, q)
-    try:
-        assert rc.read_refblock(q, g.cluster_size) == values  # type: ignore[arg-type]
-        rc.write_refblock(q, 0, values)  # type: ignore[arg-type]
-    finally:
-        q.f.close()
-    assert path.read_bytes()[:g.cluster_size] == data
+    assert rc.decode_refblock(data, g.refcount_bits).tolist() == values
+    assert rc.encode_refblock(values, g.refcount_bits) == data
 
 
 @pytest.mark.parametrize("extended", [False, True])
@@ -61,7 +50,7 @@ def test_l1_l2_and_reftable_decoding_agree_with_the_schema(tmp_path: Path, exten
             expect = [(int(x.l2_entry), int(x.l2_bitmap)) if extended else (int(x), 0) for x in parsed]
             assert mp.read_l2(q, off) == expect
             assert [mp.read_l2_entry(q, off, i) for i in range(len(expect))] == expect
-            mp.write_l2(q, off, expect)  # writing back what was read changes nothing
+            mp.write_l2(q, off, mp.read_l2(q, off))  # writing back what was read changes nothing
             assert l2_table(q.geometry).parse(q.pread(off, q.cluster_size)) == parsed
         n = q.header.refcount_table_clusters * q.cluster_size // 8
         raw_rt = q.pread(q.header.refcount_table_offset, n * 8)
