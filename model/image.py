@@ -52,7 +52,8 @@ many bytes of new data lie between them."""
 IMPL_OPTIONS = frozenset({"l2_cache_size", "l2_cache_entry_size", "refcount_cache_size",
                           "cache_clean_interval", "overlap_check", "cache"})
 """Options of the impl's open (DESIGN.md). The model has no caches: it accepts them so that
-one call works for both packages, and ignores them."""
+one call works for both packages, and ignores them, except ``cache="unsafe"``: as qemu-io's
+``-t unsafe`` (BDRV_O_NO_FLUSH), flush then skips the fsync (block/io.c bdrv_co_flush)."""
 
 
 def open(path: str | os.PathLike[str], *, readonly: bool = False,
@@ -117,8 +118,8 @@ def _validate_options(options: dict[str, Any]) -> None:
         v = options.get(name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             raise RequestError(f"{name} must be a non-negative integer")
-    if options.get("cache", "writeback") not in ("writeback", "none"):
-        raise RequestError("cache must be 'writeback' or 'none'")
+    if options.get("cache", "writeback") not in ("writeback", "none", "unsafe"):
+        raise RequestError("cache must be 'writeback', 'none' or 'unsafe'")
     if options.get("overlap_check", "cached") not in ("none", "constant", "cached", "all"):
         raise RequestError("overlap_check must be one of none, constant, cached, all")
 
@@ -132,10 +133,12 @@ def _open(path: str, *, readonly: bool, snapshot: str | None, depth: int,
         raise FormatError("backing chain too deep (a loop?)", "backing_file")
     img = open_image(path)
     try:
-        return _open_image(img, path, readonly=readonly, snapshot=snapshot, depth=depth, lock=lock)
+        image = _open_image(img, path, readonly=readonly, snapshot=snapshot, depth=depth, lock=lock)
     except BaseException:
         img.close()
         raise
+    image.no_flush = options.get("cache") == "unsafe"
+    return image
 
 
 def _open_image(img: ImageFile, path: str, *, readonly: bool, snapshot: str | None,
@@ -234,6 +237,8 @@ class Image:
         """(l1_table_offset, l1_size) when open(snapshot=...) redirected reads."""
         self.locks: list[ImageLock] = []
         """QEMU's locks on the image file (and the data file); released by close()."""
+        self.no_flush = False
+        """``cache="unsafe"``: flush does not fsync (BDRV_O_NO_FLUSH)."""
 
     # --- plumbing -------------------------------------------------------------------------
     def __enter__(self) -> Image:
@@ -1011,11 +1016,12 @@ class Image:
 
     # --- flush / close -----------------------------------------------------------------------
     def flush(self) -> None:
-        """Every update is already in the file (no caches); flush makes it durable.
+        """Every update is already in the file (no caches); flush makes it durable, unless
+        the image was opened with ``cache="unsafe"``.
 
         Raises RequestError (closed), CorruptionError (host I/O error)."""
         self._usable()
-        if not self.readonly:
+        if not self.readonly and not self.no_flush:
             try:
                 os.fsync(self.q.f.fileno())
             except OSError as e:

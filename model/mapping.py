@@ -70,6 +70,14 @@ class L2Table:
         else:
             struct.pack_into(">Q", self.raw, 8 * i, pair[0])
 
+    def pairs(self, start: int, count: int) -> list[L2Pair]:
+        """Entries ``start`` .. ``start+count-1`` (clipped to the table), decoded at once."""
+        count = max(0, min(count, len(self) - start))
+        words = struct.unpack_from(f">{count * self.width // 8}Q", self.raw, start * self.width)
+        if self.extended_l2:
+            return list(zip(words[0::2], words[1::2], strict=True))
+        return [(w, 0) for w in words]
+
     def __iter__(self) -> Iterator[L2Pair]:
         words = struct.unpack(f">{len(self.raw) // 8}Q", self.raw)
         if self.extended_l2:

@@ -73,41 +73,40 @@ def qcow2_layer_status(img: Image, offset: int, n: int, want_zero: bool = True) 
         t = SubclusterType.UNALLOCATED_PLAIN
         covered = needed
     else:
-        table = mp.read_l2(q, l2off)
         idx = g.l2_index(offset)
         sc0 = g.subcluster_index(offset)
-
-        def sct(i: int, sc: int) -> SubclusterType:
-            e, b = table[idx + i]
-            return subcluster_type(e, b, sc, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
-
-        e0 = table[idx][0]
-        t = sct(0, sc0)
+        ext, dfile = q.extended_l2, q.has_data_file
+        # Only the entries the answer can span are decoded (at most to the table's end).
+        entries = mp.read_l2(q, l2off).pairs(idx, max(1, g.size_to_clusters(needed)))
+        e0, b0 = entries[0]
+        t = subcluster_type(e0, b0, sc0, extended_l2=ext, has_data_file=dfile)
         if t is SubclusterType.INVALID:
             from spec.errors import CorruptionError
 
             raise CorruptionError(f"invalid cluster entry {e0:#x} (guest {offset:#x})")
-        if t in _WITH_OFFSET:
+        with_offset = t in _WITH_OFFSET
+        if with_offset:
             hc = e0 & L2E_OFFSET_MASK
             if hc % cs:
                 from spec.errors import CorruptionError
 
                 raise CorruptionError(f"cluster allocation offset {hc:#x} unaligned")
             host = hc + start_in_cluster
-        nb_clusters = 1 if t is SubclusterType.COMPRESSED else g.size_to_clusters(needed)
+        if t is SubclusterType.COMPRESSED:
+            entries = entries[:1]
         count = 0
         expected = e0 & L2E_OFFSET_MASK
-        done = False
-        for i in range(nb_clusters):
-            e = table[idx + i][0]
-            if t in _WITH_OFFSET and (e & L2E_OFFSET_MASK) != expected:
+        per_cluster = g.subclusters_per_cluster
+        for i, (e, b) in enumerate(entries):
+            if with_offset and (e & L2E_OFFSET_MASK) != expected:
                 break
-            for sc in range(sc0 if i == 0 else 0, g.subclusters_per_cluster):
-                if sct(i, sc) is not t:
-                    done = True
-                    break
-                count += 1
-            if done:
+            first = sc0 if i == 0 else 0
+            same = first
+            while same < per_cluster and subcluster_type(e, b, same, extended_l2=ext,
+                                                         has_data_file=dfile) is t:
+                same += 1
+            count += same - first
+            if same < per_cluster:
                 break
             expected += cs
         covered = min((count + sc0) * scs, needed)
@@ -181,6 +180,11 @@ def detect_metadata_preallocation(img: Image) -> bool:
     real_clusters = st.st_blocks * 512 // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = -(-st.st_size // cs)
+    if end_cluster < threshold:
+        # Only clusters below the end of the file are counted, so the count cannot reach
+        # the threshold: the common case of a file without holes, decided without reading
+        # a single refcount block.
+        return False
     entries = q.geometry.refcount_block_entries
     table = rc.read_reftable(q)
     count = 0

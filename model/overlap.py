@@ -53,7 +53,12 @@ def check_data_write(q: Qcow2File, offset: int, n: int) -> None:
     for name, start, length in _ranges(q):
         if length > 0 and start < hi and lo < start + length:
             raise CorruptionError(f"preventing invalid write on metadata (overlaps with {name})")
+    # A table occupies one cluster from its offset, so it overlaps when lo - cs < start < hi.
+    # As one unsigned comparison: start - first < hi - first, with first = lo - cs + 1. The
+    # header check above leaves lo >= cs, so first >= 1 and a zero entry ("no table") can
+    # never match.
+    first = np.uint64(lo - cs + 1)
+    span = np.uint64(hi) - first
     for name, starts in _cluster_tables(q):
-        # A zero entry means "no table"; a table occupies one cluster from its offset.
-        if np.any((starts != 0) & (starts < hi) & (starts + np.uint64(cs) > lo)):
+        if np.any(starts - first < span):
             raise CorruptionError(f"preventing invalid write on metadata (overlaps with {name})")

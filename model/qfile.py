@@ -58,8 +58,15 @@ class Qcow2File(hd.HeaderViews):
         self.data_f = data_f
         self.free_cluster_index = 0
         self.free_byte_offset = 0
+        # No operation changes the data-file bit, and every lookup asks for it: it is read
+        # from the header once instead of on each call (HeaderViews decodes it each time).
+        self._has_data_file = img.has_data_file
 
     # --- header views: spec.header.HeaderViews, plus what only a writer needs -------------
+    @property
+    def has_data_file(self) -> bool:
+        return self._has_data_file
+
     @property
     def refcount_max(self) -> int:
         return (1 << self.geometry.refcount_bits) - 1

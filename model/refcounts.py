@@ -286,11 +286,11 @@ def _refblock_for_update(q: Qcow2File, cluster_index: int, *, allocate: bool) ->
     """The refcount block covering ``cluster_index``, allocating it if ``allocate``
     (alloc_refcount_block). Raises _Again after hooking up a new block."""
     g = q.geometry
-    table = read_reftable(q)
     rt_index = cluster_index // g.refcount_block_entries
-    block = _refblock_offset(q, table, rt_index)
+    block = _refblock_offset(q, None, rt_index)
     if block or not allocate:
         return block
+    table = read_reftable(q)
     new_block = _alloc_noref(q, 1)
     if new_block == 0:
         raise CorruptionError("preventing invalid allocation of a refcount block at offset 0")

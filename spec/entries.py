@@ -93,6 +93,16 @@ def cluster_type(l2_entry: int, *, extended_l2: bool, has_data_file: bool = Fals
     return ClusterType.NORMAL
 
 
+_SUBCLUSTER_OF_CLUSTER = {
+    ClusterType.COMPRESSED: SubclusterType.COMPRESSED,
+    ClusterType.ZERO_PLAIN: SubclusterType.ZERO_PLAIN,
+    ClusterType.ZERO_ALLOC: SubclusterType.ZERO_ALLOC,
+    ClusterType.NORMAL: SubclusterType.NORMAL,
+    ClusterType.UNALLOCATED: SubclusterType.UNALLOCATED_PLAIN,
+}
+"""Without extended L2 the one subcluster has its cluster's type."""
+
+
 def subcluster_type(
     l2_entry: int, l2_bitmap: int, sc_index: int, *, extended_l2: bool, has_data_file: bool = False
 ) -> SubclusterType:
@@ -103,13 +113,7 @@ def subcluster_type(
     """
     ctype = cluster_type(l2_entry, extended_l2=extended_l2, has_data_file=has_data_file)
     if not extended_l2:
-        return {
-            ClusterType.COMPRESSED: SubclusterType.COMPRESSED,
-            ClusterType.ZERO_PLAIN: SubclusterType.ZERO_PLAIN,
-            ClusterType.ZERO_ALLOC: SubclusterType.ZERO_ALLOC,
-            ClusterType.NORMAL: SubclusterType.NORMAL,
-            ClusterType.UNALLOCATED: SubclusterType.UNALLOCATED_PLAIN,
-        }[ctype]
+        return _SUBCLUSTER_OF_CLUSTER[ctype]
     if ctype is ClusterType.COMPRESSED:
         return SubclusterType.COMPRESSED
     if ctype is ClusterType.NORMAL:

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spec.limits import QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER
 
@@ -33,53 +33,43 @@ class Geometry:
     ``l2_entries = cluster_size / l2_entry_size``; with extended L2 an entry is 16 bytes and
     a cluster has 32 subclusters (qcow2.rst "Extended L2 Entries"). Without it, a cluster is
     its own single subcluster, which lets callers treat both layouts alike.
+
+    The derived sizes are computed once, in ``__post_init__``: every guest request asks for
+    several of them, and the model and the difftest step millions of requests.
     """
 
     cluster_bits: int
     extended_l2: bool = False
     refcount_order: int = 4
+    cluster_size: int = field(init=False, repr=False, compare=False)
+    l2_entry_size: int = field(init=False, repr=False, compare=False)
+    l2_bits: int = field(init=False, repr=False, compare=False)
+    l2_entries: int = field(init=False, repr=False, compare=False)
+    subclusters_per_cluster: int = field(init=False, repr=False, compare=False)
+    subcluster_bits: int = field(init=False, repr=False, compare=False)
+    subcluster_size: int = field(init=False, repr=False, compare=False)
+    refcount_bits: int = field(init=False, repr=False, compare=False)
+    refcount_block_entries: int = field(init=False, repr=False, compare=False)
+    """Refcounts per refcount block: cluster_size * 8 / refcount_bits."""
+    l2_coverage: int = field(init=False, repr=False, compare=False)
+    """Guest bytes mapped by one L2 table."""
 
-    @property
-    def cluster_size(self) -> int:
-        return 1 << self.cluster_bits
-
-    @property
-    def l2_entry_size(self) -> int:
-        return L2E_SIZE_EXTENDED if self.extended_l2 else L2E_SIZE_NORMAL
-
-    @property
-    def l2_bits(self) -> int:
-        return self.cluster_bits - (4 if self.extended_l2 else 3)
-
-    @property
-    def l2_entries(self) -> int:
-        return 1 << self.l2_bits
-
-    @property
-    def subclusters_per_cluster(self) -> int:
-        return QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER if self.extended_l2 else 1
-
-    @property
-    def subcluster_bits(self) -> int:
-        return self.cluster_bits - (5 if self.extended_l2 else 0)
-
-    @property
-    def subcluster_size(self) -> int:
-        return 1 << self.subcluster_bits
-
-    @property
-    def refcount_bits(self) -> int:
-        return 1 << self.refcount_order
-
-    @property
-    def refcount_block_entries(self) -> int:
-        """Refcounts per refcount block: cluster_size * 8 / refcount_bits."""
-        return (self.cluster_size * 8) >> self.refcount_order
-
-    @property
-    def l2_coverage(self) -> int:
-        """Guest bytes mapped by one L2 table."""
-        return self.cluster_size * self.l2_entries
+    def __post_init__(self) -> None:
+        ext = self.extended_l2
+        derived = {
+            "cluster_size": 1 << self.cluster_bits,
+            "l2_entry_size": L2E_SIZE_EXTENDED if ext else L2E_SIZE_NORMAL,
+            "l2_bits": self.cluster_bits - (4 if ext else 3),
+            "subclusters_per_cluster": QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER if ext else 1,
+            "subcluster_bits": self.cluster_bits - (5 if ext else 0),
+            "refcount_bits": 1 << self.refcount_order,
+            "refcount_block_entries": (8 << self.cluster_bits) >> self.refcount_order,
+        }
+        derived["l2_entries"] = 1 << derived["l2_bits"]
+        derived["subcluster_size"] = 1 << derived["subcluster_bits"]
+        derived["l2_coverage"] = derived["cluster_size"] * derived["l2_entries"]
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)  # a frozen dataclass's own set-up
 
     def l1_index(self, guest_offset: int) -> int:
         return guest_offset >> (self.cluster_bits + self.l2_bits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -1011,3 +1012,54 @@ def test_clusters_a_write_replaces_are_freed_after_the_whole_request_like_qemu(t
         img.write_compressed(11 * mb2, b"\x33" * 512)
     assert m.read_bytes() == q.read_bytes()
     assert _clean(m)
+
+
+@pytest.mark.parametrize(("cache", "fsyncs"), [("writeback", 1), ("none", 1), ("unsafe", 0)])
+def test_flush_fsyncs_unless_cache_unsafe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          cache: str, fsyncs: int) -> None:
+    """cache="unsafe" is qemu-io -t unsafe (BDRV_O_NO_FLUSH): the difftest runs every target
+    in it, so the model's flush must then skip the fsync, and only then."""
+    path = tmp_path / "f.qcow2"
+    model.create(path, MiB)
+    calls: list[int] = []
+    monkeypatch.setattr(os, "fsync", calls.append)
+    with model.open(path, cache=cache) as img:
+        img.write(0, b"x" * 512)
+        img.flush()
+    assert len(calls) == fsyncs
+    with model.open(path, readonly=True) as img:
+        assert img.read(0, 512) == b"x" * 512
+
+
+@pytest.mark.parametrize("victim", ["l1", "reftable", "refblock", "l2"])
+def test_a_data_write_onto_metadata_is_refused_like_qemu(tmp_path: Path, victim: str) -> None:
+    """An L2 entry pointing a COPIED data cluster at metadata: the in-place write must be
+    refused and the image flagged corrupt (qcow2_pre_write_overlap_check, mode "cached"),
+    in the model as in QEMU, and the metadata left as it was."""
+    path = tmp_path / "o.qcow2"
+    model.create(path, MiB, cluster_size=4096)
+    with model.open(path) as img:
+        img.write(0, b"a" * 4096)
+    hv = open_image(path)
+    h, hl = hv.header, hv.header_length
+    l1_entry = int.from_bytes(path.read_bytes()[h.l1_table_offset:h.l1_table_offset + 8], "big")
+    l2 = l1_entry & L2E_OFFSET_MASK
+    refblock = int.from_bytes(path.read_bytes()[h.refcount_table_offset:h.refcount_table_offset + 8], "big")
+    # (The header cannot be a victim: host offset 0 in an L2 entry means "unallocated".)
+    at = {"l1": h.l1_table_offset, "reftable": h.refcount_table_offset,
+          "refblock": refblock, "l2": l2}[victim]
+    with path.open("r+b") as f:
+        f.seek(l2)
+        f.write((at | (1 << 63)).to_bytes(8, "big"))
+    q = tmp_path / "q.qcow2"
+    shutil.copy(path, q)
+    before = path.read_bytes()
+    with model.open(path) as img, pytest.raises(CorruptionError, match="overlaps with"):
+        img.write(512, b"b" * 512)
+    after = path.read_bytes()
+    assert after[:hl] != before[:hl]  # the corrupt bit, nothing else
+    assert after[hl:] == before[hl:]
+    assert open_image(path).incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT
+    with pytest.raises(subprocess.CalledProcessError):
+        qemu_io(q, "write -P 98 512 512")
+    assert open_image(q).incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT
