@@ -86,16 +86,21 @@ def _run(argv: list[str], cwd: Path) -> None:
 
 
 class ModuleTarget:
-    """An in-process target. It opens its image with ``cache="unsafe"``, the cache mode the
-    qemu target runs qemu-io in (see qemuio.py), so a flush costs no fsync on either side."""
+    """An in-process target: a module (or object) with the interface's create() and open().
+    ``open_options`` go to every read-write open; the model and the impl get
+    ``cache="unsafe"``, the cache mode the qemu target runs qemu-io in (see qemuio.py), so a
+    flush costs no fsync on either side. External adapters get none (their open() need not
+    take options)."""
 
     in_process = True
 
-    def __init__(self, name: str, module: ModuleType | Any, root: Path) -> None:
+    def __init__(self, name: str, module: ModuleType | Any, root: Path,
+                 open_options: dict[str, Any] | None = None) -> None:
         self.name = name
         self.module = module
         self.dir = root / name
         self.image: Any = None
+        self.open_options = open_options or {}
 
     @property
     def path(self) -> Path:
@@ -103,11 +108,11 @@ class ModuleTarget:
 
     def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None:
         self.module.create(str(self.path), cfg.size, **_create_args(cfg, backing, self.dir))
-        self.image = self.module.open(str(self.path), cache="unsafe")
+        self.image = self.module.open(str(self.path), **self.open_options)
 
     def reopen(self) -> None:
         self.image.close()
-        self.image = self.module.open(str(self.path), cache="unsafe")
+        self.image = self.module.open(str(self.path), **self.open_options)
 
     def close(self) -> None:
         if self.image is not None:
@@ -257,7 +262,7 @@ def make_target(spec: str, root: Path) -> Target:
     base = spec.rstrip("0123456789")
     if base in ("model", "impl"):
         # "model2" is a second, independent instance of the model (for self-checks).
-        return ModuleTarget(spec, importlib.import_module(base), root)
+        return ModuleTarget(spec, importlib.import_module(base), root, {"cache": "unsafe"})
     if spec.startswith("qemu"):
         if not qemuio.available():
             raise RequestError("qemu-io/qemu-img are not installed")

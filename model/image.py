@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 from model import backing as bk
 from model import compress as cz
 from model import mapping as mp
+from model import mapping_report as mr
 from model import overlap as ov
 from model import refcounts as rc
 from model.qfile import Qcow2File
@@ -776,8 +777,6 @@ class Image:
         zeros of different kinds (an unallocated hole of the backing file, then zeros past
         a short backing file's end): one answer may stop short of the range."""
         n = min(n, self.size - offset)
-        from model import mapping_report as mr
-
         while n > 0:
             flags, pnum = mr.status_above(self, offset, n)
             if not flags & bk.BDRV_BLOCK_ZERO or pnum <= 0:
@@ -794,8 +793,6 @@ class Image:
         copied; and a raw backing file answers DATA, holes included."""
         if n <= 0:
             return True
-        from model import mapping_report as mr
-
         flags, pnum = mr.status_above(self, offset, n, want_zero=False)
         return pnum == n and bool(flags & bk.BDRV_BLOCK_ZERO)
 
@@ -1056,8 +1053,6 @@ class Image:
     def map(self, offset: int = 0, n: int | None = None) -> list[dict[str, Any]]:
         """Extents of [offset, offset+n) as ``qemu-img map --output=json`` lists them.
         See model/mapping_report.py. Raises RequestError (range, closed), CorruptionError."""
-        from model import mapping_report as mr
-
         self._usable()
         n = self.size - offset if n is None else n
         self._range(offset, n)
@@ -1066,8 +1061,6 @@ class Image:
     def layer_status(self, offset: int, n: int, want_zero: bool = True) -> bk.Status:
         """This image's own block status at ``offset`` (qcow2_co_block_status plus the
         generic part of bdrv_co_block_status). See model/mapping_report.py."""
-        from model import mapping_report as mr
-
         return mr.qcow2_layer_status(self, offset, n, want_zero)
 
     def info(self) -> dict[str, Any]:

@@ -50,12 +50,13 @@ class L2Table:
         self.raw = bytearray(data)
         self.extended_l2 = extended_l2
         self.width = 16 if extended_l2 else 8
+        self.count = len(data) // self.width
 
     def __len__(self) -> int:
-        return len(self.raw) // self.width
+        return self.count
 
     def __getitem__(self, i: int) -> L2Pair:
-        if not 0 <= i < len(self):
+        if not 0 <= i < self.count:
             raise IndexError(i)
         if self.extended_l2:
             entry, bitmap = struct.unpack_from(">QQ", self.raw, 16 * i)
@@ -63,7 +64,7 @@ class L2Table:
         return struct.unpack_from(">Q", self.raw, 8 * i)[0], 0
 
     def __setitem__(self, i: int, pair: L2Pair) -> None:
-        if not 0 <= i < len(self):
+        if not 0 <= i < self.count:
             raise IndexError(i)
         if self.extended_l2:
             struct.pack_into(">QQ", self.raw, 16 * i, *pair)
@@ -118,7 +119,11 @@ def l2_offset(q: Qcow2File, l1_entry: int, l1_index: int) -> int:
 def read_l1_entry(q: Qcow2File, index: int, l1: tuple[int, int] | None = None) -> int:
     """One entry of the L1 table at ``l1`` = (offset, size), the active one by default;
     0 past its end. Only the entry is read: an L1 table can be 32 MiB."""
-    off, size = (int(q.header.l1_table_offset), int(q.header.l1_size)) if l1 is None else l1
+    if l1 is None:
+        h = q.header
+        off, size = h.l1_table_offset, h.l1_size
+    else:
+        off, size = l1
     if index >= size:
         return 0
     return int.from_bytes(q.pread(off + 8 * index, 8), "big")

@@ -34,14 +34,17 @@ def _ranges(q: Qcow2File) -> list[tuple[str, int, int]]:
     return out
 
 
+_L1E_MASK = np.uint64(L1E_OFFSET_MASK)
+_REFT_MASK = np.uint64(REFT_OFFSET_MASK)
+
+
 def _cluster_tables(q: Qcow2File) -> list[tuple[str, np.ndarray]]:
     """Offsets of the one-cluster tables the L1 table and the refcount table point at, read
     in bulk with numpy (these tables have up to millions of entries)."""
     l1 = np.frombuffer(q.pread(int(q.header.l1_table_offset), int(q.header.l1_size) * 8), dtype=">u8")
     reftable = np.frombuffer(q.pread(int(q.header.refcount_table_offset),
                                      int(q.header.refcount_table_clusters) * q.cluster_size), dtype=">u8")
-    return [("active L2 table", l1 & np.uint64(L1E_OFFSET_MASK)),
-            ("refcount block", reftable & np.uint64(REFT_OFFSET_MASK))]
+    return [("active L2 table", l1 & _L1E_MASK), ("refcount block", reftable & _REFT_MASK)]
 
 
 def check_data_write(q: Qcow2File, offset: int, n: int) -> None:
@@ -58,7 +61,7 @@ def check_data_write(q: Qcow2File, offset: int, n: int) -> None:
     # header check above leaves lo >= cs, so first >= 1 and a zero entry ("no table") can
     # never match.
     first = np.uint64(lo - cs + 1)
-    span = np.uint64(hi) - first
+    span = np.uint64(hi - (lo - cs + 1))
     for name, starts in _cluster_tables(q):
-        if np.any(starts - first < span):
+        if (starts - first < span).any():
             raise CorruptionError(f"preventing invalid write on metadata (overlaps with {name})")

@@ -81,7 +81,7 @@ class Qcow2File(hd.HeaderViews):
             data = os.pread((f or self.f).fileno(), n, offset)
         except (OSError, OverflowError) as e:
             raise CorruptionError(f"host read of {n} bytes at {offset} failed: {e}") from None
-        return data + bytes(n - len(data))
+        return data if len(data) == n else data + bytes(n - len(data))
 
     def pwrite(self, offset: int, data: bytes, f: BinaryIO | None = None) -> None:
         if self.readonly:

@@ -112,11 +112,11 @@ def write_refblock(q: Qcow2File, offset: int, values: list[int]) -> None:
 def _refblock_offset(q: Qcow2File, table: list[int] | None, rt_index: int) -> int:
     """The refcount block for reftable index ``rt_index``; 0 if there is none. Without
     ``table`` only that entry is read from the file (a refcount table can be 8 MiB)."""
-    n = int(q.header.refcount_table_clusters) * q.cluster_size // 8
-    if rt_index >= n:
+    h = q.header
+    if rt_index >= h.refcount_table_clusters * q.cluster_size // 8:
         return 0
     if table is None:
-        entry = int.from_bytes(q.pread(int(q.header.refcount_table_offset) + 8 * rt_index, 8), "big")
+        entry = int.from_bytes(q.pread(h.refcount_table_offset + 8 * rt_index, 8), "big")
     else:
         entry = table[rt_index]
     off = entry & REFT_OFFSET_MASK
@@ -220,12 +220,20 @@ def free_clusters(q: Qcow2File, offset: int, length: int, *, discard: bool = Fal
 # --- allocation ------------------------------------------------------------------------------
 
 def _alloc_noref(q: Qcow2File, n: int) -> int:
-    """n contiguous clusters with refcount 0, scanning from the cursor (alloc_clusters_noref)."""
+    """n contiguous clusters with refcount 0, scanning from the cursor (alloc_clusters_noref).
+    Nothing changes during the scan, so each refcount block it crosses is read once."""
     found = 0
+    per_block = q.geometry.refcount_block_entries
+    bits = q.geometry.refcount_bits
     while found < n:
         idx = q.free_cluster_index
-        q.free_cluster_index += 1
-        found = found + 1 if get_refcount(q, idx) == 0 else 0
+        block = _refblock_offset(q, None, idx // per_block)
+        data = q.pread(block, q.cluster_size) if block else b""
+        for i in range(idx % per_block, per_block):
+            q.free_cluster_index += 1
+            found = found + 1 if not data or refcount_get(data, i, bits) == 0 else 0
+            if found == n:
+                break
     return (q.free_cluster_index - n) * q.cluster_size
 
 

@@ -113,6 +113,12 @@ def subcluster_type(
     """
     ctype = cluster_type(l2_entry, extended_l2=extended_l2, has_data_file=has_data_file)
     if not extended_l2:
+        # The two common answers first: an Enum's hash is computed in Python, so a dict
+        # lookup costs more than these comparisons (this runs for every cluster touched).
+        if ctype is ClusterType.NORMAL:
+            return SubclusterType.NORMAL
+        if ctype is ClusterType.UNALLOCATED:
+            return SubclusterType.UNALLOCATED_PLAIN
         return _SUBCLUSTER_OF_CLUSTER[ctype]
     if ctype is ClusterType.COMPRESSED:
         return SubclusterType.COMPRESSED
