@@ -169,3 +169,16 @@ def configs(draw: st.DrawFn, overrides: dict[str, Any] | None = None) -> Config:
                  data_file_raw=bool(data_file_raw), size=int(size))
     cfg.validate()
     return cfg
+
+
+def edge_points(cfg: Config, size: int) -> list[int]:
+    """The guest offsets where qcow2 implementations go wrong, for an image of ``size``
+    bytes: subcluster, cluster, L2-slice and L1 boundaries, the middle and the end, and the
+    end of the backing file. The state machine draws offsets near them, and the backing
+    file's pattern covers them (difftest/targets.py)."""
+    g = cfg.geometry
+    c = cfg.cluster_size
+    slice_reach = (4096 // g.l2_entry_size) * c  # QEMU's default 4 KiB L2 cache slice
+    pts = {0, size, g.subcluster_size, 2 * g.subcluster_size + c, c, 2 * c, 3 * c, slice_reach,
+           g.l2_coverage, 2 * g.l2_coverage, size - c, size // 2 // c * c, cfg.backing_bytes}
+    return sorted(p for p in pts if 0 <= p <= size)

@@ -27,6 +27,7 @@ from difftest.config import Config
 from difftest.targets import (
     Target,
     build_backing,
+    cached_backing,
     copy_backing,
     in_separate_process,
     make_target,
@@ -102,7 +103,7 @@ def _layer_runs(image: Any, off: int, n: int) -> list[dict[str, Any]]:
 
 class Lockstep:
     def __init__(self, root: Path | str, cfg: Config, targets: list[str],
-                 readers: list[str] | tuple[str, ...] = ()) -> None:
+                 readers: list[str] | tuple[str, ...] = (), backing_cache: Path | None = None) -> None:
         self.root = Path(root)
         self.readers = list(readers)
         """Read-only adapters (difftest/adapters) that read every file at ``finish``."""
@@ -118,8 +119,12 @@ class Lockstep:
         _unless_oracle_corrupt); nothing is compared after that."""
         self.root.mkdir(parents=True, exist_ok=True)
         backing_dir = self.root / "backing"
-        backing_dir.mkdir(exist_ok=True)
-        backing = build_backing(cfg, backing_dir) if cfg.backing != "none" else None
+        backing: tuple[str, str] | None = None
+        if cfg.backing != "none" and backing_cache is not None:
+            backing_dir, backing = cached_backing(cfg, backing_cache)
+        elif cfg.backing != "none":
+            backing_dir.mkdir(exist_ok=True)
+            backing = build_backing(cfg, backing_dir)
         for spec in targets:
             t = make_target(spec, self.root)
             t.dir.mkdir(parents=True, exist_ok=True)

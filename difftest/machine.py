@@ -24,7 +24,7 @@ from hypothesis import note
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from difftest.config import Config, configs
+from difftest.config import Config, configs, edge_points
 from difftest.lockstep import Divergence, Lockstep
 
 Draw = Callable[..., Any]
@@ -51,15 +51,6 @@ class Hooks:
     on_divergence: Callable[[Divergence, Lockstep], None] | None = None
     finish: bool = True
     """Run the teardown checks (qemu-img check, rules, cross-reads) after every example."""
-
-
-def edge_points(cfg: Config, size: int) -> list[int]:
-    g = cfg.geometry
-    c = cfg.cluster_size
-    slice_reach = (4096 // g.l2_entry_size) * c  # QEMU's default 4 KiB L2 cache slice
-    pts = {0, size, g.subcluster_size, 2 * g.subcluster_size + c, c, 2 * c, 3 * c, slice_reach,
-           g.l2_coverage, 2 * g.l2_coverage, size - c, size // 2 // c * c, cfg.backing_bytes}
-    return sorted(p for p in pts if 0 <= p <= size)
 
 
 def offsets(draw: Draw, cfg: Config, size: int) -> int:
@@ -101,6 +92,11 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
     if hooks.store is None and hooks.repro_dir is not None:
         from difftest.repro import ReproStore
         hooks.store = ReproStore(hooks.repro_dir)
+    if hooks.workdir is not None:
+        hooks.workdir.mkdir(parents=True, exist_ok=True)
+    # Backing chains built once per distinct chain for the life of this machine class (one
+    # shard); removed when the class is collected or at exit.
+    backing_cache = tempfile.TemporaryDirectory(prefix="difftest-backing-", dir=hooks.workdir)
 
     class DiffMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
@@ -152,14 +148,12 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
         @initialize(cfg=cfg_strategy)
         def setup(self, cfg: Config) -> None:
             note(f"config: {cfg!r}")
-            base = hooks.workdir
-            if base is not None:
-                base.mkdir(parents=True, exist_ok=True)
-            self._tmp = tempfile.TemporaryDirectory(prefix="difftest-", dir=base)
+            self._tmp = tempfile.TemporaryDirectory(prefix="difftest-", dir=hooks.workdir)
             if hooks.on_example:
                 hooks.on_example(cfg)
             try:
-                self.ls = Lockstep(Path(self._tmp.name), cfg, hooks.targets, hooks.readers)
+                self.ls = Lockstep(Path(self._tmp.name), cfg, hooks.targets, hooks.readers,
+                                   backing_cache=Path(backing_cache.name))
             except Divergence as d:
                 self.failed = True
                 if hooks.store is not None:

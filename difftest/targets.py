@@ -16,18 +16,20 @@ target's top image names a backing file by the same relative name.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import os
 import random
 import shlex
-import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
 from difftest import qemuio
-from difftest.config import Config
+from difftest.config import Config, edge_points
 from spec.errors import Qcow2Error, RequestError
 
 TOP = "top.qcow2"
@@ -177,19 +179,49 @@ def in_separate_process(t: Target, fn: Callable[[Target], Any]) -> Any:
 BACKING_PATTERNS = (0xB1, 0xC2)
 
 
+FULL_PATTERN_MAX = 32 << 20
+"""Backing layers up to this size carry the pattern everywhere; larger ones (up to 1 GiB,
+where an L1 boundary lies inside the image) carry it around every edge point, since writing
+and copying the whole layer took seconds per example and most offsets are drawn near those
+points (difftest/machine.py, ``offsets``)."""
+
+
+def pattern_spans(cfg: Config, size: int, also: tuple[int, ...] = ()) -> list[tuple[int, int]]:
+    """(offset, length) pieces of [0, size) that get the backing pattern, sector-aligned."""
+    if size <= FULL_PATTERN_MAX:
+        return [(0, size)]
+    # A drawn request starts at most a sector below an edge point and is at most 4 clusters
+    # long (difftest/machine.py, offsets and lengths); the margins are generous on purpose.
+    below, above = max(cfg.cluster_size, 64 << 10), 4 * cfg.cluster_size + (64 << 10)
+    spans: list[tuple[int, int]] = []
+    for p in sorted({*edge_points(cfg, cfg.size), *also}):
+        lo, hi = max(0, (p - below) // 512 * 512), min(size, -(-(p + above) // 512) * 512)
+        if lo >= hi:
+            continue
+        if spans and lo <= spans[-1][0] + spans[-1][1]:
+            start = spans[-1][0]
+            spans[-1] = (start, max(hi, start + spans[-1][1]) - start)
+        else:
+            spans.append((lo, hi - lo))
+    return spans
+
+
 def backing_plan(cfg: Config) -> list[tuple[str, str, int, list[str]]]:
     """(file name, format, size, qemu-io commands) from the bottom of the chain up.
 
-    The content is deterministic: a pattern over most of each layer, a zeroed piece and an
-    unwritten hole, placed at cluster-unaligned offsets so reads cross every kind of edge.
+    The content is deterministic: a pattern over each layer (around the edge points in a
+    large one, see FULL_PATTERN_MAX), a zeroed piece and an unwritten hole, placed at
+    cluster-unaligned offsets so reads cross every kind of edge.
     """
     if cfg.backing == "none":
         return []
     size = cfg.backing_bytes
     c = cfg.cluster_size
-    base_cmds = [f"write -q -P {BACKING_PATTERNS[0]:#x} 0 {size}",
-                 f"write -q -z {min(size - 512, c + 512)} {min(512 * 3, size - min(size - 512, c + 512))}"]
     hole = (size // 3) // 512 * 512
+    base_cmds = [f"write -q -P {BACKING_PATTERNS[0]:#x} {off} {n}"
+                 for off, n in pattern_spans(cfg, size, also=(hole,))]
+    zeroed = min(size - 512, c + 512)
+    base_cmds.append(f"write -q -z {zeroed} {min(512 * 3, size - zeroed)}")
     base_cmds.append(f"discard -q {hole} {min(c * 2, size - hole)}")
     if cfg.backing == "raw":
         return [("base.raw", "raw", size, base_cmds)]
@@ -224,21 +256,56 @@ def build_backing(cfg: Config, where: Path) -> tuple[str, str] | None:
     return below
 
 
+def cached_backing(cfg: Config, cache: Path) -> tuple[Path, tuple[str, str] | None]:
+    """The directory holding ``cfg``'s backing chain, built once per distinct chain in
+    ``cache`` (Hypothesis replays a configuration many times while it shrinks, and the
+    qemu-img/qemu-io runs were the largest set-up cost), and the (name, fmt) the top image
+    points to. Targets still get copies (copy_backing)."""
+    plan = backing_plan(cfg)
+    key = hashlib.sha256(repr((cfg.cluster_size, plan)).encode()).hexdigest()[:16]
+    where = cache / key
+    if not where.exists():
+        tmp = Path(tempfile.mkdtemp(dir=cache))
+        build_backing(cfg, tmp)
+        tmp.rename(where)  # complete or absent, never half-built
+    return where, ((plan[-1][0], plan[-1][1]) if plan else None)
+
+
 def _write_raw(path: Path, size: int, cmds: list[str]) -> None:
-    """The raw base: the same commands as the qcow2 base, applied in Python (a discard on a
-    raw file reads back as zeros, as qemu's raw driver punches a hole)."""
-    buf = bytearray(size)
-    for cmd in cmds:
-        words = cmd.split()
-        off, n = int(words[-2]), int(words[-1])
-        byte = int(words[words.index("-P") + 1], 0) if "-P" in words else 0
-        buf[off: off + n] = bytes([byte]) * n
-    path.write_bytes(bytes(buf))
+    """The raw base: the same commands as the qcow2 base, applied in Python to a sparse file
+    (a discard on a raw file reads back as zeros, as qemu's raw driver punches a hole)."""
+    chunk = 1 << 20
+    with path.open("wb") as f:
+        f.truncate(size)
+        for cmd in cmds:
+            words = cmd.split()
+            off, n = int(words[-2]), int(words[-1])
+            byte = int(words[words.index("-P") + 1], 0) if "-P" in words else 0
+            for at in range(off, off + n, chunk):
+                f.seek(at)
+                f.write(bytes([byte]) * min(chunk, off + n - at))
 
 
 def copy_backing(cfg: Config, src: Path, dst: Path) -> None:
+    """Each target gets its own copy, so a target that wrongly writes to its backing file
+    cannot change what the others read. Holes stay holes (a raw base is sparse)."""
     for name, _fmt, _size, _cmds in backing_plan(cfg):
-        shutil.copyfile(src / name, dst / name)
+        _copy_sparse(src / name, dst / name)
+
+
+def _copy_sparse(src: Path, dst: Path) -> None:
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        fout.truncate(size)
+        pos = 0
+        while pos < size:
+            try:
+                pos = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fin.fileno(), pos, os.SEEK_HOLE)
+            while pos < end:
+                pos += os.copy_file_range(fin.fileno(), fout.fileno(), end - pos, pos, pos)
 
 
 def random_bytes(seed: int, n: int) -> bytes:

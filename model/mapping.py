@@ -47,7 +47,9 @@ class L2Table:
     changes the bytes, which write_l2 writes back whole."""
 
     def __init__(self, data: bytes, extended_l2: bool) -> None:
-        self.raw = bytearray(data)
+        # Copied into a bytearray only when an entry is assigned: with 2 MiB clusters a
+        # table is 2 MiB, and most readers only look.
+        self.raw: bytes | bytearray = data
         self.extended_l2 = extended_l2
         self.width = 16 if extended_l2 else 8
         self.count = len(data) // self.width
@@ -66,6 +68,8 @@ class L2Table:
     def __setitem__(self, i: int, pair: L2Pair) -> None:
         if not 0 <= i < self.count:
             raise IndexError(i)
+        if not isinstance(self.raw, bytearray):
+            self.raw = bytearray(self.raw)
         if self.extended_l2:
             struct.pack_into(">QQ", self.raw, 16 * i, *pair)
         else:
@@ -106,7 +110,7 @@ def read_l2_entry(q: Qcow2File, offset: int, index: int) -> L2Pair:
 
 
 def write_l2(q: Qcow2File, offset: int, table: L2Table) -> None:
-    q.pwrite(offset, bytes(table.raw))
+    q.pwrite(offset, table.raw)
 
 
 def l2_offset(q: Qcow2File, l1_entry: int, l1_index: int) -> int:

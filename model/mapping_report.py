@@ -32,6 +32,7 @@ Three levels, as in QEMU:
 from __future__ import annotations
 
 import os
+import struct
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -186,11 +187,13 @@ def detect_metadata_preallocation(img: Image) -> bool:
         # a single refcount block.
         return False
     entries = q.geometry.refcount_block_entries
-    table = rc.read_reftable(q)
+    # Only the reftable entries whose blocks cover the file are read.
+    reach = min(int(q.header.refcount_table_clusters) * cs // 8, -(-end_cluster // entries))
+    table = struct.unpack(f">{reach}Q", q.pread(int(q.header.refcount_table_offset), 8 * reach))
     count = 0
     # QEMU stops counting at the threshold; whole blocks are counted here, which gives the
     # same answer because the count only grows.
-    for rt in range(min(len(table), -(-end_cluster // entries))):
+    for rt in range(reach):
         if count >= threshold:
             break
         off = table[rt] & ~0x1FF

@@ -83,7 +83,7 @@ class Qcow2File(hd.HeaderViews):
             raise CorruptionError(f"host read of {n} bytes at {offset} failed: {e}") from None
         return data if len(data) == n else data + bytes(n - len(data))
 
-    def pwrite(self, offset: int, data: bytes, f: BinaryIO | None = None) -> None:
+    def pwrite(self, offset: int, data: bytes | bytearray, f: BinaryIO | None = None) -> None:
         if self.readonly:
             raise RequestError("image is opened read-only")
         try:

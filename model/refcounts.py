@@ -303,14 +303,13 @@ def _refblock_for_update(q: Qcow2File, cluster_index: int, *, allocate: bool) ->
     if new_block == 0:
         raise CorruptionError("preventing invalid allocation of a refcount block at offset 0")
     entries = g.refcount_block_entries
+    block_data = bytearray(q.cluster_size)
     if new_block // q.cluster_size // entries == rt_index:
         # The block describes itself.
-        values = [0] * entries
-        values[new_block // q.cluster_size % entries] = 1
+        refcount_set(block_data, new_block // q.cluster_size % entries, g.refcount_bits, 1)
     else:
         update_refcount(q, new_block, q.cluster_size, 1)
-        values = [0] * entries
-    write_refblock(q, new_block, values)
+    q.pwrite(new_block, bytes(block_data))
     if rt_index < len(table):
         table = read_reftable(q)
         table[rt_index] = new_block

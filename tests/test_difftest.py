@@ -4,6 +4,7 @@ the reproducers and the CLI."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import time
@@ -382,3 +383,49 @@ def test_missing_qemu_is_announced_and_dropped(monkeypatch: pytest.MonkeyPatch) 
     said: list[str] = []
     assert resolve_targets("qemu,qemu2", said.append) == []
     assert len(said) == 2 and all("WARNING" in m and "qemu" in m for m in said)
+
+
+# --- the backing chain's set-up ------------------------------------------------------------
+
+def test_a_large_backing_layer_carries_the_pattern_around_every_edge_point() -> None:
+    from difftest.config import edge_points
+    from difftest.targets import FULL_PATTERN_MAX, pattern_spans
+
+    small = Config(cluster_size=4096, size=2 << 20, backing="qcow2")
+    assert pattern_spans(small, small.backing_bytes) == [(0, small.backing_bytes)]
+    big = Config(cluster_size=65536, size=(512 << 20) + 3 * 65536 + 512, backing="qcow2")
+    spans = pattern_spans(big, big.backing_bytes)
+    assert sum(n for _o, n in spans) < FULL_PATTERN_MAX  # the point: far less than 512 MiB
+    for (o1, n1), (o2, _n2) in itertools.pairwise(spans):
+        assert o1 + n1 < o2  # sorted, disjoint, merged
+    assert all(o % 512 == 0 and n % 512 == 0 for o, n in spans)
+    for p in edge_points(big, big.size):
+        # a request drawn near p (a sector below, up to 4 clusters long) lies in one span
+        lo, hi = max(0, p - 512), min(big.backing_bytes, p + 4 * big.cluster_size)
+        if lo < hi:
+            assert any(o <= lo and hi <= o + n for o, n in spans), p
+
+
+def test_backing_chains_are_built_once_and_copied_sparse(tmp_path: Path) -> None:
+    import os
+
+    from difftest.targets import backing_plan, build_backing, cached_backing, copy_backing
+
+    cfg = Config(cluster_size=4096, size=(48 << 20) + 512, backing="raw")  # above FULL_PATTERN_MAX
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    where, top = cached_backing(cfg, cache)
+    assert top == ("base.raw", "raw")
+    stamp = (where / "base.raw").stat().st_mtime_ns
+    assert cached_backing(cfg, cache) == (where, top)
+    assert (where / "base.raw").stat().st_mtime_ns == stamp  # not rebuilt
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    build_backing(cfg, fresh)
+    assert (fresh / "base.raw").read_bytes() == (where / "base.raw").read_bytes()
+    dst = tmp_path / "t"
+    dst.mkdir()
+    copy_backing(cfg, where, dst)
+    for name, _fmt, size, _cmds in backing_plan(cfg):
+        assert (dst / name).read_bytes() == (where / name).read_bytes()
+        assert os.stat(dst / name).st_blocks * 512 < size // 4  # holes stayed holes
