@@ -262,21 +262,27 @@ class StoredRefcounts:
         end = off + self.geometry.cluster_size
         return self.geometry.offset_in_cluster(off) == 0 and end <= BDRV_MAX_LENGTH
 
-    def block(self, rt_index: int) -> UIntArray | None:
-        """Refcounts of block ``rt_index``; None if unreadable; zeros if unallocated."""
+    def block(self, rt_index: int, count: int | None = None) -> UIntArray | None:
+        """Refcounts of block ``rt_index`` (only its first ``count`` when given: a 2 MiB block
+        of 1-bit refcounts has 16 Mi entries, and a small file needs a few); None if
+        unreadable; zeros if unallocated."""
+        n = self.entries_per_block if count is None else min(count, self.entries_per_block)
         off = self.block_offset(rt_index)
         if off == 0:
-            return np.zeros(self.entries_per_block, dtype=np.uint64)
+            return np.zeros(n, dtype=np.uint64)
         if not self.readable(rt_index):
             return None
         cached = self._cache.get(off)
+        if cached is None and n < self.entries_per_block:
+            bits = self.geometry.refcount_bits
+            return decode_refcount_block(self.read(off, -(-n * bits // 8)), bits)[:n]
         if cached is None:
             if len(self._cache) >= 256:
                 self._cache.clear()
             cached = decode_refcount_block(self.read(off, self.geometry.cluster_size),
                                            self.geometry.refcount_bits)
             self._cache[off] = cached
-        return cached
+        return cached[:n]
 
     def get(self, k: int) -> int | None:
         """Stored refcount of cluster ``k``; None when QEMU cannot read it."""
@@ -291,11 +297,11 @@ class StoredRefcounts:
         bad = np.zeros(n, dtype=np.bool_)
         for i in range(min(self.reftable.size, -(-n // rbe))):
             lo, hi = i * rbe, min(n, (i + 1) * rbe)
-            blk = self.block(i)
+            blk = self.block(i, hi - lo)
             if blk is None:
                 bad[lo:hi] = True
             else:
-                values[lo:hi] = blk[: hi - lo]
+                values[lo:hi] = blk
         return values, bad
 
     def past(self, start: int, end: int) -> Iterator[tuple[int, int]]:
