@@ -50,6 +50,11 @@ def test_l1_l2_and_reftable_decoding_agree_with_the_schema(tmp_path: Path, exten
             expect = [(int(x.l2_entry), int(x.l2_bitmap)) if extended else (int(x), 0) for x in parsed]
             assert mp.read_l2(q, off) == expect
             assert [mp.read_l2_entry(q, off, i) for i in range(len(expect))] == expect
+            table = mp.read_l2(q, off)
+            for start, count in ((0, 1), (3, 17), (len(expect) - 2, 5), (len(expect), 1)):
+                assert table.pairs(start, count) == expect[start:start + count]
+            table[1] = (0x200 | 1 << 63, 3 if extended else 0)  # a write copies, then changes
+            assert table[1] == (0x200 | 1 << 63, 3 if extended else 0) and table[2] == expect[2]
             mp.write_l2(q, off, mp.read_l2(q, off))  # writing back what was read changes nothing
             assert l2_table(q.geometry).parse(q.pread(off, q.cluster_size)) == parsed
         n = q.header.refcount_table_clusters * q.cluster_size // 8
