@@ -29,12 +29,15 @@ from difftest.targets import (
     build_backing,
     cached_backing,
     copy_backing,
+    flagged_corrupt,
     in_separate_process,
     make_target,
     random_bytes,
 )
 from model.backing import BDRV_BLOCK_ALLOCATED
 from spec.errors import Qcow2Error
+from spec.features import QCOW2_INCOMPAT_CORRUPT
+from spec.image import open_image
 
 VERIFY_MAX = 256 * 1024
 """Touched ranges longer than this are verified at both ends and in the middle only."""
@@ -99,6 +102,15 @@ def _layer_runs(image: Any, off: int, n: int) -> list[dict[str, Any]]:
                     "zero": False, "data": False, "depth": 0})
         off += st.length
     return out
+
+
+def _corrupt_bit(path: Path) -> bool:
+    """Whether the file's header has the corrupt bit (read without a lock, as qemu-img -U)."""
+    try:
+        with open_image(path) as img:
+            return bool(img.incompatible_features & QCOW2_INCOMPAT_CORRUPT)
+    except Qcow2Error:
+        return False
 
 
 class Lockstep:
@@ -170,20 +182,45 @@ class Lockstep:
             touched: tuple[int, int] | None = None) -> bool:
         self.log.append((name, kw))
         self.ops[name] += 1
+        if self.oracle_broken:
+            # Nothing is compared any more, so nothing is run either: a dropped qemu node
+            # cannot even be reopened (see _after_corruption).
+            return False
         desc = f"{name}({', '.join(f'{k}={v}' for k, v in kw.items())})"
         outcomes = self._each(desc, fn)
-        if self.oracle_broken:
-            return outcomes[0][0] == "ok"
         try:
             ok = self._agree(desc, outcomes)
             if ok and touched is not None:
                 self.touched.append(touched)
                 self.verify(touched[0], touched[1], desc)
                 self._compare_map_in_process(touched[0], touched[1], desc)
+            elif not ok and outcomes[0][1] == "CorruptionError":
+                self._after_corruption(desc)
         except Divergence as d:
             self._unless_oracle_corrupt(d)
             return outcomes[0][0] == "ok"
         return ok
+
+    def _after_corruption(self, desc: str) -> None:
+        """Every target failed ``desc`` with CorruptionError. If that made one flag the
+        image corrupt, all must have (and on v3 images the corrupt bit must be in every
+        file). QEMU has then dropped the node (qcow2_signal_corruption sets bs->drv = NULL):
+        its later requests fail with ENOMEDIUM, and its L2 and refcount caches are never
+        written back, so its file keeps only what they had flushed before. A model without
+        caches wrote everything through, so from here on neither the files nor the
+        behaviour can be compared: the example ends its comparisons, noted
+        ``qemu-dropped``."""
+        flagged = {t.name: flagged_corrupt(t) for t in self.targets}
+        if not any(flagged.values()):
+            return
+        if not all(flagged.values()):
+            raise Divergence("corrupt", desc, f"only some targets flagged the image corrupt: {flagged}")
+        if self.cfg.version >= 3:  # a v2 header has no feature bits
+            bits = {t.name: _corrupt_bit(t.path) for t in self.targets}
+            if not all(bits.values()):
+                raise Divergence("corrupt", desc, f"the corrupt bit is missing from some files: {bits}")
+        self.oracle_broken = True
+        self.notes.append(f"qemu-dropped: every target flagged the image corrupt at {desc.split('(')[0]}")
 
     def _unless_oracle_corrupt(self, d: Divergence) -> None:
         """Raise ``d``, unless QEMU's own image already fails ``qemu-img check``: QEMU 7.2 can
@@ -212,6 +249,8 @@ class Lockstep:
 
     def _check_bytes(self, off: int, n: int, desc: str) -> bool:
         """True when every target read the same bytes, False when all failed alike."""
+        if self.oracle_broken:
+            return False
         try:
             self._check_bytes_raw(off, n, desc)
             return True
@@ -226,6 +265,8 @@ class Lockstep:
                 raise Divergence("error", desc, f"reading back [{off}, {off + n}) raised "
                                  f"{type(e).__name__}: {e}; outcomes "
                                  f"{[o if o[0] == 'err' else 'ok' for o in outcomes]}") from e
+            if outcomes[0][1] == "CorruptionError":
+                self._after_corruption(desc)
             return False
 
     def _check_bytes_raw(self, off: int, n: int, desc: str) -> None:
@@ -269,6 +310,8 @@ class Lockstep:
                                  f"{got[0]}\n  {t.name}: {m}")
 
     def _compare_map_in_process(self, off: int, n: int, desc: str) -> None:
+        if self.oracle_broken:
+            return
         off = max(0, min(off, self.size))
         n = max(0, min(n, self.size - off))
         if n <= 0:
@@ -344,7 +387,7 @@ class Lockstep:
         self.log.append(("read", {"off": off, "n": n}))
         self.ops["read"] += 1
         if self.oracle_broken:
-            return True
+            return False  # not run, as in _op
         try:
             if off < 0 or n < 0 or off + n > self.size:
                 # Out-of-range reads must fail alike.

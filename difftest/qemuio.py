@@ -87,6 +87,9 @@ class QemuIo:
         self._in = self.proc.stdin
         self.banner = self._response()
         self.commands = 0
+        self.dropped = False
+        """qemu-io printed "Marking image as corrupt" (qcow2_signal_corruption, fatal): QEMU
+        has dropped the node, and every later request fails with ENOMEDIUM."""
 
     def _response(self) -> str:
         chunks: list[bytes] = []
@@ -117,7 +120,10 @@ class QemuIo:
             self._in.write(line.encode() + b"\n")
         except BrokenPipeError as e:
             raise QemuIoDied("qemu-io closed its stdin") from e
-        return self._response()
+        out = self._response()
+        if "Marking image as corrupt" in out:
+            self.dropped = True
+        return out
 
     def checked(self, line: str, *, quiet: bool = False) -> str:
         """Run ``line``; raise the matching spec.errors class if qemu-io reports a failure.
@@ -225,6 +231,11 @@ class QemuImage:
         self.cluster_size = cluster_size
 
     # -- plumbing ---------------------------------------------------------------------
+    @property
+    def dropped(self) -> bool:
+        """QEMU flagged the image corrupt and dropped the node (see QemuIo.dropped)."""
+        return self.io is not None and self.io.dropped
+
     def _io(self) -> QemuIo:
         if self.io is None:
             raise RequestError("image is closed")

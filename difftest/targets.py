@@ -174,6 +174,12 @@ def in_separate_process(t: Target, fn: Callable[[Target], Any]) -> Any:
         t.reopen()
 
 
+def flagged_corrupt(t: Target) -> bool:
+    """Whether the target has flagged its image corrupt and stopped serving requests: the
+    model's (and impl's) ``broken``, or qemu-io having printed "Marking image as corrupt"."""
+    return bool(getattr(t.image, "broken", False) or getattr(t.image, "dropped", False))
+
+
 # -- the shared backing chain ---------------------------------------------------------------
 
 BACKING_PATTERNS = (0xB1, 0xC2)

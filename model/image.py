@@ -232,8 +232,11 @@ class Image:
         self.closed = False
         self.broken = False
         self.last_host_end = 0
-        self.map_metadata_preallocation = False
-        """Set by mapping_report while a map is computed (see detect_metadata_preallocation)."""
+        self.metadata_preallocation: bool | None = None
+        """BDRVQcow2State.metadata_preallocation(_checked): whether this open image looks
+        preallocated, decided at its first block-status query and kept for the life of the
+        open, as QEMU does (see mapping_report.detect_metadata_preallocation); None until
+        then. map() answers as a fresh ``qemu-img map`` process would, deciding anew."""
         self.snapshot_l1: tuple[int, int] | None = None
         """(l1_table_offset, l1_size) when open(snapshot=...) redirected reads."""
         self.locks: list[ImageLock] = []

@@ -21,6 +21,9 @@ Three levels, as in QEMU:
 
    The generic layer adds ZERO to an unallocated answer when there is no backing file, or
    when the offset is at or past the backing file's end; it is then still not ALLOCATED.
+   When the image looks preallocated (detect_metadata_preallocation, decided once per open
+   at the first query) a caller that wants zeros also learns which data clusters lie over
+   holes of the host file (BDRV_BLOCK_RECURSE): is_zero as much as qemu-img map.
 
 2. ``status_above``: the whole chain, for is_zero (write_zeroes' partial subclusters).
 
@@ -58,6 +61,9 @@ _WITH_OFFSET = (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC, SubclusterType
 
 def qcow2_layer_status(img: Image, offset: int, n: int, want_zero: bool = True) -> Status:
     """bdrv_co_block_status for one qcow2 node (see the module doc)."""
+    if img.metadata_preallocation is None:
+        # qcow2_co_block_status decides this once per open, at its first call.
+        img.metadata_preallocation = detect_metadata_preallocation(img)
     if offset >= img.size:
         return Status(BDRV_BLOCK_EOF, 0)
     n = min(n, img.size - offset)
@@ -131,7 +137,7 @@ def qcow2_layer_status(img: Image, offset: int, n: int, want_zero: bool = True) 
     filename = None
     if flags & BDRV_BLOCK_OFFSET_VALID:
         filename = img.data_filename if q.has_data_file else img.filename
-    if want_zero and img.map_metadata_preallocation and flags & BDRV_BLOCK_DATA and host is not None:
+    if want_zero and img.metadata_preallocation and flags & BDRV_BLOCK_DATA and host is not None:
         # BDRV_BLOCK_RECURSE: ask the qcow2 file itself (bs->file, even with a data file)
         # whether the host range is a hole (bdrv_co_block_status's recursion).
         filename = img.filename
@@ -174,7 +180,10 @@ def file_status(f: Any, offset: int, n: int) -> tuple[int, int]:
 def detect_metadata_preallocation(img: Image) -> bool:
     """qcow2_detect_metadata_preallocation: the image looks preallocated when clearly more
     clusters have a refcount than the host file has space allocated. QEMU then asks the file
-    about holes (BDRV_BLOCK_RECURSE) when reporting data clusters."""
+    about holes (BDRV_BLOCK_RECURSE) when reporting data clusters to a caller that wants
+    zeros. qcow2_co_block_status decides it at its first call after the open and keeps the
+    answer (metadata_preallocation_checked); the model does the same (Image.
+    metadata_preallocation), except in image_map, which is a fresh qemu-img process."""
     q = img.q
     cs = q.cluster_size
     st = os.fstat(q.f.fileno())
@@ -273,16 +282,19 @@ def image_map(img: Image, offset: int, n: int, *, with_filename: bool = False) -
     layer: Layer | None = img
     chain: list[Image] = []
     while layer is not None:
-        if hasattr(layer, "map_metadata_preallocation"):
+        if hasattr(layer, "metadata_preallocation"):
             chain.append(layer)  # type: ignore[arg-type]
         layer = layer.backing
+    # qemu-img map is a process of its own: every layer decides afresh. This open's own
+    # decisions are put back afterwards.
+    kept = [qimg.metadata_preallocation for qimg in chain]
     for qimg in chain:
-        qimg.map_metadata_preallocation = detect_metadata_preallocation(qimg)
+        qimg.metadata_preallocation = detect_metadata_preallocation(qimg)
     try:
         extents = _walk(img, pos, end)
     finally:
-        for qimg in chain:
-            qimg.map_metadata_preallocation = False
+        for qimg, value in zip(chain, kept, strict=True):
+            qimg.metadata_preallocation = value
     for nxt in extents:
         if cur is not None and _mergeable(cur, nxt):
             cur["length"] += nxt["length"]

@@ -19,7 +19,7 @@ from difftest.cli import main
 from difftest.config import Config, configs, parse_overrides
 from difftest.lockstep import Divergence, Lockstep, normalize_map
 from difftest.repro import pytest_body, shell_script
-from spec.errors import RequestError
+from spec.errors import CorruptionError, RequestError
 
 pytestmark = pytest.mark.skipif(not qemuio.available(), reason="qemu-io is the oracle")
 
@@ -155,6 +155,39 @@ def test_disagreement_on_an_image_qemu_corrupted_is_a_note(tmp_path: Path) -> No
         ls.close()
     assert ls.oracle_broken
     assert any(n.startswith("qemu-corrupt-live") for n in ls.notes)
+
+
+def test_qemu_dropping_a_corrupt_image_ends_the_comparison(tmp_path: Path) -> None:
+    """Found by a deep campaign (seed 9127): QEMU keeps packing compressed data after the
+    offset it remembers, in a cluster that was freed and then became an L2 table; the
+    overlap check refuses the write, on both sides, and flags the image corrupt. QEMU then
+    drops the node: later requests fail with ENOMEDIUM and its dirty caches never reach the
+    file, so nothing after that point can be compared (the model has no caches). Both files
+    must carry the corrupt bit; the example ends with a note, not a divergence."""
+    ls = Lockstep(tmp_path, Config(version=2, cluster_size=512, size=34816), ["model", "qemu"])
+    try:
+        assert ls.write_compressed(off=0, n=512, byte=0)
+        assert ls.write(off=0, n=1, byte=0)
+        assert not ls.write_compressed(off=32768, n=512, byte=0)  # refused everywhere
+        assert ls.oracle_broken
+        assert not ls.flush() and not ls.read(off=0, n=1)  # no longer run or compared
+        ls.finish()
+    finally:
+        ls.close()
+    assert any(n.startswith("qemu-dropped") for n in ls.notes)
+
+
+def test_the_corrupt_bit_in_one_file_only_is_a_divergence(tmp_path: Path) -> None:
+    ls = Lockstep(tmp_path, Config(version=2, cluster_size=512, size=34816), ["model", "model2"])
+    try:
+        ls.write_compressed(off=0, n=512, byte=0)
+        ls.write(off=0, n=1, byte=0)
+        # model2 detects the overlap but neither flags the image nor stops serving
+        ls.targets[1].image.corrupt = lambda message: CorruptionError(message)
+        with pytest.raises(Divergence, match="only some targets flagged the image corrupt"):
+            ls.write_compressed(off=32768, n=512, byte=0)
+    finally:
+        ls.close()
 
 
 def test_config_rules_follow_qemu_img_create() -> None:

@@ -1063,3 +1063,34 @@ def test_a_data_write_onto_metadata_is_refused_like_qemu(tmp_path: Path, victim:
     with pytest.raises(subprocess.CalledProcessError):
         qemu_io(q, "write -P 98 512 512")
     assert open_image(q).incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT
+
+
+def test_is_zero_sees_holes_under_a_backing_file_that_looks_preallocated(tmp_path: Path) -> None:
+    """Found by a deep campaign (seed 9158): a backing file with holes inside its refcounted
+    clusters (here dug with fallocate -d; the campaign's sparse copies make them) looks
+    preallocated to qcow2_detect_metadata_preallocation, so QEMU's block status asks the host
+    file about holes for every request of that open, not only for qemu-img map. A partial
+    write_zeroes then finds the rest of its subcluster zero and zeroes it instead of writing
+    data. The decision is made once per open, at the first block-status query."""
+    base = qemu_create(tmp_path / "base.qcow2", 8 * MiB, cluster_size=2 * MiB)
+    qemu_io(base, "write -q -P 0xb1 0 64k")
+    host = json.loads(qemu_img("map", "--output=json", str(base)).stdout)[0]["offset"]
+    # Real holes: the zeros QEMU wrote with FALLOC_FL_ZERO_RANGE are unwritten extents,
+    # which SEEK_DATA reports as data once the page cache holds them.
+    subprocess.run(["fallocate", "-p", "-o", str(host + 64 * KiB), "-l", str(2 * MiB - 64 * KiB),
+                    str(base)], check=True)
+    subprocess.run(["fallocate", "-d", str(base)], check=True)
+    q = qemu_create(tmp_path / "q.qcow2", 8 * MiB, backing="base.qcow2", backing_fmt="qcow2",
+                    cluster_size=2 * MiB, extended_l2="on")
+    qemu_io(q, "write -q -z 196708 65536")
+    path = tmp_path / "m.qcow2"
+    model.create(path, 8 * MiB, cluster_size=2 * MiB, extended_l2=True, backing_file="base.qcow2",
+                 backing_fmt="qcow2")
+    with model.open(path) as img:
+        img.write_zeroes(196708, 65536)
+        assert img.backing.metadata_preallocation is True  # type: ignore[union-attr]
+        extents = img.map()
+    assert {"start": 196608, "length": 131072, "depth": 0, "present": True, "zero": True,
+            "data": False} in extents
+    assert path.read_bytes() == q.read_bytes()
+    assert _clean(path)
