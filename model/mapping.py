@@ -101,6 +101,14 @@ def read_l2(q: Qcow2File, offset: int) -> L2Table:
     return L2Table(q.pread(offset, q.cluster_size), q.extended_l2)
 
 
+def read_l2_entries(q: Qcow2File, offset: int, start: int, count: int) -> list[L2Pair]:
+    """Entries ``start`` .. ``start+count-1`` (clipped to the table) of the L2 table at
+    ``offset``; only those are read."""
+    count = max(0, min(count, q.geometry.l2_entries - start))
+    width = q.geometry.l2_entry_size
+    return L2Table(q.pread(offset + start * width, count * width), q.extended_l2).pairs(0, count)
+
+
 def read_l2_entry(q: Qcow2File, offset: int, index: int) -> L2Pair:
     """Entry ``index`` of the L2 table at ``offset``; only that entry is read."""
     if q.extended_l2:

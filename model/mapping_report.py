@@ -83,8 +83,8 @@ def qcow2_layer_status(img: Image, offset: int, n: int, want_zero: bool = True) 
         idx = g.l2_index(offset)
         sc0 = g.subcluster_index(offset)
         ext, dfile = q.extended_l2, q.has_data_file
-        # Only the entries the answer can span are decoded (at most to the table's end).
-        entries = mp.read_l2(q, l2off).pairs(idx, max(1, g.size_to_clusters(needed)))
+        # Only the entries the answer can span are read (at most to the table's end).
+        entries = mp.read_l2_entries(q, l2off, idx, max(1, g.size_to_clusters(needed)))
         e0, b0 = entries[0]
         t = subcluster_type(e0, b0, sc0, extended_l2=ext, has_data_file=dfile)
         if t is SubclusterType.INVALID:

@@ -40,11 +40,18 @@ _REFT_MASK = np.uint64(REFT_OFFSET_MASK)
 
 def _cluster_tables(q: Qcow2File) -> list[tuple[str, np.ndarray]]:
     """Offsets of the one-cluster tables the L1 table and the refcount table point at, read
-    in bulk with numpy (these tables have up to millions of entries)."""
-    l1 = np.frombuffer(q.pread(int(q.header.l1_table_offset), int(q.header.l1_size) * 8), dtype=">u8")
-    reftable = np.frombuffer(q.pread(int(q.header.refcount_table_offset),
-                                     int(q.header.refcount_table_clusters) * q.cluster_size), dtype=">u8")
-    return [("active L2 table", l1 & _L1E_MASK), ("refcount block", reftable & _REFT_MASK)]
+    in bulk with numpy (these tables have up to millions of entries, mostly zero: the zero
+    entries, which point at nothing, are dropped first)."""
+    l1 = q.pread(int(q.header.l1_table_offset), int(q.header.l1_size) * 8)
+    reftable = q.pread(int(q.header.refcount_table_offset),
+                       int(q.header.refcount_table_clusters) * q.cluster_size)
+    return [("active L2 table", _nonzero(l1) & _L1E_MASK),
+            ("refcount block", _nonzero(reftable) & _REFT_MASK)]
+
+
+def _nonzero(table: bytes) -> np.ndarray:
+    entries = np.frombuffer(table, dtype=">u8")
+    return entries[entries != 0]
 
 
 def check_data_write(q: Qcow2File, offset: int, n: int) -> None:

@@ -462,3 +462,16 @@ def test_backing_chains_are_built_once_and_copied_sparse(tmp_path: Path) -> None
     for name, _fmt, size, _cmds in backing_plan(cfg):
         assert (dst / name).read_bytes() == (where / name).read_bytes()
         assert os.stat(dst / name).st_blocks * 512 < size // 4  # holes stayed holes
+
+
+def test_bench_difftest_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+    """The throughput benchmark steps every target set it can (figures are printed, never
+    asserted: DESIGN.md)."""
+    argv = ["bench", "difftest", "--ops", "60", "--rounds", "3", "--no-campaign", "--output", "json"]
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    sets = [r["steady"]["targets"] for r in rows]
+    assert ["model", "model2"] in sets and ["model", "qemu"] in sets
+    for r in rows:
+        assert r["steady"]["ops"] == 60 and len(r["steady"]["rounds"]) == 3
+        assert r["steady"]["ops_per_second"] == sorted(r["steady"]["rounds"])[1]

@@ -34,14 +34,15 @@ def _difftest(args: argparse.Namespace) -> int:
         sets.append(["qemu", "qemu2"])
     rows = []
     for targets in sets:
-        row = {"steady": bench.steady_state(targets, args.ops, cfg)}
+        row = {"steady": bench.steady_state(targets, args.ops, cfg, rounds=args.rounds)}
         if not args.no_campaign:
             row["campaign"] = bench.campaign(targets, args.examples, PROFILES["ci"]["steps"])
         rows.append(row)
     if args.output == "json":
         print(json.dumps(rows, indent=2))
         return 0
-    t = Table(title=f"difftest throughput ({cfg.short()}, {args.ops} steady-state ops)")
+    t = Table(title=f"difftest throughput ({cfg.short()}; steady state: median of {args.rounds} "
+                    f"rounds of {args.ops} ops)")
     for col in ("targets", "steady ops/s", "campaign ops/s (incl. set-up + teardown)", "campaign examples"):
         t.add_column(col, justify="right")
     for r in rows:
@@ -53,7 +54,8 @@ def _difftest(args: argparse.Namespace) -> int:
 
 
 def _difftest_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ops", type=int, default=2000, help="steady-state operations per target set")
+    p.add_argument("--ops", type=int, default=3000, help="steady-state operations per round")
+    p.add_argument("--rounds", type=int, default=3, help="steady-state rounds; the median is shown")
     p.add_argument("--examples", type=int, default=10, help="examples of the campaign figure")
     p.add_argument("--no-campaign", action="store_true")
     p.add_argument("--output", choices=["human", "json"], default="human")
