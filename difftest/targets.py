@@ -294,12 +294,21 @@ def _write_raw(path: Path, size: int, cmds: list[str]) -> None:
 
 def copy_backing(cfg: Config, src: Path, dst: Path) -> None:
     """Each target gets its own copy, so a target that wrongly writes to its backing file
-    cannot change what the others read. Holes stay holes (a raw base is sparse)."""
+    cannot change what the others read."""
     for name, _fmt, _size, _cmds in backing_plan(cfg):
         _copy_sparse(src / name, dst / name)
 
 
+SPARSE_BLOCK = 4096
+
+
 def _copy_sparse(src: Path, dst: Path) -> None:
+    """Copy ``src`` with a hole wherever a 4 KiB block is all zeros. Only the content
+    decides: which ranges of the source SEEK_DATA calls data depends on the page cache when
+    QEMU zeroed them with FALLOC_FL_ZERO_RANGE (unwritten extents), and the holes of a
+    backing file change what block status says (metadata preallocation detection), so every
+    copy of one file must have the same holes."""
+    zero = bytes(SPARSE_BLOCK)
     with src.open("rb") as fin, dst.open("wb") as fout:
         size = os.fstat(fin.fileno()).st_size
         fout.truncate(size)
@@ -311,9 +320,17 @@ def _copy_sparse(src: Path, dst: Path) -> None:
                 break
             end = os.lseek(fin.fileno(), pos, os.SEEK_HOLE)
             while pos < end:
-                pos += os.copy_file_range(fin.fileno(), fout.fileno(), end - pos, pos, pos)
-
-
+                chunk = os.pread(fin.fileno(), min(1 << 20, end - pos), pos)
+                view = memoryview(chunk)
+                run = -1  # start of the current run of non-zero blocks
+                for i in range(0, len(chunk) + SPARSE_BLOCK, SPARSE_BLOCK):
+                    block = view[i:i + SPARSE_BLOCK]
+                    if block and block != zero[:len(block)]:
+                        run = i if run < 0 else run
+                    elif run >= 0:
+                        os.pwrite(fout.fileno(), view[run:i], pos + run)
+                        run = -1
+                pos += len(chunk)
 def random_bytes(seed: int, n: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
