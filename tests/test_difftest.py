@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -464,14 +465,17 @@ def test_backing_chains_are_built_once_and_copied_sparse(tmp_path: Path) -> None
         assert os.stat(dst / name).st_blocks * 512 < size // 4  # holes stayed holes
 
 
-def test_bench_difftest_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_difftest_runs_end_to_end() -> None:
     """The throughput benchmark steps every target set it can (figures are printed, never
-    asserted: DESIGN.md)."""
+    asserted: DESIGN.md). It runs as a process of its own: run in this one, it left the
+    later mutant campaigns shrinking to 10 steps instead of 6 (some process-wide state that
+    was not pinned down; see the issue note)."""
     argv = ["bench", "difftest", "--ops", "60", "--rounds", "3", "--no-campaign", "--output", "json"]
-    assert main(argv) == 0
-    rows = json.loads(capsys.readouterr().out)
-    sets = [r["steady"]["targets"] for r in rows]
+    r = subprocess.run([sys.executable, "-m", "difftest.cli", *argv], capture_output=True, text=True,
+                       check=True)
+    rows = json.loads(r.stdout)
+    sets = [row["steady"]["targets"] for row in rows]
     assert ["model", "model2"] in sets and ["model", "qemu"] in sets
-    for r in rows:
-        assert r["steady"]["ops"] == 60 and len(r["steady"]["rounds"]) == 3
-        assert r["steady"]["ops_per_second"] == sorted(r["steady"]["rounds"])[1]
+    for row in rows:
+        assert row["steady"]["ops"] == 60 and len(row["steady"]["rounds"]) == 3
+        assert row["steady"]["ops_per_second"] == sorted(row["steady"]["rounds"])[1]
