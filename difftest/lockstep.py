@@ -128,7 +128,8 @@ class Lockstep:
         self.targets: list[Target] = []
         self.oracle_broken = False
         """Set when QEMU's own image turned out corrupt at a disagreement (see
-        _unless_oracle_corrupt); nothing is compared after that."""
+        _unless_oracle_corrupt), or when QEMU dropped the node (_after_corruption); nothing
+        is run or compared after that."""
         self.root.mkdir(parents=True, exist_ok=True)
         backing_dir = self.root / "backing"
         backing: tuple[str, str] | None = None
