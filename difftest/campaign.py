@@ -22,7 +22,7 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import seed as hyp_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
-from hypothesis.internal.conjecture import engine
+from hypothesis.internal.conjecture import engine, providers
 from hypothesis.stateful import run_state_machine_as_test
 
 from difftest.config import Config
@@ -152,6 +152,13 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
     shrink_limit = engine.MAX_SHRINKING_SECONDS
     if shard.shrink_seconds is not None:
         engine.MAX_SHRINKING_SECONDS = shard.shrink_seconds  # type: ignore[assignment]
+    # Hypothesis (6.13x and later) draws 5% of its values from the literals of the project's
+    # modules that happen to be imported (providers._get_local_constants), so a seed gave
+    # different examples from the CLI, from pytest, and after an import of difftest.bench.
+    # A campaign is reproduced from its seed alone: no local constants.
+    local_constants = providers._get_local_constants
+    providers._get_local_constants = _no_local_constants
+    providers.CONSTANTS_CACHE.cache.clear()  # it may hold local constants picked earlier
     try:
         _run_seeded(machine, s, shard.seed,
                     f"qcow2lab-difftest:{sorted(shard.overrides.items())}".encode())
@@ -170,11 +177,20 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
                 stats.divergences.append(Found(type(err).__name__, msg, shard.seed, None, 0))
     finally:
         engine.MAX_SHRINKING_SECONDS = shrink_limit
+        providers._get_local_constants = local_constants
+        providers.CONSTANTS_CACHE.cache.clear()
         Lockstep.close = orig_close  # type: ignore[method-assign]
         stats.elapsed = time.perf_counter() - t0
     if on_event and stats.divergences:
         on_event("divergence", stats.divergences[-1].kind)
     return stats
+
+
+_NO_CONSTANTS = providers.Constants()
+
+
+def _no_local_constants() -> providers.Constants:
+    return _NO_CONSTANTS
 
 
 def _run_seeded(machine: Any, s: settings, seed: int, db_key: bytes = b"qcow2lab-difftest") -> None:
