@@ -234,6 +234,14 @@ class Lockstep:
         qemu = [t for t in self.targets if not t.in_process and t.name.startswith("qemu")]
         if d.kind not in ("bytes", "error", "map") or not qemu:
             raise d
+        if any(getattr(t.image, "packed_into_live_cluster", False) for t in self.targets if t.in_process):
+            # An in-process target reproduced the packing into a cluster something else owns
+            # (model.Image.packed_into_live_cluster): QEMU's image was damaged at that step,
+            # even if later writes have since hidden it from qemu-img check.
+            self.oracle_broken = True
+            self.notes.append(f"qemu-corrupt-live: QEMU had packed compressed data into a live cluster "
+                              f"before {d.op} diverged")
+            return
         for t in qemu:
             try:
                 t.image.flush()  # qemu-img reads the file: QEMU's caches must be in it

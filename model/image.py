@@ -245,6 +245,13 @@ class Image:
         """``cache="unsafe"``: flush does not fsync (BDRV_O_NO_FLUSH)."""
 
     # --- plumbing -------------------------------------------------------------------------
+    @property
+    def packed_into_live_cluster(self) -> bool:
+        """Whether a compressed write of this open reproduced QEMU 7.2's packing into a
+        cluster that something else owns (refcounts.alloc_bytes): the image is damaged as
+        QEMU's would be."""
+        return self.q.packed_into_live_cluster
+
     def __enter__(self) -> Image:
         return self
 

@@ -58,6 +58,10 @@ class Qcow2File(hd.HeaderViews):
         self.data_f = data_f
         self.free_cluster_index = 0
         self.free_byte_offset = 0
+        self.packing_cluster_freed = False
+        """The cluster of free_byte_offset has been freed since it was remembered."""
+        self.packed_into_live_cluster = False
+        """alloc_bytes reproduced QEMU's packing into a cluster something else owns."""
         # No operation changes the data-file bit, and every lookup asks for it: it is read
         # from the header once instead of on each call (HeaderViews decodes it each time).
         self._has_data_file = img.has_data_file

@@ -158,6 +158,30 @@ def test_disagreement_on_an_image_qemu_corrupted_is_a_note(tmp_path: Path) -> No
     assert any(n.startswith("qemu-corrupt-live") for n in ls.notes)
 
 
+def test_qemu_packing_into_a_live_cluster_ends_the_comparison(tmp_path: Path) -> None:
+    """Found by a deep campaign (seed 9724, reduced from 84 steps): the fourth write is where
+    QEMU packs compressed data into a live data cluster. Later writes replace the damage, so
+    QEMU's file passes qemu-img check again when the targets disagree at the discard; the
+    model says when it reproduced the packing, so the disagreement is excused all the same."""
+    ls = Lockstep(tmp_path, Config(version=3, cluster_size=512, size=4096), ["model", "qemu"])
+    try:
+        ls.write_compressed(off=2048, n=512, byte=0)
+        ls.write(off=1536, n=788, byte=0)
+        ls.write_random(off=3584, n=4, seed=212)
+        assert not ls.targets[0].image.packed_into_live_cluster
+        ls.write_compressed(off=0, n=512, byte=0)
+        assert ls.targets[0].image.packed_into_live_cluster
+        ls.write(off=3584, n=63, byte=0)
+        ls.write_random(off=256, n=1852, seed=5954)
+        ls.write_random(off=0, n=1024, seed=720)
+        ls.discard(off=1536, n=511)
+        ls.finish()
+    finally:
+        ls.close()
+    assert ls.oracle_broken
+    assert any("packed compressed data into a live cluster before discard" in n for n in ls.notes)
+
+
 def test_qemu_dropping_a_corrupt_image_ends_the_comparison(tmp_path: Path) -> None:
     """Found by a deep campaign (seed 9127): QEMU keeps packing compressed data after the
     offset it remembers, in a cluster that was freed and then became an L2 table; the
