@@ -510,6 +510,12 @@ class Lockstep:
             except Exception as e:  # closing is also an operation; report, don't mask
                 self.notes.append(f"{t.name}.close raised {type(e).__name__}: {e}")
 
+    def __enter__(self) -> Lockstep:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def cleanup(self) -> None:
         self.close()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -309,7 +309,7 @@ def _refblock_for_update(q: Qcow2File, cluster_index: int, *, allocate: bool) ->
     block = _refblock_offset(q, None, rt_index)
     if block or not allocate:
         return block
-    table = read_reftable(q)
+    table_entries = q.header.refcount_table_clusters * q.cluster_size // 8
     new_block = _alloc_noref(q, 1)
     if new_block == 0:
         raise CorruptionError("preventing invalid allocation of a refcount block at offset 0")
@@ -321,7 +321,7 @@ def _refblock_for_update(q: Qcow2File, cluster_index: int, *, allocate: bool) ->
     else:
         update_refcount(q, new_block, q.cluster_size, 1)
     q.pwrite(new_block, bytes(block_data))
-    if rt_index < len(table):
+    if rt_index < table_entries:
         table = read_reftable(q)
         table[rt_index] = new_block
         write_reftable(q, table)

@@ -141,9 +141,8 @@ def test_disagreement_on_an_image_qemu_corrupted_is_a_note(tmp_path: Path) -> No
     a host cluster it reuses, then runs the two pieces of the write at 3583 concurrently, so
     what it reads back depends on their order. Its own image fails qemu-img check by then:
     the example stops being compared and says why."""
-    ls = Lockstep(tmp_path, Config(version=2, cluster_size=512, backing="raw", backing_size="same",
-                                   size=4096), ["model", "qemu"])
-    try:
+    with Lockstep(tmp_path, Config(version=2, cluster_size=512, backing="raw", backing_size="same",
+                                size=4096), ["model", "qemu"]) as ls:
         ls.write_compressed(off=0, n=512, byte=0)
         ls.write(off=3584, n=1, byte=0)
         ls.write_zeroes(off=0, n=513, unmap=False)
@@ -152,8 +151,6 @@ def test_disagreement_on_an_image_qemu_corrupted_is_a_note(tmp_path: Path) -> No
         ls.write(off=3583, n=3, byte=0)
         ls.read(off=3584, n=2)
         ls.finish()
-    finally:
-        ls.close()
     assert ls.oracle_broken
     assert any(n.startswith("qemu-corrupt-live") for n in ls.notes)
 
@@ -163,8 +160,7 @@ def test_qemu_packing_into_a_live_cluster_ends_the_comparison(tmp_path: Path) ->
     QEMU packs compressed data into a live data cluster. Later writes replace the damage, so
     QEMU's file passes qemu-img check again when the targets disagree at the discard; the
     model says when it reproduced the packing, so the disagreement is excused all the same."""
-    ls = Lockstep(tmp_path, Config(version=3, cluster_size=512, size=4096), ["model", "qemu"])
-    try:
+    with Lockstep(tmp_path, Config(version=3, cluster_size=512, size=4096), ["model", "qemu"]) as ls:
         ls.write_compressed(off=2048, n=512, byte=0)
         ls.write(off=1536, n=788, byte=0)
         ls.write_random(off=3584, n=4, seed=212)
@@ -176,8 +172,6 @@ def test_qemu_packing_into_a_live_cluster_ends_the_comparison(tmp_path: Path) ->
         ls.write_random(off=0, n=1024, seed=720)
         ls.discard(off=1536, n=511)
         ls.finish()
-    finally:
-        ls.close()
     assert ls.oracle_broken
     assert any("packed compressed data into a live cluster before discard" in n for n in ls.notes)
 
@@ -189,30 +183,24 @@ def test_qemu_dropping_a_corrupt_image_ends_the_comparison(tmp_path: Path) -> No
     drops the node: later requests fail with ENOMEDIUM and its dirty caches never reach the
     file, so nothing after that point can be compared (the model has no caches). Both files
     must carry the corrupt bit; the example ends with a note, not a divergence."""
-    ls = Lockstep(tmp_path, Config(version=2, cluster_size=512, size=34816), ["model", "qemu"])
-    try:
+    with Lockstep(tmp_path, Config(version=2, cluster_size=512, size=34816), ["model", "qemu"]) as ls:
         assert ls.write_compressed(off=0, n=512, byte=0)
         assert ls.write(off=0, n=1, byte=0)
         assert not ls.write_compressed(off=32768, n=512, byte=0)  # refused everywhere
         assert ls.oracle_broken
         assert not ls.flush() and not ls.read(off=0, n=1)  # no longer run or compared
         ls.finish()
-    finally:
-        ls.close()
     assert any(n.startswith("qemu-dropped") for n in ls.notes)
 
 
 def test_the_corrupt_bit_in_one_file_only_is_a_divergence(tmp_path: Path) -> None:
-    ls = Lockstep(tmp_path, Config(version=2, cluster_size=512, size=34816), ["model", "model2"])
-    try:
+    with Lockstep(tmp_path, Config(version=2, cluster_size=512, size=34816), ["model", "model2"]) as ls:
         ls.write_compressed(off=0, n=512, byte=0)
         ls.write(off=0, n=1, byte=0)
         # model2 detects the overlap but neither flags the image nor stops serving
         ls.targets[1].image.corrupt = lambda message: CorruptionError(message)
         with pytest.raises(Divergence, match="only some targets flagged the image corrupt"):
             ls.write_compressed(off=32768, n=512, byte=0)
-    finally:
-        ls.close()
 
 
 def test_config_rules_follow_qemu_img_create() -> None:
