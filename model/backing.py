@@ -45,9 +45,15 @@ class Status:
 
 
 class Layer(Protocol):
-    size: int
-    filename: str
-    backing: Layer | None
+    """What a backing layer answers: a model Image, or a RawLayer."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def filename(self) -> str: ...
+    @property
+    def backing(self) -> Layer | None: ...
+
 
     def read(self, offset: int, n: int) -> bytes: ...
     def layer_status(self, offset: int, n: int, want_zero: bool = True) -> Status: ...

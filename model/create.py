@@ -28,14 +28,16 @@ import struct
 import construct as c
 
 from model import mapping as mp
-from model import refcounts as rc
-from model.qfile import Qcow2File
+from model import write as wr
+from model.image import open as open_model
 from spec import features as ft
 from spec import header as hd
 from spec import limits as lim
+from spec import refblocks as rb
 from spec.errors import RequestError
 from spec.geometry import Geometry, align_up
 from spec.image import ImageFile
+from spec.qfile import Qcow2File
 
 BDRV_SECTOR_SIZE = 512
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
@@ -111,7 +113,7 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
     reftable = struct.pack(">Q", 2 * cluster_size) + bytes(cluster_size - 8)
     refblock = bytearray(cluster_size)
     for i in range(min(3, geometry.refcount_block_entries)):
-        rc.refcount_set(refblock, i, geometry.refcount_bits, 1)
+        rb.refcount_set(refblock, i, geometry.refcount_bits, 1)
     try:
         with open(path, "wb") as f:
             f.write(bytes(cluster0) + bytes(cluster_size - len(cluster0)))
@@ -158,7 +160,7 @@ def _grow_l1(path: str, header: c.Container, geometry: Geometry, size: int) -> N
     with open(path, "r+b") as f:
         img = ImageFile(path=path, f=f, header=header, extensions=[], geometry=geometry)
         q = Qcow2File(img, f, readonly=False)
-        off = rc.alloc_clusters(q, geometry.size_to_clusters(n * 8))
+        off = rb.alloc_clusters(q, geometry.size_to_clusters(n * 8))
         mp.write_l1(q, [0] * n, off)
         q.header.l1_size = n
         q.header.l1_table_offset = off
@@ -170,10 +172,8 @@ def _preallocate(path: str, size: int, mode: str) -> None:
     file to the last allocated byte. ``falloc`` and ``full`` are laid out the same way here
     (QEMU places their data area behind a fresh refcount area instead); ``full`` also writes
     the zeros."""
-    from model.image import open as open_model
-
     with open_model(path) as img:
-        img._preallocate(0, size, full=mode == "full")
+        wr.preallocate(img.state, 0, size, full=mode == "full")
 
 
 def _validate(size: int, version: int, cluster_size: int, refcount_bits: int, extended_l2: bool,

@@ -16,10 +16,17 @@ import itertools
 import struct
 from collections.abc import Iterator
 
-from model import refcounts as rc
-from model.qfile import Qcow2File
-from spec.entries import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED
+from spec import refblocks as rb
+from spec.entries import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    QCOW_OFLAG_COPIED,
+    ClusterType,
+    cluster_type,
+    compressed_range,
+)
 from spec.errors import CorruptionError
+from spec.qfile import Qcow2File
 
 L2Pair = tuple[int, int]
 
@@ -166,14 +173,14 @@ def l2_table_for_write(q: Qcow2File, guest_offset: int) -> int:
     old = l2_offset(q, old_entry, i1)
     if old and old_entry & QCOW_OFLAG_COPIED:
         return old
-    new = rc.alloc_clusters(q, 1)
+    new = rb.alloc_clusters(q, 1)
     content = q.pread(old, q.cluster_size) if old else bytes(q.cluster_size)
     q.pwrite(new, content)
     l1 = read_l1(q)
     l1[i1] = new | QCOW_OFLAG_COPIED
     write_l1(q, l1)
     if old:
-        rc.free_clusters(q, old, q.cluster_size)
+        rb.free_clusters(q, old, q.cluster_size)
     return new
 
 
@@ -183,3 +190,27 @@ def set_entry(q: Qcow2File, guest_offset: int, entry: L2Pair) -> None:
     table = read_l2(q, off)
     table[q.geometry.l2_index(guest_offset)] = entry
     write_l2(q, off, table)
+
+
+def free_any_cluster(q: Qcow2File, entry: int, *, request: bool) -> None:
+    """qcow2_free_any_cluster: drop the reference an L2 entry held.
+
+    NORMAL/ZERO_ALLOC: the cluster; COMPRESSED: every cluster its sectors touch;
+    ZERO_PLAIN/UNALLOCATED: nothing. ``request`` (QCOW2_DISCARD_REQUEST, passed through
+    by default) punches freed clusters out of the host file. With an external data file
+    no refcounts exist; a discard request punches the cluster out of the data file.
+    """
+    t = cluster_type(entry, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
+    if q.has_data_file:
+        if request and t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+            q.punch_hole(entry & L2E_OFFSET_MASK, q.cluster_size, q.data_f)
+        return
+    if t is ClusterType.COMPRESSED:
+        coff, csize = compressed_range(entry, q.cluster_bits)
+        rb.free_clusters(q, coff, csize, discard=request)
+    elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+        off = entry & L2E_OFFSET_MASK
+        if off % q.cluster_size:
+            # QEMU reports it (non-fatal corruption) and frees nothing.
+            return
+        rb.free_clusters(q, off, q.cluster_size, discard=request)

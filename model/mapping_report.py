@@ -25,7 +25,9 @@ Three levels, as in QEMU:
    at the first query) a caller that wants zeros also learns which data clusters lie over
    holes of the host file (BDRV_BLOCK_RECURSE): is_zero as much as qemu-img map.
 
-2. ``status_above``: the whole chain, for is_zero (write_zeroes' partial subclusters).
+2. ``status_above``: the whole chain, and the two questions QEMU asks it: ``is_zero``
+   (write_zeroes' partial subclusters) and ``is_zero_fast`` (handle_alloc_space's COW
+   regions).
 
 3. ``image_map``: qemu-img map's walk: descend while a layer says neither DATA nor ZERO,
    count the depth, then merge neighbouring extents that agree on every field (and whose
@@ -36,12 +38,11 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from model import mapping as mp
-from model import refcounts as rc
 from model.backing import (
     BDRV_BLOCK_ALLOCATED,
     BDRV_BLOCK_DATA,
@@ -51,30 +52,30 @@ from model.backing import (
     Layer,
     Status,
 )
+from model.state import State
+from spec import refblocks as rb
 from spec.entries import L2E_OFFSET_MASK, SubclusterType, subcluster_type
-
-if TYPE_CHECKING:
-    from model.image import Image
+from spec.errors import CorruptionError
 
 _WITH_OFFSET = (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC, SubclusterType.UNALLOCATED_ALLOC)
 
 
-def qcow2_layer_status(img: Image, offset: int, n: int, want_zero: bool = True) -> Status:
+def qcow2_layer_status(s: State, offset: int, n: int, want_zero: bool = True) -> Status:
     """bdrv_co_block_status for one qcow2 node (see the module doc)."""
-    if img.metadata_preallocation is None:
+    if s.metadata_preallocation is None:
         # qcow2_co_block_status decides this once per open, at its first call.
-        img.metadata_preallocation = detect_metadata_preallocation(img)
-    if offset >= img.size:
+        s.metadata_preallocation = detect_metadata_preallocation(s)
+    if offset >= s.size:
         return Status(BDRV_BLOCK_EOF, 0)
-    n = min(n, img.size - offset)
-    q, g = img.q, img.q.geometry
+    n = min(n, s.size - offset)
+    q, g = s.q, s.q.geometry
     cs, scs = q.cluster_size, g.subcluster_size
     i1 = g.l1_index(offset)
     start_in_cluster = g.offset_in_cluster(offset)
     # qcow2_get_host_offset never looks past the end of the L2 table.
     avail = (g.l2_entries - g.l2_index(offset)) * cs
     needed = min(n + start_in_cluster, avail)
-    l2off = mp.l2_offset(q, mp.read_l1_entry(q, i1, img.snapshot_l1), i1)
+    l2off = mp.l2_offset(q, mp.read_l1_entry(q, i1, s.snapshot_l1), i1)
     host: int | None = None
     if not l2off:
         t = SubclusterType.UNALLOCATED_PLAIN
@@ -88,15 +89,11 @@ def qcow2_layer_status(img: Image, offset: int, n: int, want_zero: bool = True) 
         e0, b0 = entries[0]
         t = subcluster_type(e0, b0, sc0, extended_l2=ext, has_data_file=dfile)
         if t is SubclusterType.INVALID:
-            from spec.errors import CorruptionError
-
             raise CorruptionError(f"invalid cluster entry {e0:#x} (guest {offset:#x})")
         with_offset = t in _WITH_OFFSET
         if with_offset:
             hc = e0 & L2E_OFFSET_MASK
             if hc % cs:
-                from spec.errors import CorruptionError
-
                 raise CorruptionError(f"cluster allocation offset {hc:#x} unaligned")
             host = hc + start_in_cluster
         if t is SubclusterType.COMPRESSED:
@@ -128,19 +125,19 @@ def qcow2_layer_status(img: Image, offset: int, n: int, want_zero: bool = True) 
     # The generic part of bdrv_co_block_status.
     if flags & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO):
         flags |= BDRV_BLOCK_ALLOCATED
-    elif img.backing is None or (want_zero and offset >= img.backing.size):
+    elif s.backing is None or (want_zero and offset >= s.backing.size):
         # Past a shorter backing file's end only a caller that wants zeros is told so
         # here (bdrv_co_block_status); the chain walk finds them below either way.
         flags |= BDRV_BLOCK_ZERO
-    if offset + pnum == img.size:
+    if offset + pnum == s.size:
         flags |= BDRV_BLOCK_EOF
     filename = None
     if flags & BDRV_BLOCK_OFFSET_VALID:
-        filename = img.data_filename if q.has_data_file else img.filename
-    if want_zero and img.metadata_preallocation and flags & BDRV_BLOCK_DATA and host is not None:
+        filename = s.data_filename if q.has_data_file else s.filename
+    if want_zero and s.metadata_preallocation and flags & BDRV_BLOCK_DATA and host is not None:
         # BDRV_BLOCK_RECURSE: ask the qcow2 file itself (bs->file, even with a data file)
         # whether the host range is a hole (bdrv_co_block_status's recursion).
-        filename = img.filename
+        filename = s.filename
         fflags, fpnum = file_status(q.f, host, pnum)
         if fflags & BDRV_BLOCK_EOF and (not fpnum or fflags & BDRV_BLOCK_ZERO):
             flags |= BDRV_BLOCK_ZERO
@@ -148,7 +145,7 @@ def qcow2_layer_status(img: Image, offset: int, n: int, want_zero: bool = True) 
             pnum = fpnum
             flags |= fflags & BDRV_BLOCK_ZERO
             flags &= ~BDRV_BLOCK_EOF
-            if offset + pnum == img.size:
+            if offset + pnum == s.size:
                 flags |= BDRV_BLOCK_EOF
     return Status(flags, pnum, host, filename)
 
@@ -177,14 +174,16 @@ def file_status(f: Any, offset: int, n: int) -> tuple[int, int]:
     return flags, pnum
 
 
-def detect_metadata_preallocation(img: Image) -> bool:
-    """qcow2_detect_metadata_preallocation: the image looks preallocated when clearly more
-    clusters have a refcount than the host file has space allocated. QEMU then asks the file
-    about holes (BDRV_BLOCK_RECURSE) when reporting data clusters to a caller that wants
+def detect_metadata_preallocation(s: State) -> bool:
+    """QEMU's guess that an image is preallocated (block/qcow2-refcount.c,
+    qcow2_detect_metadata_preallocation, asked by block/qcow2.c qcow2_co_block_status):
+    the image looks preallocated when clearly more clusters have a refcount than the host
+    file has space allocated. The format says nothing of it. QEMU then asks the file about
+    holes (BDRV_BLOCK_RECURSE) when reporting data clusters to a caller that wants
     zeros. qcow2_co_block_status decides it at its first call after the open and keeps the
-    answer (metadata_preallocation_checked); the model does the same (Image.
+    answer (metadata_preallocation_checked); the model does the same (State.
     metadata_preallocation), except in image_map, which is a fresh qemu-img process."""
-    q = img.q
+    q = s.q
     cs = q.cluster_size
     st = os.fstat(q.f.fileno())
     real_clusters = st.st_blocks * 512 // cs
@@ -208,19 +207,19 @@ def detect_metadata_preallocation(img: Image) -> bool:
         off = table[rt] & ~0x1FF
         if off:
             k = min(entries, end_cluster - rt * entries)
-            count += int(np.count_nonzero(rc.refblock_array(q, off)[:k]))
+            count += int(np.count_nonzero(rb.refblock_array(q, off)[:k]))
     return count >= threshold
 
 
-def status_above(img: Image, offset: int, n: int, *, want_zero: bool = True) -> tuple[int, int]:
+def status_above(s: State, offset: int, n: int, *, want_zero: bool = True) -> tuple[int, int]:
     """(flags, pnum) of bdrv_block_status_above(bs, NULL, ...): the chain as one node.
     ``want_zero=False`` is bdrv_co_is_zero_fast's cheaper question."""
-    st = img.layer_status(offset, n, want_zero)
+    st = qcow2_layer_status(s, offset, n, want_zero)
     if st.length == 0 or st.flags & BDRV_BLOCK_ALLOCATED:
         return st.flags, st.length
     n = st.length
     flags, pnum = st.flags, st.length
-    layer: Layer | None = img.backing
+    layer: Layer | None = s.backing
     while layer is not None:
         st = layer.layer_status(offset, n, want_zero)
         if st.length == 0:
@@ -234,10 +233,37 @@ def status_above(img: Image, offset: int, n: int, *, want_zero: bool = True) -> 
     return flags, pnum
 
 
-def _entry(img: Image, offset: int, n: int) -> dict[str, Any]:
+def is_zero(s: State, offset: int, n: int) -> bool:
+    """is_zero (block/qcow2.c): every block-status answer over the range, through the
+    chain, says ZERO. QEMU asks in a loop because the chain's answer does not merge
+    zeros of different kinds (an unallocated hole of the backing file, then zeros past
+    a short backing file's end): one answer may stop short of the range."""
+    n = min(n, s.size - offset)
+    while n > 0:
+        flags, pnum = status_above(s, offset, n)
+        if not flags & BDRV_BLOCK_ZERO or pnum <= 0:
+            return False
+        offset += pnum
+        n -= pnum
+    return True
+
+
+def is_zero_fast(s: State, offset: int, n: int) -> bool:
+    """bdrv_co_is_zero_fast, as handle_alloc_space asks it about COW regions
+    (is_zero_cow): ONE block-status answer of the chain (want_zero off) must cover the
+    range and say ZERO. Unlike is_zero there is no clamp to the image end, so a COW
+    region past the end (the last cluster of an unaligned image) is not zero and is
+    copied; and a raw backing file answers DATA, holes included."""
+    if n <= 0:
+        return True
+    flags, pnum = status_above(s, offset, n, want_zero=False)
+    return pnum == n and bool(flags & BDRV_BLOCK_ZERO)
+
+
+def _entry(top: Layer, offset: int, n: int) -> dict[str, Any]:
     """get_block_status in qemu-img.c: one extent at ``offset``."""
     depth = 0
-    layer: Layer = img
+    layer: Layer = top
     while True:
         st = layer.layer_status(offset, n)
         n = st.length
@@ -270,8 +296,9 @@ def _mergeable(cur: dict[str, Any], nxt: dict[str, Any]) -> bool:
     return not ("offset" in cur and cur["offset"] + cur["length"] != nxt["offset"])
 
 
-def image_map(img: Image, offset: int, n: int, *, with_filename: bool = False) -> list[dict[str, Any]]:
-    """The extents ``qemu-img map --output=json`` prints for [offset, offset+n).
+def image_map(top: Layer, offset: int, n: int, *, with_filename: bool = False) -> list[dict[str, Any]]:
+    """The extents ``qemu-img map --output=json`` prints for [offset, offset+n) of the chain
+    from ``top`` (a model Image).
 
     Keys: start, length, depth, present, zero, data, and offset when QEMU knows one.
     ``with_filename`` adds the host file name (for the human output)."""
@@ -279,22 +306,24 @@ def image_map(img: Image, offset: int, n: int, *, with_filename: bool = False) -
     out: list[dict[str, Any]] = []
     cur: dict[str, Any] | None = None
     pos = offset
-    layer: Layer | None = img
-    chain: list[Image] = []
+    layer: Layer | None = top
+    chain: list[State] = []
     while layer is not None:
-        if hasattr(layer, "metadata_preallocation"):
-            chain.append(layer)  # type: ignore[arg-type]
+        # The qcow2 layers are model Images, which carry their State; raw layers have none.
+        state = getattr(layer, "state", None)
+        if isinstance(state, State):
+            chain.append(state)
         layer = layer.backing
     # qemu-img map is a process of its own: every layer decides afresh. This open's own
     # decisions are put back afterwards.
-    kept = [qimg.metadata_preallocation for qimg in chain]
-    for qimg in chain:
-        qimg.metadata_preallocation = detect_metadata_preallocation(qimg)
+    kept = [state.metadata_preallocation for state in chain]
+    for state in chain:
+        state.metadata_preallocation = detect_metadata_preallocation(state)
     try:
-        extents = _walk(img, pos, end)
+        extents = _walk(top, pos, end)
     finally:
-        for qimg, value in zip(chain, kept, strict=True):
-            qimg.metadata_preallocation = value
+        for state, value in zip(chain, kept, strict=True):
+            state.metadata_preallocation = value
     for nxt in extents:
         if cur is not None and _mergeable(cur, nxt):
             cur["length"] += nxt["length"]
@@ -310,10 +339,10 @@ def image_map(img: Image, offset: int, n: int, *, with_filename: bool = False) -
     return out
 
 
-def _walk(img: Image, pos: int, end: int) -> list[dict[str, Any]]:
+def _walk(top: Layer, pos: int, end: int) -> list[dict[str, Any]]:
     out = []
     while pos < end:
-        e = _entry(img, pos, end - pos)
+        e = _entry(top, pos, end - pos)
         pos += e["length"]
         out.append(e)
     return out

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.qfile import Qcow2File
 from spec.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
 from spec.errors import CorruptionError
+from spec.qfile import Qcow2File
+from spec.snapshot_table import read_snapshot_table, snapshot_table_size
 
 
 def _ranges(q: Qcow2File) -> list[tuple[str, int, int]]:
@@ -26,10 +27,8 @@ def _ranges(q: Qcow2File) -> list[tuple[str, int, int]]:
            ("refcount table", int(q.header.refcount_table_offset),
             int(q.header.refcount_table_clusters) * cs)]
     if int(q.header.nb_snapshots):
-        from model.snapshots import _table, _table_size
-
-        out.append(("snapshot table", int(q.header.snapshots_offset), _table_size(q)))
-        for s in _table(q):
+        out.append(("snapshot table", int(q.header.snapshots_offset), snapshot_table_size(q)))
+        for s in read_snapshot_table(q):
             out.append(("inactive L1 table", int(s.l1_table_offset), int(s.l1_size) * 8))
     return out
 

@@ -29,20 +29,18 @@ v2 image grown over a longer backing file; CorruptionError from the tables.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from model import mapping as mp
-from model import refcounts as rc
+from model import write as wr
+from model import zeroes as zr
+from model.state import State, mark_dirty
+from spec import refblocks as rb
 from spec.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
 from spec.errors import Qcow2Error, RequestError, UnsupportedFeature
 from spec.geometry import align_up
 from spec.limits import QCOW_MAX_L1_SIZE
-
-if TYPE_CHECKING:
-    from model.image import Image
-    from model.qfile import Qcow2File
+from spec.qfile import Qcow2File
 
 
 def grow_l1(q: Qcow2File, min_size: int) -> None:
@@ -53,34 +51,34 @@ def grow_l1(q: Qcow2File, min_size: int) -> None:
     if min_size * 8 > QCOW_MAX_L1_SIZE:
         raise RequestError("L1 table would exceed QEMU's maximum size")
     table = mp.read_l1(q) + [0] * (min_size - old_size)
-    new_off = rc.alloc_clusters(q, q.geometry.size_to_clusters(min_size * 8))
+    new_off = rb.alloc_clusters(q, q.geometry.size_to_clusters(min_size * 8))
     mp.write_l1(q, table, new_off)
     old_off = int(q.header.l1_table_offset)
     q.header.l1_size = min_size
     q.header.l1_table_offset = new_off
     q.write_header()
     if old_size:
-        rc.free_clusters(q, old_off, old_size * 8)
+        rb.free_clusters(q, old_off, old_size * 8)
 
 
-def resize(img: Image, new_size: int, shrink: bool, *, from_snapshot: bool = False) -> None:
+def resize(s: State, new_size: int, shrink: bool) -> None:
     """qcow2_co_truncate with preallocation off (see the module doc)."""
-    q = img.q
+    q = s.q
     if new_size < 0 or new_size % 512:
         raise RequestError("the new size must be a non-negative multiple of 512")
     nb_snapshots = int(q.header.nb_snapshots)
     if nb_snapshots and q.version < 3:
         raise RequestError("can't resize a v2 image which has snapshots")
-    old = img.size
+    old = s.size
     if new_size < old and not shrink:
         raise RequestError("use shrink=True to shrink an image")
-    img._mark_dirty()
+    mark_dirty(s)
     g = q.geometry
     new_l1 = g.l1_size_for(new_size)
     if new_size < old:
         start = align_up(new_size, q.cluster_size)
         if start < old:
-            img._cluster_discard(start, old - start, request=True, full=True)
+            zr.cluster_discard(s, start, old - start, request=True, full=True)
         _shrink_l1(q, new_l1)
         _shrink_reftable(q)
         _cut_file(q)
@@ -94,17 +92,17 @@ def resize(img: Image, new_size: int, shrink: bool, *, from_snapshot: bool = Fal
             # covering the whole data file (as qemu-img create made them). preallocate_co
             # links every new cluster to its own offset in the data file and only grows
             # the data file, never cuts it.
-            img._preallocate(old, new_size - old, full=False)
+            wr.preallocate(s, old, new_size - old, full=False)
         elif q.has_data_file:
             q.truncate(new_size, q.data_f)
-        if new_size > old and img.backing is not None and img.backing.size > old:
-            _zero_new_area(img, old, new_size)
+        if new_size > old and s.backing is not None and s.backing.size > old:
+            _zero_new_area(s, old, new_size)
     q.header.size = new_size
     q.write_header()
-    img.size = new_size
+    s.size = new_size
 
 
-def _zero_new_area(img: Image, old: int, new_size: int) -> None:
+def _zero_new_area(s: State, old: int, new_size: int) -> None:
     """Make [old, new_size) read as zeros instead of backing data.
 
     block/io.c bdrv_co_truncate asks the driver for BDRV_REQ_ZERO_WRITE when the image
@@ -117,16 +115,16 @@ def _zero_new_area(img: Image, old: int, new_size: int) -> None:
     backing file) QEMU fails the truncate with -ENOTSUP after the L1 table has grown, and
     the size stays the old one.
     """
-    zero_start = align_up(old, img.q.geometry.subcluster_size)
-    img.size = new_size
+    zero_start = align_up(old, s.q.geometry.subcluster_size)
+    s.size = new_size
     try:
-        if new_size > zero_start and not img._zeroize(zero_start, new_size - zero_start, False):
+        if new_size > zero_start and not zr.zeroize(s, zero_start, new_size - zero_start, False):
             raise UnsupportedFeature("zeroing the grown area over a backing file needs the "
                                      "zero flag (qcow2 v3)")
         if zero_start > old:
-            img._write_internal(old, bytes(min(zero_start, new_size) - old))
+            wr.write(s, old, bytes(min(zero_start, new_size) - old))
     except Qcow2Error:
-        img.size = old
+        s.size = old
         raise
 
 
@@ -140,7 +138,7 @@ def _shrink_l1(q: Qcow2File, new_l1: int) -> None:
     mp.write_l1(q, table[:new_l1] + [0] * (len(table) - new_l1))
     for off in reversed(freed):
         if off:
-            rc.free_clusters(q, off, q.cluster_size, discard=True)
+            rb.free_clusters(q, off, q.cluster_size, discard=True)
 
 
 def _shrink_reftable(q: Qcow2File) -> None:
@@ -157,16 +155,16 @@ def _shrink_reftable(q: Qcow2File) -> None:
         off = int(table[i]) & REFT_OFFSET_MASK
         data = bytearray(q.pread(off, cs))
         if off // cs // entries == i:
-            rc.refcount_set(data, off // cs % entries, bits, 0)
+            rb.refcount_set(data, off // cs % entries, bits, 0)
         if data == bytes(cs):
             dropped.append(i)
     if not dropped:
         return
     new = table.copy()
     new[dropped] = 0
-    rc.write_reftable(q, new.tolist())
+    rb.write_reftable(q, new.tolist())
     for i in dropped:
-        rc.free_clusters(q, int(table[i]) & REFT_OFFSET_MASK, cs, discard=True)
+        rb.free_clusters(q, int(table[i]) & REFT_OFFSET_MASK, cs, discard=True)
 
 
 def _cut_file(q: Qcow2File) -> None:
@@ -174,7 +172,7 @@ def _cut_file(q: Qcow2File) -> None:
     cs = q.cluster_size
     size = q.file_size()
     last = -(-size // cs) - 1
-    while last >= 0 and rc.get_refcount(q, last) == 0:
+    while last >= 0 and rb.get_refcount(q, last) == 0:
         last -= 1
     if (last + 1) * cs < size:
         q.truncate((last + 1) * cs)

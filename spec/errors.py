@@ -38,3 +38,9 @@ class CorruptionError(Qcow2Error):
 
 class RequestError(Qcow2Error):
     """The caller's mistake: out-of-range request, write to a read-only image, bad option."""
+
+
+class WrongKey(RequestError):
+    """An encrypted image's passphrase unlocks no key slot (QEMU: "Invalid password, cannot
+    unlock any keyslot"). A RequestError because the key is the caller's input; LUKS1 cannot
+    tell a wrong passphrase from damaged key material, so both end here (spec/encryption.py)."""

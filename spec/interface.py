@@ -39,6 +39,37 @@ class Image(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+BDRV_BLOCK_ALLOCATED = 0x10
+"""The block-status bit for "allocated in this layer" (block/block-common.h)."""
+
+
+class BlockStatus(Protocol):
+    """One layer's block-status answer (bdrv_co_block_status): QEMU's BDRV_BLOCK_* bits in
+    ``flags``, holding for ``length`` bytes."""
+
+    flags: int
+    length: int
+
+
+@runtime_checkable
+class Introspectable(Protocol):
+    """What an engine lets a differential tester see beyond ``Image``: state QEMU keeps to
+    itself that the tester needs to judge a run (difftest/core/introspect.py). An ``Image``
+    without these members is compared through the interface alone, more slowly."""
+
+    broken: bool
+    """The image was flagged corrupt during I/O (qcow2_signal_corruption) and serves no
+    further requests."""
+
+    @property
+    def packed_into_live_cluster(self) -> bool:
+        """A compressed write of this open packed data into a host cluster that something
+        else owns, as QEMU 7.2's qcow2_alloc_bytes can: the file is damaged as QEMU's is."""
+
+    def layer_status(self, offset: int, n: int, want_zero: bool = True) -> BlockStatus:
+        """The top layer's own block status at ``offset``, without the backing chain."""
+
+
 @dataclass
 class CheckResult:
     """The fields of ``qemu-img check --output=json`` (qapi/block-core.json, ImageCheck).

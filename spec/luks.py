@@ -64,6 +64,38 @@ LuksHeader = c.Struct(
 )
 """The LUKS1 partition header (592 bytes, QCryptoBlockLUKSHeader in crypto/block-luks.c)."""
 
+
+def _material_padding(ctx: c.Container) -> int:
+    p = ctx._params
+    return _splitkey_sectors(p.key_bytes, p.stripes) * LUKS_SECTOR_SIZE - p.key_bytes * p.stripes
+
+
+LuksKeyMaterial = c.Struct(
+    "stripes" / c.Array(c.this._params.stripes, c.Bytes(c.this._params.key_bytes))
+    * "The slot's `stripes` anti-forensic stripes of `key_bytes` each, encrypted as one run of "
+    "512-byte sectors numbered from 0 with the payload cipher, keyed by PBKDF2 of the passphrase "
+    "(the slot's salt and iterations). Decrypted, stripes 0 to n-2 are random and the last is "
+    "chosen so that the AF merge (xor each stripe into a running block, diffusing the block with "
+    "the header's hash after every stripe but the last) gives the master key.",
+    "padding" / c.Bytes(_material_padding)
+    * "Zeros up to the next 4 KiB boundary, where the next slot's area starts (cryptsetup's "
+    "rounding, which QEMU follows).",
+)
+"""One key slot's key material at key_material_offset sectors into the LUKS area. Parse with
+``stripes=`` and ``key_bytes=`` (the header's values) as construct context parameters."""
+
+LuksArea = c.Struct(
+    "phdr" / LuksHeader * "The LUKS partition header.",
+    "phdr_padding" / c.Bytes(LUKS_KEY_SLOT_OFFSET - LUKS_HEADER_SIZE)
+    * "Zeros up to 4 KiB, where key material may start.",
+    "key_material_areas" / c.Bytes(lambda ctx: max(ctx.phdr.payload_offset * LUKS_SECTOR_SIZE
+                                                  - LUKS_KEY_SLOT_OFFSET, 0))
+    * "The eight slots' key material areas back to back, each rounded up to 4 KiB; an inactive "
+    "slot's area is zeros. Ends at payload_offset, which in qcow2 is the area's length.",
+)
+"""The whole LUKS area in a qcow2 file: at the crypto header extension's offset, as long as
+its length (QEMU: payload_offset * 512 bytes, in clusters of their own)."""
+
 # QAPI enum names (qapi/crypto.json) of the algorithms QEMU 7.2's LUKS driver maps.
 CIPHER_MODES = ("ecb", "cbc", "xts", "ctr")
 """QCryptoCipherMode."""

@@ -26,6 +26,7 @@ from spec.header import (
     HeaderExtension,
 )
 from spec.limits import MAX_CLUSTER_BITS, MIN_CLUSTER_BITS
+from spec.luks import LuksArea, LuksHeader, LuksKeyMaterial, LuksKeySlot
 from spec.snapshot import SnapshotHeader
 from spec.tables import (
     BitmapTableEntry,
@@ -81,6 +82,8 @@ class Structure:
     description: str
     part: str | None = None
     """None: every field. "": the top-level fields that do not nest. A name: that field's children."""
+    document: str = "qcow2.rst"
+    """The document ``section`` belongs to (the LUKS structures come from the LUKS1 spec)."""
 
 
 def _compressed_entries() -> tuple[Structure, ...]:
@@ -180,6 +183,61 @@ STRUCTURES: tuple[Structure, ...] = (
         section="Full disk encryption header pointer",
         unit="bytes",
         description="Payload of extension type 0x0537be77; where the LUKS header lives in the image file.",
+    ),
+    Structure(
+        key="luks_area",
+        title="LUKS area",
+        schema=LuksArea,
+        part="",
+        section="Full disk encryption header pointer",
+        unit="bytes",
+        description=(
+            "With crypt_method 2, the extension above points at this area: the LUKS1 partition "
+            "header (next), zero padding, then the key material of the eight key slots. QEMU "
+            "allocates it as clusters of its own, refcounted like any cluster, of payload_offset "
+            "* 512 bytes (crypto/block-luks.c qcrypto_block_luks_create, block/qcow2.c "
+            "qcow2_crypto_hdr_init_func). Offsets below are relative to the area's start. "
+            "Guest data does not live here: it stays in ordinary clusters (see Encryption below)."
+        ),
+    ),
+    Structure(
+        key="luks_header",
+        title="LUKS partition header (phdr)",
+        schema=LuksHeader,
+        section="2.4 The partition header (phdr)",
+        document="LUKS1 on-disk format 1.2.1",
+        unit="bytes",
+        description=(
+            "At offset 0 of the LUKS area, 592 bytes, big-endian. Name fields are NUL-terminated "
+            "ASCII. QEMU parses and checks it even without the key, for qemu-img info and check "
+            "(crypto/block-luks.c, QCryptoBlockLUKSHeader)."
+        ),
+    ),
+    Structure(
+        key="luks_key_slot",
+        title="LUKS key slot descriptor",
+        schema=LuksKeySlot,
+        section="2.4 The partition header (phdr)",
+        document="LUKS1 on-disk format 1.2.1",
+        unit="bytes",
+        description=(
+            "key_slots[i] of the header, at byte 208 + 48 * i of the LUKS area. QEMU writes only "
+            "slot 0 active; slot i's key material starts at sector 8 + i * (the key material "
+            "rounded up to 4 KiB, in sectors)."
+        ),
+    ),
+    Structure(
+        key="luks_key_material",
+        title="LUKS key material (anti-forensic split master key)",
+        schema=LuksKeyMaterial,
+        section="2.2 AF-Splitter; 2.4 key material",
+        document="LUKS1 on-disk format 1.2.1",
+        unit="bytes",
+        description=(
+            "At key_material_offset * 512 bytes into the LUKS area, key_bytes * stripes bytes "
+            "(stripes is always 4000): 256000 bytes for aes-256-xts. Offsets are relative to the "
+            "slot's material."
+        ),
     ),
     Structure(
         key="backing_format_extension",

@@ -378,7 +378,7 @@ def render_structure(s: Structure) -> list[str]:
     unit = unit_of(s.schema)
     if unit != s.unit:
         raise LayoutError(f"registry says {s.key} is in {s.unit}, schema is in {unit}")
-    out = [f"### {s.title}", "", f"qcow2.rst: \"{s.section}\". {s.description}", ""]
+    out = [f"### {s.title}", "", f"{s.document}: \"{s.section}\". {s.description}", ""]
     rows = structure_rows(s)
     if s.part:
         group = next(r for r in layout(s.schema) if r.path == s.part)

@@ -22,7 +22,7 @@ from difftest.cli import main
 from spec import entries as en
 from spec import features as ft
 from spec import header as hd
-from spec.errors import UnsupportedFeature
+from spec.check import check as spec_check
 from spec.image import ImageFile, open_image
 from spec.rules import RULES_BY_ID, check
 from tests.qemu import SECRET_ARGS, create, qemu_io
@@ -87,13 +87,21 @@ def test_cli_unopenable_file_is_a_check_error(tmp_path: Path, capsys: pytest.Cap
     assert qemu_check(p)[0] == 1
 
 
-def test_repair_is_refused_not_ignored(qemu_images: dict[str, Path], tmp_path: Path) -> None:
-    dst = tmp_path / "leaky.qcow2"
+def test_the_model_checks_with_the_shared_engine() -> None:
+    """One check-and-repair engine (DESIGN.md): the model's check is spec.check's, not a copy."""
+    import model
+
+    assert model.check is spec_check
+
+
+def test_repair_of_a_clean_image_writes_nothing(qemu_images: dict[str, Path], tmp_path: Path) -> None:
+    dst = tmp_path / "clean.qcow2"
     shutil.copyfile(qemu_images["v3"], dst)
     before = dst.read_bytes()
-    with pytest.raises(UnsupportedFeature):
-        check(dst, repair="leaks")  # the rules catalogue only reports
-    # The CLI repairs through the model (tests/test_repair.py); a clean image stays untouched.
+    # The engine's entry point (model.check and impl.check are this function).
+    for mode in ("leaks", "all"):
+        r = spec_check(dst, repair=mode)
+        assert (r.exit_code, r.corruptions_fixed, r.leaks_fixed) == (0, 0, 0)
     assert main(["check", "-r", "all", str(dst)]) == 0
     assert dst.read_bytes() == before
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from difftest import mutate as mu
+from difftest.corpus import mutate as mu
 from spec.rules.check import check, verdict
 from tests.qemu import create, qemu_io
 

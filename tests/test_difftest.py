@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from difftest import qemuio
-from difftest.campaign import Shard, run_shard, run_shards
 from difftest.cli import main
-from difftest.config import Config, configs, parse_overrides
-from difftest.lockstep import Divergence, Lockstep, normalize_map
-from difftest.repro import pytest_body, shell_script
+from difftest.core import qemuio
+from difftest.core.campaign import Shard, run_shard, run_shards
+from difftest.core.config import Config, configs, parse_overrides
+from difftest.core.divergence import Divergence
+from difftest.core.lockstep import Lockstep, normalize_map
+from difftest.core.repro import pytest_body, shell_script
 from spec.errors import CorruptionError, RequestError
 
 pytestmark = pytest.mark.skipif(not qemuio.available(), reason="qemu-io is the oracle")
@@ -99,8 +100,12 @@ def test_qemu_packing_corruption_fails_alike(tmp_path: Path) -> None:
     """Found by ``make run`` (seed 39): QEMU 7.2 packs compressed data into a host cluster a
     normal write then reuses (qcow2_alloc_bytes), and the model does the same. Overwriting
     that cluster leaves guest [1024, 1536) undecodable in both files: reads must fail alike
-    (qemu's EIO inside the image is a CorruptionError), and teardown notes the damage."""
-    ls = Lockstep(tmp_path, Config(version=3, cluster_size=512, size=4096), ["model", "qemu"])
+    (qemu's EIO inside the image is a CorruptionError), and teardown notes the damage.
+    A campaign counts those notes through ``on_close``: the hook runs once, when the run is
+    closed, not when the teardown closes the targets before adding its notes."""
+    closed: list[tuple[int, list[str]]] = []
+    ls = Lockstep(tmp_path, Config(version=3, cluster_size=512, size=4096), ["model", "qemu"],
+                  on_close=[lambda run: closed.append((sum(run.ops.values()), list(run.notes)))])
     try:
         ls.write_compressed(off=512, n=512, byte=0)
         ls.write_compressed(off=512, n=512, seed=0)
@@ -109,8 +114,11 @@ def test_qemu_packing_corruption_fails_alike(tmp_path: Path) -> None:
         ls.write_compressed(off=0, n=512, seed=0)
         assert not ls.read(off=1024, n=512)
         ls.finish()
+        assert closed == []
     finally:
         ls.close()
+    ls.close()
+    assert closed == [(7, ls.notes)]  # six operations and the teardown's compare_map
     assert any(n.startswith("qemu-unreadable") for n in ls.notes)
     assert any(n.startswith("qemu-corrupt") for n in ls.notes)
 
@@ -201,6 +209,67 @@ def test_the_corrupt_bit_in_one_file_only_is_a_divergence(tmp_path: Path) -> Non
         ls.targets[1].image.corrupt = lambda message: CorruptionError(message)
         with pytest.raises(Divergence, match="only some targets flagged the image corrupt"):
             ls.write_compressed(off=32768, n=512, byte=0)
+
+
+class Plain:
+    """A model image behind the bare Image interface, like a foreign ``py:`` target: the
+    harness must compare it through read() and map() alone."""
+
+    def __init__(self, img: Any) -> None:
+        self.img = img
+        self.size, self.cluster_size = img.size, img.cluster_size
+
+    def read(self, off: int, n: int) -> bytes:
+        return bytes(self.img.read(off, n))
+
+    def write(self, off: int, data: bytes) -> None:
+        self.img.write(off, data)
+
+    def discard(self, off: int, n: int) -> None:
+        self.img.discard(off, n)
+
+    def map(self, off: int = 0, n: int | None = None) -> list[dict[str, Any]]:
+        return list(self.img.map(off, n))
+
+    def flush(self) -> None:
+        self.img.flush()
+
+    def close(self) -> None:
+        self.img.close()
+
+
+class PlainModel:
+    def create(self, path: str, size: int, **kw: Any) -> None:
+        import model
+        model.create(path, size, **kw)
+
+    def open(self, path: str, readonly: bool = False) -> Plain:
+        import model
+        return Plain(model.open(path, readonly=readonly))
+
+
+plain = PlainModel()
+
+
+def test_each_target_is_asked_what_its_image_supports(tmp_path: Path) -> None:
+    """The model shows its own block status (spec.interface.Introspectable), qemu-io answers
+    its own commands, and a bare image is compared through the interface (the reference
+    target here, so the top-layer allocation comes from its map())."""
+    from difftest.core.introspect import EngineIntrospection, Introspection, QemuIntrospection
+
+    with Lockstep(tmp_path, Config(version=3, cluster_size=4096, size=1 << 20),
+                  ["py:tests.test_difftest:plain", "model", "qemu"]) as ls:
+        assert [(t.name, type(t.introspection)) for t in ls.targets] == [
+            ("plain", Introspection), ("model", EngineIntrospection), ("qemu", QemuIntrospection)]
+        assert ls.write(off=4095, n=2, byte=0x5A) and ls.discard(off=0, n=8192)
+        assert ls.read(off=0, n=12288)
+        ls.finish()
+    with Lockstep(tmp_path / "bad", Config(version=3, cluster_size=4096, size=1 << 20),
+                  ["py:tests.test_difftest:plain", "qemu"]) as ls:
+        # A write the plain side drops: it reads zeros as qemu does, but allocates nothing.
+        ls.targets[0].image.img.write = lambda off, data: None
+        with pytest.raises(Divergence, match="top-layer allocation"):
+            ls.write(off=0, n=4096, byte=0)
 
 
 def test_config_rules_follow_qemu_img_create() -> None:
@@ -313,7 +382,7 @@ class DropsLastByte:
     like a package, to run as a ``py:`` target."""
 
     def create(self, path: str, size: int, **kw: Any) -> None:
-        from difftest.targets import qemu_img_create
+        from difftest.core.targets import qemu_img_create
         cfg = Config(version=kw["version"], cluster_size=kw["cluster_size"],
                      refcount_bits=kw["refcount_bits"], extended_l2=kw["extended_l2"],
                      compression_type=kw["compression_type"], lazy_refcounts=kw["lazy_refcounts"],
@@ -427,7 +496,7 @@ def test_cli_refuses_fewer_than_two_targets(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_missing_qemu_is_announced_and_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
-    from difftest.commands.difftest import resolve_targets
+    from difftest.cli.difftest import resolve_targets
     monkeypatch.setattr(qemuio, "available", lambda: False)
     said: list[str] = []
     assert resolve_targets("qemu,qemu2", said.append) == []
@@ -437,8 +506,8 @@ def test_missing_qemu_is_announced_and_dropped(monkeypatch: pytest.MonkeyPatch) 
 # --- the backing chain's set-up ------------------------------------------------------------
 
 def test_a_large_backing_layer_carries_the_pattern_around_every_edge_point() -> None:
-    from difftest.config import edge_points
-    from difftest.targets import FULL_PATTERN_MAX, pattern_spans
+    from difftest.core.config import edge_points
+    from difftest.core.targets import FULL_PATTERN_MAX, pattern_spans
 
     small = Config(cluster_size=4096, size=2 << 20, backing="qcow2")
     assert pattern_spans(small, small.backing_bytes) == [(0, small.backing_bytes)]
@@ -458,7 +527,7 @@ def test_a_large_backing_layer_carries_the_pattern_around_every_edge_point() -> 
 def test_backing_chains_are_built_once_and_copied_sparse(tmp_path: Path) -> None:
     import os
 
-    from difftest.targets import backing_plan, build_backing, cached_backing, copy_backing
+    from difftest.core.targets import backing_plan, build_backing, cached_backing, copy_backing
 
     cfg = Config(cluster_size=4096, size=(48 << 20) + 512, backing="raw")  # above FULL_PATTERN_MAX
     cache = tmp_path / "cache"
@@ -500,7 +569,7 @@ def test_a_campaign_draws_nothing_from_the_projects_literals(tmp_path: Path) -> 
     mutant tests shrank to 6 steps or 10 depending on what an earlier test had imported)."""
     from hypothesis.internal.conjecture import providers
 
-    import difftest.bench  # noqa: F401 - a local module full of literals
+    import difftest.bench.harness  # noqa: F401 - a local module full of literals
     seen: list[int] = []
 
     def on_event(kind: str, value: Any) -> None:

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from difftest import qemuio
-from difftest.campaign import Shard, Stats, run_shard
-from difftest.targets import module_available
+from difftest.core import qemuio
+from difftest.core.campaign import Shard, Stats, run_shard
+from difftest.core.targets import module_available
 
 pytestmark = pytest.mark.skipif(not (qemuio.available() and module_available("model")),
                                 reason="needs qemu-io and the model")
@@ -49,24 +49,24 @@ def test_unmutated_model_is_clean_here(tmp_path: Path, extended: bool) -> None:
 
 def _zero_flag_ignored(mp: pytest.MonkeyPatch) -> None:
     """Reads of a zero cluster fall through to the backing file."""
-    import model.image as mi
+    import model.read as mi
     from spec.entries import SubclusterType
-    orig: Callable[..., bytes] = mi.Image._read_subcluster
+    orig: Callable[..., bytes] = mi.read_subcluster
 
     def read_subcluster(self: Any, pos: int, n: int, entry: int, bitmap: int) -> bytes:
         q = self.q
         t = mi.subcluster_type(entry, bitmap, q.geometry.subcluster_index(pos),
                                extended_l2=q.extended_l2, has_data_file=q.has_data_file)
         if t in (SubclusterType.ZERO_PLAIN, SubclusterType.ZERO_ALLOC):
-            return bytes(self._backing_read(pos, n))
+            return bytes(mi.backing_read(self, pos, n))
         return orig(self, pos, n, entry, bitmap)
 
-    mp.setattr(mi.Image, "_read_subcluster", read_subcluster)
+    mp.setattr(mi, "read_subcluster", read_subcluster)
 
 
 def _garbage_past_backing_end(mp: pytest.MonkeyPatch) -> None:
     """Reads beyond a shorter backing file return stale bytes instead of zeros."""
-    import model.image as mi
+    import model.read as mi
 
     def backing_read(self: Any, pos: int, n: int) -> bytes:
         if self.backing is None:
@@ -75,12 +75,12 @@ def _garbage_past_backing_end(mp: pytest.MonkeyPatch) -> None:
         head = self.backing.read(pos, inside) if inside else b""
         return bytes(head) + b"\xb1" * (n - inside)
 
-    mp.setattr(mi.Image, "_backing_read", backing_read)
+    mp.setattr(mi, "backing_read", backing_read)
 
 
 def _discard_keeps_refcount(mp: pytest.MonkeyPatch) -> None:
     """A guest discard unmaps the cluster but never drops its reference (a leak)."""
-    import model.refcounts as rc
+    import spec.refblocks as rc
     orig = rc.free_clusters
 
     def free_clusters(q: Any, offset: int, length: int, *, discard: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""The fuzz harness (difftest/fuzz.py): a fixed-seed campaign finds nothing, and the harness
+"""The fuzz harness (difftest/corpus/fuzz.py): a fixed-seed campaign finds nothing, and the harness
 really does catch crashes, hangs, memory blow-ups and dying workers when they happen.
 """
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from difftest import fuzz
-from difftest import mutate as mu
 from difftest.cli import main
+from difftest.corpus import fuzz
+from difftest.corpus import mutate as mu
 from spec.errors import FormatError
 
 

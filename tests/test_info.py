@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from difftest.cli import main
-from difftest.commands.info import (
+from difftest.cli.info import (
     image_info,
     info_output,
     json_string,

@@ -1,4 +1,5 @@
-"""The model decodes tables with struct and integer arithmetic for speed; the spec schemas
+"""The model and the raw-file primitives it shares with the repair engine (spec.refblocks)
+decode tables with struct, numpy and integer arithmetic for speed; the spec schemas
 (spec.tables) are the reference. Both readings must agree on every table and entry width."""
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import pytest
 
 import model
 from model import mapping as mp
-from model import refcounts as rc
+from spec import refblocks as rc
 from spec.geometry import Geometry
+from spec.refcounts import decode_refcount_block
 from spec.tables import l1_table, l2_table, refcount_block, refcount_table
 
 
@@ -27,7 +29,7 @@ def test_refcount_entries_agree_with_the_schema(order: int) -> None:
         rc.refcount_set(rebuilt, i, g.refcount_bits, v)
     assert bytes(rebuilt) == refcount_block(g).build(values) == data
     # The bulk codecs (numpy) agree too.
-    assert rc.decode_refblock(data, g.refcount_bits).tolist() == values
+    assert decode_refcount_block(data, g.refcount_bits).tolist() == values
     assert rc.encode_refblock(values, g.refcount_bits) == data
 
 

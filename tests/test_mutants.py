@@ -1,4 +1,4 @@
-"""The corruption-mutant corpus (difftest/mutate.py): deterministic, aimed where it says, and
+"""The corruption-mutant corpus (difftest/corpus/mutate.py): deterministic, aimed where it says, and
 judged by qemu-img check the way each mutation intends.
 """
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from difftest import mutate as mu
+from difftest.corpus import mutate as mu
 from spec import entries as en
 from spec.errors import FormatError, UnsupportedFeature
 from spec.image import open_image

@@ -5,7 +5,8 @@ every structure are read straight from the file and compared with what the schem
 from its own parse: the header (with header_tail), each extension, the backing file name,
 the active L1 table, every L2 table reachable from it and from every snapshot's L1 table,
 the refcount table and every refcount block, each snapshot table entry, the bitmap
-directory and the bitmap tables, the LUKS header pointer and every compressed cluster
+directory and the bitmap tables, the LUKS header pointer, the LUKS area it points at (the
+phdr, each key slot descriptor and each slot's key material) and every compressed cluster
 descriptor. A final test checks that each kind of structure was met at least once, so that
 the round trip cannot pass by finding nothing to test.
 """
@@ -21,6 +22,7 @@ import pytest
 
 from spec import entries as en
 from spec import header as hd
+from spec import luks as lk
 from spec.bitmaps import BitmapDirectoryEntry, bitmap_directory
 from spec.image import ImageFile, open_image
 from spec.snapshot import SnapshotHeader
@@ -47,6 +49,7 @@ EXPECTED_KINDS = {
     "l2_table_extended", "l2_entry", "l2_entry_extended", "snapshot_l1_table", "snapshot_l2_table",
     "refcount_table", "refcount_block", "snapshot", "snapshot_extra_data", "bitmap_directory",
     "bitmap_directory_entry", "bitmap_table", "compressed_descriptor", "luks_header_pointer",
+    "luks_area", "luks_header", "luks_key_slot", "luks_key_material",
     *(f"refcount_block:{bits}" for bits in (1, 2, 4, 8, 16, 32, 64)),
 }
 
@@ -96,6 +99,23 @@ def check_l2(img: ImageFile, offset: int, kind: str, done: set[int]) -> None:
             assert en.compressed_entry_reserved_ok(word, g.cluster_bits)
 
 
+def check_luks_area(area: bytes) -> None:
+    """The LUKS area: the whole area, the phdr, each slot descriptor and each slot's key material."""
+    whole = roundtrip("luks_area", lk.LuksArea, area)
+    h = roundtrip("luks_header", lk.LuksHeader, area[:lk.LUKS_HEADER_SIZE])
+    assert whole.phdr == h and len(area) == h.payload_offset * lk.LUKS_SECTOR_SIZE
+    for i, slot in enumerate(h.key_slots):
+        at = lk.LUKS_HEADER_SIZE - 48 * (lk.LUKS_NUM_KEY_SLOTS - i)
+        assert roundtrip("luks_key_slot", lk.LuksKeySlot, area[at:at + 48]) == slot
+        params = {"stripes": slot.stripes, "key_bytes": h.key_bytes}
+        start = slot.key_material_offset * lk.LUKS_SECTOR_SIZE
+        raw = area[start:start + lk._splitkey_sectors(h.key_bytes, slot.stripes) * lk.LUKS_SECTOR_SIZE]
+        material = lk.LuksKeyMaterial.parse(raw, **params)
+        assert lk.LuksKeyMaterial.build(material, **params) == raw
+        assert len(material.stripes) == slot.stripes and not any(material.padding)
+        SEEN["luks_key_material"] += 1
+
+
 def check_image(img: ImageFile) -> None:
     h = img.header
     hlen = img.header_length
@@ -116,6 +136,7 @@ def check_image(img: ImageFile) -> None:
         assert ptr is not None
         roundtrip("luks_header_pointer", hd.CryptoHeaderPointer, hd.CryptoHeaderPointer.build(ptr.data))
         assert ptr.data.offset % img.cluster_size == 0 and ptr.data.length > 0
+        check_luks_area(img.read(ptr.data.offset, ptr.data.length, "luks_area"))
 
     if h.backing_file_offset:
         raw = img.read(h.backing_file_offset, h.backing_file_size, "backing_file")

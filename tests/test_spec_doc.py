@@ -14,7 +14,7 @@ from pathlib import Path
 import construct as c
 import pytest
 
-from difftest.commands import spec as spec_command
+from difftest.cli import spec as spec_command
 from spec import entries, features, limits
 from spec.registry import STRUCTURES
 from spec.render import (

@@ -85,6 +85,40 @@ EXPECTED: dict[str, dict[str, Span]] = {
         "offset": (0, 7),
         "length": (8, 15),
     },
+    # The LUKS area the pointer names: qcow2.rst "Full disk encryption header pointer" (the
+    # LUKS header at its start) and the LUKS1 spec 2.4: key material no earlier than 4096.
+    "luks_area": {
+        "phdr_padding": (592, 4095),
+        "key_material_areas": (4096, V),
+    },
+    # LUKS1 on-disk format 1.2.1, "2.4 The partition header", Figure 2 (PHDR layout).
+    "luks_header": {
+        "magic": (0, 5),
+        "version": (6, 7),
+        "cipher_name": (8, 39),
+        "cipher_mode": (40, 71),
+        "hash_spec": (72, 103),
+        "payload_offset": (104, 107),
+        "key_bytes": (108, 111),
+        "mk_digest": (112, 131),
+        "mk_digest_salt": (132, 163),
+        "mk_digest_iter": (164, 167),
+        "uuid": (168, 207),
+        "key_slots": (208, 591),
+    },
+    # LUKS1 on-disk format, "2.4", Figure 3 (key slot layout), offsets within one slot.
+    "luks_key_slot": {
+        "active": (0, 3),
+        "iterations": (4, 7),
+        "salt": (8, 39),
+        "key_material_offset": (40, 43),
+        "stripes": (44, 47),
+    },
+    # LUKS1 "2.2 AF-Splitter": stripes * key_bytes of split key, then padding to 4 KiB.
+    "luks_key_material": {
+        "stripes": (0, V),
+        "padding": (V, V),
+    },
     # qcow2.rst "String header extensions": the whole payload is the string.
     "backing_format_extension": {"backing_format": (0, V)},
     "data_file_extension": {"data_file": (0, V)},
@@ -326,6 +360,23 @@ def test_extension_payload_ranges_are_where_construct_reads() -> None:
     _put(ext, EXPECTED["header_extension"]["type"], 0x23852875)
     _put(ext, EXPECTED["header_extension"]["length"], 24)
     assert _assert_parse_positions(HeaderExtension, ext) == 2
+
+
+def test_luks_ranges_are_where_construct_reads() -> None:
+    header = next(s for s in STRUCTURES if s.key == "luks_header").schema
+    slot = next(s for s in STRUCTURES if s.key == "luks_key_slot").schema
+    buf = _pattern(592)
+    buf[0:6] = b"LUKS\xba\xbe"
+    parsed = header.parse(bytes(buf))
+    for path, (start, end) in EXPECTED["luks_header"].items():
+        assert start is not None and end is not None
+        raw = bytes(buf[start:end + 1])
+        value = parsed[path]
+        if path == "key_slots":  # eight slot descriptors, each where the slot table puts it
+            assert [slot.build(v) for v in value] == [raw[48 * i:48 * (i + 1)] for i in range(8)]
+        else:
+            assert value == (int.from_bytes(raw, "big") if isinstance(value, int) else raw), path
+    assert _assert_parse_positions(slot, _pattern(48)) == 5
 
 
 def test_snapshot_and_bitmap_entry_ranges_are_where_construct_reads() -> None:

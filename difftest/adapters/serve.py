@@ -5,7 +5,7 @@
 MODULE is anything ``py:`` accepts without the prefix (``model``, ``impl``,
 ``package.module:NAME``). This is both a usable adapter (``cmd:model-io=python -m
 difftest.adapters.serve model``) and the reference for writing one in another language:
-it implements exactly the subset of qemu-io that difftest/qemuio.py sends, with qemu-io's
+it implements exactly the subset of qemu-io that difftest/core/qemuio.py sends, with qemu-io's
 output formats (qemu-io-cmds.c: read_f, write_f, discard_f, map_f, truncate_f).
 """
 

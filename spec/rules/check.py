@@ -19,7 +19,7 @@ import re
 
 from spec.errors import FormatError, UnsupportedFeature
 from spec.image import open_image
-from spec.interface import CheckResult, Repair
+from spec.interface import CheckResult
 from spec.rules.catalogue import Finding, Severity
 from spec.rules.evaluate import run
 
@@ -42,14 +42,9 @@ def open_failure(e: FormatError | UnsupportedFeature) -> Finding:
     return Finding(rule, None, str(e))
 
 
-def check(path: str | os.PathLike[str], *, repair: Repair = None) -> CheckResult:
+def check(path: str | os.PathLike[str]) -> CheckResult:
     """Check ``path`` read-only; never raises for a malformed file (the result says why).
-
-    ``repair`` ("leaks" or "all", DESIGN.md's interface) is not implemented yet: asking for it
-    raises UnsupportedFeature rather than silently checking only.
-    """
-    if repair is not None:
-        raise UnsupportedFeature("check repair", f"repair={repair!r} is not implemented yet")
+    The repair modes act on these findings (spec/check/, whose ``check`` is the interface's)."""
     result = CheckResult(filename=str(path))
     try:
         # As qemu-img check opens (BDRV_O_CHECK): the snapshot table and the bitmaps are not

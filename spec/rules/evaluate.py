@@ -37,7 +37,7 @@ class Evaluation:
     """QEMU's check fails here (exit 1, no result): a CHECK-COMPLETES finding is included."""
     tally: Tally | None = None
     """The computed refcounts (calculate_refcounts' in-memory table), once the walk got that
-    far: what a repair (model/repair.py) compares with and rebuilds from."""
+    far: what a repair (spec/check/fix_pass.py) compares with and rebuilds from."""
 
 
 def evaluate(img: ImageFile) -> list[Finding]:

@@ -1,0 +1,69 @@
+"""Throughput of the differential harness (``qcow2lab bench difftest``).
+
+Two figures per target set, both printed, never asserted in tests (DESIGN.md, Performance):
+- steady state: one long ``Lockstep`` fed a fixed pseudo-random mix of guest I/O (of 10
+  operations: 3 pattern writes, 1 random-bytes write, 1 write_zeroes, 1 discard, 3 reads,
+  1 flush), every one cross-checked as in a campaign (bytes read back, maps of the touched
+  range), without image set-up. The figure is the median of ``rounds`` runs, each on a
+  fresh image: one run is a second long, and on a shared machine single runs vary by 10%;
+- campaign: a Hypothesis shard, wall clock including set-up, shrinking machinery and the
+  teardown checks (qemu-img check, compare, rules, cross-reads).
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from difftest.core.campaign import Shard, run_shard
+from difftest.core.config import Config
+from difftest.core.lockstep import Lockstep
+
+
+def steady_state(targets: list[str], ops: int, cfg: Config, seed: int = 0, rounds: int = 3) -> dict[str, Any]:
+    runs = sorted((_steady_run(targets, ops, cfg, seed) for _ in range(rounds)),
+                  key=lambda r: r["ops_per_second"])
+    median = runs[len(runs) // 2]
+    return dict(median, rounds=[r["ops_per_second"] for r in runs])
+
+
+def _steady_run(targets: list[str], ops: int, cfg: Config, seed: int) -> dict[str, Any]:
+    rnd = random.Random(seed)
+    c = cfg.cluster_size
+    with tempfile.TemporaryDirectory(prefix="difftest-bench-") as d:
+        ls = Lockstep(Path(d), cfg, targets)
+        try:
+            t0 = time.perf_counter()
+            for _ in range(ops):
+                k = rnd.randrange(10)
+                off = rnd.randrange(0, cfg.size // 512) * 512 + rnd.choice([0, 0, 1, 511])
+                n = min(rnd.choice([512, 4096, c, 2 * c, 777]), cfg.size - off)
+                if k < 3:
+                    ls.write(off, n, rnd.choice([0x11, 0x22, 0]))
+                elif k == 3:
+                    ls.write_random(off, min(n, 8192), rnd.randrange(1 << 16))
+                elif k == 4:
+                    ls.write_zeroes(off, n, rnd.random() < 0.5)
+                elif k == 5:
+                    ls.discard(off, n)
+                elif k < 9:
+                    ls.read(off, n)
+                else:
+                    ls.flush()
+            dt = time.perf_counter() - t0
+            ls.finish()
+        finally:
+            ls.close()
+    return {"targets": targets, "ops": ops, "seconds": round(dt, 3), "ops_per_second": round(ops / dt, 1)}
+
+
+def campaign(targets: list[str], examples: int, steps: int, seed: int = 0) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="difftest-bench-") as d:
+        st = run_shard(Shard(targets, seed, examples, steps, db_dir=None, repro_dir=str(Path(d) / "repro"),
+                             shrink=False, multiple_bugs=False))  # a figure, not a hunt
+    return {"targets": targets, "examples": st.examples, "ops": sum(st.ops.values()),
+            "seconds": round(st.elapsed, 3), "ops_per_second": round(st.ops_per_second, 1),
+            "divergences": len(st.divergences)}

@@ -1,0 +1,23 @@
+"""``qcow2lab run``: the default campaign behind ``make run``.
+
+About two minutes of ``qcow2lab difftest``: every usable target (model, impl, qemu-io) in
+lockstep over configurations drawn by Hypothesis, shards started until the time budget is
+spent, on two processes. Prints a progress bar and a summary; exit 1 on any divergence.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from difftest.cli.difftest import add_campaign_args
+from difftest.cli.difftest import run as difftest_run
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the default differential campaign, about 2 minutes (make run)")
+    add_campaign_args(p, profile="ci")
+    p.set_defaults(func=run, time_budget=110.0, jobs=2, examples=40)
+
+
+def run(args: argparse.Namespace) -> int:
+    return difftest_run(args)

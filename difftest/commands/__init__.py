@@ -1,1 +1,0 @@
-"""One module per qcow2lab verb; see difftest/cli.py."""

@@ -1,0 +1,184 @@
+"""One campaign configuration: the image options and the backing set-up, drawn once per run.
+
+The valid combinations follow qemu-img create (block/qcow2.c, qcow2_co_create_opts and
+qcow2_co_create): extended_l2, zstd, lazy_refcounts and data files need compat=1.1
+(version 3); extended L2 needs clusters of at least 16 KiB; data_file_raw needs a data file
+and no backing file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import strategies as st
+
+from spec.geometry import Geometry
+from spec.limits import MIN_CLUSTER_BITS_EXTENDED_L2
+
+BACKINGS = ("none", "raw", "qcow2", "qcow2x2")
+"""none; a raw file; one qcow2; two qcow2 levels (the lower one written first)."""
+BACKING_SIZES = ("same", "shorter", "longer")
+
+
+@dataclass(frozen=True)
+class Config:
+    version: int = 3
+    cluster_size: int = 65536
+    refcount_bits: int = 16
+    extended_l2: bool = False
+    compression_type: str = "zlib"
+    lazy_refcounts: bool = False
+    backing: str = "none"
+    backing_size: str = "same"
+    data_file: bool = False
+    data_file_raw: bool = False
+    size: int = 4 << 20
+
+    def validate(self) -> None:
+        """Raise ValueError for a combination qemu-img create refuses."""
+        if self.version not in (2, 3):
+            raise ValueError("version must be 2 or 3")
+        if self.cluster_size & (self.cluster_size - 1) or not 512 <= self.cluster_size <= 2 << 20:
+            raise ValueError("cluster_size must be a power of two in 512..2M")
+        if self.version == 2 and (self.extended_l2 or self.compression_type != "zlib"
+                                  or self.lazy_refcounts or self.data_file or self.refcount_bits != 16):
+            raise ValueError("v2 images have none of extended_l2, zstd, lazy_refcounts, data_file, "
+                             "refcount_bits != 16")
+        if self.extended_l2 and self.cluster_size < 1 << MIN_CLUSTER_BITS_EXTENDED_L2:
+            raise ValueError("extended_l2 needs cluster_size >= 16K")
+        if self.data_file_raw and not self.data_file:
+            raise ValueError("data_file_raw needs data_file")
+        if self.data_file_raw and self.backing != "none":
+            # qcow2_co_create: "Backing file and data-file-raw cannot be used at the same time"
+            raise ValueError("data_file_raw excludes a backing file")
+        if self.backing not in BACKINGS or self.backing_size not in BACKING_SIZES:
+            raise ValueError("bad backing set-up")
+        if self.size % 512:
+            raise ValueError("size must be a multiple of 512")
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.cluster_size.bit_length() - 1, self.extended_l2,
+                        self.refcount_bits.bit_length() - 1)
+
+    @property
+    def backing_bytes(self) -> int:
+        if self.backing_size == "shorter":
+            return (self.size // 2) // 512 * 512 + 512
+        if self.backing_size == "longer":
+            return self.size + 3 * 512 + self.cluster_size
+        return self.size
+
+    def create_options(self) -> dict[str, Any]:
+        """Keyword options of spec.interface's create()."""
+        return {"version": self.version, "cluster_size": self.cluster_size,
+                "refcount_bits": self.refcount_bits, "extended_l2": self.extended_l2,
+                "compression_type": self.compression_type, "lazy_refcounts": self.lazy_refcounts}
+
+    def short(self) -> str:
+        parts = [f"v{self.version}", _human(self.cluster_size), f"rc{self.refcount_bits}"]
+        if self.extended_l2:
+            parts.append("extl2")
+        if self.compression_type != "zlib":
+            parts.append(self.compression_type)
+        if self.lazy_refcounts:
+            parts.append("lazy")
+        if self.backing != "none":
+            parts.append(f"backing={self.backing}/{self.backing_size}")
+        if self.data_file:
+            parts.append("data_file_raw" if self.data_file_raw else "data_file")
+        parts.append(_human(self.size))
+        return ",".join(parts)
+
+    def replace(self, **kw: Any) -> Config:
+        return dataclasses.replace(self, **kw)
+
+
+def _human(n: int) -> str:
+    for unit, sh in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << sh and n % (1 << sh) == 0:
+            return f"{n >> sh}{unit}"
+    return str(n)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--config KEY=VAL`` pairs into typed Config fields (sizes accept K/M/G)."""
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, val = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise ValueError(f"--config {pair!r}: expected KEY=VAL with KEY in {sorted(fields)}")
+        default = getattr(Config(), key)
+        if isinstance(default, bool):
+            out[key] = val.lower() in ("1", "on", "true", "yes")
+        elif isinstance(default, int):
+            out[key] = _parse_int(val)
+        else:
+            out[key] = val
+    return out
+
+
+def _parse_int(val: str) -> int:
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    v = val.strip().lower()
+    if v and v[-1] in mult:
+        return int(v[:-1]) * mult[v[-1]]
+    return int(v, 0)
+
+
+@st.composite
+def configs(draw: st.DrawFn, overrides: dict[str, Any] | None = None) -> Config:
+    """Configurations weighted towards small clusters (many boundaries per byte written)."""
+    ov = overrides or {}
+
+    def pick(name: str, strat: st.SearchStrategy[Any]) -> Any:
+        return ov[name] if name in ov else draw(strat)
+
+    version = pick("version", st.sampled_from([3, 3, 3, 2]))
+    cluster_bits = pick("cluster_size", st.sampled_from(
+        [9, 9, 10, 12, 12, 14, 16, 16, 21]).map(lambda b: 1 << b))
+    cluster_size = int(cluster_bits)
+    v3 = version == 3
+    extended_l2 = pick("extended_l2", st.booleans() if v3 and cluster_size >= 16384 else st.just(False))
+    refcount_bits = pick("refcount_bits", st.sampled_from([16, 16, 1, 2, 4, 8, 32, 64])
+                         if v3 else st.just(16))
+    compression = pick("compression_type", st.sampled_from(["zlib", "zstd"]) if v3 else st.just("zlib"))
+    lazy = pick("lazy_refcounts", st.booleans() if v3 else st.just(False))
+    backing = pick("backing", st.sampled_from(BACKINGS))
+    backing_size = pick("backing_size", st.sampled_from(BACKING_SIZES) if backing != "none"
+                        else st.just("same"))
+    data_file = pick("data_file", st.sampled_from([False, False, False, True]) if v3 else st.just(False))
+    data_file_raw = pick("data_file_raw", st.booleans() if data_file and backing == "none"
+                         else st.just(False))
+    g = Geometry(cluster_size.bit_length() - 1, bool(extended_l2))
+    # Sizes: a few clusters, or a bit more than one L2 table's reach so an L1 boundary is
+    # inside the image (kept below 1 GiB of virtual size so a whole-image compare stays cheap
+    # in sparse form), with a sector-granular tail so the image end is not cluster-aligned.
+    cap = 1 << 30
+    choices = [cluster_size * 8, cluster_size * 37 + 512 * 3]
+    if g.l2_coverage * 2 <= cap:
+        choices.append(g.l2_coverage + cluster_size * 3 + 512)
+    size = pick("size", st.sampled_from(choices))
+    cfg = Config(version=int(version), cluster_size=cluster_size, refcount_bits=int(refcount_bits),
+                 extended_l2=bool(extended_l2), compression_type=str(compression), lazy_refcounts=bool(lazy),
+                 backing=str(backing), backing_size=str(backing_size), data_file=bool(data_file),
+                 data_file_raw=bool(data_file_raw), size=int(size))
+    cfg.validate()
+    return cfg
+
+
+def edge_points(cfg: Config, size: int) -> list[int]:
+    """The guest offsets where qcow2 implementations go wrong, for an image of ``size``
+    bytes: subcluster, cluster, L2-slice and L1 boundaries, the middle and the end, and the
+    end of the backing file. The state machine draws offsets near them, and the backing
+    file's pattern covers them (difftest/core/targets.py)."""
+    g = cfg.geometry
+    c = cfg.cluster_size
+    slice_reach = (4096 // g.l2_entry_size) * c  # QEMU's default 4 KiB L2 cache slice
+    pts = {0, size, g.subcluster_size, 2 * g.subcluster_size + c, c, 2 * c, 3 * c, slice_reach,
+           g.l2_coverage, 2 * g.l2_coverage, size - c, size // 2 // c * c, cfg.backing_bytes}
+    return sorted(p for p in pts if 0 <= p <= size)

@@ -1,0 +1,508 @@
+"""The lockstep harness: one operation applied to every target, then cross-checked.
+
+``Lockstep`` is what the Hypothesis state machine (difftest/core/machine.py) drives, and also
+what a reproducer calls directly: every public method is one guest operation, is logged in
+``log`` as ``(method, kwargs)``, and raises ``Divergence`` when the targets disagree.
+
+After every operation:
+- every target succeeded, or every target failed with the same spec.errors class;
+- the touched range reads back the same bytes on every target (runs of one byte are
+  verified inside qemu-io with ``read -P``, the rest compared byte for byte);
+- in-process targets agree on ``map`` (present/zero/data/depth per extent) over the
+  touched range; qemu's map costs a qemu-img process, so it is compared by the
+  ``compare_map`` operation and in ``finish``.
+``finish`` closes everything and checks each target's file (difftest/core/teardown.py).
+What the harness may ask a target beyond the Image interface is its ``introspection``
+(difftest/core/introspect.py); ``on_close`` hooks see the run's counters once it is over.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from difftest.core import qemuio, teardown
+from difftest.core.config import Config
+from difftest.core.divergence import Divergence
+from difftest.core.oracle import qemu_check
+from difftest.core.targets import (
+    Target,
+    build_backing,
+    cached_backing,
+    copy_backing,
+    in_separate_process,
+    make_target,
+    random_bytes,
+)
+from spec.errors import Qcow2Error
+from spec.features import QCOW2_INCOMPAT_CORRUPT
+from spec.image import open_image
+
+VERIFY_MAX = 256 * 1024
+"""Touched ranges longer than this are verified at both ends and in the middle only."""
+VERIFY_PIECE = 64 * 1024
+
+
+Outcome = tuple[str, Any]
+"""("ok", value) or ("err", exception class name)."""
+
+
+def normalize_map(extents: list[dict[str, Any]], start: int, end: int, *,
+                  host_holes: bool = True) -> list[tuple[int, int, bool, bool, bool, int]]:
+    """Extents clipped to [start, end), host offsets dropped, equal neighbours merged.
+
+    qemu-img map merges neighbours only when their host offsets are contiguous; host
+    placement is not guest-visible, so it is left out of the comparison.
+
+    ``host_holes=False`` drops the zero flag of data extents. QEMU sets it from the host
+    file (bdrv_co_block_status asks the file when qcow2 returns BDRV_BLOCK_RECURSE, i.e.
+    when qcow2_detect_metadata_preallocation fires), and on ext4 a range zeroed with
+    FALLOC_FL_ZERO_RANGE (handle_alloc_space) is an unwritten extent that SEEK_DATA
+    reports as data once the page cache holds pages for it, which readahead of any nearby
+    read brings in. Two byte-identical files read differently (the harness reads each
+    target's file differently) can thus map differently: host state, not qcow2 semantics.
+    """
+    out: list[list[Any]] = []
+    for e in extents:
+        s = max(int(e["start"]), start)
+        t = min(int(e["start"]) + int(e["length"]), end)
+        if s >= t:
+            continue
+        zero = bool(e["zero"]) and (host_holes or not e["data"])
+        key = (bool(e.get("present", True)), zero, bool(e["data"]), int(e.get("depth", 0)))
+        if out and out[-1][1] == s and tuple(out[-1][2:]) == key:
+            out[-1][1] = t
+        else:
+            out.append([s, t, *key])
+    return [(a, b - a, p, z, d, dep) for a, b, p, z, d, dep in out]
+
+
+def _corrupt_bit(path: Path) -> bool:
+    """Whether the file's header has the corrupt bit (read without a lock, as qemu-img -U)."""
+    try:
+        with open_image(path) as img:
+            return bool(img.incompatible_features & QCOW2_INCOMPAT_CORRUPT)
+    except Qcow2Error:
+        return False
+
+
+class Lockstep:
+    def __init__(self, root: Path | str, cfg: Config, targets: list[str],
+                 readers: list[str] | tuple[str, ...] = (), backing_cache: Path | None = None,
+                 on_close: Iterable[Callable[[Lockstep], None]] = ()) -> None:
+        self.root = Path(root)
+        self.on_close = list(on_close)
+        """Called once each, by the first ``close``, with the run's final ``ops`` and
+        ``notes`` (a campaign counts them this way)."""
+        self.closed = False
+        self.readers = list(readers)
+        """Read-only adapters (difftest/adapters) that read every file at ``finish``."""
+        self.cfg = cfg
+        self.log: list[tuple[str, dict[str, Any]]] = []
+        self.touched: list[tuple[int, int]] = []
+        self.ops: Counter[str] = Counter()
+        self.notes: list[str] = []
+        self.size = cfg.size
+        self.targets: list[Target] = []
+        self.oracle_broken = False
+        """Set when QEMU's own image turned out corrupt at a disagreement (see
+        _unless_oracle_corrupt), or when QEMU dropped the node (_after_corruption); nothing
+        is run or compared after that."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        backing_dir = self.root / "backing"
+        backing: tuple[str, str] | None = None
+        if cfg.backing != "none" and backing_cache is not None:
+            backing_dir, backing = cached_backing(cfg, backing_cache)
+        elif cfg.backing != "none":
+            backing_dir.mkdir(exist_ok=True)
+            backing = build_backing(cfg, backing_dir)
+        for spec in targets:
+            t = make_target(spec, self.root)
+            t.dir.mkdir(parents=True, exist_ok=True)
+            if backing is not None:
+                copy_backing(cfg, backing_dir, t.dir)
+            self.targets.append(t)
+        # In-process targets first: they give the reference bytes cheaply.
+        self.targets.sort(key=lambda t: not t.in_process)
+        for t in self.targets:
+            try:
+                t.setup(cfg, backing)
+            except Qcow2Error as e:
+                raise Divergence("setup", "create", f"{t.name}: {type(e).__name__}: {e}") from e
+        sizes = {t.name: t.image.size for t in self.targets}
+        if len(set(sizes.values())) > 1:
+            raise Divergence("size", "create", f"virtual sizes differ: {sizes}")
+        self.size = next(iter(sizes.values()))
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _each(self, op: str, fn: Callable[[Target], Any]) -> list[Outcome]:
+        out: list[Outcome] = []
+        for t in self.targets:
+            try:
+                out.append(("ok", fn(t)))
+            except qemuio.QemuIoDied as e:
+                raise Divergence("crash", op, f"{t.name}: {e}") from e
+            except Qcow2Error as e:
+                out.append(("err", type(e).__name__))
+            except Exception as e:  # DESIGN.md: only spec.errors may escape
+                raise Divergence("exception", op, f"{t.name} raised {type(e).__name__}: {e}") from e
+        return out
+
+    def _agree(self, op: str, outcomes: list[Outcome]) -> bool:
+        """True when all succeeded, False when all failed alike; Divergence otherwise."""
+        kinds = {o[0] if o[0] == "ok" else o[1] for o in outcomes}
+        if len(kinds) > 1:
+            desc = ", ".join(f"{t.name}={o[0] if o[0] == 'ok' else o[1]}"
+                             for t, o in zip(self.targets, outcomes, strict=True))
+            raise Divergence("error", op, f"outcomes differ: {desc}")
+        return outcomes[0][0] == "ok"
+
+    def _op(self, name: str, kw: dict[str, Any], fn: Callable[[Target], Any],
+            touched: tuple[int, int] | None = None) -> bool:
+        self.log.append((name, kw))
+        self.ops[name] += 1
+        if self.oracle_broken:
+            # Nothing is compared any more, so nothing is run either: a dropped qemu node
+            # cannot even be reopened (see _after_corruption).
+            return False
+        desc = f"{name}({', '.join(f'{k}={v}' for k, v in kw.items())})"
+        outcomes = self._each(desc, fn)
+        try:
+            ok = self._agree(desc, outcomes)
+            if ok and touched is not None:
+                self.touched.append(touched)
+                self.verify(touched[0], touched[1], desc)
+                self._compare_map_in_process(touched[0], touched[1], desc)
+            elif not ok and outcomes[0][1] == "CorruptionError":
+                self._after_corruption(desc)
+        except Divergence as d:
+            self._unless_oracle_corrupt(d)
+            return outcomes[0][0] == "ok"
+        return ok
+
+    def _after_corruption(self, desc: str) -> None:
+        """Every target failed ``desc`` with CorruptionError. If that made one flag the
+        image corrupt, all must have (and on v3 images the corrupt bit must be in every
+        file). QEMU has then dropped the node (qcow2_signal_corruption sets bs->drv = NULL):
+        its later requests fail with ENOMEDIUM, and its L2 and refcount caches are never
+        written back, so its file keeps only what they had flushed before. A model without
+        caches wrote everything through, so from here on neither the files nor the
+        behaviour can be compared: the example ends its comparisons, noted
+        ``qemu-dropped``."""
+        flagged = {t.name: t.introspection.corrupt() for t in self.targets}
+        if not any(flagged.values()):
+            return
+        if not all(flagged.values()):
+            raise Divergence("corrupt", desc, f"only some targets flagged the image corrupt: {flagged}")
+        if self.cfg.version >= 3:  # a v2 header has no feature bits
+            bits = {t.name: _corrupt_bit(t.path) for t in self.targets}
+            if not all(bits.values()):
+                raise Divergence("corrupt", desc, f"the corrupt bit is missing from some files: {bits}")
+        self.oracle_broken = True
+        self.notes.append(f"qemu-dropped: every target flagged the image corrupt at {desc.split('(')[0]}")
+
+    def _unless_oracle_corrupt(self, d: Divergence) -> None:
+        """Raise ``d``, unless QEMU's own image already fails ``qemu-img check``: QEMU 7.2 can
+        corrupt it (compressed data packed into a reused cluster, see teardown.py), and what
+        it does next on such an image depends on its internal concurrency (the pieces of one
+        write run in parallel), which a sequential target cannot mirror. The oracle being
+        gone, the rest of the example is not compared (noted as ``qemu-corrupt-live``)."""
+        qemu = [t for t in self.targets if not t.in_process and t.name.startswith("qemu")]
+        if d.kind not in ("bytes", "error", "map") or not qemu:
+            raise d
+        if any(t.introspection.packed_into_live_cluster() for t in self.targets if t.in_process):
+            # An in-process target reproduced the packing into a cluster something else owns
+            # (spec.interface.Introspectable): QEMU's image was damaged at that step,
+            # even if later writes have since hidden it from qemu-img check.
+            self.oracle_broken = True
+            self.notes.append(f"qemu-corrupt-live: QEMU had packed compressed data into a live cluster "
+                              f"before {d.op} diverged")
+            return
+        for t in qemu:
+            try:
+                t.image.flush()  # qemu-img reads the file: QEMU's caches must be in it
+            except Qcow2Error:
+                raise d from None
+            res = qemu_check(str(t.path), force_share=True)
+            if not (res.get("corruptions") or res.get("check-errors")) or "stderr" in res:
+                raise d
+        self.oracle_broken = True
+        self.notes.append(f"qemu-corrupt-live: QEMU's own image was corrupt when {d.op} diverged")
+
+    def _ref_read(self, off: int, n: int) -> bytes:
+        return bytes(self.targets[0].image.read(off, n))
+
+    def _check_bytes(self, off: int, n: int, desc: str) -> bool:
+        """True when every target read the same bytes, False when all failed alike."""
+        if self.oracle_broken:
+            return False
+        try:
+            self._check_bytes_raw(off, n, desc)
+            return True
+        except qemuio.QemuIoDied as e:
+            raise Divergence("crash", desc, str(e)) from e
+        except Qcow2Error as e:
+            # A range that cannot be read (QEMU 7.2's compressed packing can leave a cluster
+            # that does not decode, in QEMU's file and in the model's alike) must fail with
+            # the same class everywhere.
+            outcomes = self._each(desc, lambda t: t.image.read(off, n))
+            if any(o[0] == "ok" for o in outcomes) or len({o[1] for o in outcomes}) > 1:
+                raise Divergence("error", desc, f"reading back [{off}, {off + n}) raised "
+                                 f"{type(e).__name__}: {e}; outcomes "
+                                 f"{[o if o[0] == 'err' else 'ok' for o in outcomes]}") from e
+            if outcomes[0][1] == "CorruptionError":
+                self._after_corruption(desc)
+            return False
+
+    def _check_bytes_raw(self, off: int, n: int, desc: str) -> None:
+        if n <= 0:
+            return
+        want = self._ref_read(off, n)
+        for t in self.targets[1:]:
+            same = t.introspection.matches(off, want)
+            if same is None:
+                same = bytes(t.image.read(off, n)) == want
+            if not same:
+                got = bytes(t.image.read(off, n))
+                i = next((k for k in range(n) if got[k] != want[k]), n)
+                raise Divergence("bytes", desc, f"{self.targets[0].name} and {t.name} differ at guest "
+                                 f"offset {off + i}: {want[i:i + 16].hex()} vs {got[i:i + 16].hex()}")
+
+    def verify(self, off: int, n: int, desc: str = "verify") -> None:
+        """Every target reads the same bytes in [off, off+n) (clipped to the image)."""
+        off = max(0, min(off, self.size))
+        n = max(0, min(n, self.size - off))
+        if n <= VERIFY_MAX:
+            self._check_bytes(off, n, desc)
+            return
+        mid = off + (n // 2) // 512 * 512
+        for a in (off, mid, off + n - VERIFY_PIECE):
+            self._check_bytes(a, VERIFY_PIECE, desc)
+
+    def _maps(self, off: int, n: int, targets: list[Target], desc: str) -> None:
+        if len(targets) < 2 or n <= 0:
+            return
+        got = []
+        # In-process targets read their files the same way, so their host holes agree.
+        in_process = all(t.in_process for t in targets)
+        for t in targets:
+            try:
+                got.append(normalize_map(t.image.map(off, n), off, off + n, host_holes=in_process))
+            except Qcow2Error as e:
+                raise Divergence("map", desc, f"{t.name}.map raised {type(e).__name__}: {e}") from e
+        for t, m in zip(targets[1:], got[1:], strict=True):
+            if m != got[0]:
+                raise Divergence("map", desc, f"map of [{off}, {off + n}) differs:\n  {targets[0].name}: "
+                                 f"{got[0]}\n  {t.name}: {m}")
+
+    def _compare_map_in_process(self, off: int, n: int, desc: str) -> None:
+        if self.oracle_broken:
+            return
+        off = max(0, min(off, self.size))
+        n = max(0, min(n, self.size - off))
+        if n <= 0:
+            return
+        self._maps(off, n, [t for t in self.targets if t.in_process], desc)
+        # Top-layer allocation is cheap to get from qemu-io, so it is compared after every
+        # step; the zero/data flags wait for compare_map. When the reference says the range
+        # is wholly allocated or wholly not, the allocated byte count (qemu-io ``alloc``, one
+        # line) pins the other target's layout down exactly; only a mixed range needs the
+        # whole-image ``map``.
+        # In-process targets other than the reference were compared by _maps already (the
+        # present flag and depth say the same thing).
+        others = [t for t in self.targets[1:] if not t.in_process]
+        if not others:
+            return
+        ref = self._top_alloc(self.targets[0], off, n, desc)
+        uniform = len(ref) == 1
+        for t in others:
+            if uniform:
+                try:
+                    count = t.introspection.allocated_bytes(off, n)
+                except Qcow2Error as e:
+                    raise Divergence("map", desc, f"{t.name} alloc raised {type(e).__name__}: {e}") from e
+                if count is not None and count == (n if ref[0][2] else 0):
+                    continue
+            runs = self._top_alloc(t, off, n, desc)
+            if runs != ref:
+                raise Divergence("map", desc, f"top-layer allocation of [{off}, {off + n}) differs:\n  "
+                                 f"{self.targets[0].name}: {ref}\n  {t.name}: {runs}")
+
+    def _top_alloc(self, t: Target, off: int, n: int, desc: str) -> list[tuple[int, int, bool]]:
+        """[(start, length, allocated in the top image)] over [off, off+n), merged."""
+        try:
+            runs = t.introspection.top_layer_runs(off, n)
+            if runs is None:
+                raw = [dict(e, present=bool(e.get("present", True)) and int(e.get("depth", 0)) == 0,
+                            zero=False, data=False, depth=0) for e in t.image.map(off, n)]
+            else:
+                raw = [{"start": a, "length": k, "present": p, "zero": False, "data": False, "depth": 0}
+                       for a, k, p in runs]
+        except Qcow2Error as e:
+            raise Divergence("map", desc, f"{t.name} map raised {type(e).__name__}: {e}") from e
+        return [(a, k, p) for a, k, p, _z, _d, _dep in normalize_map(raw, off, off + n)]
+
+    # -- operations (each is one reproducer line) ---------------------------------------------
+    def write(self, off: int, n: int, byte: int) -> bool:
+        data = bytes([byte]) * n
+        return self._op("write", {"off": off, "n": n, "byte": byte},
+                        lambda t: t.image.write(off, data), (off, n))
+
+    def write_random(self, off: int, n: int, seed: int) -> bool:
+        data = random_bytes(seed, n)
+        return self._op("write_random", {"off": off, "n": n, "seed": seed},
+                        lambda t: t.image.write(off, data), (off, n))
+
+    def write_zeroes(self, off: int, n: int, unmap: bool = False) -> bool:
+        return self._op("write_zeroes", {"off": off, "n": n, "unmap": unmap},
+                        lambda t: t.image.write_zeroes(off, n, unmap=unmap), (off, n))
+
+    def discard(self, off: int, n: int) -> bool:
+        return self._op("discard", {"off": off, "n": n}, lambda t: t.image.discard(off, n), (off, n))
+
+    def write_compressed(self, off: int, n: int, byte: int | None = None, seed: int | None = None) -> bool:
+        data = random_bytes(seed, n) if seed is not None else bytes([byte or 0]) * n
+        kw: dict[str, Any] = {"off": off, "n": n}
+        kw.update({"seed": seed} if seed is not None else {"byte": byte})
+        return self._op("write_compressed", kw, lambda t: t.image.write_compressed(off, data), (off, n))
+
+    def read(self, off: int, n: int) -> bool:
+        """Same outcome everywhere, and the same bytes when it succeeds."""
+        desc = f"read(off={off}, n={n})"
+        self.log.append(("read", {"off": off, "n": n}))
+        self.ops["read"] += 1
+        if self.oracle_broken:
+            return False  # not run, as in _op
+        try:
+            if off < 0 or n < 0 or off + n > self.size:
+                # Out-of-range reads must fail alike.
+                return self._agree(desc, self._each(desc, lambda t: t.image.read(off, n)))
+            return self._check_bytes(off, n, desc)
+        except Divergence as d:
+            self._unless_oracle_corrupt(d)
+            return False
+
+    def flush(self) -> bool:
+        return self._op("flush", {}, lambda t: t.image.flush())
+
+    def resize(self, new_size: int, shrink: bool = True) -> bool:
+        ok = self._op("resize", {"new_size": new_size, "shrink": shrink},
+                      lambda t: t.image.resize(new_size, shrink=shrink))
+        if ok:
+            self._sync_size("resize")
+            old = self.size
+            self.size = new_size = int(self.targets[0].image.size)
+            if new_size > old:
+                self.touched.append((old, new_size - old))
+                self.verify(old, new_size - old, "resize")
+        return ok
+
+    def _sync_size(self, desc: str) -> None:
+        sizes = {t.name: int(t.image.size) for t in self.targets}
+        if len(set(sizes.values())) > 1:
+            raise Divergence("size", desc, f"virtual sizes differ: {sizes}")
+
+    def snapshot_create(self, name: str) -> bool:
+        return self._op("snapshot_create", {"name": name},
+                        lambda t: in_separate_process(t, lambda u: u.image.snapshot_create(name)))
+
+    def snapshot_apply(self, name: str) -> bool:
+        ok = self._op("snapshot_apply", {"name": name},
+                        lambda t: in_separate_process(t, lambda u: u.image.snapshot_apply(name)))
+        # The snapshot's size is restored before its references are taken, so a failed apply
+        # (a refcount overflow) can have changed the size too (qcow2_snapshot_goto).
+        self._sync_size("snapshot_apply")
+        self.size = int(self.targets[0].image.size)
+        if ok:
+            for a, n in self.touched[-8:]:
+                self.verify(a, n, f"snapshot_apply({name!r})")
+        return ok
+
+    def snapshot_delete(self, name: str) -> bool:
+        return self._op("snapshot_delete", {"name": name},
+                        lambda t: in_separate_process(t, lambda u: u.image.snapshot_delete(name)))
+
+    def reopen(self) -> bool:
+        ok = self._op("reopen", {}, lambda t: t.reopen())
+        if ok:
+            self._sync_size("reopen")
+            for a, n in self.touched[-4:]:
+                self.verify(a, n, "reopen")
+        return ok
+
+    def compare_map(self, off: int = 0, n: int | None = None) -> bool:
+        """Every target (qemu included) reports the same map over [off, off+n)."""
+        self.log.append(("compare_map", {"off": off, "n": n}))
+        self.ops["compare_map"] += 1
+        end = self.size if n is None else min(self.size, off + n)
+        off = min(off, self.size)
+        desc = f"compare_map(off={off}, n={n})"
+        if self.oracle_broken:
+            return True
+        if self.cfg.lazy_refcounts and not all(t.in_process for t in self.targets):
+            # qemu's map is a separate ``qemu-img map -U`` reading the live file. With
+            # lazy_refcounts QEMU's flush leaves refcount blocks in its cache
+            # (qcow2_write_caches writes them only if qcow2_need_accurate_refcounts), so
+            # that process would see stale refcounts, and qcow2_detect_metadata_preallocation
+            # (which counts refcounted clusters) would decide differently from an in-process
+            # map. Closing writes the caches (qcow2_close -> qcow2_mark_clean), so every
+            # target is closed and reopened first, the model too, to keep their in-memory
+            # state (free_byte_offset etc.) in step.
+            for t in self.targets:
+                try:
+                    t.reopen()
+                except qemuio.QemuIoDied as e:
+                    raise Divergence("crash", desc, f"{t.name} reopen: {e}") from e
+                except Qcow2Error as e:
+                    raise Divergence("error", desc, f"{t.name} reopen raised {type(e).__name__}: {e}") from e
+        self._maps(off, end - off, self.targets, desc)
+        return True
+
+    def snapshot_names(self) -> dict[str, list[tuple[str, str]]]:
+        return {t.name: [(str(s.get("id")), str(s.get("name"))) for s in t.image.snapshots()]
+                for t in self.targets}
+
+    # -- teardown -------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Close every target and check the files they wrote (difftest/core/teardown.py).
+        The run stays open for ``close``: the checks add notes."""
+        self.log.append(("finish", {}))
+        if self.oracle_broken:
+            self.close_targets()
+            return
+        try:
+            teardown.finish(self)
+        except Divergence:
+            raise
+        except qemuio.QemuIoDied as e:
+            raise Divergence("crash", "finish", str(e)) from e
+        except Exception as e:  # DESIGN.md: only spec.errors may escape, and not even those here
+            raise Divergence("exception", "finish", f"{type(e).__name__}: {e}") from e
+
+    def close_targets(self) -> None:
+        for t in self.targets:
+            try:
+                t.close()
+            except Exception as e:  # closing is also an operation; report, don't mask
+                self.notes.append(f"{t.name}.close raised {type(e).__name__}: {e}")
+
+    def close(self) -> None:
+        """End the run: close every target, then (the first time only) call ``on_close``."""
+        self.close_targets()
+        if not self.closed:
+            self.closed = True
+            for hook in self.on_close:
+                hook(self)
+
+    def __enter__(self) -> Lockstep:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def cleanup(self) -> None:
+        self.close()
+        shutil.rmtree(self.root, ignore_errors=True)

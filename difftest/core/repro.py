@@ -1,0 +1,189 @@
+"""The two reproducers of a divergence.
+
+- ``repro.sh``: the qemu side as a shell script of qemu-img/qemu-io commands (run it in an
+  empty directory; it rebuilds the backing chain, creates the image, replays the operations
+  and prints what qemu reads and reports at the end).
+- ``test_repro.py``: a pytest test whose body replays the same operations through
+  ``Lockstep`` on the same targets; it fails with the same ``Divergence`` until fixed.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from difftest.core.config import Config
+from difftest.core.divergence import Divergence
+from difftest.core.targets import TOP, backing_plan, qemu_img_create
+
+
+def _io_line(name: str, kw: dict[str, Any]) -> str | None:
+    off, n = kw.get("off"), kw.get("n")
+    if name == "write":
+        return f"write -q -P {kw['byte']:#x} {off} {n}"
+    if name == "write_random":
+        return f"write -q -s rand-{kw['seed']}-{n}.bin {off} {n}"
+    if name == "write_zeroes":
+        return f"write -q -z{' -u' if kw['unmap'] else ''} {off} {n}"
+    if name == "discard":
+        return f"discard -q {off} {n}"
+    if name == "write_compressed":
+        if kw.get("seed") is not None:
+            return f"write -q -c -s rand-{kw['seed']}-{n}.bin {off} {n}"
+        return f"write -q -c -P {kw['byte']:#x} {off} {n}"
+    if name == "read":
+        return f"read -v {off} {n}"
+    if name == "flush":
+        return "flush"
+    if name == "resize":
+        return f"truncate {kw['new_size']}"
+    return None
+
+
+def _until_finish(log: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """The guest operations: what ``finish`` logs itself (its map comparison) is left out."""
+    out = []
+    for entry in log:
+        if entry[0] == "finish":
+            break
+        out.append(entry)
+    return out
+
+
+def shell_script(cfg: Config, log: list[tuple[str, dict[str, Any]]], d: Divergence | None = None) -> str:
+    lines = ["#!/bin/sh", "# qcow2lab difftest reproducer, qemu side. Run in an empty directory.",
+             f"# config: {cfg!r}"]
+    if d is not None:
+        lines += [f"# divergence: {line}" for line in str(d).splitlines()]
+    lines += ["set -x"]
+    below: tuple[str, str] | None = None
+    for name, fmt, size, cmds in backing_plan(cfg):
+        if fmt == "raw":
+            lines.append(f"truncate -s {size} {name}")
+            io = ["qemu-io", "-f", "raw"]
+        else:
+            argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cfg.cluster_size}"]
+            if below is not None:
+                argv += ["-b", below[0], "-F", below[1]]
+            lines.append(shlex.join([*argv, name, str(size)]))
+            io = ["qemu-io", "-t", "unsafe", "-f", "qcow2"]
+        for c in cmds:
+            io += ["-c", c]
+        lines.append(shlex.join([*io, name]))
+        below = (name, fmt)
+    lines.append(shlex.join(qemu_img_create(Path(TOP), cfg, below)))
+    seeds = sorted({(kw["seed"], kw["n"]) for _, kw in log if kw.get("seed") is not None})
+    for seed, n in seeds:
+        lines.append(f"python3 -c 'import random; open(\"rand-{seed}-{n}.bin\", \"wb\")"
+                     f".write(random.Random({seed}).randbytes({n}))'")
+    segment: list[str] = []
+
+    def flush_segment() -> None:
+        if segment:
+            argv = ["qemu-io", "-t", "unsafe", "-f", "qcow2"]
+            for c in segment:
+                argv += ["-c", c]
+            lines.append(shlex.join([*argv, TOP]))
+            segment.clear()
+
+    # The virtual size is tracked so that a resize runs as the harness runs it: qemu-io's
+    # ``truncate`` in the same process (a separate ``qemu-img resize`` would restart QEMU's
+    # in-memory allocation state, e.g. the compressed-cluster packing offset), and a shrink
+    # without shrink=True is refused before reaching qemu, as QemuImage.resize does.
+    size = -(-cfg.size // 512) * 512  # qemu-img create rounds up to a sector
+    snapshot_sizes: dict[str, list[int]] = {}  # QEMU picks the first snapshot of a name
+    for name, kw in _until_finish(log):
+        line = _io_line(name, kw)
+        if name == "resize" and not kw["shrink"] and kw["new_size"] < size:
+            lines.append(f"# resize to {kw['new_size']} refused: shrinking needs --shrink")
+            continue
+        if name == "resize":
+            size = kw["new_size"]
+        elif name == "snapshot_create":
+            snapshot_sizes.setdefault(kw["name"], []).append(size)
+        elif name == "snapshot_apply":
+            size = (snapshot_sizes.get(kw["name"]) or [size])[0]
+        elif name == "snapshot_delete" and snapshot_sizes.get(kw["name"]):
+            snapshot_sizes[kw["name"]].pop(0)
+        if line is not None:
+            segment.append(line)
+        elif name.startswith("snapshot_"):
+            flush_segment()
+            flag = {"snapshot_create": "-c", "snapshot_apply": "-a", "snapshot_delete": "-d"}[name]
+            lines.append(shlex.join(["qemu-img", "snapshot", flag, kw["name"], TOP]))
+        elif name == "reopen":
+            flush_segment()
+        elif name == "compare_map":
+            flush_segment()
+            lines.append(shlex.join(["qemu-img", "map", "--output=json", "-f", "qcow2", TOP]))
+    flush_segment()
+    lines += [shlex.join(["qemu-img", "map", "--output=json", "-f", "qcow2", TOP]),
+              shlex.join(["qemu-img", "snapshot", "-l", TOP]),
+              shlex.join(["qemu-img", "check", "-f", "qcow2", TOP])]
+    return "\n".join(lines) + "\n"
+
+
+def pytest_body(cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: list[str],
+                d: Divergence | None = None) -> str:
+    lines = ['"""qcow2lab difftest reproducer (generated)."""', "",
+             "from pathlib import Path", "",
+             "from difftest.core.config import Config",
+             "from difftest.core.lockstep import Lockstep", "", "",
+             "def test_repro(tmp_path: Path) -> None:"]
+    if d is not None:
+        lines += [f"    # divergence: {line}" for line in str(d).splitlines()]
+    lines.append(f"    ls = Lockstep(tmp_path, {cfg!r}, {targets!r})")
+    lines.append("    try:")
+    for name, kw in _until_finish(log):
+        args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+        lines.append(f"        ls.{name}({args})")
+    lines.append("        ls.finish()")
+    lines.append("    finally:")
+    lines.append("        ls.close()")
+    return "\n".join(lines) + "\n"
+
+
+def write_reproducers(where: Path, cfg: Config, log: list[tuple[str, dict[str, Any]]],
+                      targets: list[str], d: Divergence | None = None) -> tuple[Path, Path]:
+    """Write repro.sh and test_repro.py into ``where`` (overwriting the previous pair: the
+    last divergence Hypothesis replays is the shrunk one)."""
+    where.mkdir(parents=True, exist_ok=True)
+    sh = where / "repro.sh"
+    sh.write_text(shell_script(cfg, log, d))
+    sh.chmod(0o755)
+    py = where / "test_repro.py"
+    py.write_text(pytest_body(cfg, log, targets, d))
+    return sh, py
+
+
+def origin(d: Divergence) -> str:
+    """A divergence's identity for reproducer bookkeeping: its kind and operation name."""
+    return f"{d.kind}-{d.op.split('(')[0]}"
+
+
+class ReproStore:
+    """Keeps, per divergence origin, the smallest reproducer seen in ``root/<origin>``.
+
+    While Hypothesis shrinks one failure it may run into others (and larger instances of
+    the first), so "the last one written" is not the shrunk one; the smallest per origin is.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.best: dict[str, int] = {}
+
+    def record(self, cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: list[str],
+               d: Divergence) -> None:
+        key = origin(d)
+        steps = sum(1 for name, _ in log if name != "finish")
+        if key in self.best and self.best[key] < steps:
+            return
+        self.best[key] = steps
+        write_reproducers(self.root / key, cfg, log, targets, d)
+
+    def lookup(self, d: Divergence) -> tuple[Path | None, int]:
+        key = origin(d)
+        if key not in self.best:
+            return None, 0
+        return self.root / key, self.best[key]

@@ -1,0 +1,385 @@
+"""Targets: the implementations stepped in lockstep.
+
+A target owns one directory, makes its own starting image there with its own ``create``
+and opens it as a spec.interface.Image. Three kinds:
+
+- ``ModuleTarget``: a package exporting spec.interface's ``create``/``open`` (model, impl).
+- ``QemuTarget``: ``qemu-img create`` plus one persistent ``qemu-io`` (difftest/core/qemuio.py).
+- ``CommandTarget``: an external program that speaks qemu-io's command language on stdin
+  (the adapter interface, form (b); see difftest/adapters/__init__.py). Its image is made
+  with qemu-img create; metadata queries (map, info, snapshots) go to qemu-img.
+
+The backing chain is common to all targets: built once per example by ``build_backing``
+(qemu-img and qemu-io when present) and copied into each target's directory, so every
+target's top image names a backing file by the same relative name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import random
+import shlex
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+from difftest.core import qemuio
+from difftest.core.config import Config, edge_points
+from difftest.core.introspect import Introspection, introspection_of
+from spec.errors import Qcow2Error, RequestError
+
+TOP = "top.qcow2"
+DATA = "top.data"
+
+
+class Target(Protocol):
+    name: str
+    in_process: bool
+    dir: Path
+    image: Any
+    introspection: Introspection
+    """What the harness may ask beyond the Image interface (core/introspect.py); set
+    whenever ``image`` is opened."""
+
+    def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None: ...
+    def reopen(self) -> None: ...
+    def close(self) -> None: ...
+    def open_readonly(self, path: Path) -> Any: ...
+
+    @property
+    def path(self) -> Path: ...
+
+
+def _create_args(cfg: Config, backing: tuple[str, str] | None, where: Path) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(cfg.create_options())
+    if backing is not None:
+        kw["backing_file"], kw["backing_fmt"] = backing
+    if cfg.data_file:
+        # Absolute: QEMU opens a relative data_file name relative to its working directory,
+        # not to the image (qcow2_open -> bdrv_open_child on the bare name), unlike a
+        # backing file name; the teardown runs one qemu-img over two targets' files.
+        kw["data_file"] = str((where / DATA).resolve())
+        kw["data_file_raw"] = cfg.data_file_raw
+    return kw
+
+
+def qemu_img_create(path: Path, cfg: Config, backing: tuple[str, str] | None,
+                    data_file: str = DATA) -> list[str]:
+    """The qemu-img create argv for ``cfg`` (also used by the shell reproducer)."""
+    o = [f"compat={'0.10' if cfg.version == 2 else '1.1'}", f"cluster_size={cfg.cluster_size}"]
+    if cfg.version == 3:
+        o += [f"refcount_bits={cfg.refcount_bits}",
+              f"extended_l2={'on' if cfg.extended_l2 else 'off'}",
+              f"compression_type={cfg.compression_type}",
+              f"lazy_refcounts={'on' if cfg.lazy_refcounts else 'off'}"]
+    if cfg.data_file:
+        o += [f"data_file={data_file}", f"data_file_raw={'on' if cfg.data_file_raw else 'off'}"]
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", ",".join(o)]
+    if backing is not None:
+        argv += ["-b", backing[0], "-F", backing[1]]
+    return [*argv, path.name, str(cfg.size)]
+
+
+def _run(argv: list[str], cwd: Path) -> None:
+    r = subprocess.run(argv, cwd=str(cwd), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} failed: {r.stdout}{r.stderr}")
+
+
+class ModuleTarget:
+    """An in-process target: a module (or object) with the interface's create() and open().
+    ``open_options`` go to every read-write open; the model and the impl get
+    ``cache="unsafe"``, the cache mode the qemu target runs qemu-io in (see qemuio.py), so a
+    flush costs no fsync on either side. External adapters get none (their open() need not
+    take options)."""
+
+    in_process = True
+
+    def __init__(self, name: str, module: ModuleType | Any, root: Path,
+                 open_options: dict[str, Any] | None = None) -> None:
+        self.name = name
+        self.module = module
+        self.dir = root / name
+        self.image: Any = None
+        self.introspection = Introspection()
+        self.open_options = open_options or {}
+
+    @property
+    def path(self) -> Path:
+        return self.dir / TOP
+
+    def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None:
+        self.module.create(str(self.path), cfg.size, **_create_args(cfg, backing, self.dir))
+        self._open()
+
+    def _open(self) -> None:
+        self.image = self.module.open(str(self.path), **self.open_options)
+        self.introspection = introspection_of(self.image)
+
+    def reopen(self) -> None:
+        self.image.close()
+        self._open()
+
+    def close(self) -> None:
+        if self.image is not None:
+            self.image.close()
+            self.image = None
+
+    def open_readonly(self, path: Path) -> Any:
+        return self.module.open(str(path), readonly=True)
+
+
+class QemuTarget:
+    in_process = False
+
+    def __init__(self, name: str, root: Path, command: list[str] | None = None) -> None:
+        self.name = name
+        self.dir = root / name
+        self.command = command
+        self.image: Any = None
+        self.introspection = Introspection()
+
+    @property
+    def path(self) -> Path:
+        return self.dir / TOP
+
+    def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None:
+        _run(qemu_img_create(self.path, cfg, backing, str((self.dir / DATA).resolve())), self.dir)
+        self.image = qemuio.QemuImage(self.path, command=self.command, size=cfg.size,
+                                      cluster_size=cfg.cluster_size)
+        self.introspection = introspection_of(self.image)  # reopen keeps the same QemuImage
+
+    def reopen(self) -> None:
+        self.image.reopen()
+
+    def close(self) -> None:
+        if self.image is not None:
+            self.image.close()
+            self.image = None
+
+    def open_readonly(self, path: Path) -> Any:
+        return qemuio.QemuImage(path, readonly=True, command=self.command)
+
+
+def in_separate_process(t: Target, fn: Callable[[Target], Any]) -> Any:
+    """Run ``fn`` (a snapshot operation) as the qemu side runs it: QemuImage closes its
+    image inside qemu-io, runs ``qemu-img snapshot`` (a fresh process, fresh
+    BlockDriverState) and reopens. Every open starts with empty in-memory allocation state
+    (BDRVQcow2State.free_byte_offset of qcow2_alloc_bytes, free_cluster_index; the dirty bit
+    is cleared on close), and qcow2_snapshot_create/goto/delete do NOT reset that state
+    themselves (block/qcow2-snapshot.c; free_byte_offset is only assigned in
+    qcow2_alloc_bytes, block/qcow2-refcount.c). So an in-process target gets the same
+    close/open around the operation, else its compressed-cluster packing continues where
+    QEMU's restarts."""
+    if not t.in_process:
+        return fn(t)
+    t.reopen()
+    try:
+        return fn(t)
+    finally:
+        t.reopen()
+
+
+# -- the shared backing chain ---------------------------------------------------------------
+
+BACKING_PATTERNS = (0xB1, 0xC2)
+
+
+FULL_PATTERN_MAX = 32 << 20
+"""Backing layers up to this size carry the pattern everywhere; larger ones (up to 1 GiB,
+where an L1 boundary lies inside the image) carry it around every edge point, since writing
+and copying the whole layer took seconds per example and most offsets are drawn near those
+points (difftest/core/machine.py, ``offsets``)."""
+
+
+def pattern_spans(cfg: Config, size: int, also: tuple[int, ...] = ()) -> list[tuple[int, int]]:
+    """(offset, length) pieces of [0, size) that get the backing pattern, sector-aligned."""
+    if size <= FULL_PATTERN_MAX:
+        return [(0, size)]
+    # A drawn request starts at most a sector below an edge point and is at most 4 clusters
+    # long (difftest/core/machine.py, offsets and lengths); the margins are generous on purpose.
+    below, above = max(cfg.cluster_size, 64 << 10), 4 * cfg.cluster_size + (64 << 10)
+    spans: list[tuple[int, int]] = []
+    for p in sorted({*edge_points(cfg, cfg.size), *also}):
+        lo, hi = max(0, (p - below) // 512 * 512), min(size, -(-(p + above) // 512) * 512)
+        if lo >= hi:
+            continue
+        if spans and lo <= spans[-1][0] + spans[-1][1]:
+            start = spans[-1][0]
+            spans[-1] = (start, max(hi, start + spans[-1][1]) - start)
+        else:
+            spans.append((lo, hi - lo))
+    return spans
+
+
+def backing_plan(cfg: Config) -> list[tuple[str, str, int, list[str]]]:
+    """(file name, format, size, qemu-io commands) from the bottom of the chain up.
+
+    The content is deterministic: a pattern over each layer (around the edge points in a
+    large one, see FULL_PATTERN_MAX), a zeroed piece and an unwritten hole, placed at
+    cluster-unaligned offsets so reads cross every kind of edge.
+    """
+    if cfg.backing == "none":
+        return []
+    size = cfg.backing_bytes
+    c = cfg.cluster_size
+    hole = (size // 3) // 512 * 512
+    base_cmds = [f"write -q -P {BACKING_PATTERNS[0]:#x} {off} {n}"
+                 for off, n in pattern_spans(cfg, size, also=(hole,))]
+    zeroed = min(size - 512, c + 512)
+    base_cmds.append(f"write -q -z {zeroed} {min(512 * 3, size - zeroed)}")
+    base_cmds.append(f"discard -q {hole} {min(c * 2, size - hole)}")
+    if cfg.backing == "raw":
+        return [("base.raw", "raw", size, base_cmds)]
+    layers = [("base.qcow2", "qcow2", size, base_cmds)]
+    if cfg.backing == "qcow2x2":
+        mid = (size // 2) // 512 * 512
+        layers.append(("mid.qcow2", "qcow2", size,
+                       [f"write -q -P {BACKING_PATTERNS[1]:#x} {mid} {min(c + 1024, size - mid)}",
+                        f"write -q -z 0 {min(1024, size)}"]))
+    return layers
+
+
+def build_backing(cfg: Config, where: Path) -> tuple[str, str] | None:
+    """Write the backing chain into ``where`` with qemu-img/qemu-io; return (name, fmt) of
+    the layer the top image points to."""
+    plan = backing_plan(cfg)
+    below: tuple[str, str] | None = None
+    for name, fmt, size, cmds in plan:
+        if fmt == "raw":
+            _write_raw(where / name, size, cmds)
+        else:
+            argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"cluster_size={cfg.cluster_size}"]
+            if below is not None:
+                argv += ["-b", below[0], "-F", below[1]]
+            _run([*argv, name, str(size)], where)
+            io_argv = ["qemu-io", "-t", "unsafe", "-f", "qcow2"]
+            for cmd in cmds:
+                io_argv += ["-c", cmd]
+            _run([*io_argv, name], where)
+        below = (name, fmt)
+    return below
+
+
+def cached_backing(cfg: Config, cache: Path) -> tuple[Path, tuple[str, str] | None]:
+    """The directory holding ``cfg``'s backing chain, built once per distinct chain in
+    ``cache`` (Hypothesis replays a configuration many times while it shrinks, and the
+    qemu-img/qemu-io runs were the largest set-up cost), and the (name, fmt) the top image
+    points to. Targets still get copies (copy_backing)."""
+    plan = backing_plan(cfg)
+    key = hashlib.sha256(repr((cfg.cluster_size, plan)).encode()).hexdigest()[:16]
+    where = cache / key
+    if not where.exists():
+        tmp = Path(tempfile.mkdtemp(dir=cache))
+        build_backing(cfg, tmp)
+        tmp.rename(where)  # complete or absent, never half-built
+    return where, ((plan[-1][0], plan[-1][1]) if plan else None)
+
+
+def _write_raw(path: Path, size: int, cmds: list[str]) -> None:
+    """The raw base: the same commands as the qcow2 base, applied in Python to a sparse file
+    (a discard on a raw file reads back as zeros, as qemu's raw driver punches a hole)."""
+    chunk = 1 << 20
+    with path.open("wb") as f:
+        f.truncate(size)
+        for cmd in cmds:
+            words = cmd.split()
+            off, n = int(words[-2]), int(words[-1])
+            byte = int(words[words.index("-P") + 1], 0) if "-P" in words else 0
+            for at in range(off, off + n, chunk):
+                f.seek(at)
+                f.write(bytes([byte]) * min(chunk, off + n - at))
+
+
+def copy_backing(cfg: Config, src: Path, dst: Path) -> None:
+    """Each target gets its own copy, so a target that wrongly writes to its backing file
+    cannot change what the others read."""
+    for name, _fmt, _size, _cmds in backing_plan(cfg):
+        _copy_sparse(src / name, dst / name)
+
+
+SPARSE_BLOCK = 4096
+
+
+def _copy_sparse(src: Path, dst: Path) -> None:
+    """Copy ``src`` with a hole wherever a 4 KiB block is all zeros. Only the content
+    decides: which ranges of the source SEEK_DATA calls data depends on the page cache when
+    QEMU zeroed them with FALLOC_FL_ZERO_RANGE (unwritten extents), and the holes of a
+    backing file change what block status says (metadata preallocation detection), so every
+    copy of one file must have the same holes."""
+    zero = bytes(SPARSE_BLOCK)
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        fout.truncate(size)
+        pos = 0
+        while pos < size:
+            try:
+                pos = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fin.fileno(), pos, os.SEEK_HOLE)
+            while pos < end:
+                chunk = os.pread(fin.fileno(), min(1 << 20, end - pos), pos)
+                view = memoryview(chunk)
+                run = -1  # start of the current run of non-zero blocks
+                for i in range(0, len(chunk) + SPARSE_BLOCK, SPARSE_BLOCK):
+                    block = view[i:i + SPARSE_BLOCK]
+                    if block and block != zero[:len(block)]:
+                        run = i if run < 0 else run
+                    elif run >= 0:
+                        os.pwrite(fout.fileno(), view[run:i], pos + run)
+                        run = -1
+                pos += len(chunk)
+def random_bytes(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+# -- target names -----------------------------------------------------------------------------
+
+def module_available(name: str) -> bool:
+    try:
+        mod = importlib.import_module(name)
+    except Exception:
+        return False
+    return callable(getattr(mod, "create", None)) and callable(getattr(mod, "open", None))
+
+
+def make_target(spec: str, root: Path) -> Target:
+    """``model``, ``impl``, ``qemu``, ``qemu2`` (a second independent qemu; likewise
+    ``model2``), ``cmd:NAME=ARGV`` (a command adapter) or ``py:package.module`` (any module
+    exporting create/open; ``py:package.module:NAME`` takes the object NAME in it)."""
+    base = spec.rstrip("0123456789")
+    if base in ("model", "impl"):
+        # "model2" is a second, independent instance of the model (for self-checks).
+        return ModuleTarget(spec, importlib.import_module(base), root, {"cache": "unsafe"})
+    if spec.startswith("qemu"):
+        if not qemuio.available():
+            raise RequestError("qemu-io/qemu-img are not installed")
+        return QemuTarget(spec, root)
+    if spec.startswith("cmd:"):
+        name, _, argv = spec[4:].partition("=")
+        return QemuTarget(name or "cmd", root, command=shlex.split(argv))
+    if spec.startswith("py:"):
+        modname, _, attr = spec[3:].partition(":")
+        mod = importlib.import_module(modname)
+        obj = getattr(mod, attr) if attr else mod
+        return ModuleTarget(attr or modname.rsplit(".", 1)[-1], obj, root)
+    raise RequestError(f"unknown target {spec!r}")
+
+
+def default_targets() -> list[str]:
+    out = [t for t in ("model", "impl") if module_available(t)]
+    if qemuio.available():
+        out.append("qemu")
+        if len(out) == 1:
+            out.append("qemu2")
+    return out
+
+
+__all__ = ["Qcow2Error", "Target", "build_backing", "copy_backing", "default_targets", "make_target"]

@@ -1,0 +1,278 @@
+"""End-of-run checks on the files every target wrote (called by Lockstep.finish).
+
+1. Snapshot lists agree (id, name) and the whole-image ``map`` agrees, qemu included.
+2. Each target is closed; each file passes ``qemu-img check`` with no errors, no corruptions
+   and no leaks. A leak is excused only when QEMU's own file leaks too (the run then records
+   "qemu-leaks": QEMU itself leaks in that sequence, e.g. refcount blocks left behind by a
+   shrink, qcow2_co_truncate keeps them; see ``Lockstep.notes``).
+3. Each file obeys spec.rules (same leak excuse).
+   Read-only adapters (``Lockstep.readers``) then read every file like the first target.
+4. Cross-reads: ``qemu-img compare`` reads each target's file against the first one's, and
+   each in-process target opens every other target's file and reads the touched ranges.
+   Where QEMU's own corruption (2.) leaves QEMU unable to read its own file, the compare is
+   noted ("qemu-unreadable") and the in-process readers must fail alike on every file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from difftest.adapters import load
+from difftest.core import qemuio
+from difftest.core.divergence import Divergence
+from difftest.core.oracle import qemu_cannot_read, qemu_check, qemu_compare
+from difftest.core.targets import Target
+from spec.errors import Qcow2Error
+from spec.image import open_image
+from spec.rules import evaluate
+
+
+class Run(Protocol):
+    """What the teardown needs of a lockstep run (core/lockstep.py, ``Lockstep``): declared
+    here so that the run can call the teardown without the two importing each other."""
+
+    targets: list[Target]
+    log: list[tuple[str, dict[str, Any]]]
+    touched: list[tuple[int, int]]
+    notes: list[str]
+    readers: list[str]
+    size: int
+
+    def snapshot_names(self) -> dict[str, list[tuple[str, str]]]: ...
+    def compare_map(self, off: int = 0, n: int | None = None) -> bool: ...
+    def close_targets(self) -> None: ...
+
+
+LEAK_RULE = "REFCOUNT-NO-LEAK"
+CROSS_READ_MAX = 32 << 20
+
+
+def _merged(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    spans = sorted((max(0, a), min(size, a + n)) for a, n in ranges if a < size and n > 0)
+    out: list[list[int]] = []
+    for a, b in spans:
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b - a) for a, b in out]
+
+
+def finish(ls: Run) -> None:
+    first = ls.targets[0].name
+    # Without a snapshot operation there is nothing to list (and qemu's list costs a
+    # qemu-img process); the files' snapshot tables are still checked by check and rules.
+    if any(name.startswith("snapshot_") for name, _ in ls.log):
+        names = ls.snapshot_names()
+        for snaps in names.values():
+            if snaps != names[first]:
+                raise Divergence("snapshots", "finish", f"snapshot lists differ: {names}")
+    ls.compare_map()
+    ls.close_targets()
+    have_qemu = qemuio.available()
+    qemu_leaks = False
+    checks: dict[str, dict[str, Any]] = {}
+    if have_qemu:
+        for t in ls.targets:
+            checks[t.name] = qemu_check(str(t.path))
+        qemu_leaks = any(checks[t.name].get("leaks", 0) for t in ls.targets if t.name.startswith("qemu"))
+        if qemu_leaks:
+            ls.notes.append("qemu-leaks: QEMU's own image leaks clusters after this sequence")
+        # QEMU 7.2 itself can corrupt an image (qcow2_alloc_bytes keeps packing compressed
+        # data into a host cluster that was freed and reused, see model/__init__.py). When
+        # every qemu target's file has exactly the same check errors and corruptions as a
+        # target's, that target agrees with the oracle: noted, not a divergence.
+        qemu_bad = {(checks[t.name].get("check-errors", 0), checks[t.name].get("corruptions", 0))
+                    for t in ls.targets if t.name.startswith("qemu")}
+        if len(qemu_bad) == 1 and qemu_bad != {(0, 0)}:
+            ls.notes.append(f"qemu-corrupt: QEMU's own image fails check after this sequence: {qemu_bad}")
+        for name, res in checks.items():
+            if len(qemu_bad) == 1 and qemu_bad != {(0, 0)} and \
+                    (res.get("check-errors", 0), res.get("corruptions", 0)) in qemu_bad:
+                continue
+            if res.get("check-errors") or res.get("corruptions"):
+                raise Divergence("check", "finish", f"qemu-img check of {name}'s file: {res}")
+            if res.get("leaks") and not qemu_leaks:
+                raise Divergence("check", "finish", f"qemu-img check of {name}'s file leaks: {res}")
+    _rules(ls, qemu_leaks)
+    if have_qemu:
+        for t in ls.targets[1:]:
+            r = qemu_compare(str(ls.targets[0].path), str(t.path))
+            if r.returncode == 0:
+                continue
+            if r.returncode == 4 and qemu_cannot_read([str(q.path) for q in ls.targets
+                                                       if q.name.startswith("qemu")]):
+                # The same corruption (see above) can make a compressed cluster undecodable
+                # in QEMU's own file; the in-process cross-reads below still compare what
+                # each reader makes of each file, failures included.
+                ls.notes.append("qemu-unreadable: qemu-img cannot read QEMU's own image after this sequence")
+                continue
+            raise Divergence("crossread", "finish", f"qemu-img compare {first} {t.name}: exit "
+                             f"{r.returncode} {r.stdout.strip()} {r.stderr.strip()}")
+    _cross_read(ls)
+    for spec in ls.readers:
+        _reader(ls, spec)
+
+
+def _read_outcome(img: Any, pos: int, k: int) -> tuple[str, Any]:
+    """("ok", bytes) or ("err", the spec.errors class name)."""
+    try:
+        return "ok", bytes(img.read(pos, k))
+    except Qcow2Error as e:
+        return "err", type(e).__name__
+
+
+def _rules(ls: Run, qemu_leaks: bool) -> None:
+    found: dict[str, list[Any]] = {}
+    for t in ls.targets:
+        try:
+            with open_image(str(t.path)) as img:
+                findings = evaluate(img)
+        except Qcow2Error as e:
+            raise Divergence("rules", "finish", f"spec.image cannot open {t.name}'s file: "
+                             f"{type(e).__name__}: {e}") from e
+        found[t.name] = [f for f in findings if not (qemu_leaks and f.rule == LEAK_RULE)]
+    # As for qemu-img check in finish(): the same broken rules, at the same places, as every
+    # qemu target's own file is agreement with the oracle (QEMU 7.2's own corruption).
+    qemu_found = {tuple(sorted((f.rule, f.offset) for f in found[t.name]))
+                  for t in ls.targets if t.name.startswith("qemu")}
+    for t in ls.targets:
+        bad = found[t.name]
+        if bad and len(qemu_found) == 1 and tuple(sorted((f.rule, f.offset) for f in bad)) in qemu_found:
+            ls.notes.append(f"qemu-corrupt: {t.name}'s file breaks the same rules as QEMU's")
+            continue
+        if bad:
+            shown = "; ".join(f"{f.rule}@{f.offset}: {f.message}" for f in bad[:5])
+            raise Divergence("rules", "finish", f"{t.name}'s file breaks {len(bad)} rule(s): {shown}")
+
+
+def _plan(ls: Run) -> list[tuple[int, int]]:
+    ranges = _merged([*ls.touched, (0, 65536), (max(0, ls.size - 65536), 65536)], ls.size)
+    budget = CROSS_READ_MAX
+    plan: list[tuple[int, int]] = []
+    for a, n in ranges:
+        n = min(n, budget)
+        if n <= 0:
+            break
+        plan.append((a, n))
+        budget -= n
+    return plan
+
+
+READER_TIMEOUT = 20.0
+"""Seconds a foreign reader may spend on one open or read before it is reported as hung."""
+
+
+class ReaderHung(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Interrupt foreign code that loops forever (SIGALRM; main thread only, else no bound)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def fire(_sig: int, _frame: Any) -> None:
+        raise ReaderHung(f"no answer within {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _reader(ls: Run, spec: str) -> None:
+    """A read-only adapter reads every target's file; it must read what the first target
+    reads from that same file. Its exceptions are findings (foreign code, any class)."""
+    reader = load(spec)
+    ref_t = ls.targets[0]
+    for t in ls.targets:
+        ref = ref_t.open_readonly(t.path)
+        try:
+            try:
+                with _deadline(READER_TIMEOUT):
+                    img = reader.open(str(t.path), readonly=True)
+            except Exception as e:
+                raise Divergence("reader", "finish", f"{spec} cannot open {t.name}'s file: "
+                                 f"{type(e).__name__}: {e}") from e
+            try:
+                if int(img.size) != int(ref.size):
+                    raise Divergence("reader", "finish", f"{spec} reads size {img.size} from {t.name}'s "
+                                     f"file, {ref_t.name} {ref.size}")
+                for a, n in _plan(ls):
+                    for pos in range(a, a + n, 1 << 20):
+                        k = min(1 << 20, a + n - pos)
+                        want = bytes(ref.read(pos, k))
+                        try:
+                            with _deadline(READER_TIMEOUT):
+                                got = bytes(img.read(pos, k))
+                        except Exception as e:
+                            raise Divergence("reader", "finish", f"{spec} reading [{pos}, {pos + k}) of "
+                                             f"{t.name}'s file: {type(e).__name__}: {e}") from e
+                        if got != want:
+                            i = next((j for j in range(min(len(got), k)) if got[j] != want[j]), len(got))
+                            raise Divergence("reader", "finish", f"{spec} reads {t.name}'s file differently "
+                                             f"from {ref_t.name} at guest offset {pos + i}: "
+                                             f"{got[i:i + 8].hex()} vs {want[i:i + 8].hex()}")
+            finally:
+                img.close()
+        finally:
+            ref.close()
+
+
+def _cross_read(ls: Run) -> None:
+    """Each in-process target reads every other target's file and gets its own content."""
+    plan = _plan(ls)
+    for reader in ls.targets:
+        if not reader.in_process:
+            continue
+        try:
+            own = reader.open_readonly(reader.path)
+        except Qcow2Error as e:
+            raise Divergence("crossread", "finish", f"{reader.name} cannot reopen its own file: "
+                             f"{type(e).__name__}: {e}") from e
+        try:
+            for other in ls.targets:
+                if other is reader:
+                    continue
+                try:
+                    img = reader.open_readonly(other.path)
+                except Qcow2Error as e:
+                    raise Divergence("crossread", "finish", f"{reader.name} cannot open {other.name}'s "
+                                     f"file: {type(e).__name__}: {e}") from e
+                try:
+                    if img.size != own.size:
+                        raise Divergence("crossread", "finish", f"{reader.name} reads size {img.size} "
+                                         f"from {other.name}'s file, {own.size} from its own")
+                    for a, n in plan:
+                        for pos in range(a, a + n, 1 << 20):
+                            k = min(1 << 20, a + n - pos)
+                            # A range the reader cannot read in its own file must fail alike
+                            # in the other's (QEMU's own corruption can make it unreadable).
+                            ok1, mine = _read_outcome(own, pos, k)
+                            ok2, theirs = _read_outcome(img, pos, k)
+                            if (ok1, ok2) != ("ok", "ok"):
+                                if (ok1, mine) != (ok2, theirs):
+                                    raise Divergence("crossread", "finish", f"{reader.name} reading "
+                                                     f"[{pos}, {pos + k}): own file {ok1} "
+                                                     f"{mine if ok1 == 'err' else ''}, {other.name}'s "
+                                                     f"{ok2} {theirs if ok2 == 'err' else ''}")
+                                continue
+                            if mine != theirs:
+                                i = next(j for j in range(k) if mine[j] != theirs[j])
+                                raise Divergence("crossread", "finish",
+                                                 f"{reader.name} reads {other.name}'s file differently "
+                                                 f"from its own at guest offset {pos + i}")
+                finally:
+                    img.close()
+        finally:
+            own.close()

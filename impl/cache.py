@@ -1,0 +1,226 @@
+"""A write-back cache of fixed-size metadata entries: L2 slices and refcount blocks
+(QEMU block/qcow2-cache.c, written anew; the API has QEMU's verbs).
+
+- ``get(offset)`` returns the decoded entry at host ``offset``, reading it on a miss;
+  ``get_empty(offset)`` returns a zeroed entry without reading (for a freshly allocated
+  table); ``put`` releases it (QEMU counts references so that an entry in use is never
+  evicted; requests here run one at a time, so ``put`` only ends the pinning).
+- ``mark_dirty`` schedules the entry for write-back; ``flush`` writes every dirty entry.
+- ``set_dependency(other)``: before any dirty entry of this cache reaches the file, every
+  dirty entry of ``other`` must (qcow2_cache_set_dependency: the L2 cache depends on the
+  refcount cache, so a refcount block counting a new cluster is written before the L2 entry
+  that points at it). ``depends_on_flush()``: the file must be flushed before the next
+  write-back (qcow2_cache_depends_on_flush: guest data before the L2 entry mapping it).
+- LRU eviction writes a dirty victim back first (qcow2_cache_do_get picks the entry with
+  the lowest lru_counter among the unreferenced ones).
+- ``clean_unused`` drops clean, unreferenced entries not used since the previous call
+  (qcow2_cache_clean_unused, run every ``cache_clean_interval`` seconds by
+  cache_clean_timer_cb); the owner calls ``maybe_clean`` on every request, since there is
+  no event loop.
+- ``discard(offset)``: drop an entry without writing it (qcow2_cache_discard: the cluster
+  was freed).
+
+An entry is decoded once when it is loaded (``decode``), so a hit is a dict lookup and the
+caller indexes the decoded array; ``encode`` turns it back into bytes on write-back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from impl.hostfile import HostFile
+
+Decode = Callable[[bytes], Any]
+Encode = Callable[[Any], bytes]
+
+
+class CacheStats:
+    __slots__ = ("evictions", "hits", "misses", "writebacks")
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.writebacks = 0
+
+
+class Qcow2Cache:
+    """See the module doc. Entries are keyed by host offset; the OrderedDict's order is
+    the LRU order (least recently used first)."""
+
+    def __init__(self, host: HostFile, entry_size: int, capacity: int, decode: Decode,
+                 encode: Encode, *, name: str, flush_file: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if capacity < 1:
+            raise ValueError("cache capacity must be at least one entry")
+        self.host = host
+        self.entry_size = entry_size
+        self.capacity = capacity
+        self.decode = decode
+        self.encode = encode
+        self.name = name
+        self.tables: OrderedDict[int, Any] = OrderedDict()
+        self.dirty: set[int] = set()
+        self.pinned: dict[int, int] = {}
+        self.used_since_clean: set[int] = set()
+        self.depends: Qcow2Cache | None = None
+        self.flush_needed = False
+        self.flush_file = flush_file or (lambda: None)
+        self.stats = CacheStats()
+        self.clock = clock
+        self.clean_interval = 0.0
+        self.next_clean = 0.0
+
+    # --- lookups ---------------------------------------------------------------------------
+    def get(self, offset: int) -> Any:
+        """The decoded entry at ``offset`` (qcow2_cache_get)."""
+        table = self.tables.get(offset)
+        if table is not None:
+            self.stats.hits += 1
+            self.tables.move_to_end(offset)
+            self.used_since_clean.add(offset)
+            return table
+        self.stats.misses += 1
+        self._make_room()
+        table = self.decode(self.host.pread(offset, self.entry_size, meta=True))
+        self.tables[offset] = table
+        self.used_since_clean.add(offset)
+        return table
+
+    def get_empty(self, offset: int) -> Any:
+        """A zeroed entry at ``offset``, not read from the file (qcow2_cache_get_empty)."""
+        if offset in self.tables:
+            self.tables.move_to_end(offset)
+        else:
+            self._make_room()
+        table = self.decode(bytes(self.entry_size))
+        self.tables[offset] = table
+        self.used_since_clean.add(offset)
+        return table
+
+    def lookup(self, offset: int) -> Any | None:
+        """The entry if cached, without loading it (qcow2_cache_is_table_offset)."""
+        return self.tables.get(offset)
+
+    def pin(self, offset: int) -> None:
+        self.pinned[offset] = self.pinned.get(offset, 0) + 1
+
+    def put(self, offset: int) -> None:
+        """Release a pinned entry (qcow2_cache_put)."""
+        n = self.pinned.get(offset, 0) - 1
+        if n <= 0:
+            self.pinned.pop(offset, None)
+        else:
+            self.pinned[offset] = n
+
+    def mark_dirty(self, offset: int) -> None:
+        """qcow2_cache_entry_mark_dirty."""
+        self.dirty.add(offset)
+
+    # --- ordering --------------------------------------------------------------------------
+    def set_dependency(self, other: Qcow2Cache) -> None:
+        """qcow2_cache_set_dependency: ``other`` is written before any of this cache's
+        dirty entries. A cache that already depends on a third one flushes that first."""
+        if other.depends is not None:
+            other.flush_dependency()
+        if self.depends is not None and self.depends is not other:
+            self.flush_dependency()
+        self.depends = other
+
+    def depends_on_flush(self) -> None:
+        """qcow2_cache_depends_on_flush: flush the file before the next write-back."""
+        self.flush_needed = True
+
+    def flush_dependency(self) -> None:
+        if self.depends is not None:
+            self.depends.flush()
+            self.depends = None
+        self.flush_needed = False
+
+    # --- write-back --------------------------------------------------------------------------
+    def _write_entry(self, offset: int) -> None:
+        """qcow2_cache_entry_flush: honour the dependency, then write one dirty entry."""
+        if offset not in self.dirty:
+            return
+        if self.depends is not None:
+            self.flush_dependency()
+        elif self.flush_needed:
+            self.flush_file()
+            self.flush_needed = False
+        self.host.pwrite(offset, self.encode(self.tables[offset]), meta=True)
+        self.stats.writebacks += 1
+        self.dirty.discard(offset)
+
+    def write(self) -> None:
+        """qcow2_cache_write: every dirty entry, in host-offset order."""
+        for offset in sorted(self.dirty):
+            self._write_entry(offset)
+
+    def flush(self) -> None:
+        """qcow2_cache_flush: write every dirty entry, then flush the file (always, as
+        QEMU does; cache=unsafe makes the file flush a no-op)."""
+        self.write()
+        self.flush_file()
+
+    def _make_room(self) -> None:
+        if len(self.tables) < self.capacity:
+            return
+        for victim in self.tables:
+            if victim not in self.pinned:
+                break
+        else:
+            raise RuntimeError(f"{self.name} cache: every entry is in use")
+        self._write_entry(victim)
+        del self.tables[victim]
+        self.used_since_clean.discard(victim)
+        self.stats.evictions += 1
+
+    # --- dropping ------------------------------------------------------------------------------
+    def discard(self, offset: int) -> None:
+        """qcow2_cache_discard: forget the entry, dirty or not (its cluster was freed)."""
+        if self.tables.pop(offset, None) is not None:
+            self.dirty.discard(offset)
+            self.pinned.pop(offset, None)
+            self.used_since_clean.discard(offset)
+
+    def discard_range(self, start: int, length: int) -> None:
+        """Forget every entry inside [start, start+length) (all slices of a freed table)."""
+        if self.entry_size == length:
+            self.discard(start)
+            return
+        for off in [o for o in self.tables if start <= o < start + length]:
+            self.discard(off)
+
+    def empty(self) -> None:
+        """qcow2_cache_empty: write back, then drop everything."""
+        self.flush()
+        self.tables.clear()
+        self.used_since_clean.clear()
+
+    def clean_unused(self) -> int:
+        """qcow2_cache_clean_unused: drop clean, unpinned entries not used since the last
+        call. Returns how many were dropped."""
+        drop = [o for o in self.tables
+                if o not in self.used_since_clean and o not in self.dirty and o not in self.pinned]
+        for o in drop:
+            del self.tables[o]
+        self.used_since_clean.clear()
+        return len(drop)
+
+    def maybe_clean(self) -> None:
+        """Run clean_unused when ``clean_interval`` seconds have passed since the last run
+        (cache_clean_timer_cb); 0 disables it, as in QEMU."""
+        if self.clean_interval <= 0:
+            return
+        now = self.clock()
+        if now >= self.next_clean:
+            self.clean_unused()
+            self.next_clean = now + self.clean_interval
+
+    def start_clean_timer(self, interval: float) -> None:
+        """cache_clean_timer_init: the first clean runs ``interval`` seconds from now."""
+        self.clean_interval = interval
+        self.next_clean = self.clock() + interval

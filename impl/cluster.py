@@ -1,0 +1,632 @@
+"""Guest-to-host mapping through the L2 slice cache, allocation, copy-on-write, subclusters,
+zeroing, discard and the overlap checks (block/qcow2-cluster.c, qcow2.c, qcow2-refcount.c).
+
+A cached L2 slice is an ``array('Q')`` of host-order words: entry ``i`` of a slice is word
+``i`` (word ``2i``, bitmap ``2i+1`` with extended L2). Every request is cut where QEMU cuts
+it: at the end of an L2 slice (handle_copied / handle_alloc limit nb_clusters to
+``l2_slice_size - l2_index``), so the same requests with the same ``l2_cache_entry_size``
+give the same allocations as qemu-io.
+
+Write ordering (QEMU's): a new L2 table is written, through a cache flush, before the L1
+entry pointing at it (l2_allocate); an L2 slice changed to point at a new cluster depends on
+the refcount cache (qcow2_alloc_cluster_link_l2 -> qcow2_cache_set_dependency) and on a file
+flush after the guest data (perform_cow -> qcow2_cache_depends_on_flush).
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from typing import TYPE_CHECKING
+
+from impl import refcount as rc
+from impl.state import State
+from spec.entries import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    QCOW_L2_BITMAP_ALL_ALLOC,
+    QCOW_L2_BITMAP_ALL_ZEROES,
+    QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_SUB_ALLOC_RANGE,
+    QCOW_OFLAG_SUB_ZERO_RANGE,
+    QCOW_OFLAG_ZERO,
+    ClusterType,
+    SubclusterType,
+    cluster_type,
+    compressed_range,
+    subcluster_type,
+)
+from spec.errors import CorruptionError
+from spec.geometry import align_down, align_up
+
+if TYPE_CHECKING:
+    from impl.image import Image
+
+ST = SubclusterType
+_SWAP = sys.byteorder == "little"
+PERFORM_COW_MERGE_MAX = 16384
+"""perform_cow reads both COW regions with one request when at most this many bytes of new
+data lie between them."""
+
+
+class UnflaggedError(CorruptionError):
+    """Fails the request without flagging the image: a compressed cluster that does not
+    decode, or a failing backing file (qcow2_co_preadv_compressed returns -EIO)."""
+
+
+# --- L2 slice codec ---------------------------------------------------------------------------
+
+def decode_l2(data: bytes) -> array:
+    words = array("Q")
+    words.frombytes(data)
+    if _SWAP:
+        words.byteswap()
+    return words
+
+
+def encode_l2(words: array) -> bytes:
+    if not _SWAP:
+        return words.tobytes()
+    out = array("Q", words)
+    out.byteswap()
+    return out.tobytes()
+
+
+# --- lookups ----------------------------------------------------------------------------------
+
+def l2_slice(s: State, guest: int, l1: list[int] | None = None) -> tuple[array, int] | None:
+    """(slice words, word index of ``guest``'s entry), or None without an L2 table
+    (qcow2_get_host_offset's lookup through l2_load)."""
+    g = s.geometry
+    i1 = guest >> (g.cluster_bits + g.l2_bits)
+    table = s.l1_table if l1 is None else l1
+    if i1 >= len(table):
+        return None
+    l2off = table[i1] & L1E_OFFSET_MASK
+    if not l2off:
+        return None
+    if l2off & (s.cluster_size - 1):
+        raise CorruptionError(f"L2 table offset {l2off:#x} unaligned (L1 index {i1:#x})")
+    l2i = (guest >> g.cluster_bits) & (g.l2_entries - 1)
+    per = s.slice_entries
+    words = s.l2_cache.get(l2off + (l2i // per) * s.l2_cache.entry_size)
+    return words, (l2i % per) << (1 if s.extended_l2 else 0)
+
+
+def get_entry(s: State, guest: int, l1: list[int] | None = None) -> tuple[int, int]:
+    """(l2_entry, l2_bitmap) mapping ``guest``; (0, 0) without an L2 table."""
+    found = l2_slice(s, guest, l1)
+    if found is None:
+        return 0, 0
+    words, w = found
+    return (words[w], words[w + 1]) if s.extended_l2 else (words[w], 0)
+
+
+def slice_for_write(s: State, guest: int) -> tuple[int, array, int]:
+    """get_cluster_table: (cache key, slice words, word index) of a writable L2 slice,
+    allocating the table or unsharing it from a snapshot first (l2_allocate)."""
+    g = s.geometry
+    i1 = guest >> (g.cluster_bits + g.l2_bits)
+    l1e = s.l1_table[i1]
+    l2off = l1e & L1E_OFFSET_MASK
+    if l2off & (s.cluster_size - 1):
+        raise CorruptionError(f"L2 table offset {l2off:#x} unaligned (L1 index {i1:#x})")
+    if not (l2off and l1e & QCOW_OFLAG_COPIED):
+        l2off = _l2_allocate(s, i1, l2off)
+    l2i = (guest >> g.cluster_bits) & (g.l2_entries - 1)
+    per = s.slice_entries
+    key = l2off + (l2i // per) * s.l2_cache.entry_size
+    return key, s.l2_cache.get(key), (l2i % per) << (1 if s.extended_l2 else 0)
+
+
+def _l2_allocate(s: State, i1: int, old: int) -> int:
+    """l2_allocate: a new table (copy of the old one, or zeros), written through a cache
+    flush before the L1 entry; a table shared with a snapshot loses this reference
+    (get_cluster_table, QCOW2_DISCARD_OTHER: no hole punched)."""
+    cs = s.cluster_size
+    new = rc.alloc_clusters(s, 1)
+    s.rc_cache.flush()
+    es = s.l2_cache.entry_size
+    for k in range(0, cs, es):
+        # The old slice is taken first: loading it may evict, and the fresh one must stay.
+        src = s.l2_cache.get(old + k) if old else None
+        fresh = s.l2_cache.get_empty(new + k)
+        if src is not None:
+            fresh[:] = src
+        s.l2_cache.mark_dirty(new + k)
+    s.l2_cache.flush()
+    s.l1_table[i1] = new | QCOW_OFLAG_COPIED
+    s.write_l1_entry(i1)
+    s.overlap.stale = True
+    if old:
+        rc.free_clusters(s, old, cs)
+    return new
+
+
+def needs_new_alloc(s: State, entry: int) -> bool:
+    """cluster_needs_new_alloc: only NORMAL/ZERO_ALLOC clusters with COPIED (refcount 1) are
+    written in place."""
+    t = cluster_type(entry, extended_l2=s.extended_l2, has_data_file=s.has_data_file)
+    if t is ClusterType.NORMAL or t is ClusterType.ZERO_ALLOC:
+        return not entry & QCOW_OFLAG_COPIED
+    return True
+
+
+def _count(s: State, words: array, w: int, want: int, new_alloc: bool) -> int:
+    """count_single_write_clusters: consecutive clusters of one kind; in-place ones also
+    contiguous on the host."""
+    step = 2 if s.extended_l2 else 1
+    expected = words[w] & L2E_OFFSET_MASK
+    i = 0
+    while i < want:
+        e = words[w + i * step]
+        if needs_new_alloc(s, e) != new_alloc:
+            break
+        if not new_alloc:
+            if e & L2E_OFFSET_MASK != expected:
+                break
+            expected += s.cluster_size
+        i += 1
+    return i
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+def write(img: Image, offset: int, data: memoryview) -> None:
+    """qcow2_co_pwritev_part: runs of host-contiguous clusters (qcow2_alloc_host_offset).
+    Clusters the request replaces are freed only after the whole request, so no piece
+    reuses what another piece gave up."""
+    frees: list[int] = []
+    pos, end = offset, offset + len(data)
+    try:
+        while pos < end:
+            pos = write_run(img, pos, end, data, offset, frees)
+    finally:
+        for old in frees:
+            free_any_cluster(img.s, old, request=False)
+
+
+def write_run(img: Image, pos: int, end: int, data: memoryview, base: int, frees: list[int],
+              *, prealloc: bool = False) -> int:
+    """One qcow2_alloc_host_offset: clusters that continue on the host, each piece cut at
+    the slice end. Returns where it stopped."""
+    s = img.s
+    cs = s.cluster_size
+    expected: int | None = None
+    while pos < end:
+        key, words, w = slice_for_write(s, pos)
+        in_slice = w >> (1 if s.extended_l2 else 0)
+        want = min(-(-(pos % cs + end - pos) // cs), s.slice_entries - in_slice)
+        entry = words[w]
+        if not needs_new_alloc(s, entry):
+            host = entry & L2E_OFFSET_MASK
+            if host % cs:
+                raise CorruptionError(f"data cluster offset {host:#x} unaligned (guest {pos:#x})")
+            if expected is not None and host != expected:
+                break
+            n = _count(s, words, w, want, False)
+            nbytes = min(end - pos, n * cs - pos % cs)
+            _write_clusters(img, pos, nbytes, host, data, base, key, w, keep_old=True, prealloc=prealloc)
+        else:
+            n = _count(s, words, w, want, True)
+            if s.has_data_file:
+                host = align_down(pos, cs)
+            elif expected is None:
+                host = rc.alloc_clusters(s, n)
+            else:
+                n = rc.alloc_clusters_at(s, expected, n)
+                if n == 0:
+                    break
+                host = expected
+            nbytes = min(end - pos, n * cs - pos % cs)
+            try:
+                frees += _write_clusters(img, pos, nbytes, host, data, base, key, w,
+                                         keep_old=False, prealloc=prealloc)
+            except UnflaggedError:
+                # qcow2_alloc_cluster_abort: the COW read failed; give the clusters back.
+                if not s.has_data_file:
+                    rc.free_clusters(s, host, n * cs)
+                raise
+        expected = host + pos % cs + nbytes
+        img.last_host_end = expected
+        pos += nbytes
+    return pos
+
+
+def _write_clusters(img: Image, pos: int, nbytes: int, host: int, data: memoryview, base: int,
+                    key: int, w: int, *, keep_old: bool, prealloc: bool) -> list[int]:
+    """calculate_l2_meta + perform_cow + qcow2_alloc_cluster_link_l2 for ``n`` clusters of
+    one slice. Returns the old entries that lose a reference."""
+    s = img.s
+    g = s.geometry
+    cs, scs = s.cluster_size, g.subcluster_size
+    ext, dfile = s.extended_l2, s.has_data_file
+    step = 2 if ext else 1
+    words = s.l2_cache.get(key)
+    first = pos - pos % cs
+    n = -(-(pos - first + nbytes) // cs)
+    start_to = pos - first
+    end_from = start_to + nbytes
+    piece = data[pos - base:pos - base + nbytes]
+
+    def pair(i: int) -> tuple[int, int]:
+        j = w + i * step
+        return (words[j], words[j + 1]) if ext else (words[j], 0)
+
+    # Touched subclusters, and whether any is invalid (qcow2_get_subcluster_type).
+    all_normal = True
+    for i in range(n):
+        e, b = pair(i)
+        lo = max(start_to, i * cs) - i * cs
+        hi = min(end_from, (i + 1) * cs) - i * cs
+        for sc in range(lo // scs, (hi - 1) // scs + 1):
+            t = subcluster_type(e, b, sc, extended_l2=ext, has_data_file=dfile)
+            if t is ST.INVALID:
+                raise CorruptionError(f"invalid cluster entry {e:#x}/{b:#x}")
+            if t is not ST.NORMAL:
+                all_normal = False
+    if keep_old and all_normal:
+        if prealloc:
+            return []
+        # Plain overwrite of allocated subclusters: one host write, no metadata.
+        s.overlap.check(host + start_to, nbytes)
+        s.data_host().pwrite(host + start_to, piece)
+        return []
+
+    # calculate_l2_meta: where the COW starts in the first cluster and ends in the last.
+    e0, b0 = pair(0)
+    t_first = subcluster_type(e0, b0, g.subcluster_index(pos), extended_l2=ext, has_data_file=dfile)
+    if keep_old:
+        start_from = start_to if t_first is ST.NORMAL else align_down(start_to, scs)
+    elif t_first is ST.COMPRESSED:
+        start_from = 0
+    elif t_first in (ST.NORMAL, ST.ZERO_ALLOC, ST.UNALLOCATED_ALLOC):
+        alloc = b0 & QCOW_L2_BITMAP_ALL_ALLOC
+        low = (alloc & -alloc).bit_length() - 1 if alloc else 32
+        start_from = min(start_to // scs, low) * scs if ext else 0
+    else:
+        start_from = align_down(start_to, scs)
+    last = pos + nbytes - 1
+    el, bl = pair(n - 1)
+    sc_last = g.subcluster_index(last)
+    t_last = subcluster_type(el, bl, sc_last, extended_l2=ext, has_data_file=dfile)
+    if keep_old:
+        end_to = end_from if t_last is ST.NORMAL else align_up(end_from, scs)
+    elif t_last is ST.COMPRESSED:
+        end_to = align_up(end_from, cs)
+    elif t_last in (ST.NORMAL, ST.ZERO_ALLOC, ST.UNALLOCATED_ALLOC):
+        end_to = align_up(end_from, cs)
+        if ext:
+            high = 32 - (bl & QCOW_L2_BITMAP_ALL_ALLOC).bit_length()
+            end_to -= min(g.subclusters_per_cluster - sc_last - 1, high) * scs
+    else:
+        end_to = align_up(end_from, scs)
+
+    if not prealloc:
+        _data_with_cow(img, first, host, start_from, start_to, end_from, end_to, piece)
+        # perform_cow: the guest data must be on disk before the L2 entry mapping it.
+        s.l2_cache.depends_on_flush()
+
+    # qcow2_alloc_cluster_link_l2
+    words = s.l2_cache.get(key)
+    if not s.lazy_refcounts:
+        s.l2_cache.set_dependency(s.rc_cache)
+    olds: list[int] = []
+    for i in range(n):
+        j = w + i * step
+        old_e = words[j]
+        if not keep_old and old_e:
+            olds.append(old_e)
+        words[j] = (host + i * cs) | QCOW_OFLAG_COPIED
+        if ext and not prealloc:
+            lo = (max(start_from, i * cs) - i * cs) // scs
+            hi = (min(end_to, (i + 1) * cs) - i * cs - 1) // scs + 1
+            bits = words[j + 1] | QCOW_OFLAG_SUB_ALLOC_RANGE(lo, hi)
+            words[j + 1] = bits & ~QCOW_OFLAG_SUB_ZERO_RANGE(lo, hi)
+    s.l2_cache.mark_dirty(key)
+    return olds
+
+
+def _data_with_cow(img: Image, first: int, host: int, start_from: int, start_to: int,
+                   end_from: int, end_to: int, piece: memoryview) -> None:
+    """The guest data plus its COW regions, in two host operations at most: one read (of
+    both regions together when perform_cow merges them, else each alone) and one vectored
+    write. When both regions read as zeros (bdrv_co_is_zero_fast) and the host can zero
+    cheaply, the range is zeroed with fallocate and only the data is written
+    (handle_alloc_space)."""
+    s = img.s
+    target = s.data_host()
+    s.overlap.check(host + start_from, end_to - start_from)
+    head, tail = start_to - start_from, end_to - end_from
+    if ((head or tail) and img.is_zero_fast(first + start_from, head)
+            and img.is_zero_fast(first + end_from, tail)
+            and target.zero_range(host + start_from, end_to - start_from)):
+        target.pwrite(host + start_to, piece)
+        return
+    bufs: list[bytes | memoryview] = []
+    if head and tail and end_from - start_to <= PERFORM_COW_MERGE_MAX:
+        whole = img.read_internal(first + start_from, end_to - start_from)
+        bufs = [whole[:head], piece, whole[len(whole) - tail:]]
+    else:
+        if head:
+            bufs.append(img.read_internal(first + start_from, head))
+        bufs.append(piece)
+        if tail:
+            bufs.append(img.read_internal(first + end_from, tail))
+    target.pwritev(bufs, host + start_from)
+
+
+def free_any_cluster(s: State, entry: int, *, request: bool) -> None:
+    """qcow2_free_any_cluster: drop the reference an L2 entry held; ``request``
+    (QCOW2_DISCARD_REQUEST, passed through) punches freed clusters out of the file."""
+    t = cluster_type(entry, extended_l2=s.extended_l2, has_data_file=s.has_data_file)
+    cs = s.cluster_size
+    if s.has_data_file:
+        if request and t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and s.data is not None:
+            s.data.punch_hole(entry & L2E_OFFSET_MASK, cs)
+        return
+    if t is ClusterType.COMPRESSED:
+        coff, csize = compressed_range(entry, s.cluster_bits)
+        rc.free_clusters(s, coff, csize, discard=request)
+    elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+        off = entry & L2E_OFFSET_MASK
+        if off % cs == 0:  # QEMU reports an unaligned one and frees nothing
+            rc.free_clusters(s, off, cs, discard=request)
+
+
+# --- zeroes and discard -------------------------------------------------------------------------
+
+def split_aligned(offset: int, n: int, align: int) -> list[tuple[int, int]]:
+    """How the block layer cuts a request for an alignment (bdrv_co_do_pwrite_zeroes,
+    bdrv_co_pdiscard): unaligned head, aligned middle, unaligned tail."""
+    out: list[tuple[int, int]] = []
+    end = offset + n
+    head_end = min(end, align_up(offset, align))
+    if head_end > offset:
+        out.append((offset, head_end - offset))
+    mid_end = max(head_end, align_down(end, align))
+    if mid_end > head_end:
+        out.append((head_end, mid_end - head_end))
+    if end > mid_end:
+        out.append((mid_end, end - mid_end))
+    return out
+
+
+def write_zeroes(img: Image, offset: int, n: int, unmap: bool) -> None:
+    """bdrv_co_do_pwrite_zeroes over qcow2_co_pwrite_zeroes: pieces cut at subclusters; a
+    piece the driver refuses (-ENOTSUP) is written as zero data."""
+    for start, length in split_aligned(offset, n, img.s.geometry.subcluster_size):
+        if not _driver_zeroes(img, start, length, unmap):
+            write(img, start, memoryview(bytes(length)))
+
+
+def _driver_zeroes(img: Image, offset: int, n: int, unmap: bool) -> bool:
+    """qcow2_co_pwrite_zeroes: a partial subcluster is zeroed only when the rest of it
+    already reads as zeros (is_zero) and it is unallocated or zero."""
+    s = img.s
+    g = s.geometry
+    scs = g.subcluster_size
+    end = offset + n
+    head = offset % scs
+    tail = 0 if end == img.size else align_up(end, scs) - end
+    if head or tail:
+        if not (img.is_zero(offset - head, head) and img.is_zero(end, tail)):
+            return False
+        offset -= head
+        n = scs
+        e, b = get_entry(s, offset)
+        t = subcluster_type(e, b, g.subcluster_index(offset), extended_l2=s.extended_l2,
+                            has_data_file=s.has_data_file)
+        if t not in (ST.UNALLOCATED_PLAIN, ST.UNALLOCATED_ALLOC, ST.ZERO_PLAIN, ST.ZERO_ALLOC):
+            return False
+    return zeroize(img, offset, n, unmap)
+
+
+def zeroize(img: Image, offset: int, n: int, unmap: bool) -> bool:
+    """qcow2_subcluster_zeroize; False = -ENOTSUP."""
+    s = img.s
+    cs = s.cluster_size
+    end = offset + n
+    if s.data_file_raw and s.data is not None:
+        size = s.data.size()
+        if offset < size:
+            s.data.pwrite(offset, bytes(min(n, size - offset)))
+    if s.version < 3:
+        if img.backing is None:
+            cluster_discard(img, offset, n, request=True, full=False)
+            return True
+        return False
+    head = min(end, align_up(offset, cs)) - offset
+    offset += head
+    tail = 0 if end >= img.size else end - max(offset, align_down(end, cs))
+    end -= tail
+    if head and not _zero_subclusters(s, offset - head, head):
+        return False
+    _for_each_cluster(img, offset, end, lambda old_e, old_b: _zero_entry(s, old_e, old_b, unmap),
+                      request=True)
+    return not (tail and not _zero_subclusters(s, end, tail))
+
+
+def _zero_entry(s: State, old_e: int, old_b: int, unmap: bool) -> tuple[int, int, bool]:
+    """zero_in_l2_slice for one entry: the zero flag (or all-zero bitmap); the host cluster
+    is let go if compressed, or if ``unmap`` and allocated."""
+    t = cluster_type(old_e, extended_l2=s.extended_l2, has_data_file=s.has_data_file)
+    allocated = t in (ClusterType.NORMAL, ClusterType.COMPRESSED, ClusterType.ZERO_ALLOC)
+    let_go = t is ClusterType.COMPRESSED or (unmap and allocated)
+    new_e = 0 if let_go else old_e
+    if s.extended_l2:
+        return new_e, QCOW_L2_BITMAP_ALL_ZEROES, let_go
+    return new_e | QCOW_OFLAG_ZERO, old_b, let_go
+
+
+def _zero_subclusters(s: State, offset: int, n: int) -> bool:
+    """zero_l2_subclusters within one cluster; False for a compressed cluster."""
+    g = s.geometry
+    key, words, w = slice_for_write(s, offset)
+    e, b = words[w], words[w + 1]
+    if cluster_type(e, extended_l2=True, has_data_file=s.has_data_file) is ClusterType.COMPRESSED:
+        return False
+    sc = g.subcluster_index(offset)
+    hi = sc + -(-n // g.subcluster_size)
+    nb = (b | QCOW_OFLAG_SUB_ZERO_RANGE(sc, hi)) & ~QCOW_OFLAG_SUB_ALLOC_RANGE(sc, hi)
+    if nb != b:
+        words[w + 1] = nb
+        s.l2_cache.mark_dirty(key)
+    return True
+
+
+def _for_each_cluster(img: Image, pos: int, end: int, change: object, *, request: bool) -> None:
+    """Walk whole clusters slice by slice (zero_in_l2_slice / discard_in_l2_slice): each
+    entry gets ``change(old_e, old_b) -> (new_e, new_b, let_go)``; a changed entry whose
+    host cluster is let go drops that reference. The table is allocated (or unshared) even where nothing
+    changes (get_cluster_table)."""
+    s = img.s
+    cs = s.cluster_size
+    ext = s.extended_l2
+    step = 2 if ext else 1
+    fn = change  # typed loosely to keep the signature short
+    while pos < end:
+        key, words, w = slice_for_write(s, pos)
+        stop = len(words)
+        while pos < end and w < stop:
+            old_e = words[w]
+            old_b = words[w + 1] if ext else 0
+            new_e, new_b, let_go = fn(old_e, old_b)  # type: ignore[operator]
+            if new_e != old_e or new_b != old_b:
+                words[w] = new_e
+                if ext:
+                    words[w + 1] = new_b
+                s.l2_cache.mark_dirty(key)
+                if let_go:
+                    free_any_cluster(s, old_e, request=request)
+                    words = s.l2_cache.get(key)
+            w += step
+            pos += cs
+
+
+def discard(img: Image, offset: int, n: int) -> None:
+    """qcow2_co_pdiscard: whole clusters only (a last partial one at the image end counts);
+    v2 images with a backing file ignore discards (no zero flag to hide the backing)."""
+    s = img.s
+    cs = s.cluster_size
+    if s.version < 3 and img.backing is not None:
+        return
+    for start, length in split_aligned(offset, n, cs):
+        if (start % cs or length % cs) and (start % cs or start + length != img.size):
+            continue
+        img.mark_dirty()
+        cluster_discard(img, start, length, request=True, full=False)
+
+
+def cluster_discard(img: Image, offset: int, n: int, *, request: bool, full: bool) -> None:
+    """qcow2_cluster_discard / discard_in_l2_slice."""
+    s = img.s
+    backing = img.backing is not None
+
+    def change(old_e: int, old_b: int) -> tuple[int, int, bool]:
+        if full:
+            return 0, 0, True
+        t = cluster_type(old_e, extended_l2=s.extended_l2, has_data_file=s.has_data_file)
+        if backing or t in (ClusterType.NORMAL, ClusterType.COMPRESSED, ClusterType.ZERO_ALLOC):
+            if s.extended_l2:
+                return 0, QCOW_L2_BITMAP_ALL_ZEROES, True
+            return (QCOW_OFLAG_ZERO if s.version >= 3 else 0), 0, True
+        return old_e, old_b, False
+
+    _for_each_cluster(img, offset, offset + n, change, request=request)
+
+
+# --- overlap checks --------------------------------------------------------------------------------
+
+QCOW2_OL_MAIN_HEADER = 1 << 0
+QCOW2_OL_ACTIVE_L1 = 1 << 1
+QCOW2_OL_ACTIVE_L2 = 1 << 2
+QCOW2_OL_REFCOUNT_TABLE = 1 << 3
+QCOW2_OL_REFCOUNT_BLOCK = 1 << 4
+QCOW2_OL_SNAPSHOT_TABLE = 1 << 5
+QCOW2_OL_INACTIVE_L1 = 1 << 6
+QCOW2_OL_INACTIVE_L2 = 1 << 7
+QCOW2_OL_BITMAP_DIRECTORY = 1 << 8
+OVERLAP_NAMES = {
+    "main_header": QCOW2_OL_MAIN_HEADER, "active_l1": QCOW2_OL_ACTIVE_L1,
+    "active_l2": QCOW2_OL_ACTIVE_L2, "refcount_table": QCOW2_OL_REFCOUNT_TABLE,
+    "refcount_block": QCOW2_OL_REFCOUNT_BLOCK, "snapshot_table": QCOW2_OL_SNAPSHOT_TABLE,
+    "inactive_l1": QCOW2_OL_INACTIVE_L1, "inactive_l2": QCOW2_OL_INACTIVE_L2,
+    "bitmap_directory": QCOW2_OL_BITMAP_DIRECTORY,
+}
+"""block/qcow2.h QCow2MetadataOverlap; the names of the overlap-check.* options."""
+QCOW2_OL_CONSTANT = (QCOW2_OL_MAIN_HEADER | QCOW2_OL_ACTIVE_L1 | QCOW2_OL_REFCOUNT_TABLE
+                     | QCOW2_OL_SNAPSHOT_TABLE | QCOW2_OL_BITMAP_DIRECTORY)
+QCOW2_OL_CACHED = (QCOW2_OL_CONSTANT | QCOW2_OL_ACTIVE_L2 | QCOW2_OL_REFCOUNT_BLOCK
+                   | QCOW2_OL_INACTIVE_L1)
+QCOW2_OL_ALL = QCOW2_OL_CACHED | QCOW2_OL_INACTIVE_L2
+OVERLAP_MODES = {"none": 0, "constant": QCOW2_OL_CONSTANT, "cached": QCOW2_OL_CACHED,
+                 "all": QCOW2_OL_ALL}
+
+
+class OverlapChecker:
+    """qcow2_pre_write_overlap_check: a data write landing on metadata selected by
+    ``mask`` is refused (the caller flags the image corrupt). The metadata clusters are
+    kept as a dict cluster index -> name, rebuilt only when a table moved (``stale``), so a
+    check is one dict lookup per cluster written; mask 0 costs one comparison."""
+
+    def __init__(self, s: State, mask: int, snapshots: list[tuple[int, int]],
+                 snapshot_table: tuple[int, int], bitmap_dir: tuple[int, int],
+                 inactive_l2: list[int]) -> None:
+        self.s = s
+        self.mask = mask
+        self.snapshots = snapshots
+        self.snapshot_table = snapshot_table
+        self.bitmap_dir = bitmap_dir
+        self.inactive_l2 = inactive_l2
+        self.stale = True
+        self.clusters: dict[int, str] = {}
+
+    def _rebuild(self) -> None:
+        s, m = self.s, self.mask
+        cs = s.cluster_size
+        out: dict[int, str] = {}
+
+        def add(name: str, start: int, length: int) -> None:
+            if length > 0:
+                for c in range(start // cs, -(-(start + length) // cs)):
+                    out.setdefault(c, name)
+
+        if m & QCOW2_OL_MAIN_HEADER:
+            add("qcow2_header", 0, cs)
+        if m & QCOW2_OL_ACTIVE_L1:
+            add("active L1 table", s.l1_table_offset, s.l1_size * 8)
+        if m & QCOW2_OL_REFCOUNT_TABLE:
+            add("refcount table", s.refcount_table_offset, int(s.header.refcount_table_clusters) * cs)
+        if m & QCOW2_OL_SNAPSHOT_TABLE:
+            add("snapshot table", *self.snapshot_table)
+        if m & QCOW2_OL_BITMAP_DIRECTORY:
+            add("bitmap directory", *self.bitmap_dir)
+        if m & QCOW2_OL_INACTIVE_L1:
+            for off, size in self.snapshots:
+                add("inactive L1 table", off, size * 8)
+        if m & QCOW2_OL_ACTIVE_L2:
+            for e in s.l1_table:
+                if e & L1E_OFFSET_MASK:
+                    add("active L2 table", e & L1E_OFFSET_MASK, cs)
+        if m & QCOW2_OL_REFCOUNT_BLOCK:
+            for e in s.reftable:
+                if e & ~0x1FF:
+                    add("refcount block", e & ~0x1FF, cs)
+        if m & QCOW2_OL_INACTIVE_L2:
+            for off in self.inactive_l2:
+                add("inactive L2 table", off, cs)
+        self.clusters = out
+        self.stale = False
+
+    def check(self, offset: int, n: int) -> None:
+        if not self.mask or n <= 0 or self.s.has_data_file:
+            return
+        if self.stale:
+            self._rebuild()
+        cs = self.s.cluster_size
+        clusters = self.clusters
+        for c in range(offset // cs, -(-(offset + n) // cs)):
+            name = clusters.get(c)
+            if name is not None:
+                raise CorruptionError(f"preventing invalid write on metadata (overlaps with {name})")

@@ -1,0 +1,196 @@
+"""Creating an image as ``qemu-img create -f qcow2`` lays it out (block/qcow2.c
+qcow2_co_create; qcow2_update_header for the extensions; qcow2_grow_l1_table for the L1).
+
+Cluster 0 holds the header, its extensions (backing format, data file name, and the feature
+name table on v3 images with clusters over 4 KiB) and the backing file name; cluster 1 the
+refcount table; cluster 2 the refcount block counting clusters 0-2; then the L1 table,
+placed by the impl's own allocator as QEMU's allocator places it, and ending the file.
+``preallocation=metadata`` then links every cluster without writing data (preallocate_co).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import construct as c
+
+from impl import cluster as cl
+from impl import refcount as rc
+from impl.cache import Qcow2Cache
+from impl.hostfile import HostFile
+from impl.state import State
+from spec import features as ft
+from spec import header as hd
+from spec import limits as lim
+from spec.errors import RequestError, UnsupportedFeature
+from spec.geometry import Geometry, align_up
+
+BDRV_SECTOR_SIZE = 512
+
+
+def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster_size: int = 65536,
+           refcount_bits: int = 16, extended_l2: bool = False, compression_type: str = "zlib",
+           lazy_refcounts: bool = False, backing_file: str | None = None,
+           backing_fmt: str | None = None, data_file: str | None = None,
+           data_file_raw: bool = False, preallocation: str = "off") -> None:
+    """Create a qcow2 image (the options of ``qemu-img create -o``); RequestError for what
+    qcow2_co_create refuses, UnsupportedFeature for falloc/full preallocation (not laid
+    out as QEMU lays them out yet)."""
+    path = str(path)
+    _check(size, version, cluster_size, refcount_bits, extended_l2, compression_type,
+           lazy_refcounts, backing_file, backing_fmt, data_file, data_file_raw, preallocation)
+    if preallocation in ("falloc", "full"):
+        raise UnsupportedFeature(f"preallocation={preallocation}")
+    size = align_up(size, BDRV_SECTOR_SIZE)
+    if data_file_raw:
+        # qcow2_co_create: a raw data file must read as the disk, so its metadata is
+        # preallocated.
+        preallocation = "metadata"
+    g = Geometry(cluster_size.bit_length() - 1, extended_l2, refcount_bits.bit_length() - 1)
+    ctype = ft.CompressionType.ZSTD if compression_type == "zstd" else ft.CompressionType.ZLIB
+    header = c.Container(
+        magic=lim.QCOW_MAGIC, version=version, backing_file_offset=0, backing_file_size=0,
+        cluster_bits=g.cluster_bits, size=size, crypt_method=0, l1_size=0, l1_table_offset=0,
+        refcount_table_offset=cluster_size, refcount_table_clusters=1, nb_snapshots=0,
+        snapshots_offset=0, v3=None, ext=None)
+    if version >= 3:
+        incompat = ((ft.QCOW2_INCOMPAT_DATA_FILE if data_file else 0)
+                    | (ft.QCOW2_INCOMPAT_COMPRESSION if ctype is not ft.CompressionType.ZLIB else 0)
+                    | (ft.QCOW2_INCOMPAT_EXTL2 if extended_l2 else 0))
+        # sizeof(QCowHeader) is 105 with compression_type; QEMU pads it to 112.
+        header.v3 = c.Container(
+            incompatible_features=incompat,
+            compatible_features=ft.QCOW2_COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
+            autoclear_features=ft.QCOW2_AUTOCLEAR_DATA_FILE_RAW if data_file_raw else 0,
+            refcount_order=g.refcount_order, header_length=112)
+        header.ext = c.Container(compression_type=int(ctype), header_tail=bytes(7))
+    first = _header_cluster(header, version, cluster_size, backing_file,
+                            backing_fmt if backing_file else None, data_file)
+    refblock = bytearray(cluster_size)
+    decode, encode = rc.block_codec(g.refcount_order)
+    counts = decode(bytes(refblock))  # type: ignore[operator]
+    counts[:min(3, g.refcount_block_entries)] = 1
+    try:
+        with open(path, "wb") as f:
+            f.write(first)
+            f.write(struct.pack(">Q", 2 * cluster_size).ljust(cluster_size, b"\0"))
+            f.write(encode(counts))  # type: ignore[operator]
+        if data_file:
+            with open(data_file, "wb") as f:  # relative to the cwd, as qemu-img create does
+                f.truncate(size)
+    except OSError as e:
+        raise RequestError(f"cannot create {e.filename}: {e.strerror}") from None
+    l1_size = g.l1_size_for(size)
+    if l1_size == 0 and preallocation == "off":
+        return
+    host = HostFile(path, readonly=False)
+    try:
+        s = State(host, header, g, data=None, compression_type=ctype)
+        s.sync = False
+        s.l2_cache = Qcow2Cache(host, cluster_size, 16, cl.decode_l2, cl.encode_l2, name="l2")
+        s.rc_cache = Qcow2Cache(host, cluster_size, 4, decode, encode, name="refcount")  # type: ignore[arg-type]
+        s.reftable = [2 * cluster_size] + [0] * (cluster_size // 8 - 1)
+        if l1_size:
+            # qcow2_grow_l1_table from nothing: allocate, write the zeroed table, point the
+            # header at it.
+            off = rc.alloc_clusters(s, g.size_to_clusters(l1_size * 8))
+            s.rc_cache.flush()
+            host.pwrite(off, bytes(l1_size * 8), meta=True)
+            header.l1_size = l1_size
+            header.l1_table_offset = off
+            s.l1_table = [0] * l1_size
+            s.write_header()
+        s.rc_cache.flush()
+    finally:
+        host.close()
+    if preallocation == "metadata":
+        _preallocate(path, size)
+
+
+def _preallocate(path: str, size: int) -> None:
+    """preallocate_co: link every cluster without data, then end the host file (or data
+    file) at the last allocated subcluster."""
+    from impl.image import open as open_image
+
+    with open_image(path, cache="unsafe") as img:
+        s = img.s
+        img.last_host_end = 0
+        pos = 0
+        while pos < size:
+            pos = cl.write_run(img, pos, size, memoryview(b""), pos, [], prealloc=True)
+        s.l2_cache.write()
+        s.rc_cache.write()
+        target = s.data_host()
+        end = align_up(img.last_host_end, g_sub(s))
+        if end > target.size():
+            target.truncate(end)
+
+
+def g_sub(s: State) -> int:
+    return s.geometry.subcluster_size
+
+
+def _header_cluster(header: c.Container, version: int, cluster_size: int, backing_file: str | None,
+                    backing_fmt: str | None, data_file: str | None) -> bytes:
+    """Cluster 0 in qcow2_update_header's order: header, extensions, end marker, backing
+    file name."""
+    exts: list[tuple[int, bytes]] = []
+    if backing_fmt:
+        exts.append((hd.QCOW2_EXT_MAGIC_BACKING_FORMAT, backing_fmt.encode()))
+    if data_file:
+        exts.append((hd.QCOW2_EXT_MAGIC_DATA_FILE, data_file.encode()))
+    if version >= 3 and cluster_size > 4096:
+        # Not for clusters of 4 KiB or less: the room is kept for the backing file name.
+        names = b"".join(bytes([int(f.type), f.bit]) + f.name.encode().ljust(46, b"\0")
+                         for f in ft.FEATURES)
+        exts.append((hd.QCOW2_EXT_MAGIC_FEATURE_TABLE, names))
+    body = b"".join(struct.pack(">II", t, len(d)) + d + bytes(-len(d) % 8) for t, d in exts)
+    body += bytes(8)
+    fixed_len = len(hd.Header.build(header))
+    if backing_file:
+        name = backing_file.encode()
+        header.backing_file_offset = fixed_len + len(body)
+        header.backing_file_size = len(name)
+        body += name
+    out = hd.Header.build(header) + body
+    if len(out) > cluster_size:
+        raise RequestError("header, extensions and backing file name do not fit in one cluster")
+    return out.ljust(cluster_size, b"\0")
+
+
+def _check(size: int, version: int, cluster_size: int, refcount_bits: int, extended_l2: bool,
+           compression_type: str, lazy_refcounts: bool, backing_file: str | None,
+           backing_fmt: str | None, data_file: str | None, data_file_raw: bool,
+           preallocation: str) -> None:
+    """qcow2_co_create's refusals."""
+    rules: list[tuple[bool, str]] = [
+        (not isinstance(size, int) or size < 0, "image size must be a non-negative integer"),
+        (version not in (2, 3), f"invalid compat level {version}"),
+        (not isinstance(cluster_size, int) or cluster_size & (cluster_size - 1) != 0
+         or not 1 << lim.MIN_CLUSTER_BITS <= cluster_size <= 1 << lim.MAX_CLUSTER_BITS,
+         "cluster size must be a power of two between 512 and 2M"),
+        (extended_l2 and version < 3, "extended L2 entries need compat=1.1"),
+        (extended_l2 and cluster_size < 1 << lim.MIN_CLUSTER_BITS_EXTENDED_L2,
+         "extended L2 entries need clusters of at least 16 KiB"),
+        (not isinstance(refcount_bits, int) or not 1 <= refcount_bits <= 64
+         or refcount_bits & (refcount_bits - 1) != 0,
+         "refcount width must be a power of two and may not exceed 64 bits"),
+        (version < 3 and refcount_bits != 16, "refcount widths other than 16 need compat=1.1"),
+        (version < 3 and lazy_refcounts, "lazy refcounts need compat=1.1"),
+        (compression_type not in ("zlib", "zstd"), f"unknown compression type {compression_type}"),
+        (compression_type != "zlib" and version < 3, "zstd compression needs compat=1.1"),
+        (bool(backing_fmt) and not backing_file, "backing format needs a backing file"),
+        (bool(backing_file) and len((backing_file or "").encode()) > lim.BACKING_FILE_NAME_MAX,
+         "backing file name too long"),
+        (bool(data_file) and version < 3, "external data files need compat=1.1"),
+        (data_file_raw and not data_file, "data-file-raw requires data-file"),
+        (data_file_raw and bool(backing_file), "backing file and data-file-raw cannot be used together"),
+        (preallocation not in ("off", "metadata", "falloc", "full"),
+         f"invalid preallocation mode {preallocation}"),
+        (bool(backing_file) and preallocation != "off" and not extended_l2,
+         "backing file and preallocation need extended_l2"),
+    ]
+    for bad, why in rules:
+        if bad:
+            raise RequestError(why)

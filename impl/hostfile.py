@@ -1,0 +1,260 @@
+"""The counted host-file layer: every host read, write, flush, truncate and fallocate of the
+impl goes through a HostFile, which counts it (data and metadata apart).
+
+It is kept small on purpose so that a recorder (crash-safety tests) can subclass it, or wrap
+an instance, and see every write and flush in order: the only entry points that change the
+file are ``pwrite``, ``pwritev``, ``truncate``, ``punch_hole``, ``zero_range`` and ``flush``.
+
+``direct=True`` opens the file with O_DIRECT, as QEMU does for cache=none
+(block/file-posix.c raw_open_common, BDRV_O_NOCACHE). O_DIRECT wants the buffer, the offset
+and the length aligned to the device's logical block; buffers here come from mmap, which is
+page aligned, and unaligned requests are widened to the alignment (a read-modify-write for
+writes), as the block layer does for a node with request_alignment (block/io.c
+bdrv_aligned_pwritev / bdrv_co_do_copy_on_readv's padding).
+
+Errors: a failed host call is CorruptionError (QEMU: -EIO; the corrupt bit is not set for a
+plain I/O error); a change through a read-only file is RequestError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+from spec.errors import CorruptionError, RequestError
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+DIRECT_ALIGN = 4096
+"""Alignment used under O_DIRECT: a page, which covers every logical block size Linux
+allows (file-posix probes 512 or 4096; 4096 is always safe)."""
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """fallocate(2); 0 or the errno (file-posix do_fallocate)."""
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EIO
+
+
+@dataclass
+class IOStats:
+    """Host I/O counted by one open image (its own file and data file, not the backing
+    chain, which has its own). ``stats()`` of the Image returns these fields as a dict."""
+
+    data_reads: int = 0
+    data_read_bytes: int = 0
+    data_writes: int = 0
+    data_write_bytes: int = 0
+    meta_reads: int = 0
+    meta_read_bytes: int = 0
+    meta_writes: int = 0
+    meta_write_bytes: int = 0
+    flushes: int = 0
+    fallocates: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class HostFile:
+    """One host file (the image or its external data file). ``meta`` on each call says
+    which counter it goes to; every call counts as one host request."""
+
+    def __init__(self, path: str, *, readonly: bool, direct: bool = False,
+                 stats: IOStats | None = None) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.direct = direct
+        self.stats = stats if stats is not None else IOStats()
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        if direct:
+            flags |= os.O_DIRECT
+        try:
+            self.fd = os.open(path, flags | os.O_CLOEXEC)
+        except OSError as e:
+            if direct and e.errno == errno.EINVAL:
+                # file-posix: "Could not open ... Invalid argument" (no O_DIRECT on tmpfs).
+                raise RequestError(f"cache=none: {path} does not support O_DIRECT") from None
+            raise CorruptionError(f"cannot open {path}: {e.strerror}") from None
+
+    # --- counting -------------------------------------------------------------------------
+    def _count_read(self, n: int, meta: bool) -> None:
+        s = self.stats
+        if meta:
+            s.meta_reads += 1
+            s.meta_read_bytes += n
+        else:
+            s.data_reads += 1
+            s.data_read_bytes += n
+
+    def _count_write(self, n: int, meta: bool) -> None:
+        s = self.stats
+        if meta:
+            s.meta_writes += 1
+            s.meta_write_bytes += n
+        else:
+            s.data_writes += 1
+            s.data_write_bytes += n
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise RequestError("image is opened read-only")
+
+    # --- reads ----------------------------------------------------------------------------
+    def pread(self, offset: int, n: int, *, meta: bool = False) -> bytes:
+        """``n`` bytes at ``offset``; past the end of the file they read as zeros, as QEMU's
+        file driver zero-fills short reads of regular files."""
+        if n <= 0:
+            return b""
+        self._count_read(n, meta)
+        try:
+            data = self._direct_read(offset, n) if self.direct else os.pread(self.fd, n, offset)
+        except (OSError, OverflowError) as e:
+            raise CorruptionError(f"host read of {n} bytes at {offset} failed: {e}") from None
+        return data if len(data) == n else data + bytes(n - len(data))
+
+    def preadv_into(self, bufs: Sequence[bytearray | memoryview], offset: int, *,
+                    meta: bool = False) -> None:
+        """Fill ``bufs`` from ``offset`` in one host request (os.preadv); zeros past EOF."""
+        total = sum(len(b) for b in bufs)
+        if total <= 0:
+            return
+        self._count_read(total, meta)
+        try:
+            if self.direct:
+                data = self._direct_read(offset, total)
+                pos = 0
+                for b in bufs:
+                    b[:] = data[pos:pos + len(b)].ljust(len(b), b"\0")
+                    pos += len(b)
+                return
+            got = os.preadv(self.fd, bufs, offset)
+        except (OSError, OverflowError) as e:
+            raise CorruptionError(f"host read of {total} bytes at {offset} failed: {e}") from None
+        if got < total:
+            pos = 0
+            for b in bufs:
+                lo = max(0, got - pos)
+                if lo < len(b):
+                    b[lo:] = bytes(len(b) - lo)
+                pos += len(b)
+
+    def _direct_read(self, offset: int, n: int) -> bytes:
+        lo = offset - offset % DIRECT_ALIGN
+        hi = -(-(offset + n) // DIRECT_ALIGN) * DIRECT_ALIGN
+        buf = mmap.mmap(-1, hi - lo)
+        try:
+            got = os.preadv(self.fd, [buf], lo)
+            out = bytes(buf[offset - lo:min(got, offset - lo + n)]) if got > offset - lo else b""
+        finally:
+            buf.close()
+        return out
+
+    # --- writes ---------------------------------------------------------------------------
+    def pwrite(self, offset: int, data: Buffer, *, meta: bool = False) -> None:
+        self.pwritev([data], offset, meta=meta)
+
+    def pwritev(self, bufs: Sequence[Buffer], offset: int, *, meta: bool = False) -> None:
+        """Write ``bufs`` back to back from ``offset`` in one host request (os.pwritev)."""
+        self._writable()
+        total = sum(len(b) for b in bufs)
+        if total <= 0:
+            return
+        self._count_write(total, meta)
+        try:
+            if self.direct:
+                self._direct_write(offset, b"".join(bytes(b) for b in bufs))
+                return
+            done = os.pwritev(self.fd, bufs, offset)
+            if done < total:
+                # A short write (rare; signals, quotas): finish it the plain way.
+                rest = b"".join(bytes(b) for b in bufs)[done:]
+                while rest:
+                    k = os.pwrite(self.fd, rest, offset + done)
+                    done += k
+                    rest = rest[k:]
+        except (OSError, OverflowError) as e:
+            raise CorruptionError(f"host write of {total} bytes at {offset} failed: {e}") from None
+
+    def _direct_write(self, offset: int, data: bytes) -> None:
+        lo = offset - offset % DIRECT_ALIGN
+        hi = -(-(offset + len(data)) // DIRECT_ALIGN) * DIRECT_ALIGN
+        size = os.fstat(self.fd).st_size
+        buf = mmap.mmap(-1, hi - lo)
+        try:
+            if lo != offset or hi != offset + len(data):
+                got = os.preadv(self.fd, [buf], lo)
+                del got
+            buf[offset - lo:offset - lo + len(data)] = data
+            os.pwritev(self.fd, [buf], lo)
+        finally:
+            buf.close()
+        end = offset + len(data)
+        if hi > end and hi > size:
+            # The padding must not make the file longer than a buffered write would.
+            os.ftruncate(self.fd, max(size, end))
+
+    # --- the rest ---------------------------------------------------------------------------
+    def size(self) -> int:
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError as e:
+            raise CorruptionError(f"cannot stat {self.path}: {e}") from None
+
+    def truncate(self, size: int) -> None:
+        self._writable()
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise CorruptionError(f"cannot resize {self.path}: {e}") from None
+
+    def flush(self, *, sync: bool = True) -> None:
+        """bdrv_co_flush on the file: fdatasync, unless the open was cache=unsafe
+        (BDRV_O_NO_FLUSH), when nothing reaches the host."""
+        if self.readonly or not sync:
+            return
+        self.stats.flushes += 1
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise CorruptionError(f"flush of {self.path} failed: {e}") from None
+
+    def punch_hole(self, offset: int, n: int) -> None:
+        """raw_co_pdiscard: PUNCH_HOLE|KEEP_SIZE; failures ignored (a discard is advice)."""
+        if self.readonly or n <= 0:
+            return
+        self.stats.fallocates += 1
+        _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n)
+
+    def zero_range(self, offset: int, n: int) -> bool:
+        """handle_aiocb_write_zeroes with BDRV_REQ_NO_FALLBACK (file-posix): ZERO_RANGE,
+        else PUNCH_HOLE then fallocate(0), else fallocate(0) past EOF. False = -ENOTSUP."""
+        self._writable()
+        self.stats.fallocates += 1
+        ret = _fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, n)
+        if ret == 0:
+            return True
+        if ret not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise CorruptionError(f"zeroing {n} bytes at {offset} failed: {os.strerror(ret)}")
+        if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n) == 0:
+            return _fallocate(self.fd, 0, offset, n) == 0
+        if offset >= self.size():
+            return _fallocate(self.fd, 0, offset, n) == 0
+        return False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

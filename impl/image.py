@@ -1,0 +1,640 @@
+"""The impl's Image: spec.interface.Image over the caches (block/qcow2.c).
+
+Open builds QEMU's in-memory state (State: header, L1 table, refcount table, the L2 slice
+cache and the refcount-block cache), opens the backing chain (qcow2 layers are impl Images
+opened read-only, raw layers RawLayer) and takes QEMU's image locks. Requests go to
+cluster.py; block status and map to status.py. Every public method raises only spec.errors
+classes; a CorruptionError from the tables flags the image corrupt, as
+qcow2_signal_corruption does, except the unflagged kind (a compressed cluster that does not
+decode, a failing backing file).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import os
+import struct
+from typing import Any
+
+from impl import cluster as cl
+from impl import compress as cz
+from impl import options as opt
+from impl import refcount as rc
+from impl import status as stt
+from impl.cache import Qcow2Cache
+from impl.hostfile import HostFile, IOStats
+from impl.state import State
+from spec import features as ft
+from spec.entries import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
+    SubclusterType,
+    compressed_range,
+    csize_shift,
+    subcluster_type,
+)
+from spec.errors import CorruptionError, FormatError, Qcow2Error, RequestError, UnsupportedFeature
+from spec.geometry import align_up
+from spec.image import ImageFile, open_image
+from spec.info import full_backing_filename, virtual_size
+from spec.limits import QCOW2_MAX_BACKING_DEPTH, QCOW_MAGIC
+from spec.locking import ImageLock
+
+ST = SubclusterType
+BDRV_SECTOR_SIZE = 512
+_NOT_PLAIN_DATA = QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
+"""Bits that make an allocated entry something else than NORMAL data (qcow2.rst)."""
+
+
+def open(path: str | os.PathLike[str], *, readonly: bool = False, snapshot: str | None = None,
+         **options: Any) -> Image:
+    """Open a qcow2 image (qcow2_do_open; options in impl/options.py).
+
+    Raises RequestError (bad option, snapshot without readonly, lock conflict, corrupt image
+    opened read-write, unknown snapshot), FormatError (bad image or backing chain),
+    UnsupportedFeature (encryption, unknown incompatible bits, a dirty lazy-refcount image
+    opened read-write and found beyond repair: CorruptionError).
+    """
+    return _open(str(path), readonly=readonly, snapshot=snapshot, depth=0, options=dict(options))
+
+
+def _open(path: str, *, readonly: bool, snapshot: str | None, depth: int,
+          options: dict[str, Any]) -> Image:
+    if snapshot is not None and not readonly:
+        raise RequestError("a snapshot can only be opened read-only")
+    if options.get("force_share") and not readonly:
+        raise RequestError("force_share can only be used with read-only images")
+    if depth > QCOW2_MAX_BACKING_DEPTH:
+        raise FormatError("backing chain too deep (a loop?)", "backing_file")
+    img = open_image(path)
+    try:
+        return Image(img, path, readonly=readonly, snapshot=snapshot, depth=depth, options=options)
+    finally:
+        img.close()
+
+
+def _words(data: bytes) -> list[int]:
+    return list(struct.unpack(f">{len(data) // 8}Q", data))
+
+
+class Image:
+    """An open qcow2 image (spec.interface.Image); see the module doc."""
+
+    def __init__(self, img: ImageFile, path: str, *, readonly: bool, snapshot: str | None,
+                 depth: int, options: dict[str, Any]) -> None:
+        if img.header.crypt_method:
+            raise UnsupportedFeature("encryption")
+        if img.incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT and not readonly:
+            raise RequestError("image is corrupt; it can only be opened read-only")
+        self.filename = path
+        self.size = virtual_size(int(img.header.size))
+        self.cluster_size = img.cluster_size
+        self.readonly = readonly
+        self.closed = False
+        self.broken = False
+        self.last_host_end = 0
+        self.metadata_preallocation: bool | None = None
+        self.snapshot_l1: list[int] | None = None
+        self.backing: Any = None
+        self.locks: list[ImageLock] = []
+        self.data_filename: str | None = img.data_file
+        self.iostats = IOStats()
+        o = opt.parse(options, cluster_size=img.cluster_size, virtual_size=self.size,
+                      l2_entry_size=img.geometry.l2_entry_size)
+        self.options = o
+        self._files: list[HostFile] = []
+        try:
+            self._setup(img, o, snapshot, depth)
+        except BaseException:
+            self._release()
+            raise
+
+    # --- open -----------------------------------------------------------------------------------
+    def _setup(self, img: ImageFile, o: opt.Options, snapshot: str | None, depth: int) -> None:
+        direct = o.cache == "none"
+        host = HostFile(self.filename, readonly=self.readonly, direct=direct, stats=self.iostats)
+        self._files.append(host)
+        # QEMU locks before it reads anything beyond the header probe (raw_open_common).
+        lock = ImageLock(host.fd, locking=o.locking, path=self.filename)  # type: ignore[arg-type]
+        lock.acquire(write=not self.readonly, force_share=o.force_share)
+        self.locks.append(lock)
+        data: HostFile | None = None
+        if img.has_data_file:
+            if img.data_file is None:
+                raise FormatError("external data file flag set but no data file name", "extensions")
+            # Relative to the current directory, as QEMU 7.2 opens it (qcow2_do_open).
+            try:
+                data = HostFile(img.data_file, readonly=self.readonly, direct=direct, stats=self.iostats)
+            except CorruptionError as e:
+                raise FormatError(f"could not open data file: {e}", img.data_file) from None
+            self._files.append(data)
+            dlock = ImageLock(data.fd, locking=o.locking, path=img.data_file)  # type: ignore[arg-type]
+            dlock.acquire(write=not self.readonly, force_share=o.force_share, data_file=True)
+            self.locks.append(dlock)
+        if not self.readonly and snapshot is None:
+            self._open_read_write(img)
+        s = State(host, img.header, img.geometry, data=data, compression_type=img.compression_type)
+        s.sync = o.cache != "unsafe"
+        s.lazy_refcounts = bool(img.compatible_features & ft.QCOW2_COMPAT_LAZY_REFCOUNTS)
+        g = img.geometry
+        decode_rb, encode_rb = rc.block_codec(g.refcount_order)
+        s.l2_cache = Qcow2Cache(host, o.l2_cache_entry_size, o.l2_cache_entries, cl.decode_l2,
+                                cl.encode_l2, name="l2", flush_file=s.flush_file)
+        s.rc_cache = Qcow2Cache(host, g.cluster_size, o.refcount_cache_entries, decode_rb,  # type: ignore[arg-type]
+                                encode_rb, name="refcount", flush_file=s.flush_file)  # type: ignore[arg-type]
+        s.slice_entries = o.l2_cache_entry_size // g.l2_entry_size
+        for cache in (s.l2_cache, s.rc_cache):
+            cache.start_clean_timer(o.cache_clean_interval)
+        # Both tables are kept in memory, as QEMU keeps them (qcow2_do_open reads the L1
+        # table, qcow2_refcount_init the refcount table); decoded with struct, not construct.
+        s.l1_table = _words(host.pread(s.l1_table_offset, 8 * s.l1_size, meta=True))
+        s.reftable = _words(host.pread(s.refcount_table_offset, 8 * s.reftable_entries, meta=True))
+        self.s = s
+        from impl import snapshot as sn
+
+        snaps = sn.read_table(s)
+        inactive_l2: list[int] = []
+        if o.overlap_check & cl.QCOW2_OL_INACTIVE_L2:
+            for x in snaps:
+                words = struct.unpack(f">{int(x.l1_size)}Q",
+                                      host.pread(int(x.l1_table_offset), 8 * int(x.l1_size), meta=True))
+                inactive_l2 += [e & L1E_OFFSET_MASK for e in words if e & L1E_OFFSET_MASK]
+        bm = img.extension(0x23852875)
+        bitmap_dir = (0, 0)
+        if bm is not None and len(bm.data) >= 24:
+            bitmap_dir = (int.from_bytes(bm.data[16:24], "big"), int.from_bytes(bm.data[8:16], "big"))
+        s.overlap = cl.OverlapChecker(s, o.overlap_check,
+                                      [(int(x.l1_table_offset), int(x.l1_size)) for x in snaps],
+                                      sn.table_span(s, snaps), bitmap_dir, inactive_l2)
+        if img.backing_file:
+            self.backing = self._open_backing(img, depth, o)
+        if snapshot is not None:
+            x = snaps[sn.find(snaps, snapshot)]
+            self.snapshot_l1 = list(struct.unpack(
+                f">{int(x.l1_size)}Q", host.pread(int(x.l1_table_offset), 8 * int(x.l1_size), meta=True)))
+
+    def _open_backing(self, img: ImageFile, depth: int, o: opt.Options) -> Any:
+        bpath = full_backing_filename(self.filename, img.backing_file or "")
+        fmt = img.backing_format
+        if fmt is not None and fmt not in ("qcow2", "raw"):
+            raise UnsupportedFeature(f"backing format {fmt}")
+        try:
+            with builtins.open(bpath, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise FormatError(f"could not open backing file: {e.strerror}", bpath) from None
+        kind = fmt or ("qcow2" if magic == QCOW_MAGIC else "raw")
+        if kind == "raw":
+            layer = stt.RawLayer(bpath)
+            lock = ImageLock(layer.fd, locking=o.locking, path=bpath)  # type: ignore[arg-type]
+            try:
+                lock.acquire(write=False, force_share=o.force_share)
+            except Qcow2Error:
+                layer.close()
+                raise
+            self.locks.append(lock)
+            return layer
+        # Backing files are read-only and locked as qemu-io -r locks them; -U covers the chain.
+        bopts: dict[str, Any] = {"locking": o.locking}
+        if o.force_share:
+            bopts["force_share"] = True
+        return _open(bpath, readonly=True, snapshot=None, depth=depth + 1, options=bopts)
+
+    def _open_read_write(self, img: ImageFile) -> None:
+        """qcow2_do_open for a writer, before any cache exists: unknown autoclear bits and
+        the bitmaps bit are cleared (impl keeps no bitmaps up to date); a dirty image
+        (lazy refcounts left unclean) is repaired by the shared engine as qcow2_do_open
+        repairs it (qcow2_co_check_locked with BDRV_FIX_ERRORS | BDRV_FIX_LEAKS:
+        spec.check.repair_dirty) and the dirty bit cleared."""
+        h = img.header
+        if h.v3 is None:
+            return
+        from spec.qfile import Qcow2File
+
+        try:
+            f = builtins.open(self.filename, "r+b")  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise FormatError(f"cannot open for writing: {e.strerror}", self.filename) from None
+        try:
+            q = Qcow2File(img, f, readonly=False)
+            keep = ft.QCOW2_AUTOCLEAR_DATA_FILE_RAW
+            if h.v3.autoclear_features & ~keep:
+                h.v3.autoclear_features &= keep
+                q.write_header()
+            if h.v3.incompatible_features & ft.QCOW2_INCOMPAT_DIRTY:
+                from spec.check import repair_dirty
+
+                repair_dirty(q)
+                q.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
+        finally:
+            f.close()
+
+    # --- plumbing -------------------------------------------------------------------------------
+    @property
+    def packed_into_live_cluster(self) -> bool:
+        return self.s.packed_into_live_cluster
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _usable(self) -> None:
+        if self.closed:
+            raise RequestError("image is closed")
+        if self.broken:
+            raise CorruptionError("image was found corrupt; no further requests are served")
+        self.s.l2_cache.maybe_clean()
+        self.s.rc_cache.maybe_clean()
+
+    def _writable(self) -> None:
+        self._usable()
+        if self.readonly:
+            raise RequestError("image is opened read-only")
+
+    def _range(self, offset: int, n: int) -> None:
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise RequestError(f"request [{offset}, {offset + n}) outside the image (size {self.size})")
+
+    def corrupt(self, message: str) -> CorruptionError:
+        """qcow2_signal_corruption(fatal): set the corrupt bit when writable and refuse
+        every further request."""
+        if not self.readonly and not self.broken:
+            with contextlib.suppress(Qcow2Error):
+                self.s.set_incompatible_bit(ft.QCOW2_INCOMPAT_CORRUPT, True)
+        self.broken = True
+        return CorruptionError(message)
+
+    def _guard(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except cl.UnflaggedError as e:
+            raise CorruptionError(str(e)) from None
+        except CorruptionError as e:
+            if not self.broken:
+                raise self.corrupt(str(e)) from None
+            raise
+
+    def mark_dirty(self) -> None:
+        """qcow2_mark_dirty: with lazy refcounts the dirty bit is set before the first
+        allocating write (and cleared on a clean close)."""
+        if self.s.lazy_refcounts:
+            self.s.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, True)
+
+    # --- reading ---------------------------------------------------------------------------------
+    def read(self, offset: int, n: int) -> bytes:
+        """Guest bytes (qcow2_co_preadv_part): NORMAL from the host (host-contiguous runs in
+        one read), ZERO as zeros, UNALLOCATED from the backing chain (zeros past its end),
+        COMPRESSED decompressed, INVALID a corruption."""
+        self._usable()
+        self._range(offset, n)
+        return self._guard(self._read, offset, n)
+
+    def _read(self, offset: int, n: int) -> bytes:
+        """The hot path first: a request inside one NORMAL cluster of a plain L2 table is
+        one cache lookup (dict + array index) and one host read."""
+        s = self.s
+        cs = s.cluster_size
+        if (not s.extended_l2 and self.snapshot_l1 is None and 0 < n <= cs - (offset & (cs - 1))):
+            found = cl.l2_slice(s, offset)
+            if found is not None:
+                e = found[0][found[1]]
+                host = e & L2E_OFFSET_MASK
+                if host and not e & _NOT_PLAIN_DATA and not host & (cs - 1):
+                    return s.data_host().pread(host + (offset & (cs - 1)), n)
+        return self.read_internal(offset, n)
+
+    def read_internal(self, offset: int, n: int) -> bytes:
+        """Read without the range check (COW reads reach past the end of the last cluster)."""
+        out = bytearray(n)
+        self.read_into(offset, memoryview(out))
+        return bytes(out)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        s = self.s
+        g = s.geometry
+        cs, scs = s.cluster_size, g.subcluster_size
+        ext, dfile = s.extended_l2, s.has_data_file
+        pos, end = offset, offset + len(buf)
+        run_host = run_start = -1
+        run_len = 0
+        target = s.data_host()
+        while pos < end:
+            e, b = cl.get_entry(s, pos, self.snapshot_l1)
+            cend = min(end, pos - pos % cs + cs)
+            while pos < cend:
+                piece_end = cend if not ext else min(cend, pos - pos % scs + scs)
+                t = subcluster_type(e, b, (pos >> g.subcluster_bits) & (g.subclusters_per_cluster - 1),
+                                    extended_l2=ext, has_data_file=dfile)
+                if ext:
+                    # Following subclusters of the same type join this piece.
+                    while piece_end < cend and subcluster_type(
+                            e, b, g.subcluster_index(piece_end), extended_l2=ext,
+                            has_data_file=dfile) is t:
+                        piece_end = min(cend, piece_end + scs)
+                k = piece_end - pos
+                if t is ST.NORMAL:
+                    host = e & L2E_OFFSET_MASK
+                    if host % cs:
+                        raise CorruptionError(f"data cluster offset {host:#x} unaligned (guest {pos:#x})")
+                    host += pos % cs
+                    if run_len and run_host + run_len == host and run_start + run_len == pos:
+                        run_len += k
+                    else:
+                        if run_len:
+                            lo = run_start - offset
+                            target.preadv_into([buf[lo:lo + run_len]], run_host)
+                        run_host, run_start, run_len = host, pos, k
+                    pos = piece_end
+                    continue
+                if t is ST.UNALLOCATED_PLAIN or t is ST.UNALLOCATED_ALLOC:
+                    self._backing_read(pos, buf[pos - offset:piece_end - offset])
+                elif t is ST.COMPRESSED:
+                    data = self._decompress(e)
+                    buf[pos - offset:piece_end - offset] = data[pos % cs:pos % cs + k]
+                elif t is ST.ZERO_PLAIN or t is ST.ZERO_ALLOC:
+                    pass  # the buffer starts zeroed
+                else:
+                    raise CorruptionError(f"invalid cluster entry {e:#x}/{b:#x} (guest {pos:#x})")
+                pos = piece_end
+        if run_len:
+            lo = run_start - offset
+            target.preadv_into([buf[lo:lo + run_len]], run_host)
+
+    def _backing_read(self, pos: int, buf: memoryview) -> None:
+        if self.backing is None or pos >= self.backing.size:
+            return
+        inside = min(len(buf), self.backing.size - pos)
+        try:
+            self.backing.read_into(pos, buf[:inside])
+        except CorruptionError as e:
+            raise cl.UnflaggedError(str(e)) from None
+
+    def _decompress(self, entry: int) -> bytes:
+        s = self.s
+        coff, csize = compressed_range(entry, s.cluster_bits)
+        try:
+            return cz.inflate(s.host.pread(coff, csize), s.compression_type, s.cluster_size)
+        except CorruptionError as e:
+            raise cl.UnflaggedError(str(e)) from None
+
+    # --- block status --------------------------------------------------------------------------
+    def layer_status(self, offset: int, n: int, want_zero: bool = True) -> stt.Status:
+        return stt.qcow2_status(self, offset, n, want_zero)
+
+    def is_zero(self, offset: int, n: int) -> bool:
+        """is_zero (block/qcow2.c): every chain answer over the range says ZERO (asked in
+        a loop: one answer may stop short)."""
+        n = min(n, self.size - offset)
+        while n > 0:
+            flags, pnum = stt.status_above(self, offset, n)
+            if not flags & stt.BDRV_BLOCK_ZERO or pnum <= 0:
+                return False
+            offset += pnum
+            n -= pnum
+        return True
+
+    def is_zero_fast(self, offset: int, n: int) -> bool:
+        """bdrv_co_is_zero_fast as handle_alloc_space asks it: one chain answer without
+        want_zero covers the range and says ZERO; no clamp to the image end."""
+        if n <= 0:
+            return True
+        flags, pnum = stt.status_above(self, offset, n, want_zero=False)
+        return pnum == n and bool(flags & stt.BDRV_BLOCK_ZERO)
+
+    # --- writing ----------------------------------------------------------------------------------
+    def write(self, offset: int, data: bytes) -> None:
+        """Guest write (qcow2_co_pwritev_part); see cluster.write."""
+        self._writable()
+        self._range(offset, len(data))
+        if data:
+            self._guard(self._write, offset, memoryview(data))
+
+    def _write(self, offset: int, data: memoryview) -> None:
+        s = self.s
+        cs = s.cluster_size
+        self.mark_dirty()
+        if not s.extended_l2 and len(data) <= cs - (offset & (cs - 1)):
+            # The hot path: an overwrite inside one cluster this image owns alone (COPIED
+            # in both tables) is one lookup and one host write, no metadata (handle_copied).
+            i1 = offset >> (s.cluster_bits + s.geometry.l2_bits)
+            if s.l1_table[i1] & QCOW_OFLAG_COPIED:
+                found = cl.l2_slice(s, offset)
+                if found is not None:
+                    e = found[0][found[1]]
+                    host = e & L2E_OFFSET_MASK
+                    if (e & QCOW_OFLAG_COPIED and host and not e & _NOT_PLAIN_DATA
+                            and not host & (cs - 1)):
+                        host += offset & (cs - 1)
+                        s.overlap.check(host, len(data))
+                        s.data_host().pwrite(host, data)
+                        return
+        cl.write(self, offset, data)
+
+    def write_zeroes(self, offset: int, n: int, *, unmap: bool = False) -> None:
+        """qcow2_co_pwrite_zeroes; see cluster.write_zeroes."""
+        self._writable()
+        self._range(offset, n)
+        if n:
+            self._guard(self._write_zeroes, offset, n, unmap)
+
+    def _write_zeroes(self, offset: int, n: int, unmap: bool) -> None:
+        self.mark_dirty()
+        cl.write_zeroes(self, offset, n, unmap)
+
+    def discard(self, offset: int, n: int) -> None:
+        """qcow2_co_pdiscard; see cluster.discard."""
+        self._writable()
+        self._range(offset, n)
+        if n:
+            self._guard(cl.discard, self, offset, n)
+
+    def write_compressed(self, offset: int, data: bytes) -> None:
+        """One whole cluster, compressed (qcow2_co_pwritev_compressed_part,
+        qcow2_alloc_compressed_cluster_offset, qcow2_alloc_bytes); checks in QEMU's order:
+        sector alignment (qemu-io), range, external data file, empty write (pads the file
+        to a sector), cluster alignment and size."""
+        self._writable()
+        if offset % BDRV_SECTOR_SIZE or len(data) % BDRV_SECTOR_SIZE:
+            raise RequestError("compressed writes must be sector aligned (qemu-io write -c)")
+        self._range(offset, len(data))
+        cs = self.cluster_size
+        if self.s.has_data_file:
+            raise UnsupportedFeature("compressed writes with an external data file")
+        if not data:
+            self._guard(self._pad_to_sector)
+            return
+        if offset % cs:
+            raise RequestError("compressed writes must be cluster aligned")
+        if len(data) != cs and not (0 < len(data) < cs and offset + len(data) == self.size):
+            raise RequestError("compressed writes must cover exactly one cluster")
+        self._guard(self._write_compressed, offset, bytes(data) + bytes(cs - len(data)))
+
+    def _pad_to_sector(self) -> None:
+        self.s.l2_cache.write()
+        self.s.rc_cache.write()
+        size = self.s.host.size()
+        if size % BDRV_SECTOR_SIZE:
+            self.s.host.truncate(align_up(size, BDRV_SECTOR_SIZE))
+
+    def _write_compressed(self, offset: int, data: bytes) -> None:
+        s = self.s
+        self.mark_dirty()
+        out = cz.deflate(data, s.compression_type, s.cluster_size - 1)
+        if out is None:
+            cl.write(self, offset, memoryview(data)[:min(len(data), self.size - offset)])
+            return
+        key, words, w = cl.slice_for_write(s, offset)
+        if words[w] & L2E_OFFSET_MASK:
+            raise RequestError("compressed writes need an unallocated cluster (QEMU: -EIO)")
+        host = rc.alloc_bytes(s, len(out))
+        s.overlap.check(host, len(out))
+        nb_additional = ((host + len(out) - 1) >> 9) - (host >> 9)
+        words = s.l2_cache.get(key)
+        words[w] = QCOW_OFLAG_COMPRESSED | (nb_additional << csize_shift(s.cluster_bits)) | host
+        if s.extended_l2:
+            words[w + 1] = 0
+        if not s.lazy_refcounts:
+            s.l2_cache.set_dependency(s.rc_cache)
+        s.l2_cache.mark_dirty(key)
+        s.host.pwrite(host, out)
+        s.l2_cache.depends_on_flush()
+
+    # --- flush / close ------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """qcow2_co_flush_to_os then the file flush: dirty L2 slices and refcount blocks
+        reach the file in dependency order, then fdatasync (skipped with cache=unsafe)."""
+        self._usable()
+        if not self.readonly:
+            self._guard(self._flush)
+
+    def _flush(self) -> None:
+        self.s.l2_cache.write()
+        self.s.rc_cache.write()
+        self.s.flush_file()
+
+    def close(self) -> None:
+        """Flush the caches (qcow2_inactivate), clear the dirty bit (qcow2_mark_clean),
+        close the chain. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if not self.readonly and not self.broken:
+                s = self.s
+                s.l2_cache.flush()
+                s.rc_cache.flush()
+                s.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
+                # bdrv_close flushes; after fdatasync the file's holes are stable for map.
+                for f in self._files:
+                    with contextlib.suppress(OSError):
+                        os.fdatasync(f.fd)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for lock in self.locks:
+            with contextlib.suppress(Qcow2Error):
+                lock.release()
+        self.locks = []
+        for f in self._files:
+            f.close()
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
+
+    # --- the rest -----------------------------------------------------------------------------------
+    def map(self, offset: int = 0, n: int | None = None) -> list[dict[str, Any]]:
+        """The extents of ``qemu-img map --output=json`` (status.image_map)."""
+        self._usable()
+        n = self.size - offset if n is None else n
+        self._range(offset, n)
+        return self._guard(stt.image_map, self, offset, n)
+
+    def info(self) -> dict[str, Any]:
+        """``qemu-img info --output=json`` of the file as QEMU would leave it now: dirty
+        cache entries are written first (without fsync)."""
+        from spec.info import allocated_size, qcow2_info
+
+        self._usable()
+        if not self.readonly:
+            self._guard(self._write_back)
+        img = open_image(self.filename)
+        try:
+            return qcow2_info(img, self.filename, allocated_size(os.stat(self.filename)))
+        finally:
+            img.close()
+
+    def _write_back(self) -> None:
+        self.s.l2_cache.write()
+        self.s.rc_cache.write()
+
+    def stats(self) -> dict[str, int]:
+        """Counted host I/O of this image's file and data file (reads, writes, flushes and
+        bytes, data and metadata apart, plus totals) and the two caches' hits, misses,
+        evictions and write-backs."""
+        out = self.iostats.as_dict()
+        out["reads"] = out["data_reads"] + out["meta_reads"]
+        out["writes"] = out["data_writes"] + out["meta_writes"]
+        out["read_bytes"] = out["data_read_bytes"] + out["meta_read_bytes"]
+        out["write_bytes"] = out["data_write_bytes"] + out["meta_write_bytes"]
+        for name, cache in (("l2", self.s.l2_cache), ("refcount", self.s.rc_cache)):
+            st = cache.stats
+            out[f"{name}_cache_hits"] = st.hits
+            out[f"{name}_cache_misses"] = st.misses
+            out[f"{name}_cache_evictions"] = st.evictions
+            out[f"{name}_cache_writebacks"] = st.writebacks
+        return out
+
+    def reset_stats(self) -> None:
+        """Zero every counter (benchmarks and tests measure one request at a time)."""
+        for k in self.iostats.as_dict():
+            setattr(self.iostats, k, 0)
+        for cache in (self.s.l2_cache, self.s.rc_cache):
+            cache.stats.__init__()  # type: ignore[misc]
+        if isinstance(self.backing, Image):
+            self.backing.reset_stats()
+
+    def resize(self, new_size: int, *, shrink: bool = False) -> None:
+        """qcow2_co_truncate; see impl/resize.py."""
+        from impl import resize as rs
+
+        self._writable()
+        self._guard(rs.resize, self, new_size, shrink)
+
+    def snapshot_create(self, name: str) -> None:
+        """qcow2_snapshot_create; see impl/snapshot.py."""
+        from impl import snapshot as sn
+
+        self._writable()
+        self._guard(sn.create, self, name)
+
+    def snapshot_apply(self, name: str) -> None:
+        """qcow2_snapshot_goto; see impl/snapshot.py."""
+        from impl import snapshot as sn
+
+        self._writable()
+        self._guard(sn.apply, self, name)
+
+    def snapshot_delete(self, name: str) -> None:
+        """qcow2_snapshot_delete; see impl/snapshot.py."""
+        from impl import snapshot as sn
+
+        self._writable()
+        self._guard(sn.delete, self, name)
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """The snapshots as ``qemu-img info --output=json`` lists them (spec.info)."""
+        from spec.info import snapshot_list
+
+        self._usable()
+        img = open_image(self.filename)
+        try:
+            return list(snapshot_list(img) or [])
+        finally:
+            img.close()

@@ -1,0 +1,360 @@
+"""Refcounts through the refcount-block cache, and QEMU's allocator (qcow2.rst "Host cluster
+management"; block/qcow2-refcount.c).
+
+The refcount table lives in memory (s->refcount_table); refcount blocks are cache entries,
+decoded once into a numpy array of one element per cluster, so a lookup is an index and the
+free-cluster scan is vectorised. The allocation rules are QEMU's, so the impl picks the
+offsets qemu-io picks:
+
+- alloc_clusters_noref: ``n`` contiguous clusters of refcount 0 from free_cluster_index,
+  leaving the cursor after them; a cluster no refcount block covers is free;
+- update_refcount: a refcount reaching 0 moves the cursor back and drops any cached table
+  of that cluster (qcow2_cache_discard); decreases are ordered after the L2 update that
+  dropped the reference (set_dependency refcount -> L2);
+- alloc_refcount_block: a missing block goes at the next free cluster, describing itself if
+  it falls in its own range, and the caller's search starts over (-EAGAIN, here ``Again``);
+- a full refcount table is replaced by a larger one with self-describing blocks
+  (qcow2_refcount_area).
+
+Errors: CorruptionError (unaligned refcount block, underflow, allocation at 0); RequestError
+for an overflow (nothing is left changed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import numpy as np
+
+from impl.state import State
+from spec.entries import REFT_OFFSET_MASK
+from spec.errors import CorruptionError, RequestError
+from spec.geometry import align_up, div_round_up
+from spec.limits import QCOW_MAX_REFTABLE_SIZE
+
+
+class Again(Exception):
+    """update_refcount's -EAGAIN: a refcount block was hooked up; search again."""
+
+
+# --- refcount block codec (qcow2.rst "Refcount block entry") ----------------------------------
+
+def block_codec(refcount_order: int) -> tuple[object, object]:
+    """(decode, encode) for refcount blocks of 2**refcount_order bits. Entries below a byte
+    are packed from the least significant bit; wider ones are big-endian."""
+    bits = 1 << refcount_order
+    if bits >= 8:
+        dt = np.dtype(f">u{bits // 8}")
+
+        def decode(data: bytes) -> np.ndarray:
+            return np.frombuffer(data, dtype=dt).copy()
+
+        def encode(arr: np.ndarray) -> bytes:
+            return arr.tobytes()
+
+        return decode, encode
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    mask = np.uint8((1 << bits) - 1)
+
+    def decode_sub(data: bytes) -> np.ndarray:
+        raw = np.frombuffer(data, dtype=np.uint8)
+        return ((raw[:, None] >> shifts) & mask).reshape(-1)
+
+    def encode_sub(arr: np.ndarray) -> bytes:
+        return np.bitwise_or.reduce(arr.reshape(-1, per) << shifts, axis=1).astype(np.uint8).tobytes()
+
+    return decode_sub, encode_sub
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+def _block_offset(s: State, rt_index: int) -> int:
+    if rt_index >= len(s.reftable):
+        return 0
+    off = s.reftable[rt_index] & REFT_OFFSET_MASK
+    if off % s.cluster_size:
+        # qcow2_get_refcount: an unaligned refcount block is a corruption.
+        raise CorruptionError(f"refcount block offset {off:#x} unaligned (reftable index {rt_index})")
+    return off
+
+
+def get_refcount(s: State, cluster_index: int) -> int:
+    """qcow2_get_refcount; 0 where no refcount block covers the cluster."""
+    per = s.geometry.refcount_block_entries
+    off = _block_offset(s, cluster_index // per)
+    if not off:
+        return 0
+    return int(s.rc_cache.get(off)[cluster_index % per])
+
+
+# --- updating --------------------------------------------------------------------------------
+
+def update_refcount(s: State, offset: int, length: int, addend: int, *, discard: bool = False) -> None:
+    """Add ``addend`` to every cluster touched by [offset, offset+length) (update_refcount).
+    ``discard``: a cluster that drops to 0 is punched out of the file (pass-discard-request).
+    Raises Again after undoing its own changes when a refcount block had to be allocated."""
+    if length <= 0:
+        return
+    cs = s.cluster_size
+    per = s.geometry.refcount_block_entries
+    start = offset - offset % cs
+    end = align_up(offset + length, cs)
+    if addend < 0:
+        # The L2 entry that dropped the reference must reach the file first.
+        s.rc_cache.set_dependency(s.l2_cache)
+    for done, cl in enumerate(range(start, end, cs)):
+        idx = cl // cs
+        try:
+            block = _block_for_update(s, idx, allocate=addend > 0)
+        except Again:
+            s.free_cluster_index = min(s.free_cluster_index, start // cs)
+            if done:
+                update_refcount(s, start, done * cs, -addend)
+            raise
+        if not block:
+            raise CorruptionError(f"refcount of cluster {idx} would drop below zero")
+        arr = s.rc_cache.get(block)
+        i = idx % per
+        new = int(arr[i]) + addend
+        if new < 0:
+            raise CorruptionError(f"refcount of cluster {idx} would drop below zero ({new})")
+        if new > s.refcount_max:
+            # update_refcount fails with -EINVAL and restores what it changed; the caller
+            # asked for more references than the width can count.
+            if done:
+                update_refcount(s, start, done * cs, -addend)
+            raise RequestError(f"refcount of cluster {idx} would exceed {s.refcount_max}")
+        arr[i] = new
+        s.rc_cache.mark_dirty(block)
+        if new == 0:
+            _cluster_freed(s, cl, discard)
+
+
+def _cluster_freed(s: State, cl: int, discard: bool) -> None:
+    cs = s.cluster_size
+    idx = cl // cs
+    if idx < s.free_cluster_index:
+        s.free_cluster_index = idx
+    if s.free_byte_offset and idx == s.free_byte_offset // cs:
+        s.packing_cluster_freed = True
+    # A table cached for this cluster must never be written back over its next owner.
+    s.rc_cache.discard(cl)
+    s.l2_cache.discard_range(cl, cs)
+    if discard:
+        s.host.punch_hole(cl, cs)
+
+
+def free_clusters(s: State, offset: int, length: int, *, discard: bool = False) -> None:
+    """qcow2_free_clusters: failures are reported and ignored (a leak for check to find)."""
+    with contextlib.suppress(CorruptionError):
+        update_refcount(s, offset, length, -1, discard=discard)
+
+
+def set_refcount(s: State, cluster_index: int, value: int) -> None:
+    """Set one refcount (the rebuild of a lazy-refcount image)."""
+    while True:
+        try:
+            block = _block_for_update(s, cluster_index, allocate=True)
+            break
+        except Again:
+            continue
+    arr = s.rc_cache.get(block)
+    arr[cluster_index % s.geometry.refcount_block_entries] = value
+    s.rc_cache.mark_dirty(block)
+    if value == 0 and cluster_index < s.free_cluster_index:
+        s.free_cluster_index = cluster_index
+
+
+# --- allocation ------------------------------------------------------------------------------
+
+def alloc_clusters_noref(s: State, n: int) -> int:
+    """alloc_clusters_noref: scan from the cursor for ``n`` free clusters in a row."""
+    found = 0
+    per = s.geometry.refcount_block_entries
+    while found < n:
+        idx = s.free_cluster_index
+        i = idx % per
+        off = _block_offset(s, idx // per)
+        if not off:
+            take = min(n - found, per - i)
+            found += take
+            s.free_cluster_index += take
+            continue
+        seg = s.rc_cache.get(off)[i:]
+        pos, length = 0, len(seg)
+        while pos < length and found < n:
+            if not found:
+                zeros = np.flatnonzero(seg[pos:] == 0)
+                if not len(zeros):
+                    s.free_cluster_index += length - pos
+                    pos = length
+                    break
+                skip = int(zeros[0])
+                s.free_cluster_index += skip
+                pos += skip
+            window = seg[pos:pos + n - found]
+            used = np.flatnonzero(window)
+            if len(used):
+                k = int(used[0]) + 1
+                found = 0
+            else:
+                k = len(window)
+                found += k
+            s.free_cluster_index += k
+            pos += k
+    return (s.free_cluster_index - n) * s.cluster_size
+
+
+def alloc_clusters(s: State, n: int) -> int:
+    """qcow2_alloc_clusters: ``n`` contiguous clusters with refcount 1."""
+    while True:
+        offset = alloc_clusters_noref(s, n)
+        try:
+            update_refcount(s, offset, n * s.cluster_size, 1)
+        except Again:
+            continue
+        return offset
+
+
+def alloc_clusters_at(s: State, offset: int, n: int) -> int:
+    """qcow2_alloc_clusters_at: as many of ``n`` clusters as are free at ``offset``; the
+    cursor does not move."""
+    cs = s.cluster_size
+    while True:
+        i = 0
+        while i < n and get_refcount(s, offset // cs + i) == 0:
+            i += 1
+        try:
+            update_refcount(s, offset, i * cs, 1)
+        except Again:
+            continue
+        return i
+
+
+def alloc_bytes(s: State, size: int) -> int:
+    """qcow2_alloc_bytes: room for a compressed cluster, packed after the previous one and
+    possibly running into the next cluster when that is the next free one. QEMU 7.2 keeps
+    packing after free_byte_offset even when that cluster was freed and reused meanwhile;
+    reproduced, and remembered in ``packed_into_live_cluster``."""
+    cs = s.cluster_size
+    offset = s.free_byte_offset
+    owned = get_refcount(s, offset // cs) if offset else 0
+    if offset and owned == s.refcount_max:
+        offset = 0
+    remembered = offset
+    free_in_cluster = cs - offset % cs
+    while True:
+        if not offset or free_in_cluster < size:
+            new_cluster = alloc_clusters_noref(s, 1)
+            if not offset or align_up(offset, cs) != new_cluster:
+                offset = new_cluster
+                free_in_cluster = cs
+            else:
+                free_in_cluster += cs
+        try:
+            update_refcount(s, offset, size, 1)
+        except Again:
+            offset = 0
+            continue
+        break
+    if remembered and offset == remembered and s.packing_cluster_freed and owned:
+        s.packed_into_live_cluster = True
+    s.packing_cluster_freed = False
+    s.free_byte_offset = (offset + size) if (offset + size) % cs else 0
+    return offset
+
+
+def _block_for_update(s: State, cluster_index: int, *, allocate: bool) -> int:
+    """alloc_refcount_block: the block covering ``cluster_index``, hooked up if missing."""
+    g = s.geometry
+    per = g.refcount_block_entries
+    rt_index = cluster_index // per
+    block = _block_offset(s, rt_index)
+    if block or not allocate:
+        return block
+    cs = s.cluster_size
+    new_block = alloc_clusters_noref(s, 1)
+    if new_block == 0:
+        raise CorruptionError("preventing invalid allocation of a refcount block at offset 0")
+    if new_block // cs // per == rt_index:
+        arr = s.rc_cache.get_empty(new_block)
+        arr[new_block // cs % per] = 1
+    else:
+        update_refcount(s, new_block, cs, 1)
+        arr = s.rc_cache.get_empty(new_block)
+    s.rc_cache.mark_dirty(new_block)
+    # The block reaches the file before the table entry pointing at it.
+    s.rc_cache.flush()
+    if rt_index < s.reftable_entries:
+        s.reftable[rt_index] = new_block
+        s.write_reftable_entry(rt_index)
+        s.overlap.stale = True
+        raise Again
+    _grow_reftable(s, cluster_index, rt_index, new_block)
+    raise Again
+
+
+def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int,
+                           generous: bool) -> tuple[int, int]:
+    """qcow2_refcount_metadata_size: (refcount blocks, table clusters) to count ``clusters``
+    plus themselves; ``generous`` adds half the table again once, as growing does."""
+    per_table_cluster = cluster_size // 8
+    per_block = cluster_size * 8 >> refcount_order
+    table = blocks = total = 0
+    while True:
+        last = total
+        blocks = div_round_up(clusters + table + blocks, per_block)
+        table = div_round_up(blocks, per_table_cluster)
+        total = clusters + blocks + table
+        if total == last:
+            if not generous:
+                return blocks, table
+            clusters += div_round_up(table, 2)
+            total = 0
+            generous = False
+
+
+def _grow_reftable(s: State, cluster_index: int, new_index: int, new_block: int) -> None:
+    """alloc_refcount_block's second half, then qcow2_refcount_area: new blocks for every
+    missing entry of the new range, then the table after them, all counted in themselves;
+    the header switched with one write; the old table freed."""
+    g = s.geometry
+    cs = s.cluster_size
+    per = g.refcount_block_entries
+    used = div_round_up(max(cluster_index + 1, new_block // cs + 1), per)
+    start = used * per * cs
+    total_blocks, _ = refcount_metadata_size(start // cs, cs, g.refcount_order, True)
+    table_size = align_up(total_blocks + div_round_up(total_blocks, 2), cs // 8)
+    table_clusters = table_size * 8 // cs
+    if table_size * 8 > QCOW_MAX_REFTABLE_SIZE:
+        raise CorruptionError("refcount table would exceed QEMU's maximum size")
+    new_table = (s.reftable + [0] * table_size)[:table_size]
+    new_table[new_index] = new_block
+    area_index = start // cs // per
+    missing = sum(1 for i in range(area_index, total_blocks) if not new_table[i])
+    table_offset = start + missing * cs
+    end = table_offset + table_clusters * cs
+    next_block = start
+    for i in range(area_index, total_blocks):
+        if new_table[i]:
+            arr = s.rc_cache.get(new_table[i])
+        else:
+            new_table[i] = next_block
+            arr = s.rc_cache.get_empty(next_block)
+            next_block += cs
+        first = i * per * cs
+        if first < end:
+            j = (start - first) // cs if first < start else 0
+            arr[j:min((end - first) // cs, per)] = 1
+        s.rc_cache.mark_dirty(new_table[i])
+    s.rc_cache.flush()
+    s.host.pwrite(table_offset, struct.pack(f">{table_size}Q", *new_table), meta=True)
+    old_offset, old_clusters = s.refcount_table_offset, int(s.header.refcount_table_clusters)
+    s.header.refcount_table_offset = table_offset
+    s.header.refcount_table_clusters = table_clusters
+    s.reftable = new_table
+    s.overlap.stale = True
+    s.write_header()
+    free_clusters(s, old_offset, old_clusters * cs)

@@ -1,0 +1,174 @@
+"""Changing the virtual size (block/qcow2.c qcow2_co_truncate, preallocation off;
+block/qcow2-cluster.c qcow2_grow_l1_table / qcow2_shrink_l1_table; block/qcow2-refcount.c
+qcow2_shrink_reftable / qcow2_get_last_cluster).
+
+- grow: a larger L1 table (exactly the size needed) at new clusters, the old one freed;
+  with data-file-raw the new area's metadata is preallocated; over a backing file longer
+  than the old size the new area is zeroed (bdrv_co_truncate's BDRV_REQ_ZERO_WRITE), which
+  v2 images cannot do (UnsupportedFeature, the size stays).
+- shrink (``shrink=True``): clusters past the new end are fully discarded, L1 entries past
+  the new L1 size zeroed and their tables freed, refcount blocks that count only
+  themselves dropped, and the file cut after its last used cluster.
+
+The caches are written back before anything is cut or dropped, so no dirty entry lands
+past the new end of the file or on a cluster that was given up.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from impl import cluster as cl
+from impl import refcount as rc
+from spec.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
+from spec.errors import Qcow2Error, RequestError, UnsupportedFeature
+from spec.geometry import align_up
+from spec.limits import QCOW_MAX_L1_SIZE
+
+if TYPE_CHECKING:
+    from impl.image import Image
+
+
+def resize(img: Image, new_size: int, shrink: bool) -> None:
+    s = img.s
+    if new_size < 0 or new_size % 512:
+        raise RequestError("the new size must be a non-negative multiple of 512")
+    if int(s.header.nb_snapshots) and s.version < 3:
+        raise RequestError("can't resize a v2 image which has snapshots")
+    old = img.size
+    if new_size < old and not shrink:
+        raise RequestError("use shrink=True to shrink an image")
+    img.mark_dirty()
+    g = s.geometry
+    l1_needed = g.l1_size_for(new_size)
+    if new_size < old:
+        start = align_up(new_size, s.cluster_size)
+        if start < old:
+            cl.cluster_discard(img, start, old - start, request=True, full=True)
+        s.l2_cache.write()
+        s.rc_cache.write()
+        _shrink_l1(img, l1_needed)
+        _shrink_reftable(img)
+        _cut_file(img)
+        if s.data is not None:
+            s.data.truncate(new_size)
+    else:
+        grow_l1(img, l1_needed)
+        if s.data_file_raw:
+            # qcow2_co_truncate does a growing truncate of a data-file-raw image as
+            # preallocation=metadata (preallocate_co), which grows the data file only.
+            img.last_host_end = 0
+            pos = old
+            while pos < new_size:
+                pos = cl.write_run(img, pos, new_size, memoryview(b""), pos, [], prealloc=True)
+            end = align_up(img.last_host_end, g.subcluster_size)
+            if s.data is not None and end > s.data.size():
+                s.data.truncate(end)
+        elif s.data is not None:
+            s.data.truncate(new_size)
+        if new_size > old and img.backing is not None and img.backing.size > old:
+            _zero_new_area(img, old, new_size)
+    s.header.size = new_size
+    s.write_header()
+    img.size = new_size
+
+
+def grow_l1(img: Image, min_size: int) -> None:
+    """qcow2_grow_l1_table (exact size): the table copied to new clusters; the old one
+    freed without a discard (QCOW2_DISCARD_OTHER)."""
+    s = img.s
+    old_size = s.l1_size
+    if min_size <= old_size:
+        return
+    if min_size * 8 > QCOW_MAX_L1_SIZE:
+        raise RequestError("L1 table would exceed QEMU's maximum size")
+    table = s.l1_table + [0] * (min_size - old_size)
+    new_off = rc.alloc_clusters(s, s.geometry.size_to_clusters(min_size * 8))
+    s.rc_cache.flush()
+    s.host.pwrite(new_off, struct.pack(f">{min_size}Q", *table), meta=True)
+    old_off = s.l1_table_offset
+    s.header.l1_size = min_size
+    s.header.l1_table_offset = new_off
+    s.l1_table = table
+    s.overlap.stale = True
+    s.write_header()
+    if old_size:
+        rc.free_clusters(s, old_off, old_size * 8)
+
+
+def _zero_new_area(img: Image, old: int, new_size: int) -> None:
+    """The grown area reads as zeros, not as the longer backing file: zero clusters from
+    the old size rounded up to a subcluster, then explicit zeros over the unaligned head
+    (qcow2_co_truncate with BDRV_REQ_ZERO_WRITE, the new size already in effect)."""
+    s = img.s
+    zero_start = align_up(old, s.geometry.subcluster_size)
+    img.size = new_size
+    try:
+        if new_size > zero_start and not cl.zeroize(img, zero_start, new_size - zero_start, False):
+            raise UnsupportedFeature("zeroing the grown area over a backing file needs the "
+                                     "zero flag (qcow2 v3)")
+        if zero_start > old:
+            cl.write(img, old, memoryview(bytes(min(zero_start, new_size) - old)))
+    except Qcow2Error:
+        img.size = old
+        raise
+
+
+def _shrink_l1(img: Image, new_l1: int) -> None:
+    """qcow2_shrink_l1_table: entries past ``new_l1`` zeroed (l1_size stays), their L2
+    tables freed and punched out, last first."""
+    s = img.s
+    if new_l1 >= s.l1_size:
+        return
+    freed = [e & L1E_OFFSET_MASK for e in s.l1_table[new_l1:]]
+    s.l1_table[new_l1:] = [0] * len(freed)
+    s.host.pwrite(s.l1_table_offset + 8 * new_l1, bytes(8 * len(freed)), meta=True)
+    s.overlap.stale = True
+    for off in reversed(freed):
+        if off:
+            rc.free_clusters(s, off, s.cluster_size, discard=True)
+
+
+def _shrink_reftable(img: Image) -> None:
+    """qcow2_shrink_reftable: refcount blocks counting nothing but themselves are dropped
+    from the table. Freeing such a block fails (its count went with it) and is ignored,
+    as in QEMU; its bytes stay in the file."""
+    s = img.s
+    cs = s.cluster_size
+    per = s.geometry.refcount_block_entries
+    dropped: list[int] = []
+    for i, e in enumerate(s.reftable):
+        off = e & REFT_OFFSET_MASK
+        if not off:
+            continue
+        counts = s.rc_cache.get(off)
+        own = off // cs % per if off // cs // per == i else -1
+        nonzero = counts.nonzero()[0]
+        if len(nonzero) == 0 or (len(nonzero) == 1 and int(nonzero[0]) == own):
+            dropped.append(i)
+    if not dropped:
+        return
+    old = list(s.reftable)
+    for i in dropped:
+        s.reftable[i] = 0
+    s.host.pwrite(s.refcount_table_offset, struct.pack(f">{len(s.reftable)}Q", *s.reftable), meta=True)
+    s.overlap.stale = True
+    for i in dropped:
+        off = old[i] & REFT_OFFSET_MASK
+        s.rc_cache.discard(off)
+        rc.free_clusters(s, off, cs, discard=True)
+
+
+def _cut_file(img: Image) -> None:
+    """Cut the file after the last cluster with a refcount (qcow2_get_last_cluster)."""
+    s = img.s
+    cs = s.cluster_size
+    s.l2_cache.write()
+    s.rc_cache.write()
+    size = s.host.size()
+    last = -(-size // cs) - 1
+    while last >= 0 and rc.get_refcount(s, last) == 0:
+        last -= 1
+    if (last + 1) * cs < size:
+        s.host.truncate((last + 1) * cs)

@@ -1,0 +1,269 @@
+"""Internal snapshots through the caches (qcow2.rst "Snapshots"; block/qcow2-snapshot.c).
+
+A snapshot is a copy of the active L1 table plus one more reference on every L2 table and
+data cluster it reaches; COPIED is set exactly where a refcount is 1 afterwards.
+
+- create (qcow2_snapshot_create): L1 copied to new clusters, +1 over the active tables
+  (qcow2_update_snapshot_refcount), the table rewritten to new clusters
+  (qcow2_write_snapshots), the old table freed;
+- apply (qcow2_snapshot_goto): resize to the snapshot's size, grow the L1 if needed, +1
+  over the snapshot's tables, its L1 written over the active one, -1 over the old active
+  tables (still in memory), COPIED fixed (addend 0);
+- delete (qcow2_snapshot_delete): table rewritten without it, -1 over its tables, its L1
+  freed, COPIED fixed.
+
+Lookups go by id first, then by name (find_snapshot_by_id_or_name). Errors: RequestError
+(unknown snapshot, empty name, too many, refcount overflow), UnsupportedFeature (external
+data file: QEMU answers -ENOTSUP), CorruptionError.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import TYPE_CHECKING, Any
+
+import construct as c
+
+from impl import cluster as cl
+from impl import refcount as rc
+from impl.state import State
+from spec.entries import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    QCOW_OFLAG_COPIED,
+    ClusterType,
+    cluster_type,
+    compressed_range,
+)
+from spec.errors import CorruptionError, RequestError, UnsupportedFeature
+from spec.image import parse
+from spec.limits import QCOW_MAX_SNAPSHOT_EXTRA_DATA, QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOTS_SIZE
+from spec.snapshot import SnapshotHeader
+
+if TYPE_CHECKING:
+    from impl.image import Image
+
+EXTRA_DATA_SIZE = 24
+"""sizeof(QCowSnapshotExtraData) in QEMU 7.2: vm_state_size_large, disk_size, icount."""
+
+
+def read_table(s: State) -> list[c.Container]:
+    """qcow2_read_snapshots, within QEMU's limits."""
+    out = []
+    pos = int(s.header.snapshots_offset)
+    total = 0
+    for i in range(int(s.header.nb_snapshots)):
+        head = s.host.pread(pos, 40, meta=True)
+        extra = int.from_bytes(head[36:40], "big")
+        n = 40 + extra + int.from_bytes(head[12:14], "big") + int.from_bytes(head[14:16], "big")
+        n += -n % 8
+        total += n
+        if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA or total > QCOW_MAX_SNAPSHOTS_SIZE:
+            raise CorruptionError(f"snapshot {i} exceeds QEMU's limits")
+        out.append(parse(SnapshotHeader, s.host.pread(pos, n, meta=True), f"snapshots[{i}]"))
+        pos += n
+    return out
+
+
+def table_span(s: State, table: list[c.Container]) -> tuple[int, int]:
+    """(offset, bytes) of the table: entries 8-byte aligned, the last one unpadded."""
+    size = 0
+    for e in table:
+        size += -size % 8
+        size += 40 + int(e.extra_data_size) + len(bytes(e.id_str)) + len(bytes(e.name))
+    return int(s.header.snapshots_offset), size
+
+
+def _encode(e: c.Container) -> bytes:
+    """One entry as qcow2_write_snapshots writes it (extra data at least 24 bytes, unknown
+    extra data kept), without its trailing padding."""
+    x = e.extra_data
+    unknown = bytes(x.unknown) if x.unknown else b""
+    vm_state = int(x.vm_state_size_large) if x.vm_state_size_large is not None else int(e.vm_state_size)
+    sid, name = bytes(e.id_str), bytes(e.name)
+    extra_size = EXTRA_DATA_SIZE + len(unknown)
+    length = 40 + extra_size + len(sid) + len(name)
+    built = SnapshotHeader.build(dict(
+        l1_table_offset=int(e.l1_table_offset), l1_size=int(e.l1_size), id_str_size=len(sid),
+        name_size=len(name), date_sec=int(e.date_sec), date_nsec=int(e.date_nsec),
+        vm_clock_nsec=int(e.vm_clock_nsec), vm_state_size=vm_state if vm_state <= 0xFFFFFFFF else 0,
+        extra_data_size=extra_size,
+        extra_data=dict(vm_state_size_large=vm_state,
+                        disk_size=int(x.disk_size) if x.disk_size is not None else 0,
+                        icount=int(x.icount) if x.icount is not None else (1 << 64) - 1,
+                        unknown=unknown),
+        id_str=sid, name=name, padding=bytes(-length % 8)))
+    return built[:length]
+
+
+def write_table(img: Image, table: list[c.Container]) -> None:
+    """qcow2_write_snapshots: the table to new clusters, the header, then the old table
+    freed (and punched out)."""
+    s = img.s
+    data = b""
+    for e in table:
+        data += bytes(-len(data) % 8) + _encode(e)
+    if len(data) > QCOW_MAX_SNAPSHOTS_SIZE:
+        raise RequestError("snapshot table too large")
+    old_off, old_size = table_span(s, read_table(s))
+    if data:
+        offset = rc.alloc_clusters(s, s.geometry.size_to_clusters(len(data)))
+        s.rc_cache.flush()
+        s.host.pwrite(offset, data, meta=True)
+    else:
+        offset = s.free_cluster_index * s.cluster_size
+    s.header.nb_snapshots = len(table)
+    s.header.snapshots_offset = offset
+    s.write_header()
+    if old_size:
+        rc.free_clusters(s, old_off, old_size, discard=True)
+    _refresh_overlap(s, table)
+
+
+def _refresh_overlap(s: State, table: list[c.Container]) -> None:
+    ov = s.overlap
+    if isinstance(ov, cl.OverlapChecker):
+        ov.snapshots = [(int(e.l1_table_offset), int(e.l1_size)) for e in table]
+        ov.snapshot_table = table_span(s, table)
+        ov.stale = True
+
+
+def find(table: list[c.Container], name: str) -> int:
+    for field in ("id_str", "name"):
+        for i, e in enumerate(table):
+            if bytes(e[field]).decode("utf-8", "surrogateescape") == name:
+                return i
+    raise RequestError(f"can't find snapshot {name!r}")
+
+
+def _read_l1(s: State, offset: int, size: int) -> list[int]:
+    if offset == s.l1_table_offset:
+        return s.l1_table
+    return list(struct.unpack(f">{size}Q", s.host.pread(offset, 8 * size, meta=True)))
+
+
+def update_snapshot_refcount(s: State, l1_offset: int, l1_size: int, addend: int,
+                             l1: list[int] | None = None) -> None:
+    """qcow2_update_snapshot_refcount: ``addend`` on every L2 table and data cluster the L1
+    table reaches, COPIED set exactly where the refcount is 1. Entries are changed in the
+    cached slices as QEMU changes them, so a refcount overflow half-way leaves what it did
+    (nothing rolled back); the L1 table is written only for ``addend >= 0``."""
+    cs = s.cluster_size
+    table = _read_l1(s, l1_offset, l1_size) if l1 is None else l1
+    step = 2 if s.extended_l2 else 1
+    es = s.l2_cache.entry_size
+    modified = False
+    for i in range(min(l1_size, len(table))):
+        l1e = table[i]
+        if not l1e:
+            continue
+        l2off = l1e & L1E_OFFSET_MASK
+        if l2off % cs:
+            raise CorruptionError(f"L2 table offset {l2off:#x} unaligned (L1 index {i:#x})")
+        for key in range(l2off, l2off + cs, es):
+            words = s.l2_cache.get(key)
+            for j in range(0, len(words), step):
+                old = words[j]
+                entry = old & ~QCOW_OFLAG_COPIED
+                t = cluster_type(entry, extended_l2=s.extended_l2, has_data_file=s.has_data_file)
+                if t is ClusterType.COMPRESSED:
+                    if addend:
+                        coff, csize = compressed_range(entry, s.cluster_bits)
+                        rc.update_refcount(s, coff, csize, addend, discard=addend < 0)
+                    refcount = 2  # compressed clusters are never written in place
+                elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+                    off = entry & L2E_OFFSET_MASK
+                    if off % cs:
+                        raise CorruptionError(f"cluster offset {off:#x} unaligned")
+                    if addend:
+                        rc.update_refcount(s, off, cs, addend, discard=addend < 0)
+                    refcount = rc.get_refcount(s, off // cs)
+                else:
+                    refcount = 0
+                if refcount == 1:
+                    entry |= QCOW_OFLAG_COPIED
+                if entry != old:
+                    words = s.l2_cache.get(key)
+                    words[j] = entry
+                    s.l2_cache.mark_dirty(key)
+        if addend:
+            rc.update_refcount(s, l2off, cs, addend, discard=addend < 0)
+        new = l2off | (QCOW_OFLAG_COPIED if rc.get_refcount(s, l2off // cs) == 1 else 0)
+        if new != l1e:
+            table[i] = new
+            modified = True
+    if addend >= 0 and modified:
+        s.host.pwrite(l1_offset, struct.pack(f">{len(table)}Q", *table), meta=True)
+
+
+def create(img: Image, name: str) -> None:
+    s = img.s
+    if s.has_data_file:
+        raise UnsupportedFeature("internal snapshots with an external data file")
+    if not name:
+        raise RequestError("snapshot name must not be empty")
+    table = read_table(s)
+    if len(table) >= QCOW_MAX_SNAPSHOTS:
+        raise RequestError("too many snapshots")
+    ids = [int(bytes(e.id_str)) for e in table if bytes(e.id_str).isdigit()]
+    sid = str(max(ids, default=0) + 1).encode()
+    l1_size = s.l1_size
+    l1_offset = 0
+    if l1_size:
+        l1_offset = rc.alloc_clusters(s, s.geometry.size_to_clusters(l1_size * 8))
+        s.rc_cache.flush()
+        s.host.pwrite(l1_offset, struct.pack(f">{l1_size}Q", *s.l1_table), meta=True)
+    update_snapshot_refcount(s, s.l1_table_offset, l1_size, 1)
+    now = time.time_ns()
+    entry = c.Container(
+        l1_table_offset=l1_offset, l1_size=l1_size, id_str=sid, name=name.encode(),
+        date_sec=now // 10**9, date_nsec=now % 10**9, vm_clock_nsec=0, vm_state_size=0,
+        extra_data_size=EXTRA_DATA_SIZE,
+        extra_data=c.Container(vm_state_size_large=0, disk_size=img.size, icount=0, unknown=b""))
+    write_table(img, [*table, entry])
+
+
+def apply(img: Image, name: str) -> None:
+    from impl import resize as rs
+
+    s = img.s
+    if s.has_data_file:
+        raise UnsupportedFeature("internal snapshots with an external data file")
+    sn = read_table(s)[find(read_table(s), name)]
+    disk_size = int(sn.extra_data.disk_size) if sn.extra_data.disk_size is not None else img.size
+    if disk_size != img.size:
+        rs.resize(img, disk_size, True)
+    sn_off, sn_size = int(sn.l1_table_offset), int(sn.l1_size)
+    if sn_size > s.l1_size:
+        rs.grow_l1(img, sn_size)
+    cur = s.l1_size
+    sn_l1 = _read_l1(s, sn_off, sn_size)[:] + [0] * (cur - sn_size)
+    update_snapshot_refcount(s, sn_off, sn_size, 1)
+    old_active = list(s.l1_table)
+    s.host.pwrite(s.l1_table_offset, struct.pack(f">{cur}Q", *sn_l1), meta=True)
+    update_snapshot_refcount(s, s.l1_table_offset, cur, -1, l1=old_active)
+    s.l1_table = sn_l1
+    s.overlap.stale = True
+    update_snapshot_refcount(s, s.l1_table_offset, cur, 0)
+
+
+def delete(img: Image, name: str) -> None:
+    s = img.s
+    table = read_table(s)
+    sn = table.pop(find(table, name))
+    write_table(img, table)
+    update_snapshot_refcount(s, int(sn.l1_table_offset), int(sn.l1_size), -1)
+    rc.free_clusters(s, int(sn.l1_table_offset), int(sn.l1_size) * 8, discard=True)
+    update_snapshot_refcount(s, s.l1_table_offset, s.l1_size, 0)
+
+
+def listing(img: Image) -> list[dict[str, Any]]:
+    from spec.image import open_image
+    from spec.info import snapshot_list
+
+    f = open_image(img.filename)
+    try:
+        return list(snapshot_list(f) or [])
+    finally:
+        f.close()

@@ -1,0 +1,123 @@
+"""What one open image keeps in memory (QEMU's BDRVQcow2State, block/qcow2.h): the header,
+the whole L1 table and refcount table (QEMU keeps both in memory), the two metadata caches,
+the allocator cursors, and the plain values every request asks for.
+
+The header is written back whole (its fixed fields, not the extensions) when a field
+changes that QEMU rewrites with qcow2_update_header; the L1 table and the refcount table are
+written entry-wise where QEMU writes entries (qcow2_write_l1_entry).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import construct as c
+
+from impl.cache import Qcow2Cache
+from impl.hostfile import HostFile
+from spec import features as ft
+from spec import header as hd
+from spec.geometry import Geometry
+
+L1_ENTRIES_PER_SECTOR = 512 // 8
+"""qcow2_write_l1_entry writes the aligned 512-byte sector holding the changed entry."""
+
+
+class NoOverlapCheck:
+    """overlap-check=none, and the checker used while creating an image."""
+
+    stale = False
+
+    def check(self, offset: int, n: int) -> None:
+        return None
+
+
+class State:
+    """See the module doc. Built by image.py; used by refcount.py and cluster.py."""
+
+    def __init__(self, host: HostFile, header: c.Container, geometry: Geometry, *,
+                 data: HostFile | None, compression_type: ft.CompressionType) -> None:
+        self.host = host
+        self.data = data
+        """The external data file (guest data goes there), or None."""
+        self.header = header
+        self.geometry = geometry
+        self.cluster_size = geometry.cluster_size
+        self.cluster_bits = geometry.cluster_bits
+        self.version = int(header.version)
+        self.extended_l2 = geometry.extended_l2
+        incompat = int(header.v3.incompatible_features) if header.v3 is not None else 0
+        autoclear = int(header.v3.autoclear_features) if header.v3 is not None else 0
+        self.has_data_file = bool(incompat & ft.QCOW2_INCOMPAT_DATA_FILE)
+        self.data_file_raw = self.has_data_file and bool(autoclear & ft.QCOW2_AUTOCLEAR_DATA_FILE_RAW)
+        self.compression_type = compression_type
+        self.refcount_max = (1 << geometry.refcount_bits) - 1
+        self.readonly = host.readonly
+        self.sync = True
+        """False with cache=unsafe: flushes never reach the disk (BDRV_O_NO_FLUSH)."""
+        self.lazy_refcounts = False
+        self.l1_table: list[int] = []
+        self.reftable: list[int] = []
+        self.free_cluster_index = 0
+        self.free_byte_offset = 0
+        self.packing_cluster_freed = False
+        self.packed_into_live_cluster = False
+        # Set by image.py once the caches exist.
+        self.l2_cache: Qcow2Cache = None  # type: ignore[assignment]
+        self.rc_cache: Qcow2Cache = None  # type: ignore[assignment]
+        self.slice_entries = geometry.l2_entries
+        """Entries per L2 cache entry (QEMU's l2_slice_size)."""
+        self.overlap: Any = NoOverlapCheck()
+        """cluster.OverlapChecker, set by image.py."""
+
+    # --- plain values ---------------------------------------------------------------------
+    @property
+    def l1_table_offset(self) -> int:
+        return int(self.header.l1_table_offset)
+
+    @property
+    def l1_size(self) -> int:
+        return int(self.header.l1_size)
+
+    @property
+    def refcount_table_offset(self) -> int:
+        return int(self.header.refcount_table_offset)
+
+    @property
+    def reftable_entries(self) -> int:
+        return int(self.header.refcount_table_clusters) * self.cluster_size // 8
+
+    def data_host(self) -> HostFile:
+        """Where guest data clusters live."""
+        return self.data if self.data is not None else self.host
+
+    def flush_file(self) -> None:
+        self.host.flush(sync=self.sync)
+
+    # --- writing what QEMU keeps in memory ----------------------------------------------------
+    def write_header(self) -> None:
+        """qcow2_update_header's fixed part."""
+        self.host.pwrite(0, hd.Header.build(self.header), meta=True)
+
+    def set_incompatible_bit(self, bit: int, on: bool) -> None:
+        if self.header.v3 is None:
+            return
+        old = int(self.header.v3.incompatible_features)
+        new = old | bit if on else old & ~bit
+        if new != old:
+            self.header.v3.incompatible_features = new
+            self.write_header()
+
+    def write_l1_entry(self, index: int) -> None:
+        """qcow2_write_l1_entry: the 512-byte aligned group of entries around ``index``."""
+        first = index - index % L1_ENTRIES_PER_SECTOR
+        words = self.l1_table[first:min(first + L1_ENTRIES_PER_SECTOR, self.l1_size)]
+        # The whole sector is written, zeros past the table's end included.
+        words += [0] * (L1_ENTRIES_PER_SECTOR - len(words))
+        self.host.pwrite(self.l1_table_offset + 8 * first, struct.pack(f">{len(words)}Q", *words),
+                         meta=True)
+
+    def write_reftable_entry(self, index: int) -> None:
+        self.host.pwrite(self.refcount_table_offset + 8 * index,
+                         struct.pack(">Q", self.reftable[index]), meta=True)

@@ -1,0 +1,163 @@
+"""One open qcow2 file, raw: the host file, the header, and nothing cached.
+
+This is the layer every writer of the raw file shares: the check-and-repair engine
+(spec/check/) and the model write through it; the impl has its own counted host file.
+The header is the only structure kept in memory, because QEMU keeps it too (BDRVQcow2State)
+and rewrites it whole when it changes (block/qcow2.c, qcow2_update_header). Every table
+(L1, L2, refcount table, refcount blocks) is read from the file each time it is needed.
+
+One allocator cursor lives here as well. It is not a cache of on-disk data but QEMU's
+allocation state, kept so that a writer picks the same host offsets QEMU picks:
+``free_cluster_index`` (block/qcow2-refcount.c, alloc_clusters_noref; spec/refblocks.py).
+
+Errors: host I/O failures become CorruptionError (QEMU returns -EIO and, for plain I/O
+errors, does not set the corrupt bit). Writing through a read-only file is RequestError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from typing import BinaryIO
+
+import construct as c
+
+from spec import header as hd
+from spec.errors import CorruptionError, RequestError
+from spec.geometry import Geometry
+from spec.image import ImageFile
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """fallocate(2); returns 0 or the errno (block/file-posix.c, do_fallocate)."""
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EIO
+
+
+class Qcow2File(hd.HeaderViews):
+    """The host file of a qcow2 image plus its in-memory header (see the module doc).
+
+    A writer that keeps allocation state of its own overrides ``refcount_freed``."""
+
+    def __init__(self, img: ImageFile, f: BinaryIO, *, readonly: bool,
+                 data_f: BinaryIO | None = None) -> None:
+        self.path = img.path
+        self.f = f
+        self.readonly = readonly
+        self.header: c.Container = img.header
+        self.geometry: Geometry = img.geometry
+        self.image_file = img
+        self.data_f = data_f
+        self.free_cluster_index = 0
+        # No operation changes the data-file bit, and every lookup asks for it: it is read
+        # from the header once instead of on each call (HeaderViews decodes it each time).
+        self._has_data_file = img.has_data_file
+
+    # --- header views: spec.header.HeaderViews, plus what only a writer needs -------------
+    @property
+    def has_data_file(self) -> bool:
+        return self._has_data_file
+
+    @property
+    def refcount_max(self) -> int:
+        return (1 << self.geometry.refcount_bits) - 1
+
+    def refcount_freed(self, cluster_index: int) -> None:
+        """The refcount of ``cluster_index`` dropped to 0: the free-cluster search will
+        start there at the latest (update_refcount moves free_cluster_index back)."""
+        if cluster_index < self.free_cluster_index:
+            self.free_cluster_index = cluster_index
+
+    # --- host I/O ---------------------------------------------------------------------------
+    def pread(self, offset: int, n: int, f: BinaryIO | None = None) -> bytes:
+        """Read ``n`` bytes; bytes past the end of the file read as zeros, as in QEMU's
+        file driver (block/file-posix.c zero-fills short reads of regular files)."""
+        if n <= 0:
+            return b""
+        try:
+            data = os.pread((f or self.f).fileno(), n, offset)
+        except (OSError, OverflowError) as e:
+            raise CorruptionError(f"host read of {n} bytes at {offset} failed: {e}") from None
+        return data if len(data) == n else data + bytes(n - len(data))
+
+    def pwrite(self, offset: int, data: bytes | bytearray, f: BinaryIO | None = None) -> None:
+        if self.readonly:
+            raise RequestError("image is opened read-only")
+        try:
+            os.pwrite((f or self.f).fileno(), data, offset)
+        except (OSError, OverflowError) as e:
+            raise CorruptionError(f"host write of {len(data)} bytes at {offset} failed: {e}") from None
+
+    def file_size(self, f: BinaryIO | None = None) -> int:
+        try:
+            return os.fstat((f or self.f).fileno()).st_size
+        except OSError as e:
+            raise CorruptionError(f"cannot stat host file: {e}") from None
+
+    def truncate(self, size: int, f: BinaryIO | None = None) -> None:
+        if self.readonly:
+            raise RequestError("image is opened read-only")
+        try:
+            os.ftruncate((f or self.f).fileno(), size)
+        except OSError as e:
+            raise CorruptionError(f"cannot resize host file: {e}") from None
+
+    # QEMU's file driver does more than read and write: it punches holes for discards and
+    # zeroes ranges with fallocate. Holes are visible to qemu-img map (through SEEK_HOLE when
+    # an image looks preallocated), so a writer makes the same calls.
+    def punch_hole(self, offset: int, n: int, f: BinaryIO | None = None) -> None:
+        """raw_co_pdiscard / handle_aiocb_discard: PUNCH_HOLE | KEEP_SIZE; errors ignored,
+        as the discard is only advice."""
+        if self.readonly or n <= 0:
+            return
+        fallocate((f or self.f).fileno(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n)
+
+    def write_zeroes_no_fallback(self, offset: int, n: int, f: BinaryIO | None = None) -> bool:
+        """handle_aiocb_write_zeroes for a BDRV_REQ_NO_FALLBACK request: ZERO_RANGE, else
+        PUNCH_HOLE + fallocate(0), else fallocate(0) past the end. False = -ENOTSUP."""
+        if self.readonly:
+            raise RequestError("image is opened read-only")
+        fd = (f or self.f).fileno()
+        ret = fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, n)
+        if ret == 0:
+            return True
+        if ret not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise CorruptionError(f"zeroing {n} bytes at {offset} failed: {os.strerror(ret)}")
+        ret = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n)
+        if ret == 0:
+            return fallocate(fd, 0, offset, n) == 0
+        if offset >= self.file_size(f):
+            return fallocate(fd, 0, offset, n) == 0
+        return False
+
+    # Guest data lives in the external data file when there is one (qcow2.rst "External
+    # data file"); its host offsets are guest offsets.
+    def data_pread(self, offset: int, n: int) -> bytes:
+        return self.pread(offset, n, self.data_f if self.has_data_file else None)
+
+    def data_pwrite(self, offset: int, data: bytes) -> None:
+        self.pwrite(offset, data, self.data_f if self.has_data_file else None)
+
+    # --- header ------------------------------------------------------------------------------
+    def write_header(self) -> None:
+        """Write the fixed header fields (not the extensions) back to offset 0."""
+        self.pwrite(0, hd.Header.build(self.header))
+
+    def set_incompatible_bit(self, bit: int, on: bool) -> None:
+        if self.header.v3 is None:
+            return
+        old = int(self.header.v3.incompatible_features)
+        new = old | bit if on else old & ~bit
+        if new != old:
+            self.header.v3.incompatible_features = new
+            self.write_header()

@@ -1,0 +1,324 @@
+"""Refcounts on the raw file: read, update, allocate (qcow2.rst "Host cluster management";
+block/qcow2-refcount.c).
+
+Shared by the check-and-repair engine (spec/check/) and the model; uncached (the impl has
+its own refcount cache). Every refcount read goes to the refcount table and block on disk;
+every update reads the block, changes one entry and writes the whole block back.
+Allocation follows QEMU's algorithm, not just its result, so that a writer picks the same
+host offsets:
+
+- ``alloc_clusters`` scans for ``n`` contiguous free clusters starting at
+  ``free_cluster_index`` and leaves the cursor after them (alloc_clusters_noref);
+- a refcount going to 0 moves the cursor back (update_refcount; Qcow2File.refcount_freed);
+- a missing refcount block is placed at the next free cluster; if it does not describe
+  itself its own refcount is set first, and the caller's search starts over from the
+  clusters it had found (alloc_refcount_block and update_refcount, the -EAGAIN protocol);
+- a refcount table that is too small is replaced by a larger one placed with new,
+  self-describing refcount blocks at the start of the first uncovered refblock range
+  (qcow2_refcount_area).
+
+Errors: CorruptionError for an unaligned refcount block offset, a refcount underflow, or an
+allocation at offset 0; RequestError for a refcount overflow (the image stays consistent).
+``free_clusters`` ignores failures, as qcow2_free_clusters does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import numpy as np
+
+from spec.entries import REFT_OFFSET_MASK
+from spec.errors import CorruptionError, RequestError
+from spec.geometry import align_up, div_round_up
+from spec.limits import QCOW_MAX_REFTABLE_SIZE
+from spec.qfile import Qcow2File
+from spec.refcounts import decode_refcount_block
+
+
+class Again(Exception):
+    """A refcount block was allocated; the caller's free-cluster search must start over
+    (update_refcount's -EAGAIN)."""
+
+
+# --- tables -------------------------------------------------------------------------------
+
+# The layouts are spec.tables.refcount_table and spec.tables.refcount_block; they are
+# decoded here with struct, numpy and integer arithmetic because construct is too slow to
+# run on every lookup (tests/test_model_tables.py checks both readings agree).
+
+def read_reftable(q: Qcow2File) -> list[int]:
+    n = q.header.refcount_table_clusters * q.cluster_size // 8
+    data = q.pread(q.header.refcount_table_offset, n * 8)
+    return list(struct.unpack(f">{n}Q", data))
+
+
+def write_reftable(q: Qcow2File, table: list[int]) -> None:
+    q.pwrite(q.header.refcount_table_offset, struct.pack(f">{len(table)}Q", *table))
+
+
+def refcount_get(block: bytes | bytearray, index: int, bits: int) -> int:
+    """Entry ``index`` of a refcount block (qcow2.rst "Refcount block entry"): widths below
+    a byte are packed from the least significant bit; wider ones are big-endian."""
+    if bits < 8:
+        per = 8 // bits
+        return (block[index // per] >> (bits * (index % per))) & ((1 << bits) - 1)
+    w = bits // 8
+    return int.from_bytes(block[index * w:(index + 1) * w], "big")
+
+
+def refcount_set(block: bytearray, index: int, bits: int, value: int) -> None:
+    if bits < 8:
+        per = 8 // bits
+        shift = bits * (index % per)
+        mask = ((1 << bits) - 1) << shift
+        block[index // per] = (block[index // per] & ~mask) | (value << shift)
+        return
+    w = bits // 8
+    block[index * w:(index + 1) * w] = value.to_bytes(w, "big")
+
+
+def encode_refblock(values: list[int], bits: int) -> bytes:
+    """The inverse of spec.refcounts.decode_refcount_block (values must fit ``bits``)."""
+    if bits >= 8:
+        return np.asarray(values, dtype=np.uint64).astype(f">u{bits // 8}").tobytes()
+    per = 8 // bits
+    shifts = np.arange(per, dtype=np.uint8) * bits
+    packed = (np.asarray(values, dtype=np.uint8).reshape(-1, per) << shifts).sum(axis=1, dtype=np.uint8)
+    return packed.tobytes()
+
+
+def refblock_array(q: Qcow2File, offset: int) -> np.ndarray:
+    """The whole refcount block at ``offset`` (bulk walks, not lookups)."""
+    return decode_refcount_block(q.pread(offset, q.cluster_size), q.geometry.refcount_bits)
+
+
+def write_refblock(q: Qcow2File, offset: int, values: list[int]) -> None:
+    q.pwrite(offset, encode_refblock(values, q.geometry.refcount_bits))
+
+
+def refblock_offset(q: Qcow2File, table: list[int] | None, rt_index: int) -> int:
+    """The refcount block for reftable index ``rt_index``; 0 if there is none. Without
+    ``table`` only that entry is read from the file (a refcount table can be 8 MiB)."""
+    h = q.header
+    if rt_index >= h.refcount_table_clusters * q.cluster_size // 8:
+        return 0
+    if table is None:
+        entry = int.from_bytes(q.pread(h.refcount_table_offset + 8 * rt_index, 8), "big")
+    else:
+        entry = table[rt_index]
+    off = entry & REFT_OFFSET_MASK
+    if off % q.cluster_size:
+        # qcow2_get_refcount: "Refblock offset ... unaligned" is a corruption.
+        raise CorruptionError(f"refcount block offset {off:#x} unaligned (reftable index {rt_index})")
+    return off
+
+
+# --- reading --------------------------------------------------------------------------------
+
+def get_refcount(q: Qcow2File, cluster_index: int) -> int:
+    """Refcount of host cluster ``cluster_index``; 0 where no refcount block covers it."""
+    g = q.geometry
+    block = refblock_offset(q, None, cluster_index // g.refcount_block_entries)
+    if not block:
+        return 0
+    return refcount_get(q.pread(block, q.cluster_size), cluster_index % g.refcount_block_entries,
+                        g.refcount_bits)
+
+
+# --- updating --------------------------------------------------------------------------------
+
+def update_refcount(q: Qcow2File, offset: int, length: int, addend: int, *, discard: bool = False) -> None:
+    """Add ``addend`` to the refcount of every cluster touched by [offset, offset+length).
+
+    ``discard``: a cluster whose refcount drops to 0 has its host range punched out, as QEMU
+    does when the free's discard type is passed through (update_refcount_discard,
+    qcow2_process_discards; pass-discard-request and pass-discard-snapshot default on).
+
+    Raises Again (after undoing what it did) when a refcount block had to be allocated,
+    like update_refcount's -EAGAIN; RequestError on overflow (after undoing what it did),
+    CorruptionError on underflow.
+    """
+    if length <= 0:
+        return
+    cs = q.cluster_size
+    start = offset - offset % cs
+    end = align_up(offset + length, cs)
+    for done, cl in enumerate(range(start, end, cs)):
+        idx = cl // cs
+        try:
+            block = _refblock_for_update(q, idx, allocate=addend > 0)
+        except Again:
+            # update_refcount: the caller restarts its search, and tries the same clusters
+            # first since they may still be free.
+            q.free_cluster_index = min(q.free_cluster_index, start // cs)
+            if done:
+                # update_refcount restores the refcounts it already changed before failing.
+                update_refcount(q, start, done * cs, -addend)
+            raise
+        if not block:
+            raise CorruptionError(f"refcount of cluster {idx} would drop below zero")
+        data = bytearray(q.pread(block, cs))
+        i = idx % q.geometry.refcount_block_entries
+        new = refcount_get(data, i, q.geometry.refcount_bits) + addend
+        if new < 0:
+            raise CorruptionError(f"refcount of cluster {idx} would drop below zero ({new})")
+        if new > q.refcount_max:
+            # update_refcount fails the whole request with -EINVAL, without signalling
+            # corruption, after restoring the refcounts it already raised in this call; the
+            # image stays consistent (a caller's earlier steps, such as a snapshot's L1 copy,
+            # are left as QEMU leaves them). The caller asked for more references than the
+            # refcount width can count (refcount_bits=1 and a snapshot, say): RequestError.
+            if done:
+                update_refcount(q, start, done * cs, -addend)
+            raise RequestError(f"refcount of cluster {idx} would exceed {q.refcount_max}")
+        refcount_set(data, i, q.geometry.refcount_bits, new)
+        q.pwrite(block, bytes(data))
+        if new == 0:
+            q.refcount_freed(idx)
+        if new == 0 and discard:
+            q.punch_hole(cl, cs)
+
+
+def free_clusters(q: Qcow2File, offset: int, length: int, *, discard: bool = False) -> None:
+    """Drop one reference to every cluster of [offset, offset+length).
+
+    qcow2_free_clusters reports a failed update ("qcow2_free_clusters failed") and goes on,
+    leaving a leak or an error for qemu-img check; this does the same.
+    """
+    with contextlib.suppress(CorruptionError):
+        update_refcount(q, offset, length, -1, discard=discard)
+
+
+# --- allocation ------------------------------------------------------------------------------
+
+def alloc_clusters_noref(q: Qcow2File, n: int) -> int:
+    """n contiguous clusters with refcount 0, scanning from the cursor (alloc_clusters_noref).
+    Nothing changes during the scan, so each refcount block it crosses is read once."""
+    found = 0
+    per_block = q.geometry.refcount_block_entries
+    bits = q.geometry.refcount_bits
+    while found < n:
+        idx = q.free_cluster_index
+        block = refblock_offset(q, None, idx // per_block)
+        data = q.pread(block, q.cluster_size) if block else b""
+        for i in range(idx % per_block, per_block):
+            q.free_cluster_index += 1
+            found = found + 1 if not data or refcount_get(data, i, bits) == 0 else 0
+            if found == n:
+                break
+    return (q.free_cluster_index - n) * q.cluster_size
+
+
+def alloc_clusters(q: Qcow2File, n: int) -> int:
+    """Allocate ``n`` contiguous clusters with refcount 1; returns the host offset
+    (qcow2_alloc_clusters)."""
+    while True:
+        offset = alloc_clusters_noref(q, n)
+        try:
+            update_refcount(q, offset, n * q.cluster_size, 1)
+        except Again:
+            continue
+        return offset
+
+
+def _refblock_for_update(q: Qcow2File, cluster_index: int, *, allocate: bool) -> int:
+    """The refcount block covering ``cluster_index``, allocating it if ``allocate``
+    (alloc_refcount_block). Raises Again after hooking up a new block."""
+    g = q.geometry
+    rt_index = cluster_index // g.refcount_block_entries
+    block = refblock_offset(q, None, rt_index)
+    if block or not allocate:
+        return block
+    table_entries = q.header.refcount_table_clusters * q.cluster_size // 8
+    new_block = alloc_clusters_noref(q, 1)
+    if new_block == 0:
+        raise CorruptionError("preventing invalid allocation of a refcount block at offset 0")
+    entries = g.refcount_block_entries
+    block_data = bytearray(q.cluster_size)
+    if new_block // q.cluster_size // entries == rt_index:
+        # The block describes itself.
+        refcount_set(block_data, new_block // q.cluster_size % entries, g.refcount_bits, 1)
+    else:
+        update_refcount(q, new_block, q.cluster_size, 1)
+    q.pwrite(new_block, bytes(block_data))
+    if rt_index < table_entries:
+        table = read_reftable(q)
+        table[rt_index] = new_block
+        write_reftable(q, table)
+        raise Again
+    _grow_reftable(q, cluster_index, rt_index, new_block)
+    raise Again
+
+
+def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int,
+                           generous: bool) -> tuple[int, int]:
+    """(refcount blocks, refcount table clusters) needed to count ``clusters`` clusters plus
+    themselves: the fixed point qcow2_refcount_metadata_size computes. ``generous`` adds
+    room for half the table again once, as QEMU does when growing."""
+    per_table_cluster = cluster_size // 8
+    per_block = cluster_size * 8 >> refcount_order
+    table = blocks = n = 0
+    while True:
+        last = n
+        blocks = div_round_up(clusters + table + blocks, per_block)
+        table = div_round_up(blocks, per_table_cluster)
+        n = clusters + blocks + table
+        if n == last and generous:
+            clusters += div_round_up(table, 2)
+            n = 0
+            generous = False
+            continue
+        if n == last:
+            return blocks, table
+
+
+def _grow_reftable(q: Qcow2File, cluster_index: int, new_index: int, new_block: int) -> None:
+    """Replace the refcount table by a larger one (alloc_refcount_block's second half, then
+    qcow2_refcount_area with additional_clusters 0 and a generous size).
+
+    The area starts at the first refblock range past the ones in use (counting the refblock
+    just allocated). New refcount blocks for every missing table entry up to the computed
+    count come first, then the table; the area's clusters get refcount 1 in the blocks that
+    cover them; the header is switched and the old table freed.
+    """
+    g = q.geometry
+    cs = q.cluster_size
+    entries = g.refcount_block_entries
+    blocks_used = div_round_up(max(cluster_index + 1, new_block // cs + 1), entries)
+    start = blocks_used * entries * cs
+    total_blocks, _ = refcount_metadata_size(start // cs, cs, g.refcount_order, True)
+    table_size = total_blocks + div_round_up(total_blocks, 2)
+    table_size = align_up(table_size, cs // 8)
+    table_clusters = table_size * 8 // cs
+    if table_size * 8 > QCOW_MAX_REFTABLE_SIZE:
+        raise CorruptionError("refcount table would exceed QEMU's maximum size")
+    old = read_reftable(q)
+    new_table = (old + [0] * table_size)[:table_size]
+    new_table[new_index] = new_block
+    area_index = start // cs // entries
+    additional = sum(1 for i in range(area_index, total_blocks) if not new_table[i])
+    table_offset = start + additional * cs
+    end = table_offset + table_clusters * cs
+    block_offset = start
+    bits = g.refcount_bits
+    for i in range(area_index, total_blocks):
+        if new_table[i]:
+            data = bytearray(q.pread(new_table[i], cs))
+        else:
+            data = bytearray(cs)
+            new_table[i] = block_offset
+            block_offset += cs
+        first_covered = i * entries * cs
+        if first_covered < end:
+            j = (start - first_covered) // cs if first_covered < start else 0
+            for k in range(j, min((end - first_covered) // cs, entries)):
+                refcount_set(data, k, bits, 1)
+        q.pwrite(new_table[i], bytes(data))
+    q.pwrite(table_offset, struct.pack(f">{table_size}Q", *new_table))
+    old_offset, old_clusters = q.header.refcount_table_offset, q.header.refcount_table_clusters
+    q.header.refcount_table_offset = table_offset
+    q.header.refcount_table_clusters = table_clusters
+    q.write_header()
+    free_clusters(q, old_offset, old_clusters * cs)

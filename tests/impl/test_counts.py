@@ -1,0 +1,230 @@
+"""Counted host I/O (Image.stats()): what one guest request costs, asserted exactly; and
+the behaviours that the counts stand for (overlap checks, O_DIRECT)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import impl
+from impl.image import Image
+from spec import features as ft
+from spec.errors import CorruptionError, RequestError
+from spec.image import open_image
+
+K, M = 1 << 10, 1 << 20
+
+
+def _data(img: Image) -> tuple[int, int]:
+    st = img.stats()
+    return st["data_reads"], st["data_writes"]
+
+
+def test_cache_hit_4k_read_is_one_host_read(tmp_path: Path) -> None:
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 64 * M)
+    with impl.open(p) as img:
+        img.write(0, b"x" * 65536)
+        img.read(4096, 4096)  # loads the slice
+        img.reset_stats()
+        assert img.read(8192, 4096) == b"x" * 4096
+        st = img.stats()
+        assert (st["reads"], st["read_bytes"], st["writes"]) == (1, 4096, 0)
+        assert (st["l2_cache_hits"], st["l2_cache_misses"]) == (1, 0)
+
+
+def test_read_of_host_contiguous_clusters_is_one_host_read(tmp_path: Path) -> None:
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 64 * M, cluster_size=4096)
+    with impl.open(p) as img:
+        img.write(0, b"y" * 65536)
+        img.reset_stats()
+        img.read(100, 60000)
+        assert img.stats()["reads"] == 1
+
+
+def test_miss_with_4k_slices_reads_4k_of_l2(tmp_path: Path) -> None:
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 1 << 30)
+    with impl.open(p) as img:
+        img.write(512 * M, b"z" * 4096)
+    with impl.open(p, l2_cache_entry_size=4096) as img:
+        img.reset_stats()
+        assert img.read(512 * M, 4096) == b"z" * 4096
+        st = img.stats()
+        assert (st["meta_reads"], st["meta_read_bytes"]) == (1, 4096)
+        assert (st["data_reads"], st["l2_cache_misses"]) == (1, 1)
+
+
+def _overlay(tmp_path: Path, **opts: object) -> tuple[Path, Path]:
+    base = tmp_path / "base.qcow2"
+    impl.create(base, 8 * M, cluster_size=65536)
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 8M", str(base)], check=True, capture_output=True)
+    top = tmp_path / "top.qcow2"
+    impl.create(top, 8 * M, backing_file=base.name, backing_fmt="qcow2", **opts)  # type: ignore[arg-type]
+    return base, top
+
+
+def test_cow_write_over_a_backing_file_is_one_read_and_one_write(tmp_path: Path) -> None:
+    _, top = _overlay(tmp_path)
+    with impl.open(top) as img:
+        img.write(0, b"a")  # allocates the L2 table
+        img.reset_stats()
+        img.backing.reset_stats()
+        img.write(65536 + 1000, b"b" * 3000)  # head and tail COW, merged (perform_cow)
+        st, bst = img.stats(), img.backing.stats()
+        assert (st["data_reads"], st["data_writes"], st["data_write_bytes"]) == (0, 1, 65536)
+        assert bst["data_reads"] == 1
+        assert st["meta_writes"] == 0  # the L2 entry and refcount wait in the caches
+        assert img.read(65536, 65536) == b"\x5a" * 1000 + b"b" * 3000 + b"\x5a" * (65536 - 4000)
+
+
+def test_cow_regions_far_apart_are_read_separately(tmp_path: Path) -> None:
+    _, top = _overlay(tmp_path)
+    with impl.open(top) as img:
+        img.write(0, b"a")
+        img.backing.reset_stats()
+        img.reset_stats()
+        img.write(65536 + 100, b"c" * 40000)  # more than 16 KiB between the regions
+        assert img.backing.stats()["data_reads"] == 2
+        assert img.stats()["data_writes"] == 1
+
+
+def test_whole_subcluster_write_over_backing_is_one_write_no_read(tmp_path: Path) -> None:
+    _, top = _overlay(tmp_path, extended_l2=True)
+    with impl.open(top) as img:
+        img.write(0, b"a" * 2048)  # one subcluster: allocates the L2 table
+        img.reset_stats()
+        img.backing.reset_stats()
+        img.write(65536 + 2048 * 3, b"s" * 2048 * 2)
+        assert _data(img) == (0, 1)
+        assert img.backing.stats()["data_reads"] == 0
+        assert img.stats()["data_write_bytes"] == 4096
+        got = img.read(65536, 65536)
+        assert got == b"\x5a" * 6144 + b"s" * 4096 + b"\x5a" * (65536 - 10240)
+
+
+def test_partial_write_to_a_fresh_cluster_zeroes_with_fallocate(tmp_path: Path) -> None:
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 64 * M)
+    with impl.open(p) as img:
+        img.write(0, b"a")
+        img.reset_stats()
+        img.write(65536 + 5, b"q" * 10)
+        st = img.stats()
+        assert (st["reads"], st["data_writes"], st["fallocates"]) == (0, 1, 1)
+        assert img.read(65536, 20) == bytes(5) + b"q" * 10 + bytes(5)
+
+
+def test_cow_from_a_compressed_cluster_is_one_read_one_write(tmp_path: Path) -> None:
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 64 * M)
+    with impl.open(p) as img:
+        img.write_compressed(0, b"c" * 65536)
+        img.reset_stats()
+        img.write(100, b"d" * 100)
+        assert _data(img) == (1, 1)
+        assert img.read(0, 300) == b"c" * 100 + b"d" * 100 + b"c" * 100
+
+
+def test_flush_orders_refcounts_before_l2(tmp_path: Path) -> None:
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 64 * M)
+    with impl.open(p) as img:
+        img.write(0, b"a")
+        img.flush()
+        img.write(5 * 65536, b"b")  # new cluster: refcount block and L2 slice dirty
+        writes: list[int] = []
+        host = img.s.host
+        orig = host.pwritev
+
+        def record(bufs, offset, *, meta=False):  # type: ignore[no-untyped-def]
+            writes.append(offset)
+            orig(bufs, offset, meta=meta)
+
+        host.pwritev = record  # type: ignore[method-assign]
+        img.reset_stats()
+        img.flush()
+        l2 = img.s.l1_table[0] & ~(1 << 63)
+        refblock = img.s.reftable[0]
+        assert writes == [refblock, l2]
+        assert img.stats()["flushes"] >= 2
+
+
+def test_unsafe_cache_never_syncs(tmp_path: Path) -> None:
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 64 * M)
+    with impl.open(p, cache="unsafe") as img:
+        img.write(0, b"a" * 70000)
+        img.flush()
+        assert img.stats()["flushes"] == 0
+
+
+def _point_at(img: Image, guest: int, host: int) -> None:
+    """Damage the active L2 entry of ``guest`` to map ``host`` (test set-up only)."""
+    from impl import cluster as cl
+
+    key, words, w = cl.slice_for_write(img.s, guest)
+    words[w] = host | (1 << 63)
+    img.s.l2_cache.mark_dirty(key)
+
+
+def test_write_onto_metadata_is_refused_and_flags_corrupt(tmp_path: Path) -> None:
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 64 * M)
+    with impl.open(p) as img:
+        img.write(0, b"a")
+        _point_at(img, 65536, img.s.l1_table_offset)
+        with pytest.raises(CorruptionError):
+            img.write(65536, b"x" * 512)
+        with pytest.raises(CorruptionError):
+            img.read(0, 1)
+    with open_image(p) as f:
+        assert f.incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT
+    with pytest.raises(RequestError):
+        impl.open(p)
+
+
+def test_overlap_check_none_lets_the_write_through(tmp_path: Path) -> None:
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 64 * M)
+    with impl.open(p, overlap_check="none") as img:
+        img.write(0, b"a")
+        # Point at the refcount table's cluster: refused by default, not checked here.
+        _point_at(img, 65536, img.s.refcount_table_offset)
+        img.write(65536 + 4096, b"x" * 8)
+
+
+@pytest.mark.parametrize("mode, refused", [("cached", False), ("all", True)])
+def test_all_includes_inactive_l2_tables(tmp_path: Path, mode: str, refused: bool) -> None:
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 64 * M)
+    with impl.open(p) as img:
+        img.write(0, b"a")
+        shared_l2 = img.s.l1_table[0] & ~(1 << 63)
+        img.snapshot_create("s")
+        img.write(0, b"b")  # unshares the L2 table: the old one is the snapshot's only
+        assert img.s.l1_table[0] & ~(1 << 63) != shared_l2
+    with impl.open(p, overlap_check=mode) as img:
+        _point_at(img, 65536, shared_l2)
+        if refused:
+            with pytest.raises(CorruptionError):
+                img.write(65536, b"x")
+        else:
+            img.write(65536, b"x")
+
+
+def test_cache_none_uses_o_direct(tmp_path: Path) -> None:
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 64 * M)
+    with impl.open(p, cache="none") as img:
+        assert img.s.host.direct
+        img.write(1000, b"o" * 5000)
+        img.write(70000, b"p" * 3)
+        assert img.read(1000, 5000) == b"o" * 5000
+        assert img.read(69999, 5) == b"\0ppp\0"
+    with impl.open(p, readonly=True) as img:
+        assert img.read(1000, 5000) == b"o" * 5000
+    assert subprocess.run(["qemu-img", "check", str(p)], capture_output=True).returncode == 0
