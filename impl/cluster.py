@@ -156,18 +156,14 @@ def _count(s: State, words: array, w: int, want: int, new_alloc: bool) -> int:
     """count_single_write_clusters: consecutive clusters of one kind; in-place ones also
     contiguous on the host."""
     step = 2 if s.extended_l2 else 1
-    expected = words[w] & L2E_OFFSET_MASK
-    i = 0
-    while i < want:
-        e = words[w + i * step]
+    first_host = words[w] & L2E_OFFSET_MASK
+    run = words[w:w + want * step:step]
+    for i, e in enumerate(run):
         if needs_new_alloc(s, e) != new_alloc:
-            break
-        if not new_alloc:
-            if e & L2E_OFFSET_MASK != expected:
-                break
-            expected += s.cluster_size
-        i += 1
-    return i
+            return i
+        if not new_alloc and e & L2E_OFFSET_MASK != first_host + i * s.cluster_size:
+            return i
+    return len(run)
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -198,39 +194,47 @@ def write_run(img: Image, pos: int, end: int, data: memoryview, base: int, frees
         in_slice = w >> (1 if s.extended_l2 else 0)
         want = min(-(-(pos % cs + end - pos) // cs), s.slice_entries - in_slice)
         entry = words[w]
-        if not needs_new_alloc(s, entry):
+        in_place = not needs_new_alloc(s, entry)
+        if in_place:
+            # handle_copied: the run continues only where the host offsets do.
             host = entry & L2E_OFFSET_MASK
-            if host % cs:
+            if host & (cs - 1):
                 raise CorruptionError(f"data cluster offset {host:#x} unaligned (guest {pos:#x})")
-            if expected is not None and host != expected:
-                break
-            n = _count(s, words, w, want, False)
-            nbytes = min(end - pos, n * cs - pos % cs)
-            _write_clusters(img, pos, nbytes, host, data, base, key, w, keep_old=True, prealloc=prealloc)
+            n = 0 if expected not in (None, host) else _count(s, words, w, want, False)
         else:
-            n = _count(s, words, w, want, True)
-            if s.has_data_file:
-                host = align_down(pos, cs)
-            elif expected is None:
-                host = rc.alloc_clusters(s, n)
-            else:
-                n = rc.alloc_clusters_at(s, expected, n)
-                if n == 0:
-                    break
-                host = expected
-            nbytes = min(end - pos, n * cs - pos % cs)
-            try:
-                frees += _write_clusters(img, pos, nbytes, host, data, base, key, w,
-                                         keep_old=False, prealloc=prealloc)
-            except UnflaggedError:
-                # qcow2_alloc_cluster_abort: the COW read failed; give the clusters back.
-                if not s.has_data_file:
-                    rc.free_clusters(s, host, n * cs)
-                raise
+            host, n = _place(s, pos, expected, _count(s, words, w, want, True))
+        if not n:
+            break
+        nbytes = min(end - pos, n * cs - pos % cs)
+        try:
+            frees += _write_clusters(img, pos, nbytes, host, data, base, key, w,
+                                     keep_old=in_place, prealloc=prealloc)
+        except UnflaggedError:
+            if not in_place:
+                _abort(s, host, n)
+            raise
         expected = host + pos % cs + nbytes
         img.last_host_end = expected
         pos += nbytes
     return pos
+
+
+def _abort(s: State, host: int, n: int) -> None:
+    """qcow2_alloc_cluster_abort: the COW read failed (-EIO) before anything was linked;
+    the fresh clusters are given back, without a discard."""
+    if not s.has_data_file:
+        rc.free_clusters(s, host, n * s.cluster_size)
+
+
+def _place(s: State, pos: int, expected: int | None, n: int) -> tuple[int, int]:
+    """do_alloc_cluster_offset: (host offset, clusters) for ``n`` new clusters at guest
+    ``pos``. An external data file maps guest = host; the first piece of a run takes a
+    free range anywhere, the later ones only what is free right after it (0 ends the run)."""
+    if s.has_data_file:
+        return pos - pos % s.cluster_size, n
+    if expected is None:
+        return rc.alloc_clusters(s, n), n
+    return expected, rc.alloc_clusters_at(s, expected, n)
 
 
 def _write_clusters(img: Image, pos: int, nbytes: int, host: int, data: memoryview, base: int,
@@ -432,19 +436,21 @@ def zeroize(img: Image, offset: int, n: int, unmap: bool) -> bool:
         if offset < size:
             s.data.pwrite(offset, bytes(min(n, size - offset)))
     if s.version < 3:
-        if img.backing is None:
-            cluster_discard(img, offset, n, request=True, full=False)
-            return True
+        # No zero flag: without a backing file a discarded cluster reads as zeros; with
+        # one it would show the backing data, so the driver refuses.
+        if img.backing is not None:
+            return False
+        cluster_discard(img, offset, n, request=True, full=False)
+        return True
+    # Partial clusters at either end go by subclusters; the end of the image counts as
+    # a cluster boundary.
+    whole_from = min(end, align_up(offset, cs))
+    whole_to = end if end >= img.size else max(whole_from, align_down(end, cs))
+    if whole_from > offset and not _zero_subclusters(s, offset, whole_from - offset):
         return False
-    head = min(end, align_up(offset, cs)) - offset
-    offset += head
-    tail = 0 if end >= img.size else end - max(offset, align_down(end, cs))
-    end -= tail
-    if head and not _zero_subclusters(s, offset - head, head):
-        return False
-    _for_each_cluster(img, offset, end, lambda old_e, old_b: _zero_entry(s, old_e, old_b, unmap),
-                      request=True)
-    return not (tail and not _zero_subclusters(s, end, tail))
+    _for_each_cluster(img, whole_from, whole_to,
+                      lambda old_e, old_b: _zero_entry(s, old_e, old_b, unmap), request=True)
+    return whole_to == end or _zero_subclusters(s, whole_to, end - whole_to)
 
 
 def _zero_entry(s: State, old_e: int, old_b: int, unmap: bool) -> tuple[int, int, bool]:

@@ -90,23 +90,12 @@ class HostFile:
             raise CorruptionError(f"cannot open {path}: {e.strerror}") from None
 
     # --- counting -------------------------------------------------------------------------
-    def _count_read(self, n: int, meta: bool) -> None:
-        s = self.stats
-        if meta:
-            s.meta_reads += 1
-            s.meta_read_bytes += n
-        else:
-            s.data_reads += 1
-            s.data_read_bytes += n
-
-    def _count_write(self, n: int, meta: bool) -> None:
-        s = self.stats
-        if meta:
-            s.meta_writes += 1
-            s.meta_write_bytes += n
-        else:
-            s.data_writes += 1
-            s.data_write_bytes += n
+    def _count(self, verb: str, n: int, meta: bool) -> None:
+        """One host request of ``n`` bytes: ``verb`` is "read" or "write"."""
+        prefix = "meta_" if meta else "data_"
+        st = self.stats
+        setattr(st, f"{prefix}{verb}s", getattr(st, f"{prefix}{verb}s") + 1)
+        setattr(st, f"{prefix}{verb}_bytes", getattr(st, f"{prefix}{verb}_bytes") + n)
 
     def _writable(self) -> None:
         if self.readonly:
@@ -118,7 +107,7 @@ class HostFile:
         file driver zero-fills short reads of regular files."""
         if n <= 0:
             return b""
-        self._count_read(n, meta)
+        self._count("read", n, meta)
         try:
             data = self._direct_read(offset, n) if self.direct else os.pread(self.fd, n, offset)
         except (OSError, OverflowError) as e:
@@ -131,7 +120,7 @@ class HostFile:
         total = sum(len(b) for b in bufs)
         if total <= 0:
             return
-        self._count_read(total, meta)
+        self._count("read", total, meta)
         try:
             if self.direct:
                 data = self._direct_read(offset, total)
@@ -172,7 +161,7 @@ class HostFile:
         total = sum(len(b) for b in bufs)
         if total <= 0:
             return
-        self._count_write(total, meta)
+        self._count("write", total, meta)
         try:
             if self.direct:
                 self._direct_write(offset, b"".join(bytes(b) for b in bufs))

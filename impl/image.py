@@ -84,6 +84,10 @@ def _words(data: bytes) -> list[int]:
 class Image:
     """An open qcow2 image (spec.interface.Image); see the module doc."""
 
+    host_file_class: type[HostFile] = HostFile
+    """What the image and data file are opened with: a crash-safety recorder sets a
+    subclass here to see every host write and flush in order."""
+
     def __init__(self, img: ImageFile, path: str, *, readonly: bool, snapshot: str | None,
                  depth: int, options: dict[str, Any]) -> None:
         if img.header.crypt_method:
@@ -116,7 +120,8 @@ class Image:
     # --- open -----------------------------------------------------------------------------------
     def _setup(self, img: ImageFile, o: opt.Options, snapshot: str | None, depth: int) -> None:
         direct = o.cache == "none"
-        host = HostFile(self.filename, readonly=self.readonly, direct=direct, stats=self.iostats)
+        host = self.host_file_class(self.filename, readonly=self.readonly, direct=direct,
+                                    stats=self.iostats)
         self._files.append(host)
         # QEMU locks before it reads anything beyond the header probe (raw_open_common).
         lock = ImageLock(host.fd, locking=o.locking, path=self.filename)  # type: ignore[arg-type]
@@ -128,7 +133,8 @@ class Image:
                 raise FormatError("external data file flag set but no data file name", "extensions")
             # Relative to the current directory, as QEMU 7.2 opens it (qcow2_do_open).
             try:
-                data = HostFile(img.data_file, readonly=self.readonly, direct=direct, stats=self.iostats)
+                data = self.host_file_class(img.data_file, readonly=self.readonly, direct=direct,
+                                            stats=self.iostats)
             except CorruptionError as e:
                 raise FormatError(f"could not open data file: {e}", img.data_file) from None
             self._files.append(data)
@@ -244,41 +250,41 @@ class Image:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _usable(self) -> None:
-        if self.closed:
-            raise RequestError("image is closed")
+    def _ready(self, *, write: bool = False) -> None:
+        """What every request checks first: the image is open, not found corrupt
+        (QEMU drops the node), and writable when it writes. The cache clean timer is
+        serviced here, there being no event loop."""
+        problem = ("image is closed" if self.closed else
+                   "image is opened read-only" if write and self.readonly and not self.broken else None)
+        if problem:
+            raise RequestError(problem)
         if self.broken:
             raise CorruptionError("image was found corrupt; no further requests are served")
         self.s.l2_cache.maybe_clean()
         self.s.rc_cache.maybe_clean()
 
-    def _writable(self) -> None:
-        self._usable()
-        if self.readonly:
-            raise RequestError("image is opened read-only")
-
     def _range(self, offset: int, n: int) -> None:
         if offset < 0 or n < 0 or offset + n > self.size:
             raise RequestError(f"request [{offset}, {offset + n}) outside the image (size {self.size})")
 
-    def corrupt(self, message: str) -> CorruptionError:
-        """qcow2_signal_corruption(fatal): set the corrupt bit when writable and refuse
-        every further request."""
-        if not self.readonly and not self.broken:
-            with contextlib.suppress(Qcow2Error):
-                self.s.set_incompatible_bit(ft.QCOW2_INCOMPAT_CORRUPT, True)
-        self.broken = True
-        return CorruptionError(message)
-
     def _guard(self, fn: Any, *args: Any) -> Any:
+        """Run a request. A CorruptionError from the tables is fatal, as
+        qcow2_signal_corruption(fatal=true) makes it: the corrupt bit is set when the
+        image is writable and every later request is refused. The unflagged kind (a
+        compressed cluster that does not decode, a failing backing file) only fails the
+        request (QEMU: -EIO)."""
         try:
             return fn(*args)
         except cl.UnflaggedError as e:
             raise CorruptionError(str(e)) from None
         except CorruptionError as e:
-            if not self.broken:
-                raise self.corrupt(str(e)) from None
-            raise
+            if self.broken:
+                raise
+            if not self.readonly:
+                with contextlib.suppress(Qcow2Error):
+                    self.s.set_incompatible_bit(ft.QCOW2_INCOMPAT_CORRUPT, True)
+            self.broken = True
+            raise CorruptionError(str(e)) from None
 
     def mark_dirty(self) -> None:
         """qcow2_mark_dirty: with lazy refcounts the dirty bit is set before the first
@@ -291,7 +297,7 @@ class Image:
         """Guest bytes (qcow2_co_preadv_part): NORMAL from the host (host-contiguous runs in
         one read), ZERO as zeros, UNALLOCATED from the backing chain (zeros past its end),
         COMPRESSED decompressed, INVALID a corruption."""
-        self._usable()
+        self._ready()
         self._range(offset, n)
         return self._guard(self._read, offset, n)
 
@@ -410,7 +416,7 @@ class Image:
     # --- writing ----------------------------------------------------------------------------------
     def write(self, offset: int, data: bytes) -> None:
         """Guest write (qcow2_co_pwritev_part); see cluster.write."""
-        self._writable()
+        self._ready(write=True)
         self._range(offset, len(data))
         if data:
             self._guard(self._write, offset, memoryview(data))
@@ -438,7 +444,7 @@ class Image:
 
     def write_zeroes(self, offset: int, n: int, *, unmap: bool = False) -> None:
         """qcow2_co_pwrite_zeroes; see cluster.write_zeroes."""
-        self._writable()
+        self._ready(write=True)
         self._range(offset, n)
         if n:
             self._guard(self._write_zeroes, offset, n, unmap)
@@ -449,7 +455,7 @@ class Image:
 
     def discard(self, offset: int, n: int) -> None:
         """qcow2_co_pdiscard; see cluster.discard."""
-        self._writable()
+        self._ready(write=True)
         self._range(offset, n)
         if n:
             self._guard(cl.discard, self, offset, n)
@@ -459,7 +465,7 @@ class Image:
         qcow2_alloc_compressed_cluster_offset, qcow2_alloc_bytes); checks in QEMU's order:
         sector alignment (qemu-io), range, external data file, empty write (pads the file
         to a sector), cluster alignment and size."""
-        self._writable()
+        self._ready(write=True)
         if offset % BDRV_SECTOR_SIZE or len(data) % BDRV_SECTOR_SIZE:
             raise RequestError("compressed writes must be sector aligned (qemu-io write -c)")
         self._range(offset, len(data))
@@ -509,7 +515,7 @@ class Image:
     def flush(self) -> None:
         """qcow2_co_flush_to_os then the file flush: dirty L2 slices and refcount blocks
         reach the file in dependency order, then fdatasync (skipped with cache=unsafe)."""
-        self._usable()
+        self._ready()
         if not self.readonly:
             self._guard(self._flush)
 
@@ -551,7 +557,7 @@ class Image:
     # --- the rest -----------------------------------------------------------------------------------
     def map(self, offset: int = 0, n: int | None = None) -> list[dict[str, Any]]:
         """The extents of ``qemu-img map --output=json`` (status.image_map)."""
-        self._usable()
+        self._ready()
         n = self.size - offset if n is None else n
         self._range(offset, n)
         return self._guard(stt.image_map, self, offset, n)
@@ -561,7 +567,7 @@ class Image:
         cache entries are written first (without fsync)."""
         from spec.info import allocated_size, qcow2_info
 
-        self._usable()
+        self._ready()
         if not self.readonly:
             self._guard(self._write_back)
         img = open_image(self.filename)
@@ -604,35 +610,35 @@ class Image:
         """qcow2_co_truncate; see impl/resize.py."""
         from impl import resize as rs
 
-        self._writable()
+        self._ready(write=True)
         self._guard(rs.resize, self, new_size, shrink)
 
     def snapshot_create(self, name: str) -> None:
         """qcow2_snapshot_create; see impl/snapshot.py."""
         from impl import snapshot as sn
 
-        self._writable()
+        self._ready(write=True)
         self._guard(sn.create, self, name)
 
     def snapshot_apply(self, name: str) -> None:
         """qcow2_snapshot_goto; see impl/snapshot.py."""
         from impl import snapshot as sn
 
-        self._writable()
+        self._ready(write=True)
         self._guard(sn.apply, self, name)
 
     def snapshot_delete(self, name: str) -> None:
         """qcow2_snapshot_delete; see impl/snapshot.py."""
         from impl import snapshot as sn
 
-        self._writable()
+        self._ready(write=True)
         self._guard(sn.delete, self, name)
 
     def snapshots(self) -> list[dict[str, Any]]:
         """The snapshots as ``qemu-img info --output=json`` lists them (spec.info)."""
         from spec.info import snapshot_list
 
-        self._usable()
+        self._ready()
         img = open_image(self.filename)
         try:
             return list(snapshot_list(img) or [])

@@ -99,37 +99,36 @@ def update_refcount(s: State, offset: int, length: int, addend: int, *, discard:
         return
     cs = s.cluster_size
     per = s.geometry.refcount_block_entries
-    start = offset - offset % cs
-    end = align_up(offset + length, cs)
+    first = offset // cs
+    last = (offset + length - 1) // cs
     if addend < 0:
         # The L2 entry that dropped the reference must reach the file first.
         s.rc_cache.set_dependency(s.l2_cache)
-    for done, cl in enumerate(range(start, end, cs)):
-        idx = cl // cs
+
+    def undo(upto: int) -> None:
+        # update_refcount restores what it already changed before it fails.
+        if upto > first:
+            update_refcount(s, first * cs, (upto - first) * cs, -addend)
+
+    for idx in range(first, last + 1):
         try:
             block = _block_for_update(s, idx, allocate=addend > 0)
         except Again:
-            s.free_cluster_index = min(s.free_cluster_index, start // cs)
-            if done:
-                update_refcount(s, start, done * cs, -addend)
+            s.free_cluster_index = min(s.free_cluster_index, first)
+            undo(idx)
             raise
-        if not block:
+        counts = s.rc_cache.get(block) if block else None
+        value = (int(counts[idx % per]) if counts is not None else 0) + addend
+        if counts is None or value < 0:
             raise CorruptionError(f"refcount of cluster {idx} would drop below zero")
-        arr = s.rc_cache.get(block)
-        i = idx % per
-        new = int(arr[i]) + addend
-        if new < 0:
-            raise CorruptionError(f"refcount of cluster {idx} would drop below zero ({new})")
-        if new > s.refcount_max:
-            # update_refcount fails with -EINVAL and restores what it changed; the caller
-            # asked for more references than the width can count.
-            if done:
-                update_refcount(s, start, done * cs, -addend)
+        if value > s.refcount_max:
+            # -EINVAL without a corruption: more references than the width can count.
+            undo(idx)
             raise RequestError(f"refcount of cluster {idx} would exceed {s.refcount_max}")
-        arr[i] = new
+        counts[idx % per] = value
         s.rc_cache.mark_dirty(block)
-        if new == 0:
-            _cluster_freed(s, cl, discard)
+        if not value:
+            _cluster_freed(s, idx * cs, discard)
 
 
 def _cluster_freed(s: State, cl: int, discard: bool) -> None:
@@ -209,13 +208,15 @@ def alloc_clusters_noref(s: State, n: int) -> int:
 
 def alloc_clusters(s: State, n: int) -> int:
     """qcow2_alloc_clusters: ``n`` contiguous clusters with refcount 1."""
-    while True:
-        offset = alloc_clusters_noref(s, n)
+    found = -1
+    while found < 0:
+        candidate = alloc_clusters_noref(s, n)
         try:
-            update_refcount(s, offset, n * s.cluster_size, 1)
+            update_refcount(s, candidate, n * s.cluster_size, 1)
+            found = candidate
         except Again:
-            continue
-        return offset
+            pass  # a refcount block was hooked up meanwhile: search again
+    return found
 
 
 def alloc_clusters_at(s: State, offset: int, n: int) -> int:
@@ -239,31 +240,30 @@ def alloc_bytes(s: State, size: int) -> int:
     packing after free_byte_offset even when that cluster was freed and reused meanwhile;
     reproduced, and remembered in ``packed_into_live_cluster``."""
     cs = s.cluster_size
-    offset = s.free_byte_offset
-    owned = get_refcount(s, offset // cs) if offset else 0
-    if offset and owned == s.refcount_max:
-        offset = 0
-    remembered = offset
-    free_in_cluster = cs - offset % cs
+    start = s.free_byte_offset
+    owned = get_refcount(s, start // cs) if start else 0
+    if owned == s.refcount_max:
+        start = 0  # that cluster cannot take one more reference
+    remembered = start
+    room = cs - start % cs
     while True:
-        if not offset or free_in_cluster < size:
-            new_cluster = alloc_clusters_noref(s, 1)
-            if not offset or align_up(offset, cs) != new_cluster:
-                offset = new_cluster
-                free_in_cluster = cs
+        if not start or room < size:
+            fresh = alloc_clusters_noref(s, 1)
+            if start and fresh == align_up(start, cs):
+                room += cs  # the stream continues into the next cluster
             else:
-                free_in_cluster += cs
+                start, room = fresh, cs
         try:
-            update_refcount(s, offset, size, 1)
+            update_refcount(s, start, size, 1)
+            break
         except Again:
-            offset = 0
-            continue
-        break
-    if remembered and offset == remembered and s.packing_cluster_freed and owned:
-        s.packed_into_live_cluster = True
+            start = 0
+    s.packed_into_live_cluster |= bool(remembered and start == remembered
+                                       and s.packing_cluster_freed and owned)
     s.packing_cluster_freed = False
-    s.free_byte_offset = (offset + size) if (offset + size) % cs else 0
-    return offset
+    end = start + size
+    s.free_byte_offset = end if end % cs else 0
+    return start
 
 
 def _block_for_update(s: State, cluster_index: int, *, allocate: bool) -> int:
@@ -302,18 +302,21 @@ def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int
     plus themselves; ``generous`` adds half the table again once, as growing does."""
     per_table_cluster = cluster_size // 8
     per_block = cluster_size * 8 >> refcount_order
-    table = blocks = total = 0
-    while True:
-        last = total
-        blocks = div_round_up(clusters + table + blocks, per_block)
-        table = div_round_up(blocks, per_table_cluster)
-        total = clusters + blocks + table
-        if total == last:
-            if not generous:
+
+    def least_fixed_point(data: int) -> tuple[int, int]:
+        # Blocks and table must also count themselves: iterate up from nothing.
+        blocks = table = 0
+        while True:
+            nb = div_round_up(data + table + blocks, per_block)
+            nt = div_round_up(nb, per_table_cluster)
+            if (nb, nt) == (blocks, table):
                 return blocks, table
-            clusters += div_round_up(table, 2)
-            total = 0
-            generous = False
+            blocks, table = nb, nt
+
+    blocks, table = least_fixed_point(clusters)
+    if generous:
+        blocks, table = least_fixed_point(clusters + div_round_up(table, 2))
+    return blocks, table
 
 
 def _grow_reftable(s: State, cluster_index: int, new_index: int, new_block: int) -> None:

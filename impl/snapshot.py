@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import construct as c
 
@@ -50,20 +50,18 @@ EXTRA_DATA_SIZE = 24
 
 def read_table(s: State) -> list[c.Container]:
     """qcow2_read_snapshots, within QEMU's limits."""
-    out = []
-    pos = int(s.header.snapshots_offset)
-    total = 0
+    entries: list[c.Container] = []
+    at = start = int(s.header.snapshots_offset)
     for i in range(int(s.header.nb_snapshots)):
-        head = s.host.pread(pos, 40, meta=True)
-        extra = int.from_bytes(head[36:40], "big")
-        n = 40 + extra + int.from_bytes(head[12:14], "big") + int.from_bytes(head[14:16], "big")
-        n += -n % 8
-        total += n
-        if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA or total > QCOW_MAX_SNAPSHOTS_SIZE:
+        fixed = s.host.pread(at, 40, meta=True)
+        id_len, name_len, extra = struct.unpack_from(">HH", fixed, 12) + struct.unpack_from(">I", fixed, 36)
+        length = 40 + extra + id_len + name_len
+        length += -length % 8
+        if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA or at + length - start > QCOW_MAX_SNAPSHOTS_SIZE:
             raise CorruptionError(f"snapshot {i} exceeds QEMU's limits")
-        out.append(parse(SnapshotHeader, s.host.pread(pos, n, meta=True), f"snapshots[{i}]"))
-        pos += n
-    return out
+        entries.append(parse(SnapshotHeader, s.host.pread(at, length, meta=True), f"snapshots[{i}]"))
+        at += length
+    return entries
 
 
 def table_span(s: State, table: list[c.Container]) -> tuple[int, int]:
@@ -152,62 +150,71 @@ def update_snapshot_refcount(s: State, l1_offset: int, l1_size: int, addend: int
     cs = s.cluster_size
     table = _read_l1(s, l1_offset, l1_size) if l1 is None else l1
     step = 2 if s.extended_l2 else 1
-    es = s.l2_cache.entry_size
-    modified = False
-    for i in range(min(l1_size, len(table))):
-        l1e = table[i]
+    changed_l1 = False
+    for i, l1e in enumerate(table[:l1_size]):
+        l2off = l1e & L1E_OFFSET_MASK
         if not l1e:
             continue
-        l2off = l1e & L1E_OFFSET_MASK
-        if l2off % cs:
+        if l2off & (cs - 1):
             raise CorruptionError(f"L2 table offset {l2off:#x} unaligned (L1 index {i:#x})")
-        for key in range(l2off, l2off + cs, es):
-            words = s.l2_cache.get(key)
-            for j in range(0, len(words), step):
-                old = words[j]
-                entry = old & ~QCOW_OFLAG_COPIED
-                t = cluster_type(entry, extended_l2=s.extended_l2, has_data_file=s.has_data_file)
-                if t is ClusterType.COMPRESSED:
-                    if addend:
-                        coff, csize = compressed_range(entry, s.cluster_bits)
-                        rc.update_refcount(s, coff, csize, addend, discard=addend < 0)
-                    refcount = 2  # compressed clusters are never written in place
-                elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
-                    off = entry & L2E_OFFSET_MASK
-                    if off % cs:
-                        raise CorruptionError(f"cluster offset {off:#x} unaligned")
-                    if addend:
-                        rc.update_refcount(s, off, cs, addend, discard=addend < 0)
-                    refcount = rc.get_refcount(s, off // cs)
-                else:
-                    refcount = 0
-                if refcount == 1:
-                    entry |= QCOW_OFLAG_COPIED
-                if entry != old:
+        for key in range(l2off, l2off + cs, s.l2_cache.entry_size):
+            for j in range(0, len(s.l2_cache.get(key)), step):
+                words = s.l2_cache.get(key)
+                fixed = _counted_entry(s, words[j], addend)
+                if fixed != words[j]:
                     words = s.l2_cache.get(key)
-                    words[j] = entry
+                    words[j] = fixed
                     s.l2_cache.mark_dirty(key)
-        if addend:
-            rc.update_refcount(s, l2off, cs, addend, discard=addend < 0)
-        new = l2off | (QCOW_OFLAG_COPIED if rc.get_refcount(s, l2off // cs) == 1 else 0)
-        if new != l1e:
-            table[i] = new
-            modified = True
-    if addend >= 0 and modified:
+        fixed_l1 = _counted_cluster(s, l2off, cs, addend)
+        if fixed_l1 != l1e:
+            table[i] = fixed_l1
+            changed_l1 = True
+    if changed_l1 and addend >= 0:
         s.host.pwrite(l1_offset, struct.pack(f">{len(table)}Q", *table), meta=True)
+
+
+def _counted_cluster(s: State, off: int, length: int, addend: int) -> int:
+    """``addend`` on a cluster; the entry pointing at it, COPIED iff its refcount is 1."""
+    if addend:
+        rc.update_refcount(s, off, length, addend, discard=addend < 0)
+    return off | QCOW_OFLAG_COPIED if rc.get_refcount(s, off // s.cluster_size) == 1 else off
+
+
+def _counted_entry(s: State, l2e: int, addend: int) -> int:
+    """One L2 entry: ``addend`` on what it points at and its COPIED flag recomputed. A
+    compressed cluster never gets COPIED (it is never written in place)."""
+    bare = l2e & ~QCOW_OFLAG_COPIED
+    kind = cluster_type(bare, extended_l2=s.extended_l2, has_data_file=s.has_data_file)
+    if kind is ClusterType.COMPRESSED:
+        if addend:
+            start, length = compressed_range(bare, s.cluster_bits)
+            rc.update_refcount(s, start, length, addend, discard=addend < 0)
+        return bare
+    if kind is not ClusterType.NORMAL and kind is not ClusterType.ZERO_ALLOC:
+        return bare
+    host = bare & L2E_OFFSET_MASK
+    if host & (s.cluster_size - 1):
+        raise CorruptionError(f"cluster offset {host:#x} unaligned")
+    return bare | (_counted_cluster(s, host, s.cluster_size, addend) & QCOW_OFLAG_COPIED)
+
+
+def _no_data_file(s: State) -> None:
+    if s.has_data_file:
+        # qcow2_snapshot_create / _goto: -ENOTSUP with an external data file.
+        raise UnsupportedFeature("internal snapshots with an external data file")
 
 
 def create(img: Image, name: str) -> None:
     s = img.s
-    if s.has_data_file:
-        raise UnsupportedFeature("internal snapshots with an external data file")
-    if not name:
-        raise RequestError("snapshot name must not be empty")
+    _no_data_file(s)
     table = read_table(s)
-    if len(table) >= QCOW_MAX_SNAPSHOTS:
-        raise RequestError("too many snapshots")
-    ids = [int(bytes(e.id_str)) for e in table if bytes(e.id_str).isdigit()]
-    sid = str(max(ids, default=0) + 1).encode()
+    refusal = ("snapshot name must not be empty" if not name else
+               "too many snapshots" if len(table) >= QCOW_MAX_SNAPSHOTS else None)
+    if refusal:
+        raise RequestError(refusal)
+    # find_new_snapshot_id: one more than the largest numeric id.
+    sid = b"%d" % (1 + max((int(bytes(e.id_str)) for e in table if bytes(e.id_str).isdigit()),
+                            default=0))
     l1_size = s.l1_size
     l1_offset = 0
     if l1_size:
@@ -228,8 +235,7 @@ def apply(img: Image, name: str) -> None:
     from impl import resize as rs
 
     s = img.s
-    if s.has_data_file:
-        raise UnsupportedFeature("internal snapshots with an external data file")
+    _no_data_file(s)
     sn = read_table(s)[find(read_table(s), name)]
     disk_size = int(sn.extra_data.disk_size) if sn.extra_data.disk_size is not None else img.size
     if disk_size != img.size:
@@ -256,14 +262,3 @@ def delete(img: Image, name: str) -> None:
     update_snapshot_refcount(s, int(sn.l1_table_offset), int(sn.l1_size), -1)
     rc.free_clusters(s, int(sn.l1_table_offset), int(sn.l1_size) * 8, discard=True)
     update_snapshot_refcount(s, s.l1_table_offset, s.l1_size, 0)
-
-
-def listing(img: Image) -> list[dict[str, Any]]:
-    from spec.image import open_image
-    from spec.info import snapshot_list
-
-    f = open_image(img.filename)
-    try:
-        return list(snapshot_list(f) or [])
-    finally:
-        f.close()

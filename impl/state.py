@@ -101,13 +101,12 @@ class State:
         self.host.pwrite(0, hd.Header.build(self.header), meta=True)
 
     def set_incompatible_bit(self, bit: int, on: bool) -> None:
-        if self.header.v3 is None:
+        """Flip one incompatible feature bit when it differs (v3 only), header rewritten."""
+        v3 = self.header.v3
+        if v3 is None or bool(int(v3.incompatible_features) & bit) == on:
             return
-        old = int(self.header.v3.incompatible_features)
-        new = old | bit if on else old & ~bit
-        if new != old:
-            self.header.v3.incompatible_features = new
-            self.write_header()
+        v3.incompatible_features = int(v3.incompatible_features) ^ bit
+        self.write_header()
 
     def write_l1_entry(self, index: int) -> None:
         """qcow2_write_l1_entry: the 512-byte aligned group of entries around ``index``."""

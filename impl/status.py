@@ -10,8 +10,8 @@ through the L2 slice cache, so a status query never reads a table it already has
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -31,10 +31,24 @@ BDRV_BLOCK_EOF = 0x20
 
 ST = SubclusterType
 _HAS_OFFSET = (ST.NORMAL, ST.ZERO_ALLOC, ST.UNALLOCATED_ALLOC)
+_ALLOC_DATA = BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED
+_ALLOC_ZERO = BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED
+_TYPE_FLAGS = {
+    ST.NORMAL: _ALLOC_DATA | BDRV_BLOCK_OFFSET_VALID,
+    ST.COMPRESSED: _ALLOC_DATA,
+    ST.ZERO_ALLOC: _ALLOC_ZERO | BDRV_BLOCK_OFFSET_VALID,
+    ST.ZERO_PLAIN: _ALLOC_ZERO,
+    ST.UNALLOCATED_ALLOC: BDRV_BLOCK_OFFSET_VALID,
+    ST.UNALLOCATED_PLAIN: 0,
+}
+"""qcow2_co_block_status's answer per subcluster type, with the generic layer's ALLOCATED
+for anything that says DATA or ZERO."""
 
 
-@dataclass
-class Status:
+class Status(NamedTuple):
+    """One node's block-status answer: BDRV_BLOCK_* flags, bytes covered, host offset and
+    the file it is in (QEMU's ``*map`` and ``*file``)."""
+
     flags: int
     length: int
     offset: int | None = None
@@ -126,64 +140,29 @@ def qcow2_status(img: Image, offset: int, n: int, want_zero: bool = True) -> Sta
     """qcow2_co_block_status plus the generic part of bdrv_co_block_status for one qcow2
     node: the subcluster type at ``offset`` decides the flags, and the answer runs over the
     following subclusters of that type (host-contiguous for allocated ones) to the end of
-    the L2 table at most (qcow2_get_host_offset)."""
+    the L2 slice at most (qcow2_get_host_offset)."""
     if img.metadata_preallocation is None:
         img.metadata_preallocation = detect_metadata_preallocation(img)
     if offset >= img.size:
         return Status(BDRV_BLOCK_EOF, 0)
     s = img.s
     g = s.geometry
-    cs, scs = s.cluster_size, g.subcluster_size
-    ext, dfile = s.extended_l2, s.has_data_file
+    cs, dfile = s.cluster_size, s.has_data_file
     n = min(n, img.size - offset)
     in_cluster = offset & (cs - 1)
     # qcow2_get_host_offset looks no further than the end of the L2 slice.
     per = s.slice_entries
     needed = min(n + in_cluster, (per - g.l2_index(offset) % per) * cs)
-    host: int | None = None
-    found = cl.l2_slice(s, offset, img.snapshot_l1)
-    if found is None:
-        t = ST.UNALLOCATED_PLAIN
-        covered = needed
+    if cl.l2_slice(s, offset, img.snapshot_l1) is None:
+        t, covered, host = ST.UNALLOCATED_PLAIN, needed, None
     else:
-        sc0 = g.subcluster_index(offset)
-        e0, b0 = cl.get_entry(s, offset, img.snapshot_l1)
-        t = subcluster_type(e0, b0, sc0, extended_l2=ext, has_data_file=dfile)
-        if t is ST.INVALID:
-            raise CorruptionError(f"invalid cluster entry {e0:#x} (guest {offset:#x})")
-        with_offset = t in _HAS_OFFSET
-        if with_offset:
-            hc = e0 & L2E_OFFSET_MASK
-            if hc % cs:
-                raise CorruptionError(f"cluster allocation offset {hc:#x} unaligned")
-            host = hc + in_cluster
-        clusters = 1 if t is ST.COMPRESSED else max(1, -(-needed // cs))
-        expected = e0 & L2E_OFFSET_MASK
-        count = 0
-        per = g.subclusters_per_cluster
-        pos = offset - in_cluster
-        for i in range(clusters):
-            e, b = cl.get_entry(s, pos + i * cs, img.snapshot_l1)
-            if with_offset and e & L2E_OFFSET_MASK != expected:
-                break
-            first = sc0 if i == 0 else 0
-            same = first
-            while same < per and subcluster_type(e, b, same, extended_l2=ext, has_data_file=dfile) is t:
-                same += 1
-            count += same - first
-            if same < per:
-                break
-            expected += cs
-        covered = min((count + sc0) * scs, needed)
+        t, covered, host = _same_kind_run(img, offset, needed)
     pnum = covered - in_cluster
-    flags = BDRV_BLOCK_OFFSET_VALID if t in _HAS_OFFSET else 0
-    if t is ST.ZERO_PLAIN or t is ST.ZERO_ALLOC:
-        flags |= BDRV_BLOCK_ZERO
-    elif t is not ST.UNALLOCATED_PLAIN and t is not ST.UNALLOCATED_ALLOC:
-        flags |= BDRV_BLOCK_DATA
-    if flags & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO):
-        flags |= BDRV_BLOCK_ALLOCATED
-    elif img.backing is None or (want_zero and offset >= img.backing.size):
+    flags = _TYPE_FLAGS[t]
+    if not flags & BDRV_BLOCK_ALLOCATED and (
+            img.backing is None or (want_zero and offset >= img.backing.size)):
+        # Unallocated with nothing below (or past a shorter backing file's end, for a
+        # caller that wants zeros): the generic layer reports zeros.
         flags |= BDRV_BLOCK_ZERO
     if offset + pnum == img.size:
         flags |= BDRV_BLOCK_EOF
@@ -202,6 +181,42 @@ def qcow2_status(img: Image, offset: int, n: int, want_zero: bool = True) -> Sta
             if offset + pnum == img.size:
                 flags |= BDRV_BLOCK_EOF
     return Status(flags, pnum, host, filename)
+
+
+def _same_kind_run(img: Image, offset: int, needed: int) -> tuple[SubclusterType, int, int | None]:
+    """The type of ``offset``'s subcluster, how many bytes from the start of its cluster
+    (at most ``needed``) are subclusters of that type, host-contiguous where they have
+    an offset (one cluster only when compressed), and the host offset of ``offset``."""
+    s = img.s
+    g = s.geometry
+    cs, l1 = s.cluster_size, img.snapshot_l1
+    ext, dfile = s.extended_l2, s.has_data_file
+    first_sc = g.subcluster_index(offset)
+    entry, bitmap = cl.get_entry(s, offset, l1)
+    kind = subcluster_type(entry, bitmap, first_sc, extended_l2=ext, has_data_file=dfile)
+    if kind is ST.INVALID:
+        raise CorruptionError(f"invalid cluster entry {entry:#x} (guest {offset:#x})")
+    base = entry & L2E_OFFSET_MASK
+    host = None
+    if kind in _HAS_OFFSET:
+        if base & (cs - 1):
+            raise CorruptionError(f"cluster allocation offset {base:#x} unaligned")
+        host = base + (offset & (cs - 1))
+    start = offset - (offset & (cs - 1))
+    clusters = 1 if kind is ST.COMPRESSED else max(1, -(-needed // cs))
+    same = 0
+    for i in range(clusters):
+        e, b = (entry, bitmap) if i == 0 else cl.get_entry(s, start + i * cs, l1)
+        if host is not None and e & L2E_OFFSET_MASK != base + i * cs:
+            break
+        sc = first_sc if i == 0 else 0
+        while sc < g.subclusters_per_cluster and subcluster_type(
+                e, b, sc, extended_l2=ext, has_data_file=dfile) is kind:
+            sc += 1
+            same += 1
+        if sc < g.subclusters_per_cluster:
+            break
+    return kind, min((same + first_sc) * g.subcluster_size, needed), host
 
 
 def detect_metadata_preallocation(img: Image) -> bool:
@@ -231,49 +246,50 @@ def detect_metadata_preallocation(img: Image) -> bool:
     return count >= threshold
 
 
-def status_above(img: Image, offset: int, n: int, *, want_zero: bool = True) -> tuple[int, int]:
-    """bdrv_block_status_above(bs, NULL): the whole chain as one node."""
-    st = img.layer_status(offset, n, want_zero)
-    if st.length == 0 or st.flags & BDRV_BLOCK_ALLOCATED:
-        return st.flags, st.length
-    n = st.length
-    flags, pnum = st.flags, st.length
-    layer = img.backing
+def _layers(img: Image) -> Iterator[Any]:
+    layer: Any = img
     while layer is not None:
-        st = layer.layer_status(offset, n, want_zero)
-        if st.length == 0:
-            # Past a shorter backing file's end: zeros, allocated there.
-            return BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED, n
-        flags, pnum = st.flags, st.length
-        if flags & BDRV_BLOCK_ALLOCATED:
-            break
-        n = pnum
+        yield layer
         layer = layer.backing
-    return flags, pnum
+
+
+def status_above(img: Image, offset: int, n: int, *, want_zero: bool = True) -> tuple[int, int]:
+    """bdrv_block_status_above(bs, NULL): the chain answers as one node. Descend while a
+    layer has not allocated the range, each time asking only about what the layer above
+    covered; a backing layer that ends before ``offset`` means zeros, allocated there
+    (bdrv_co_common_block_status_above)."""
+    answer = (0, n)
+    for depth, layer in enumerate(_layers(img)):
+        st = layer.layer_status(offset, n, want_zero)
+        if not st.length:
+            return (BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED, n) if depth else (st.flags, 0)
+        answer = (st.flags, st.length)
+        if st.flags & BDRV_BLOCK_ALLOCATED:
+            break
+        n = st.length
+    return answer
+
+
+_FLAG_KEYS = (("present", BDRV_BLOCK_ALLOCATED), ("zero", BDRV_BLOCK_ZERO), ("data", BDRV_BLOCK_DATA))
 
 
 def _extent(img: Image, offset: int, n: int) -> dict[str, Any]:
-    """qemu-img.c get_block_status: one extent and its depth."""
-    depth = 0
-    layer: Any = img
-    while True:
+    """qemu-img.c get_block_status: the first layer from the top that says DATA or ZERO
+    describes the extent, at its depth; if none does, the bottom layer's depth with no
+    flags at all."""
+    found = Status(0, n)
+    level = 0
+    for depth, layer in enumerate(_layers(img)):
         st = layer.layer_status(offset, n)
-        n = st.length
-        if st.flags & (BDRV_BLOCK_ZERO | BDRV_BLOCK_DATA):
+        n, level = st.length, depth
+        found = st if st.flags & (BDRV_BLOCK_ZERO | BDRV_BLOCK_DATA) else Status(0, n)
+        if found.flags:
             break
-        if layer.backing is None:
-            st = Status(0, n)
-            break
-        layer = layer.backing
-        depth += 1
-    e: dict[str, Any] = {"start": offset, "length": n, "depth": depth,
-                         "present": bool(st.flags & BDRV_BLOCK_ALLOCATED),
-                         "zero": bool(st.flags & BDRV_BLOCK_ZERO),
-                         "data": bool(st.flags & BDRV_BLOCK_DATA)}
-    if st.flags & BDRV_BLOCK_OFFSET_VALID:
-        e["offset"] = st.offset
-        e["filename"] = st.filename
-    return e
+    ext: dict[str, Any] = {"start": offset, "length": n, "depth": level}
+    ext.update((key, bool(found.flags & bit)) for key, bit in _FLAG_KEYS)
+    if found.flags & BDRV_BLOCK_OFFSET_VALID:
+        ext.update(offset=found.offset, filename=found.filename)
+    return ext
 
 
 def _joins(cur: dict[str, Any], nxt: dict[str, Any]) -> bool:

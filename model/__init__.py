@@ -39,6 +39,12 @@ Layers (imports run downwards only; tests/test_layering.py):
    ``Image``, the facade: request checks, the corrupt flag, delegation. create.py lays out
    a new file (qemu-img create) and preallocates through an opened Image.
 
+Encrypted images (LUKS and legacy AES) open with ``key_secret=``; the cipher is spec's
+(spec/encryption.py, ``State.crypto``): read.py decrypts data clusters, write.py widens
+requests to whole sectors and encrypts everything it writes to data clusters (COW included),
+zeroes.py writes partial edge sectors as data, as QEMU's block layer does for a 512-byte
+request alignment. Compressed clusters stay unencrypted, as QEMU 7.2 stores them.
+
 Known deliberate QEMU 7.2 behaviour kept for fidelity: qcow2_alloc_bytes keeps packing
 compressed data after ``free_byte_offset`` even when that host cluster was freed and reused
 (tests/conformance/test_sequences.py, test_qemu_reuses_a_freed_compressed_cluster).

@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Any
 
 import construct as c
 
 from model import mapping as mp
 from model import write as wr
 from model.image import open as open_model
+from spec import encryption as enc
 from spec import features as ft
 from spec import header as hd
 from spec import limits as lim
 from spec import refblocks as rb
 from spec.errors import RequestError
 from spec.geometry import Geometry, align_up
-from spec.image import ImageFile
+from spec.image import QCOW_CRYPT_AES, QCOW_CRYPT_LUKS, ImageFile
 from spec.qfile import Qcow2File
 
 BDRV_SECTOR_SIZE = 512
@@ -47,7 +49,11 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
            refcount_bits: int = 16, extended_l2: bool = False, compression_type: str = "zlib",
            lazy_refcounts: bool = False, backing_file: str | None = None,
            backing_fmt: str | None = None, data_file: str | None = None,
-           data_file_raw: bool = False, preallocation: str = "off") -> None:
+           data_file_raw: bool = False, preallocation: str = "off",
+           encrypt_format: str | None = None, encrypt_key_secret: bytes | str | None = None,
+           encrypt_cipher_alg: str | None = None, encrypt_cipher_mode: str | None = None,
+           encrypt_ivgen_alg: str | None = None, encrypt_ivgen_hash_alg: str | None = None,
+           encrypt_hash_alg: str | None = None, encrypt_iter_time: int | None = None) -> None:
     """Create a qcow2 image at ``path`` (overwriting it) with the options of
     ``qemu-img create -f qcow2 -o ...``. ``size`` is rounded up to whole sectors, as
     qemu-img does.
@@ -57,12 +63,25 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
     truncated to ``size``. ``data_file_raw`` implies metadata preallocation
     (qcow2_co_create: the data file must read as the guest disk).
 
+    ``encrypt_*`` are ``-o encrypt.*`` (``encrypt_key_secret`` is the secret's data, where
+    qemu-img takes the id of a ``--object secret``): ``encrypt_format`` "luks" writes a LUKS1
+    header with one key slot (spec.encryption.build_luks_area; the rest take QEMU's
+    defaults: aes-256, xts, plain64, sha256, iter_time 2000 ms, turned into PBKDF2 iterations
+    by spec.encryption.PBKDF2_ITERS_PER_SECOND instead of QEMU's benchmark); "aes" makes a
+    legacy AES-CBC image (crypt_method 1), which qemu-img 7.2 still creates.
+
     Raises:
-        RequestError: an option or combination QEMU refuses (qcow2_co_create).
+        RequestError: an option or combination QEMU refuses (qcow2_co_create,
+            qcrypto_block_luks_create).
+        UnsupportedFeature: a cipher or hash QEMU accepts and the cryptography package lacks.
     """
     path = str(path)
     _validate(size, version, cluster_size, refcount_bits, extended_l2, compression_type,
               lazy_refcounts, backing_file, backing_fmt, data_file, data_file_raw, preallocation)
+    luks = _encryption(encrypt_format, encrypt_key_secret, {
+        "cipher_alg": encrypt_cipher_alg, "cipher_mode": encrypt_cipher_mode,
+        "ivgen_alg": encrypt_ivgen_alg, "ivgen_hash_alg": encrypt_ivgen_hash_alg,
+        "hash_alg": encrypt_hash_alg, "iter_time": encrypt_iter_time})
     size = align_up(size, BDRV_SECTOR_SIZE)
     if data_file_raw and preallocation == "off":
         preallocation = "metadata"
@@ -93,19 +112,28 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
             refcount_order=refcount_order, header_length=112)
         header.ext = c.Container(compression_type=int(ctype), header_tail=bytes(7))
 
-    cluster0 = bytearray(hd.Header.build(header))
-    for etype, data in _extensions(version, cluster_size, backing_fmt if backing_file else None, data_file):
-        # qcow2.rst "Header extensions": type, length, data, padding to 8 bytes.
-        cluster0 += etype.to_bytes(4, "big") + len(data).to_bytes(4, "big") + data + bytes(-len(data) % 8)
-    cluster0 += bytes(8)  # end of the extension list
-    if backing_file:
-        name = backing_file.encode()
-        header.backing_file_offset = len(cluster0)
-        header.backing_file_size = len(name)
-        cluster0 += name
-        cluster0[:len(hd.Header.build(header))] = hd.Header.build(header)
-    if len(cluster0) > cluster_size:
-        raise RequestError("header, extensions and backing file name do not fit in one cluster")
+    def header_cluster(crypto: tuple[int, int] | None) -> bytes:
+        cluster0 = bytearray(hd.Header.build(header))
+        exts = _extensions(version, cluster_size, backing_fmt if backing_file else None, data_file, crypto)
+        for etype, data in exts:
+            # qcow2.rst "Header extensions": type, length, data, padding to 8 bytes.
+            cluster0 += etype.to_bytes(4, "big") + len(data).to_bytes(4, "big") + data + bytes(-len(data) % 8)
+        cluster0 += bytes(8)  # end of the extension list
+        if backing_file:
+            name = backing_file.encode()
+            header.backing_file_offset = len(cluster0)
+            header.backing_file_size = len(name)
+            cluster0 += name
+            cluster0[:len(hd.Header.build(header))] = hd.Header.build(header)
+        if len(cluster0) > cluster_size:
+            raise RequestError("header, extensions and backing file name do not fit in one cluster")
+        return bytes(cluster0) + bytes(cluster_size - len(cluster0))
+
+    # The header is written plain first; encryption is set up last (see _set_up_encryption).
+    cluster0 = header_cluster(None)
+    if luks is not None:
+        # Check now that the final header (with the crypto header extension) fits.
+        header_cluster((0, 0))
 
     # spec.tables.refcount_table / refcount_block, packed without construct (its per-entry
     # build took ~0.9 s per image; tests/test_model_tables.py): one refcount block at
@@ -116,7 +144,7 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
         rb.refcount_set(refblock, i, geometry.refcount_bits, 1)
     try:
         with open(path, "wb") as f:
-            f.write(bytes(cluster0) + bytes(cluster_size - len(cluster0)))
+            f.write(cluster0)
             f.write(reftable)
             f.write(refblock)
     except OSError as e:
@@ -131,15 +159,70 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
     _grow_l1(path, header, geometry, size)
     if preallocation != "off":
         _preallocate(path, size, preallocation)
+    if encrypt_format is not None:
+        area = _set_up_encryption(path, geometry, luks, encrypt_key_secret)
+        with open(path, "r+b") as hf:
+            # The tables may have moved since cluster 0 was built (the L1 table, a grown
+            # refcount table); keep the file's values, add the method and the extension.
+            now = hd.Header.parse(hf.read(cluster_size))
+            for name in ("l1_size", "l1_table_offset", "refcount_table_offset", "refcount_table_clusters"):
+                header[name] = now[name]
+            header.crypt_method = QCOW_CRYPT_LUKS if area else QCOW_CRYPT_AES
+            hf.seek(0)
+            hf.write(header_cluster(area))
+
+
+def _encryption(fmt: str | None, key: bytes | str | None,
+                luks_opts: dict[str, Any]) -> enc.LuksCreateOptions | None:
+    """qemu-img's checks of ``-o encrypt.*`` (qcow2_co_create_opts, qcow2_set_up_encryption,
+    qapi/crypto.json): the LUKS options resolved, or None for aes and no encryption."""
+    given = {k: v for k, v in luks_opts.items() if v is not None}
+    if fmt is None:
+        if given or key is not None:
+            raise RequestError("encrypt.format is missing")
+        return None
+    if fmt not in ("luks", "aes"):
+        raise RequestError(f"encrypt.format {fmt!r} is not luks or aes")
+    enc.passphrase(key)  # "Parameter 'encrypt.key-secret' is required for cipher"
+    if fmt == "aes":
+        if given:
+            raise RequestError(f"encrypt.{next(iter(given)).replace('_', '-')} is unexpected with "
+                               "encrypt.format=aes")
+        return None
+    return enc.LuksCreateOptions(**given).resolved()
+
+
+def _set_up_encryption(path: str, geometry: Geometry, luks: enc.LuksCreateOptions | None,
+                       key: bytes | str | None) -> tuple[int, int] | None:
+    """qcow2_set_up_encryption: for LUKS, allocate the LUKS area after everything create has
+    allocated so far (the L1 table, preallocated metadata), zero its clusters and write the
+    header and key material into it (qcow2_crypto_hdr_init_func, _write_func). Returns the
+    header extension's (offset, length); None for legacy AES, which has no on-disk part."""
+    if luks is None:
+        return None
+    area, _master = enc.build_luks_area(key, luks)
+    with open(path, "r+b") as f:
+        head = f.read(lim.V3_MIN_HEADER_LENGTH + 8)
+        header = hd.Header.parse(head)
+        img = ImageFile(path=path, f=f, header=header, extensions=[], geometry=geometry)
+        q = Qcow2File(img, f, readonly=False)
+        nclusters = geometry.size_to_clusters(len(area))
+        off = rb.alloc_clusters(q, nclusters)
+        q.pwrite(off, area + bytes(nclusters * geometry.cluster_size - len(area)))
+    return off, len(area)
 
 
 def _extensions(version: int, cluster_size: int, backing_fmt: str | None,
-                data_file: str | None) -> list[tuple[int, bytes]]:
+                data_file: str | None, crypto: tuple[int, int] | None = None) -> list[tuple[int, bytes]]:
     out: list[tuple[int, bytes]] = []
     if backing_fmt:
         out.append((hd.QCOW2_EXT_MAGIC_BACKING_FORMAT, backing_fmt.encode()))
     if data_file:
         out.append((hd.QCOW2_EXT_MAGIC_DATA_FILE, data_file.encode()))
+    if crypto is not None:
+        # qcow2_update_header: the full disk encryption header pointer comes after these.
+        out.append((hd.QCOW2_EXT_MAGIC_CRYPTO_HEADER, hd.CryptoHeaderPointer.build(
+            {"offset": crypto[0], "length": crypto[1]})))
     if version >= 3 and cluster_size > 4096:
         # qcow2_update_header omits the feature name table for clusters of 4 KiB and less,
         # to leave room for a backing file name in the header cluster.

@@ -25,9 +25,10 @@ from model import snapshots as sn
 from model import write as wr
 from model import zeroes as zr
 from model.state import ModelFile, State, UnflaggedError, check_range
+from spec import encryption as enc
 from spec import features as ft
 from spec.check import repair_dirty
-from spec.errors import CorruptionError, FormatError, Qcow2Error, RequestError, UnsupportedFeature
+from spec.errors import CorruptionError, FormatError, Qcow2Error, RequestError
 from spec.image import ImageFile, open_image
 from spec.info import allocated_size, full_backing_filename, qcow2_info
 from spec.limits import QCOW2_MAX_BACKING_DEPTH
@@ -49,6 +50,12 @@ def open(path: str | os.PathLike[str], *, readonly: bool = False,
     ``snapshot`` opens an internal snapshot's state, read-only (block/snapshot.c,
     bdrv_snapshot_load_tmp refuses a writable node).
 
+    Encryption: ``key_secret`` (bytes or str) is QEMU's ``encrypt.key-secret``, the passphrase
+    of a LUKS image or the key of a legacy AES image; ``backing_key_secret`` is
+    ``backing.encrypt.key-secret``, used for every encrypted image in the backing chain (see
+    Keys). Guest data is decrypted and encrypted per 512-byte sector as QEMU does
+    (spec/encryption.py; model/read.py, model/write.py).
+
     Locking (spec/locking.py): the image file (and its external data file, and every
     backing file, read-only) is locked on the descriptor the Image keeps, with the OFD lock
     bytes QEMU 7.2 uses, until close(): read-write as qemu-io takes them, read-only as
@@ -63,11 +70,19 @@ def open(path: str | os.PathLike[str], *, readonly: bool = False,
             no snapshot of that name or id.
         FormatError: the file, or a file in its backing chain, is not a valid qcow2 image,
             or a backing file is missing; the chain is too deep.
-        UnsupportedFeature: encryption; unknown incompatible feature bits; a backing format
-            other than qcow2/raw.
+        UnsupportedFeature: a cipher or hash of an encrypted image that the cryptography
+            package lacks (spec/encryption.py); unknown incompatible feature bits; a backing
+            format other than qcow2/raw.
+        WrongKey (a RequestError): ``key_secret`` unlocks no LUKS key slot (or the slot's key
+            material is damaged: LUKS cannot tell). An encrypted image opened without
+            ``key_secret`` is RequestError; a damaged LUKS header is FormatError.
         CorruptionError: inconsistency found while rebuilding a dirty image's refcounts.
     """
     options = dict(options)
+    keys = Keys(options.pop("key_secret", None), options.pop("backing_key_secret", None))
+    for k in (keys.top, keys.backing):
+        if k is not None and not isinstance(k, (bytes, str)):
+            raise RequestError("key_secret and backing_key_secret must be bytes or str")
     force_share = options.pop("force_share", False)
     locking = options.pop("locking", "auto")
     if not isinstance(force_share, bool):
@@ -78,7 +93,20 @@ def open(path: str | os.PathLike[str], *, readonly: bool = False,
         # block.c bdrv_open_common: "force-share=on can only be used with read-only images".
         raise RequestError("force_share can only be used with read-only images")
     lock = LockOptions(force_share=force_share, locking=locking)
-    return _open(str(path), readonly=readonly, snapshot=snapshot, depth=0, options=options, lock=lock)
+    return _open(str(path), readonly=readonly, snapshot=snapshot, depth=0, options=options, lock=lock,
+                 keys=keys)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Passphrases for encrypted images: ``key_secret`` is QEMU's ``encrypt.key-secret`` (the
+    secret's data), ``backing_key_secret`` its ``backing.encrypt.key-secret``. QEMU takes one
+    per layer (backing.backing.encrypt.key-secret, ...); the model uses the backing key for
+    every encrypted layer below the top. A key given for an image that is not encrypted is
+    ignored, as QEMU ignores encrypt.key-secret there."""
+
+    top: bytes | str | None = None
+    backing: bytes | str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +139,7 @@ def _validate_options(options: dict[str, Any]) -> None:
 
 
 def _open(path: str, *, readonly: bool, snapshot: str | None, depth: int,
-          options: dict[str, Any], lock: LockOptions) -> Image:
+          options: dict[str, Any], lock: LockOptions, keys: Keys = Keys()) -> Image:
     _validate_options(options)
     if snapshot is not None and not readonly:
         raise RequestError("a snapshot can only be opened read-only")
@@ -119,7 +147,8 @@ def _open(path: str, *, readonly: bool, snapshot: str | None, depth: int,
         raise FormatError("backing chain too deep (a loop?)", "backing_file")
     img = open_image(path)
     try:
-        image = _open_image(img, path, readonly=readonly, snapshot=snapshot, depth=depth, lock=lock)
+        image = _open_image(img, path, readonly=readonly, snapshot=snapshot, depth=depth, lock=lock,
+                            keys=keys)
     except BaseException:
         img.close()
         raise
@@ -128,10 +157,13 @@ def _open(path: str, *, readonly: bool, snapshot: str | None, depth: int,
 
 
 def _open_image(img: ImageFile, path: str, *, readonly: bool, snapshot: str | None,
-                depth: int, lock: LockOptions) -> Image:
+                depth: int, lock: LockOptions, keys: Keys = Keys()) -> Image:
+    crypto = None
     if img.header.crypt_method:
-        # The model never touches ciphertext (DESIGN.md): encryption is declared unsupported.
-        raise UnsupportedFeature("encryption")
+        # qcow2_do_open sets up the cipher before anything reads guest data: no key is
+        # RequestError, a key no slot accepts is WrongKey (spec/encryption.py). The model
+        # never hands out ciphertext.
+        crypto = enc.image_crypto(img, keys.top)
     incompat = img.incompatible_features
     if incompat & ft.QCOW2_INCOMPAT_CORRUPT and not readonly:
         raise RequestError("image is corrupt; it can only be opened read-only")
@@ -186,8 +218,9 @@ def _open_image(img: ImageFile, path: str, *, readonly: bool, snapshot: str | No
             # A backing file is opened read-only and locked as qemu-io -r locks it (-U
             # applies to the whole chain).
             backing = _open(bpath, readonly=True, snapshot=None, depth=depth + 1, options={},
-                            lock=lock)
+                            lock=lock, keys=Keys(keys.backing, keys.backing))
     state = State(q, backing)
+    state.crypto = crypto
     image = Image(state, locks)
     if snapshot is not None:
         sn.load_for_reading(state, snapshot)

@@ -116,7 +116,9 @@ def qcow2_layer_status(s: State, offset: int, n: int, want_zero: bool = True) ->
         covered = min((count + sc0) * scs, needed)
     pnum = covered - start_in_cluster
     flags = 0
-    if t in _WITH_OFFSET:
+    if t in _WITH_OFFSET and s.crypto is None:
+        # qcow2_co_block_status hides host offsets of encrypted images (the bytes there are
+        # ciphertext), so their map has no "offset" and never recurses into the file.
         flags |= BDRV_BLOCK_OFFSET_VALID
     if t in (SubclusterType.ZERO_PLAIN, SubclusterType.ZERO_ALLOC):
         flags |= BDRV_BLOCK_ZERO
@@ -134,7 +136,8 @@ def qcow2_layer_status(s: State, offset: int, n: int, want_zero: bool = True) ->
     filename = None
     if flags & BDRV_BLOCK_OFFSET_VALID:
         filename = s.data_filename if q.has_data_file else s.filename
-    if want_zero and s.metadata_preallocation and flags & BDRV_BLOCK_DATA and host is not None:
+    if want_zero and s.metadata_preallocation and flags & BDRV_BLOCK_DATA and host is not None \
+            and flags & BDRV_BLOCK_OFFSET_VALID:
         # BDRV_BLOCK_RECURSE: ask the qcow2 file itself (bs->file, even with a data file)
         # whether the host range is a hole (bdrv_co_block_status's recursion).
         filename = s.filename

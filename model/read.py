@@ -10,8 +10,10 @@ subcluster type               bytes read
 UNALLOCATED_PLAIN / _ALLOC     backing file, zeros past its end or without one
                                (qcow2_co_preadv_task: bdrv_co_preadv on backing)
 ZERO_PLAIN / ZERO_ALLOC        zeros, never the backing file
-NORMAL                         host cluster (data file when external)
-COMPRESSED                     the decompressed cluster (qcow2_co_preadv_compressed)
+NORMAL                         host cluster (data file when external),
+                               decrypted when the image is encrypted
+COMPRESSED                     the decompressed cluster (qcow2_co_preadv_compressed),
+                               never decrypted (QEMU stores it unencrypted)
 INVALID                        CorruptionError, image flagged corrupt
                                (qcow2_get_host_offset)
 ============================  ==============================================
@@ -26,9 +28,10 @@ from __future__ import annotations
 from model import compress as cz
 from model import mapping as mp
 from model.state import State, UnflaggedError
+from spec.encryption import SECTOR_SIZE
 from spec.entries import L2E_OFFSET_MASK, SubclusterType, compressed_range, subcluster_type
 from spec.errors import CorruptionError
-from spec.geometry import align_down
+from spec.geometry import align_down, align_up
 
 
 def read(s: State, offset: int, n: int) -> bytes:
@@ -62,12 +65,29 @@ def read_subcluster(s: State, pos: int, n: int, entry: int, bitmap: int) -> byte
         host = entry & L2E_OFFSET_MASK
         if host % q.cluster_size:
             raise CorruptionError(f"cluster allocation offset {host:#x} unaligned (guest {pos:#x})")
-        return q.data_pread(host + q.geometry.offset_in_cluster(pos), n)
+        at = host + q.geometry.offset_in_cluster(pos)
+        if s.crypto is not None:
+            return _decrypted(s, at, pos, n)
+        return q.data_pread(at, n)
     if t is SubclusterType.COMPRESSED:
+        # Compressed clusters are stored and read unencrypted, even in an encrypted image
+        # (qcow2_co_preadv_task decompresses without decrypting; spec CRYPT-COMPRESSED).
         cluster = _decompress(s, entry)
         start = q.geometry.offset_in_cluster(pos)
         return cluster[start:start + n]
     raise CorruptionError(f"invalid cluster entry {entry:#x}/{bitmap:#x} (guest {pos:#x})")
+
+
+def _decrypted(s: State, host: int, pos: int, n: int) -> bytes:
+    """[pos, pos+n) of a data subcluster at host offset ``host``, decrypted. The cipher works
+    on whole 512-byte sectors, so the sectors around the range are read and decrypted
+    (QEMU's request alignment is the sector on an encrypted image; qcow2_co_preadv_encrypted
+    numbers each sector by its host offset for LUKS, its guest offset for legacy AES)."""
+    assert s.crypto is not None
+    head = pos % SECTOR_SIZE
+    length = align_up(head + n, SECTOR_SIZE)
+    raw = s.q.data_pread(host - head, length)
+    return s.crypto.decrypt(host - head, pos - head, raw)[head:head + n]
 
 
 def _decompress(s: State, entry: int) -> bytes:

@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 from model.backing import Layer
 from spec import features as ft
+from spec.encryption import Qcow2Crypto
 from spec.errors import CorruptionError, RequestError
 from spec.image import ImageFile
 from spec.info import virtual_size
@@ -62,6 +63,10 @@ class State:
         map() answers as a fresh ``qemu-img map`` process would, deciding anew."""
         self.snapshot_l1: tuple[int, int] | None = None
         """(l1_table_offset, l1_size) when open(snapshot=...) redirected reads."""
+        self.crypto: Qcow2Crypto | None = None
+        """The unlocked payload cipher of an encrypted image (spec/encryption.py; QEMU's
+        s->crypto), set by open(key_secret=...). Data clusters go through it (read.py,
+        write.py); metadata and compressed clusters never do."""
 
 
 class UnflaggedError(CorruptionError):

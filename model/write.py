@@ -31,6 +31,9 @@ Whether a COW region may be zeroed instead of copied is bdrv_co_is_zero_fast's
 answer (handle_alloc_space), not is_zero's.
 With an external data file, host offset = guest offset and no
 refcounts are used (do_alloc_cluster_offset).
+On an encrypted image every request is first widened to whole 512-byte sectors (the block
+layer's padding for the cipher's alignment), and every data write, COW regions included, is
+encrypted for the host offset it lands at (spec/encryption.py, Qcow2Crypto).
 
 The COW choices that look arbitrary are QEMU's, and each is a named function below:
 ``handle_alloc_space`` (zero the new clusters instead of copying zeros) and
@@ -51,6 +54,7 @@ from model import overlap as ov
 from model import read as rd
 from model.state import State, UnflaggedError, mark_dirty
 from spec import refblocks as rb
+from spec.encryption import SECTOR_SIZE
 from spec.entries import (
     L2E_OFFSET_MASK,
     QCOW_L2_BITMAP_ALL_ALLOC,
@@ -85,6 +89,16 @@ many bytes of new data lie between them."""
 def write(s: State, offset: int, data: bytes) -> None:
     """Write guest bytes (see the module doc); no range check (the facade's)."""
     mark_dirty(s)
+    if s.crypto is not None and (offset % SECTOR_SIZE or len(data) % SECTOR_SIZE):
+        # An encrypted image's request alignment is the 512-byte sector (qcow2_refresh_limits),
+        # so the block layer widens the write to whole sectors, filling the edges with what
+        # they read as now (block/io.c bdrv_co_pwritev_part's padding), before qcow2 sees it.
+        start = align_down(offset, SECTOR_SIZE)
+        stop = align_up(offset + len(data), SECTOR_SIZE)
+        head = rd.read(s, start, offset - start) if offset > start else b""
+        tail_at = offset + len(data)
+        tail = rd.read(s, tail_at, stop - tail_at) if stop > tail_at else b""
+        offset, data = start, head + bytes(data) + tail
     pos, end = offset, offset + len(data)
     # The clusters the request replaces lose their reference only when the whole request
     # is done. QEMU allocates every piece of a request (qcow2_alloc_host_offset in the
@@ -247,7 +261,7 @@ def write_clusters(s: State, pos: int, nbytes: int, host: int, data: bytes, base
             return []
         # Every touched subcluster is already allocated: a plain overwrite, no metadata.
         ov.check_data_write(q, host + cow_start_to, len(piece))
-        q.data_pwrite(host + cow_start_to, piece)
+        q.data_pwrite(host + cow_start_to, _encrypted(s, host + cow_start_to, pos, piece))
         return []
 
     cow = calculate_l2_meta(s, table, idx, n, pos, nbytes, keep_old=keep_old)
@@ -342,6 +356,10 @@ def handle_alloc_space(s: State, first: int, host: int, cow: Cow, piece: bytes) 
     q = s.q
     if cow.start_from == cow.start_to and cow.end_from == cow.end_to:
         return False
+    if s.crypto is not None:
+        # Zeroed host bytes do not read back as zeros through a cipher: QEMU skips the
+        # shortcut on encrypted images and writes encrypted zeros (handle_alloc_space).
+        return False
     if not (st.is_zero_fast(s, first + cow.start_from, cow.start_to - cow.start_from)
             and st.is_zero_fast(s, first + cow.end_from, cow.end_to - cow.end_from)):
         return False
@@ -371,7 +389,19 @@ def perform_cow(s: State, first: int, host: int, cow: Cow, piece: bytes) -> None
         if tail:
             merged[len(merged) - tail:] = rd.read(s, first + cow.end_from, tail)
     merged[head:head + len(piece)] = piece
-    s.q.data_pwrite(host + cow.start_from, bytes(merged))
+    # On an encrypted image the COW regions were read as plaintext and are encrypted with the
+    # new data for the new host offset (perform_cow, do_perform_cow_encrypt).
+    s.q.data_pwrite(host + cow.start_from,
+                    _encrypted(s, host + cow.start_from, first + cow.start_from, bytes(merged)))
+
+
+def _encrypted(s: State, host: int, guest: int, data: bytes) -> bytes:
+    """``data`` as stored at host offset ``host`` (guest offset ``guest``): encrypted on an
+    encrypted image (qcow2_co_encrypt; the sector numbers are host offsets for LUKS, guest
+    offsets for legacy AES), as is otherwise. write() made every piece whole sectors."""
+    if s.crypto is None:
+        return data
+    return s.crypto.encrypt(host, guest, data)
 
 
 def alloc_clusters_at(q: Qcow2File, offset: int, n: int) -> int:

@@ -57,6 +57,7 @@ from model import mapping as mp
 from model import mapping_report as st
 from model import write as wr
 from model.state import State, mark_dirty
+from spec.encryption import SECTOR_SIZE
 from spec.entries import (
     QCOW_L2_BITMAP_ALL_ZEROES,
     QCOW_OFLAG_SUB_ALLOC_RANGE,
@@ -74,10 +75,37 @@ def write_zeroes(s: State, offset: int, n: int, unmap: bool) -> None:
     """Make [offset, offset+n) read as zeros (bdrv_co_do_pwrite_zeroes, then
     See the module doc; no range check (the facade's)."""
     mark_dirty(s)
+    tail: tuple[int, int] | None = None
+    if s.crypto is not None:
+        offset, n, tail = _encrypted_edges(s, offset, n)
     align = s.q.geometry.subcluster_size
     for start, length in _split_aligned(offset, n, align):
         if not _driver_pwrite_zeroes(s, start, length, unmap):
             wr.write(s, start, bytes(length))
+    if tail is not None:
+        wr.write(s, tail[0], bytes(tail[1]))
+
+
+def _encrypted_edges(s: State, offset: int, n: int) -> tuple[int, int, tuple[int, int] | None]:
+    """On an encrypted image (request alignment: the 512-byte sector) the block layer first
+    writes the partial sectors at either end as ordinary data, zeros laid over what they read
+    as, and passes only the whole sectors between on as a zero write (block/io.c
+    bdrv_co_do_zero_pwritev: head sector, aligned middle, tail sector; one buffer when the
+    padded request is a single sector, or two adjacent ones with both edges partial).
+    Writes the head now; returns the aligned middle left to zero (possibly empty) and the
+    partial tail sector to write after it, as (offset, length), if any."""
+    end = offset + n
+    start_al, end_al = align_up(offset, SECTOR_SIZE), align_down(end, SECTOR_SIZE)
+    head, tail = offset % SECTOR_SIZE, -end % SECTOR_SIZE
+    padded = align_up(end, SECTOR_SIZE) - align_down(offset, SECTOR_SIZE)
+    if (head or tail) and (padded == SECTOR_SIZE or (head and tail and padded == 2 * SECTOR_SIZE)):
+        wr.write(s, offset, bytes(n))
+        return end, 0, None
+    if head:
+        wr.write(s, offset, bytes(start_al - offset))
+    # The tail goes after the middle, as in QEMU: zeroing the middle looks at whether the rest
+    # of its last subcluster reads as zeros, and the tail sector may lie there.
+    return start_al, max(end_al - start_al, 0), ((end_al, end - end_al) if tail else None)
 
 
 def _driver_pwrite_zeroes(s: State, offset: int, n: int, unmap: bool) -> bool:

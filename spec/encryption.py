@@ -148,9 +148,8 @@ def essiv_cipher_alg(cipher_alg: str, ivhash: str) -> str:
 
 def _require_cipher(alg: str, mode: str) -> None:
     if alg not in SUPPORTED_CIPHERS:
-        raise UnsupportedFeature(
-            f"cipher {alg}", f"unsupported feature: cipher {alg} (QEMU accepts it; the cryptography "
-            "package has no implementation)")
+        raise UnsupportedFeature(f"cipher {alg}",
+                                 f"unsupported feature: cipher {alg} (not in the cryptography package)")
     if mode == "ctr" and alg == "cast5-128":
         raise UnsupportedFeature(f"cipher {alg}-ctr",
                                  f"unsupported feature: cipher {alg}-ctr (OpenSSL has no CAST5-CTR)")
@@ -507,12 +506,9 @@ class LuksCreateOptions:
                 raise RequestError(f"encrypt.{what} {name!r} is not a hash algorithm")
         if isinstance(self.iter_time, bool) or not isinstance(self.iter_time, int) or self.iter_time < 0:
             raise RequestError("encrypt.iter-time must be a non-negative integer (milliseconds)")
-        if self.cipher_mode == "xts" and CIPHER_BLOCK_LEN[self.cipher_alg] != 16:
-            raise RequestError(f"cipher mode xts needs a 128-bit block cipher, not {self.cipher_alg}")
-        spec = CipherSpec(self.cipher_alg, self.cipher_mode, self.ivgen_alg, self.ivgen_hash_alg)
-        if split_key_len(spec.key_bytes, lk.LUKS_STRIPES) % SECTOR_SIZE:
-            raise RequestError(f"{self.cipher_alg}-{self.cipher_mode}: qemu-img 7.2 aborts creating it "
-                               "(key material not whole sectors)")
+        refusal = qemu_create_refusal(self.cipher_alg, self.cipher_mode)
+        if refusal:
+            raise RequestError(f"{self.cipher_alg}-{self.cipher_mode}: {refusal}")
         ivhash = self.ivgen_hash_alg
         if self.ivgen_alg == "essiv" and ivhash is None:
             ivhash = "sha256"
@@ -536,6 +532,30 @@ class LuksCreateOptions:
         """The header's cipher_mode text: ``<mode>-<ivgen>[:<ivhash>]``."""
         base = f"{self.cipher_mode}-{self.ivgen_alg}"
         return f"{base}:{self.ivgen_hash_alg}" if self.ivgen_hash_alg else base
+
+
+def qemu_create_refusal(cipher_alg: str, cipher_mode: str) -> str | None:
+    """Why ``qemu-img create`` (7.2) fails for this LUKS cipher and mode, or None.
+
+    XTS needs a 128-bit block (CAST5 is refused: "Unsupported cipher mode xts"). The 192-bit
+    ciphers outside XTS have 24 * 4000 bytes of key material, not whole sectors, and qemu-img
+    aborts on an assertion in crypto/block.c (exit 134, seen by hand).
+    """
+    if cipher_mode == "xts" and CIPHER_BLOCK_LEN[cipher_alg] != 16:
+        return "refused (XTS needs a 128-bit block cipher)"
+    spec = CipherSpec(cipher_alg, cipher_mode, "plain64")
+    if split_key_len(spec.key_bytes, lk.LUKS_STRIPES) % SECTOR_SIZE:
+        return "qemu-img aborts (key material is not whole sectors)"
+    return None
+
+
+def qcow2lab_gap(cipher_alg: str, cipher_mode: str) -> str | None:
+    """Why qcow2lab cannot use this cipher and mode (``cryptography`` lacks it), or None."""
+    try:
+        _require_cipher(cipher_alg, cipher_mode)
+    except UnsupportedFeature as e:
+        return str(e).removeprefix("unsupported feature: ")
+    return None
 
 
 def iterations_for(iter_time: int, minimum: int, divisor: int = 1) -> int:
@@ -652,3 +672,123 @@ def luks_crypto(key: LuksKey) -> Qcow2Crypto:
 
 def legacy_aes_crypto(key_secret: bytes | str | None) -> Qcow2Crypto:
     return Qcow2Crypto(SectorCipher(LEGACY_AES, legacy_aes_key(key_secret)), physical=False)
+
+
+# --- The rules, as rendered in docs/spec.md ("Encryption") -------------------------------------
+
+
+@dataclass(frozen=True)
+class EncryptionRule:
+    """One fact a valid encrypted image obeys, or one thing QEMU does with it."""
+
+    id: str
+    statement: str
+    source: str
+    """QEMU function or spec section that makes it so."""
+    error: str
+    """The spec.errors class qcow2lab raises when it does not hold ("-" for behaviour)."""
+
+
+ENCRYPTION_RULES: tuple[EncryptionRule, ...] = (
+    EncryptionRule("CRYPT-METHOD", "crypt_method is 0 (none), 1 (legacy AES-CBC) or 2 (LUKS).",
+                   "block/qcow2.c qcow2_do_open", "FormatError"),
+    EncryptionRule("LUKS-POINTER", "crypt_method 2 if and only if the full disk encryption header pointer "
+                   "extension is present; the extension is 16 bytes.",
+                   "block/qcow2.c qcow2_read_extensions, qcow2_do_open", "FormatError"),
+    EncryptionRule("LUKS-AREA-ALIGN", "The LUKS area starts on a cluster boundary and its declared length "
+                   "holds at least the 592-byte header.",
+                   "block/qcow2.c qcow2_read_extensions, qcow2_crypto_hdr_read_func", "FormatError"),
+    EncryptionRule("LUKS-AREA-FILE", "The LUKS header and every active slot's key material lie inside the "
+                   "file (QEMU would read zeros past its end and fail later).",
+                   "qcow2lab (spec/image.py's rule for every structure)", "FormatError"),
+    EncryptionRule("LUKS-MAGIC", 'The area starts with "LUKS\\xba\\xbe" and version 1.',
+                   "crypto/block-luks.c qcrypto_block_luks_check_header",
+                   "FormatError (magic), UnsupportedFeature (version)"),
+    EncryptionRule("LUKS-NAMES", "cipher_name, cipher_mode and hash_spec end with a NUL inside their 32 "
+                   "bytes; cipher_mode reads <mode>-<ivgen>[:<ivhash>]; essiv has its hash; the names, "
+                   "and the cipher with key_bytes (halved for xts), are ones QEMU maps.",
+                   "crypto/block-luks.c qcrypto_block_luks_parse_header",
+                   "FormatError (syntax), UnsupportedFeature (unknown name)"),
+    EncryptionRule("LUKS-PAYLOAD", "payload_offset is at least 8 sectors (past the 4 KiB header area) and "
+                   "mk_digest_iter is not zero.", "crypto/block-luks.c qcrypto_block_luks_check_header",
+                   "FormatError"),
+    EncryptionRule("LUKS-SLOT-STATE", "Every slot has 4000 stripes and is 0x00AC71F3 (active) or 0x0000DEAD "
+                   "(inactive); an active slot has non-zero iterations.",
+                   "crypto/block-luks.c qcrypto_block_luks_check_header", "FormatError"),
+    EncryptionRule("LUKS-SLOT-RANGE", "Every slot's key material, rounded up to 4 KiB, starts at sector 8 "
+                   "or later, ends by payload_offset and overlaps no other slot's.",
+                   "crypto/block-luks.c qcrypto_block_luks_check_header", "FormatError"),
+    EncryptionRule("LUKS-SLOT-INSIDE", "An active slot's key material lies inside the length the "
+                   "extension declares.", "block/qcow2.c qcow2_crypto_hdr_read_func", "FormatError"),
+    EncryptionRule("LUKS-KEY", "The passphrase unlocks some active slot: PBKDF2 of it gives the slot key, "
+                   "which decrypts the key material; its AF merge is the master key, whose PBKDF2 digest "
+                   "equals mk_digest. Slots are tried in order.",
+                   "crypto/block-luks.c qcrypto_block_luks_find_key, qcrypto_block_luks_load_key",
+                   "WrongKey (a RequestError); no key at all: RequestError"),
+    EncryptionRule("CRYPT-SECTOR", "Each 512-byte sector of a standard data cluster is encrypted on its own: "
+                   "the IV generator turns the sector number into the IV (XTS: the tweak), and CBC chains "
+                   "and CTR counters restart at every sector.",
+                   "crypto/block.c do_qcrypto_block_cipher_encdec", "-"),
+    EncryptionRule("CRYPT-SECTOR-NUMBER", "The sector number is the sector's host file offset / 512 with "
+                   "LUKS, and its guest offset / 512 with legacy AES. Moving an encrypted cluster means "
+                   "decrypting and encrypting it again.",
+                   "block/qcow2.c qcow2_co_encdec (crypt_physical_offset)", "-"),
+    EncryptionRule("CRYPT-ALIGN", "An encrypted image's request alignment is 512 bytes; QEMU rounds "
+                   "smaller requests out to whole sectors (read-modify-write).",
+                   "block/qcow2.c qcow2_refresh_limits", "-"),
+    EncryptionRule("CRYPT-ZERO", "Zero clusters and zero subclusters read as zeros without decryption; "
+                   "unallocated ones read from the backing file (as that file's own driver reads it) "
+                   "or as zeros.", "block/qcow2.c qcow2_co_preadv_task", "-"),
+    EncryptionRule("CRYPT-COW", "Copy-on-write reads the untouched parts of the cluster as plaintext "
+                   "(the old cluster decrypted, or the backing file) and encrypts them for the new host "
+                   "offset; QEMU never replaces zero COW regions by a zeroing request here, so they are "
+                   "written as encrypted zeros.",
+                   "block/qcow2-cluster.c perform_cow; block/qcow2.c handle_alloc_space", "-"),
+    EncryptionRule("CRYPT-COMPRESSED", "A compressed cluster is stored compressed and NOT encrypted, and "
+                   "is read back without decryption: qemu-io's `write -c` on an encrypted image succeeds "
+                   "(QEMU 7.2; qemu-img convert -c refuses compression with encryption itself).",
+                   "block/qcow2.c qcow2_co_pwritev_compressed_task, qcow2_co_preadv_task", "-"),
+    EncryptionRule("LEGACY-AES-KEY", "Legacy AES (crypt_method 1) keys AES-128-CBC with the passphrase's "
+                   "first 16 bytes, zero-padded, plain64 IVs; nothing checks the key, so a wrong one reads "
+                   "garbage (in QEMU too).", "crypto/block-qcow.c qcrypto_block_qcow_init", "-"),
+)
+"""What docs/spec.md lists under "Encryption": the checks QEMU makes on an encrypted image (with
+the error class qcow2lab raises) and how guest data is encrypted."""
+
+IVGEN_DOCS: dict[str, str] = {
+    "plain": "The sector number modulo 2^32, 4 bytes little-endian, zero-padded to the IV length.",
+    "plain64": "The sector number, 8 bytes little-endian, zero-padded to the IV length (QEMU's default).",
+    "essiv": "The plain64 block (padded to the ESSIV cipher's block) encrypted in ECB mode by the ESSIV "
+             "cipher, keyed with hash(master key) cut to that cipher's key length. The ESSIV cipher is "
+             "the payload cipher if its key is as long as the digest, else the AES/Serpent/Twofish "
+             "member whose key is (aes-128 with sha256 uses aes-256).",
+}
+"""The IV generators (crypto/ivgen-plain.c, ivgen-plain64.c, ivgen-essiv.c)."""
+
+UNLOCK_STEPS: tuple[str, ...] = (
+    "Parse and check the header without the key (what qemu-img info does): the rules below.",
+    "For each active slot in order: slot key = PBKDF2(hash_spec, passphrase, slot salt, slot iterations, "
+    "key_bytes). The passphrase is the secret's UTF-8 bytes up to its first NUL.",
+    "Decrypt the slot's key_bytes * 4000 bytes of key material with the payload cipher, mode and IV "
+    "generator keyed by the slot key, as 512-byte sectors numbered from 0.",
+    "AF merge (hash_spec): a zero block; for each stripe but the last, xor it in and diffuse (split the "
+    "block into digest-sized pieces, replace piece i by hash(be32(i) || piece), cut to the piece's "
+    "length); the master key is the block xor the last stripe.",
+    "The master key is right when PBKDF2(hash_spec, master key, mk_digest_salt, mk_digest_iter, 20) "
+    "equals mk_digest; otherwise try the next slot. No slot left: WrongKey.",
+)
+"""How a key slot is unlocked (crypto/block-luks.c qcrypto_block_luks_load_key, crypto/afsplit.c)."""
+
+CREATE_STEPS: tuple[str, ...] = (
+    "A random master key of key_bytes (the cipher key length, doubled for XTS), a random master key "
+    "salt, and a version 4 UUID as 36 ASCII characters.",
+    "mk_digest_iter and slot 0's iterations from iter_time (see PBKDF2_ITERS_PER_SECOND below, where "
+    "QEMU measures the machine instead); both at least 1000.",
+    "Slot 0 only: AF split the master key into 4000 stripes (random stripes, the last computed), "
+    "encrypt them with the slot key, store them at sector 8. Slots 1-7 are 0x0000DEAD with zero "
+    "iterations and salt, their areas laid out but zero.",
+    "payload_offset = 8 + 8 * (one slot's area in sectors), which is also the area's length; the area "
+    "is allocated as zeroed clusters of its own when the image is created (qemu-img puts it after the "
+    "header, refcount table, first refcount block and L1 table: at 0x40000 with 64 KiB clusters).",
+)
+"""How a LUKS header is created (crypto/block-luks.c qcrypto_block_luks_create)."""

@@ -5,10 +5,13 @@ extension holds its offset and length in the image file. The layout is the LUKS1
 (cryptsetup's docs/on-disk-format.pdf, version 1.2.1), which QEMU implements in
 crypto/block-luks.c. Everything is big-endian and the whole header is 592 bytes.
 
-Only what ``qemu-img info`` needs is interpreted here: QEMU parses and sanity-checks the header
-even when it opens an image without the key (BDRV_O_NO_IO / QCRYPTO_BLOCK_OPEN_NO_IO), and
-reports the algorithms, offsets and key slots it found (qcrypto_block_luks_get_info). No key
-material is decrypted; the salts and digests are kept as opaque bytes.
+The schemas cover the whole LUKS area: the header (LuksHeader), its key slot descriptors
+(LuksKeySlot), each slot's anti-forensic split key material (LuksKeyMaterial) and the area
+around them (LuksArea). What is interpreted here is what needs no key, as for ``qemu-img
+info``: QEMU parses and sanity-checks the header even when it opens an image without the key
+(BDRV_O_NO_IO / QCRYPTO_BLOCK_OPEN_NO_IO), and reports the algorithms, offsets and key slots it
+found (qcrypto_block_luks_get_info). Unlocking a slot, the payload ciphers and creating a header
+are spec/encryption.py's.
 
 Error classes: a header that breaks the format (bad magic, slots overlapping each other or the
 payload, a malformed cipher mode string) is FormatError; a well-formed header naming an

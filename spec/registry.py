@@ -209,7 +209,7 @@ STRUCTURES: tuple[Structure, ...] = (
         unit="bytes",
         description=(
             "At offset 0 of the LUKS area, 592 bytes, big-endian. Name fields are NUL-terminated "
-            "ASCII. QEMU parses and checks it even without the key, for qemu-img info and check "
+            "ASCII. QEMU parses and checks it even without the key, for qemu-img info "
             "(crypto/block-luks.c, QCryptoBlockLUKSHeader)."
         ),
     ),

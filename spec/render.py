@@ -413,6 +413,61 @@ def render_refcount_blocks() -> list[str]:
     return [*out, ""]
 
 
+def render_encryption() -> list[str]:
+    """The Encryption section: payload ciphers, key slots and the rules, from spec/encryption.py."""
+    from spec import encryption as enc
+    from spec import luks as lk
+
+    out = [
+        "## Encryption",
+        "",
+        "From spec/encryption.py (QEMU 7.2: crypto/block-luks.c, crypto/block-qcow.c, crypto/afsplit.c, "
+        "crypto/ivgen-*.c, block/qcow2.c). The header's crypt_method selects it: 1 is legacy AES-CBC, "
+        "with no other on-disk structure (the key is the passphrase itself), 2 is LUKS1, whose header "
+        "and key slots fill the LUKS area above. Guest data is in ordinary clusters in both cases, "
+        "encrypted sector by sector; metadata (tables, refcounts, snapshots, bitmaps) is never encrypted.",
+        "",
+        "### Payload ciphers",
+        "",
+        "LUKS cipher algorithms and modes (qapi/crypto.json QCryptoCipherAlgorithm and QCryptoCipherMode, "
+        "restricted to the LUKS name map). qemu-img 7.2 column: what `qemu-img create -o "
+        "encrypt.cipher-alg=...,encrypt.cipher-mode=...` does (computed by "
+        "spec.encryption.qemu_create_refusal); qcow2lab column: whether the `cryptography` package can "
+        "run it (otherwise UnsupportedFeature names the cipher). Legacy AES is always aes-128-cbc-plain64.",
+        "",
+    ]
+    rows = []
+    for alg in enc.CIPHER_KEY_LEN:
+        for mode in lk.CIPHER_MODES:
+            refusal = enc.qemu_create_refusal(alg, mode)
+            gap = enc.qcow2lab_gap(alg, mode)
+            ours = "-" if refusal else (f"no: {gap}" if gap else "yes")
+            rows.append([f"`{alg}`", mode, enc.CIPHER_KEY_LEN[alg], enc.CIPHER_BLOCK_LEN[alg],
+                         refusal or "accepted", ours])
+    out += _table(["Cipher", "Mode", "Key bytes", "Block bytes", "qemu-img 7.2", "qcow2lab"], rows)
+    out += ["", "IV generators (the IV is as long as the cipher block; ECB has none):", ""]
+    out += _table(["ivgen", "IV of sector n"], ([f"`{k}`", v] for k, v in enc.IVGEN_DOCS.items()))
+    out += ["", "Hash algorithms (PBKDF2, AF diffusion, ESSIV):", ""]
+    lacks = "no: the cryptography package lacks it"
+    out += _table(["Hash", "Digest bytes", "qcow2lab"],
+                  ([f"`{h}`", n, "yes" if h in enc.SUPPORTED_HASHES else lacks]
+                   for h, n in lk.HASH_DIGEST_LEN.items()))
+    out += ["", "### Unlocking a key slot", ""]
+    out += [f"{i}. {step}" for i, step in enumerate(enc.UNLOCK_STEPS, 1)]
+    out += ["", "### Creating a LUKS header", ""]
+    out += [f"{i}. {step}" for i, step in enumerate(enc.CREATE_STEPS, 1)]
+    out += ["", "### Encryption constants", ""]
+    out += _table(["Constant", "Value", "Note"],
+                  ([f"`{n}`", _format_value(v), d or "-"] for n, v, d in module_constants(enc)
+                   if isinstance(v, int) and not isinstance(v, bool)))
+    out += ["", "### Encryption rules", "",
+            "What a valid encrypted image obeys and how QEMU treats its data; Error is the spec.errors "
+            "class qcow2lab raises when a rule does not hold (- for behaviour).", ""]
+    out += _table(["Rule", "Statement", "Error", "Source"],
+                  ([f"`{r.id}`", r.statement, r.error, r.source] for r in enc.ENCRYPTION_RULES))
+    return [*out, ""]
+
+
 def render_features() -> list[str]:
     out = ["## Feature bits", "",
            "From spec.features.FEATURES; the name is what QEMU writes into the feature name table.", ""]
@@ -525,6 +580,7 @@ def render_markdown() -> str:
             out += render_refcount_blocks()
         if s.key == "bitmap_table_entry":
             out += render_masks()
+    out += render_encryption()
     out += render_features()
     out += render_limits()
     out += render_rules()

@@ -15,6 +15,7 @@ import hashlib
 import os
 import random
 import subprocess
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -467,3 +468,20 @@ def test_only_spec_errors_escape_on_garbage_headers(copy: Path) -> None:
         patch(copy, start, bytes(data))
         with contextlib.suppress(Qcow2Error):
             decrypt_all(copy)
+
+
+def test_qemu_stores_compressed_clusters_unencrypted(tmp_path: Path) -> None:
+    """CRYPT-COMPRESSED: QEMU 7.2's `write -c` on a LUKS image succeeds, and the compressed
+    cluster holds plain deflate data: it is read back without decryption."""
+    p = qemu_create(tmp_path / "a.qcow2", "1M")
+    qemu_io(p, "write -c -P 0x11 0 64k")
+    with open_image(p) as img:
+        l2 = img.l2_table(img.l1_table()[0] & en.L1E_OFFSET_MASK)
+        word = l2[0]
+        assert word & en.QCOW_OFLAG_COMPRESSED
+        cb = img.cluster_bits
+        off = en.compressed_host_offset(word, cb)
+        n = en.compressed_nb_sectors(word, cb) * 512 - (off % 512)
+        raw = img.read(off, min(n, img.file_size - off), "compressed")
+    assert zlib.decompressobj(-15).decompress(raw)[:65536] == b"\x11" * 65536
+    qemu_io(p, "read -P 0x11 0 64k")

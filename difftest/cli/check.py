@@ -18,10 +18,10 @@ BDRV_FIX_ERRORS). It repairs what qemu-img check -r repairs and keeps counted wh
 file...). As qemu-img (qemu-img.c img_check), when something was repaired the human output
 first says what ("The following inconsistencies were found and repaired"), then the image is
 checked again and that second check is what is reported, with the fix pass's
-corruptions-fixed / leaks-fixed; the exit code is the second check's. What the engine does not repair QEMU's way (a refcount block
-so far past the end of the file that QEMU would grow it beyond 128 MiB, a damaged snapshot
-table or bitmaps that -r all would rewrite) is refused before anything is written:
-"qcow2lab: cannot repair ...", exit 1.
+corruptions-fixed / leaks-fixed; the exit code is the second check's. What the engine does
+not repair QEMU's way (a refcount block so far past the end of the file that QEMU would grow
+it beyond 128 MiB, a damaged snapshot table or bitmaps that -r all would rewrite) is refused
+before anything is written: "qcow2lab: cannot repair ...", exit 1.
 """
 
 from __future__ import annotations

@@ -145,3 +145,32 @@ def test_discard_forgets_a_dirty_entry(tmp_path: Path) -> None:
     c.discard(0)
     c.flush()
     assert ("write", 0) not in f.log
+
+
+def test_a_recorder_sees_every_host_write_of_an_image(tmp_path: Path) -> None:
+    import impl
+    from impl.image import Image
+
+    seen: list[tuple[str, int]] = []
+
+    class Recorder(HostFile):
+        def pwritev(self, bufs: Sequence[Buffer], offset: int, *, meta: bool = False) -> None:
+            seen.append(("meta" if meta else "data", offset))
+            super().pwritev(bufs, offset, meta=meta)
+
+        def flush(self, *, sync: bool = True) -> None:
+            seen.append(("flush", 0))
+            super().flush(sync=sync)
+
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 1 << 26)
+    Image.host_file_class = Recorder
+    try:
+        with impl.open(p) as img:
+            img.write(0, b"r" * 512)
+    finally:
+        Image.host_file_class = HostFile
+    kinds = [k for k, _ in seen]
+    assert "data" in kinds and "meta" in kinds and kinds[-1] == "flush"
+    # The data reaches the file before the L2 entry that maps it is written back.
+    assert kinds.index("data") < max(i for i, k in enumerate(kinds) if k == "meta")

@@ -194,3 +194,22 @@ def test_check_is_the_shared_engine(tmp_path: Path) -> None:
         img.write(0, b"x" * 70000)
     r = impl.check(p)
     assert (r.exit_code, r.allocated_clusters) == (0, 2)
+
+
+def test_slice_cut_lets_a_refcount_block_split_the_allocation(tmp_path: Path) -> None:
+    """With 512-byte slices (64 entries of 1 KiB clusters) a 70000-byte write is two
+    allocations, as QEMU cuts it (handle_alloc stops at the slice end). The first one needs
+    a new refcount block, which lands right after its clusters, so the second piece is
+    not contiguous; with whole-table slices QEMU allocates all 69 clusters in one go."""
+    q = qemu_create(tmp_path / "q.qcow2", 4 * M, cluster_size=1024, refcount_bits=32)
+    i = tmp_path / "i.qcow2"
+    shutil.copy(q, i)
+    ops = [("write", "-P", "0x01", str(M), str(240 * K)), ("write", "-P", "0x02", "0", "70000")]
+    _qemu_apply(q, ops, 512)
+    with impl.open(i, cache="unsafe", l2_cache_entry_size=512) as img:
+        for op in ops:
+            _impl_apply(img, op)
+        extents = img.map(0, 70656)
+    assert filecmp.cmp(q, i, shallow=False)
+    assert [e["length"] for e in extents] == [65536, 5120]
+    assert extents[1]["offset"] != extents[0]["offset"] + 65536
