@@ -136,7 +136,7 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
         header_cluster((0, 0))
 
     # spec.tables.refcount_table / refcount_block, packed without construct (its per-entry
-    # build took ~0.9 s per image; tests/test_model_tables.py): one refcount block at
+    # build took ~0.9 s per image; tests/model/test_tables.py): one refcount block at
     # cluster 2, counting the header, the table and itself.
     reftable = struct.pack(">Q", 2 * cluster_size) + bytes(cluster_size - 8)
     refblock = bytearray(cluster_size)

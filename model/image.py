@@ -153,6 +153,7 @@ def _open(path: str, *, readonly: bool, snapshot: str | None, depth: int,
         img.close()
         raise
     image.no_flush = options.get("cache") == "unsafe"
+    image.q.sync = not image.no_flush
     return image
 
 
@@ -387,33 +388,29 @@ class Image:
 
     # --- flush / close -----------------------------------------------------------------------
     def flush(self) -> None:
-        """Every update is already in the file (no caches); flush makes it durable, unless
-        the image was opened with ``cache="unsafe"``.
+        """Every update is already in the file (no caches); flush makes it durable, the data
+        file included, unless the image was opened with ``cache="unsafe"`` (then a monitor
+        still sees the flush, spec/hostio.py).
 
         Raises RequestError (closed), CorruptionError (host I/O error)."""
         self._usable()
-        if not self.readonly and not self.no_flush:
-            try:
-                os.fsync(self.q.f.fileno())
-            except OSError as e:
-                raise CorruptionError(f"fsync failed: {e}") from None
+        if not self.readonly:
+            self.q.flush_all(sync=not self.no_flush)
 
     def close(self) -> None:
         """Close the image, its data file and its backing chain. On a writable image the
-        dirty bit is cleared (qcow2_close -> qcow2_mark_clean). Idempotent."""
+        dirty bit is cleared (qcow2_close -> qcow2_mark_clean), after a barrier: everything
+        lazy is durable first. Idempotent."""
         if self.closed:
             return
         self.closed = True
         try:
             if not self.readonly and not self.broken:
                 self.q.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
-                # bdrv_close flushes: after fdatasync the file's holes are stable, so that
-                # SEEK_HOLE (and qemu-img map, see mapping_report) sees what QEMU's would.
-                for f in (self.q.f, self.q.data_f):
-                    if f is not None:
-                        os.fdatasync(f.fileno())
-        except OSError as e:
-            raise CorruptionError(f"flush at close failed: {e}") from None
+                # bdrv_close flushes, cache=unsafe or not: after fdatasync the file's holes
+                # are stable, so that SEEK_HOLE (and qemu-img map, see mapping_report) sees
+                # what QEMU's would.
+                self.q.flush_all(sync=True)
         finally:
             for lock in self.locks:
                 lock.release()

@@ -33,7 +33,7 @@ L2Pair = tuple[int, int]
 
 # The layouts are spec.tables.l1_table and spec.tables.l2_table (big-endian 64-bit words;
 # an extended entry is the word pair (l2_entry, l2_bitmap)). They are decoded here with
-# struct because construct is too slow to run on every lookup; tests/test_model_tables.py
+# struct because construct is too slow to run on every lookup; tests/model/test_tables.py
 # checks that both readings agree.
 
 def read_l1(q: Qcow2File, offset: int | None = None, size: int | None = None) -> list[int]:

@@ -25,8 +25,22 @@ from spec.qfile import Qcow2File
 
 
 class ModelFile(Qcow2File):
-    """spec's raw file plus the model's compressed-cluster packing cursor
-    (BDRVQcow2State.free_byte_offset; model/compressed.py, qcow2_alloc_bytes)."""
+    """spec's raw file plus the model's write ordering and its compressed-cluster packing
+    cursor (BDRVQcow2State.free_byte_offset; model/compressed.py, qcow2_alloc_bytes).
+
+    Ordering. The model writes every metadata update straight to the file, so where QEMU
+    orders cache write-backs (block/qcow2-cache.c qcow2_cache_set_dependency,
+    qcow2_cache_depends_on_flush) the model puts a barrier, a flush, before every metadata
+    write that follows an unflushed write. Since each operation module already writes in
+    the order that keeps the file consistent step by step (refcounts raised before the L2
+    entry that uses them, COW and guest data before the L2 entry that maps them, an L2 table
+    before its L1 entry, an L2 entry cleared before the refcount it held drops, the dirty bit
+    before lazy metadata and cleared last), the barrier makes each step durable before the
+    next one depends on it, on a disk that reorders writes between flushes too. A freed
+    cluster is reused only after the refcount write that freed it, and that write came after
+    a barrier which made the unlinking L2 entry durable. ``sync`` False (cache=unsafe) keeps
+    the barriers (a recorder sees them) and skips the fdatasync.
+    """
 
     def __init__(self, img: ImageFile, f: BinaryIO, *, readonly: bool,
                  data_f: BinaryIO | None = None) -> None:
@@ -36,6 +50,12 @@ class ModelFile(Qcow2File):
         """The cluster of free_byte_offset has been freed since it was remembered."""
         self.packed_into_live_cluster = False
         """alloc_bytes reproduced QEMU's packing into a cluster something else owns."""
+        self.sync = True
+        """False with cache="unsafe": barriers and flushes skip the fdatasync."""
+
+    def barrier(self) -> None:
+        if self.unflushed:
+            self.flush_all(sync=self.sync)
 
     def refcount_freed(self, cluster_index: int) -> None:
         super().refcount_freed(cluster_index)

@@ -2,7 +2,7 @@
 
 These integer helpers are what model/ and impl/ call on the hot path. The declarative
 BitStruct schemas in spec/tables.py describe the same bits for the reference document, and
-tests/test_entries.py checks that both readings agree on every bit pattern.
+tests/spec/test_entries.py checks that both readings agree on every bit pattern.
 
 Cluster and subcluster classification follows block/qcow2.h (qcow2_get_cluster_type,
 qcow2_get_subcluster_type) fact for fact.

@@ -10,6 +10,12 @@ One allocator cursor lives here as well. It is not a cache of on-disk data but Q
 allocation state, kept so that a writer picks the same host offsets QEMU picks:
 ``free_cluster_index`` (block/qcow2-refcount.c, alloc_clusters_noref; spec/refblocks.py).
 
+Every host call goes through the verbs of spec/hostio.py (``pread``, ``write_raw``/``pwrite``,
+``truncate``, fallocate as ``punch_hole``/``write_zeroes_no_fallback``, ``flush``) and is reported
+to ``hostio.active`` when a campaign installed a monitor (a recorder, a fault injector).
+``pwrite`` is the metadata write and calls ``barrier()`` first: a no-op here (the check engine
+orders its repairs itself), the model's ordering point (model/state.py ModelFile).
+
 Errors: host I/O failures become CorruptionError (QEMU returns -EIO and, for plain I/O
 errors, does not set the corrupt bit). Writing through a read-only file is RequestError.
 """
@@ -25,13 +31,12 @@ from typing import BinaryIO
 import construct as c
 
 from spec import header as hd
+from spec import hostio
 from spec.errors import CorruptionError, RequestError
 from spec.geometry import Geometry
+from spec.hostio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from spec.image import ImageFile
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -62,6 +67,8 @@ class Qcow2File(hd.HeaderViews):
         # No operation changes the data-file bit, and every lookup asks for it: it is read
         # from the header once instead of on each call (HeaderViews decodes it each time).
         self._has_data_file = img.has_data_file
+        self.unflushed = False
+        """Something was written since the last flush (so a barrier has work to do)."""
 
     # --- header views: spec.header.HeaderViews, plus what only a writer needs -------------
     @property
@@ -79,24 +86,65 @@ class Qcow2File(hd.HeaderViews):
             self.free_cluster_index = cluster_index
 
     # --- host I/O ---------------------------------------------------------------------------
+    def _path(self, f: BinaryIO | None) -> str:
+        """The file a host call goes to, as monitors name it."""
+        return self.path if f is None or f is self.f else str(f.name)
+
     def pread(self, offset: int, n: int, f: BinaryIO | None = None) -> bytes:
         """Read ``n`` bytes; bytes past the end of the file read as zeros, as in QEMU's
         file driver (block/file-posix.c zero-fills short reads of regular files)."""
         if n <= 0:
             return b""
         try:
+            if hostio.active is not None:
+                hostio.report(hostio.READ, self._path(f), offset, n)
             data = os.pread((f or self.f).fileno(), n, offset)
         except (OSError, OverflowError) as e:
             raise CorruptionError(f"host read of {n} bytes at {offset} failed: {e}") from None
         return data if len(data) == n else data + bytes(n - len(data))
 
     def pwrite(self, offset: int, data: bytes | bytearray, f: BinaryIO | None = None) -> None:
+        """A metadata write (every write but guest data, which is data_pwrite): an engine
+        that orders its writes puts its barrier before it (see barrier)."""
+        self.barrier()
+        self.write_raw(offset, data, f)
+
+    def write_raw(self, offset: int, data: bytes | bytearray, f: BinaryIO | None = None) -> None:
+        """One host write, with no ordering of its own."""
         if self.readonly:
             raise RequestError("image is opened read-only")
         try:
+            if hostio.active is not None:
+                hostio.report(hostio.WRITE, self._path(f), offset, len(data), data)
+            self.unflushed = True
             os.pwrite((f or self.f).fileno(), data, offset)
         except (OSError, OverflowError) as e:
             raise CorruptionError(f"host write of {len(data)} bytes at {offset} failed: {e}") from None
+
+    def barrier(self) -> None:
+        """Called before every metadata write. The plain file orders nothing; the model
+        overrides it with a flush (model/state.py ModelFile)."""
+
+    def flush(self, f: BinaryIO | None = None, *, sync: bool = True) -> None:
+        """bdrv_co_flush on one file: fdatasync, unless ``sync`` is False (cache=unsafe,
+        BDRV_O_NO_FLUSH). A monitor sees the flush either way: it is still a barrier in the
+        writer's ordering."""
+        if self.readonly:
+            return
+        try:
+            if hostio.active is not None:
+                hostio.report(hostio.FLUSH, self._path(f))
+            if sync:
+                os.fdatasync((f or self.f).fileno())
+        except OSError as e:
+            raise CorruptionError(f"flush of {self._path(f)} failed: {e}") from None
+
+    def flush_all(self, *, sync: bool = True) -> None:
+        """Flush the image file and the data file (bdrv_co_flush recurses into children)."""
+        self.flush(sync=sync)
+        if self.data_f is not None:
+            self.flush(self.data_f, sync=sync)
+        self.unflushed = False
 
     def file_size(self, f: BinaryIO | None = None) -> int:
         try:
@@ -108,9 +156,22 @@ class Qcow2File(hd.HeaderViews):
         if self.readonly:
             raise RequestError("image is opened read-only")
         try:
+            if hostio.active is not None:
+                hostio.report(hostio.TRUNCATE, self._path(f), size)
+            self.unflushed = True
             os.ftruncate((f or self.f).fileno(), size)
         except OSError as e:
             raise CorruptionError(f"cannot resize host file: {e}") from None
+
+    def _fallocate(self, f: BinaryIO | None, mode: int, offset: int, n: int) -> int:
+        """fallocate(2) through the monitor; 0 or the errno."""
+        if hostio.active is not None:
+            try:
+                hostio.report(hostio.FALLOCATE, self._path(f), offset, n, mode=mode)
+            except OSError as e:
+                return e.errno or errno.EIO
+        self.unflushed = True
+        return fallocate((f or self.f).fileno(), mode, offset, n)
 
     # QEMU's file driver does more than read and write: it punches holes for discards and
     # zeroes ranges with fallocate. Holes are visible to qemu-img map (through SEEK_HOLE when
@@ -120,24 +181,23 @@ class Qcow2File(hd.HeaderViews):
         as the discard is only advice."""
         if self.readonly or n <= 0:
             return
-        fallocate((f or self.f).fileno(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n)
+        self._fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n)
 
     def write_zeroes_no_fallback(self, offset: int, n: int, f: BinaryIO | None = None) -> bool:
         """handle_aiocb_write_zeroes for a BDRV_REQ_NO_FALLBACK request: ZERO_RANGE, else
         PUNCH_HOLE + fallocate(0), else fallocate(0) past the end. False = -ENOTSUP."""
         if self.readonly:
             raise RequestError("image is opened read-only")
-        fd = (f or self.f).fileno()
-        ret = fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, n)
+        ret = self._fallocate(f, FALLOC_FL_ZERO_RANGE, offset, n)
         if ret == 0:
             return True
         if ret not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise CorruptionError(f"zeroing {n} bytes at {offset} failed: {os.strerror(ret)}")
-        ret = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n)
+        ret = self._fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n)
         if ret == 0:
-            return fallocate(fd, 0, offset, n) == 0
+            return self._fallocate(f, 0, offset, n) == 0
         if offset >= self.file_size(f):
-            return fallocate(fd, 0, offset, n) == 0
+            return self._fallocate(f, 0, offset, n) == 0
         return False
 
     # Guest data lives in the external data file when there is one (qcow2.rst "External
@@ -146,7 +206,8 @@ class Qcow2File(hd.HeaderViews):
         return self.pread(offset, n, self.data_f if self.has_data_file else None)
 
     def data_pwrite(self, offset: int, data: bytes) -> None:
-        self.pwrite(offset, data, self.data_f if self.has_data_file else None)
+        """A guest-data write: no barrier before it (see pwrite)."""
+        self.write_raw(offset, data, self.data_f if self.has_data_file else None)
 
     # --- header ------------------------------------------------------------------------------
     def write_header(self) -> None:

@@ -46,7 +46,7 @@ class Again(Exception):
 
 # The layouts are spec.tables.refcount_table and spec.tables.refcount_block; they are
 # decoded here with struct, numpy and integer arithmetic because construct is too slow to
-# run on every lookup (tests/test_model_tables.py checks both readings agree).
+# run on every lookup (tests/model/test_tables.py checks both readings agree).
 
 def read_reftable(q: Qcow2File) -> list[int]:
     n = q.header.refcount_table_clusters * q.cluster_size // 8

@@ -1,7 +1,7 @@
 """Render docs/spec.md from the schemas, the structure registry and the rules catalogue.
 
 The byte and bit ranges in the document are computed here by walking the construct
-schemas (``layout``), never typed in: tests/test_spec_offsets.py holds those computed ranges
+schemas (``layout``), never typed in: tests/spec/test_spec_offsets.py holds those computed ranges
 against a table typed from qcow2.rst, which is what keeps the code and the spec together.
 
 Byte ranges: a field starts where the previous fixed-size field ended; a field whose size
@@ -565,7 +565,7 @@ def render_markdown() -> str:
         "Do not edit: run `make spec`. -->",
         "",
         "Every byte and bit range below is computed from the schemas the code parses with; "
-        "tests/test_spec_offsets.py checks them against qcow2.rst. All integers are big-endian. "
+        "tests/spec/test_spec_offsets.py checks them against qcow2.rst. All integers are big-endian. "
         "Bits are numbered from 0 = least significant bit of the 64-bit entry. Fields shown after "
         "a variable-size field have a variable offset.",
         "",

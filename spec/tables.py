@@ -4,7 +4,7 @@
 
 Two readings of every entry exist on purpose. The BitStructs below are the declarative
 reference (rendered into docs/spec.md, bit ranges computed from them); spec/entries.py has
-the mask arithmetic that code runs. tests/test_entries.py proves they agree.
+the mask arithmetic that code runs. tests/spec/test_entries.py proves they agree.
 
 Bit numbering: qcow2.rst counts bit 0 as the least significant bit of the big-endian
 64-bit word. A BitStruct lists fields from the most significant bit down.

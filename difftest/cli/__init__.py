@@ -7,7 +7,7 @@ little more than the interpreter. So this module imports no verb at import time,
 command line that names a verb imports that verb's module alone: its dependencies
 (Hypothesis and rich for difftest, the model for map, numpy for check) are loaded only when
 it is the verb that runs. Only ``--help`` or a command line without a verb imports every
-verb module, to list them. tests/test_cli_startup.py holds this to account.
+verb module, to list them. tests/difftest/test_cli_startup.py holds this to account.
 """
 
 from __future__ import annotations

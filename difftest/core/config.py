@@ -20,6 +20,11 @@ from spec.limits import MIN_CLUSTER_BITS_EXTENDED_L2
 BACKINGS = ("none", "raw", "qcow2", "qcow2x2")
 """none; a raw file; one qcow2; two qcow2 levels (the lower one written first)."""
 BACKING_SIZES = ("same", "shorter", "longer")
+OVERLAP_CHECKS = ("cached", "none", "constant", "all")
+"""QEMU's overlap-check modes (block/qcow2.c, qcow2_update_options_prepare); cached is the
+default."""
+CACHE_FIELDS = ("l2_cache_size", "l2_cache_entry_size", "refcount_cache_size")
+"""The pure cache-size knobs (DESIGN.md: an engine without caches may accept and ignore them)."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,12 @@ class Config:
     data_file: bool = False
     data_file_raw: bool = False
     size: int = 4 << 20
+    # Open options (impl/options.py, QEMU's names with "_"); None is QEMU's default. They go
+    # to the impl's open() and to qemu-io as -o l2-cache-size=... (see qemu_open_options).
+    l2_cache_size: int | None = None
+    l2_cache_entry_size: int | None = None
+    refcount_cache_size: int | None = None
+    overlap_check: str = "cached"
 
     def validate(self) -> None:
         """Raise ValueError for a combination qemu-img create refuses."""
@@ -57,6 +68,13 @@ class Config:
             raise ValueError("bad backing set-up")
         if self.size % 512:
             raise ValueError("size must be a multiple of 512")
+        e = self.l2_cache_entry_size
+        if e is not None and (e & (e - 1) or not 512 <= e <= self.cluster_size):
+            # read_cache_sizes: "L2 cache entry size must be a power of two between 512 and
+            # the cluster size"
+            raise ValueError("l2_cache_entry_size must be a power of two from 512 to the cluster size")
+        if self.overlap_check not in OVERLAP_CHECKS:
+            raise ValueError(f"overlap_check must be one of {OVERLAP_CHECKS}")
 
     @property
     def geometry(self) -> Geometry:
@@ -77,6 +95,30 @@ class Config:
                 "refcount_bits": self.refcount_bits, "extended_l2": self.extended_l2,
                 "compression_type": self.compression_type, "lazy_refcounts": self.lazy_refcounts}
 
+    @property
+    def cache_defaults(self) -> bool:
+        """Whether every open option is QEMU's default. The model (no cache) lays out its file
+        byte for byte as QEMU does with these only: a smaller l2-cache-entry-size makes QEMU
+        cut allocating requests at slice boundaries (handle_alloc and friends stop at the end
+        of an L2 slice), so its allocation order can differ."""
+        return all(getattr(self, f) is None for f in CACHE_FIELDS) and self.overlap_check == "cached"
+
+    def cache_size_options(self) -> dict[str, Any]:
+        """The pure cache-size knobs that are set, as open() keywords."""
+        return {f: getattr(self, f) for f in CACHE_FIELDS if getattr(self, f) is not None}
+
+    def open_options(self) -> dict[str, Any]:
+        """Every open option that is set, as open() keywords (impl/options.py)."""
+        out = self.cache_size_options()
+        if self.overlap_check != "cached":
+            out["overlap_check"] = self.overlap_check
+        return out
+
+    def qemu_open_options(self) -> str:
+        """The same options in QEMU's spelling, for qemu-io's ``--image-opts`` and ``open -o``
+        ("" when all are defaults). qemu-img check and map take none: they only read."""
+        return ",".join(f"{k.replace('_', '-')}={v}" for k, v in self.open_options().items())
+
     def short(self) -> str:
         parts = [f"v{self.version}", _human(self.cluster_size), f"rc{self.refcount_bits}"]
         if self.extended_l2:
@@ -90,6 +132,14 @@ class Config:
         if self.data_file:
             parts.append("data_file_raw" if self.data_file_raw else "data_file")
         parts.append(_human(self.size))
+        if self.l2_cache_size is not None:
+            parts.append(f"l2c={_human(self.l2_cache_size)}")
+        if self.l2_cache_entry_size is not None:
+            parts.append(f"slice={_human(self.l2_cache_entry_size)}")
+        if self.refcount_cache_size is not None:
+            parts.append(f"rcc={_human(self.refcount_cache_size)}")
+        if self.overlap_check != "cached":
+            parts.append(f"overlap={self.overlap_check}")
         return ",".join(parts)
 
     def replace(self, **kw: Any) -> Config:
@@ -113,7 +163,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or key not in fields:
             raise ValueError(f"--config {pair!r}: expected KEY=VAL with KEY in {sorted(fields)}")
         default = getattr(Config(), key)
-        if isinstance(default, bool):
+        if key in CACHE_FIELDS:  # None by default: a size, or "default"
+            out[key] = None if val.lower() in ("", "default", "none") else _parse_int(val)
+        elif isinstance(default, bool):
             out[key] = val.lower() in ("1", "on", "true", "yes")
         elif isinstance(default, int):
             out[key] = _parse_int(val)
@@ -163,10 +215,23 @@ def configs(draw: st.DrawFn, overrides: dict[str, Any] | None = None) -> Config:
     if g.l2_coverage * 2 <= cap:
         choices.append(g.l2_coverage + cluster_size * 3 + 512)
     size = pick("size", st.sampled_from(choices))
+    # Cache options, defaults first (Hypothesis shrinks towards them, so a reproducer keeps
+    # a non-default option only when the bug needs it). Tiny L2 caches (2 or 3 slices, the
+    # minimum is 2) make eviction and write-back happen on nearly every request.
+    entry = pick("l2_cache_entry_size", st.sampled_from(
+        [None, *sorted({e for e in (512, 4096, cluster_size) if e <= cluster_size})]))
+    slices = None if "l2_cache_size" in ov else draw(st.sampled_from([None, 2, 2, 3, 16]))
+    # Without an explicit entry size, a cache smaller than the disk's L2 tables works in
+    # 4 KiB slices (impl/options.py, read_cache_sizes).
+    l2_cache = ov["l2_cache_size"] if "l2_cache_size" in ov else \
+        (None if slices is None else slices * (entry or min(4096, cluster_size)))
+    rc_cache = pick("refcount_cache_size", st.sampled_from([None, 4 * cluster_size, 16 * cluster_size]))
+    overlap = pick("overlap_check", st.sampled_from(OVERLAP_CHECKS))
     cfg = Config(version=int(version), cluster_size=cluster_size, refcount_bits=int(refcount_bits),
                  extended_l2=bool(extended_l2), compression_type=str(compression), lazy_refcounts=bool(lazy),
                  backing=str(backing), backing_size=str(backing_size), data_file=bool(data_file),
-                 data_file_raw=bool(data_file_raw), size=int(size))
+                 data_file_raw=bool(data_file_raw), size=int(size), l2_cache_size=l2_cache,
+                 l2_cache_entry_size=entry, refcount_cache_size=rc_cache, overlap_check=str(overlap))
     cfg.validate()
     return cfg
 

@@ -74,11 +74,18 @@ class QemuIo:
     """The raw command channel: ``cmd(line) -> output text`` (prompt stripped)."""
 
     def __init__(self, path: str | Path, *, fmt: str = "qcow2", readonly: bool = False,
-                 command: list[str] | None = None) -> None:
-        argv = list(command) if command else ["qemu-io", "-t", "unsafe", "-f", fmt]
+                 command: list[str] | None = None, options: str = "") -> None:
+        argv = list(command) if command else ["qemu-io", "-t", "unsafe"]
         if readonly:
             argv.append("-r")
-        argv.append(str(path))
+        if command:
+            argv.append(str(path))
+        elif options:
+            # qemu-io 7.2 has no -o: driver options go in --image-opts (the cwd is the
+            # image's directory, so the bare name needs no comma escaping).
+            argv += ["--image-opts", f"driver={fmt},file.filename={Path(path).name},{options}"]
+        else:
+            argv += ["-f", fmt, str(path)]
         self.argv = argv
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, bufsize=0, cwd=str(Path(path).parent))
@@ -212,10 +219,12 @@ class QemuImage:
     """Longest hexdump we ask for; longer reads are split."""
 
     def __init__(self, path: str | Path, *, readonly: bool = False, command: list[str] | None = None,
-                 size: int | None = None, cluster_size: int | None = None) -> None:
+                 size: int | None = None, cluster_size: int | None = None, options: str = "") -> None:
         self.path = Path(path)
         self.readonly = readonly
-        self.io: QemuIo | None = QemuIo(self.path, readonly=readonly, command=command)
+        self.options = options
+        """QEMU driver options for every open (``l2-cache-size=...,overlap-check=...``)."""
+        self.io: QemuIo | None = QemuIo(self.path, readonly=readonly, command=command, options=options)
         if _FAIL.search(self.io.banner):
             err = self.io.banner
             self.io.kill()
@@ -355,7 +364,8 @@ class QemuImage:
 
     def resume(self) -> None:
         opts = "-r " if self.readonly else ""
-        self._io().checked(f"open -t unsafe {opts}-o driver=qcow2 {self.path}", quiet=True)
+        extra = f",{self.options}" if self.options else ""
+        self._io().checked(f"open -t unsafe {opts}-o driver=qcow2{extra} {self.path}", quiet=True)
 
     def reopen(self) -> None:
         self.suspend()

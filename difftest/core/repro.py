@@ -81,10 +81,14 @@ def shell_script(cfg: Config, log: list[tuple[str, dict[str, Any]]], d: Divergen
 
     def flush_segment() -> None:
         if segment:
-            argv = ["qemu-io", "-t", "unsafe", "-f", "qcow2"]
+            opts = cfg.qemu_open_options()
+            argv = ["qemu-io", "-t", "unsafe"]
             for c in segment:
                 argv += ["-c", c]
-            lines.append(shlex.join([*argv, TOP]))
+            # The cache options as the harness passes them (qemuio.QemuIo: --image-opts).
+            image = ["--image-opts", f"driver=qcow2,file.filename={TOP},{opts}"] if opts \
+                else ["-f", "qcow2", TOP]
+            lines.append(shlex.join([*argv, *image]))
             segment.clear()
 
     # The virtual size is tracked so that a resize runs as the harness runs it: qemu-io's

@@ -47,6 +47,9 @@ class Target(Protocol):
     whenever ``image`` is opened."""
 
     def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None: ...
+    def lays_out_like_qemu(self, cfg: Config) -> bool:
+        """Whether this target's file must equal qemu-io's byte for byte under ``cfg``."""
+        ...
     def reopen(self) -> None: ...
     def close(self) -> None: ...
     def open_readonly(self, path: Path) -> Any: ...
@@ -101,21 +104,35 @@ class ModuleTarget:
     in_process = True
 
     def __init__(self, name: str, module: ModuleType | Any, root: Path,
-                 open_options: dict[str, Any] | None = None) -> None:
+                 open_options: dict[str, Any] | None = None,
+                 config_options: Callable[[Config], dict[str, Any]] | None = None,
+                 layout: Callable[[Config], bool] | None = None) -> None:
         self.name = name
         self.module = module
         self.dir = root / name
         self.image: Any = None
         self.introspection = Introspection()
-        self.open_options = open_options or {}
+        self.base_options = open_options or {}
+        self.open_options = dict(self.base_options)
+        self.config_options = config_options
+        """Which of a configuration's open options this target takes (Config.open_options
+        for the impl, only the pure cache-size knobs for the model); None: none."""
+        self.layout = layout
+        """When this target's file must equal qemu-io's byte for byte; None: never (a
+        foreign adapter lays out its file as it likes)."""
 
     @property
     def path(self) -> Path:
         return self.dir / TOP
 
     def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None:
+        if self.config_options is not None:
+            self.open_options = {**self.base_options, **self.config_options(cfg)}
         self.module.create(str(self.path), cfg.size, **_create_args(cfg, backing, self.dir))
         self._open()
+
+    def lays_out_like_qemu(self, cfg: Config) -> bool:
+        return self.layout is not None and self.layout(cfg)
 
     def _open(self) -> None:
         self.image = self.module.open(str(self.path), **self.open_options)
@@ -150,9 +167,14 @@ class QemuTarget:
 
     def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None:
         _run(qemu_img_create(self.path, cfg, backing, str((self.dir / DATA).resolve())), self.dir)
+        # A command adapter speaks qemu-io's language but need not take QEMU's options.
         self.image = qemuio.QemuImage(self.path, command=self.command, size=cfg.size,
-                                      cluster_size=cfg.cluster_size)
+                                      cluster_size=cfg.cluster_size,
+                                      options="" if self.command else cfg.qemu_open_options())
         self.introspection = introspection_of(self.image)  # reopen keeps the same QemuImage
+
+    def lays_out_like_qemu(self, cfg: Config) -> bool:
+        return self.command is None
 
     def reopen(self) -> None:
         self.image.reopen()
@@ -355,9 +377,19 @@ def make_target(spec: str, root: Path) -> Target:
     ``model2``), ``cmd:NAME=ARGV`` (a command adapter) or ``py:package.module`` (any module
     exporting create/open; ``py:package.module:NAME`` takes the object NAME in it)."""
     base = spec.rstrip("0123456789")
-    if base in ("model", "impl"):
-        # "model2" is a second, independent instance of the model (for self-checks).
-        return ModuleTarget(spec, importlib.import_module(base), root, {"cache": "unsafe"})
+    if base == "model":
+        # "model2" is a second, independent instance of the model (for self-checks). The
+        # model has no cache: it takes the cache-size knobs (and ignores them) but not
+        # overlap_check, which it accepts without implementing any mode but "cached"
+        # (model/image.py, _validate_options), and its file equals QEMU's only under QEMU's
+        # default cache options (Config.cache_defaults).
+        return ModuleTarget(spec, importlib.import_module(base), root, {"cache": "unsafe"},
+                            config_options=Config.cache_size_options,
+                            layout=lambda cfg: cfg.cache_defaults)
+    if base == "impl":
+        # The impl gets every drawn option, as qemu-io does, so its file must equal QEMU's.
+        return ModuleTarget(spec, importlib.import_module(base), root, {"cache": "unsafe"},
+                            config_options=Config.open_options, layout=lambda cfg: True)
     if spec.startswith("qemu"):
         if not qemuio.available():
             raise RequestError("qemu-io/qemu-img are not installed")

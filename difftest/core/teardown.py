@@ -11,6 +11,10 @@
    each in-process target opens every other target's file and reads the touched ranges.
    Where QEMU's own corruption (2.) leaves QEMU unable to read its own file, the compare is
    noted ("qemu-unreadable") and the in-process readers must fail alike on every file.
+5. Layout: a target that claims QEMU's layout (``Target.lays_out_like_qemu``: the impl
+   always, since it gets the same open options as qemu-io; the model under QEMU's default
+   cache options only) has written the same file as every qemu target, byte for byte, and the
+   same external data file. Content problems are reported by 1-4 first, as the clearer finding.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from typing import Any, Protocol
 
 from difftest.adapters import load
 from difftest.core import qemuio
+from difftest.core.config import Config
 from difftest.core.divergence import Divergence
 from difftest.core.oracle import qemu_cannot_read, qemu_check, qemu_compare
-from difftest.core.targets import Target
+from difftest.core.targets import DATA, Target
 from spec.errors import Qcow2Error
 from spec.image import open_image
 from spec.rules import evaluate
@@ -41,6 +46,7 @@ class Run(Protocol):
     notes: list[str]
     readers: list[str]
     size: int
+    cfg: Config
 
     def snapshot_names(self) -> dict[str, list[tuple[str, str]]]: ...
     def compare_map(self, off: int = 0, n: int | None = None) -> bool: ...
@@ -116,6 +122,67 @@ def finish(ls: Run) -> None:
     _cross_read(ls)
     for spec in ls.readers:
         _reader(ls, spec)
+    if have_qemu:
+        _same_layout(ls)
+
+
+def first_difference(a: str, b: str, chunk: int = 1 << 20) -> int | None:
+    """The first byte offset where files ``a`` and ``b`` differ (a shorter file differs at
+    its end), or None when they are identical."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        pos = 0
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return pos + next((i for i in range(min(len(x), len(y))) if x[i] != y[i]),
+                                  min(len(x), len(y)))
+            if not x:
+                return None
+            pos += len(x)
+
+
+def _what_is(path: str, off: int) -> str:
+    """Which structure of ``path`` holds host offset ``off`` (for the divergence message)."""
+    try:
+        with open_image(path) as img:
+            h = img.header
+            c = img.cluster_size
+            spans = [("the header cluster", 0, c),
+                     ("the L1 table", int(h.l1_table_offset), 8 * int(h.l1_size)),
+                     ("the refcount table", int(h.refcount_table_offset),
+                      int(h.refcount_table_clusters) * c),
+                     ("the snapshot table", int(h.snapshots_offset), c if h.nb_snapshots else 0)]
+    except Qcow2Error:
+        return f"cluster {off}"
+    for what, start, n in spans:
+        if start <= off < start + n:
+            return f"{what} (+{off - start})"
+    return f"host cluster {off // c} (+{off % c}): an L2 table, refcount block or data"
+
+
+def _same_layout(ls: Run) -> None:
+    qemu = [t for t in ls.targets if not t.in_process and t.lays_out_like_qemu(ls.cfg)]
+    for t in ls.targets:
+        if not t.in_process or not t.lays_out_like_qemu(ls.cfg):
+            continue
+        for q in qemu:
+            files = [(str(t.path), str(q.path))]
+            if ls.cfg.data_file:
+                files.append((str(t.dir / DATA), str(q.dir / DATA)))
+            for mine, theirs in files:
+                at = first_difference(mine, theirs)
+                if at is None:
+                    continue
+                with open(mine, "rb") as fa, open(theirs, "rb") as fb:
+                    fa.seek(at)
+                    fb.seek(at)
+                    x, y = fa.read(16), fb.read(16)
+                    sizes = (fa.seek(0, 2), fb.seek(0, 2))
+                where = _what_is(theirs, at) if mine.endswith(".qcow2") else "the data file"
+                raise Divergence("layout", "finish",
+                                 f"{t.name}'s file differs from {q.name}'s at host offset {at}, in "
+                                 f"{where}: {x.hex()} vs {y.hex()} (file sizes {sizes[0]} and "
+                                 f"{sizes[1]})")
 
 
 def _read_outcome(img: Any, pos: int, k: int) -> tuple[str, Any]:

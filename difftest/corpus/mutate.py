@@ -4,7 +4,7 @@ Valid *base* images are written by qemu-img/qemu-io (``build_bases``). Each *mut
 changes a few bytes on purpose, using the schemas' reading of the base (spec.image) to find
 its target: a reserved bit, a table offset, an L2 entry, a refcount, a length field. A mutant
 carries its name, a description, the exact byte edits and the verdict ``qemu-img check``
-is meant to give (``expect``); tests/test_mutants.py holds QEMU to those intentions.
+is meant to give (``expect``); tests/difftest/test_mutants.py holds QEMU to those intentions.
 Random bit flips in metadata clusters complete the corpus for the fuzz harness
 (difftest/corpus/fuzz.py); they have no intended verdict.
 

@@ -33,7 +33,7 @@ qcow2_mark_clean/_consistent       dirty and corrupt bits, when no error remains
 =================================  ============================================================
 
 The computed refcounts are the rules engine's (spec/rules/evaluate.py walks the image as
-``qemu-img check`` does, and is held to it by tests/test_check_agreement.py); each fix writes
+``qemu-img check`` does, and is held to it by tests/spec/test_check_agreement.py); each fix writes
 what QEMU writes, through the raw file (spec.qfile, spec.refblocks). A write QEMU's metadata
 overlap check would stop (qcow2_pre_write_overlap_check, spec/check/overlap.py) flags the
 image corrupt and ends the check with an error, as in QEMU, keeping what was written before.

@@ -9,7 +9,7 @@ The image is opened as ``qemu-img check`` opens it (BDRV_O_CHECK: spec.image's c
 zero-filled reads past the end of the file, no snapshot table or bitmaps read at open), and
 its backing chain is followed as far as QEMU would open it. ``verdict(result)`` names the
 outcome class qemu-img's exit code and output stand for ("refused" when it prints no report);
-tests/test_check_agreement.py holds it to qemu-img's on a corpus of damaged images.
+tests/spec/test_check_agreement.py holds it to qemu-img's on a corpus of damaged images.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """open() takes QEMU 7.2's image locks (spec/locking.py) on the descriptor it keeps.
 
-Checked against a live ``qemu-io`` in both directions (tests/test_locking.py's
+Checked against a live ``qemu-io`` in both directions (tests/spec/test_locking.py's
 ``live_qemu_io`` keeps one running with the image open): the engine is refused while qemu-io
 writes, qemu-io is refused while the engine writes, readers coexist, and ``force_share=True``
 behaves as ``-U``. A conflict is RequestError (spec/locking.py says why).
@@ -16,7 +16,7 @@ import pytest
 from spec.errors import RequestError
 from spec.locking import BLK_PERM_CONSISTENT_READ, conflicts
 from tests.qemu import create, qemu_io
-from tests.test_locking import RW_PERM, UNSHARED, live_qemu_io, qemu_opens
+from tests.spec.test_locking import RW_PERM, UNSHARED, live_qemu_io, qemu_opens
 
 NOTHING = {"perm": 0, "unshared": 0}
 

@@ -145,7 +145,7 @@ def test_check_agrees_with_qemu_img(shard: int, corpus: list[mu.Mutant], tmp_pat
     agreement = 1 - len(differ) / len(mine)
     assert agreement >= MIN_AGREEMENT
     # The shard is not one-sided (leaks and check errors are rarer: the named mutations aim
-    # at them, and tests/test_mutants.py holds QEMU to those verdicts).
+    # at them, and tests/difftest/test_mutants.py holds QEMU to those verdicts).
     seen = collections.Counter(t for t, _ in outcomes.values())
     assert {"clean", "corruptions", "refused"} <= set(seen), seen
 

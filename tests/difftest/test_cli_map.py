@@ -24,7 +24,7 @@ NAMES = sorted(BUILDERS) + [f"corpus:{p.name}" for p in corpus_images()]
 def test_cli_map_prints_what_qemu_img_prints(name: str, output: str, qemu_images: dict[str, Path]) -> None:
     path = str(qemu_images[name])
     cwd = qemu_images[name].parent
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     ours = subprocess.run([sys.executable, "-m", "difftest.cli", "map", f"--output={output}", path],
                           capture_output=True, text=True, cwd=cwd, env=env)
     theirs = subprocess.run(["qemu-img", "map", f"--output={output}", path], capture_output=True, text=True,

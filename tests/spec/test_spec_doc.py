@@ -31,7 +31,7 @@ from spec.render import (
 )
 from spec.rules import RULES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "spec.md"
 
 
