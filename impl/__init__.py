@@ -2,11 +2,12 @@
 sliced L2 cache and a refcount-block cache, QEMU's write ordering, subcluster allocation,
 two-operation copy-on-write and overlap checks, over a counted host-file layer.
 
-Module map: hostfile (counted, optionally O_DIRECT host I/O), cache (the metadata cache),
-state (BDRVQcow2State), refcount (refcounts and the allocator), cluster (mapping,
-allocation, COW, zeroing, discard, overlap checks), status (block status, map, raw
-backing files), compress, options (open options and cache sizing), create, image (the
-facade).
+Module map, from the bottom up: hostfile (counted, optionally O_DIRECT host I/O), cache
+(the metadata cache), state (BDRVQcow2State and the view of the image the request code
+uses), refcount (refcounts and the allocator), overlap (metadata overlap checks), cluster
+(mapping, allocation, COW, subclusters, zeroing, discard), status (block status, map, raw
+backing files), compress, resize, snapshot, options (open options and cache sizing),
+image (the facade), create.
 
 ``check`` is the shared check-and-repair engine (spec/check/), as for the model.
 """

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import sys
 from array import array
-from typing import TYPE_CHECKING
 
 from impl import refcount as rc
-from impl.state import State
+from impl.state import ImageView, State
 from spec.entries import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -38,9 +37,6 @@ from spec.entries import (
 )
 from spec.errors import CorruptionError
 from spec.geometry import align_down, align_up
-
-if TYPE_CHECKING:
-    from impl.image import Image
 
 ST = SubclusterType
 _SWAP = sys.byteorder == "little"
@@ -168,7 +164,7 @@ def _count(s: State, words: array, w: int, want: int, new_alloc: bool) -> int:
 
 # --- writing ----------------------------------------------------------------------------------
 
-def write(img: Image, offset: int, data: memoryview) -> None:
+def write(img: ImageView, offset: int, data: memoryview) -> None:
     """qcow2_co_pwritev_part: runs of host-contiguous clusters (qcow2_alloc_host_offset).
     Clusters the request replaces are freed only after the whole request, so no piece
     reuses what another piece gave up."""
@@ -182,7 +178,7 @@ def write(img: Image, offset: int, data: memoryview) -> None:
             free_any_cluster(img.s, old, request=False)
 
 
-def write_run(img: Image, pos: int, end: int, data: memoryview, base: int, frees: list[int],
+def write_run(img: ImageView, pos: int, end: int, data: memoryview, base: int, frees: list[int],
               *, prealloc: bool = False) -> int:
     """One qcow2_alloc_host_offset: clusters that continue on the host, each piece cut at
     the slice end. Returns where it stopped."""
@@ -237,7 +233,7 @@ def _place(s: State, pos: int, expected: int | None, n: int) -> tuple[int, int]:
     return expected, rc.alloc_clusters_at(s, expected, n)
 
 
-def _write_clusters(img: Image, pos: int, nbytes: int, host: int, data: memoryview, base: int,
+def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memoryview, base: int,
                     key: int, w: int, *, keep_old: bool, prealloc: bool) -> list[int]:
     """calculate_l2_meta + perform_cow + qcow2_alloc_cluster_link_l2 for ``n`` clusters of
     one slice. Returns the old entries that lose a reference."""
@@ -331,7 +327,7 @@ def _write_clusters(img: Image, pos: int, nbytes: int, host: int, data: memoryvi
     return olds
 
 
-def _data_with_cow(img: Image, first: int, host: int, start_from: int, start_to: int,
+def _data_with_cow(img: ImageView, first: int, host: int, start_from: int, start_to: int,
                    end_from: int, end_to: int, piece: memoryview) -> None:
     """The guest data plus its COW regions, in two host operations at most: one read (of
     both regions together when perform_cow merges them, else each alone) and one vectored
@@ -396,7 +392,7 @@ def split_aligned(offset: int, n: int, align: int) -> list[tuple[int, int]]:
     return out
 
 
-def write_zeroes(img: Image, offset: int, n: int, unmap: bool) -> None:
+def write_zeroes(img: ImageView, offset: int, n: int, unmap: bool) -> None:
     """bdrv_co_do_pwrite_zeroes over qcow2_co_pwrite_zeroes: pieces cut at subclusters; a
     piece the driver refuses (-ENOTSUP) is written as zero data."""
     for start, length in split_aligned(offset, n, img.s.geometry.subcluster_size):
@@ -404,7 +400,7 @@ def write_zeroes(img: Image, offset: int, n: int, unmap: bool) -> None:
             write(img, start, memoryview(bytes(length)))
 
 
-def _driver_zeroes(img: Image, offset: int, n: int, unmap: bool) -> bool:
+def _driver_zeroes(img: ImageView, offset: int, n: int, unmap: bool) -> bool:
     """qcow2_co_pwrite_zeroes: a partial subcluster is zeroed only when the rest of it
     already reads as zeros (is_zero) and it is unallocated or zero."""
     s = img.s
@@ -426,7 +422,7 @@ def _driver_zeroes(img: Image, offset: int, n: int, unmap: bool) -> bool:
     return zeroize(img, offset, n, unmap)
 
 
-def zeroize(img: Image, offset: int, n: int, unmap: bool) -> bool:
+def zeroize(img: ImageView, offset: int, n: int, unmap: bool) -> bool:
     """qcow2_subcluster_zeroize; False = -ENOTSUP."""
     s = img.s
     cs = s.cluster_size
@@ -481,7 +477,7 @@ def _zero_subclusters(s: State, offset: int, n: int) -> bool:
     return True
 
 
-def _for_each_cluster(img: Image, pos: int, end: int, change: object, *, request: bool) -> None:
+def _for_each_cluster(img: ImageView, pos: int, end: int, change: object, *, request: bool) -> None:
     """Walk whole clusters slice by slice (zero_in_l2_slice / discard_in_l2_slice): each
     entry gets ``change(old_e, old_b) -> (new_e, new_b, let_go)``; a changed entry whose
     host cluster is let go drops that reference. The table is allocated (or unshared) even where nothing
@@ -510,7 +506,7 @@ def _for_each_cluster(img: Image, pos: int, end: int, change: object, *, request
             pos += cs
 
 
-def discard(img: Image, offset: int, n: int) -> None:
+def discard(img: ImageView, offset: int, n: int) -> None:
     """qcow2_co_pdiscard: whole clusters only (a last partial one at the image end counts);
     v2 images with a backing file ignore discards (no zero flag to hide the backing)."""
     s = img.s
@@ -524,7 +520,7 @@ def discard(img: Image, offset: int, n: int) -> None:
         cluster_discard(img, start, length, request=True, full=False)
 
 
-def cluster_discard(img: Image, offset: int, n: int, *, request: bool, full: bool) -> None:
+def cluster_discard(img: ImageView, offset: int, n: int, *, request: bool, full: bool) -> None:
     """qcow2_cluster_discard / discard_in_l2_slice."""
     s = img.s
     backing = img.backing is not None
@@ -540,99 +536,3 @@ def cluster_discard(img: Image, offset: int, n: int, *, request: bool, full: boo
         return old_e, old_b, False
 
     _for_each_cluster(img, offset, offset + n, change, request=request)
-
-
-# --- overlap checks --------------------------------------------------------------------------------
-
-QCOW2_OL_MAIN_HEADER = 1 << 0
-QCOW2_OL_ACTIVE_L1 = 1 << 1
-QCOW2_OL_ACTIVE_L2 = 1 << 2
-QCOW2_OL_REFCOUNT_TABLE = 1 << 3
-QCOW2_OL_REFCOUNT_BLOCK = 1 << 4
-QCOW2_OL_SNAPSHOT_TABLE = 1 << 5
-QCOW2_OL_INACTIVE_L1 = 1 << 6
-QCOW2_OL_INACTIVE_L2 = 1 << 7
-QCOW2_OL_BITMAP_DIRECTORY = 1 << 8
-OVERLAP_NAMES = {
-    "main_header": QCOW2_OL_MAIN_HEADER, "active_l1": QCOW2_OL_ACTIVE_L1,
-    "active_l2": QCOW2_OL_ACTIVE_L2, "refcount_table": QCOW2_OL_REFCOUNT_TABLE,
-    "refcount_block": QCOW2_OL_REFCOUNT_BLOCK, "snapshot_table": QCOW2_OL_SNAPSHOT_TABLE,
-    "inactive_l1": QCOW2_OL_INACTIVE_L1, "inactive_l2": QCOW2_OL_INACTIVE_L2,
-    "bitmap_directory": QCOW2_OL_BITMAP_DIRECTORY,
-}
-"""block/qcow2.h QCow2MetadataOverlap; the names of the overlap-check.* options."""
-QCOW2_OL_CONSTANT = (QCOW2_OL_MAIN_HEADER | QCOW2_OL_ACTIVE_L1 | QCOW2_OL_REFCOUNT_TABLE
-                     | QCOW2_OL_SNAPSHOT_TABLE | QCOW2_OL_BITMAP_DIRECTORY)
-QCOW2_OL_CACHED = (QCOW2_OL_CONSTANT | QCOW2_OL_ACTIVE_L2 | QCOW2_OL_REFCOUNT_BLOCK
-                   | QCOW2_OL_INACTIVE_L1)
-QCOW2_OL_ALL = QCOW2_OL_CACHED | QCOW2_OL_INACTIVE_L2
-OVERLAP_MODES = {"none": 0, "constant": QCOW2_OL_CONSTANT, "cached": QCOW2_OL_CACHED,
-                 "all": QCOW2_OL_ALL}
-
-
-class OverlapChecker:
-    """qcow2_pre_write_overlap_check: a data write landing on metadata selected by
-    ``mask`` is refused (the caller flags the image corrupt). The metadata clusters are
-    kept as a dict cluster index -> name, rebuilt only when a table moved (``stale``), so a
-    check is one dict lookup per cluster written; mask 0 costs one comparison."""
-
-    def __init__(self, s: State, mask: int, snapshots: list[tuple[int, int]],
-                 snapshot_table: tuple[int, int], bitmap_dir: tuple[int, int],
-                 inactive_l2: list[int]) -> None:
-        self.s = s
-        self.mask = mask
-        self.snapshots = snapshots
-        self.snapshot_table = snapshot_table
-        self.bitmap_dir = bitmap_dir
-        self.inactive_l2 = inactive_l2
-        self.stale = True
-        self.clusters: dict[int, str] = {}
-
-    def _rebuild(self) -> None:
-        s, m = self.s, self.mask
-        cs = s.cluster_size
-        out: dict[int, str] = {}
-
-        def add(name: str, start: int, length: int) -> None:
-            if length > 0:
-                for c in range(start // cs, -(-(start + length) // cs)):
-                    out.setdefault(c, name)
-
-        if m & QCOW2_OL_MAIN_HEADER:
-            add("qcow2_header", 0, cs)
-        if m & QCOW2_OL_ACTIVE_L1:
-            add("active L1 table", s.l1_table_offset, s.l1_size * 8)
-        if m & QCOW2_OL_REFCOUNT_TABLE:
-            add("refcount table", s.refcount_table_offset, int(s.header.refcount_table_clusters) * cs)
-        if m & QCOW2_OL_SNAPSHOT_TABLE:
-            add("snapshot table", *self.snapshot_table)
-        if m & QCOW2_OL_BITMAP_DIRECTORY:
-            add("bitmap directory", *self.bitmap_dir)
-        if m & QCOW2_OL_INACTIVE_L1:
-            for off, size in self.snapshots:
-                add("inactive L1 table", off, size * 8)
-        if m & QCOW2_OL_ACTIVE_L2:
-            for e in s.l1_table:
-                if e & L1E_OFFSET_MASK:
-                    add("active L2 table", e & L1E_OFFSET_MASK, cs)
-        if m & QCOW2_OL_REFCOUNT_BLOCK:
-            for e in s.reftable:
-                if e & ~0x1FF:
-                    add("refcount block", e & ~0x1FF, cs)
-        if m & QCOW2_OL_INACTIVE_L2:
-            for off in self.inactive_l2:
-                add("inactive L2 table", off, cs)
-        self.clusters = out
-        self.stale = False
-
-    def check(self, offset: int, n: int) -> None:
-        if not self.mask or n <= 0 or self.s.has_data_file:
-            return
-        if self.stale:
-            self._rebuild()
-        cs = self.s.cluster_size
-        clusters = self.clusters
-        for c in range(offset // cs, -(-(offset + n) // cs)):
-            name = clusters.get(c)
-            if name is not None:
-                raise CorruptionError(f"preventing invalid write on metadata (overlaps with {name})")

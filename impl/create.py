@@ -23,7 +23,7 @@ from impl.state import State
 from spec import features as ft
 from spec import header as hd
 from spec import limits as lim
-from spec.errors import RequestError, UnsupportedFeature
+from spec.errors import RequestError
 from spec.geometry import Geometry, align_up
 
 BDRV_SECTOR_SIZE = 512
@@ -35,13 +35,11 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
            backing_fmt: str | None = None, data_file: str | None = None,
            data_file_raw: bool = False, preallocation: str = "off") -> None:
     """Create a qcow2 image (the options of ``qemu-img create -o``); RequestError for what
-    qcow2_co_create refuses, UnsupportedFeature for falloc/full preallocation (not laid
-    out as QEMU lays them out yet)."""
+    qcow2_co_create refuses. ``preallocation=falloc|full`` give valid images but not
+    QEMU's layout (as in the model)."""
     path = str(path)
     _check(size, version, cluster_size, refcount_bits, extended_l2, compression_type,
            lazy_refcounts, backing_file, backing_fmt, data_file, data_file_raw, preallocation)
-    if preallocation in ("falloc", "full"):
-        raise UnsupportedFeature(f"preallocation={preallocation}")
     size = align_up(size, BDRV_SECTOR_SIZE)
     if data_file_raw:
         # qcow2_co_create: a raw data file must read as the disk, so its metadata is
@@ -104,13 +102,15 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
         s.rc_cache.flush()
     finally:
         host.close()
-    if preallocation == "metadata":
-        _preallocate(path, size)
+    if preallocation != "off":
+        _preallocate(path, size, full=preallocation == "full")
 
 
-def _preallocate(path: str, size: int) -> None:
+def _preallocate(path: str, size: int, *, full: bool) -> None:
     """preallocate_co: link every cluster without data, then end the host file (or data
-    file) at the last allocated subcluster."""
+    file) at the last allocated subcluster. ``falloc`` and ``full`` give the same layout
+    here (QEMU puts their data area after a fresh refcount area: not reproduced), ``full``
+    writing the zeros; the guest sees the same either way."""
     from impl.image import open as open_image
 
     with open_image(path, cache="unsafe") as img:
@@ -122,13 +122,12 @@ def _preallocate(path: str, size: int) -> None:
         s.l2_cache.write()
         s.rc_cache.write()
         target = s.data_host()
-        end = align_up(img.last_host_end, g_sub(s))
-        if end > target.size():
+        end = align_up(img.last_host_end, s.geometry.subcluster_size)
+        at = target.size()
+        if end > at and not full:
             target.truncate(end)
-
-
-def g_sub(s: State) -> int:
-    return s.geometry.subcluster_size
+        for chunk in range(at, end, 1 << 20):
+            target.pwrite(chunk, bytes(min(1 << 20, end - chunk)))
 
 
 def _header_cluster(header: c.Container, version: int, cluster_size: int, backing_file: str | None,

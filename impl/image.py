@@ -20,6 +20,7 @@ from typing import Any
 from impl import cluster as cl
 from impl import compress as cz
 from impl import options as opt
+from impl import overlap as ov
 from impl import refcount as rc
 from impl import status as stt
 from impl.cache import Qcow2Cache
@@ -164,7 +165,7 @@ class Image:
 
         snaps = sn.read_table(s)
         inactive_l2: list[int] = []
-        if o.overlap_check & cl.QCOW2_OL_INACTIVE_L2:
+        if o.overlap_check & ov.QCOW2_OL_INACTIVE_L2:
             for x in snaps:
                 words = struct.unpack(f">{int(x.l1_size)}Q",
                                       host.pread(int(x.l1_table_offset), 8 * int(x.l1_size), meta=True))
@@ -173,7 +174,7 @@ class Image:
         bitmap_dir = (0, 0)
         if bm is not None and len(bm.data) >= 24:
             bitmap_dir = (int.from_bytes(bm.data[16:24], "big"), int.from_bytes(bm.data[8:16], "big"))
-        s.overlap = cl.OverlapChecker(s, o.overlap_check,
+        s.overlap = ov.OverlapChecker(s, o.overlap_check,
                                       [(int(x.l1_table_offset), int(x.l1_size)) for x in snaps],
                                       sn.table_span(s, snaps), bitmap_dir, inactive_l2)
         if img.backing_file:

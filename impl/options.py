@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from impl.cluster import OVERLAP_MODES, OVERLAP_NAMES
+from impl.overlap import OVERLAP_MODES, OVERLAP_NAMES
 from spec.errors import RequestError
 
 MiB = 1 << 20

@@ -17,20 +17,17 @@ past the new end of the file or on a cluster that was given up.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
 
 from impl import cluster as cl
 from impl import refcount as rc
+from impl.state import ImageView
 from spec.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
 from spec.errors import Qcow2Error, RequestError, UnsupportedFeature
 from spec.geometry import align_up
 from spec.limits import QCOW_MAX_L1_SIZE
 
-if TYPE_CHECKING:
-    from impl.image import Image
 
-
-def resize(img: Image, new_size: int, shrink: bool) -> None:
+def resize(img: ImageView, new_size: int, shrink: bool) -> None:
     s = img.s
     if new_size < 0 or new_size % 512:
         raise RequestError("the new size must be a non-negative multiple of 512")
@@ -74,7 +71,7 @@ def resize(img: Image, new_size: int, shrink: bool) -> None:
     img.size = new_size
 
 
-def grow_l1(img: Image, min_size: int) -> None:
+def grow_l1(img: ImageView, min_size: int) -> None:
     """qcow2_grow_l1_table (exact size): the table copied to new clusters; the old one
     freed without a discard (QCOW2_DISCARD_OTHER)."""
     s = img.s
@@ -97,7 +94,7 @@ def grow_l1(img: Image, min_size: int) -> None:
         rc.free_clusters(s, old_off, old_size * 8)
 
 
-def _zero_new_area(img: Image, old: int, new_size: int) -> None:
+def _zero_new_area(img: ImageView, old: int, new_size: int) -> None:
     """The grown area reads as zeros, not as the longer backing file: zero clusters from
     the old size rounded up to a subcluster, then explicit zeros over the unaligned head
     (qcow2_co_truncate with BDRV_REQ_ZERO_WRITE, the new size already in effect)."""
@@ -115,7 +112,7 @@ def _zero_new_area(img: Image, old: int, new_size: int) -> None:
         raise
 
 
-def _shrink_l1(img: Image, new_l1: int) -> None:
+def _shrink_l1(img: ImageView, new_l1: int) -> None:
     """qcow2_shrink_l1_table: entries past ``new_l1`` zeroed (l1_size stays), their L2
     tables freed and punched out, last first."""
     s = img.s
@@ -130,7 +127,7 @@ def _shrink_l1(img: Image, new_l1: int) -> None:
             rc.free_clusters(s, off, s.cluster_size, discard=True)
 
 
-def _shrink_reftable(img: Image) -> None:
+def _shrink_reftable(img: ImageView) -> None:
     """qcow2_shrink_reftable: refcount blocks counting nothing but themselves are dropped
     from the table. Freeing such a block fails (its count went with it) and is ignored,
     as in QEMU; its bytes stay in the file."""
@@ -160,7 +157,7 @@ def _shrink_reftable(img: Image) -> None:
         rc.free_clusters(s, off, cs, discard=True)
 
 
-def _cut_file(img: Image) -> None:
+def _cut_file(img: ImageView) -> None:
     """Cut the file after the last cluster with a refcount (qcow2_get_last_cluster)."""
     s = img.s
     cs = s.cluster_size

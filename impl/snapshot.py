@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import TYPE_CHECKING
 
 import construct as c
 
-from impl import cluster as cl
+from impl import overlap as ov
 from impl import refcount as rc
-from impl.state import State
+from impl.state import ImageView, State
 from spec.entries import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -40,9 +39,6 @@ from spec.errors import CorruptionError, RequestError, UnsupportedFeature
 from spec.image import parse
 from spec.limits import QCOW_MAX_SNAPSHOT_EXTRA_DATA, QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOTS_SIZE
 from spec.snapshot import SnapshotHeader
-
-if TYPE_CHECKING:
-    from impl.image import Image
 
 EXTRA_DATA_SIZE = 24
 """sizeof(QCowSnapshotExtraData) in QEMU 7.2: vm_state_size_large, disk_size, icount."""
@@ -95,7 +91,7 @@ def _encode(e: c.Container) -> bytes:
     return built[:length]
 
 
-def write_table(img: Image, table: list[c.Container]) -> None:
+def write_table(img: ImageView, table: list[c.Container]) -> None:
     """qcow2_write_snapshots: the table to new clusters, the header, then the old table
     freed (and punched out)."""
     s = img.s
@@ -120,11 +116,11 @@ def write_table(img: Image, table: list[c.Container]) -> None:
 
 
 def _refresh_overlap(s: State, table: list[c.Container]) -> None:
-    ov = s.overlap
-    if isinstance(ov, cl.OverlapChecker):
-        ov.snapshots = [(int(e.l1_table_offset), int(e.l1_size)) for e in table]
-        ov.snapshot_table = table_span(s, table)
-        ov.stale = True
+    checker = s.overlap
+    if isinstance(checker, ov.OverlapChecker):
+        checker.snapshots = [(int(e.l1_table_offset), int(e.l1_size)) for e in table]
+        checker.snapshot_table = table_span(s, table)
+        checker.stale = True
 
 
 def find(table: list[c.Container], name: str) -> int:
@@ -204,7 +200,7 @@ def _no_data_file(s: State) -> None:
         raise UnsupportedFeature("internal snapshots with an external data file")
 
 
-def create(img: Image, name: str) -> None:
+def create(img: ImageView, name: str) -> None:
     s = img.s
     _no_data_file(s)
     table = read_table(s)
@@ -231,7 +227,7 @@ def create(img: Image, name: str) -> None:
     write_table(img, [*table, entry])
 
 
-def apply(img: Image, name: str) -> None:
+def apply(img: ImageView, name: str) -> None:
     from impl import resize as rs
 
     s = img.s
@@ -254,7 +250,7 @@ def apply(img: Image, name: str) -> None:
     update_snapshot_refcount(s, s.l1_table_offset, cur, 0)
 
 
-def delete(img: Image, name: str) -> None:
+def delete(img: ImageView, name: str) -> None:
     s = img.s
     table = read_table(s)
     sn = table.pop(find(table, name))

@@ -10,7 +10,7 @@ written entry-wise where QEMU writes entries (qcow2_write_l1_entry).
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Protocol
 
 import construct as c
 
@@ -22,6 +22,26 @@ from spec.geometry import Geometry
 
 L1_ENTRIES_PER_SECTOR = 512 // 8
 """qcow2_write_l1_entry writes the aligned 512-byte sector holding the changed entry."""
+
+
+class ImageView(Protocol):
+    """The open image as the request code (cluster, status, resize, snapshot) sees it;
+    image.Image implements it. Kept here so that those modules need not import image."""
+
+    s: State
+    size: int
+    backing: Any
+    filename: str
+    data_filename: str | None
+    snapshot_l1: list[int] | None
+    metadata_preallocation: bool | None
+    last_host_end: int
+
+    def read_internal(self, offset: int, n: int) -> bytes: ...
+    def is_zero(self, offset: int, n: int) -> bool: ...
+    def is_zero_fast(self, offset: int, n: int) -> bool: ...
+    def mark_dirty(self) -> None: ...
+    def layer_status(self, offset: int, n: int, want_zero: bool = True) -> Any: ...
 
 
 class NoOverlapCheck:

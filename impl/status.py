@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from impl import cluster as cl
+from impl.state import ImageView
 from spec.entries import L2E_OFFSET_MASK, SubclusterType, subcluster_type
 from spec.errors import CorruptionError, FormatError
-
-if TYPE_CHECKING:
-    from impl.image import Image
 
 # block/block-common.h
 BDRV_BLOCK_DATA = 0x01
@@ -136,7 +134,7 @@ def file_status(fd: int, offset: int, n: int) -> tuple[int, int]:
     return flags, pnum
 
 
-def qcow2_status(img: Image, offset: int, n: int, want_zero: bool = True) -> Status:
+def qcow2_status(img: ImageView, offset: int, n: int, want_zero: bool = True) -> Status:
     """qcow2_co_block_status plus the generic part of bdrv_co_block_status for one qcow2
     node: the subcluster type at ``offset`` decides the flags, and the answer runs over the
     following subclusters of that type (host-contiguous for allocated ones) to the end of
@@ -183,7 +181,7 @@ def qcow2_status(img: Image, offset: int, n: int, want_zero: bool = True) -> Sta
     return Status(flags, pnum, host, filename)
 
 
-def _same_kind_run(img: Image, offset: int, needed: int) -> tuple[SubclusterType, int, int | None]:
+def _same_kind_run(img: ImageView, offset: int, needed: int) -> tuple[SubclusterType, int, int | None]:
     """The type of ``offset``'s subcluster, how many bytes from the start of its cluster
     (at most ``needed``) are subclusters of that type, host-contiguous where they have
     an offset (one cluster only when compressed), and the host offset of ``offset``."""
@@ -219,7 +217,7 @@ def _same_kind_run(img: Image, offset: int, needed: int) -> tuple[SubclusterType
     return kind, min((same + first_sc) * g.subcluster_size, needed), host
 
 
-def detect_metadata_preallocation(img: Image) -> bool:
+def detect_metadata_preallocation(img: ImageView) -> bool:
     """qcow2_detect_metadata_preallocation: clearly more clusters have a refcount than the
     file has blocks allocated. Decided once per open, at the first status query."""
     s = img.s
@@ -246,14 +244,14 @@ def detect_metadata_preallocation(img: Image) -> bool:
     return count >= threshold
 
 
-def _layers(img: Image) -> Iterator[Any]:
+def _layers(img: ImageView) -> Iterator[Any]:
     layer: Any = img
     while layer is not None:
         yield layer
         layer = layer.backing
 
 
-def status_above(img: Image, offset: int, n: int, *, want_zero: bool = True) -> tuple[int, int]:
+def status_above(img: ImageView, offset: int, n: int, *, want_zero: bool = True) -> tuple[int, int]:
     """bdrv_block_status_above(bs, NULL): the chain answers as one node. Descend while a
     layer has not allocated the range, each time asking only about what the layer above
     covered; a backing layer that ends before ``offset`` means zeros, allocated there
@@ -273,7 +271,7 @@ def status_above(img: Image, offset: int, n: int, *, want_zero: bool = True) -> 
 _FLAG_KEYS = (("present", BDRV_BLOCK_ALLOCATED), ("zero", BDRV_BLOCK_ZERO), ("data", BDRV_BLOCK_DATA))
 
 
-def _extent(img: Image, offset: int, n: int) -> dict[str, Any]:
+def _extent(img: ImageView, offset: int, n: int) -> dict[str, Any]:
     """qemu-img.c get_block_status: the first layer from the top that says DATA or ZERO
     describes the extent, at its depth; if none does, the bottom layer's depth with no
     flags at all."""
@@ -301,11 +299,11 @@ def _joins(cur: dict[str, Any], nxt: dict[str, Any]) -> bool:
     return "offset" not in cur or cur["offset"] + cur["length"] == nxt["offset"]
 
 
-def image_map(img: Image, offset: int, n: int) -> list[dict[str, Any]]:
+def image_map(img: ImageView, offset: int, n: int) -> list[dict[str, Any]]:
     """The extents of ``qemu-img map --output=json``. qemu-img is a fresh process, so each
     qcow2 layer decides afresh whether it looks preallocated; this open's own decisions
     are restored afterwards."""
-    chain: list[Image] = []
+    chain: list[ImageView] = []
     layer: Any = img
     while layer is not None:
         if hasattr(layer, "metadata_preallocation"):

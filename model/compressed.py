@@ -92,10 +92,12 @@ def _write_cluster(s: State, offset: int, data: bytes) -> None:
     ov.check_data_write(q, host, len(out))
     nb_additional = ((host + len(out) - 1) >> 9) - (host >> 9)
     entry = QCOW_OFLAG_COMPRESSED | (nb_additional << csize_shift(q.cluster_bits)) | host
+    # The data first, the L2 entry that maps it after (a barrier between, ModelFile): a
+    # power cut must not leave an entry pointing at bytes that were never written.
+    q.data_pwrite(host, out)
     table = mp.read_l2(q, l2off)
     table[idx] = (entry, 0)
     mp.write_l2(q, l2off, table)
-    q.pwrite(host, out)
 
 
 def alloc_bytes(q: ModelFile, size: int) -> int:

@@ -29,6 +29,7 @@ from spec import encryption as enc
 from spec import features as ft
 from spec.check import repair_dirty
 from spec.errors import CorruptionError, FormatError, Qcow2Error, RequestError
+from spec.hostio import HostIOError
 from spec.image import ImageFile, open_image
 from spec.info import allocated_size, full_backing_filename, qcow2_info
 from spec.limits import QCOW2_MAX_BACKING_DEPTH
@@ -317,9 +318,12 @@ class Image:
         """Run an operation; a CorruptionError from the tables flags the image. A
         compressed cluster that does not decode, here or in a backing file, fails the
         request with a plain CorruptionError and flags nothing (QEMU: -EIO from
-        qcow2_co_preadv_compressed); see state.UnflaggedError."""
+        qcow2_co_preadv_compressed); see state.UnflaggedError. Nor does a failed host
+        call (spec.hostio.HostIOError: QEMU returns the errno and sets no corrupt bit)."""
         try:
             return fn(*args)
+        except HostIOError:
+            raise
         except UnflaggedError as e:
             raise CorruptionError(str(e)) from None
         except CorruptionError as e:

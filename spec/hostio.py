@@ -18,7 +18,8 @@ Nothing is recorded unless a monitor is installed: the cost on the normal path i
 and a recorder must see where it would be.
 
 Errors: a monitor raises OSError to fail a call; the engine turns it into its own error for a
-failed host call (CorruptionError, as QEMU returns -EIO).
+failed host call (HostIOError here, a CorruptionError that flags nothing: QEMU returns the
+errno and leaves the corrupt bit alone).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from spec.errors import CorruptionError
+
 READ, WRITE, FALLOCATE, TRUNCATE, FLUSH = "read", "write", "fallocate", "truncate", "flush"
 CHANGES = (WRITE, FALLOCATE, TRUNCATE, FLUSH)
 """The kinds a recorder keeps: everything but reads."""
@@ -36,6 +39,12 @@ CHANGES = (WRITE, FALLOCATE, TRUNCATE, FLUSH)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+
+
+class HostIOError(CorruptionError):
+    """A host call failed (EIO, ENOSPC, ...): the request fails as QEMU's does with the
+    errno, and the image is not flagged corrupt (QEMU sets the corrupt bit only for
+    inconsistent metadata, qcow2_signal_corruption)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +100,8 @@ def monitoring(monitor: Monitor) -> Iterator[Monitor]:
         active = outer
 
 
-def report(kind: str, path: str, offset: int = 0, length: int = 0, data: bytes = b"",
+def report(kind: str, path: str, offset: int = 0, length: int = 0,
+           data: bytes | bytearray | memoryview = b"",
            mode: int = 0) -> None:
     """Tell the active monitor about a host call (callers test ``active`` first, so that an
     unmonitored call costs one global lookup)."""

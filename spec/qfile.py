@@ -16,8 +16,9 @@ to ``hostio.active`` when a campaign installed a monitor (a recorder, a fault in
 ``pwrite`` is the metadata write and calls ``barrier()`` first: a no-op here (the check engine
 orders its repairs itself), the model's ordering point (model/state.py ModelFile).
 
-Errors: host I/O failures become CorruptionError (QEMU returns -EIO and, for plain I/O
-errors, does not set the corrupt bit). Writing through a read-only file is RequestError.
+Errors: host I/O failures become hostio.HostIOError, a CorruptionError that flags nothing
+(QEMU returns the errno and, for plain I/O errors, does not set the corrupt bit). Writing
+through a read-only file is RequestError.
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ import construct as c
 
 from spec import header as hd
 from spec import hostio
-from spec.errors import CorruptionError, RequestError
+from spec.errors import RequestError
 from spec.geometry import Geometry
 from spec.hostio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from spec.image import ImageFile
-
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -100,7 +100,7 @@ class Qcow2File(hd.HeaderViews):
                 hostio.report(hostio.READ, self._path(f), offset, n)
             data = os.pread((f or self.f).fileno(), n, offset)
         except (OSError, OverflowError) as e:
-            raise CorruptionError(f"host read of {n} bytes at {offset} failed: {e}") from None
+            raise hostio.HostIOError(f"host read of {n} bytes at {offset} failed: {e}") from None
         return data if len(data) == n else data + bytes(n - len(data))
 
     def pwrite(self, offset: int, data: bytes | bytearray, f: BinaryIO | None = None) -> None:
@@ -119,7 +119,7 @@ class Qcow2File(hd.HeaderViews):
             self.unflushed = True
             os.pwrite((f or self.f).fileno(), data, offset)
         except (OSError, OverflowError) as e:
-            raise CorruptionError(f"host write of {len(data)} bytes at {offset} failed: {e}") from None
+            raise hostio.HostIOError(f"host write of {len(data)} bytes at {offset} failed: {e}") from None
 
     def barrier(self) -> None:
         """Called before every metadata write. The plain file orders nothing; the model
@@ -137,7 +137,7 @@ class Qcow2File(hd.HeaderViews):
             if sync:
                 os.fdatasync((f or self.f).fileno())
         except OSError as e:
-            raise CorruptionError(f"flush of {self._path(f)} failed: {e}") from None
+            raise hostio.HostIOError(f"flush of {self._path(f)} failed: {e}") from None
 
     def flush_all(self, *, sync: bool = True) -> None:
         """Flush the image file and the data file (bdrv_co_flush recurses into children)."""
@@ -150,7 +150,7 @@ class Qcow2File(hd.HeaderViews):
         try:
             return os.fstat((f or self.f).fileno()).st_size
         except OSError as e:
-            raise CorruptionError(f"cannot stat host file: {e}") from None
+            raise hostio.HostIOError(f"cannot stat host file: {e}") from None
 
     def truncate(self, size: int, f: BinaryIO | None = None) -> None:
         if self.readonly:
@@ -161,7 +161,7 @@ class Qcow2File(hd.HeaderViews):
             self.unflushed = True
             os.ftruncate((f or self.f).fileno(), size)
         except OSError as e:
-            raise CorruptionError(f"cannot resize host file: {e}") from None
+            raise hostio.HostIOError(f"cannot resize host file: {e}") from None
 
     def _fallocate(self, f: BinaryIO | None, mode: int, offset: int, n: int) -> int:
         """fallocate(2) through the monitor; 0 or the errno."""
@@ -192,7 +192,7 @@ class Qcow2File(hd.HeaderViews):
         if ret == 0:
             return True
         if ret not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise CorruptionError(f"zeroing {n} bytes at {offset} failed: {os.strerror(ret)}")
+            raise hostio.HostIOError(f"zeroing {n} bytes at {offset} failed: {os.strerror(ret)}")
         ret = self._fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n)
         if ret == 0:
             return self._fallocate(f, 0, offset, n) == 0

@@ -1,6 +1,12 @@
-"""Mutation tests of the differential tester: plausible bugs are injected into the model
-(monkeypatched for one test), and the state machine must find each within a bounded number
-of examples and shrink it to at most six operations.
+"""Mutation tests of the differential tester: plausible bugs are injected into an engine
+(monkeypatched for one test, never edited), and the state machine must find each within a
+bounded number of examples and shrink it to at most six operations.
+
+Every bug is planted in the model and, at the equivalent place, in the impl (the engine
+runs against qemu-io alone, so the divergence is the mutant's). Three bugs only the impl can
+have are planted in it too: a dirty L2 slice dropped on eviction, a refcount block written
+after the L2 entry that needs it (seen by ``check_live``: the live file, caches unflushed,
+fails qemu-img check), and a COW tail read from the wrong offset.
 
 The configuration is pinned where each bug lives (a qcow2 backing file shorter than the
 image, 4 KiB clusters; 16 KiB clusters with extended L2 for the bitmap mutant) and the seed is
@@ -11,6 +17,7 @@ mutant's.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +28,9 @@ from difftest.core import qemuio
 from difftest.core.campaign import Shard, Stats, run_shard
 from difftest.core.targets import module_available
 
-pytestmark = pytest.mark.skipif(not (qemuio.available() and module_available("model")),
-                                reason="needs qemu-io and the model")
+pytestmark = pytest.mark.skipif(not qemuio.available(), reason="needs qemu-io")
+ENGINES = [pytest.param(e, marks=pytest.mark.skipif(not module_available(e), reason=f"needs {e}"), id=e)
+           for e in ("model", "impl")]
 
 PINNED = {"version": 3, "cluster_size": 4096, "backing": "qcow2", "backing_size": "shorter",
           "data_file": False}
@@ -33,17 +41,32 @@ EXTENDED = {**PINNED, "cluster_size": 16384, "extended_l2": True}
 """Where the subcluster bitmap matters (extended L2 needs clusters of 16 KiB or more)."""
 
 
+TINY_L2 = {"version": 3, "cluster_size": 4096, "backing": "none", "data_file": False,
+           "lazy_refcounts": False, "l2_cache_entry_size": 512, "l2_cache_size": 1024,
+           "size": 1 << 20}
+"""Two 512-byte L2 slices (the minimum cache) over an image of four slices in one L2 table
+(allocated once: allocating a table flushes the refcount cache, which would hide the
+write-ordering mutant): a request in another slice than the last two evicts one."""
+NO_BACKING = {"version": 3, "cluster_size": 4096, "backing": "none", "data_file": False}
+"""Copy-on-write of the image's own (random) data: a backing pattern is one byte repeated,
+so a COW region read from the wrong place there would read the same bytes."""
+
+
 def campaign(tmp_path: Path, *, examples: int, finish: bool, seed: int = 11, steps: int = 12,
-             overrides: dict[str, Any] | None = None) -> Stats:
-    return run_shard(Shard(["model", "qemu"], seed=seed, examples=examples, steps=steps,
+             overrides: dict[str, Any] | None = None, engine: str = "model") -> Stats:
+    return run_shard(Shard([engine, "qemu"], seed=seed, examples=examples, steps=steps,
                            overrides=overrides or PINNED,
                            db_dir=None, repro_dir=str(tmp_path / "repro"), workdir=str(tmp_path / "w"),
                            finish=finish, multiple_bugs=False))
 
 
-@pytest.mark.parametrize("extended", [False, True], ids=["pinned", "extended"])
-def test_unmutated_model_is_clean_here(tmp_path: Path, extended: bool) -> None:
-    stats = campaign(tmp_path, examples=12, finish=True, overrides=EXTENDED if extended else PINNED)
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("pinned", ["pinned", "extended", "tiny-l2", "no-backing"])
+def test_unmutated_engine_is_clean_here(tmp_path: Path, engine: str, pinned: str) -> None:
+    if engine == "model" and pinned in ("tiny-l2", "no-backing"):
+        pytest.skip("the impl-only mutants' configurations")
+    overrides = {"pinned": PINNED, "extended": EXTENDED, "tiny-l2": TINY_L2, "no-backing": NO_BACKING}[pinned]
+    stats = campaign(tmp_path, examples=12, finish=True, overrides=overrides, engine=engine)
     assert stats.divergences == []
 
 
@@ -149,33 +172,199 @@ def _copied_left_after_snapshot(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(sn, "update_snapshot_refcount", update)
 
 
+# -- the same bugs in the impl --------------------------------------------------------------
+
+def _impl_zero_flag_ignored(mp: pytest.MonkeyPatch) -> None:
+    """Reads of a zero (sub)cluster fall through to the backing file (read_into's types)."""
+    import impl.image as ii
+    from spec.entries import SubclusterType as ST
+    orig = ii.subcluster_type
+    as_unallocated = {ST.ZERO_PLAIN: ST.UNALLOCATED_PLAIN, ST.ZERO_ALLOC: ST.UNALLOCATED_ALLOC}
+
+    def subcluster_type(*a: Any, **kw: Any) -> Any:
+        t = orig(*a, **kw)
+        return as_unallocated.get(t, t)
+
+    mp.setattr(ii, "subcluster_type", subcluster_type)
+
+
+def _impl_garbage_past_backing_end(mp: pytest.MonkeyPatch) -> None:
+    import impl.image as ii
+
+    def _backing_read(self: Any, pos: int, buf: memoryview) -> None:
+        if self.backing is None:
+            return
+        inside = max(0, min(len(buf), self.backing.size - pos))
+        if inside:
+            self.backing.read_into(pos, buf[:inside])
+        buf[inside:] = b"\xb1" * (len(buf) - inside)
+
+    mp.setattr(ii.Image, "_backing_read", _backing_read)
+
+
+def _impl_discard_keeps_refcount(mp: pytest.MonkeyPatch) -> None:
+    import impl.refcount as rc
+    orig = rc.free_clusters
+
+    def free_clusters(s: Any, offset: int, length: int, *, discard: bool = False) -> None:
+        if not discard:
+            orig(s, offset, length, discard=discard)
+
+    mp.setattr(rc, "free_clusters", free_clusters)
+
+
+def _impl_compressed_size_short(mp: pytest.MonkeyPatch) -> None:
+    import impl.compress as cz
+    orig = cz.deflate
+
+    def deflate(data: Any, ctype: Any, limit: int) -> bytes | None:
+        out = orig(data, ctype, limit)
+        return out[:-4] if out and len(out) > 8 else out
+
+    mp.setattr(cz, "deflate", deflate)
+
+
+def _impl_l1_bound_off_by_one(mp: pytest.MonkeyPatch) -> None:
+    """Lookups (l2_slice) treat the last L1 entry as past the end of the table."""
+    import impl.cluster as cl
+    orig = cl.l2_slice
+
+    def l2_slice(s: Any, guest: int, l1: list[int] | None = None) -> Any:
+        g = s.geometry
+        table = s.l1_table if l1 is None else l1
+        return None if guest >> (g.cluster_bits + g.l2_bits) >= len(table) - 1 else orig(s, guest, l1)
+
+    mp.setattr(cl, "l2_slice", l2_slice)
+
+
+def _impl_bitmap_wrong_word(mp: pytest.MonkeyPatch) -> None:
+    import impl.cluster as cl
+
+    def get_entry(s: Any, guest: int, l1: list[int] | None = None) -> tuple[int, int]:
+        found = cl.l2_slice(s, guest, l1)
+        if found is None:
+            return 0, 0
+        words, w = found
+        if not s.extended_l2:
+            return words[w], 0
+        return words[w], words[w + 3] if w + 3 < len(words) else words[w + 1]
+
+    mp.setattr(cl, "get_entry", get_entry)
+
+
+def _impl_copied_left_after_snapshot(mp: pytest.MonkeyPatch) -> None:
+    import impl.snapshot as sn
+    orig = sn.update_snapshot_refcount
+
+    def update(s: Any, l1_offset: int, l1_size: int, addend: int, l1: list[int] | None = None) -> None:
+        before = list(s.l1_table) if addend == 1 and l1_offset == s.l1_table_offset else None
+        orig(s, l1_offset, l1_size, addend, l1)
+        if before is not None:
+            s.l1_table[:] = before
+            s.host.pwrite(l1_offset, struct.pack(f">{len(before)}Q", *before), meta=True)
+
+    mp.setattr(sn, "update_snapshot_refcount", update)
+
+
+# -- bugs only the impl can have ---------------------------------------------------------------
+
+def _impl_dirty_slice_dropped(mp: pytest.MonkeyPatch) -> None:
+    """An L2 slice evicted from the cache is dropped without being written back."""
+    from impl.cache import Qcow2Cache
+    orig = Qcow2Cache._make_room
+
+    def _make_room(self: Any) -> None:
+        if self.name == "l2" and len(self.tables) >= self.capacity:
+            victim = next((o for o in self.tables if o not in self.pinned), None)
+            self.dirty.discard(victim)
+        orig(self)
+
+    mp.setattr(Qcow2Cache, "_make_room", _make_room)
+
+
+def _impl_refcount_after_l2(mp: pytest.MonkeyPatch) -> None:
+    """The L2 cache never depends on the refcount cache: a slice pointing at a new cluster
+    can reach the file (on eviction) before the refcount block that counts it."""
+    from impl.cache import Qcow2Cache
+    orig = Qcow2Cache.set_dependency
+
+    def set_dependency(self: Any, other: Any) -> None:
+        if self.name != "l2":
+            orig(self, other)
+
+    mp.setattr(Qcow2Cache, "set_dependency", set_dependency)
+
+
+def _impl_cow_tail_wrong_offset(mp: pytest.MonkeyPatch) -> None:
+    """The COW tail is read from where the head starts (a copy-paste slip in perform_cow)."""
+    import impl.cluster as cl
+    orig = cl._data_with_cow
+
+    class Misreading:
+        def __init__(self, img: Any, tail_at: int, tail: int, head_at: int) -> None:
+            self.img, self.tail_at, self.tail, self.head_at = img, tail_at, tail, head_at
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.img, name)
+
+        def read_internal(self, off: int, n: int) -> bytes:
+            if (off, n) == (self.tail_at, self.tail):
+                off = self.head_at
+            return bytes(self.img.read_internal(off, n))
+
+    def _data_with_cow(img: Any, first: int, host: int, start_from: int, start_to: int,
+                       end_from: int, end_to: int, piece: memoryview) -> None:
+        lying = Misreading(img, first + end_from, end_to - end_from, first + start_from)
+        orig(lying, first, host, start_from, start_to, end_from, end_to, piece)
+
+    mp.setattr(cl, "_data_with_cow", _data_with_cow)
+
+
 MUTANTS: list[Any] = [
-    # name, injector, divergence kinds that betray it, teardown checks needed, examples, steps
-    pytest.param("zero-flag-ignored", _zero_flag_ignored, {"bytes"}, False, 40, 12, id="zero-flag-ignored"),
-    pytest.param("garbage-past-shorter-backing", _garbage_past_backing_end, {"bytes"}, False, 40, 12,
-                 id="garbage-past-shorter-backing"),
+    # name, injector per engine, divergence kinds that betray it, teardown checks needed,
+    # examples, steps, pinned configuration
+    pytest.param("zero-flag-ignored", {"model": _zero_flag_ignored, "impl": _impl_zero_flag_ignored},
+                 {"bytes"}, False, 40, 12, PINNED, id="zero-flag-ignored"),
+    pytest.param("garbage-past-shorter-backing",
+                 {"model": _garbage_past_backing_end, "impl": _impl_garbage_past_backing_end},
+                 {"bytes"}, False, 40, 12, PINNED, id="garbage-past-shorter-backing"),
     # Found only by the teardown checks, so every shrink step pays for qemu-img check, compare
     # and the rules (~50 s).
-    pytest.param("discard-keeps-refcount", _discard_keeps_refcount, {"check", "rules"}, True, 40, 12,
-                 id="discard-keeps-refcount"),
-    pytest.param("compressed-size-short", _compressed_size_short, {"bytes", "error", "crossread"}, False,
-                 60, 12, id="compressed-size-short"),
-    pytest.param("l1-bound-off-by-one", _l1_bound_off_by_one, {"bytes", "map", "error"}, False, 40, 12,
-                 id="l1-bound-off-by-one"),
-    pytest.param("bitmap-wrong-word", _bitmap_wrong_word, {"bytes", "map", "error"}, False, 40, 12,
-                 id="bitmap-wrong-word"),
-    pytest.param("copied-left-after-snapshot", _copied_left_after_snapshot,
-                 {"bytes", "check", "rules", "crossread"}, True, 80, 20, id="copied-left-after-snapshot"),
+    pytest.param("discard-keeps-refcount",
+                 {"model": _discard_keeps_refcount, "impl": _impl_discard_keeps_refcount},
+                 {"check", "rules", "layout"}, True, 40, 12, PINNED, id="discard-keeps-refcount"),
+    pytest.param("compressed-size-short",
+                 {"model": _compressed_size_short, "impl": _impl_compressed_size_short},
+                 {"bytes", "error", "crossread"}, False, 60, 12, PINNED, id="compressed-size-short"),
+    pytest.param("l1-bound-off-by-one", {"model": _l1_bound_off_by_one, "impl": _impl_l1_bound_off_by_one},
+                 {"bytes", "map", "error"}, False, 40, 12, PINNED, id="l1-bound-off-by-one"),
+    pytest.param("bitmap-wrong-word", {"model": _bitmap_wrong_word, "impl": _impl_bitmap_wrong_word},
+                 {"bytes", "map", "error"}, False, 40, 12, EXTENDED, id="bitmap-wrong-word"),
+    pytest.param("copied-left-after-snapshot",
+                 {"model": _copied_left_after_snapshot, "impl": _impl_copied_left_after_snapshot},
+                 {"bytes", "check", "rules", "crossread"}, True, 80, 20, PINNED,
+                 id="copied-left-after-snapshot"),
+    pytest.param("dirty-slice-dropped-on-eviction", {"impl": _impl_dirty_slice_dropped},
+                 {"bytes", "map", "error", "crossread", "check", "rules"}, False, 40, 12, TINY_L2,
+                 id="dirty-slice-dropped-on-eviction"),
+    pytest.param("refcount-written-after-l2", {"impl": _impl_refcount_after_l2},
+                 {"live"}, True, 60, 12, TINY_L2, id="refcount-written-after-l2"),
+    pytest.param("cow-tail-wrong-offset", {"impl": _impl_cow_tail_wrong_offset},
+                 {"bytes", "crossread"}, False, 40, 12, NO_BACKING, id="cow-tail-wrong-offset"),
 ]
 
 
-@pytest.mark.parametrize(("name", "inject", "kinds", "finish", "examples", "steps"), MUTANTS)
-def test_mutant_is_found_and_shrunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
-                                    inject: Callable[[pytest.MonkeyPatch], None], kinds: set[str],
-                                    finish: bool, examples: int, steps: int) -> None:
-    inject(monkeypatch)
-    overrides = EXTENDED if name == "bitmap-wrong-word" else PINNED
-    stats = campaign(tmp_path, examples=examples, finish=finish, steps=steps, overrides=overrides)
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("name", "injectors", "kinds", "finish", "examples", "steps", "overrides"), MUTANTS)
+def test_mutant_is_found_and_shrunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str, name: str,
+                                    injectors: dict[str, Callable[[pytest.MonkeyPatch], None]],
+                                    kinds: set[str], finish: bool, examples: int, steps: int,
+                                    overrides: dict[str, Any]) -> None:
+    if engine not in injectors:
+        pytest.skip(f"{name} is a bug only the impl can have")
+    injectors[engine](monkeypatch)
+    stats = campaign(tmp_path, examples=examples, finish=finish, steps=steps, overrides=overrides,
+                     engine=engine)
     found = [d for d in stats.divergences if d.kind in kinds]
     assert found, f"{name} not found: {[(d.kind, d.message) for d in stats.divergences]}"
     assert min(d.steps for d in found) <= MAX_SHRUNK_STEPS, [(d.steps, d.message) for d in found]

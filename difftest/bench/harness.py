@@ -18,9 +18,34 @@ import time
 from pathlib import Path
 from typing import Any
 
+from difftest.core import qemuio
 from difftest.core.campaign import Shard, run_shard
 from difftest.core.config import Config
 from difftest.core.lockstep import Lockstep
+from difftest.core.targets import module_available
+
+
+def target_sets() -> list[list[str]]:
+    """The rows of ``qcow2lab bench difftest``, for the targets this machine has: each
+    engine against a second instance of itself (the harness's own cost), the engines against
+    each other and against qemu-io, and the three-way set that ``make run`` uses."""
+    model, impl, qemu = module_available("model"), module_available("impl"), qemuio.available()
+    sets: list[list[str]] = []
+    if model:
+        sets.append(["model", "model2"])
+    if impl:
+        sets.append(["impl", "impl2"])
+    if model and impl:
+        sets.append(["model", "impl"])
+    if qemu:
+        if model:
+            sets.append(["model", "qemu"])
+        if impl:
+            sets.append(["impl", "qemu"])
+        if model and impl:
+            sets.append(["model", "impl", "qemu"])
+        sets.append(["qemu", "qemu2"])
+    return sets
 
 
 def steady_state(targets: list[str], ops: int, cfg: Config, seed: int = 0, rounds: int = 3) -> dict[str, Any]:

@@ -10,9 +10,7 @@ import argparse
 import json
 from collections.abc import Callable
 
-from difftest.core import qemuio
 from difftest.core.campaign import PROFILES
-from difftest.core.targets import module_available
 
 
 def _difftest(args: argparse.Namespace) -> int:
@@ -23,17 +21,8 @@ def _difftest(args: argparse.Namespace) -> int:
     from difftest.core.config import Config
 
     cfg = Config(cluster_size=4096, size=64 << 20)
-    sets: list[list[str]] = []
-    if module_available("model"):
-        sets.append(["model", "model2"])
-        if module_available("impl"):
-            sets.append(["model", "impl"])
-    if qemuio.available():
-        if module_available("model"):
-            sets.append(["model", "qemu"])
-        sets.append(["qemu", "qemu2"])
     rows = []
-    for targets in sets:
+    for targets in harness.target_sets():
         row = {"steady": harness.steady_state(targets, args.ops, cfg, rounds=args.rounds)}
         if not args.no_campaign:
             row["campaign"] = harness.campaign(targets, args.examples, PROFILES["ci"]["steps"])

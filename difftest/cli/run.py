@@ -12,12 +12,18 @@ import argparse
 from difftest.cli.difftest import add_campaign_args
 from difftest.cli.difftest import run as difftest_run
 
+CRASH_SHARE = 20.0
+"""Seconds of the budget that go to ``qcow2lab crash`` on the model."""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="the default differential campaign, about 2 minutes (make run)")
     add_campaign_args(p, profile="ci")
-    p.set_defaults(func=run, time_budget=110.0, jobs=2, examples=40)
+    p.set_defaults(func=run, time_budget=110.0 - CRASH_SHARE, jobs=2, examples=40)
 
 
 def run(args: argparse.Namespace) -> int:
-    return difftest_run(args)
+    status = difftest_run(args)
+    # The crash-consistency campaign (difftest/crash/) takes its share of the budget.
+    from difftest.cli import crash
+    return max(status, crash.run(crash.defaults(time_budget=CRASH_SHARE, seed=args.seed or 0)))

@@ -244,6 +244,10 @@ def edge_points(cfg: Config, size: int) -> list[int]:
     g = cfg.geometry
     c = cfg.cluster_size
     slice_reach = (4096 // g.l2_entry_size) * c  # QEMU's default 4 KiB L2 cache slice
+    # ... and the configured slice: requests are cut there, and 2 of them fill a tiny cache.
+    entry = cfg.l2_cache_entry_size or 4096
+    own_reach = (entry // g.l2_entry_size) * c
     pts = {0, size, g.subcluster_size, 2 * g.subcluster_size + c, c, 2 * c, 3 * c, slice_reach,
+           own_reach, 2 * own_reach,
            g.l2_coverage, 2 * g.l2_coverage, size - c, size // 2 // c * c, cfg.backing_bytes}
     return sorted(p for p in pts if 0 <= p <= size)

@@ -85,8 +85,8 @@ def _fit(draw: Draw, off: int, n: int, size: int) -> int:
     return max(0, min(n, size - off))
 
 
-MAINTENANCE = ("flush", "reopen", "compare_map", "resize", "snapshot_create", "snapshot_apply",
-               "snapshot_delete")
+MAINTENANCE = ("flush", "reopen", "compare_map", "check_live", "resize", "snapshot_create",
+               "snapshot_apply", "snapshot_delete")
 """The maintenance operations, simplest first (Hypothesis shrinks towards the first); the
 last two need a snapshot to exist."""
 
@@ -220,7 +220,7 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
         @rule(data=st.data())
         def maintenance(self, data: st.DataObject) -> None:
             """One of the operations around the guest I/O: flush, reopen, compare_map,
-            resize or a snapshot operation. They share one rule so that Hypothesis, which
+            check_live, resize or a snapshot operation. They share one rule so that Hypothesis, which
             picks uniformly among rules, spends most steps on guest I/O (where the bugs are),
             without a precondition tied to the step number: such a precondition made a
             step's meaning depend on its position, and shrinking could not delete steps."""
@@ -237,6 +237,9 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
             off = offsets(data.draw, self.cfg, self.size)
             n = lengths(data.draw, self.cfg, 16 * self.cfg.cluster_size)
             self._do(lambda ls: ls.compare_map(off, n), f"compare_map(off={off}, n={n})")
+
+        def _check_live(self, data: st.DataObject) -> None:
+            self._do(lambda ls: ls.check_live(), "check_live()")
 
         def _resize(self, data: st.DataObject) -> None:
             c = self.cfg.cluster_size

@@ -75,28 +75,28 @@ class QemuIo:
 
     def __init__(self, path: str | Path, *, fmt: str = "qcow2", readonly: bool = False,
                  command: list[str] | None = None, options: str = "") -> None:
-        argv = list(command) if command else ["qemu-io", "-t", "unsafe"]
+        argv = list(command) if command else ["qemu-io", "-t", "unsafe", "-f", fmt]
         if readonly:
             argv.append("-r")
-        if command:
+        if not options:
             argv.append(str(path))
-        elif options:
-            # qemu-io 7.2 has no -o: driver options go in --image-opts (the cwd is the
-            # image's directory, so the bare name needs no comma escaping).
-            argv += ["--image-opts", f"driver={fmt},file.filename={Path(path).name},{options}"]
-        else:
-            argv += ["-f", fmt, str(path)]
+        # else: qemu-io 7.2 takes driver options on its command line only with --image-opts,
+        # which then refuses every later ``open -o`` (QemuImage.resume); so the process
+        # starts without an image and opens it with ``open -o`` like every reopen.
         self.argv = argv
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, bufsize=0, cwd=str(Path(path).parent))
         assert self.proc.stdout is not None and self.proc.stdin is not None
         self._out = self.proc.stdout.fileno()
         self._in = self.proc.stdin
-        self.banner = self._response()
         self.commands = 0
         self.dropped = False
         """qemu-io printed "Marking image as corrupt" (qcow2_signal_corruption, fatal): QEMU
         has dropped the node, and every later request fails with ENOMEDIUM."""
+        self.banner = self._response()
+        if options:
+            self.banner += self.cmd(f"open -t unsafe {'-r ' if readonly else ''}-o driver={fmt},{options} "
+                                    f"{path}")
 
     def _response(self) -> str:
         chunks: list[bytes] = []

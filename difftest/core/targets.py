@@ -58,15 +58,25 @@ class Target(Protocol):
     def path(self) -> Path: ...
 
 
+def data_path(where: Path) -> Path:
+    """The external data file of the target whose directory is ``where``: absolute, since
+    QEMU opens a relative data_file name relative to its working directory, not to the
+    image (qcow2_open -> bdrv_open_child on the bare name), unlike a backing file name, and
+    the teardown runs one qemu-img over two targets' files. Its length does not depend on
+    the target's name, so every target's header has the same layout and only the name's
+    bytes differ (teardown.py blanks them when it compares files)."""
+    tag = hashlib.sha256(where.name.encode()).hexdigest()[:16]
+    out = where.resolve().parent / "data-files" / f"{tag}.data"
+    out.parent.mkdir(exist_ok=True)
+    return out
+
+
 def _create_args(cfg: Config, backing: tuple[str, str] | None, where: Path) -> dict[str, Any]:
     kw: dict[str, Any] = dict(cfg.create_options())
     if backing is not None:
         kw["backing_file"], kw["backing_fmt"] = backing
     if cfg.data_file:
-        # Absolute: QEMU opens a relative data_file name relative to its working directory,
-        # not to the image (qcow2_open -> bdrv_open_child on the bare name), unlike a
-        # backing file name; the teardown runs one qemu-img over two targets' files.
-        kw["data_file"] = str((where / DATA).resolve())
+        kw["data_file"] = str(data_path(where))
         kw["data_file_raw"] = cfg.data_file_raw
     return kw
 
@@ -166,7 +176,7 @@ class QemuTarget:
         return self.dir / TOP
 
     def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None:
-        _run(qemu_img_create(self.path, cfg, backing, str((self.dir / DATA).resolve())), self.dir)
+        _run(qemu_img_create(self.path, cfg, backing, str(data_path(self.dir))), self.dir)
         # A command adapter speaks qemu-io's language but need not take QEMU's options.
         self.image = qemuio.QemuImage(self.path, command=self.command, size=cfg.size,
                                       cluster_size=cfg.cluster_size,

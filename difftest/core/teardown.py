@@ -1,5 +1,7 @@
 """End-of-run checks on the files every target wrote (called by Lockstep.finish).
 
+0. ``check_live`` (core/lockstep.py): the files as a crash at the end would leave them,
+   caches unflushed, have no corruptions (QEMU's write ordering).
 1. Snapshot lists agree (id, name) and the whole-image ``map`` agrees, qemu included.
 2. Each target is closed; each file passes ``qemu-img check`` with no errors, no corruptions
    and no leaks. A leak is excused only when QEMU's own file leaks too (the run then records
@@ -22,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from difftest.adapters import load
@@ -30,7 +32,7 @@ from difftest.core import qemuio
 from difftest.core.config import Config
 from difftest.core.divergence import Divergence
 from difftest.core.oracle import qemu_cannot_read, qemu_check, qemu_compare
-from difftest.core.targets import DATA, Target
+from difftest.core.targets import Target, data_path
 from spec.errors import Qcow2Error
 from spec.image import open_image
 from spec.rules import evaluate
@@ -50,6 +52,7 @@ class Run(Protocol):
 
     def snapshot_names(self) -> dict[str, list[tuple[str, str]]]: ...
     def compare_map(self, off: int = 0, n: int | None = None) -> bool: ...
+    def check_live(self) -> bool: ...
     def close_targets(self) -> None: ...
 
 
@@ -70,6 +73,8 @@ def _merged(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
 
 def finish(ls: Run) -> None:
     first = ls.targets[0].name
+    # What a crash at the end of the sequence would leave, before anything is flushed.
+    ls.check_live()
     # Without a snapshot operation there is nothing to list (and qemu's list costs a
     # qemu-img process); the files' snapshot tables are still checked by check and rules.
     if any(name.startswith("snapshot_") for name, _ in ls.log):
@@ -126,13 +131,46 @@ def finish(ls: Run) -> None:
         _same_layout(ls)
 
 
-def first_difference(a: str, b: str, chunk: int = 1 << 20) -> int | None:
-    """The first byte offset where files ``a`` and ``b`` differ (a shorter file differs at
-    its end), or None when they are identical."""
+SNAPSHOT_DATE = (16, 8)
+"""date_sec and date_nsec within an entry: the wall clock at creation, which no two
+processes share, so the layout comparison ignores it."""
+
+
+def snapshot_dates(path: str) -> list[tuple[int, int]]:
+    """(host offset, length) of the creation time of every entry in ``path``'s snapshot
+    table; [] when the file cannot be parsed (the other checks report that)."""
+    try:
+        with open_image(path) as img:
+            return [(off + SNAPSHOT_DATE[0], SNAPSHOT_DATE[1]) for off in img.snapshot_offsets]
+    except Qcow2Error:
+        return []
+
+
+def name_in_header(path: str, name: str, cluster_size: int) -> list[tuple[int, int]]:
+    """(offset, length) of ``name`` (the target's own data file name) in the header cluster."""
+    with open(path, "rb") as f:
+        at = f.read(cluster_size).find(name.encode())
+    return [] if at < 0 else [(at, len(name))]
+
+
+def _blank(buf: bytearray, pos: int, ignore: Sequence[tuple[int, int]]) -> bytearray:
+    """``buf`` (the file's bytes from ``pos``) with the ``ignore``d ranges zeroed."""
+    for off, n in ignore:
+        lo, hi = max(off - pos, 0), min(off + n - pos, len(buf))
+        if lo < hi:
+            buf[lo:hi] = bytes(hi - lo)
+    return buf
+
+
+def first_difference(a: str, b: str, ignore: Sequence[tuple[int, int]] = (),
+                     chunk: int = 1 << 20) -> int | None:
+    """The first byte offset where files ``a`` and ``b`` differ outside the ``ignore``d
+    (offset, length) ranges (a shorter file differs at its end), or None."""
     with open(a, "rb") as fa, open(b, "rb") as fb:
         pos = 0
         while True:
-            x, y = fa.read(chunk), fb.read(chunk)
+            x = _blank(bytearray(fa.read(chunk)), pos, ignore)
+            y = _blank(bytearray(fb.read(chunk)), pos, ignore)
             if x != y:
                 return pos + next((i for i in range(min(len(x), len(y))) if x[i] != y[i]),
                                   min(len(x), len(y)))
@@ -166,11 +204,17 @@ def _same_layout(ls: Run) -> None:
         if not t.in_process or not t.lays_out_like_qemu(ls.cfg):
             continue
         for q in qemu:
-            files = [(str(t.path), str(q.path))]
+            # What legitimately differs: snapshot creation times, and each target's own
+            # data file name (same length, see targets.data_path).
+            ignore = snapshot_dates(str(t.path)) + snapshot_dates(str(q.path))
+            files = [(str(t.path), str(q.path), ignore)]
             if ls.cfg.data_file:
-                files.append((str(t.dir / DATA), str(q.dir / DATA)))
-            for mine, theirs in files:
-                at = first_difference(mine, theirs)
+                c = ls.cfg.cluster_size
+                ignore += name_in_header(str(t.path), str(data_path(t.dir)), c) + \
+                    name_in_header(str(q.path), str(data_path(q.dir)), c)
+                files.append((str(data_path(t.dir)), str(data_path(q.dir)), []))
+            for mine, theirs, skip in files:
+                at = first_difference(mine, theirs, skip)
                 if at is None:
                     continue
                 with open(mine, "rb") as fa, open(theirs, "rb") as fb:

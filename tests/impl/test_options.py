@@ -20,7 +20,7 @@ def _parse(cs: int = 65536, size: int = 64 * M, entry: int = 8, **o: Any) -> opt
 
 
 def test_defaults_cover_the_whole_disk_with_cluster_sized_entries() -> None:
-    from impl import cluster as cl
+    from impl import overlap as ov
 
     o = _parse()
     # 64 MiB / 64 KiB = 1024 entries = 8 KiB of L2, rounded up to one cluster.
@@ -28,7 +28,7 @@ def test_defaults_cover_the_whole_disk_with_cluster_sized_entries() -> None:
     assert o.l2_cache_entries == opt.MIN_L2_CACHE_SIZE
     assert o.refcount_cache_entries == opt.MIN_REFCOUNT_CACHE_SIZE
     assert o.cache_clean_interval == 600
-    assert o.overlap_check == cl.QCOW2_OL_CACHED
+    assert o.overlap_check == ov.QCOW2_OL_CACHED
     assert o.cache == "writeback"
 
 
@@ -81,12 +81,12 @@ def test_bad_values_are_request_errors(bad: dict[str, Any]) -> None:
 
 
 def test_overlap_flags_override_the_template() -> None:
-    from impl import cluster as cl
+    from impl import overlap as ov
 
     o = _parse(overlap_check="none", overlap_check_main_header=True)
-    assert o.overlap_check == cl.QCOW2_OL_MAIN_HEADER
+    assert o.overlap_check == ov.QCOW2_OL_MAIN_HEADER
     o = _parse(overlap_check="all", overlap_check_inactive_l2=False)
-    assert o.overlap_check == cl.QCOW2_OL_CACHED
+    assert o.overlap_check == ov.QCOW2_OL_CACHED
 
 
 def test_open_refuses_bad_options(tmp_path: Path) -> None:

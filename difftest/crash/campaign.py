@@ -1,0 +1,220 @@
+"""One crash example end to end, and the Hypothesis campaign over many.
+
+``run_example``: a fresh image (the engine's own create(), over the lockstep's backing
+chains), the operations run with the recorder on, then every crash state of the recorded
+stream (states.py) rebuilt next to the backing files and judged (judge.py) against the guest
+oracle of the operation the cut fell in. Identical files are judged once. The first bad
+state ends the example (prefix states come first, by cut, so it is the earliest cut).
+
+``campaign``: Hypothesis draws the configuration, the operations and the seed of the random
+subsets; a bad state fails the example, and Hypothesis shrinks it to the fewest operations.
+The smallest failure seen is kept (a shrink cut short by the time budget still reports it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hseed
+from hypothesis import strategies as st
+
+from difftest.core.config import Config, configs
+from difftest.core.targets import cached_backing, copy_backing
+from difftest.crash import engines
+from difftest.crash.judge import judge
+from difftest.crash.ops import Op, op_lists
+from difftest.crash.recording import Recorded, record
+from difftest.crash.states import CrashState, materialize, states
+from spec import hostio
+from spec.errors import Qcow2Error
+
+TOP = "top.qcow2"
+SIZE_CAP = 32 << 20
+"""Virtual sizes are kept small: every state is read whole by qemu and each engine."""
+
+
+def crash_configs(overrides: dict[str, Any] | None = None) -> st.SearchStrategy[Config]:
+    """The lockstep's configurations without an external data file (not recorded yet) and
+    with at most SIZE_CAP of virtual size."""
+    ov = {"data_file": False, **(overrides or {})}
+    return configs(ov).map(
+        lambda c: c if c.size <= SIZE_CAP or "size" in ov else c.replace(size=8 * c.cluster_size))
+
+
+@dataclass
+class Failure:
+    engine: str
+    cfg: Config
+    ops: list[Op]
+    seed: int
+    state: CrashState
+    problems: list[str]
+    stream: list[hostio.HostOp]
+
+    def describe(self) -> str:
+        lines = [f"engine {self.engine}, config {self.cfg.short()}, seed {self.seed}",
+                 f"operations ({len(self.ops)}):"] + [f"  {i}: {op}" for i, op in enumerate(self.ops)]
+        lines.append(f"state: {self.state.describe(self.stream)}")
+        lines.append("host calls up to the cut:")
+        lines += [f"  {i}: {c}" for i, c in enumerate(self.stream[:self.state.cut])]
+        lines += [f"problem: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+@dataclass
+class Result:
+    judged: Counter[str] = field(default_factory=Counter)
+    """Distinct states judged, per family."""
+    bad: Counter[str] = field(default_factory=Counter)
+    failure: Failure | None = None
+    errors: list[str] = field(default_factory=list)
+    """Operations the live engine refused (RequestError: a compressed write over data)."""
+
+
+def _readers() -> list[tuple[str, ModuleType]]:
+    out = [("model", engines.engine_module("model"))]
+    with contextlib.suppress(ImportError):
+        out.append(("impl", engines.engine_module("impl")))
+    return out
+
+
+def prepare(cfg: Config, where: Path, backing_cache: Path, *, absolute_backing: bool = False,
+            ) -> Path:
+    """A directory with the backing chain; returns the path the top image goes to.
+    ``absolute_backing``: name the backing file by its absolute path (qemu-io over
+    blklogwrites resolves no relative name: its qcow2 node has no plain file name)."""
+    where.mkdir(parents=True, exist_ok=True)
+    backing_cache.mkdir(parents=True, exist_ok=True)
+    src, backing = cached_backing(cfg, backing_cache)
+    copy_backing(cfg, src, where)
+    path = where / TOP
+    path.unlink(missing_ok=True)
+    kw: dict[str, Any] = dict(cfg.create_options())
+    if backing is not None:
+        kw["backing_file"], kw["backing_fmt"] = backing
+        if absolute_backing:
+            kw["backing_file"] = str((where / backing[0]).resolve())
+    engines.engine_module("model").create(str(path), cfg.size, **kw)
+    return path
+
+
+def run_example(engine: str, cfg: Config, ops: Sequence[Op], seed: int, where: Path,
+                backing_cache: Path, *, reorders: int = 4, stop: Callable[[], bool] | None = None,
+                only: CrashState | None = None) -> Result:
+    path = prepare(cfg, where, backing_cache, absolute_backing=engine == "qemu")
+    res = Result()
+    try:
+        rec: Recorded
+        if engine == "qemu":
+            from difftest.crash.qemu import record_qemu
+            rec = record_qemu(cfg, ops, path)
+        else:
+            rec = record(engine, cfg, ops, path)
+    except Qcow2Error as e:
+        res.errors.append(f"live run failed: {type(e).__name__}: {e}")
+        return res
+    res.errors = rec.errors
+    readers = _readers()
+    seen: set[bytes] = set()
+    todo = [only] if only is not None else states(rec.stream, random.Random(seed), reorders=reorders)
+    for state in todo:
+        if stop is not None and stop():
+            break
+        data = materialize(rec.base, rec.stream, state, str(path))
+        key = hashlib.blake2b(data, digest_size=16).digest()
+        if key in seen:
+            continue
+        seen.add(key)
+        path.write_bytes(data)
+        problems = judge(path, cfg, rec.oracle_at(state.cut), readers)
+        res.judged[state.family] += 1
+        if problems:
+            res.bad[state.family] += 1
+            res.failure = Failure(engine, cfg, list(ops), seed, state, problems, rec.stream)
+            break
+    return res
+
+
+@dataclass
+class Report:
+    engine: str
+    examples: int = 0
+    judged: Counter[str] = field(default_factory=Counter)
+    bad: Counter[str] = field(default_factory=Counter)
+    configs: Counter[str] = field(default_factory=Counter)
+    failure: Failure | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.judged.values())
+
+
+def campaign(engine: str, *, seconds: float, seed: int = 0, max_ops: int = 12,
+             overrides: dict[str, Any] | None = None, workdir: Path | None = None,
+             shrink_seconds: float = 120.0, on_example: Callable[[Report], None] | None = None,
+             ) -> Report:
+    """Run examples until ``seconds`` are spent or one fails (then shrink it)."""
+    report = Report(engine)
+    root = Path(tempfile.mkdtemp(prefix="crash-", dir=workdir))
+    cache = root / "backing"
+    cache.mkdir()
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+    shrink_deadline: list[float] = []
+
+    def over() -> bool:
+        now = time.monotonic()
+        return now > (shrink_deadline[0] if shrink_deadline else deadline)
+
+    def example(data: st.DataObject) -> None:
+        cfg = data.draw(crash_configs(overrides), label="config")
+        ops = data.draw(op_lists(cfg, max_ops), label="ops")
+        rseed = data.draw(st.integers(0, 2**31), label="seed")
+        if over():
+            return  # after the draws: Hypothesis wants the same draws on every replay
+        where = root / "ex"
+        shutil.rmtree(where, ignore_errors=True)
+        res = run_example(engine, cfg, ops, rseed, where, cache, stop=over)
+        if not shrink_deadline:
+            report.examples += 1
+            report.judged += res.judged
+            report.bad += res.bad
+            report.configs[cfg.short()] += 1
+            if on_example:
+                on_example(report)
+        f = res.failure
+        if f is not None:
+            if not shrink_deadline:
+                shrink_deadline.append(time.monotonic() + shrink_seconds)
+            best = report.failure
+            if best is None or (len(f.ops), len(f.state.applied)) < (len(best.ops), len(best.state.applied)):
+                report.failure = f
+            raise AssertionError(f.describe())
+
+    rnd = random.Random(seed)
+    try:
+        while not over() and report.failure is None:
+            # Shards of Hypothesis runs, each with its own seed, until the budget is spent.
+            run = settings(max_examples=20, deadline=None, database=None,
+                           suppress_health_check=list(HealthCheck),
+                           phases=[Phase.generate, Phase.shrink],
+                           report_multiple_bugs=False)(given(data=st.data())(example))
+            hseed(rnd.getrandbits(64))(run)()
+    except Exception:
+        if report.failure is None:
+            raise
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return report

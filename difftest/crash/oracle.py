@@ -1,0 +1,51 @@
+"""What each guest sector may read as after a power cut (the guest's view of durability).
+
+A guest flush (and a close, which flushes) that completed makes everything written before it
+durable: after a crash such a sector reads exactly as it did at that flush. A sector written
+since may read as any value it held since that flush, the one at the flush included, because
+the write may or may not have reached the disk, and a later write may have reached it
+before an earlier one did not. The values are taken from the live engine after each
+operation (a read of the range it touched), so discard and write_compressed need no rules
+of their own here: what the engine reads live is what the lockstep holds it to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SECTOR = 512
+
+
+@dataclass
+class GuestOracle:
+    durable: bytearray
+    """Guest content at the last completed flush (the whole image; sizes are small)."""
+    pending: dict[int, set[bytes]] = field(default_factory=dict)
+    """Sector index -> values it held since that flush (the flushed one not included)."""
+
+    def wrote(self, off: int, content: bytes) -> None:
+        """The live image now reads ``content`` at sector-aligned ``off``."""
+        for k in range(0, len(content), SECTOR):
+            self.pending.setdefault((off + k) // SECTOR, set()).add(bytes(content[k:k + SECTOR]))
+
+    def flushed(self, current: bytes) -> None:
+        """A guest flush completed; ``current`` is the whole live content."""
+        self.durable = bytearray(current)
+        self.pending.clear()
+
+    def copy(self) -> GuestOracle:
+        return GuestOracle(bytearray(self.durable), {k: set(v) for k, v in self.pending.items()})
+
+    def bad_sectors(self, content: bytes) -> list[int]:
+        """Sectors of ``content`` (a whole guest read after the crash) that hold a value
+        they never held since the last flush."""
+        if content == self.durable:
+            return []
+        n = min(len(content), len(self.durable)) // SECTOR
+        a = np.frombuffer(bytes(content[:n * SECTOR]), dtype=np.uint8).reshape(n, SECTOR)
+        b = np.frombuffer(bytes(self.durable[:n * SECTOR]), dtype=np.uint8).reshape(n, SECTOR)
+        differ = np.nonzero((a != b).any(axis=1))[0]
+        return [int(s) for s in differ
+                if bytes(content[s * SECTOR:(s + 1) * SECTOR]) not in self.pending.get(int(s), ())]

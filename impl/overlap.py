@@ -1,0 +1,107 @@
+"""Overlap checks before data writes (block/qcow2-refcount.c qcow2_check_metadata_overlap,
+qcow2_pre_write_overlap_check; QEMU's overlap-check modes and per-structure options,
+block/qcow2.h QCow2MetadataOverlap).
+
+A data write landing on metadata means the tables are inconsistent: it is refused with
+CorruptionError and the caller flags the image corrupt. Writes to an external data file
+are not checked (no metadata lives there).
+"""
+
+from __future__ import annotations
+
+from impl.state import State
+from spec.entries import L1E_OFFSET_MASK
+from spec.errors import CorruptionError
+
+QCOW2_OL_MAIN_HEADER = 1 << 0
+QCOW2_OL_ACTIVE_L1 = 1 << 1
+QCOW2_OL_ACTIVE_L2 = 1 << 2
+QCOW2_OL_REFCOUNT_TABLE = 1 << 3
+QCOW2_OL_REFCOUNT_BLOCK = 1 << 4
+QCOW2_OL_SNAPSHOT_TABLE = 1 << 5
+QCOW2_OL_INACTIVE_L1 = 1 << 6
+QCOW2_OL_INACTIVE_L2 = 1 << 7
+QCOW2_OL_BITMAP_DIRECTORY = 1 << 8
+OVERLAP_NAMES = {
+    "main_header": QCOW2_OL_MAIN_HEADER, "active_l1": QCOW2_OL_ACTIVE_L1,
+    "active_l2": QCOW2_OL_ACTIVE_L2, "refcount_table": QCOW2_OL_REFCOUNT_TABLE,
+    "refcount_block": QCOW2_OL_REFCOUNT_BLOCK, "snapshot_table": QCOW2_OL_SNAPSHOT_TABLE,
+    "inactive_l1": QCOW2_OL_INACTIVE_L1, "inactive_l2": QCOW2_OL_INACTIVE_L2,
+    "bitmap_directory": QCOW2_OL_BITMAP_DIRECTORY,
+}
+"""block/qcow2.h QCow2MetadataOverlap; the names of the overlap-check.* options."""
+QCOW2_OL_CONSTANT = (QCOW2_OL_MAIN_HEADER | QCOW2_OL_ACTIVE_L1 | QCOW2_OL_REFCOUNT_TABLE
+                     | QCOW2_OL_SNAPSHOT_TABLE | QCOW2_OL_BITMAP_DIRECTORY)
+QCOW2_OL_CACHED = (QCOW2_OL_CONSTANT | QCOW2_OL_ACTIVE_L2 | QCOW2_OL_REFCOUNT_BLOCK
+                   | QCOW2_OL_INACTIVE_L1)
+QCOW2_OL_ALL = QCOW2_OL_CACHED | QCOW2_OL_INACTIVE_L2
+OVERLAP_MODES = {"none": 0, "constant": QCOW2_OL_CONSTANT, "cached": QCOW2_OL_CACHED,
+                 "all": QCOW2_OL_ALL}
+
+
+class OverlapChecker:
+    """qcow2_pre_write_overlap_check: a data write landing on metadata selected by
+    ``mask`` is refused (the caller flags the image corrupt). The metadata clusters are
+    kept as a dict cluster index -> name, rebuilt only when a table moved (``stale``), so a
+    check is one dict lookup per cluster written; mask 0 costs one comparison."""
+
+    def __init__(self, s: State, mask: int, snapshots: list[tuple[int, int]],
+                 snapshot_table: tuple[int, int], bitmap_dir: tuple[int, int],
+                 inactive_l2: list[int]) -> None:
+        self.s = s
+        self.mask = mask
+        self.snapshots = snapshots
+        self.snapshot_table = snapshot_table
+        self.bitmap_dir = bitmap_dir
+        self.inactive_l2 = inactive_l2
+        self.stale = True
+        self.clusters: dict[int, str] = {}
+
+    def _rebuild(self) -> None:
+        s, m = self.s, self.mask
+        cs = s.cluster_size
+        out: dict[int, str] = {}
+
+        def add(name: str, start: int, length: int) -> None:
+            if length > 0:
+                for c in range(start // cs, -(-(start + length) // cs)):
+                    out.setdefault(c, name)
+
+        if m & QCOW2_OL_MAIN_HEADER:
+            add("qcow2_header", 0, cs)
+        if m & QCOW2_OL_ACTIVE_L1:
+            add("active L1 table", s.l1_table_offset, s.l1_size * 8)
+        if m & QCOW2_OL_REFCOUNT_TABLE:
+            add("refcount table", s.refcount_table_offset, int(s.header.refcount_table_clusters) * cs)
+        if m & QCOW2_OL_SNAPSHOT_TABLE:
+            add("snapshot table", *self.snapshot_table)
+        if m & QCOW2_OL_BITMAP_DIRECTORY:
+            add("bitmap directory", *self.bitmap_dir)
+        if m & QCOW2_OL_INACTIVE_L1:
+            for off, size in self.snapshots:
+                add("inactive L1 table", off, size * 8)
+        if m & QCOW2_OL_ACTIVE_L2:
+            for e in s.l1_table:
+                if e & L1E_OFFSET_MASK:
+                    add("active L2 table", e & L1E_OFFSET_MASK, cs)
+        if m & QCOW2_OL_REFCOUNT_BLOCK:
+            for e in s.reftable:
+                if e & ~0x1FF:
+                    add("refcount block", e & ~0x1FF, cs)
+        if m & QCOW2_OL_INACTIVE_L2:
+            for off in self.inactive_l2:
+                add("inactive L2 table", off, cs)
+        self.clusters = out
+        self.stale = False
+
+    def check(self, offset: int, n: int) -> None:
+        if not self.mask or n <= 0 or self.s.has_data_file:
+            return
+        if self.stale:
+            self._rebuild()
+        cs = self.s.cluster_size
+        clusters = self.clusters
+        for c in range(offset // cs, -(-(offset + n) // cs)):
+            name = clusters.get(c)
+            if name is not None:
+                raise CorruptionError(f"preventing invalid write on metadata (overlaps with {name})")

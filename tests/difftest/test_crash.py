@@ -1,0 +1,236 @@
+"""Crash consistency (difftest/crash/): the recorder, the crash states, the model's barriers,
+and three planted ordering bugs the campaign must catch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import model
+from difftest.core.config import Config
+from difftest.crash import campaign as cc
+from difftest.crash import repro
+from difftest.crash.ops import Op
+from difftest.crash.states import CrashState, materialize, states
+from model import mapping as mp
+from model import write as wr
+from spec import hostio
+from spec.hostio import HostOp
+
+W, F = hostio.WRITE, hostio.FLUSH
+
+
+def _w(off: int, data: bytes) -> HostOp:
+    return HostOp(W, "f", off, len(data), data)
+
+
+# --- the recorder ------------------------------------------------------------------------------
+
+def test_nothing_is_recorded_unless_a_campaign_installs_a_monitor(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.qcow2")
+    model.create(path, 1 << 20, cluster_size=4096)
+    assert hostio.active is None
+    rec = hostio.Recorder()
+    with model.open(path, cache="unsafe") as img:
+        img.write(0, b"x" * 100)
+        with hostio.monitoring(rec):
+            img.write(8192, b"y" * 4096)
+            img.flush()
+        img.write(16384, b"z" * 100)
+    kinds = [op.kind for op in rec.ops]
+    # A barrier for the unflushed write before, then the allocating write: refcount block,
+    # data (which needs no barrier of its own), barrier, L2 entry; then the guest flush.
+    # cache=unsafe skips the fdatasync, not the barrier.
+    assert kinds == [F, W, W, F, W, F], [str(o) for o in rec.ops]
+    assert rec.ops[2].data == b"y" * 4096
+    assert hostio.active is None
+
+
+def test_a_metadata_write_follows_a_barrier_whenever_something_is_unflushed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model.state import ModelFile
+    path = str(tmp_path / "a.qcow2")
+    model.create(path, 1 << 20, cluster_size=512, refcount_bits=1, lazy_refcounts=True)
+    rec = hostio.Recorder()
+    pwrite = ModelFile.pwrite
+
+    def tagged(self: ModelFile, offset: int, data: bytes, f: Any = None) -> None:
+        rec.ops.append(HostOp("metadata", path))
+        pwrite(self, offset, data, f)
+
+    monkeypatch.setattr(ModelFile, "pwrite", tagged)
+    with hostio.monitoring(rec), model.open(path, cache="unsafe") as img:
+        img.write(1000, b"x" * 3000)
+        img.discard(0, 4096)
+        img.write_zeroes(0, 700, unmap=True)
+        img.write_compressed(8192, b"c" * 512)
+    # The tag comes before pwrite's barrier; the write itself is the next write call.
+    unflushed, tagged_next, metadata = False, False, 0
+    for i, op in enumerate(rec.ops):
+        if op.kind == "metadata":
+            tagged_next = True
+        elif op.kind == F:
+            unflushed = False
+        elif op.kind != hostio.READ:
+            if tagged_next and op.kind == W:
+                metadata += 1
+                assert not unflushed, f"metadata write {i} with unflushed writes before it"
+                tagged_next = False
+            unflushed = True
+    assert metadata > 10
+
+
+# --- crash states ------------------------------------------------------------------------------
+
+def test_states_are_prefixes_reorderings_after_the_last_flush_and_torn_writes() -> None:
+    import random
+    stream = [_w(0, b"a" * 1024), HostOp(F, "f"), _w(1024, b"b"), _w(2048, b"c"), _w(4096, b"d")]
+    got = list(states(stream, random.Random(1), reorders=8))
+    prefix = [s for s in got if s.family == "prefix"]
+    assert [s.cut for s in prefix] == [0, 1, 3, 4, 5]
+    for s in got:
+        if s.family == "reordered":
+            assert 0 in s.applied and s.cut == 5
+            assert s.applied != (0, 2, 3, 4)[:len(s.applied)]
+    torn = [s for s in got if s.family == "torn"]
+    assert all(s.torn is not None and s.torn[0] == 0 for s in torn)
+
+
+def test_a_reordered_write_carries_the_whole_sectors_the_page_cache_held() -> None:
+    # Two writes into one sector: the later one reaches the disk with the earlier one's
+    # bytes, since the disk stores what the cache held, a whole sector.
+    stream = [_w(0, b"\0" * 1024), HostOp(F, "f"), _w(0, b"AA"), _w(1, b"B")]
+    out = materialize(b"", stream, CrashState("reordered", 4, (0, 3)), "f")
+    assert out[:3] == b"AB\0"
+    torn = materialize(b"", stream, CrashState("torn", 1, (), (0, (1,))), "f")
+    assert torn == bytes(1024)
+    assert len(materialize(b"", stream, CrashState("prefix", 0, ()), "f")) == 0
+
+
+# --- the model is safe ------------------------------------------------------------------------
+
+SEQUENCE = [Op("write", 0, 5000, 7), Op("write", 70000, 300, 999), Op("flush"),
+            Op("discard", 4096, 8192), Op("write_zeroes", 100, 9000, 1),
+            Op("write_compressed", 32768, 4096, 3), Op("reopen"), Op("write", 81920, 10000, 5)]
+CONFIGS = {
+    "v3 4K backing": Config(cluster_size=4096, size=4096 * 37 + 1536, backing="qcow2"),
+    "lazy": Config(cluster_size=4096, size=4096 * 37 + 1536, lazy_refcounts=True),
+    "v2": Config(version=2, cluster_size=4096, size=4096 * 37 + 1536, backing="raw"),
+    "512B rc1": Config(cluster_size=512, refcount_bits=1, size=512 * 300),
+    "extl2": Config(cluster_size=32768, extended_l2=True, size=32768 * 8, backing="qcow2",
+                    backing_size="shorter"),
+}
+
+
+def _run(tmp_path: Path, cfg: Config, ops: list[Op], seed: int = 1) -> cc.Result:
+    return cc.run_example("model", cfg, ops, seed, tmp_path / "ex", tmp_path / "backing")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_crash_state_of_the_model_is_good(tmp_path: Path, name: str) -> None:
+    cfg = CONFIGS[name]
+    ops = [op if op.kind != "write_compressed" else Op(op.kind, 4 * cfg.cluster_size,
+                                                       cfg.cluster_size, 3) for op in SEQUENCE]
+    res = _run(tmp_path, cfg, [op for op in ops if op.off + op.n <= cfg.size])
+    assert res.failure is None, res.failure.describe()
+    assert res.judged["prefix"] > 10 and res.judged["reordered"] + res.judged["torn"] > 0
+
+
+# --- planted bugs -----------------------------------------------------------------------------
+
+def _l2_without_barrier(mp_write_l2: Callable[..., None]) -> Callable[..., None]:
+    def write_l2(q: Any, off: int, table: Any) -> None:
+        q.unflushed = False  # the barrier before the L2 write is skipped
+        mp_write_l2(q, off, table)
+    return write_l2
+
+
+def _free_without_barrier(free: Callable[..., None]) -> Callable[..., None]:
+    def free_any_cluster(q: Any, entry: int, *, request: bool) -> None:
+        q.unflushed = False  # the refcount drop may land before the unlinking L2 entry
+        free(q, entry, request=request)
+    return free_any_cluster
+
+
+@pytest.fixture
+def data_after_l2(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """COW and guest data of an allocating write issued after the L2 entry that maps it."""
+    later: list[tuple[Any, int, bytes]] = []
+    perform_cow, write_l2 = wr.perform_cow, mp.write_l2
+
+    def late_cow(s: Any, first: int, host: int, cow: Any, piece: bytes) -> None:
+        calls: list[tuple[int, bytes]] = []
+        s.q.data_pwrite = lambda o, d: calls.append((o, d))
+        try:
+            perform_cow(s, first, host, cow, piece)
+        finally:
+            del s.q.data_pwrite
+        later.extend((s.q, o, d) for o, d in calls)
+
+    def l2_then_data(q: Any, off: int, table: Any) -> None:
+        write_l2(q, off, table)
+        while later:
+            qq, o, d = later.pop(0)
+            qq.data_pwrite(o, d)
+
+    monkeypatch.setattr(wr, "handle_alloc_space", lambda *a: False)
+    monkeypatch.setattr(wr, "perform_cow", late_cow)
+    monkeypatch.setattr(mp, "write_l2", l2_then_data)
+    yield
+
+
+PLANTED = {
+    "l2 before refcount": (lambda mpatch: mpatch.setattr(mp, "write_l2", _l2_without_barrier(mp.write_l2)),
+                           Config(cluster_size=4096, size=4096 * 37 + 1536),
+                           [Op("write", 0, 4096, 7)]),
+    "freed cluster reused early": (
+        lambda mpatch: mpatch.setattr(mp, "free_any_cluster", _free_without_barrier(mp.free_any_cluster)),
+        Config(cluster_size=4096, size=4096 * 37 + 1536),
+        [Op("write", 0, 4096, 7), Op("flush"), Op("discard", 0, 4096), Op("write", 8192, 4096, 9)]),
+}
+
+
+@pytest.mark.parametrize("bug", list(PLANTED))
+def test_planted_ordering_bugs_are_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          bug: str) -> None:
+    plant, cfg, ops = PLANTED[bug]
+    assert _run(tmp_path, cfg, ops).failure is None  # the unplanted model is safe
+    plant(monkeypatch)
+    res = _run(tmp_path, cfg, ops)
+    assert res.failure is not None
+    assert len(res.failure.ops) <= 6
+    saved = repro.save(res.failure, tmp_path / "repro", bug.replace(" ", "-"))
+    again = repro.replay(saved)
+    assert again.failure is not None and again.failure.problems == res.failure.problems
+
+
+def test_planted_data_after_its_l2_entry_is_caught(tmp_path: Path, data_after_l2: None) -> None:
+    cfg = Config(cluster_size=4096, size=4096 * 37 + 1536, backing="raw")
+    res = _run(tmp_path, cfg, [Op("write", 0, 4096, 7)])
+    assert res.failure is not None
+    assert any("guest sectors" in p for p in res.failure.problems), res.failure.problems
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", [*PLANTED, "data after l2"])
+def test_the_campaign_finds_and_shrinks_each_planted_bug(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bug: str,
+        request: pytest.FixtureRequest) -> None:
+    if bug == "data after l2":
+        request.getfixturevalue("data_after_l2")
+    else:
+        PLANTED[bug][0](monkeypatch)
+    rep = cc.campaign("model", seconds=240, seed=3, max_ops=6, shrink_seconds=120,
+                      workdir=tmp_path)
+    assert rep.failure is not None, f"not caught in {rep.examples} examples"
+    assert len(rep.failure.ops) <= 6, rep.failure.describe()
+
+
+@pytest.mark.slow
+def test_a_model_campaign_finds_no_bad_state(tmp_path: Path) -> None:
+    rep = cc.campaign("model", seconds=300, seed=11, workdir=tmp_path)
+    assert rep.failure is None, rep.failure.describe()
+    assert rep.total > 1000
