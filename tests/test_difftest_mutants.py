@@ -342,7 +342,7 @@ MUTANTS: list[Any] = [
                  {"bytes", "map", "error"}, False, 40, 12, EXTENDED, id="bitmap-wrong-word"),
     pytest.param("copied-left-after-snapshot",
                  {"model": _copied_left_after_snapshot, "impl": _impl_copied_left_after_snapshot},
-                 {"bytes", "check", "rules", "crossread"}, True, 80, 20, PINNED,
+                 {"bytes", "check", "rules", "crossread", "live"}, True, 80, 20, PINNED,
                  id="copied-left-after-snapshot"),
     pytest.param("dirty-slice-dropped-on-eviction", {"impl": _impl_dirty_slice_dropped},
                  {"bytes", "map", "error", "crossread", "check", "rules"}, False, 40, 12, TINY_L2,

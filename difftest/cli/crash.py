@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shrink-seconds", type=float, default=120.0)
     p.add_argument("--repro-dir", type=Path, default=Path("crash-repro"))
     p.add_argument("--replay", type=Path, help="judge the state of a saved reproducer again")
+    p.add_argument("--survey", action="store_true",
+                   help="count bad states by kind instead of stopping at the first (the "
+                   "default for the qemu engine, whose bad states are QEMU's own)")
     p.set_defaults(func=run)
 
 
@@ -45,7 +48,7 @@ def _one(engine: str, args: argparse.Namespace, overrides: dict[str, Any],
 
     return campaign.campaign(engine, seconds=args.time_budget, seed=seed, max_ops=args.max_ops,
                              overrides=overrides, shrink_seconds=args.shrink_seconds,
-                             on_example=progress)
+                             on_example=progress, survey=args.survey or engine == "qemu")
 
 
 def _campaign(engine: str, args: argparse.Namespace, overrides: dict[str, Any]) -> campaign.Report:
@@ -63,6 +66,9 @@ def _campaign(engine: str, args: argparse.Namespace, overrides: dict[str, Any]) 
         total.judged += r.judged
         total.bad += r.bad
         total.configs += r.configs
+        total.named += r.named
+        for name, f in r.samples.items():
+            total.samples.setdefault(name, f)
         if r.failure is not None and total.failure is None:
             total.failure = r.failure
     return total
@@ -96,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
         rep = _campaign(engine, args, overrides)
         print(file=sys.stderr)
         rows.append(rep)
+        for i, (name, count) in enumerate(sorted(rep.named.items())):
+            path = repro.save(rep.samples[name], args.repro_dir, f"{engine}-seed-{args.seed}-kind-{i}")
+            print(f"{engine}: {count} bad states: {name}\n  first: {rep.samples[name].describe()}"
+                  f"\n  reproducer: {path}\n".replace("\n", "\n  ").rstrip() + "\n")
         if rep.failure is not None:
             status = 1
             path = repro.save(rep.failure, args.repro_dir, f"{engine}-seed-{args.seed}")

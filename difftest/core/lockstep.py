@@ -173,6 +173,7 @@ class Lockstep:
         try:
             ok = self._agree(desc, outcomes)
             if ok and touched is not None:
+                touched = self._whole_clusters(*touched)
                 self.touched.append(touched)
                 self.verify(touched[0], touched[1], desc)
                 self._compare_map_in_process(touched[0], touched[1], desc)
@@ -182,6 +183,15 @@ class Lockstep:
             self._unless_oracle_corrupt(d)
             return outcomes[0][0] == "ok"
         return ok
+
+    def _whole_clusters(self, off: int, n: int) -> tuple[int, int]:
+        """[off, off+n) widened to whole clusters: a request changes the clusters it
+        touches as a whole (copy-on-write fills the rest of a newly allocated cluster, a
+        zero or discard can act per cluster), so a COW region read from the wrong place is
+        seen at the step that wrote it, not only by a later read."""
+        c = self.cfg.cluster_size
+        lo = off - off % c
+        return lo, -(-(off + max(n, 1)) // c) * c - lo
 
     def _after_corruption(self, desc: str) -> None:
         """Every target failed ``desc`` with CorruptionError. If that made one flag the

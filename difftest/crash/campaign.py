@@ -81,6 +81,10 @@ class Result:
     failure: Failure | None = None
     errors: list[str] = field(default_factory=list)
     """Operations the live engine refused (RequestError: a compressed write over data)."""
+    named: Counter[str] = field(default_factory=Counter)
+    """With ``survey``: bad states per kind (name_of)."""
+    samples: dict[str, Failure] = field(default_factory=dict)
+    """With ``survey``: the first bad state of each kind."""
 
 
 def _readers() -> list[tuple[str, ModuleType]]:
@@ -112,7 +116,9 @@ def prepare(cfg: Config, where: Path, backing_cache: Path, *, absolute_backing: 
 
 def run_example(engine: str, cfg: Config, ops: Sequence[Op], seed: int, where: Path,
                 backing_cache: Path, *, reorders: int = 4, stop: Callable[[], bool] | None = None,
-                only: CrashState | None = None) -> Result:
+                only: CrashState | None = None, survey: bool = False) -> Result:
+    """Judge every crash state of ``ops`` (see the module doc). ``survey``: go on after a
+    bad state, counting them by kind (for QEMU, whose bad states are reported, not fixed)."""
     path = prepare(cfg, where, backing_cache, absolute_backing=engine == "qemu")
     res = Result()
     try:
@@ -142,9 +148,29 @@ def run_example(engine: str, cfg: Config, ops: Sequence[Op], seed: int, where: P
         res.judged[state.family] += 1
         if problems:
             res.bad[state.family] += 1
-            res.failure = Failure(engine, cfg, list(ops), seed, state, problems, rec.stream)
-            break
+            failure = Failure(engine, cfg, list(ops), seed, state, problems, rec.stream)
+            if not survey:
+                res.failure = failure
+                break
+            name = name_of(cfg, state, problems)
+            res.named[name] += 1
+            res.samples.setdefault(name, failure)
     return res
+
+
+def name_of(cfg: Config, state: CrashState, problems: list[str]) -> str:
+    """A kind of bad state: what went wrong, in which family, on which kind of image."""
+    text = " ".join(problems)
+    if "Input/output error" in text or "cannot read" in text:
+        what = "unreadable"
+    elif "corruptions" in text or "does not leave it clean" in text:
+        what = "corrupt metadata"
+    elif "guest sectors" in text:
+        what = "flushed or written data lost"
+    else:
+        what = "engines disagree"
+    image = "lazy refcounts" if cfg.lazy_refcounts else "eager refcounts"
+    return f"{what} ({state.family}, {image})"
 
 
 @dataclass
@@ -155,6 +181,8 @@ class Report:
     bad: Counter[str] = field(default_factory=Counter)
     configs: Counter[str] = field(default_factory=Counter)
     failure: Failure | None = None
+    named: Counter[str] = field(default_factory=Counter)
+    samples: dict[str, Failure] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -164,8 +192,10 @@ class Report:
 def campaign(engine: str, *, seconds: float, seed: int = 0, max_ops: int = 12,
              overrides: dict[str, Any] | None = None, workdir: Path | None = None,
              shrink_seconds: float = 120.0, on_example: Callable[[Report], None] | None = None,
-             ) -> Report:
-    """Run examples until ``seconds`` are spent or one fails (then shrink it)."""
+             survey: bool = False) -> Report:
+    """Run examples until ``seconds`` are spent or one fails (then shrink it). ``survey``
+    (QEMU): count every bad state by kind and keep the smallest example of each, unshrunk
+    beyond that choice, instead of stopping."""
     report = Report(engine)
     root = Path(tempfile.mkdtemp(prefix="crash-", dir=workdir))
     cache = root / "backing"
@@ -186,7 +216,12 @@ def campaign(engine: str, *, seconds: float, seed: int = 0, max_ops: int = 12,
             return  # after the draws: Hypothesis wants the same draws on every replay
         where = root / "ex"
         shutil.rmtree(where, ignore_errors=True)
-        res = run_example(engine, cfg, ops, rseed, where, cache, stop=over)
+        res = run_example(engine, cfg, ops, rseed, where, cache, stop=over, survey=survey)
+        report.named += res.named
+        for name, sample in res.samples.items():
+            old = report.samples.get(name)
+            if old is None or len(sample.ops) < len(old.ops):
+                report.samples[name] = sample
         if not shrink_deadline:
             report.examples += 1
             report.judged += res.judged

@@ -68,12 +68,11 @@ def _monitored_host_file() -> type:
                     mode: int = 0) -> None:
             if hostio.active is None:
                 return
-            from spec.errors import CorruptionError
             try:
                 hostio.report(kind, self.path, offset, length, data, mode)
             except OSError as e:
-                # What HostFile makes of a failed host call.
-                raise CorruptionError(f"host {kind} at {offset} failed: {e}") from None
+                # A CorruptionError, as HostFile makes of a failed host call.
+                raise hostio.HostIOError(f"host {kind} at {offset} failed: {e}") from None
 
     return MonitoredHostFile
 

@@ -234,3 +234,21 @@ def test_a_model_campaign_finds_no_bad_state(tmp_path: Path) -> None:
     rep = cc.campaign("model", seconds=300, seed=11, workdir=tmp_path)
     assert rep.failure is None, rep.failure.describe()
     assert rep.total > 1000
+
+
+# --- QEMU's own writes --------------------------------------------------------------------------
+
+def test_qemu_io_writes_are_recorded_through_blklogwrites(tmp_path: Path) -> None:
+    cfg = Config(cluster_size=4096, size=4096 * 37 + 1536, backing="qcow2")
+    res = cc.run_example("qemu", cfg, [Op("write", 0, 5000, 7), Op("flush"),
+                                       Op("write", 70000, 300, 999), Op("reopen"),
+                                       Op("discard", 0, 4096)], 1, tmp_path / "ex",
+                         tmp_path / "backing")
+    assert res.failure is None, res.failure.describe()
+    assert res.judged["prefix"] >= 10
+
+
+def test_the_crash_verb_has_defaults_for_qcow2lab_run() -> None:
+    from difftest.cli import crash
+    args = crash.defaults(time_budget=5.0)
+    assert (args.engines, args.time_budget, args.jobs) == ("model", 5.0, 1)

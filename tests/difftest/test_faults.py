@@ -36,7 +36,8 @@ SCENARIOS: dict[str, tuple[list[Op], Op]] = {
     "read": ([lambda img: img.write(0, b"\x11" * 5000)], lambda img: img.read(0, 8192)),
 }
 ENGINES = ["model"]
-"""impl joins when its file layer is finished (see difftest/crash/engines.py)."""
+"""impl joins when its Image lets a HostIOError through unflagged (it re-raises a plain
+CorruptionError today; QEMU sets no corrupt bit for EIO)."""
 
 
 def _fresh(tmp: Path, lazy: bool) -> Path:
