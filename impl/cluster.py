@@ -73,8 +73,7 @@ def encode_l2(words: array) -> bytes:
 def l2_slice(s: State, guest: int, l1: list[int] | None = None) -> tuple[array, int] | None:
     """(slice words, word index of ``guest``'s entry), or None without an L2 table
     (qcow2_get_host_offset's lookup through l2_load)."""
-    g = s.geometry
-    i1 = guest >> (g.cluster_bits + g.l2_bits)
+    i1 = guest >> s.l1_shift
     table = s.l1_table if l1 is None else l1
     if i1 >= len(table):
         return None
@@ -83,10 +82,11 @@ def l2_slice(s: State, guest: int, l1: list[int] | None = None) -> tuple[array, 
         return None
     if l2off & (s.cluster_size - 1):
         raise CorruptionError(f"L2 table offset {l2off:#x} unaligned (L1 index {i1:#x})")
-    l2i = (guest >> g.cluster_bits) & (g.l2_entries - 1)
+    l2i = (guest >> s.cluster_bits) & s.l2_mask
     per = s.slice_entries
-    words = s.l2_cache.get(l2off + (l2i // per) * s.l2_cache.entry_size)
-    return words, (l2i % per) << (1 if s.extended_l2 else 0)
+    cache = s.l2_cache
+    words = cache.get(l2off + (l2i // per) * cache.entry_size)
+    return words, (l2i % per) << s.extended_l2
 
 
 def get_entry(s: State, guest: int, l1: list[int] | None = None) -> tuple[int, int]:

@@ -184,7 +184,9 @@ def alloc_clusters_noref(s: State, n: int) -> int:
         seg = s.rc_cache.get(off)[i:]
         pos, length = 0, len(seg)
         while pos < length and found < n:
-            if not found:
+            # The cursor usually sits on a free cluster (it stops right after the last
+            # allocation), so a scalar look comes before the vectorised scans.
+            if not found and seg[pos]:
                 zeros = np.flatnonzero(seg[pos:] == 0)
                 if not len(zeros):
                     s.free_cluster_index += length - pos
@@ -193,13 +195,17 @@ def alloc_clusters_noref(s: State, n: int) -> int:
                 skip = int(zeros[0])
                 s.free_cluster_index += skip
                 pos += skip
-            window = seg[pos:pos + n - found]
-            used = np.flatnonzero(window)
-            if len(used):
-                k = int(used[0]) + 1
+            want = n - found
+            if want == 1:
+                first_used = 0 if seg[pos] else -1
+            else:
+                window = seg[pos:pos + want]
+                first_used = int(np.flatnonzero(window)[0]) if window.any() else -1
+            if first_used >= 0:
+                k = first_used + 1
                 found = 0
             else:
-                k = len(window)
+                k = min(want, length - pos)
                 found += k
             s.free_cluster_index += k
             pos += k

@@ -86,10 +86,23 @@ class State:
         # Set by image.py once the caches exist.
         self.l2_cache: Qcow2Cache = None  # type: ignore[assignment]
         self.rc_cache: Qcow2Cache = None  # type: ignore[assignment]
-        self.slice_entries = geometry.l2_entries
-        """Entries per L2 cache entry (QEMU's l2_slice_size)."""
         self.overlap: Any = NoOverlapCheck()
         """cluster.OverlapChecker, set by image.py."""
+        self.slice_entries = geometry.l2_entries
+        """Entries per L2 cache entry (QEMU's l2_slice_size); see set_slice_size."""
+        # Precomputed for the lookup on every request (cluster.l2_slice): the shift from a
+        # guest offset to its L1 index, and the mask of the L2 index.
+        self.l1_shift = geometry.cluster_bits + geometry.l2_bits
+        self.l2_mask = geometry.l2_entries - 1
+        self.set_slice_size(geometry.cluster_size)
+
+    def set_slice_size(self, entry_size: int) -> None:
+        """The L2 cache's entry size (a power of two): entries per slice and the shifts and
+        mask that find a guest cluster's slice and word without a division."""
+        self.slice_entries = entry_size // self.geometry.l2_entry_size
+        self.slice_shift = self.slice_entries.bit_length() - 1
+        self.slice_mask = self.slice_entries - 1
+        self.entry_shift = entry_size.bit_length() - 1
 
     # --- plain values ---------------------------------------------------------------------
     @property

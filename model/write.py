@@ -269,7 +269,7 @@ def write_clusters(s: State, pos: int, nbytes: int, host: int, data: bytes, base
 
     if not prealloc:
         ov.check_data_write(q, host + cow_start_from, cow_end_to - cow_start_from)
-        if not handle_alloc_space(s, first, host, cow, piece):
+        if not handle_alloc_space(s, first, host, cow, piece, in_place=keep_old):
             perform_cow(s, first, host, cow, piece)
 
     # Link the clusters (qcow2_alloc_cluster_link_l2).
@@ -345,7 +345,8 @@ def _subcluster_type(s: State, pair: tuple[int, int], offset: int) -> Subcluster
                            extended_l2=q.extended_l2, has_data_file=q.has_data_file)
 
 
-def handle_alloc_space(s: State, first: int, host: int, cow: Cow, piece: bytes) -> bool:
+def handle_alloc_space(s: State, first: int, host: int, cow: Cow, piece: bytes, *,
+                       in_place: bool = False) -> bool:
     """QEMU's shortcut for COW regions that read as zeros (block/qcow2.c handle_alloc_space,
     is_zero_cow): when there is a COW region and each one is zero by ONE answer of
     bdrv_co_is_zero_fast (mapping_report.is_zero_fast), the whole range is zeroed on the host
@@ -364,7 +365,19 @@ def handle_alloc_space(s: State, first: int, host: int, cow: Cow, piece: bytes) 
             and st.is_zero_fast(s, first + cow.end_from, cow.end_to - cow.end_from)):
         return False
     target = q.data_f if q.has_data_file else None
-    if not q.write_zeroes_no_fallback(host + cow.start_from, cow.end_to - cow.start_from, target):
+    if in_place:
+        # Crash safety, where the model departs from QEMU: QEMU zeroes the whole range, the
+        # new data's part included, and writes the data after. Written in place (extended
+        # L2 entries: new subclusters of an allocated cluster) that part can hold live data,
+        # and a power cut between the two calls would leave it zeroed, and a sector half
+        # old data, half zeros. So only the COW regions are zeroed; the file's bytes and
+        # holes end up the same.
+        regions = [(cow.start_from, cow.start_to), (cow.end_from, cow.end_to)]
+        for lo, hi in regions:
+            if hi > lo and not q.write_zeroes_no_fallback(host + lo, hi - lo, target):
+                return False
+    elif not q.write_zeroes_no_fallback(host + cow.start_from, cow.end_to - cow.start_from,
+                                        target):
         return False
     q.data_pwrite(host + cow.start_to, piece)
     return True

@@ -83,11 +83,43 @@ def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", choices=["human", "json"], default="human")
 
 
+def _impl(args: argparse.Namespace) -> int:
+    """``qcow2lab bench impl [ROW]`` (difftest/bench/impl/): every row, or one."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from difftest.bench.impl import registry, report
+
+    names = [args.row] if args.row else list(registry.ROWS)
+    err = Console(stderr=True)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err, transient=True, disable=args.output == "json") as bar:
+        task = bar.add_task("starting", total=None)
+        results = registry.run(names, args.rounds, lambda text: bar.update(task, description=text),
+                               args.dir, done=lambda r: bar.console.print(report.line(r)))
+    if args.output == "json":
+        print(json.dumps(report.as_json(results), indent=2))
+    else:
+        Console().print(report.table(results, args.rounds))
+    return 0
+
+
+def _impl_args(p: argparse.ArgumentParser) -> None:
+    from difftest.bench.impl.registry import ROWS
+
+    p.add_argument("row", nargs="?", choices=list(ROWS), metavar="ROW",
+                   help=f"one row (default: all): {', '.join(ROWS)}")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per row; medians are shown")
+    p.add_argument("--dir", default=None, help="where the images go (a disk that allows O_DIRECT)")
+    p.add_argument("--output", choices=["human", "json"], default="human")
+
+
 SUBVERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "difftest": ("throughput of the differential harness", _difftest_args, _difftest),
     "check": ("qcow2lab check against qemu-img check on a preallocated image (difftest/bench/check.py)",
               _check_args, _check),
+    "impl": ("impl against the seed results and QEMU's tools (difftest/bench/impl/)", _impl_args, _impl),
 }
 
 

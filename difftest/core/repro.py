@@ -180,7 +180,7 @@ class ReproStore:
     def record(self, cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: list[str],
                d: Divergence) -> None:
         key = origin(d)
-        steps = sum(1 for name, _ in log if name != "finish")
+        steps = len(_until_finish(log))  # the reproducer's operations
         if key in self.best and self.best[key] < steps:
             return
         self.best[key] = steps

@@ -228,3 +228,93 @@ def test_cache_none_uses_o_direct(tmp_path: Path) -> None:
     with impl.open(p, readonly=True) as img:
         assert img.read(1000, 5000) == b"o" * 5000
     assert subprocess.run(["qemu-img", "check", str(p)], capture_output=True).returncode == 0
+
+
+# --- the deterministic counts behind `qcow2lab bench impl` (difftest/bench/impl/) ----------------
+
+def _prealloc(path: Path, size: int, cluster_size: int = 65536) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"preallocation=metadata,cluster_size={cluster_size}", str(path), str(size)],
+                   check=True, capture_output=True)
+    return path
+
+
+def test_cow_ops_row_is_one_read_and_one_write_per_cow(tmp_path: Path) -> None:
+    """The cow-ops row: impl needs one read and one write per COW (head and tail together),
+    against the model's naive COW, which also writes its metadata at once."""
+    from difftest.bench.impl.common import Workspace
+    from difftest.bench.impl.io_rows import cow_ops_counts
+
+    c = cow_ops_counts(Workspace(tmp_path))
+    assert (c["impl_reads"], c["impl_writes"]) == (1, 1)
+    assert c["model_reads"] + c["model_writes"] > 2
+
+
+def test_no_l2_miss_after_warm_up_when_the_cache_covers_the_disk(tmp_path: Path) -> None:
+    """The cache-size row at 2.5 MiB: once every table is loaded, random reads never miss
+    and read no metadata (O_DIRECT, whole-table entries)."""
+    p = _prealloc(tmp_path / "a.qcow2", 2 << 30)
+    with impl.open(p, readonly=True, cache="none", l2_cache_size=256 * K, l2_cache_entry_size=64 * K) as img:
+        for i in range(4):  # four tables of 64 KiB, 512 MiB of guest each
+            img.read(i * 512 * M, 4096)
+        img.reset_stats()
+        for off in range(0, 2 << 30, 7 * M + 4096):
+            img.read(off, 4096)
+        st = img.stats()
+        assert (st["l2_cache_misses"], st["meta_reads"]) == (0, 0)
+        assert st["data_reads"] == st["l2_cache_hits"] == len(range(0, 2 << 30, 7 * M + 4096))
+
+
+def test_every_miss_with_4k_slices_reads_4k_of_metadata(tmp_path: Path) -> None:
+    """The slices rows: with 4 KiB slices a miss reads exactly 4 KiB, with whole tables a
+    whole cluster."""
+    p = _prealloc(tmp_path / "a.qcow2", 4 << 30)
+    offs = [(i * 2654435761) % (4 << 30) // 4096 * 4096 for i in range(300)]
+    for entry in (4 * K, 64 * K):
+        with impl.open(p, readonly=True, cache="none", l2_cache_size=64 * K,
+                       l2_cache_entry_size=entry) as img:
+            img.reset_stats()  # the open read the L1 and refcount tables
+            for off in offs:
+                img.read(off, 4096)
+            st = img.stats()
+            assert st["l2_cache_misses"] > 0
+            assert st["meta_read_bytes"] == st["l2_cache_misses"] * entry
+            assert st["meta_reads"] == st["l2_cache_misses"]
+
+
+def test_sequential_1m_read_of_contiguous_clusters_is_one_host_read(tmp_path: Path) -> None:
+    """The read-seq row: 16 host-contiguous clusters in one request are one host read."""
+    p = _prealloc(tmp_path / "a.qcow2", 64 * M)
+    with impl.open(p, readonly=True) as img:
+        img.read(0, 4096)
+        img.reset_stats()
+        img.read(M, M)
+        st = img.stats()
+        assert (st["reads"], st["read_bytes"]) == (1, M)
+
+
+def test_allocating_write_is_one_fallocate_and_one_write(tmp_path: Path) -> None:
+    """The write-alloc and overlap rows: a 4 KiB write into a fresh cluster (no backing)
+    zeroes the cluster with fallocate and writes the data once; metadata waits in the caches."""
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 64 * M)
+    with impl.open(p) as img:
+        img.write(0, b"a" * 4096)
+        img.reset_stats()
+        for i in range(1, 9):
+            img.write(i * 65536, b"a" * 4096)
+        st = img.stats()
+        assert (st["data_writes"], st["fallocates"], st["reads"], st["meta_writes"]) == (8, 8, 0, 0)
+
+
+def test_bench_impl_cli_runs_a_counted_row(tmp_path: Path) -> None:
+    import json
+    import sys
+
+    exe = Path(sys.executable).with_name("qcow2lab")
+    out = subprocess.run([str(exe), "bench", "impl", "--help"], capture_output=True, text=True, check=True)
+    assert "cow-ops" in out.stdout and "--rounds" in out.stdout
+    out = subprocess.run([str(exe), "bench", "impl", "cow-ops", "--output=json", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, check=True)
+    row = json.loads(out.stdout)["rows"][0]
+    assert row["row"] == "cow-ops" and row["passed"]
