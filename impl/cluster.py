@@ -303,11 +303,18 @@ def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memo
         end_to = align_up(end_from, scs)
 
     if not prealloc:
-        _data_with_cow(img, first, host, start_from, start_to, end_from, end_to, piece)
+        # Both COW regions of a cluster that was plain unallocated in an image without a
+        # backing file (and inside the image) read as zeros: what is_zero_fast would
+        # answer, known without asking block status.
+        known_zero = (not ext and not dfile and img.backing is None and not e0 and not el
+                      and first + n * cs <= img.size)
+        _data_with_cow(img, first, host, start_from, start_to, end_from, end_to, piece, known_zero)
         # perform_cow: the guest data must be on disk before the L2 entry mapping it.
         s.l2_cache.depends_on_flush()
 
-    # qcow2_alloc_cluster_link_l2
+    # qcow2_alloc_cluster_link_l2: the only place QEMU sets the lazy-refcounts dirty bit
+    # (qcow2_mark_dirty), before the new L2 entries.
+    img.mark_dirty()
     words = s.l2_cache.get(key)
     if not s.lazy_refcounts:
         s.l2_cache.set_dependency(s.rc_cache)
@@ -328,7 +335,7 @@ def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memo
 
 
 def _data_with_cow(img: ImageView, first: int, host: int, start_from: int, start_to: int,
-                   end_from: int, end_to: int, piece: memoryview) -> None:
+                   end_from: int, end_to: int, piece: memoryview, known_zero: bool = False) -> None:
     """The guest data plus its COW regions, in two host operations at most: one read (of
     both regions together when perform_cow merges them, else each alone) and one vectored
     write. When both regions read as zeros (bdrv_co_is_zero_fast) and the host can zero
@@ -338,8 +345,8 @@ def _data_with_cow(img: ImageView, first: int, host: int, start_from: int, start
     target = s.data_host()
     s.overlap.check(host + start_from, end_to - start_from)
     head, tail = start_to - start_from, end_to - end_from
-    if ((head or tail) and img.is_zero_fast(first + start_from, head)
-            and img.is_zero_fast(first + end_from, tail)
+    if ((head or tail) and (known_zero or (img.is_zero_fast(first + start_from, head)
+                                           and img.is_zero_fast(first + end_from, tail)))
             and target.zero_range(host + start_from, end_to - start_from)):
         target.pwrite(host + start_to, piece)
         return
@@ -478,6 +485,25 @@ def _zero_subclusters(s: State, offset: int, n: int) -> bool:
 
 
 def _for_each_cluster(img: ImageView, pos: int, end: int, change: object, *, request: bool) -> None:
+    """_each_cluster with the freed clusters' discards held and merged until the walk ends
+    (qcow2_cluster_discard and qcow2_subcluster_zeroize set s->cache_discards, then
+    qcow2_process_discards): neighbouring clusters go out as one punched range."""
+    s = img.s
+    held = s.cache_discards
+    s.cache_discards = True
+    try:
+        _each_cluster(img, pos, end, change, request=request)
+    except BaseException:
+        s.cache_discards = held
+        if not held:
+            s.process_discards(issue=False)
+        raise
+    s.cache_discards = held
+    if not held:
+        s.process_discards()
+
+
+def _each_cluster(img: ImageView, pos: int, end: int, change: object, *, request: bool) -> None:
     """Walk whole clusters slice by slice (zero_in_l2_slice / discard_in_l2_slice): each
     entry gets ``change(old_e, old_b) -> (new_e, new_b, let_go)``; a changed entry whose
     host cluster is let go drops that reference. The table is allocated (or unshared) even where nothing
@@ -516,7 +542,6 @@ def discard(img: ImageView, offset: int, n: int) -> None:
     for start, length in split_aligned(offset, n, cs):
         if (start % cs or length % cs) and (start % cs or start + length != img.size):
             continue
-        img.mark_dirty()
         cluster_discard(img, start, length, request=True, full=False)
 
 

@@ -35,12 +35,7 @@ def inflate(stream: bytes, ctype: CompressionType, cluster_size: int) -> bytes:
     cluster (QEMU: -EIO, the image is not flagged)."""
     try:
         if ctype is CompressionType.ZSTD:
-            import zstandard
-
-            out = zstandard.ZstdDecompressor().decompressobj().decompress(stream)
-            if len(out) != cluster_size:
-                raise CorruptionError("zstd cluster does not decode to one cluster")
-            return out
+            return _zstd_cluster(stream, cluster_size)
         z = zlib.decompressobj(-15)
         out = z.decompress(stream, cluster_size)
     except (zlib.error, ValueError) as e:
@@ -50,3 +45,31 @@ def inflate(stream: bytes, ctype: CompressionType, cluster_size: int) -> bytes:
     if len(out) < cluster_size:
         raise CorruptionError("deflate cluster decodes short")
     return out
+
+
+def _zstd_cluster(stream: bytes, cluster_size: int) -> bytes:
+    """Exactly one cluster out of one or more zstd frames, never holding more than a
+    cluster and a byte of output whatever the frames claim. QEMU decodes into a buffer of
+    one cluster and fails the read (-EIO) when a frame still has output once the buffer is
+    full, or when the input ends first (block/qcow2-threads.c qcow2_zstd_decompress);
+    bytes after the last frame needed are ignored."""
+    import zstandard
+
+    out = bytearray()
+    src = stream
+    while len(out) < cluster_size:
+        need = cluster_size - len(out)
+        reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=False)
+        got = reader.read(need + 1)
+        if len(got) > need:
+            raise CorruptionError("zstd cluster decodes to more than one cluster")
+        if not got:
+            raise CorruptionError("zstd cluster decodes short")
+        out += got
+        if len(out) < cluster_size:
+            # The next frame starts where this one ends: decode it once more, its output
+            # now known to fit, to learn its length.
+            d = zstandard.ZstdDecompressor().decompressobj()
+            d.decompress(src)
+            src = d.unused_data
+    return bytes(out)

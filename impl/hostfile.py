@@ -12,8 +12,9 @@ page aligned, and unaligned requests are widened to the alignment (a read-modify
 writes), as the block layer does for a node with request_alignment (block/io.c
 bdrv_aligned_pwritev / bdrv_co_do_copy_on_readv's padding).
 
-Errors: a failed host call is CorruptionError (QEMU: -EIO; the corrupt bit is not set for a
-plain I/O error); a change through a read-only file is RequestError.
+Errors: a failed host call is spec.hostio.HostIOError, a CorruptionError that flags nothing
+(QEMU returns the errno and leaves the corrupt bit alone); a change through a read-only file
+is RequestError.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from spec.errors import CorruptionError, RequestError
+from spec.hostio import HostIOError
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -123,7 +125,7 @@ class HostFile:
         try:
             data = self._direct_read(offset, n) if self.direct else os.pread(self.fd, n, offset)
         except (OSError, OverflowError) as e:
-            raise CorruptionError(f"host read of {n} bytes at {offset} failed: {e}") from None
+            raise HostIOError(f"host read of {n} bytes at {offset} failed: {e}") from None
         return data if len(data) == n else data + bytes(n - len(data))
 
     def preadv_into(self, bufs: Sequence[bytearray | memoryview], offset: int, *,
@@ -143,7 +145,7 @@ class HostFile:
                 return
             got = os.preadv(self.fd, bufs, offset)
         except (OSError, OverflowError) as e:
-            raise CorruptionError(f"host read of {total} bytes at {offset} failed: {e}") from None
+            raise HostIOError(f"host read of {total} bytes at {offset} failed: {e}") from None
         if got < total:
             pos = 0
             for b in bufs:
@@ -189,7 +191,7 @@ class HostFile:
                     done += k
                     rest = rest[k:]
         except (OSError, OverflowError) as e:
-            raise CorruptionError(f"host write of {total} bytes at {offset} failed: {e}") from None
+            raise HostIOError(f"host write of {total} bytes at {offset} failed: {e}") from None
 
     def _direct_write(self, offset: int, data: bytes) -> None:
         lo = offset - offset % DIRECT_ALIGN
@@ -214,14 +216,14 @@ class HostFile:
         try:
             return os.fstat(self.fd).st_size
         except OSError as e:
-            raise CorruptionError(f"cannot stat {self.path}: {e}") from None
+            raise HostIOError(f"cannot stat {self.path}: {e}") from None
 
     def truncate(self, size: int) -> None:
         self._writable()
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:
-            raise CorruptionError(f"cannot resize {self.path}: {e}") from None
+            raise HostIOError(f"cannot resize {self.path}: {e}") from None
 
     def flush(self, *, sync: bool = True) -> None:
         """bdrv_co_flush on the file: fdatasync, unless the open was cache=unsafe
@@ -232,7 +234,7 @@ class HostFile:
         try:
             os.fdatasync(self.fd)
         except OSError as e:
-            raise CorruptionError(f"flush of {self.path} failed: {e}") from None
+            raise HostIOError(f"flush of {self.path} failed: {e}") from None
 
     def punch_hole(self, offset: int, n: int) -> None:
         """raw_co_pdiscard: PUNCH_HOLE|KEEP_SIZE; failures ignored (a discard is advice)."""
@@ -250,7 +252,7 @@ class HostFile:
         if ret == 0:
             return True
         if ret not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise CorruptionError(f"zeroing {n} bytes at {offset} failed: {os.strerror(ret)}")
+            raise HostIOError(f"zeroing {n} bytes at {offset} failed: {os.strerror(ret)}")
         if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n) == 0:
             return _fallocate(self.fd, 0, offset, n) == 0
         if offset >= self.size():

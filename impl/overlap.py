@@ -9,9 +9,10 @@ are not checked (no metadata lives there).
 
 from __future__ import annotations
 
+from impl.cluster import UnflaggedError
 from impl.state import State
 from spec.entries import L1E_OFFSET_MASK
-from spec.errors import CorruptionError
+from spec.errors import CorruptionError, FormatError
 
 QCOW2_OL_MAIN_HEADER = 1 << 0
 QCOW2_OL_ACTIVE_L1 = 1 << 1
@@ -43,19 +44,47 @@ class OverlapChecker:
     """qcow2_pre_write_overlap_check: a data write landing on metadata selected by
     ``mask`` is refused (the caller flags the image corrupt). The metadata clusters are
     kept as a dict cluster index -> name, rebuilt only when a table moved (``stale``), so a
-    check is one dict lookup per cluster written; mask 0 costs one comparison."""
+    check is one dict lookup per cluster written; mask 0 costs one comparison.
+
+    The inactive L2 tables are those the snapshots' L1 tables point at. QEMU reads those
+    L1 tables at every check (qcow2_check_metadata_overlap); here they are read when the
+    snapshot list changes (``set_snapshots``) and kept until it changes again: a snapshot's
+    L1 table is never rewritten with other offsets while the snapshot exists. A snapshot
+    L1 table that QEMU's qcow2_validate_table refuses makes every checked write fail
+    without flagging the image (QEMU returns its -EFBIG/-EINVAL from the check)."""
 
     def __init__(self, s: State, mask: int, snapshots: list[tuple[int, int]],
-                 snapshot_table: tuple[int, int], bitmap_dir: tuple[int, int],
-                 inactive_l2: list[int]) -> None:
+                 snapshot_table: tuple[int, int], bitmap_dir: tuple[int, int]) -> None:
         self.s = s
         self.mask = mask
-        self.snapshots = snapshots
-        self.snapshot_table = snapshot_table
         self.bitmap_dir = bitmap_dir
-        self.inactive_l2 = inactive_l2
         self.stale = True
         self.clusters: dict[int, str] = {}
+        self.snapshots: list[tuple[int, int]] = []
+        self.snapshot_table = (0, 0)
+        self._inactive_l2: list[int] | None = None
+        self.set_snapshots(snapshots, snapshot_table)
+
+    def set_snapshots(self, snapshots: list[tuple[int, int]],
+                      snapshot_table: tuple[int, int]) -> None:
+        """The snapshot list changed: (l1_table_offset, l1_size) of each snapshot, and
+        (offset, bytes) of the snapshot table."""
+        self.snapshots = snapshots
+        self.snapshot_table = snapshot_table
+        self._inactive_l2 = None
+        self.stale = True
+
+    def _inactive_l2_tables(self) -> list[int]:
+        if self._inactive_l2 is None:
+            out: list[int] = []
+            for off, size in self.snapshots:
+                try:
+                    words = self.s.read_snapshot_l1(off, size)
+                except FormatError as e:
+                    raise UnflaggedError(f"overlap check: {e}") from None
+                out += [e & L1E_OFFSET_MASK for e in words if e & L1E_OFFSET_MASK]
+            self._inactive_l2 = out
+        return self._inactive_l2
 
     def _rebuild(self) -> None:
         s, m = self.s, self.mask
@@ -89,7 +118,7 @@ class OverlapChecker:
                 if e & ~0x1FF:
                     add("refcount block", e & ~0x1FF, cs)
         if m & QCOW2_OL_INACTIVE_L2:
-            for off in self.inactive_l2:
+            for off in self._inactive_l2_tables():
                 add("inactive L2 table", off, cs)
         self.clusters = out
         self.stale = False

@@ -27,7 +27,7 @@ import struct
 
 import numpy as np
 
-from impl.state import State
+from impl.state import HEADER_REFTABLE_FIELDS, State
 from spec.entries import REFT_OFFSET_MASK
 from spec.errors import CorruptionError, RequestError
 from spec.geometry import align_up, div_round_up
@@ -93,8 +93,22 @@ def get_refcount(s: State, cluster_index: int) -> int:
 
 def update_refcount(s: State, offset: int, length: int, addend: int, *, discard: bool = False) -> None:
     """Add ``addend`` to every cluster touched by [offset, offset+length) (update_refcount).
-    ``discard``: a cluster that drops to 0 is punched out of the file (pass-discard-request).
+    ``discard``: a cluster that drops to 0 is queued to be punched out of the file
+    (pass-discard-request; update_refcount_discard merges neighbours), and the queue is
+    issued when the call ends, unless the caller holds it (s.cache_discards, as
+    qcow2_cluster_discard and qcow2_update_snapshot_refcount do).
     Raises Again after undoing its own changes when a refcount block had to be allocated."""
+    try:
+        _update_refcount(s, offset, length, addend, discard=discard)
+    except BaseException:
+        if not s.cache_discards:
+            s.process_discards(issue=False)
+        raise
+    if not s.cache_discards:
+        s.process_discards()
+
+
+def _update_refcount(s: State, offset: int, length: int, addend: int, *, discard: bool) -> None:
     if length <= 0:
         return
     cs = s.cluster_size
@@ -142,7 +156,7 @@ def _cluster_freed(s: State, cl: int, discard: bool) -> None:
     s.rc_cache.discard(cl)
     s.l2_cache.discard_range(cl, cs)
     if discard:
-        s.host.punch_hole(cl, cs)
+        s.queue_discard(cl, cs)
 
 
 def free_clusters(s: State, offset: int, length: int, *, discard: bool = False) -> None:
@@ -359,11 +373,13 @@ def _grow_reftable(s: State, cluster_index: int, new_index: int, new_block: int)
             arr[j:min((end - first) // cs, per)] = 1
         s.rc_cache.mark_dirty(new_table[i])
     s.rc_cache.flush()
-    s.host.pwrite(table_offset, struct.pack(f">{table_size}Q", *new_table), meta=True)
+    # qcow2_refcount_area: the new table, then the header fields pointing at it, each
+    # with bdrv_pwrite_sync, before the old table is freed (and may be reused).
+    s.pwrite_sync(table_offset, struct.pack(f">{table_size}Q", *new_table))
     old_offset, old_clusters = s.refcount_table_offset, int(s.header.refcount_table_clusters)
     s.header.refcount_table_offset = table_offset
     s.header.refcount_table_clusters = table_clusters
     s.reftable = new_table
     s.overlap.stale = True
-    s.write_header()
+    s.pwrite_sync(HEADER_REFTABLE_FIELDS, struct.pack(">QI", table_offset, table_clusters))
     free_clusters(s, old_offset, old_clusters * cs)

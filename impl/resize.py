@@ -20,9 +20,9 @@ import struct
 
 from impl import cluster as cl
 from impl import refcount as rc
-from impl.state import ImageView
+from impl.state import HEADER_L1_FIELDS, HEADER_SIZE, ImageView, State
 from spec.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
-from spec.errors import Qcow2Error, RequestError, UnsupportedFeature
+from spec.errors import CorruptionError, Qcow2Error, RequestError, UnsupportedFeature
 from spec.geometry import align_up
 from spec.limits import QCOW_MAX_L1_SIZE
 
@@ -36,7 +36,6 @@ def resize(img: ImageView, new_size: int, shrink: bool) -> None:
     old = img.size
     if new_size < old and not shrink:
         raise RequestError("use shrink=True to shrink an image")
-    img.mark_dirty()
     g = s.geometry
     l1_needed = g.l1_size_for(new_size)
     if new_size < old:
@@ -67,13 +66,16 @@ def resize(img: ImageView, new_size: int, shrink: bool) -> None:
         if new_size > old and img.backing is not None and img.backing.size > old:
             _zero_new_area(img, old, new_size)
     s.header.size = new_size
-    s.write_header()
+    # qcow2_co_truncate: the size field alone, with bdrv_pwrite_sync.
+    s.pwrite_sync(HEADER_SIZE, struct.pack(">Q", new_size))
     img.size = new_size
 
 
 def grow_l1(img: ImageView, min_size: int) -> None:
     """qcow2_grow_l1_table (exact size): the table copied to new clusters; the old one
-    freed without a discard (QCOW2_DISCARD_OTHER)."""
+    freed without a discard (QCOW2_DISCARD_OTHER). The new table and then the header
+    fields are written with bdrv_pwrite_sync: the old clusters, once freed, can take guest
+    data at once, and must not while the header on disk still points at them."""
     s = img.s
     old_size = s.l1_size
     if min_size <= old_size:
@@ -83,13 +85,13 @@ def grow_l1(img: ImageView, min_size: int) -> None:
     table = s.l1_table + [0] * (min_size - old_size)
     new_off = rc.alloc_clusters(s, s.geometry.size_to_clusters(min_size * 8))
     s.rc_cache.flush()
-    s.host.pwrite(new_off, struct.pack(f">{min_size}Q", *table), meta=True)
+    s.pwrite_sync(new_off, struct.pack(f">{min_size}Q", *table))
     old_off = s.l1_table_offset
     s.header.l1_size = min_size
     s.header.l1_table_offset = new_off
     s.l1_table = table
     s.overlap.stale = True
-    s.write_header()
+    s.pwrite_sync(HEADER_L1_FIELDS, struct.pack(">IQ", min_size, new_off))
     if old_size:
         rc.free_clusters(s, old_off, old_size * 8)
 
@@ -120,7 +122,9 @@ def _shrink_l1(img: ImageView, new_l1: int) -> None:
         return
     freed = [e & L1E_OFFSET_MASK for e in s.l1_table[new_l1:]]
     s.l1_table[new_l1:] = [0] * len(freed)
-    s.host.pwrite(s.l1_table_offset + 8 * new_l1, bytes(8 * len(freed)), meta=True)
+    # The zeroed entries are flushed before their L2 tables are freed (bdrv_pwrite_zeroes,
+    # then bdrv_flush of the file).
+    s.pwrite_sync(s.l1_table_offset + 8 * new_l1, bytes(8 * len(freed)))
     s.overlap.stale = True
     for off in reversed(freed):
         if off:
@@ -128,9 +132,10 @@ def _shrink_l1(img: ImageView, new_l1: int) -> None:
 
 
 def _shrink_reftable(img: ImageView) -> None:
-    """qcow2_shrink_reftable: refcount blocks counting nothing but themselves are dropped
-    from the table. Freeing such a block fails (its count went with it) and is ignored,
-    as in QEMU; its bytes stay in the file."""
+    """qcow2_shrink_reftable: refcount blocks counting nothing but themselves are dropped.
+    The shorter table is written with bdrv_pwrite_sync; then each dropped block's own
+    refcount goes to 0, its cache entry is dropped unwritten and its cluster punched out
+    (qcow2_discard_refcount_block), and the allocator may reuse it."""
     s = img.s
     cs = s.cluster_size
     per = s.geometry.refcount_block_entries
@@ -146,15 +151,33 @@ def _shrink_reftable(img: ImageView) -> None:
             dropped.append(i)
     if not dropped:
         return
-    old = list(s.reftable)
+    kept = list(s.reftable)
     for i in dropped:
-        s.reftable[i] = 0
-    s.host.pwrite(s.refcount_table_offset, struct.pack(f">{len(s.reftable)}Q", *s.reftable), meta=True)
+        kept[i] = 0
+    s.pwrite_sync(s.refcount_table_offset, struct.pack(f">{len(kept)}Q", *kept))
     s.overlap.stale = True
     for i in dropped:
-        off = old[i] & REFT_OFFSET_MASK
-        s.rc_cache.discard(off)
-        rc.free_clusters(s, off, cs, discard=True)
+        _discard_refcount_block(s, s.reftable[i] & REFT_OFFSET_MASK)
+        s.reftable[i] = 0
+
+
+def _discard_refcount_block(s: State, block: int) -> None:
+    """qcow2_discard_refcount_block: the block's own refcount (1, or the image is corrupt)
+    set to 0 in whichever block counts it, possibly itself."""
+    cs = s.cluster_size
+    per = s.geometry.refcount_block_entries
+    idx = block // cs
+    counter = s.reftable[idx // per] & REFT_OFFSET_MASK
+    if counter & (cs - 1) or not counter:
+        raise CorruptionError(f"refcount block {block:#x} is not counted by an aligned block")
+    counts = s.rc_cache.get(counter)
+    if int(counts[idx % per]) != 1:
+        raise CorruptionError(f"invalid refcount {int(counts[idx % per])} of refcount block {block:#x}")
+    counts[idx % per] = 0
+    s.rc_cache.mark_dirty(counter)
+    s.free_cluster_index = min(s.free_cluster_index, idx)
+    s.rc_cache.discard(block)
+    s.host.punch_hole(block, cs)
 
 
 def _cut_file(img: ImageView) -> None:

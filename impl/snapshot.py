@@ -26,7 +26,7 @@ import construct as c
 
 from impl import overlap as ov
 from impl import refcount as rc
-from impl.state import ImageView, State
+from impl.state import HEADER_SNAPSHOT_FIELDS, ImageView, State
 from spec.entries import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -103,13 +103,19 @@ def write_table(img: ImageView, table: list[c.Container]) -> None:
     old_off, old_size = table_span(s, read_table(s))
     if data:
         offset = rc.alloc_clusters(s, s.geometry.size_to_clusters(len(data)))
-        s.rc_cache.flush()
-        s.host.pwrite(offset, data, meta=True)
     else:
         offset = s.free_cluster_index * s.cluster_size
+    # Everything the new table depends on is stable before it is written, and the table
+    # with its refcounts before the header points at it; the header update is synced
+    # before the old table is freed (qcow2_write_snapshots: bdrv_flush, bdrv_pwrite,
+    # bdrv_flush, bdrv_pwrite_sync of nb_snapshots and snapshots_offset).
+    s.flush_all()
+    if data:
+        s.host.pwrite(offset, data, meta=True)
+    s.flush_all()
     s.header.nb_snapshots = len(table)
     s.header.snapshots_offset = offset
-    s.write_header()
+    s.pwrite_sync(HEADER_SNAPSHOT_FIELDS, struct.pack(">IQ", len(table), offset))
     if old_size:
         rc.free_clusters(s, old_off, old_size, discard=True)
     _refresh_overlap(s, table)
@@ -118,9 +124,8 @@ def write_table(img: ImageView, table: list[c.Container]) -> None:
 def _refresh_overlap(s: State, table: list[c.Container]) -> None:
     checker = s.overlap
     if isinstance(checker, ov.OverlapChecker):
-        checker.snapshots = [(int(e.l1_table_offset), int(e.l1_size)) for e in table]
-        checker.snapshot_table = table_span(s, table)
-        checker.stale = True
+        checker.set_snapshots([(int(e.l1_table_offset), int(e.l1_size)) for e in table],
+                              table_span(s, table))
 
 
 def find(table: list[c.Container], name: str) -> int:
@@ -134,7 +139,7 @@ def find(table: list[c.Container], name: str) -> int:
 def _read_l1(s: State, offset: int, size: int) -> list[int]:
     if offset == s.l1_table_offset:
         return s.l1_table
-    return list(struct.unpack(f">{size}Q", s.host.pread(offset, 8 * size, meta=True)))
+    return s.read_snapshot_l1(offset, size)
 
 
 def update_snapshot_refcount(s: State, l1_offset: int, l1_size: int, addend: int,
@@ -143,8 +148,29 @@ def update_snapshot_refcount(s: State, l1_offset: int, l1_size: int, addend: int
     table reaches, COPIED set exactly where the refcount is 1. Entries are changed in the
     cached slices as QEMU changes them, so a refcount overflow half-way leaves what it did
     (nothing rolled back); the L1 table is written only for ``addend >= 0``."""
-    cs = s.cluster_size
     table = _read_l1(s, l1_offset, l1_size) if l1 is None else l1
+    held = s.cache_discards
+    s.cache_discards = True  # freed clusters are punched once, merged, at the end
+    try:
+        changed_l1 = _update_tables(s, table, l1_size, addend)
+        s.flush_all()
+    except BaseException:
+        s.cache_discards = held
+        if not held:
+            s.process_discards(issue=False)
+        raise
+    s.cache_discards = held
+    if not held:
+        s.process_discards()
+    # The L1 table (not for addend -1: it is about to be freed) written with a barrier
+    # behind it, after both caches and the file were flushed above.
+    if changed_l1 and addend >= 0:
+        s.pwrite_sync(l1_offset, struct.pack(f">{len(table)}Q", *table))
+
+
+def _update_tables(s: State, table: list[int], l1_size: int, addend: int) -> bool:
+    """update_snapshot_refcount's walk over the L2 tables; True when an L1 entry changed."""
+    cs = s.cluster_size
     step = 2 if s.extended_l2 else 1
     changed_l1 = False
     for i, l1e in enumerate(table[:l1_size]):
@@ -158,6 +184,10 @@ def update_snapshot_refcount(s: State, l1_offset: int, l1_size: int, addend: int
                 words = s.l2_cache.get(key)
                 fixed = _counted_entry(s, words[j], addend)
                 if fixed != words[j]:
+                    if addend > 0:
+                        # The raised refcounts reach the file before the entries whose
+                        # COPIED flag they cleared.
+                        s.l2_cache.set_dependency(s.rc_cache)
                     words = s.l2_cache.get(key)
                     words[j] = fixed
                     s.l2_cache.mark_dirty(key)
@@ -165,8 +195,7 @@ def update_snapshot_refcount(s: State, l1_offset: int, l1_size: int, addend: int
         if fixed_l1 != l1e:
             table[i] = fixed_l1
             changed_l1 = True
-    if changed_l1 and addend >= 0:
-        s.host.pwrite(l1_offset, struct.pack(f">{len(table)}Q", *table), meta=True)
+    return changed_l1
 
 
 def _counted_cluster(s: State, off: int, length: int, addend: int) -> int:
@@ -215,8 +244,11 @@ def create(img: ImageView, name: str) -> None:
     l1_offset = 0
     if l1_size:
         l1_offset = rc.alloc_clusters(s, s.geometry.size_to_clusters(l1_size * 8))
-        s.rc_cache.flush()
+        # A plain write: nothing points at the copy until the snapshot table does, and
+        # update_snapshot_refcount and write_table flush before that.
         s.host.pwrite(l1_offset, struct.pack(f">{l1_size}Q", *s.l1_table), meta=True)
+    # +1 on everything the active table reaches, stable on disk (the flush inside) before
+    # the snapshot table names the new L1 table (qcow2_snapshot_create).
     update_snapshot_refcount(s, s.l1_table_offset, l1_size, 1)
     now = time.time_ns()
     entry = c.Container(
@@ -233,6 +265,8 @@ def apply(img: ImageView, name: str) -> None:
     s = img.s
     _no_data_file(s)
     sn = read_table(s)[find(read_table(s), name)]
+    # qcow2_snapshot_goto validates the snapshot's L1 table before anything changes.
+    sn_l1_saved = s.read_snapshot_l1(int(sn.l1_table_offset), int(sn.l1_size))
     disk_size = int(sn.extra_data.disk_size) if sn.extra_data.disk_size is not None else img.size
     if disk_size != img.size:
         rs.resize(img, disk_size, True)
@@ -240,10 +274,12 @@ def apply(img: ImageView, name: str) -> None:
     if sn_size > s.l1_size:
         rs.grow_l1(img, sn_size)
     cur = s.l1_size
-    sn_l1 = _read_l1(s, sn_off, sn_size)[:] + [0] * (cur - sn_size)
+    sn_l1 = sn_l1_saved + [0] * (cur - sn_size)
+    # qcow2_snapshot_goto: the snapshot's clusters get +1 (flushed inside) before the
+    # active L1 table is overwritten with a barrier behind it; only then -1 on the old.
     update_snapshot_refcount(s, sn_off, sn_size, 1)
     old_active = list(s.l1_table)
-    s.host.pwrite(s.l1_table_offset, struct.pack(f">{cur}Q", *sn_l1), meta=True)
+    s.pwrite_sync(s.l1_table_offset, struct.pack(f">{cur}Q", *sn_l1))
     update_snapshot_refcount(s, s.l1_table_offset, cur, -1, l1=old_active)
     s.l1_table = sn_l1
     s.overlap.stale = True
@@ -254,6 +290,8 @@ def delete(img: ImageView, name: str) -> None:
     s = img.s
     table = read_table(s)
     sn = table.pop(find(table, name))
+    # qcow2_snapshot_delete validates the snapshot's L1 table before the table changes.
+    s.read_snapshot_l1(int(sn.l1_table_offset), int(sn.l1_size))
     write_table(img, table)
     update_snapshot_refcount(s, int(sn.l1_table_offset), int(sn.l1_size), -1)
     rc.free_clusters(s, int(sn.l1_table_offset), int(sn.l1_size) * 8, discard=True)

@@ -19,9 +19,22 @@ from impl.hostfile import HostFile
 from spec import features as ft
 from spec import header as hd
 from spec.geometry import Geometry
+from spec.image import validate_table
+from spec.limits import QCOW_MAX_L1_SIZE
 
 L1_ENTRIES_PER_SECTOR = 512 // 8
 """qcow2_write_l1_entry writes the aligned 512-byte sector holding the changed entry."""
+
+# Offsets of the header fields QEMU rewrites on their own with bdrv_pwrite_sync when a table
+# moves (qcow2.rst "Header"; block/qcow2.h QCowHeader).
+HEADER_SIZE = 24
+"""size (u64): qcow2_co_truncate."""
+HEADER_L1_FIELDS = 36
+"""l1_size (u32), l1_table_offset (u64): qcow2_grow_l1_table."""
+HEADER_REFTABLE_FIELDS = 48
+"""refcount_table_offset (u64), refcount_table_clusters (u32): qcow2_refcount_area."""
+HEADER_SNAPSHOT_FIELDS = 60
+"""nb_snapshots (u32), snapshots_offset (u64): qcow2_write_snapshots."""
 
 
 class ImageView(Protocol):
@@ -83,6 +96,10 @@ class State:
         self.free_byte_offset = 0
         self.packing_cluster_freed = False
         self.packed_into_live_cluster = False
+        self.discards: list[list[int]] = []
+        """Freed host ranges [offset, length] waiting to be punched (s->discards)."""
+        self.cache_discards = False
+        """Hold the discards until the caller's operation ends (s->cache_discards)."""
         # Set by image.py once the caches exist.
         self.l2_cache: Qcow2Cache = None  # type: ignore[assignment]
         self.rc_cache: Qcow2Cache = None  # type: ignore[assignment]
@@ -128,6 +145,62 @@ class State:
     def flush_file(self) -> None:
         self.host.flush(sync=self.sync)
 
+    def flush_all(self) -> None:
+        """bdrv_flush on the qcow2 node: both caches written back (the L2 cache after the
+        refcount cache it depends on: qcow2_write_caches), then the file flushed. With
+        cache=unsafe the fdatasync is skipped but the flush call is still made, so a
+        recorder (difftest/crash) sees the barrier."""
+        self.l2_cache.write()
+        self.rc_cache.write()
+        self.flush_file()
+
+    def pwrite_sync(self, offset: int, data: bytes) -> None:
+        """bdrv_pwrite_sync on the image file: a metadata write, then a file flush, so that
+        nothing written later can reach the disk before it (the barrier QEMU puts after
+        switching to a new table and before the old one is freed and reused)."""
+        self.host.pwrite(offset, data, meta=True)
+        self.flush_file()
+
+    def queue_discard(self, offset: int, length: int) -> None:
+        """update_refcount_discard: a freed range joins a queued range it touches, and a
+        range that then touches another is merged with it (freed ranges never overlap)."""
+        end = offset + length
+        for d in self.discards:
+            if d[0] <= end and offset <= d[0] + d[1]:
+                lo = min(d[0], offset)
+                d[1] = max(d[0] + d[1], end) - lo
+                d[0] = lo
+                break
+        else:
+            d = [offset, length]
+            self.discards.append(d)
+        for p in list(self.discards):
+            if p is not d and p[0] <= d[0] + d[1] and d[0] <= p[0] + p[1]:
+                self.discards.remove(p)
+                lo = min(d[0], p[0])
+                d[1] = max(d[0] + d[1], p[0] + p[1]) - lo
+                d[0] = lo
+
+    def process_discards(self, *, issue: bool = True) -> None:
+        """qcow2_process_discards: one punched hole per queued range, in queue order; after
+        a failed operation (``issue`` False) the queue is dropped, nothing punched."""
+        queued, self.discards = self.discards, []
+        if issue:
+            for off, n in queued:
+                self.host.punch_hole(off, n)
+
+    def read_snapshot_l1(self, offset: int, size: int) -> list[int]:
+        """A snapshot's L1 table, checked first as QEMU checks it before reading one
+        (qcow2_validate_table, called from qcow2_snapshot_goto, _delete, _load_tmp and
+        qcow2_check_metadata_overlap): at most QCOW_MAX_L1_SIZE bytes, cluster aligned, its
+        end within int64. FormatError otherwise ("Snapshot L1 table too large"), so a
+        header's l1_size never decides how much memory is taken."""
+        validate_table(offset, size, 8, QCOW_MAX_L1_SIZE, self.cluster_size,
+                       "snapshot.l1_size", "snapshot.l1_table_offset")
+        if not size:
+            return []
+        return list(struct.unpack(f">{size}Q", self.host.pread(offset, 8 * size, meta=True)))
+
     # --- writing what QEMU keeps in memory ----------------------------------------------------
     def write_header(self) -> None:
         """qcow2_update_header's fixed part."""
@@ -142,14 +215,14 @@ class State:
         self.write_header()
 
     def write_l1_entry(self, index: int) -> None:
-        """qcow2_write_l1_entry: the 512-byte aligned group of entries around ``index``."""
+        """qcow2_write_l1_entry: the 512-byte aligned group of entries around ``index``,
+        with bdrv_pwrite_sync (the new L2 table is in use from here on)."""
         first = index - index % L1_ENTRIES_PER_SECTOR
         words = self.l1_table[first:min(first + L1_ENTRIES_PER_SECTOR, self.l1_size)]
         # The whole sector is written, zeros past the table's end included.
         words += [0] * (L1_ENTRIES_PER_SECTOR - len(words))
-        self.host.pwrite(self.l1_table_offset + 8 * first, struct.pack(f">{len(words)}Q", *words),
-                         meta=True)
+        self.pwrite_sync(self.l1_table_offset + 8 * first, struct.pack(f">{len(words)}Q", *words))
 
     def write_reftable_entry(self, index: int) -> None:
-        self.host.pwrite(self.refcount_table_offset + 8 * index,
-                         struct.pack(">Q", self.reftable[index]), meta=True)
+        """alloc_refcount_block hooks a new block into the table with bdrv_pwrite_sync."""
+        self.pwrite_sync(self.refcount_table_offset + 8 * index, struct.pack(">Q", self.reftable[index]))

@@ -118,7 +118,8 @@ def test_qemu_packing_corruption_fails_alike(tmp_path: Path) -> None:
     finally:
         ls.close()
     ls.close()
-    assert closed == [(7, ls.notes)]  # six operations and the teardown's compare_map
+    assert closed == [(8, ls.notes)]  # six operations, the teardown's check_live and compare_map
+    assert any(n.startswith("qemu-corrupt-live") for n in ls.notes)  # the live check's excuse
     assert any(n.startswith("qemu-unreadable") for n in ls.notes)
     assert any(n.startswith("qemu-corrupt") for n in ls.notes)
 
@@ -283,6 +284,52 @@ def test_config_rules_follow_qemu_img_create() -> None:
         "cluster_size": 4096, "extended_l2": True, "backing": "raw"}
     with pytest.raises(ValueError):
         parse_overrides(["nonsense=1"])
+
+
+def test_cache_options_reach_impl_and_qemu_under_their_own_names() -> None:
+    cfg = Config(cluster_size=4096, l2_cache_size=1024, l2_cache_entry_size=512, overlap_check="all")
+    cfg.validate()
+    assert cfg.open_options() == {"l2_cache_size": 1024, "l2_cache_entry_size": 512, "overlap_check": "all"}
+    assert cfg.cache_size_options() == {"l2_cache_size": 1024, "l2_cache_entry_size": 512}
+    assert cfg.qemu_open_options() == "l2-cache-size=1024,l2-cache-entry-size=512,overlap-check=all"
+    assert not cfg.cache_defaults and Config().cache_defaults and Config().qemu_open_options() == ""
+    for bad in (Config(cluster_size=4096, l2_cache_entry_size=8192), Config(l2_cache_entry_size=768),
+                Config(overlap_check="some")):
+        with pytest.raises(ValueError):
+            bad.validate()
+    assert parse_overrides(["l2_cache_size=2k", "refcount_cache_size=default"]) == {
+        "l2_cache_size": 2048, "refcount_cache_size": None}
+
+
+def test_qemu_io_keeps_its_open_options_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "t.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(path), "1M"],
+                   check=True)
+    with qemuio.QemuImage(path, options="l2-cache-size=1024,l2-cache-entry-size=512") as img:
+        img.write(0, b"\x5a" * 4096)
+        img.reopen()  # ``open -o`` again, with the same options
+        assert img.read(0, 4096) == b"\x5a" * 4096
+    with pytest.raises(RequestError):  # QEMU's own validation: 768 is not a power of two
+        qemuio.QemuImage(path, options="l2-cache-entry-size=768")
+
+
+def test_layout_comparison_ignores_snapshot_dates_only(tmp_path: Path) -> None:
+    from difftest.core.teardown import first_difference, snapshot_dates
+
+    files = [tmp_path / "a.qcow2", tmp_path / "b.qcow2"]
+    for f in files:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(f), "1M"], check=True)
+        subprocess.run(["qemu-img", "snapshot", "-c", "s", str(f)], check=True)
+        time.sleep(0.01)  # a later creation time
+    a, b = map(str, files)
+    dates = snapshot_dates(a) + snapshot_dates(b)
+    at = first_difference(a, b)
+    assert len(dates) == 2 and at is not None and dates[0][0] <= at < dates[0][0] + 8
+    assert first_difference(a, b, dates) is None
+    with open(b, "r+b") as f:  # one more byte in one file: a real difference
+        f.seek(0, 2)
+        f.write(b"\x01")
+    assert first_difference(a, b, dates) == Path(a).stat().st_size
 
 
 def test_config_strategy_draws_only_valid_configs() -> None:

@@ -20,8 +20,9 @@ SECTOR = 512
 
 @dataclass
 class GuestOracle:
-    durable: bytearray
-    """Guest content at the last completed flush (the whole image; sizes are small)."""
+    durable: bytes
+    """Guest content at the last completed flush (the whole image; sizes are small).
+    Immutable, so that the per-operation copies share it."""
     pending: dict[int, set[bytes]] = field(default_factory=dict)
     """Sector index -> values it held since that flush (the flushed one not included)."""
 
@@ -32,11 +33,11 @@ class GuestOracle:
 
     def flushed(self, current: bytes) -> None:
         """A guest flush completed; ``current`` is the whole live content."""
-        self.durable = bytearray(current)
+        self.durable = bytes(current)
         self.pending.clear()
 
     def copy(self) -> GuestOracle:
-        return GuestOracle(bytearray(self.durable), {k: set(v) for k, v in self.pending.items()})
+        return GuestOracle(self.durable, {k: set(v) for k, v in self.pending.items()})
 
     def bad_sectors(self, content: bytes) -> list[int]:
         """Sectors of ``content`` (a whole guest read after the crash) that hold a value

@@ -160,7 +160,7 @@ def record_qemu(cfg: Config, ops: Sequence[Op], path: Path) -> Recorded:
     io = LoggedQemuIo(path, log, append=False)
     lo = 0
     try:
-        oracle = GuestOracle(bytearray(img.read(0, cfg.size)))
+        oracle = GuestOracle(img.read(0, cfg.size))
         initial = oracle.copy()
         for op in ops:
             if op.kind == "reopen":

@@ -40,18 +40,16 @@ class Recorded:
         return self.initial
 
 
-def record(engine: str, cfg: Config, ops: Sequence[Op], path: Path,
-           fault: hostio.Monitor | None = None) -> Recorded:
+def record(engine: str, cfg: Config, ops: Sequence[Op], path: Path) -> Recorded:
     """Run ``ops`` on the image at ``path`` with the recorder on (see the module doc)."""
     base = path.read_bytes()
     rec = hostio.Recorder(paths={str(path)})
-    monitor: hostio.Monitor = rec if fault is None else hostio.Tee([fault, rec])
     segments: list[Segment] = []
     errors: list[str] = []
-    with engines.monitored(engine) as module, hostio.monitoring(monitor):
+    with engines.monitored(engine) as module, hostio.monitoring(rec):
         img = engines.open_rw(module, str(path))
         try:
-            oracle = GuestOracle(bytearray(img.read(0, cfg.size)))
+            oracle = GuestOracle(img.read(0, cfg.size))
             initial = oracle.copy()
             for op in [*ops, Op("close")]:
                 lo = rec.mark()

@@ -105,3 +105,59 @@ def test_compressed_packing_into_reused_cluster_corrupts_like_qemu(engine: Modul
     assert cq["corruptions"] == 1
     assert check_without_name(m) == cq
     assert m.read_bytes() == q.read_bytes()
+
+
+def _zstd_image_with_frames(tmp_path: Path, payload: bytes) -> tuple[Path, Path]:
+    """A zstd image (qemu-img) whose first cluster is compressed, with the compressed bytes
+    then replaced by ``payload`` (padded with zeros to the descriptor's length); ``q`` for
+    qemu-io and ``m`` for the engine."""
+    q, m = pair(tmp_path, "", "", 1 * MiB, compression_type="zstd")
+    rng = random.Random(5)
+    # Half random: it compresses to a little over 32 KiB, room for any payload below.
+    data = bytes(rng.getrandbits(8) for _ in range(36 * KiB)) + bytes(28 * KiB)
+    (tmp_path / "c.bin").write_bytes(data)
+    qemu_io(q, "write -q -c -s c.bin 0 64k", "write -q -P 0x11 64k 64k")
+    coff, csize = compressed_range(l2_entry(q, 0), 16)
+    assert len(payload) <= csize
+    with open(q, "r+b") as f:
+        f.seek(coff)
+        f.write(payload.ljust(csize, b"\0"))
+    shutil.copyfile(q, m)
+    return q, m
+
+
+def test_zstd_frame_bigger_than_a_cluster_fails_the_read_in_bounded_memory(
+        engine: ModuleType, tmp_path: Path) -> None:
+    """A 32 KiB zstd frame claiming 1 GiB of zeros: QEMU decodes into a one-cluster buffer
+    and fails the read (-EIO) without flagging the image (block/qcow2-threads.c
+    qcow2_zstd_decompress). Both engines once decoded the whole frame (1 GiB of RSS)."""
+    import resource
+
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor(level=1).compress(bytes(1 << 30))
+    too_big = zstandard.ZstdCompressor().compress(b"z" * (64 * KiB + 1))
+    for payload in (bomb, too_big):
+        q, m = _zstd_image_with_frames(tmp_path, payload)
+        assert qemu_io_failures(q, "read 0 64k", "read -P 0x11 64k 64k") == 1
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with engine.open(m) as img:
+            with pytest.raises(Qcow2Error):
+                img.read(0, 64 * KiB)
+            assert img.read(64 * KiB, 64 * KiB) == b"\x11" * 64 * KiB
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB
+        assert check_without_name(m) == check_without_name(q)
+
+
+def test_zstd_cluster_in_two_frames_reads_like_qemu(engine: ModuleType, tmp_path: Path) -> None:
+    """QEMU reads frames one after another until the cluster is full, so a cluster stored
+    as two frames (another writer's choice) reads back whole; the bytes after them are
+    ignored."""
+    import zstandard
+
+    half = [bytes([i]) * (32 * KiB) for i in (0x21, 0x22)]
+    frames = b"".join(zstandard.ZstdCompressor().compress(h) for h in half)
+    q, m = _zstd_image_with_frames(tmp_path, frames)
+    assert qemu_io_failures(q, "read -P 0x21 0 32k", "read -P 0x22 32k 32k") == 0
+    with engine.open(m) as img:
+        assert img.read(0, 64 * KiB) == b"".join(half)

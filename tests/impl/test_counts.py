@@ -318,3 +318,23 @@ def test_bench_impl_cli_runs_a_counted_row(tmp_path: Path) -> None:
                          capture_output=True, text=True, check=True)
     row = json.loads(out.stdout)["rows"][0]
     assert row["row"] == "cow-ops" and row["passed"]
+
+
+def test_cache_hit_under_o_direct_is_one_host_read(tmp_path: Path) -> None:
+    p = _prealloc(tmp_path / "a.qcow2", 64 * M)
+    with impl.open(p, readonly=True, cache="none") as img:
+        img.read(0, 4096)
+        img.reset_stats()
+        assert img.read(65536 + 512, 1024) == bytes(1024)
+        st = img.stats()
+        assert (st["reads"], st["read_bytes"], st["l2_cache_hits"], st["l2_cache_misses"]) == (1, 1024, 1, 0)
+
+
+def test_backing_file_inherits_the_cache_mode(tmp_path: Path) -> None:
+    """QEMU's children inherit cache.direct (block.c bdrv_backing_options): with
+    cache="none" the COW reads from the backing file are O_DIRECT too."""
+    _, top = _overlay(tmp_path)
+    with impl.open(top, cache="none") as img:
+        assert img.s.host.direct and img.backing.s.host.direct
+        img.write(65536 + 100, b"d" * 100)
+        assert img.read(65536, 300) == b"\x5a" * 100 + b"d" * 100 + b"\x5a" * 100

@@ -1,0 +1,230 @@
+"""Reviewer findings on what impl leaves on the disk at a crash: the lazy-refcounts dirty bit,
+and the write barriers (write, then flush) QEMU puts between switching to a new table and
+reusing the old one. A crash is a process that exits without closing the image (os._exit
+in a fork), or a recorded host-call stream cut short; qemu-io's "abort" is QEMU's."""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import impl
+from impl import refcount as rc
+from spec import features as ft
+from tests import qemu
+
+K, M = 1 << 10, 1 << 20
+
+
+def _incompat(p: Path) -> int:
+    return int(struct.unpack_from(">Q", p.read_bytes()[:80], 72)[0])
+
+
+def _crash_after(p: Path, fn: Callable[[Any], None]) -> None:
+    """Open ``p``, run ``fn`` on the image, and die without closing it."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            img = impl.open(p)
+            fn(img)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+LAZY_CASES = {
+    "overwrite in place": ("write -P 2 0 512", lambda im: im.write(0, b"\2" * 512)),
+    "zero write": ("write -z 128k 64k", lambda im: im.write_zeroes(128 * K, 64 * K)),
+    "zero write, unmap": ("write -z -u 0 64k", lambda im: im.write_zeroes(0, 64 * K, unmap=True)),
+    "discard": ("discard 0 64k", lambda im: im.discard(0, 64 * K)),
+    "compressed write": ("write -c -P 3 128k 64k", lambda im: im.write_compressed(128 * K, b"\3" * 64 * K)),
+    "grow": ("truncate 2M", lambda im: im.resize(2 * M)),
+    "allocating write": ("write -P 3 256k 4k", lambda im: im.write(256 * K, b"\3" * 4 * K)),
+}
+
+
+@pytest.mark.parametrize("case", list(LAZY_CASES))
+def test_lazy_refcounts_dirty_bit_only_where_qemu_sets_it(tmp_path: Path, case: str) -> None:
+    """Finding 7: QEMU sets the dirty bit only when new clusters are linked into an L2 table
+    (qcow2_alloc_cluster_link_l2 -> qcow2_mark_dirty). impl set it for overwrites, zero
+    writes and discards too."""
+    qcmd, fn = LAZY_CASES[case]
+    q, p = tmp_path / "q.qcow2", tmp_path / "i.qcow2"
+    for f in (q, p):
+        qemu.create(f, "1M", lazy_refcounts=True)
+        qemu.qemu_io(f, "write -P 1 0 64k")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", qcmd, "-c", "abort", str(q)],
+                   capture_output=True)
+    _crash_after(p, fn)
+    dirty = ft.QCOW2_INCOMPAT_DIRTY
+    assert _incompat(p) & dirty == _incompat(q) & dirty
+    assert bool(_incompat(q) & dirty) == (case == "allocating write")
+
+
+# --- crash states of one operation -------------------------------------------------------------
+
+def _dangerous(path: Path, *, copied: bool = True) -> list[str]:
+    """What qemu-img check finds in a crash state that can lose data, as opposed to what a
+    crash may leave behind in QEMU too: leaked clusters (a refcount above the references),
+    COPIED clear on a cluster with refcount 1, and COPIED on a cluster with refcount > 1
+    while the image has no snapshot (the second reference is not visible yet). Anything
+    else qemu-img reports as an ERROR is dangerous: a refcount below the references, a
+    table pointing at guest data, an image qemu-img cannot open. ``copied=False`` also
+    allows COPIED with refcount > 1 (see test_snapshot_apply_is_crash_safe)."""
+    r = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    nb_snapshots = struct.unpack_from(">I", path.read_bytes()[:64], 60)[0]
+    bad = []
+    for line in (r.stdout + r.stderr).splitlines():
+        m = re.search(r"OFLAG_COPIED.*refcount=(\d+)", line)
+        if m and (int(m[1]) == 1 or not nb_snapshots or not copied):
+            continue
+        if "ERROR" in line or line.startswith("qemu-img:") or "check-errors" in line.lower():
+            bad.append(line)
+    return bad
+
+
+def _crash_states_are_safe(tmp_path: Path, p: Path, setup: Callable[[Any], None],
+                           op: Callable[[Any], None], *, copied: bool = True) -> int:
+    """Run ``setup`` and flush, then record the host calls of ``op``; no crash state those
+    calls allow (difftest/crash/states.py: every prefix, reorderings inside a flush epoch,
+    a torn last write) may be dangerous (``_dangerous``). Returns how many were checked."""
+    import random
+
+    from difftest.crash.engines import monitored
+    from difftest.crash.states import materialize, states
+    from spec.hostio import Recorder, monitoring
+
+    with monitored("impl") as eng:
+        img = eng.open(str(p))
+        setup(img)
+        img.flush()
+        base = p.read_bytes()
+        rec = Recorder()
+        with monitoring(rec):
+            op(img)
+        img.close()
+    stream = [o for o in rec.ops if o.path == str(p)]
+    n = 0
+    crashed = tmp_path / "crashed.qcow2"
+    for state in states(stream, random.Random(1), reorders=8):
+        crashed.write_bytes(materialize(base, stream, state, str(p)))
+        assert _dangerous(crashed, copied=copied) == [], state.describe(stream)
+        n += 1
+    return n
+
+
+def test_snapshot_create_is_crash_safe(tmp_path: Path) -> None:
+    """Finding 3: qcow2_snapshot_create raises the refcounts, flushes everything
+    (qcow2_update_snapshot_refcount ends in bdrv_flush), writes the active L1 table with
+    bdrv_pwrite_sync, and qcow2_write_snapshots flushes before and after writing the new
+    table and syncs the header. impl wrote the header before the L2 entries whose COPIED
+    flag the snapshot cleared, so a crash left COPIED on clusters with refcount 2."""
+    p = tmp_path / "i.qcow2"
+    impl.create(p, 4 * M, cluster_size=4096)
+    n = _crash_states_are_safe(
+        tmp_path, p, lambda im: (im.write(0, b"a" * 64 * K), im.write(2 * M, b"b" * 4 * K)),
+        lambda im: im.snapshot_create("s1"))
+    assert n > 5
+
+
+def test_snapshot_apply_is_crash_safe(tmp_path: Path) -> None:
+    """Finding 3: qcow2_snapshot_goto raises the refcounts of the snapshot's clusters and
+    flushes them before the active L1 table is overwritten (bdrv_pwrite_sync). impl
+    overwrote the L1 table while the +1 refcounts were only in its cache.
+
+    QEMU writes the snapshot's L1 table as it read it before the +1 pass, so until the
+    last pass (addend 0) fixes the flags the active L1 table may carry COPIED on an L2
+    table the snapshot shares: a window QEMU has too, so the COPIED rule is off here."""
+    p = tmp_path / "i.qcow2"
+    impl.create(p, 4 * M, cluster_size=4096)
+
+    def setup(im: Any) -> None:
+        im.write(0, b"a" * 64 * K)
+        im.snapshot_create("s1")
+        im.write(0, b"b" * 512)
+        im.write(3 * M, b"c" * 4 * K)
+
+    n = _crash_states_are_safe(tmp_path, p, setup, lambda im: im.snapshot_apply("s1"),
+                               copied=False)
+    assert n > 5
+
+
+def test_snapshot_delete_is_crash_safe(tmp_path: Path) -> None:
+    p = tmp_path / "i.qcow2"
+    impl.create(p, 4 * M, cluster_size=4096)
+
+    def setup(im: Any) -> None:
+        im.write(0, b"a" * 64 * K)
+        im.snapshot_create("s1")
+        im.write(0, b"b" * 8 * K)
+
+    _crash_states_are_safe(tmp_path, p, setup, lambda im: im.snapshot_delete("s1"))
+
+
+# --- finding 6: barriers where a table moves ---------------------------------------------------
+
+def test_grow_l1_syncs_the_switch_before_the_old_table_is_reused(tmp_path: Path) -> None:
+    """qcow2_grow_l1_table writes the new table and the header fields with
+    bdrv_pwrite_sync before freeing the old table; the next allocation may put guest data
+    in its cluster. impl wrote the header with no flush, so a crash could leave the header
+    on the old L1 cluster holding guest data."""
+    p = tmp_path / "i.qcow2"
+    impl.create(p, 1 * M)
+
+    def op(im: Any) -> None:
+        im.resize(1 << 30)
+        im.write(64 * K, b"\xff" * 64 * K)  # lands in the old L1 cluster
+
+    _crash_states_are_safe(tmp_path, p, lambda im: im.write(0, b"a" * 512), op)
+
+
+def test_refcount_table_growth_is_crash_safe(tmp_path: Path) -> None:
+    """qcow2_refcount_area: new refcount blocks flushed, the new table and the header
+    fields written with bdrv_pwrite_sync, then the old table freed; the next data cluster
+    takes its place."""
+    p = tmp_path / "i.qcow2"
+    # 512-byte clusters and 64-bit refcounts: a block counts 64 clusters and the first
+    # table (one cluster) 64 blocks, 2 MiB of file; the table grows near there.
+    impl.create(p, 64 * M, cluster_size=512, refcount_bits=64)
+
+    def setup(im: Any) -> None:
+        for i in range(0, 1920 * K, 64 * K):
+            im.write(i, b"r" * 64 * K)
+
+    def op(im: Any) -> None:
+        old = im.s.refcount_table_offset
+        pos = 1920 * K
+        while im.s.refcount_table_offset == old and pos < 2048 * K:
+            # One cluster at a time: the allocation that grows the table is retried after
+            # the old table was freed, and takes its cluster for guest data.
+            im.write(pos, b"g" * 512)
+            pos += 512
+        assert im.s.refcount_table_offset != old
+        assert rc.get_refcount(im.s, old // 512) == 1
+
+    _crash_states_are_safe(tmp_path, p, setup, op)
+
+
+def test_l2_allocation_and_shrink_are_crash_safe(tmp_path: Path) -> None:
+    """l2_allocate: the table flushed before the L1 entry (qcow2_write_l1_entry,
+    bdrv_pwrite_sync); qcow2_shrink_l1_table and qcow2_shrink_reftable sync the cleared
+    entries before freeing what they pointed at."""
+    p = tmp_path / "i.qcow2"
+    impl.create(p, 64 * M, cluster_size=4096)
+
+    def setup(im: Any) -> None:
+        for i in range(0, 64 * M, 4 * M):
+            im.write(i, b"s" * 512)
+
+    def op(im: Any) -> None:
+        im.resize(8 * M, shrink=True)
+        im.write(6 * M + 3 * 4096, b"t" * 512)
+
+    _crash_states_are_safe(tmp_path, p, setup, op)
