@@ -101,10 +101,6 @@ class Qcow2Cache:
         self.used_since_clean.add(offset)
         return table
 
-    def lookup(self, offset: int) -> Any | None:
-        """The entry if cached, without loading it (qcow2_cache_is_table_offset)."""
-        return self.tables.get(offset)
-
     def pin(self, offset: int) -> None:
         self.pinned[offset] = self.pinned.get(offset, 0) + 1
 
@@ -193,12 +189,6 @@ class Qcow2Cache:
             return
         for off in [o for o in self.tables if start <= o < start + length]:
             self.discard(off)
-
-    def empty(self) -> None:
-        """qcow2_cache_empty: write back, then drop everything."""
-        self.flush()
-        self.tables.clear()
-        self.used_since_clean.clear()
 
     def clean_unused(self) -> int:
         """qcow2_cache_clean_unused: drop clean, unpinned entries not used since the last

@@ -10,7 +10,10 @@ give the same allocations as qemu-io.
 Write ordering (QEMU's): a new L2 table is written, through a cache flush, before the L1
 entry pointing at it (l2_allocate); an L2 slice changed to point at a new cluster depends on
 the refcount cache (qcow2_alloc_cluster_link_l2 -> qcow2_cache_set_dependency) and on a file
-flush after the guest data (perform_cow -> qcow2_cache_depends_on_flush).
+flush after the guest data. QEMU asks for that flush only when it copied COW regions
+(perform_cow -> qcow2_cache_depends_on_flush; a write with no COW region links the cluster
+without it); impl asks after every allocating write, an ordering at least as strict as
+QEMU's, so that a crash never leaves an L2 entry pointing at data that never arrived.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from spec.entries import (
     subcluster_type,
 )
 from spec.errors import CorruptionError
-from spec.geometry import align_down, align_up
+from spec.geometry import align_down, align_up, split_aligned
 
 ST = SubclusterType
 _SWAP = sys.byteorder == "little"
@@ -309,7 +312,8 @@ def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memo
         known_zero = (not ext and not dfile and img.backing is None and not e0 and not el
                       and first + n * cs <= img.size)
         _data_with_cow(img, first, host, start_from, start_to, end_from, end_to, piece, known_zero)
-        # perform_cow: the guest data must be on disk before the L2 entry mapping it.
+        # The guest data (and COW) reach the disk before the L2 entry mapping them. QEMU
+        # does this only after COW regions (perform_cow); here always (see the module doc).
         s.l2_cache.depends_on_flush()
 
     # qcow2_alloc_cluster_link_l2: the only place QEMU sets the lazy-refcounts dirty bit
@@ -382,22 +386,6 @@ def free_any_cluster(s: State, entry: int, *, request: bool) -> None:
 
 
 # --- zeroes and discard -------------------------------------------------------------------------
-
-def split_aligned(offset: int, n: int, align: int) -> list[tuple[int, int]]:
-    """How the block layer cuts a request for an alignment (bdrv_co_do_pwrite_zeroes,
-    bdrv_co_pdiscard): unaligned head, aligned middle, unaligned tail."""
-    out: list[tuple[int, int]] = []
-    end = offset + n
-    head_end = min(end, align_up(offset, align))
-    if head_end > offset:
-        out.append((offset, head_end - offset))
-    mid_end = max(head_end, align_down(end, align))
-    if mid_end > head_end:
-        out.append((head_end, mid_end - head_end))
-    if end > mid_end:
-        out.append((mid_end, end - mid_end))
-    return out
-
 
 def write_zeroes(img: ImageView, offset: int, n: int, unmap: bool) -> None:
     """bdrv_co_do_pwrite_zeroes over qcow2_co_pwrite_zeroes: pieces cut at subclusters; a

@@ -374,7 +374,41 @@ class Image:
                 host = e & L2E_OFFSET_MASK
                 if host and not e & _NOT_PLAIN_DATA and not host & (cs - 1):
                     return s.data_host().pread(host + (offset & (cs - 1)), n)
+        elif not s.extended_l2 and self.snapshot_l1 is None and n > 0:
+            host = self._contiguous(offset, n)
+            if host is not None:
+                return s.data_host().pread(host, n)
         return self.read_internal(offset, n)
+
+    def _contiguous(self, offset: int, n: int) -> int | None:
+        """The host offset of [offset, offset+n) when all its clusters are plain NORMAL data
+        laid out in guest order on the host, their slices cached: one host read into the
+        returned bytes, no buffer to fill and copy (a large sequential read). None otherwise.
+        The cache sees what read_into's lookups would show it: one get per cluster."""
+        s = self.s
+        cs = s.cluster_size
+        first = offset - (offset & (cs - 1))
+        delta: int | None = None
+        lookup = s.l2_cache.tables.get  # no load, no hit counted: only a look
+        for guest in range(first, offset + n, cs):
+            i1 = guest >> s.l1_shift
+            if i1 >= len(s.l1_table):
+                return None
+            l2off = s.l1_table[i1] & L1E_OFFSET_MASK
+            if not l2off or l2off & (cs - 1):
+                return None
+            l2i = (guest >> s.cluster_bits) & s.l2_mask
+            words = lookup(l2off + (l2i >> s.slice_shift << s.entry_shift))
+            if words is None:
+                return None
+            e = words[l2i & s.slice_mask]
+            host = e & L2E_OFFSET_MASK
+            if not host or e & _NOT_PLAIN_DATA or host & (cs - 1) or delta not in (None, host - guest):
+                return None
+            delta = host - guest
+        for guest in range(first, offset + n, cs):
+            cl.l2_slice(s, guest)  # the hits and LRU order of the general path
+        return None if delta is None else offset + delta
 
     def read_internal(self, offset: int, n: int) -> bytes:
         """Read without the range check (COW reads reach past the end of the last cluster)."""

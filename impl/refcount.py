@@ -32,6 +32,7 @@ from spec.entries import REFT_OFFSET_MASK
 from spec.errors import CorruptionError, RequestError
 from spec.geometry import align_up, div_round_up
 from spec.limits import QCOW_MAX_REFTABLE_SIZE
+from spec.refblocks import refcount_metadata_size
 
 
 class Again(Exception):
@@ -134,6 +135,7 @@ def _update_refcount(s: State, offset: int, length: int, addend: int, *, discard
         counts = s.rc_cache.get(block) if block else None
         value = (int(counts[idx % per]) if counts is not None else 0) + addend
         if counts is None or value < 0:
+            undo(idx)  # update_refcount's fail path restores the clusters before this one
             raise CorruptionError(f"refcount of cluster {idx} would drop below zero")
         if value > s.refcount_max:
             # -EINVAL without a corruption: more references than the width can count.
@@ -163,21 +165,6 @@ def free_clusters(s: State, offset: int, length: int, *, discard: bool = False) 
     """qcow2_free_clusters: failures are reported and ignored (a leak for check to find)."""
     with contextlib.suppress(CorruptionError):
         update_refcount(s, offset, length, -1, discard=discard)
-
-
-def set_refcount(s: State, cluster_index: int, value: int) -> None:
-    """Set one refcount (the rebuild of a lazy-refcount image)."""
-    while True:
-        try:
-            block = _block_for_update(s, cluster_index, allocate=True)
-            break
-        except Again:
-            continue
-    arr = s.rc_cache.get(block)
-    arr[cluster_index % s.geometry.refcount_block_entries] = value
-    s.rc_cache.mark_dirty(block)
-    if value == 0 and cluster_index < s.free_cluster_index:
-        s.free_cluster_index = cluster_index
 
 
 # --- allocation ------------------------------------------------------------------------------
@@ -269,6 +256,9 @@ def alloc_bytes(s: State, size: int) -> int:
     while True:
         if not start or room < size:
             fresh = alloc_clusters_noref(s, 1)
+            if fresh == 0:
+                # qcow2_alloc_bytes signals corruption rather than pack over the header.
+                raise CorruptionError("preventing invalid allocation of compressed cluster at offset 0")
             if start and fresh == align_up(start, cs):
                 room += cs  # the stream continues into the next cluster
             else:
@@ -314,29 +304,6 @@ def _block_for_update(s: State, cluster_index: int, *, allocate: bool) -> int:
         raise Again
     _grow_reftable(s, cluster_index, rt_index, new_block)
     raise Again
-
-
-def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int,
-                           generous: bool) -> tuple[int, int]:
-    """qcow2_refcount_metadata_size: (refcount blocks, table clusters) to count ``clusters``
-    plus themselves; ``generous`` adds half the table again once, as growing does."""
-    per_table_cluster = cluster_size // 8
-    per_block = cluster_size * 8 >> refcount_order
-
-    def least_fixed_point(data: int) -> tuple[int, int]:
-        # Blocks and table must also count themselves: iterate up from nothing.
-        blocks = table = 0
-        while True:
-            nb = div_round_up(data + table + blocks, per_block)
-            nt = div_round_up(nb, per_table_cluster)
-            if (nb, nt) == (blocks, table):
-                return blocks, table
-            blocks, table = nb, nt
-
-    blocks, table = least_fixed_point(clusters)
-    if generous:
-        blocks, table = least_fixed_point(clusters + div_round_up(table, 2))
-    return blocks, table
 
 
 def _grow_reftable(s: State, cluster_index: int, new_index: int, new_block: int) -> None:

@@ -27,6 +27,7 @@ import construct as c
 from impl import overlap as ov
 from impl import refcount as rc
 from impl.state import HEADER_SNAPSHOT_FIELDS, ImageView, State
+from spec import snapshot_table as st
 from spec.entries import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -36,70 +37,27 @@ from spec.entries import (
     compressed_range,
 )
 from spec.errors import CorruptionError, RequestError, UnsupportedFeature
-from spec.image import parse
-from spec.limits import QCOW_MAX_SNAPSHOT_EXTRA_DATA, QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOTS_SIZE
-from spec.snapshot import SnapshotHeader
+from spec.limits import QCOW_MAX_SNAPSHOTS
 
-EXTRA_DATA_SIZE = 24
-"""sizeof(QCowSnapshotExtraData) in QEMU 7.2: vm_state_size_large, disk_size, icount."""
+EXTRA_DATA_SIZE = st.EXTRA_DATA_SIZE
 
 
 def read_table(s: State) -> list[c.Container]:
-    """qcow2_read_snapshots, within QEMU's limits."""
-    entries: list[c.Container] = []
-    at = start = int(s.header.snapshots_offset)
-    for i in range(int(s.header.nb_snapshots)):
-        fixed = s.host.pread(at, 40, meta=True)
-        id_len, name_len, extra = struct.unpack_from(">HH", fixed, 12) + struct.unpack_from(">I", fixed, 36)
-        length = 40 + extra + id_len + name_len
-        length += -length % 8
-        if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA or at + length - start > QCOW_MAX_SNAPSHOTS_SIZE:
-            raise CorruptionError(f"snapshot {i} exceeds QEMU's limits")
-        entries.append(parse(SnapshotHeader, s.host.pread(at, length, meta=True), f"snapshots[{i}]"))
-        at += length
-    return entries
+    """qcow2_read_snapshots, within QEMU's limits (spec/snapshot_table.py)."""
+    return st.read_entries(lambda off, n: s.host.pread(off, n, meta=True),
+                           int(s.header.snapshots_offset), int(s.header.nb_snapshots))
 
 
 def table_span(s: State, table: list[c.Container]) -> tuple[int, int]:
     """(offset, bytes) of the table: entries 8-byte aligned, the last one unpadded."""
-    size = 0
-    for e in table:
-        size += -size % 8
-        size += 40 + int(e.extra_data_size) + len(bytes(e.id_str)) + len(bytes(e.name))
-    return int(s.header.snapshots_offset), size
-
-
-def _encode(e: c.Container) -> bytes:
-    """One entry as qcow2_write_snapshots writes it (extra data at least 24 bytes, unknown
-    extra data kept), without its trailing padding."""
-    x = e.extra_data
-    unknown = bytes(x.unknown) if x.unknown else b""
-    vm_state = int(x.vm_state_size_large) if x.vm_state_size_large is not None else int(e.vm_state_size)
-    sid, name = bytes(e.id_str), bytes(e.name)
-    extra_size = EXTRA_DATA_SIZE + len(unknown)
-    length = 40 + extra_size + len(sid) + len(name)
-    built = SnapshotHeader.build(dict(
-        l1_table_offset=int(e.l1_table_offset), l1_size=int(e.l1_size), id_str_size=len(sid),
-        name_size=len(name), date_sec=int(e.date_sec), date_nsec=int(e.date_nsec),
-        vm_clock_nsec=int(e.vm_clock_nsec), vm_state_size=vm_state if vm_state <= 0xFFFFFFFF else 0,
-        extra_data_size=extra_size,
-        extra_data=dict(vm_state_size_large=vm_state,
-                        disk_size=int(x.disk_size) if x.disk_size is not None else 0,
-                        icount=int(x.icount) if x.icount is not None else (1 << 64) - 1,
-                        unknown=unknown),
-        id_str=sid, name=name, padding=bytes(-length % 8)))
-    return built[:length]
+    return int(s.header.snapshots_offset), st.table_size(table)
 
 
 def write_table(img: ImageView, table: list[c.Container]) -> None:
     """qcow2_write_snapshots: the table to new clusters, the header, then the old table
     freed (and punched out)."""
     s = img.s
-    data = b""
-    for e in table:
-        data += bytes(-len(data) % 8) + _encode(e)
-    if len(data) > QCOW_MAX_SNAPSHOTS_SIZE:
-        raise RequestError("snapshot table too large")
+    data = st.encode_table(table)
     old_off, old_size = table_span(s, read_table(s))
     if data:
         offset = rc.alloc_clusters(s, s.geometry.size_to_clusters(len(data)))

@@ -68,7 +68,7 @@ from spec.entries import (
     cluster_type,
     subcluster_type,
 )
-from spec.geometry import align_down, align_up
+from spec.geometry import align_down, align_up, split_aligned
 
 
 def write_zeroes(s: State, offset: int, n: int, unmap: bool) -> None:
@@ -79,7 +79,7 @@ def write_zeroes(s: State, offset: int, n: int, unmap: bool) -> None:
     if s.crypto is not None:
         offset, n, tail = _encrypted_edges(s, offset, n)
     align = s.q.geometry.subcluster_size
-    for start, length in _split_aligned(offset, n, align):
+    for start, length in split_aligned(offset, n, align):
         if not _driver_pwrite_zeroes(s, start, length, unmap):
             wr.write(s, start, bytes(length))
     if tail is not None:
@@ -208,7 +208,7 @@ def discard(s: State, offset: int, n: int) -> None:
         # qcow2_co_pdiscard: without the zero flag a discarded cluster would expose the
         # backing file, so v2 images with a backing file ignore discards.
         return
-    for start, length in _split_aligned(offset, n, cs):
+    for start, length in split_aligned(offset, n, cs):
         if (start % cs or length % cs) and (start % cs or start + length != s.size):
             continue
         mark_dirty(s)
@@ -243,23 +243,3 @@ def cluster_discard(s: State, offset: int, n: int, *, request: bool, full: bool)
                 table = mp.read_l2(q, l2off)
             idx += 1
             pos += cs
-
-
-def _split_aligned(offset: int, n: int, align: int) -> list[tuple[int, int]]:
-    """How the block layer cuts a request for a driver with an alignment
-    (block/io.c bdrv_co_do_pwrite_zeroes, bdrv_co_pdiscard): an unaligned head up to the
-    first boundary, the aligned middle, an unaligned tail."""
-    out: list[tuple[int, int]] = []
-    end = offset + n
-    pos = offset
-    if pos % align:
-        head_end = min(end, align_up(pos, align))
-        out.append((pos, head_end - pos))
-        pos = head_end
-    mid_end = align_down(end, align)
-    if mid_end > pos:
-        out.append((pos, mid_end - pos))
-        pos = mid_end
-    if pos < end:
-        out.append((pos, end - pos))
-    return out

@@ -26,6 +26,23 @@ def align_down(n: int, a: int) -> int:
     return n - n % a
 
 
+def split_aligned(offset: int, n: int, align: int) -> list[tuple[int, int]]:
+    """How the block layer cuts a request for a driver with an alignment (block/io.c
+    bdrv_co_do_pwrite_zeroes, bdrv_co_pdiscard): an unaligned head up to the first
+    boundary, the aligned middle, an unaligned tail; no empty pieces."""
+    out: list[tuple[int, int]] = []
+    end = offset + n
+    head_end = min(end, align_up(offset, align))
+    if head_end > offset:
+        out.append((offset, head_end - offset))
+    mid_end = max(head_end, align_down(end, align))
+    if mid_end > head_end:
+        out.append((head_end, mid_end - head_end))
+    if end > mid_end:
+        out.append((mid_end, end - mid_end))
+    return out
+
+
 @dataclass(frozen=True)
 class Geometry:
     """The sizes that follow from cluster_bits, extended_l2 and refcount_order.

@@ -12,6 +12,8 @@ grow past them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import construct as c
 
 from spec import refblocks as rb
@@ -27,32 +29,53 @@ EXTRA_DATA_SIZE = 24
 
 def read_snapshot_table(q: Qcow2File) -> list[c.Container]:
     """The snapshot table as it is on disk now (qcow2_read_snapshots)."""
+    return read_entries(q.pread, int(q.header.snapshots_offset), int(q.header.nb_snapshots))
+
+
+def read_entries(pread: Callable[[int, int], bytes], offset: int, count: int) -> list[c.Container]:
+    """``count`` entries from ``offset``, read with ``pread(offset, n)`` (either engine's
+    host file), within QEMU's limits on extra data and on the table's size."""
     out = []
-    offset = int(q.header.snapshots_offset)
     total = 0
-    for i in range(int(q.header.nb_snapshots)):
-        fixed = q.pread(offset, 40)
+    for i in range(count):
+        fixed = pread(offset, 40)
         extra = int.from_bytes(fixed[36:40], "big")
         n = 40 + extra + int.from_bytes(fixed[12:14], "big") + int.from_bytes(fixed[14:16], "big")
         n += -n % 8
         total += n
         if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA or total > QCOW_MAX_SNAPSHOTS_SIZE:
             raise CorruptionError(f"snapshot {i} exceeds QEMU's limits")
-        out.append(parse(SnapshotHeader, q.pread(offset, n), f"snapshots[{i}]"))
+        out.append(parse(SnapshotHeader, pread(offset, n), f"snapshots[{i}]"))
         offset += n
     return out
 
 
 def snapshot_table_size(q: Qcow2File) -> int:
-    """Bytes the table takes: entries 8-byte aligned, the last one not padded."""
+    """Bytes the table on disk takes (table_size)."""
+    return table_size(read_snapshot_table(q))
+
+
+def table_size(entries: list[c.Container]) -> int:
+    """Bytes a table of ``entries`` takes: entries 8-byte aligned, the last one not padded."""
     size = 0
-    for s in read_snapshot_table(q):
+    for s in entries:
         size += -size % 8
-        size += 40 + int(s.extra_data_size) + int(s.id_str_size) + int(s.name_size)
+        size += 40 + int(s.extra_data_size) + len(bytes(s.id_str)) + len(bytes(s.name))
     return size
 
 
-def _entry_bytes(s: c.Container) -> bytes:
+def encode_table(entries: list[c.Container]) -> bytes:
+    """The table as qcow2_write_snapshots writes it: each entry (encode_entry) 8-byte
+    aligned, the last one not padded. RequestError past QCOW_MAX_SNAPSHOTS_SIZE."""
+    data = b""
+    for s in entries:
+        data += bytes(-len(data) % 8) + encode_entry(s)
+    if len(data) > QCOW_MAX_SNAPSHOTS_SIZE:
+        raise RequestError("snapshot table too large")
+    return data
+
+
+def encode_entry(s: c.Container) -> bytes:
     """One snapshot table entry as qcow2_write_snapshots writes it, without its trailing
     padding: extra data at least the 24 bytes QEMU knows, unknown extra data kept."""
     extra = s.extra_data
@@ -78,12 +101,7 @@ def _entry_bytes(s: c.Container) -> bytes:
 def write_snapshots(q: Qcow2File, entries: list[c.Container]) -> None:
     """qcow2_write_snapshots: the whole table to new clusters, then the header, then the
     old table is freed. Entries are 8-byte aligned; the last one is not padded."""
-    blobs = [_entry_bytes(s) for s in entries]
-    data = b""
-    for b in blobs:
-        data += bytes(-len(data) % 8) + b
-    if len(data) > QCOW_MAX_SNAPSHOTS_SIZE:
-        raise RequestError("snapshot table too large")
+    data = encode_table(entries)
     offset = rb.alloc_clusters(q, q.geometry.size_to_clusters(len(data))) if data else (
         q.free_cluster_index * q.cluster_size)
     if data:

@@ -19,12 +19,9 @@ import impl
 from impl import refcount as rc
 from spec import features as ft
 from tests import qemu
+from tests.impl.helpers import incompatible_features
 
 K, M = 1 << 10, 1 << 20
-
-
-def _incompat(p: Path) -> int:
-    return int(struct.unpack_from(">Q", p.read_bytes()[:80], 72)[0])
 
 
 def _crash_after(p: Path, fn: Callable[[Any], None]) -> None:
@@ -64,8 +61,8 @@ def test_lazy_refcounts_dirty_bit_only_where_qemu_sets_it(tmp_path: Path, case: 
                    capture_output=True)
     _crash_after(p, fn)
     dirty = ft.QCOW2_INCOMPAT_DIRTY
-    assert _incompat(p) & dirty == _incompat(q) & dirty
-    assert bool(_incompat(q) & dirty) == (case == "allocating write")
+    assert incompatible_features(p) & dirty == incompatible_features(q) & dirty
+    assert bool(incompatible_features(q) & dirty) == (case == "allocating write")
 
 
 # --- crash states of one operation -------------------------------------------------------------

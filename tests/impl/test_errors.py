@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 
 import impl
-from spec import features as ft
 from spec.errors import CorruptionError, Qcow2Error
 from spec.hostio import HostIOError
-from spec.image import open_image
 from tests import qemu
+from tests.impl.helpers import corrupt_bit
 
 K, M = 1 << 10, 1 << 20
 
@@ -35,14 +34,6 @@ def _file_size_limit(limit: int) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old)
         signal.signal(signal.SIGXFSZ, old_sig)
-
-
-def _corrupt_bit(p: Path) -> bool:
-    h = open_image(p)
-    try:
-        return bool(h.incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT)
-    finally:
-        h.close()
 
 
 def test_failed_host_write_fails_the_request_but_flags_nothing(tmp_path: Path) -> None:
@@ -62,7 +53,7 @@ def test_failed_host_write_fails_the_request_but_flags_nothing(tmp_path: Path) -
     img.close()
     assert errors and all(isinstance(e, HostIOError) for e in errors)
     assert all(isinstance(e, CorruptionError) for e in errors)  # the documented class
-    assert not _corrupt_bit(p)
+    assert not corrupt_bit(p)
 
     q = tmp_path / "q.qcow2"
     qemu.create(q, "64M")
@@ -79,7 +70,7 @@ def test_failed_host_write_fails_the_request_but_flags_nothing(tmp_path: Path) -
     r = subprocess.run(argv, capture_output=True, text=True, preexec_fn=child_limit)
     out = r.stdout + r.stderr
     assert "write failed" in out and "read 512/512" in out and "Pattern verification" not in out
-    assert not _corrupt_bit(q)
+    assert not corrupt_bit(q)
 
 
 def test_failed_host_calls_are_host_io_errors(tmp_path: Path) -> None:

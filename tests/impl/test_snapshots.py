@@ -12,20 +12,11 @@ from pathlib import Path
 import pytest
 
 import impl
-from spec import features as ft
 from spec.errors import CorruptionError, FormatError, Qcow2Error
-from spec.image import open_image
 from tests import qemu
+from tests.impl.helpers import corrupt_bit
 
 K, M = 1 << 10, 1 << 20
-
-
-def _corrupt_bit(p: Path) -> bool:
-    h = open_image(p)
-    try:
-        return bool(h.incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT)
-    finally:
-        h.close()
 
 
 def _opts(p: Path, **o: str) -> str:
@@ -90,13 +81,13 @@ def test_huge_snapshot_l1_size_with_overlap_check_all(huge_snapshot_l1: Path, tm
     out = _qemu_io(q, "write -P 0x11 64k 64k", "read -P 0xcd 0 512",
                    opts={"overlap-check": "all"})
     assert "write failed" in out and "read 512/512" in out and "verification failed" not in out
-    assert not _corrupt_bit(q)
+    assert not corrupt_bit(q)
 
     with impl.open(huge_snapshot_l1, overlap_check="all") as img:
         with pytest.raises(Qcow2Error):
             img.write(64 * K, b"\x11" * 64 * K)
         assert img.read(0, 512) == b"\xcd" * 512
-    assert not _corrupt_bit(huge_snapshot_l1)
+    assert not corrupt_bit(huge_snapshot_l1)
 
 
 # --- finding 2: overlap_check="all" follows the snapshot list ---------------------------------
@@ -121,7 +112,7 @@ def test_overlap_check_all_forgets_the_l2_tables_of_a_deleted_snapshot(tmp_path:
         img.snapshot_delete("s1")
         img.write(512 * K, b"\x63" * 64 * K)
         assert img.read(512 * K, 64 * K) == b"\x63" * 64 * K
-    assert not _corrupt_bit(p)
+    assert not corrupt_bit(p)
     assert qemu.qemu_img("check", str(p), check=False).returncode == 0
     assert p.read_bytes() == q.read_bytes()
 
