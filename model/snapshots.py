@@ -44,9 +44,9 @@ from spec.entries import (
     compressed_range,
 )
 from spec.errors import CorruptionError, RequestError, UnsupportedFeature
-from spec.image import open_image
+from spec.image import open_image, validate_table
 from spec.info import snapshot_list
-from spec.limits import QCOW_MAX_SNAPSHOTS
+from spec.limits import QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS
 from spec.qfile import Qcow2File
 from spec.snapshot_table import EXTRA_DATA_SIZE, read_snapshot_table, write_snapshots
 
@@ -63,6 +63,7 @@ def _find(q: Qcow2File, name: str) -> int:
 def load_for_reading(state: State, name: str) -> None:
     """qcow2_snapshot_load_tmp: point reads at the snapshot's L1 table."""
     s = read_snapshot_table(state.q)[_find(state.q, name)]
+    validate_snapshot_l1(state.q, s)
     state.snapshot_l1 = (int(s.l1_table_offset), int(s.l1_size))
 
 
@@ -166,12 +167,22 @@ def create(state: State, name: str) -> None:
     write_snapshots(q, [*table, new])
 
 
+def validate_snapshot_l1(q: Qcow2File, s: Any) -> None:
+    """qcow2_validate_table on a snapshot's L1 table, which qcow2_snapshot_goto and
+    qcow2_snapshot_delete run before they change anything (block/qcow2-snapshot.c): at most
+    QCOW_MAX_L1_SIZE bytes, cluster aligned, its end within int64. FormatError otherwise, so
+    a snapshot's l1_size never decides how much memory is taken."""
+    validate_table(int(s.l1_table_offset), int(s.l1_size), 8, QCOW_MAX_L1_SIZE, q.cluster_size,
+                   "snapshot.l1_size", "snapshot.l1_table_offset")
+
+
 def apply(state: State, name: str) -> None:
     """qcow2_snapshot_goto (see the module doc)."""
     q = state.q
     if q.has_data_file:
         raise UnsupportedFeature("internal snapshots with an external data file")
     s = read_snapshot_table(q)[_find(q, name)]
+    validate_snapshot_l1(q, s)
     disk_size = int(s.extra_data.disk_size) if s.extra_data.disk_size is not None else state.size
     if disk_size != state.size:
         rs.resize(state, disk_size, True)
@@ -192,6 +203,7 @@ def delete(state: State, name: str) -> None:
     q = state.q
     table = read_snapshot_table(q)
     i = _find(q, name)
+    validate_snapshot_l1(q, table[i])
     s = table.pop(i)
     write_snapshots(q, table)
     update_snapshot_refcount(q, int(s.l1_table_offset), int(s.l1_size), -1)

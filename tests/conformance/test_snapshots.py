@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 
 from spec import features as ft
-from spec.errors import RequestError
+from spec.errors import FormatError, RequestError
 from spec.image import open_image
 from tests.conformance.helpers import KiB, MiB, check_without_name, clean, mask_snapshot_dates, pair
 from tests.qemu import create as qemu_create
@@ -144,3 +144,27 @@ def test_each_open_packs_compressed_data_afresh_after_a_snapshot_like_qemu(
     assert mask_snapshot_dates(m) == mask_snapshot_dates(q)
     assert check_without_name(m) == check_without_name(q)
     assert raw_content(m) == raw_content(q)
+
+
+@pytest.mark.parametrize("action", ["apply", "delete", "view"])
+def test_huge_snapshot_l1_size_is_refused_before_anything_changes(engine: ModuleType, tmp_path: Path,
+                                                                   action: str) -> None:
+    """qcow2_validate_table runs on a snapshot's L1 table before goto, delete and load_tmp
+    change or read anything; qemu-img refuses the same file ("Snapshot L1 table too large")."""
+    path = qemu_create(tmp_path / "s.qcow2", MiB)
+    qemu_img("snapshot", "-c", "s1", str(path))
+    off = open_image(path).header.snapshots_offset
+    with path.open("r+b") as f:
+        f.seek(off + 8)  # l1_size, after the 8-byte l1_table_offset
+        f.write((0x7FFFFFFF).to_bytes(4, "big"))
+    before = path.read_bytes()
+    with pytest.raises(FormatError):
+        if action == "view":
+            with engine.open(path, readonly=True, snapshot="s1") as img:
+                img.read(0, 512)
+        else:
+            with engine.open(path) as img:
+                getattr(img, f"snapshot_{action}")("s1")
+    assert path.read_bytes() == before
+    verb = {"apply": "-a", "delete": "-d", "view": "-a"}[action]
+    assert qemu_img("snapshot", verb, "s1", str(path), check=False).returncode != 0
