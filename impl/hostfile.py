@@ -19,8 +19,6 @@ is RequestError.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -28,26 +26,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from spec.errors import CorruptionError, RequestError
-from spec.hostio import HostIOError
+from spec.hostio import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    HostIOError,
+    fallocate,
+)
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 DIRECT_ALIGN = 4096
 """Alignment used under O_DIRECT: a page, which covers every logical block size Linux
 allows (file-posix probes 512 or 4096; 4096 is always safe)."""
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
 Buffer = bytes | bytearray | memoryview
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
-    """fallocate(2); 0 or the errno (file-posix do_fallocate)."""
-    if _libc.fallocate(fd, mode, offset, length) == 0:
-        return 0
-    return ctypes.get_errno() or errno.EIO
 
 
 @dataclass
@@ -241,22 +232,22 @@ class HostFile:
         if self.readonly or n <= 0:
             return
         self.stats.fallocates += 1
-        _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n)
+        fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n)
 
     def zero_range(self, offset: int, n: int) -> bool:
         """handle_aiocb_write_zeroes with BDRV_REQ_NO_FALLBACK (file-posix): ZERO_RANGE,
         else PUNCH_HOLE then fallocate(0), else fallocate(0) past EOF. False = -ENOTSUP."""
         self._writable()
         self.stats.fallocates += 1
-        ret = _fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, n)
+        ret = fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, n)
         if ret == 0:
             return True
         if ret not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise HostIOError(f"zeroing {n} bytes at {offset} failed: {os.strerror(ret)}")
-        if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n) == 0:
-            return _fallocate(self.fd, 0, offset, n) == 0
+        if fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n) == 0:
+            return fallocate(self.fd, 0, offset, n) == 0
         if offset >= self.size():
-            return _fallocate(self.fd, 0, offset, n) == 0
+            return fallocate(self.fd, 0, offset, n) == 0
         return False
 
     def close(self) -> None:

@@ -309,8 +309,13 @@ class Image:
         allocating write links new clusters into an L2 table (qcow2_alloc_cluster_link_l2,
         its only caller on the request paths; overwrites in place, zero writes, discards,
         compressed writes and resizes leave it clear), and cleared on a clean close."""
-        if self.s.lazy_refcounts:
-            self.s.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, True)
+        s = self.s
+        v3 = s.header.v3
+        if (s.lazy_refcounts and v3 is not None
+                and not int(v3.incompatible_features) & ft.QCOW2_INCOMPAT_DIRTY):
+            # The bit is durable before any lazy metadata may reach the disk.
+            s.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, True)
+            s.flush_file()
 
     # --- reading ---------------------------------------------------------------------------------
     def read(self, offset: int, n: int) -> bytes:
@@ -599,11 +604,14 @@ class Image:
         words[w] = QCOW_OFLAG_COMPRESSED | (nb_additional << csize_shift(s.cluster_bits)) | host
         if s.extended_l2:
             words[w + 1] = 0
-        if not s.lazy_refcounts:
-            s.l2_cache.set_dependency(s.rc_cache)
-        s.l2_cache.mark_dirty(key)
+        # The refcount is not lazy here even with lazy refcounts: QEMU's compressed path
+        # sets no dirty bit, and qcow2_alloc_bytes orders the refcount block before the L2
+        # table (qcow2_cache_set_dependency). The compressed data is written before the
+        # L2 slice is marked dirty, and a file flush comes between them.
+        s.l2_cache.set_dependency(s.rc_cache)
         s.host.pwrite(host, out)
         s.l2_cache.depends_on_flush()
+        s.l2_cache.mark_dirty(key)
 
     # --- flush / close ------------------------------------------------------------------------------
     def flush(self) -> None:

@@ -152,6 +152,7 @@ def _cluster_freed(s: State, cl: int, discard: bool) -> None:
     idx = cl // cs
     if idx < s.free_cluster_index:
         s.free_cluster_index = idx
+    s.freed_unsynced.add(idx)
     if s.free_byte_offset and idx == s.free_byte_offset // cs:
         s.packing_cluster_freed = True
     # A table cached for this cluster must never be written back over its next owner.
@@ -210,7 +211,9 @@ def alloc_clusters_noref(s: State, n: int) -> int:
                 found += k
             s.free_cluster_index += k
             pos += k
-    return (s.free_cluster_index - n) * s.cluster_size
+    found_at = (s.free_cluster_index - n) * s.cluster_size
+    s.settle_freed(found_at, n * s.cluster_size)
+    return found_at
 
 
 def alloc_clusters(s: State, n: int) -> int:
@@ -234,6 +237,7 @@ def alloc_clusters_at(s: State, offset: int, n: int) -> int:
         i = 0
         while i < n and get_refcount(s, offset // cs + i) == 0:
             i += 1
+        s.settle_freed(offset, i * cs)
         try:
             update_refcount(s, offset, i * cs, 1)
         except Again:
@@ -263,6 +267,7 @@ def alloc_bytes(s: State, size: int) -> int:
                 room += cs  # the stream continues into the next cluster
             else:
                 start, room = fresh, cs
+        s.settle_freed(start, size)
         try:
             update_refcount(s, start, size, 1)
             break

@@ -96,6 +96,12 @@ class State:
         self.free_byte_offset = 0
         self.packing_cluster_freed = False
         self.packed_into_live_cluster = False
+        self.freed_unsynced: set[int] = set()
+        """Indices of clusters freed since the L2 updates that unmapped them were last made
+        durable. QEMU moves free_cluster_index back at once and may write new data into
+        such a cluster while the old L2 entry is still the one on disk; impl makes the same
+        allocation (so the file comes out the same) but first writes the L2 cache back and
+        flushes (``settle_freed``)."""
         self.discards: list[list[int]] = []
         """Freed host ranges [offset, length] waiting to be punched (s->discards)."""
         self.cache_discards = False
@@ -144,6 +150,25 @@ class State:
 
     def flush_file(self) -> None:
         self.host.flush(sync=self.sync)
+        if self.freed_unsynced and (self.l2_cache is None or not self.l2_cache.dirty):
+            # Every L2 update so far is on the disk now (L1, snapshot and reftable switches
+            # are written with pwrite_sync): nothing still maps a freed cluster.
+            self.freed_unsynced.clear()
+
+    def settle_freed(self, offset: int, length: int) -> None:
+        """Before clusters of [offset, offset+length) freed in this epoch are reused, the L2
+        updates that unmapped them reach the disk: the L2 cache written back (after the
+        refcount cache it may depend on), then a file flush. Allocation order and the final
+        file stay QEMU's; only the barrier is added."""
+        if not self.freed_unsynced or length <= 0:
+            return
+        cs = self.cluster_size
+        first, last = offset // cs, (offset + length - 1) // cs
+        if not any(first <= i <= last for i in self.freed_unsynced):
+            return
+        self.l2_cache.write()
+        self.flush_file()
+        self.freed_unsynced.clear()
 
     def flush_all(self) -> None:
         """bdrv_flush on the qcow2 node: both caches written back (the L2 cache after the
@@ -185,7 +210,13 @@ class State:
         """qcow2_process_discards: one punched hole per queued range, in queue order; after
         a failed operation (``issue`` False) the queue is dropped, nothing punched."""
         queued, self.discards = self.discards, []
-        if issue:
+        if issue and queued:
+            # The L2 updates that freed these ranges reach the disk before the holes are
+            # punched (QEMU punches while the slices may still be dirty; a compressed
+            # cluster's descriptor pointing at a hole does not decode).
+            if self.l2_cache is not None and self.l2_cache.dirty:
+                self.l2_cache.write()
+            self.flush_file()
             for off, n in queued:
                 self.host.punch_hole(off, n)
 

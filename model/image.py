@@ -27,7 +27,6 @@ from model import zeroes as zr
 from model.state import ModelFile, State, UnflaggedError, check_range
 from spec import encryption as enc
 from spec import features as ft
-from spec.check import repair_dirty
 from spec.errors import CorruptionError, FormatError, Qcow2Error, RequestError
 from spec.hostio import HostIOError
 from spec.image import ImageFile, open_image
@@ -348,6 +347,10 @@ class Image:
             h.v3.autoclear_features &= keep
             self.q.write_header()
         if h.v3.incompatible_features & ft.QCOW2_INCOMPAT_DIRTY:
+            # Imported here: only a dirty lazy-refcount image needs the repair engine, and
+            # loading it at import cost every command ~30 ms of start-up.
+            from spec.check import repair_dirty
+
             self._guard(repair_dirty, self.q)
             self.q.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
 

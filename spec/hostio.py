@@ -25,6 +25,7 @@ errno and leaves the corrupt bit alone).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno as errno_mod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,23 @@ CHANGES = (WRITE, FALLOCATE, TRUNCATE, FLUSH)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """fallocate(2) with its mode flags (os has only posix_fallocate); returns 0 or the errno
+    (block/file-posix.c, do_fallocate). libc is bound at the first call, from the symbols the
+    interpreter already links (CDLL(None)): ctypes.util.find_library runs ldconfig, which cost
+    every command ~10 ms of start-up."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return 0
+    return ctypes.get_errno() or errno_mod.EIO
 
 
 class HostIOError(CorruptionError):

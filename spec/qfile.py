@@ -23,8 +23,6 @@ through a read-only file is RequestError.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 from typing import BinaryIO
@@ -35,18 +33,8 @@ from spec import header as hd
 from spec import hostio
 from spec.errors import RequestError
 from spec.geometry import Geometry
-from spec.hostio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from spec.hostio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 from spec.image import ImageFile
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
-    """fallocate(2); returns 0 or the errno (block/file-posix.c, do_fallocate)."""
-    if _libc.fallocate(fd, mode, offset, length) == 0:
-        return 0
-    return ctypes.get_errno() or errno.EIO
 
 
 class Qcow2File(hd.HeaderViews):

@@ -33,10 +33,9 @@ from difftest.bench.impl.common import (
     timed,
 )
 from impl import cluster as cl
-from impl.hostfile import FALLOC_FL_ZERO_RANGE
-from impl.hostfile import _fallocate as fallocate
 from spec import hostio
 from spec.entries import L2E_OFFSET_MASK
+from spec.hostio import FALLOC_FL_ZERO_RANGE, fallocate
 
 READ_IMAGE = 1 * G
 READS = 20000
