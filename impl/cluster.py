@@ -22,6 +22,7 @@ import sys
 from array import array
 
 from impl import refcount as rc
+from impl.hostfile import HostFile
 from impl.state import ImageView, State
 from spec.entries import (
     L1E_OFFSET_MASK,
@@ -311,7 +312,8 @@ def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memo
         # answer, known without asking block status.
         known_zero = (not ext and not dfile and img.backing is None and not e0 and not el
                       and first + n * cs <= img.size)
-        _data_with_cow(img, first, host, start_from, start_to, end_from, end_to, piece, known_zero)
+        _data_with_cow(img, first, host, start_from, start_to, end_from, end_to, piece, known_zero,
+                       in_place=keep_old)
         # The guest data (and COW) reach the disk before the L2 entry mapping them. QEMU
         # does this only after COW regions (perform_cow); here always (see the module doc).
         s.l2_cache.depends_on_flush()
@@ -339,19 +341,24 @@ def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memo
 
 
 def _data_with_cow(img: ImageView, first: int, host: int, start_from: int, start_to: int,
-                   end_from: int, end_to: int, piece: memoryview, known_zero: bool = False) -> None:
+                   end_from: int, end_to: int, piece: memoryview, known_zero: bool = False,
+                   *, in_place: bool = False) -> None:
     """The guest data plus its COW regions, in two host operations at most: one read (of
     both regions together when perform_cow merges them, else each alone) and one vectored
     write. When both regions read as zeros (bdrv_co_is_zero_fast) and the host can zero
     cheaply, the range is zeroed with fallocate and only the data is written
-    (handle_alloc_space)."""
+    (handle_alloc_space). Written in place (extended L2: subclusters of a cluster already
+    in use), only the COW regions are zeroed: QEMU zeroes the whole range, the live
+    subclusters under the new data included, so a crash before the data write would leave
+    zeros there that were never written; the final file is the same."""
     s = img.s
     target = s.data_host()
     s.overlap.check(host + start_from, end_to - start_from)
     head, tail = start_to - start_from, end_to - end_from
     if ((head or tail) and (known_zero or (img.is_zero_fast(first + start_from, head)
                                            and img.is_zero_fast(first + end_from, tail)))
-            and target.zero_range(host + start_from, end_to - start_from)):
+            and (_zero_cow_regions(target, host, start_from, start_to, end_from, end_to) if in_place
+                 else target.zero_range(host + start_from, end_to - start_from))):
         target.pwrite(host + start_to, piece)
         return
     bufs: list[bytes | memoryview] = []
@@ -365,6 +372,15 @@ def _data_with_cow(img: ImageView, first: int, host: int, start_from: int, start
         if tail:
             bufs.append(img.read_internal(first + end_from, tail))
     target.pwritev(bufs, host + start_from)
+
+
+def _zero_cow_regions(target: HostFile, host: int, start_from: int, start_to: int, end_from: int,
+                      end_to: int) -> bool:
+    """Zero the head and the tail COW regions apart (see _data_with_cow); False when the
+    host cannot zero cheaply (the caller then writes them)."""
+    zr = target.zero_range
+    head, tail = start_to - start_from, end_to - end_from
+    return bool((not head or zr(host + start_from, head)) and (not tail or zr(host + end_from, tail)))
 
 
 def free_any_cluster(s: State, entry: int, *, request: bool) -> None:

@@ -600,16 +600,17 @@ class Image:
         host = rc.alloc_bytes(s, len(out))
         s.overlap.check(host, len(out))
         nb_additional = ((host + len(out) - 1) >> 9) - (host >> 9)
+        # The refcount is not lazy here even with lazy refcounts: QEMU's compressed path
+        # sets no dirty bit, and qcow2_alloc_bytes orders the refcount block before the L2
+        # table (qcow2_cache_set_dependency). Setting the dependency may write the slice
+        # back, so the entry is changed only after it, and after the compressed data is
+        # written; a file flush then comes before the slice reaches the file.
+        s.l2_cache.set_dependency(s.rc_cache)
+        s.host.pwrite(host, out)
         words = s.l2_cache.get(key)
         words[w] = QCOW_OFLAG_COMPRESSED | (nb_additional << csize_shift(s.cluster_bits)) | host
         if s.extended_l2:
             words[w + 1] = 0
-        # The refcount is not lazy here even with lazy refcounts: QEMU's compressed path
-        # sets no dirty bit, and qcow2_alloc_bytes orders the refcount block before the L2
-        # table (qcow2_cache_set_dependency). The compressed data is written before the
-        # L2 slice is marked dirty, and a file flush comes between them.
-        s.l2_cache.set_dependency(s.rc_cache)
-        s.host.pwrite(host, out)
         s.l2_cache.depends_on_flush()
         s.l2_cache.mark_dirty(key)
 

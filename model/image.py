@@ -134,7 +134,12 @@ def _validate_options(options: dict[str, Any]) -> None:
             raise RequestError(f"{name} must be a non-negative integer")
     if options.get("cache", "writeback") not in ("writeback", "none", "unsafe"):
         raise RequestError("cache must be 'writeback', 'none' or 'unsafe'")
-    if options.get("overlap_check", "cached") not in ("none", "constant", "cached", "all"):
+    # The model's overlap check is QEMU's default, "cached" (model/overlap.py); the other modes
+    # change behaviour, so they are refused rather than accepted and ignored (DESIGN.md).
+    mode = options.get("overlap_check", "cached")
+    if mode != "cached":
+        if mode in ("none", "constant", "all"):
+            raise RequestError(f"overlap_check={mode} is not implemented by the model (only 'cached')")
         raise RequestError("overlap_check must be one of none, constant, cached, all")
 
 

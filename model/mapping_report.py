@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from model import mapping as mp
 from model.backing import (
@@ -56,6 +54,11 @@ from model.state import State
 from spec import refblocks as rb
 from spec.entries import L2E_OFFSET_MASK, SubclusterType, subcluster_type
 from spec.errors import CorruptionError
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from spec.lazy import numpy as np  # executed at first use: CLI start-up (spec/lazy.py)
 
 _WITH_OFFSET = (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC, SubclusterType.UNALLOCATED_ALLOC)
 

@@ -11,12 +11,17 @@ are not checked: no metadata lives there.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from spec.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
 from spec.errors import CorruptionError
 from spec.qfile import Qcow2File
 from spec.snapshot_table import read_snapshot_table, snapshot_table_size
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from spec.lazy import numpy as np  # executed at first use: CLI start-up (spec/lazy.py)
 
 
 def _ranges(q: Qcow2File) -> list[tuple[str, int, int]]:
@@ -33,10 +38,6 @@ def _ranges(q: Qcow2File) -> list[tuple[str, int, int]]:
     return out
 
 
-_L1E_MASK = np.uint64(L1E_OFFSET_MASK)
-_REFT_MASK = np.uint64(REFT_OFFSET_MASK)
-
-
 def _cluster_tables(q: Qcow2File) -> list[tuple[str, np.ndarray]]:
     """Offsets of the one-cluster tables the L1 table and the refcount table point at, read
     in bulk with numpy (these tables have up to millions of entries, mostly zero: the zero
@@ -44,8 +45,8 @@ def _cluster_tables(q: Qcow2File) -> list[tuple[str, np.ndarray]]:
     l1 = q.pread(int(q.header.l1_table_offset), int(q.header.l1_size) * 8)
     reftable = q.pread(int(q.header.refcount_table_offset),
                        int(q.header.refcount_table_clusters) * q.cluster_size)
-    return [("active L2 table", _nonzero(l1) & _L1E_MASK),
-            ("refcount block", _nonzero(reftable) & _REFT_MASK)]
+    return [("active L2 table", _nonzero(l1) & np.uint64(L1E_OFFSET_MASK)),
+            ("refcount block", _nonzero(reftable) & np.uint64(REFT_OFFSET_MASK))]
 
 
 def _nonzero(table: bytes) -> np.ndarray:

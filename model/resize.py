@@ -29,7 +29,7 @@ v2 image grown over a longer backing file; CorruptionError from the tables.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from model import mapping as mp
 from model import write as wr
@@ -41,6 +41,11 @@ from spec.errors import Qcow2Error, RequestError, UnsupportedFeature
 from spec.geometry import align_up
 from spec.limits import QCOW_MAX_L1_SIZE
 from spec.qfile import Qcow2File
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from spec.lazy import numpy as np  # executed at first use: CLI start-up (spec/lazy.py)
 
 
 def grow_l1(q: Qcow2File, min_size: int) -> None:

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from spec.entries import REFT_OFFSET_MASK
 from spec.errors import CorruptionError, RequestError
@@ -35,6 +34,11 @@ from spec.geometry import align_up, div_round_up
 from spec.limits import QCOW_MAX_REFTABLE_SIZE
 from spec.qfile import Qcow2File
 from spec.refcounts import decode_refcount_block
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from spec.lazy import numpy as np  # executed at first use: CLI start-up (spec/lazy.py)
 
 
 class Again(Exception):

@@ -19,15 +19,20 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
 
 from spec.entries import REFT_OFFSET_MASK
 from spec.geometry import Geometry
 
-IntArray = npt.NDArray[np.int64]
-UIntArray = npt.NDArray[np.uint64]
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    IntArray = npt.NDArray[np.int64]
+    UIntArray = npt.NDArray[np.uint64]
+else:
+    from spec.lazy import numpy as np  # executed at first use: CLI start-up (spec/lazy.py)
+
 
 class Kind(enum.IntEnum):
     """What a host cluster holds, for overlap reporting (QEMU's QCow2MetadataOverlap plus data)."""

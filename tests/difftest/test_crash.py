@@ -125,16 +125,18 @@ CONFIGS = {
 }
 
 
-def _run(tmp_path: Path, cfg: Config, ops: list[Op], seed: int = 1) -> cc.Result:
-    return cc.run_example("model", cfg, ops, seed, tmp_path / "ex", tmp_path / "backing")
+def _run(tmp_path: Path, cfg: Config, ops: list[Op], seed: int = 1,
+         engine: str = "model") -> cc.Result:
+    return cc.run_example(engine, cfg, ops, seed, tmp_path / "ex", tmp_path / "backing")
 
 
+@pytest.mark.parametrize("engine", ["model", "impl"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_every_crash_state_of_the_model_is_good(tmp_path: Path, name: str) -> None:
+def test_every_crash_state_of_the_model_is_good(tmp_path: Path, name: str, engine: str) -> None:
     cfg = CONFIGS[name]
     ops = [op if op.kind != "write_compressed" else Op(op.kind, 4 * cfg.cluster_size,
                                                        cfg.cluster_size, 3) for op in SEQUENCE]
-    res = _run(tmp_path, cfg, [op for op in ops if op.off + op.n <= cfg.size])
+    res = _run(tmp_path, cfg, [op for op in ops if op.off + op.n <= cfg.size], engine=engine)
     assert res.failure is None, res.failure.describe()
     assert res.judged["prefix"] > 10 and res.judged["reordered"] + res.judged["torn"] > 0
 
@@ -193,13 +195,35 @@ PLANTED = {
 }
 
 
-@pytest.mark.parametrize("bug", list(PLANTED))
+def _impl_plant(cls_path: str, name: str) -> Callable[[pytest.MonkeyPatch], None]:
+    def plant(mpatch: pytest.MonkeyPatch) -> None:
+        import importlib
+        mod, cls = cls_path.rsplit(".", 1)
+        mpatch.setattr(getattr(importlib.import_module(mod), cls), name, lambda *a, **k: None)
+    return plant
+
+
+IMPL_PLANTED = {
+    # The L2 cache no longer waits for the refcount cache (qcow2_cache_set_dependency).
+    "l2 before refcount": (_impl_plant("impl.cache.Qcow2Cache", "set_dependency"),
+                           Config(cluster_size=4096, size=4096 * 37 + 1536),
+                           [Op("write", 0, 4096, 7)]),
+    # A compressed cluster freed by an overwrite is reused at once, its L2 update unflushed.
+    "freed cluster reused early": (_impl_plant("impl.state.State", "settle_freed"),
+                                   Config(cluster_size=4096, size=4096 * 37 + 1536),
+                                   [Op("write_compressed", 0, 4096, 7), Op("flush"),
+                                    Op("write", 0, 4096, 8), Op("write", 8192, 4096, 9)]),
+}
+ENGINE_PLANTED = [("model", bug) for bug in PLANTED] + [("impl", bug) for bug in IMPL_PLANTED]
+
+
+@pytest.mark.parametrize(("engine", "bug"), ENGINE_PLANTED)
 def test_planted_ordering_bugs_are_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          bug: str) -> None:
-    plant, cfg, ops = PLANTED[bug]
-    assert _run(tmp_path, cfg, ops).failure is None  # the unplanted model is safe
+                                          engine: str, bug: str) -> None:
+    plant, cfg, ops = (PLANTED if engine == "model" else IMPL_PLANTED)[bug]
+    assert _run(tmp_path, cfg, ops, engine=engine).failure is None  # the unplanted engine is safe
     plant(monkeypatch)
-    res = _run(tmp_path, cfg, ops)
+    res = _run(tmp_path, cfg, ops, engine=engine)
     assert res.failure is not None
     assert len(res.failure.ops) <= 6
     saved = repro.save(res.failure, tmp_path / "repro", bug.replace(" ", "-"))

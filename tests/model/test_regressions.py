@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import model
-from spec.errors import UnsupportedFeature
+from spec.errors import RequestError, UnsupportedFeature
 from tests.conformance.helpers import MiB, backing_with_holes_in_refcounted_clusters, mask_snapshot_dates
 from tests.qemu import qemu_img
 
@@ -139,7 +139,7 @@ def test_flush_fsyncs_unless_cache_unsafe(tmp_path: Path, monkeypatch: pytest.Mo
     in it, so the model's flush must then skip the fsync, and only then; so must the
     barriers between dependent writes (model/state.py ModelFile)."""
     path = tmp_path / "f.qcow2"
-    model.create(path, MiB)
+    model.create(path, 1 << 20)
     calls: list[int] = []
     monkeypatch.setattr(os, "fdatasync", calls.append)
     with model.open(path, cache=cache) as img:
@@ -165,3 +165,15 @@ def test_backing_file_with_holes_is_taken_for_preallocated(tmp_path: Path) -> No
         assert img.backing.metadata_preallocation is None  # type: ignore[union-attr]
         img.write_zeroes(196708, 65536)
         assert img.backing.metadata_preallocation is True  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("mode", ["none", "constant", "all"])
+def test_overlap_check_modes_the_model_does_not_implement_are_refused(tmp_path: Path, mode: str) -> None:
+    """DESIGN.md: a behaviour-changing option an engine does not implement is refused with
+    RequestError, never accepted and ignored; the model implements QEMU's default, cached."""
+    path = tmp_path / "m.qcow2"
+    model.create(path, 1 << 20)
+    with pytest.raises(RequestError):
+        model.open(path, overlap_check=mode)
+    with model.open(path, overlap_check="cached") as img:
+        img.write(0, b"x")
