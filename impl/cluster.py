@@ -14,6 +14,13 @@ flush after the guest data. QEMU asks for that flush only when it copied COW reg
 (perform_cow -> qcow2_cache_depends_on_flush; a write with no COW region links the cluster
 without it); impl asks after every allocating write, an ordering at least as strict as
 QEMU's, so that a crash never leaves an L2 entry pointing at data that never arrived.
+
+Two more barriers where QEMU is not crash-safe (issue 17), neither changing what the file
+ends up holding: a cluster freed in this epoch is handed out again (QEMU's allocator order)
+only after the L2 cache is written back and the file flushed (State.settle_freed), and freed
+ranges are punched only after the same (State.process_discards). A write in place with
+extended L2 entries zeroes only its COW regions, not the live subclusters under the new data
+(QEMU's handle_alloc_space zeroes the whole range first).
 """
 
 from __future__ import annotations

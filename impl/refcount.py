@@ -10,7 +10,9 @@ offsets qemu-io picks:
   leaving the cursor after them; a cluster no refcount block covers is free;
 - update_refcount: a refcount reaching 0 moves the cursor back and drops any cached table
   of that cluster (qcow2_cache_discard); decreases are ordered after the L2 update that
-  dropped the reference (set_dependency refcount -> L2);
+  dropped the reference (set_dependency refcount -> L2); the cluster is remembered as freed
+  but not yet durably unmapped, and reusing it first writes the L2 cache back and flushes
+  (State.settle_freed: QEMU reuses it at once, impl makes the same choice safely);
 - alloc_refcount_block: a missing block goes at the next free cluster, describing itself if
   it falls in its own range, and the caller's search starts over (-EAGAIN, here ``Again``);
 - a full refcount table is replaced by a larger one with self-describing blocks

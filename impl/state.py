@@ -164,7 +164,12 @@ class State:
             return
         cs = self.cluster_size
         first, last = offset // cs, (offset + length - 1) // cs
-        if not any(first <= i <= last for i in self.freed_unsynced):
+        pending = self.freed_unsynced
+        if last - first < len(pending):
+            hit = any(i in pending for i in range(first, last + 1))
+        else:
+            hit = any(first <= i <= last for i in pending)
+        if not hit:
             return
         self.l2_cache.write()
         self.flush_file()

@@ -225,3 +225,87 @@ def test_l2_allocation_and_shrink_are_crash_safe(tmp_path: Path) -> None:
         im.write(6 * M + 3 * 4096, b"t" * 512)
 
     _crash_states_are_safe(tmp_path, p, setup, op)
+
+
+# --- issue 17: the barriers the crash campaign asked for ------------------------------------
+
+def _recorded(p: Path, setup: Callable[[Any], None], op: Callable[[Any], None],
+              after: Callable[[Any], Any] = lambda im: None) -> tuple[list[Any], Any]:
+    """The host calls changing ``p`` while ``op`` runs (after ``setup`` and a flush), and what
+    ``after`` returns from the open image."""
+    from difftest.crash.engines import monitored
+    from spec.hostio import Recorder, monitoring
+
+    with monitored("impl") as eng:
+        img = eng.open(str(p))
+        setup(img)
+        img.flush()
+        rec = Recorder()
+        with monitoring(rec):
+            op(img)
+        got = after(img)
+        img.close()
+    return [o for o in rec.ops if o.path == str(p)], got
+
+
+def test_a_cluster_freed_in_this_epoch_is_reused_only_after_its_unmapping_is_durable(
+        tmp_path: Path) -> None:
+    """QEMU moves free_cluster_index back as soon as a refcount drops to 0 and may write new
+    data into that cluster while the L2 entry that still maps it on the disk is only dirty
+    in the cache. impl takes the same cluster (the file stays QEMU's) but writes the L2
+    cache back and flushes first (State.settle_freed)."""
+    from spec.hostio import FLUSH, WRITE
+
+    p = tmp_path / "i.qcow2"
+    impl.create(p, 1 * M, cluster_size=4096)
+    freed: list[int] = []
+
+    def setup(im: Any) -> None:
+        im.write_compressed(0, b"c" * 4096)
+        freed.append(im.s.free_byte_offset - im.s.free_byte_offset % 4096)
+
+    def op(im: Any) -> None:
+        im.write(0, b"n" * 4096)      # the compressed cluster loses its only reference
+        im.write(8192, b"r" * 4096)   # and the allocator hands it out again at once
+
+    stream, l2 = _recorded(p, setup, op, lambda im: im.s.l1_table[0] & ((1 << 56) - 512))
+    cl = freed[0]
+    reuse = next(i for i, o in enumerate(stream)
+                 if o.kind == WRITE and cl <= o.offset < cl + 4096)
+    l2_writes = [i for i, o in enumerate(stream[:reuse]) if o.kind == WRITE and o.offset == l2]
+    assert l2_writes, "the reused cluster was written before the L2 update that freed it"
+    assert any(o.kind == FLUSH for o in stream[l2_writes[-1]:reuse])
+
+
+def test_the_dirty_bit_is_flushed_before_lazy_metadata(tmp_path: Path) -> None:
+    """qcow2_mark_dirty writes the bit with bdrv_pwrite_sync: it is durable before any L2
+    entry or refcount block that relies on it."""
+    from spec.hostio import FLUSH, WRITE
+
+    p = tmp_path / "i.qcow2"
+    impl.create(p, 1 * M, cluster_size=4096, lazy_refcounts=True)
+    stream, _ = _recorded(p, lambda im: None,
+                          lambda im: (im.write(64 * K, b"b" * 4096), im.flush()))
+    header = next(i for i, o in enumerate(stream) if o.kind == WRITE and o.offset == 0)
+    assert stream[header + 1].kind == FLUSH
+
+
+def test_compressed_data_reaches_the_disk_before_its_l2_entry(tmp_path: Path) -> None:
+    """The L2 slice holding the compressed descriptor is written after the data and a
+    flush, even when setting the refcount dependency writes the slice back first (the
+    entry is changed only after that), and with lazy refcounts too (QEMU's compressed
+    path sets no dirty bit, so its refcounts must not be lazy)."""
+    from spec.hostio import FLUSH, WRITE
+
+    for lazy in (False, True):
+        p = tmp_path / f"i{lazy}.qcow2"
+        impl.create(p, 1 * M, cluster_size=4096, lazy_refcounts=lazy)
+        stream, (l2, rb) = _recorded(
+            p, lambda im: im.write_zeroes(0, 8192),
+            lambda im: (im.write_compressed(4 * 4096, b"z" * 4096), im.flush()),
+            lambda im: (im.s.l1_table[0] & ((1 << 56) - 512), im.s.reftable[0]))
+        data = next(i for i, o in enumerate(stream) if o.kind == WRITE and o.offset not in (l2, rb, 0))
+        l2w = [i for i, o in enumerate(stream) if o.kind == WRITE and o.offset == l2]
+        rbw = [i for i, o in enumerate(stream) if o.kind == WRITE and o.offset == rb]
+        assert l2w and l2w[-1] > data and rbw and rbw[-1] < l2w[-1]
+        assert any(o.kind == FLUSH for o in stream[data:l2w[-1]])
