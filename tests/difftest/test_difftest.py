@@ -259,14 +259,14 @@ def test_each_target_is_asked_what_its_image_supports(tmp_path: Path) -> None:
     from difftest.core.introspect import EngineIntrospection, Introspection, QemuIntrospection
 
     with Lockstep(tmp_path, Config(version=3, cluster_size=4096, size=1 << 20),
-                  ["py:tests.test_difftest:plain", "model", "qemu"]) as ls:
+                  ["py:tests.difftest.test_difftest:plain", "model", "qemu"]) as ls:
         assert [(t.name, type(t.introspection)) for t in ls.targets] == [
             ("plain", Introspection), ("model", EngineIntrospection), ("qemu", QemuIntrospection)]
         assert ls.write(off=4095, n=2, byte=0x5A) and ls.discard(off=0, n=8192)
         assert ls.read(off=0, n=12288)
         ls.finish()
     with Lockstep(tmp_path / "bad", Config(version=3, cluster_size=4096, size=1 << 20),
-                  ["py:tests.test_difftest:plain", "qemu"]) as ls:
+                  ["py:tests.difftest.test_difftest:plain", "qemu"]) as ls:
         # A write the plain side drops: it reads zeros as qemu does, but allocates nothing.
         ls.targets[0].image.img.write = lambda off, data: None
         with pytest.raises(Divergence, match="top-layer allocation"):
@@ -458,7 +458,8 @@ def test_injected_fault_is_found_shrunk_and_reproduced(tmp_path: Path) -> None:
     # Hypothesis' stateful shrinker does not always reach the minimum: for this fault seeds
     # 7..12 end at 9, 5, 10, 1, 1 and 2 steps (with the project's literals kept out of the
     # draws, see campaign.py). The seed is pinned to one that gets there.
-    stats = run_shard(Shard(["py:tests.test_difftest:faulty", "qemu"], seed=10, examples=25, steps=12,
+    stats = run_shard(Shard(["py:tests.difftest.test_difftest:faulty", "qemu"], seed=10, examples=25,
+                            steps=12,
                             overrides={"backing": "none", "data_file": False, "cluster_size": 4096,
                                        "version": 3},
                             db_dir=None, repro_dir=str(tmp_path / "repro"), workdir=str(tmp_path / "w"),
@@ -483,7 +484,7 @@ def test_injected_fault_is_found_shrunk_and_reproduced(tmp_path: Path) -> None:
 
 
 def test_example_database_replays_the_failure_first(tmp_path: Path) -> None:
-    shard = Shard(["py:tests.test_difftest:faulty", "qemu"], seed=7, examples=25, steps=12,
+    shard = Shard(["py:tests.difftest.test_difftest:faulty", "qemu"], seed=7, examples=25, steps=12,
                   overrides={"backing": "none", "data_file": False, "cluster_size": 4096, "version": 3},
                   db_dir=str(tmp_path / "db"), repro_dir=str(tmp_path / "repro"),
                   workdir=str(tmp_path / "w"), shrink=False, finish=False)
@@ -530,7 +531,7 @@ def test_cli_difftest_json_clean_run(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_cli_difftest_exit_1_on_divergence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["difftest", "--targets", "py:tests.test_difftest:faulty,qemu", "--examples", "25",
+    rc = main(["difftest", "--targets", "py:tests.difftest.test_difftest:faulty,qemu", "--examples", "25",
                "--steps", "12", "--seed", "7", "--db", "none", "--repro", str(tmp_path / "r"), "--no-shrink",
                "--config", "cluster_size=4k", "--config", "backing=none", "--config", "data_file=off",
                "--config", "version=3", "--output", "json"])
