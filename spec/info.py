@@ -17,7 +17,7 @@ Python dict built with it iterates, and serializes, in the order qemu-img prints
 Strings. QEMU handles names as C strings: a NUL ends them, and bytes that are not UTF-8 pass
 through untouched to the human output (the JSON writer replaces them). Names read from the image
 are therefore decoded here with "surrogateescape", which keeps every byte recoverable; the
-renderers in difftest/commands/info.py re-encode them the way QEMU prints them.
+renderers in difftest/cli/info.py re-encode them the way QEMU prints them.
 
 Only spec.errors classes escape: an image QEMU would refuse to open for ``info`` raises
 FormatError or UnsupportedFeature.

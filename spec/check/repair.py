@@ -121,7 +121,7 @@ def _refuse_unaligned_refblock(path: str, before: CheckResult) -> CheckResult:
     which flags the image corrupt (qcow2_get_refcount -> qcow2_signal_corruption, "Refblock
     offset ... unaligned"), and the check then stops with an error: no report, exit 1, and
     the corrupt bit is the one change in the file (observed: qemu-img check -r all/leaks on
-    difftest/mutate.py's refcount-table-block-misaligned). This engine does the same."""
+    difftest/corpus/mutate.py's refcount-table-block-misaligned). This engine does the same."""
     q = _open_for_repair(path)
     try:
         q.set_incompatible_bit(ft.QCOW2_INCOMPAT_CORRUPT, True)

@@ -1,6 +1,6 @@
 """``qcow2lab check`` gives ``qemu-img check``'s verdict on a fixed corpus of damaged images.
 
-The corpus is difftest/mutate.py's: every named mutation on every base it lists, then seeded
+The corpus is difftest/corpus/mutate.py's: every named mutation on every base it lists, then seeded
 random metadata flips, COUNT images in all, generated from SEED (deterministic: the same
 bytes every run). For each image both sides give a verdict class:
 
@@ -48,7 +48,7 @@ QEMU_TIMEOUT = 60.0
 check of these small images takes ~10 ms)."""
 
 # The damage classes of the "check and repair / hostile images" issue, and the named
-# mutations (difftest/mutate.py) that produce each one. Random flips come on top.
+# mutations (difftest/corpus/mutate.py) that produce each one. Random flips come on top.
 ISSUE_CLASSES: dict[str, tuple[str, ...]] = {
     "reserved bits set": ("l1-reserved-bits", "l2-reserved-bits", "refcount-table-reserved-bits",
                           "header-incompatible-unknown-bit"),

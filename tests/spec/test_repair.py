@@ -17,7 +17,7 @@ Every damaged image is copied twice: ``qemu-img check -r MODE --output=json`` re
     (QEMU stops with "need to rebuild", exit 1, and the file is untouched), and COPIED
     flags are left alone while an error remains.
 
-The damage comes from difftest/mutate.py's targeted mutations (refcount too high, too low,
+The damage comes from difftest/corpus/mutate.py's targeted mutations (refcount too high, too low,
 COPIED wrong, refcount block misaligned, reserved bits in L1/L2/refcount table entries,
 unaligned L2 tables, COPIED on compressed clusters, bad subcluster bitmaps, L2 entries into
 metadata, truncated files) plus some made here: the refcount block missing (its reftable
@@ -28,7 +28,7 @@ unaligned offset (_zero_misaligned); a snapshot whose extra data lacks the versi
 killed qemu-io.
 
 Expected differences. For every case above there is none in the JSON, the exit code or the
-repaired file. Measured over difftest/mutate.py's targeted mutants plus 300 random metadata
+repaired file. Measured over difftest/corpus/mutate.py's targeted mutants plus 300 random metadata
 flips (seed 1), both modes, 640 runs (script: each mutant repaired by both, outcomes
 bucketed): before this repair work 187 were identical in report, exit code and bytes (337
 refused by us while QEMU repaired, 57 refused by both, 52 where QEMU grew the file); now 607
