@@ -499,19 +499,8 @@ def _for_each_cluster(img: ImageView, pos: int, end: int, change: object, *, req
     """_each_cluster with the freed clusters' discards held and merged until the walk ends
     (qcow2_cluster_discard and qcow2_subcluster_zeroize set s->cache_discards, then
     qcow2_process_discards): neighbouring clusters go out as one punched range."""
-    s = img.s
-    held = s.cache_discards
-    s.cache_discards = True
-    try:
+    with img.s.discards_held():
         _each_cluster(img, pos, end, change, request=request)
-    except BaseException:
-        s.cache_discards = held
-        if not held:
-            s.process_discards(issue=False)
-        raise
-    s.cache_discards = held
-    if not held:
-        s.process_discards()
 
 
 def _each_cluster(img: ImageView, pos: int, end: int, change: object, *, request: bool) -> None:

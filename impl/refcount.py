@@ -101,14 +101,8 @@ def update_refcount(s: State, offset: int, length: int, addend: int, *, discard:
     issued when the call ends, unless the caller holds it (s.cache_discards, as
     qcow2_cluster_discard and qcow2_update_snapshot_refcount do).
     Raises Again after undoing its own changes when a refcount block had to be allocated."""
-    try:
+    with s.discards_held():
         _update_refcount(s, offset, length, addend, discard=discard)
-    except BaseException:
-        if not s.cache_discards:
-            s.process_discards(issue=False)
-        raise
-    if not s.cache_discards:
-        s.process_discards()
 
 
 def _update_refcount(s: State, offset: int, length: int, addend: int, *, discard: bool) -> None:

@@ -107,19 +107,9 @@ def update_snapshot_refcount(s: State, l1_offset: int, l1_size: int, addend: int
     cached slices as QEMU changes them, so a refcount overflow half-way leaves what it did
     (nothing rolled back); the L1 table is written only for ``addend >= 0``."""
     table = _read_l1(s, l1_offset, l1_size) if l1 is None else l1
-    held = s.cache_discards
-    s.cache_discards = True  # freed clusters are punched once, merged, at the end
-    try:
+    with s.discards_held():  # freed clusters are punched once, merged, at the end
         changed_l1 = _update_tables(s, table, l1_size, addend)
         s.flush_all()
-    except BaseException:
-        s.cache_discards = held
-        if not held:
-            s.process_discards(issue=False)
-        raise
-    s.cache_discards = held
-    if not held:
-        s.process_discards()
     # The L1 table (not for addend -1: it is about to be freed) written with a barrier
     # behind it, after both caches and the file were flushed above.
     if changed_l1 and addend >= 0:

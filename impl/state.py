@@ -10,6 +10,8 @@ written entry-wise where QEMU writes entries (qcow2_write_l1_entry).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import construct as c
@@ -210,6 +212,24 @@ class State:
                 lo = min(d[0], p[0])
                 d[1] = max(d[0] + d[1], p[0] + p[1]) - lo
                 d[0] = lo
+
+    @contextmanager
+    def discards_held(self) -> Iterator[None]:
+        """Hold freed ranges for the duration (s->cache_discards) and, unless an outer
+        operation already holds them, punch them once, merged, when it ends; after a failure
+        they are dropped unpunched (qcow2_process_discards)."""
+        held = self.cache_discards
+        self.cache_discards = True
+        try:
+            yield
+        except BaseException:
+            self.cache_discards = held
+            if not held:
+                self.process_discards(issue=False)
+            raise
+        self.cache_discards = held
+        if not held:
+            self.process_discards()
 
     def process_discards(self, *, issue: bool = True) -> None:
         """qcow2_process_discards: one punched hole per queued range, in queue order; after
