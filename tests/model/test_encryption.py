@@ -20,6 +20,7 @@ import model
 from spec import header as hd
 from spec.errors import FormatError, Qcow2Error, RequestError, UnsupportedFeature, WrongKey
 from spec.image import open_image
+from tests.qemu import qemu_img
 
 PASS = "qcow2lab-model"
 SECRET = ["--object", f"secret,id=sec0,data={PASS}"]
@@ -34,14 +35,11 @@ def qemu_create(path: Path, size: str = "4M", fmt: str = "luks", opts: str = "")
     qcow2_opts = ("cluster_size", "compat", "preallocation", "extended_l2", "data_file", "data_file_raw")
     for opt in filter(None, opts.split(",")):
         o += "," + (opt if opt.split("=")[0] in qcow2_opts else f"encrypt.{opt}")
-    for _ in range(8):  # qemu-img's PBKDF2 benchmark fails now and then on a busy machine
-        r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *SECRET, "-o", o, str(path), size],
-                           capture_output=True, text=True, cwd=path.parent)
-        if r.returncode == 0:
-            return path
-        if "accurate CPU usage" not in r.stderr:
-            break
-    raise RuntimeError(r.stderr)
+    r = qemu_img("create", "-q", "-f", "qcow2", *SECRET, "-o", o, str(path), size, cwd=path.parent,
+                 check=False)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr)
+    return path
 
 
 def image_opts(path: Path, backing: bool = False) -> str:
