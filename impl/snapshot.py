@@ -57,10 +57,11 @@ def write_table(img: ImageView, table: list[c.Container]) -> None:
     """qcow2_write_snapshots: the table to new clusters, the header, then the old table
     freed (and punched out)."""
     s = img.s
-    data = st.encode_table(table)
+    pieces = st.encode_entries(table)
+    size = st.pieces_size(pieces)
     old_off, old_size = table_span(s, read_table(s))
-    if data:
-        offset = rc.alloc_clusters(s, s.geometry.size_to_clusters(len(data)))
+    if size:
+        offset = rc.alloc_clusters(s, s.geometry.size_to_clusters(size))
     else:
         offset = s.free_cluster_index * s.cluster_size
     # Everything the new table depends on is stable before it is written, and the table
@@ -68,8 +69,8 @@ def write_table(img: ImageView, table: list[c.Container]) -> None:
     # before the old table is freed (qcow2_write_snapshots: bdrv_flush, bdrv_pwrite,
     # bdrv_flush, bdrv_pwrite_sync of nb_snapshots and snapshots_offset).
     s.flush_all()
-    if data:
-        s.host.pwrite(offset, data, meta=True)
+    for at, data in pieces:
+        s.host.pwrite(offset + at, data, meta=True)
     s.flush_all()
     s.header.nb_snapshots = len(table)
     s.header.snapshots_offset = offset

@@ -64,15 +64,26 @@ def table_size(entries: list[c.Container]) -> int:
     return size
 
 
-def encode_table(entries: list[c.Container]) -> bytes:
-    """The table as qcow2_write_snapshots writes it: each entry (encode_entry) 8-byte
-    aligned, the last one not padded. RequestError past QCOW_MAX_SNAPSHOTS_SIZE."""
-    data = b""
+def encode_entries(entries: list[c.Container]) -> list[tuple[int, bytes]]:
+    """(offset in the table, bytes) of each entry (encode_entry), 8-byte aligned, as
+    qcow2_write_snapshots writes them: one entry after the other, with the alignment gaps
+    between them never written. A reused cluster keeps its old bytes in those gaps in QEMU's
+    file, so writing the gaps (as zeros) would make a file that differs from QEMU's.
+    RequestError past QCOW_MAX_SNAPSHOTS_SIZE."""
+    pieces, size = [], 0
     for s in entries:
-        data += bytes(-len(data) % 8) + encode_entry(s)
-    if len(data) > QCOW_MAX_SNAPSHOTS_SIZE:
+        size += -size % 8
+        data = encode_entry(s)
+        pieces.append((size, data))
+        size += len(data)
+    if size > QCOW_MAX_SNAPSHOTS_SIZE:
         raise RequestError("snapshot table too large")
-    return data
+    return pieces
+
+
+def pieces_size(pieces: list[tuple[int, bytes]]) -> int:
+    """Bytes the table of encode_entries' ``pieces`` takes (the last entry is not padded)."""
+    return pieces[-1][0] + len(pieces[-1][1]) if pieces else 0
 
 
 def encode_entry(s: c.Container) -> bytes:
@@ -99,13 +110,14 @@ def encode_entry(s: c.Container) -> bytes:
 
 
 def write_snapshots(q: Qcow2File, entries: list[c.Container]) -> None:
-    """qcow2_write_snapshots: the whole table to new clusters, then the header, then the
-    old table is freed. Entries are 8-byte aligned; the last one is not padded."""
-    data = encode_table(entries)
-    offset = rb.alloc_clusters(q, q.geometry.size_to_clusters(len(data))) if data else (
+    """qcow2_write_snapshots: the whole table to new clusters (entry by entry, see
+    encode_entries), then the header, then the old table is freed."""
+    pieces = encode_entries(entries)
+    size = pieces_size(pieces)
+    offset = rb.alloc_clusters(q, q.geometry.size_to_clusters(size)) if size else (
         q.free_cluster_index * q.cluster_size)
-    if data:
-        q.pwrite(offset, data)
+    for at, data in pieces:
+        q.pwrite(offset + at, data)
     old_offset, old_size = int(q.header.snapshots_offset), snapshot_table_size(q)
     q.header.nb_snapshots = len(entries)
     q.header.snapshots_offset = offset

@@ -188,9 +188,9 @@ def test_backing_files(tmp_path: Path) -> None:
     base = qemu_create(tmp_path / "base.qcow2", "1M")
     qemu_io(base, "write -P 0x44 0 1M")
     top = tmp_path / "top.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *SECRET, "-b", "base.qcow2", "-F", "qcow2",
-                    "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", str(top), "1M"],
-                   check=True, cwd=tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", *SECRET, "-b", "base.qcow2", "-F", "qcow2",
+             "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", str(top), "1M",
+             cwd=tmp_path)
     theirs, ours = tmp_path / "q.qcow2", tmp_path / "m.qcow2"
     theirs.write_bytes(top.read_bytes())
     ours.write_bytes(top.read_bytes())
