@@ -4,6 +4,7 @@ as QEMU leaves them, including when a refcount overflows half-way."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -168,3 +169,27 @@ def test_huge_snapshot_l1_size_is_refused_before_anything_changes(engine: Module
     assert path.read_bytes() == before
     verb = {"apply": "-a", "delete": "-d", "view": "-a"}[action]
     assert qemu_img("snapshot", verb, "s1", str(path), check=False).returncode != 0
+
+
+def test_snapshot_table_alignment_gaps_keep_a_reused_clusters_bytes_like_qemu(
+        engine: ModuleType, tmp_path: Path) -> None:
+    """qcow2_write_snapshots writes the entries one by one and never the gaps that align
+    them to 8 bytes: a table placed in a freed data cluster keeps the old data there.
+
+    Overwritten compressed clusters are freed without a host discard (QCOW2_DISCARD_NEVER,
+    qcow2_alloc_cluster_link_l2), so their host clusters keep their bytes for reuse."""
+    q = qemu_create(tmp_path / "q.qcow2", "4M")
+    noise = tmp_path / "noise.bin"  # compresses to about 40 KiB: six fill four host clusters
+    noise.write_bytes(random.Random(7).randbytes(40000) + bytes(64 * KiB - 40000))
+    qemu_io(q, *(f"write -c -s {noise} {i * 64}k 64k" for i in range(6)), "write -P 0xbb 0 384k")
+    m = tmp_path / "m.qcow2"
+    shutil.copyfile(q, m)
+    with engine.open(m) as img:
+        for name in ("ab", "cd"):  # 40 + 24 + len("1") + 2 = 67 bytes: a 5-byte gap
+            img.snapshot_create(name)
+    for name in ("ab", "cd"):
+        qemu_img("snapshot", "-c", name, str(q))
+    with open_image(q) as qi:
+        table = int(qi.header.snapshots_offset)
+    assert q.read_bytes()[table + 67:table + 72] != bytes(5)  # the recipe reaches the gap
+    assert mask_snapshot_dates(m) == mask_snapshot_dates(q)
