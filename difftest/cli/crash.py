@@ -22,13 +22,21 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("crash", help="crash-consistency campaign: judge every state a power cut "
                        "can leave")
-    p.add_argument("--engines", default="model", help="comma-separated: model, impl")
+    p.add_argument("--engines", default="model", help="comma-separated: model, impl, qemu")
     p.add_argument("--time-budget", type=float, default=60.0, help="seconds per engine")
     p.add_argument("--seed", type=int, default=0, help="first seed (job k uses seed+k)")
     p.add_argument("--jobs", type=int, default=1, help="processes per engine")
     p.add_argument("--max-ops", type=int, default=12, help="operations per example")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VAL",
                    help="pin a configuration field (as in difftest)")
+    p.add_argument("--reorder-samples", type=int, default=None, metavar="N",
+                   help="reordered states drawn per epoch (the calls between two flushes): "
+                   "every whole-call reordering when an epoch has at most N, then states in "
+                   "which a write reached the disk in part (default 64)")
+    p.add_argument("--skip-ops", default="", metavar="KIND,...",
+                   help="operation kinds not drawn (write, write_zeroes, discard, "
+                   "write_compressed, flush, reopen, resize, snapshot_create, snapshot_apply, "
+                   "snapshot_delete)")
     p.add_argument("--shrink-seconds", type=float, default=120.0)
     p.add_argument("--repro-dir", type=Path, default=Path("crash-repro"))
     p.add_argument("--replay", type=Path, help="judge the state of a saved reproducer again")
@@ -48,7 +56,10 @@ def _one(engine: str, args: argparse.Namespace, overrides: dict[str, Any],
 
     return campaign.campaign(engine, seconds=args.time_budget, seed=seed, max_ops=args.max_ops,
                              overrides=overrides, shrink_seconds=args.shrink_seconds,
-                             on_example=progress, survey=args.survey or engine == "qemu")
+                             on_example=progress, survey=args.survey or engine == "qemu",
+                             reorders=args.reorder_samples or campaign.REORDERS,
+                             skip_ops=frozenset(k.strip() for k in args.skip_ops.split(",")
+                                                if k.strip()))
 
 
 def _campaign(engine: str, args: argparse.Namespace, overrides: dict[str, Any]) -> campaign.Report:

@@ -35,20 +35,26 @@ from difftest.core.targets import cached_backing, copy_backing
 from difftest.crash import engines
 from difftest.crash.judge import judge, qemu_check
 from difftest.crash.ops import Op, op_lists
-from difftest.crash.recording import Recorded, record
+from difftest.crash.recording import Recorded, data_file_of, record
 from difftest.crash.states import CrashState, materialize, states
 from spec import hostio
 from spec.errors import Qcow2Error
 
 TOP = "top.qcow2"
+REORDERS = 64
+"""Reordered states drawn per epoch (states.states; ``--reorder-samples``)."""
 SIZE_CAP = 32 << 20
 """Virtual sizes are kept small: every state is read whole by qemu and each engine."""
 
 
-def crash_configs(overrides: dict[str, Any] | None = None) -> st.SearchStrategy[Config]:
-    """The lockstep's configurations without an external data file (not recorded yet) and
-    with at most SIZE_CAP of virtual size."""
-    ov = {"data_file": False, **(overrides or {})}
+def crash_configs(overrides: dict[str, Any] | None = None, engine: str = "model",
+                  ) -> st.SearchStrategy[Config]:
+    """The lockstep's configurations with at most SIZE_CAP of virtual size. qemu gets no
+    external data file: its writes are logged by one blklogwrites filter per file, and two
+    logs do not tell in which order the two files' writes were issued (qemu.py)."""
+    ov = dict(overrides or {})
+    if engine == "qemu":
+        ov["data_file"] = False
     return configs(ov).map(
         lambda c: c if c.size <= SIZE_CAP or "size" in ov else c.replace(size=8 * c.cluster_size))
 
@@ -98,7 +104,9 @@ def _readers() -> list[tuple[str, ModuleType]]:
 
 def prepare(cfg: Config, where: Path, backing_cache: Path, *, absolute_backing: bool = False,
             ) -> Path:
-    """A directory with the backing chain; returns the path the top image goes to.
+    """A directory with the backing chain; returns the path the top image goes to (its data
+    file, if any, beside it: recording.data_file_of, named by its absolute path, since QEMU
+    resolves a relative data file name against its working directory).
     ``absolute_backing``: name the backing file by its absolute path (qemu-io over
     blklogwrites resolves no relative name: its qcow2 node has no plain file name)."""
     where.mkdir(parents=True, exist_ok=True)
@@ -112,12 +120,16 @@ def prepare(cfg: Config, where: Path, backing_cache: Path, *, absolute_backing: 
         kw["backing_file"], kw["backing_fmt"] = backing
         if absolute_backing:
             kw["backing_file"] = str((where / backing[0]).resolve())
+    if cfg.data_file:
+        data = data_file_of(path)
+        data.unlink(missing_ok=True)
+        kw["data_file"], kw["data_file_raw"] = str(data.resolve()), cfg.data_file_raw
     engines.engine_module("model").create(str(path), cfg.size, **kw)
     return path
 
 
 def run_example(engine: str, cfg: Config, ops: Sequence[Op], seed: int, where: Path,
-                backing_cache: Path, *, reorders: int = 4, stop: Callable[[], bool] | None = None,
+                backing_cache: Path, *, reorders: int = REORDERS, stop: Callable[[], bool] | None = None,
                 only: CrashState | None = None, survey: bool = False) -> Result:
     """Judge every crash state of ``ops`` (see the module doc). ``survey``: go on after a
     bad state, counting them by kind (for QEMU, whose bad states are reported, not fixed)."""
@@ -144,16 +156,22 @@ def run_example(engine: str, cfg: Config, ops: Sequence[Op], seed: int, where: P
         return res
     readers = _readers()
     seen: set[bytes] = set()
-    todo = [only] if only is not None else states(rec.stream, random.Random(seed), reorders=reorders)
+    todo = [only] if only is not None else states(rec.stream, random.Random(seed), reorders=reorders,
+                                                  bases=rec.files)
     for state in todo:
         if stop is not None and stop():
             break
-        data = materialize(rec.base, rec.stream, state, str(path))
-        key = hashlib.blake2b(data, digest_size=16).digest()
+        files = {name: materialize(base, rec.stream, state, name) for name, base in rec.files.items()}
+        h = hashlib.blake2b(digest_size=16)
+        for data in files.values():
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+        key = h.digest()
         if key in seen:
             continue
         seen.add(key)
-        path.write_bytes(data)
+        for name, data in files.items():
+            Path(name).write_bytes(data)
         problems = judge(path, cfg, rec.oracle_at(state.cut), readers)
         res.judged[state.family] += 1
         if problems:
@@ -204,11 +222,13 @@ class Report:
 def campaign(engine: str, *, seconds: float, seed: int = 0, max_ops: int = 12,
              overrides: dict[str, Any] | None = None, workdir: Path | None = None,
              shrink_seconds: float = 120.0, on_example: Callable[[Report], None] | None = None,
-             survey: bool = False) -> Report:
+             survey: bool = False, reorders: int = REORDERS,
+             skip_ops: frozenset[str] = frozenset()) -> Report:
     """Run examples until ``seconds`` are spent or one fails (then shrink it). ``survey``
     (QEMU): count every bad state by kind and keep the smallest example of each, unshrunk
-    beyond that choice, instead of stopping."""
+    beyond that choice, instead of stopping. ``skip_ops``: operation kinds not drawn."""
     report = Report(engine)
+    op_lists(Config(), 1, skip_ops)  # refuse an unknown kind before any work
     root = Path(tempfile.mkdtemp(prefix="crash-", dir=workdir))
     cache = root / "backing"
     cache.mkdir()
@@ -221,14 +241,15 @@ def campaign(engine: str, *, seconds: float, seed: int = 0, max_ops: int = 12,
         return now > (shrink_deadline[0] if shrink_deadline else deadline)
 
     def example(data: st.DataObject) -> None:
-        cfg = data.draw(crash_configs(overrides), label="config")
-        ops = data.draw(op_lists(cfg, max_ops), label="ops")
+        cfg = data.draw(crash_configs(overrides, engine), label="config")
+        ops = data.draw(op_lists(cfg, max_ops, skip_ops), label="ops")
         rseed = data.draw(st.integers(0, 2**31), label="seed")
         if over():
             return  # after the draws: Hypothesis wants the same draws on every replay
         where = root / "ex"
         shutil.rmtree(where, ignore_errors=True)
-        res = run_example(engine, cfg, ops, rseed, where, cache, stop=over, survey=survey)
+        res = run_example(engine, cfg, ops, rseed, where, cache, stop=over, survey=survey,
+                          reorders=reorders)
         report.named += res.named
         for name, sample in res.samples.items():
             old = report.samples.get(name)

@@ -5,15 +5,26 @@ qcow2 node and its file and appends every write, write-zeroes, discard and flush
 the file to a log in the dm-log-writes format (Linux drivers/md/dm-log-writes.c): a
 superblock sector (magic, version, entry count, sector size; little-endian), then per request
 one sector holding (sector, nr_sectors, flags, data_len) followed by the written sectors
-(none for a discard or a flush). Truncates are not logged; the crash campaign draws no
-operation that truncates.
+(none for a discard or a flush). Truncates are not logged: a shrink's truncation of the file
+tail is missing from the stream, which leaves unreferenced bytes past the image's end in the
+rebuilt states (harmless to every check).
 
 qemu-io runs with ``-t writeback``, QEMU's default cache mode, so that its flushes (and the
 flushes its metadata caches put between dependent writes) reach the log. One process serves
 every operation (a reopen starts a new one that appends to the log), driven over stdin one
 command at a time, and the log is read after each command, which splits the stream per
 operation. What the guest may read after each operation comes from the model running the
-same operations beside it (the lockstep holds the two to the same content).
+same operations beside it (the lockstep holds the two to the same content), and it decides
+which operations are refused (a refused one is not sent to qemu).
+
+Resize is qemu-io's ``truncate`` (blk_truncate on the qcow2 node: qcow2_co_truncate, which
+grows and shrinks). qemu-io has no snapshot commands: a snapshot operation closes qemu-io, runs
+``qemu-img snapshot --image-opts`` over the same blklogwrites filter appending to the same
+log, and opens qemu-io again, so its writes are in the stream in order. That close and
+reopen flush as a guest reopen does, so for qemu a snapshot operation is also a flush point
+(the oracle is told so). No external data file: blklogwrites logs one file per filter, and
+two logs would not say in which order the image's and the data file's writes went out
+(campaign.crash_configs leaves data files out for qemu).
 """
 
 from __future__ import annotations
@@ -27,11 +38,10 @@ from pathlib import Path
 
 from difftest.core.config import Config
 from difftest.crash import engines
-from difftest.crash.ops import FLUSHING, Op, apply
+from difftest.crash.ops import FLUSHING, SNAPSHOTS, Op, apply
 from difftest.crash.oracle import SECTOR, GuestOracle
-from difftest.crash.recording import Recorded, Segment
+from difftest.crash.recording import REFUSED, Recorded, Segment, observe
 from spec import hostio
-from spec.errors import RequestError
 from spec.hostio import HostOp
 
 WRITE_LOG_MAGIC = 0x6A736677736872
@@ -65,12 +75,25 @@ def parse_log(data: bytes, path: str) -> list[HostOp]:
     return ops
 
 
+def logged_opts(image: Path, log: Path, *, append: bool) -> str:
+    """--image-opts for the qcow2 node over blklogwrites."""
+    return (f"driver=qcow2,file.driver=blklogwrites,file.file.filename={image},"
+            f"file.log.filename={log}" + (",file.log-append=on" if append else ""))
+
+
+def logged_snapshot(image: Path, log: Path, flag: str, name: str) -> str:
+    """``qemu-img snapshot`` (-c, -a or -d) over blklogwrites; its error output, or ""."""
+    r = subprocess.run(["qemu-img", "snapshot", "-q", flag, name, "--image-opts",
+                        logged_opts(image, log, append=True)], capture_output=True, text=True,
+                       cwd=str(image.parent))
+    return "" if r.returncode == 0 else r.stderr.strip()
+
+
 class LoggedQemuIo:
     """One qemu-io process on ``image`` through blklogwrites into ``log``."""
 
     def __init__(self, image: Path, log: Path, *, append: bool) -> None:
-        opts = (f"driver=qcow2,file.driver=blklogwrites,file.file.filename={image},"
-                f"file.log.filename={log}" + (",file.log-append=on" if append else ""))
+        opts = logged_opts(image, log, append=append)
         self.proc = subprocess.Popen(["qemu-io", "-t", "writeback", "--image-opts", opts],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, bufsize=0, cwd=str(image.parent))
@@ -118,6 +141,8 @@ def command(op_kind: str, off: int, n: int, arg: int, src: Path, data: bytes) ->
         return f"write -q -c -P {arg} {off} {n}"
     if op_kind == "flush":
         return "flush"
+    if op_kind == "resize":
+        return f"truncate {n}"
     raise ValueError(op_kind)
 
 
@@ -160,9 +185,11 @@ def record_qemu(cfg: Config, ops: Sequence[Op], path: Path) -> Recorded:
     io = LoggedQemuIo(path, log, append=False)
     lo = 0
     try:
-        oracle = GuestOracle(img.read(0, cfg.size))
+        oracle = GuestOracle(img.read(0, img.size))
         initial = oracle.copy()
         for op in ops:
+            size = int(img.size)
+            flushes = op.kind in FLUSHING
             if op.kind == "reopen":
                 io.close()
                 io = LoggedQemuIo(path, log, append=True)
@@ -171,25 +198,31 @@ def record_qemu(cfg: Config, ops: Sequence[Op], path: Path) -> Recorded:
             else:
                 try:
                     apply(img, op)
-                except RequestError as e:
+                except REFUSED as e:
                     errors.append(f"{op}: {type(e).__name__}: {e}")
                     segments.append(Segment(lo, lo, oracle.copy()))
                     continue
-                io.cmd(command(op.kind, op.off, op.n, op.arg, src, op.data()))
-            span = op.span()
-            if span is not None:
-                a = span[0] // SECTOR * SECTOR
-                b = min(cfg.size, -(-span[1] // SECTOR) * SECTOR)
-                oracle.wrote(a, img.read(a, b - a))
+                if op.kind in SNAPSHOTS:
+                    io.close()
+                    flag = {"snapshot_create": "-c", "snapshot_apply": "-a",
+                            "snapshot_delete": "-d"}[op.kind]
+                    err = logged_snapshot(path, log, flag, op.name)
+                    if err:
+                        errors.append(f"{op}: qemu-img snapshot: {err}")
+                    io = LoggedQemuIo(path, log, append=True)
+                    flushes = True
+                else:
+                    io.cmd(command(op.kind, op.off, op.n, op.arg, src, op.data()))
+            observe(oracle, op, img, size, beside)
             hi = len(read_log(log, str(path)))
             segments.append(Segment(lo, hi, oracle.copy()))
             lo = hi
-            if op.kind in FLUSHING:
-                oracle.flushed(img.read(0, cfg.size))
+            if flushes:
+                oracle.flushed(img.read(0, img.size))
         io.close()
         stream = read_log(log, str(path))
         segments.append(Segment(lo, len(stream), oracle.copy()))
     finally:
         io.close()
         img.close()
-    return Recorded(base, stream, segments, initial, errors)
+    return Recorded({str(path): base}, stream, segments, initial, errors)

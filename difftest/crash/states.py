@@ -5,12 +5,15 @@ qcow2_cache_set_dependency and qcow2_cache_depends_on_flush): a call that return
 the disk only once a later flush returned; until then the disk may hold any subset of the
 calls since the last flush, and the call in flight may be torn at 512-byte sectors. So a
 crash state is: every call up to the last flush before the cut, plus a chosen subset of the
-calls after it, each whole or, for the one torn call, only some of its sectors.
+calls after it, each whole or, for the one torn call, only some of its sectors. A flush makes
+durable the calls to its own file only: with an external data file, the image's flushes do
+not cover the data file's writes (each file's epochs are its own).
 
 Three families are drawn from one stream (``states``):
 - prefix: the first k calls, for every k (a power cut between two calls, nothing reordered);
-- reordered: random subsets of the calls after the last flush, at the end of every epoch
-  (the disk kept some of the unflushed writes and lost others);
+- reordered: subsets of the calls after the last flush, at the end of every epoch (the disk
+  kept some of the unflushed writes and lost others): of whole calls, and with one of them
+  kept in part, some of its sectors (a disk orders sectors, not requests);
 - torn: the first k calls whole, then some 512-byte sectors of call k+1.
 
 The file is rebuilt from the image as it was before the stream (``materialize``): writes
@@ -68,18 +71,39 @@ def _changes(stream: Sequence[HostOp], lo: int, hi: int) -> list[int]:
     return [i for i in range(lo, hi) if stream[i].kind != hostio.FLUSH]
 
 
-def _last_flush(stream: Sequence[HostOp], cut: int) -> int:
-    """Index just past the last flush before ``cut`` (0 when none)."""
-    for i in range(cut - 1, -1, -1):
+def _epoch(stream: Sequence[HostOp], end: int) -> tuple[tuple[int, ...], list[int]]:
+    """The calls before ``end`` that are durable (each before a later flush of its own
+    file: fdatasync makes one file durable, not the image's data file too) and the ones
+    that are not yet, in stream order."""
+    synced: dict[str, int] = {}
+    for i in range(end):
         if stream[i].kind == hostio.FLUSH:
-            return i + 1
-    return 0
+            synced[stream[i].path] = i
+    durable: list[int] = []
+    pending: list[int] = []
+    for i in range(end):
+        op = stream[i]
+        if op.kind != hostio.FLUSH:
+            (durable if i < synced.get(op.path, -1) else pending).append(i)
+    return tuple(durable), pending
 
 
-def states(stream: Sequence[HostOp], rng: random.Random, *, reorders: int = 4,
-           torn: bool = True) -> Iterator[CrashState]:
-    """Every prefix state, ``reorders`` random reordered states per epoch (more when the
-    epoch allows), and one torn state per multi-sector write; see the module doc."""
+def states(stream: Sequence[HostOp], rng: random.Random, *, reorders: int = 24,
+           torn: bool = True, bases: dict[str, bytes] | None = None) -> Iterator[CrashState]:
+    """Every prefix state, up to ``reorders`` reordered states per epoch, and one torn state
+    per write that changes several sectors; see the module doc. ``bases``: each file's
+    bytes before the stream (a file not named starts empty), to tell which sectors of a
+    write change anything (tearing a write between sectors it leaves as they were gives
+    a state already drawn).
+
+    The reordered states of an epoch (the calls after one flush, up to the next flush or
+    the end): first its whole-call subsets that no prefix covers, all of them when there
+    are at most ``reorders`` (an epoch of n calls has 2**n - n - 1), else that many drawn
+    at random; then, for what is left of the budget, subsets in which one write reached the
+    disk only in part (some of the sectors it changes) and which are not a prefix followed
+    by that write torn (a disk reorders sectors, not only requests). The campaign judges
+    each distinct file once, so a draw that repeats a file costs only its rebuilding."""
+    changed = _changed_sectors(stream, bases or {})
     n = len(stream)
     for cut in range(n + 1):
         if cut and stream[cut - 1].kind == hostio.FLUSH:
@@ -88,27 +112,74 @@ def states(stream: Sequence[HostOp], rng: random.Random, *, reorders: int = 4,
     # The end of each epoch: just before each flush, and the end of the stream.
     ends = [i for i, op in enumerate(stream) if op.kind == hostio.FLUSH] + [n]
     for end in ends:
-        start = _last_flush(stream, end)
-        durable = _changes(stream, 0, start)
-        pending = _changes(stream, start, end)
+        durable, pending = _epoch(stream, end)
         if len(pending) < 2:
             continue
-        seen: set[tuple[int, ...]] = set()
-        for _ in range(min(reorders, 2 ** len(pending) - 2)):
-            pick = tuple(i for i in pending if rng.random() < 0.5)
-            # A subset a prefix already covers is not a reordering.
-            if pick in seen or pick == tuple(pending[:len(pick)]):
-                continue
-            seen.add(pick)
-            yield CrashState("reordered", end, tuple(durable) + pick)
+        picks = _whole_subsets(pending, rng, reorders)
+        for pick in picks:
+            yield CrashState("reordered", end, durable + pick)
+        tearable = [i for i in pending if len(changed.get(i, ())) > 1]
+        for _ in range(reorders - len(picks) if tearable else 0):
+            i = rng.choice(tearable)
+            keep = tuple(j for j in pending if j != i and rng.random() < 0.5)
+            if keep == tuple(j for j in pending if j < i):
+                continue  # the calls before it, then it torn: the torn family's state
+            sectors = _some(changed[i], rng)
+            if sectors:
+                yield CrashState("reordered", end, durable + keep, (i, sectors))
     if torn:
-        for i, op in enumerate(stream):
-            if op.kind != hostio.WRITE or op.length <= SECTOR:
-                continue
-            first, last = op.offset // SECTOR, (op.offset + op.length - 1) // SECTOR
-            sectors = tuple(s for s in range(first, last + 1) if rng.random() < 0.5)
-            if 0 < len(sectors) <= last - first:
+        for i in range(n):
+            sectors = _some(changed.get(i, ()), rng)
+            if sectors:
                 yield CrashState("torn", i + 1, tuple(_changes(stream, 0, i)), (i, sectors))
+
+
+def _some(sectors: tuple[int, ...], rng: random.Random) -> tuple[int, ...]:
+    """A random non-empty proper subset of ``sectors`` (empty when there is none)."""
+    pick = tuple(s for s in sectors if rng.random() < 0.5)
+    return pick if 0 < len(pick) < len(sectors) else ()
+
+
+def _changed_sectors(stream: Sequence[HostOp], bases: dict[str, bytes],
+                     ) -> dict[int, tuple[int, ...]]:
+    """For each write of the stream, the 512-byte sectors whose content it changes in the
+    file as every call before it left it."""
+    files: dict[str, bytearray] = {}
+    out: dict[int, tuple[int, ...]] = {}
+    for i, op in enumerate(stream):
+        buf = files.get(op.path)
+        if buf is None:
+            buf = files[op.path] = bytearray(bases.get(op.path, b""))
+        if op.kind != hostio.WRITE:
+            _apply(buf, op)
+            continue
+        lo, hi = op.offset // SECTOR * SECTOR, -(-(op.offset + op.length) // SECTOR) * SECTOR
+        before = bytes(buf[lo:hi])
+        _apply(buf, op)
+        after = bytes(buf[lo:hi])
+        before += bytes(len(after) - len(before))
+        out[i] = tuple(lo // SECTOR + k for k in range(0, (hi - lo) // SECTOR)
+                       if before[k * SECTOR:(k + 1) * SECTOR] != after[k * SECTOR:(k + 1) * SECTOR])
+    return out
+
+
+def _whole_subsets(pending: list[int], rng: random.Random, limit: int) -> list[tuple[int, ...]]:
+    """Subsets of ``pending`` that are not a prefix of it (a prefix is no reordering): all
+    of them in a fixed order when there are at most ``limit``, else ``limit`` distinct ones
+    drawn at random (or fewer, when the draws keep repeating)."""
+    n = len(pending)
+    prefixes = {tuple(pending[:k]) for k in range(n + 1)}
+    if n < 20 and 2 ** n - n - 1 <= limit:
+        every = (tuple(p for b, p in enumerate(pending) if mask >> b & 1) for mask in range(1, 2 ** n))
+        return [s for s in every if s not in prefixes]
+    out: dict[tuple[int, ...], None] = {}
+    for _ in range(4 * limit):
+        if len(out) >= limit:
+            break
+        pick = tuple(i for i in pending if rng.random() < 0.5)
+        if pick not in prefixes:
+            out[pick] = None
+    return list(out)
 
 
 def materialize(base: bytes, stream: Sequence[HostOp], state: CrashState,
@@ -136,9 +207,9 @@ def materialize(base: bytes, stream: Sequence[HostOp], state: CrashState,
             _apply(out, op)
             continue
         first, stop = op.offset // SECTOR, -(-(op.offset + op.length) // SECTOR)
-        sectors = range(first, stop) if i in applied else torn_sectors
-        for sec in sectors:
-            lo, hi = sec * SECTOR, min((sec + 1) * SECTOR, len(logical))
+        runs = [(first, stop)] if i in applied else [(sec, sec + 1) for sec in torn_sectors]
+        for a, b in runs:
+            lo, hi = a * SECTOR, min(b * SECTOR, len(logical))
             if hi > len(out):
                 out.extend(bytes(hi - len(out)))
             out[lo:hi] = logical[lo:hi]
