@@ -29,6 +29,8 @@ from difftest.core.config import Config
 from difftest.core.divergence import Divergence
 from difftest.core.lockstep import Lockstep
 from difftest.core.machine import Hooks, make_machine
+from difftest.core.minimize import minimize
+from difftest.core.repro import ReproStore, origin
 
 PROFILES: dict[str, dict[str, int]] = {
     "quick": {"examples": 20, "steps": 40},
@@ -164,6 +166,8 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
         for err in errors:
             d = err if isinstance(err, Divergence) else last.get("d")
             if isinstance(d, Divergence):
+                if hooks.store is not None and shard.shrink:
+                    d = _delete_operations(hooks.store, d, shard)
                 where, steps = hooks.store.lookup(d) if hooks.store is not None else (None, 0)
                 stats.divergences.append(Found(d.kind, str(d), shard.seed, str(where) if where else None,
                                                steps))
@@ -178,6 +182,27 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
     if on_event and stats.divergences:
         on_event("divergence", stats.divergences[-1].kind)
     return stats
+
+
+MINIMIZE_SECONDS = 60.0
+"""Time for the deletion pass after Hypothesis's shrinking, per distinct divergence."""
+
+
+def _delete_operations(store: ReproStore, d: Divergence, shard: Shard) -> Divergence:
+    """Drop operations from ``d``'s smallest reproducer while it still fails the same way
+    (difftest/core/minimize.py), rewriting the reproducer; the divergence it now shows."""
+    case = store.cases.get(origin(d))
+    if case is None or not case[1]:
+        return d
+    cfg, ops, finish = case
+    seconds = MINIMIZE_SECONDS if shard.shrink_seconds is None else min(shard.shrink_seconds,
+                                                                        MINIMIZE_SECONDS)
+    found = minimize(cfg, ops, shard.targets, d, finish=finish, seconds=seconds, readers=tuple(shard.readers),
+                     workdir=Path(shard.workdir) if shard.workdir else None)
+    if found is None or len(found[0]) >= len(ops):
+        return d
+    store.record(cfg, found[0], shard.targets, found[1])
+    return found[1]
 
 
 _NO_CONSTANTS = providers.Constants()

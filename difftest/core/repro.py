@@ -176,6 +176,9 @@ class ReproStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.best: dict[str, int] = {}
+        self.cases: dict[str, tuple[Config, list[tuple[str, dict[str, Any]]], bool]] = {}
+        """Per origin, the configuration and operations of the smallest reproducer, and
+        whether it failed in the teardown (difftest/core/minimize.py replays them)."""
 
     def record(self, cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: list[str],
                d: Divergence) -> None:
@@ -184,6 +187,7 @@ class ReproStore:
         if key in self.best and self.best[key] < steps:
             return
         self.best[key] = steps
+        self.cases[key] = (cfg, _until_finish(log), any(name == "finish" for name, _ in log))
         write_reproducers(self.root / key, cfg, log, targets, d)
 
     def lookup(self, d: Divergence) -> tuple[Path | None, int]:

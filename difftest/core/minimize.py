@@ -1,0 +1,75 @@
+"""A deletion pass after Hypothesis's shrinking: the reproducer's operations, one chunk at a
+time, are dropped while the same divergence still happens.
+
+Hypothesis shrinks the choices that drew an example, not the operations themselves. When a
+failure needs requests in three different L2 slices, moving an offset towards 0 puts two of
+them in one slice and the failure goes away, so its shrinker can stop at 7 to 9 operations
+where 5 suffice (the impl's planted cache bugs, tests/difftest/test_planted_bugs.py). This
+pass replays the recorded operations through a fresh ``Lockstep``, exactly as the generated
+``test_repro.py`` does, and so also proves that the reproducer it keeps reproduces.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from difftest.core.config import Config
+from difftest.core.divergence import Divergence
+from difftest.core.lockstep import Lockstep
+from difftest.core.repro import origin
+
+Op = tuple[str, dict[str, Any]]
+
+
+def replay(cfg: Config, ops: list[Op], targets: list[str], *, finish: bool,
+           readers: tuple[str, ...] = (), workdir: Path | None = None) -> Divergence | None:
+    """Run ``ops`` (and the teardown checks when ``finish``) in lockstep: the divergence, or None."""
+    with tempfile.TemporaryDirectory(prefix="difftest-min-", dir=workdir) as where:
+        try:
+            with Lockstep(Path(where), cfg, targets, readers) as ls:
+                for name, kw in ops:
+                    getattr(ls, name)(**kw)
+                if finish:
+                    ls.finish()
+        except Divergence as d:
+            return d
+    return None
+
+
+def minimize(cfg: Config, ops: list[Op], targets: list[str], d: Divergence, *, finish: bool, seconds: float,
+             readers: tuple[str, ...] = (),
+             workdir: Path | None = None) -> tuple[list[Op], Divergence] | None:
+    """The shortest subsequence of ``ops`` found within ``seconds`` that still gives a
+    divergence with ``d``'s origin (kind and operation), with that divergence; None when
+    ``ops`` itself no longer reproduces it (then the recorded reproducer is left as it is).
+    ``finish``: ``d`` came from the teardown checks, so every replay runs them.
+
+    Chunks of half the list, then a quarter, down to single operations, are tried from the
+    end (later operations depend on earlier ones more often than the reverse)."""
+    deadline = time.monotonic() + seconds
+    want = origin(d)
+
+    def fails(candidate: list[Op]) -> Divergence | None:
+        got = replay(cfg, candidate, targets, finish=finish, readers=readers, workdir=workdir)
+        return got if got is not None and origin(got) == want else None
+
+    best = fails(ops)
+    if best is None:
+        return None
+    chunk = max(len(ops) // 2, 1)
+    while ops and time.monotonic() < deadline:
+        i, removed = len(ops), False
+        while i > 0 and time.monotonic() < deadline:
+            lo = max(i - chunk, 0)
+            candidate = ops[:lo] + ops[i:]
+            got = fails(candidate)
+            if got is not None:
+                ops, best, removed = candidate, got, True
+            i = lo
+        if chunk == 1 and not removed:
+            break
+        chunk = max(chunk // 2, 1)
+    return ops, best
