@@ -7,8 +7,9 @@ data cluster it reaches; COPIED is set exactly where a refcount is 1 afterwards.
   (qcow2_update_snapshot_refcount), the table rewritten to new clusters
   (qcow2_write_snapshots), the old table freed;
 - apply (qcow2_snapshot_goto): resize to the snapshot's size, grow the L1 if needed, +1
-  over the snapshot's tables, its L1 written over the active one, -1 over the old active
-  tables (still in memory), COPIED fixed (addend 0);
+  over the snapshot's tables, its L1 written over the active one (COPIED cleared, unlike
+  QEMU, which writes stale flags: see apply), -1 over the old active tables (still in
+  memory), COPIED fixed (addend 0);
 - delete (qcow2_snapshot_delete): table rewritten without it, -1 over its tables, its L1
   freed, COPIED fixed.
 
@@ -228,6 +229,11 @@ def apply(img: ImageView, name: str) -> None:
     # active L1 table is overwritten with a barrier behind it; only then -1 on the old.
     update_snapshot_refcount(s, sn_off, sn_size, 1)
     old_active = list(s.l1_table)
+    # Every table the snapshot reaches is shared now, so its L1 goes in with no COPIED flag
+    # (QEMU writes the flags copied at create, stale, and clears them only after the -1: a
+    # crash between leaves COPIED on a shared L2 table). The addend-0 pass sets them where
+    # the refcount fell to 1; the final file is QEMU's.
+    sn_l1 = [e & ~QCOW_OFLAG_COPIED for e in sn_l1]
     s.pwrite_sync(s.l1_table_offset, struct.pack(f">{cur}Q", *sn_l1))
     update_snapshot_refcount(s, s.l1_table_offset, cur, -1, l1=old_active)
     s.l1_table = sn_l1

@@ -10,8 +10,9 @@ COPIED flag: model/write.py). The operations, in QEMU's order:
   to new clusters (qcow2_write_snapshots) and free the old one.
 - apply (qcow2_snapshot_goto): resize to the snapshot's disk size if it differs, grow the
   active L1 if needed, add a reference to what the snapshot reaches, write the snapshot's
-  L1 over the active one, drop a reference from what the old active L1 reached, then fix
-  COPIED flags of the new active tables.
+  L1 over the active one (its COPIED flags cleared, where QEMU writes them stale: see
+  apply), drop a reference from what the old active L1 reached, then fix COPIED flags of
+  the new active tables.
 - delete (qcow2_snapshot_delete): rewrite the snapshot table without it, drop a reference
   from what it reaches, free its L1 table, fix COPIED flags of the active tables.
 - reading a snapshot (qcow2_snapshot_load_tmp): reads go through the snapshot's L1; the
@@ -193,7 +194,13 @@ def apply(state: State, name: str) -> None:
     sn_l1 = mp.read_l1(q, sn_off, sn_size) + [0] * (cur_size - sn_size)
     update_snapshot_refcount(q, sn_off, sn_size, 1)
     old_active = mp.read_l1(q)
-    mp.write_l1(q, sn_l1)
+    # The snapshot's L1 table was copied with the active table's COPIED flags, and the +1
+    # just above left every table it reaches shared (refcount >= 2). QEMU writes it as the
+    # active table flags and all and fixes them only after the -1 below: a crash in between
+    # leaves COPIED on a shared L2 table, a corruption. Written without any COPIED flag it
+    # is right as it stands; the addend-0 pass then sets the flags where the refcount has
+    # dropped to 1, and the file ends byte for byte as QEMU's.
+    mp.write_l1(q, [e & ~QCOW_OFLAG_COPIED for e in sn_l1])
     update_snapshot_refcount(q, int(q.header.l1_table_offset), cur_size, -1, l1=old_active)
     update_snapshot_refcount(q, int(q.header.l1_table_offset), cur_size, 0)
 
