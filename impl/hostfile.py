@@ -71,6 +71,9 @@ class HostFile:
         self.readonly = readonly
         self.direct = direct
         self.stats = stats if stats is not None else IOStats()
+        self.unflushed = False
+        """True once a call changed the file since its last flush (State.flush_file uses it
+        to flush an external data file only when guest data went there)."""
         self._bounce: mmap.mmap | None = None
         flags = os.O_RDONLY if readonly else os.O_RDWR
         if direct:
@@ -169,6 +172,7 @@ class HostFile:
         if total <= 0:
             return
         self._count("write", total, meta)
+        self.unflushed = True
         try:
             if self.direct:
                 self._direct_write(offset, b"".join(bytes(b) for b in bufs))
@@ -211,6 +215,7 @@ class HostFile:
 
     def truncate(self, size: int) -> None:
         self._writable()
+        self.unflushed = True
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:
@@ -219,19 +224,22 @@ class HostFile:
     def flush(self, *, sync: bool = True) -> None:
         """bdrv_co_flush on the file: fdatasync, unless the open was cache=unsafe
         (BDRV_O_NO_FLUSH), when nothing reaches the host."""
-        if self.readonly or not sync:
+        if self.readonly:
             return
-        self.stats.flushes += 1
-        try:
-            os.fdatasync(self.fd)
-        except OSError as e:
-            raise HostIOError(f"flush of {self.path} failed: {e}") from None
+        if sync:
+            self.stats.flushes += 1
+            try:
+                os.fdatasync(self.fd)
+            except OSError as e:
+                raise HostIOError(f"flush of {self.path} failed: {e}") from None
+        self.unflushed = False
 
     def punch_hole(self, offset: int, n: int) -> None:
         """raw_co_pdiscard: PUNCH_HOLE|KEEP_SIZE; failures ignored (a discard is advice)."""
         if self.readonly or n <= 0:
             return
         self.stats.fallocates += 1
+        self.unflushed = True
         fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n)
 
     def zero_range(self, offset: int, n: int) -> bool:
@@ -239,6 +247,7 @@ class HostFile:
         else PUNCH_HOLE then fallocate(0), else fallocate(0) past EOF. False = -ENOTSUP."""
         self._writable()
         self.stats.fallocates += 1
+        self.unflushed = True
         ret = fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, n)
         if ret == 0:
             return True

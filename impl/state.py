@@ -151,6 +151,13 @@ class State:
         return self.data if self.data is not None else self.host
 
     def flush_file(self) -> None:
+        """The barrier: the image file flushed, and first the external data file when a
+        call changed it since its last flush. Every barrier before an L2 update stands for
+        "the guest data is durable", and with a data file that data is in the other file
+        (QEMU 7.2's qcow2_cache_entry_flush flushes bs->file only, the same window; a
+        guest flush, bdrv_co_flush, reaches every child, data_file included)."""
+        if self.data is not None and self.data.unflushed:
+            self.data.flush(sync=self.sync)
         self.host.flush(sync=self.sync)
         if self.freed_unsynced and (self.l2_cache is None or not self.l2_cache.dirty):
             # Every L2 update so far is on the disk now (L1, snapshot and reftable switches

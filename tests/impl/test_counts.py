@@ -153,6 +153,24 @@ def test_flush_orders_refcounts_before_l2(tmp_path: Path) -> None:
         assert img.stats()["flushes"] >= 2
 
 
+def test_the_data_file_is_flushed_when_guest_data_went_there(tmp_path: Path) -> None:
+    """Every barrier (State.flush_file) also flushes an external data file written since
+    its last flush: the barrier before an L2 update stands for "the guest data is on the
+    disk", and that data is in the data file. One flush more, only when it is needed."""
+    p = tmp_path / "a.qcow2"
+    impl.create(p, 64 * M, data_file=str(tmp_path / "a.data"))
+    with impl.open(p) as img:
+        img.write(0, b"a" * 4096)
+        img.flush()
+        img.reset_stats()
+        img.flush()  # nothing changed since: the image file alone
+        assert img.stats()["flushes"] == 1
+        img.write(0, b"b" * 4096)  # in place: guest data only, no metadata
+        img.reset_stats()
+        img.flush()
+        assert img.stats()["flushes"] == 2
+
+
 def test_unsafe_cache_never_syncs(tmp_path: Path) -> None:
     p = tmp_path / "a.qcow2"
     impl.create(p, 64 * M)
