@@ -5,7 +5,8 @@ qcow2_shrink_reftable / qcow2_get_last_cluster).
 - grow: a larger L1 table (exactly the size needed) at new clusters, the old one freed;
   with data-file-raw the new area's metadata is preallocated; over a backing file longer
   than the old size the new area is zeroed (bdrv_co_truncate's BDRV_REQ_ZERO_WRITE), which
-  v2 images cannot do (UnsupportedFeature, the size stays).
+  v2 images cannot do (UnsupportedFeature, the size stays), and made durable before the
+  new size is written (QEMU writes the size first).
 - shrink (``shrink=True``): clusters past the new end are fully discarded, L1 entries past
   the new L1 size zeroed and their tables freed, refcount blocks that count only
   themselves dropped, and the file cut after its last used cluster.
@@ -65,6 +66,11 @@ def resize(img: ImageView, new_size: int, shrink: bool) -> None:
             s.data.truncate(new_size)
         if new_size > old and img.backing is not None and img.backing.size > old:
             _zero_new_area(img, old, new_size)
+            # The zeroed area (still in the caches) durable before the size that exposes
+            # it. QEMU writes the size first and zeroes after, so a crash between shows
+            # the backing file's data there; here the order is the model's. Only the order
+            # changes: the file at close holds the same bytes.
+            s.flush_all()
     s.header.size = new_size
     # qcow2_co_truncate: the size field alone, with bdrv_pwrite_sync.
     s.pwrite_sync(HEADER_SIZE, struct.pack(">Q", new_size))
