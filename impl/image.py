@@ -28,6 +28,7 @@ from impl.hostfile import HostFile, IOStats
 from impl.state import State
 from spec import features as ft
 from spec.entries import (
+    HOST_OFFSET_TYPES,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     QCOW_OFLAG_COMPRESSED,
@@ -444,10 +445,10 @@ class Image:
                             has_data_file=dfile) is t:
                         piece_end = min(cend, piece_end + scs)
                 k = piece_end - pos
+                host = e & L2E_OFFSET_MASK
+                if host % cs and t in HOST_OFFSET_TYPES:
+                    raise CorruptionError(f"cluster allocation offset {host:#x} unaligned (guest {pos:#x})")
                 if t is ST.NORMAL:
-                    host = e & L2E_OFFSET_MASK
-                    if host % cs:
-                        raise CorruptionError(f"data cluster offset {host:#x} unaligned (guest {pos:#x})")
                     host += pos % cs
                     if run_len and run_host + run_len == host and run_start + run_len == pos:
                         run_len += k

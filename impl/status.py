@@ -17,7 +17,7 @@ import numpy as np
 
 from impl import cluster as cl
 from impl.state import ImageView
-from spec.entries import L2E_OFFSET_MASK, SubclusterType, subcluster_type
+from spec.entries import HOST_OFFSET_TYPES, L2E_OFFSET_MASK, SubclusterType, subcluster_type
 from spec.errors import CorruptionError, FormatError
 
 # block/block-common.h
@@ -28,7 +28,6 @@ BDRV_BLOCK_ALLOCATED = 0x10
 BDRV_BLOCK_EOF = 0x20
 
 ST = SubclusterType
-_HAS_OFFSET = (ST.NORMAL, ST.ZERO_ALLOC, ST.UNALLOCATED_ALLOC)
 _ALLOC_DATA = BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED
 _ALLOC_ZERO = BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED
 _TYPE_FLAGS = {
@@ -196,7 +195,7 @@ def _same_kind_run(img: ImageView, offset: int, needed: int) -> tuple[Subcluster
         raise CorruptionError(f"invalid cluster entry {entry:#x} (guest {offset:#x})")
     base = entry & L2E_OFFSET_MASK
     host = None
-    if kind in _HAS_OFFSET:
+    if kind in HOST_OFFSET_TYPES:
         if base & (cs - 1):
             raise CorruptionError(f"cluster allocation offset {base:#x} unaligned")
         host = base + (offset & (cs - 1))

@@ -52,7 +52,7 @@ from model.backing import (
 )
 from model.state import State
 from spec import refblocks as rb
-from spec.entries import L2E_OFFSET_MASK, SubclusterType, subcluster_type
+from spec.entries import HOST_OFFSET_TYPES, L2E_OFFSET_MASK, SubclusterType, subcluster_type
 from spec.errors import CorruptionError
 
 if TYPE_CHECKING:
@@ -60,7 +60,6 @@ if TYPE_CHECKING:
 else:
     from spec.lazy import numpy as np  # executed at first use: CLI start-up (spec/lazy.py)
 
-_WITH_OFFSET = (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC, SubclusterType.UNALLOCATED_ALLOC)
 
 
 def qcow2_layer_status(s: State, offset: int, n: int, want_zero: bool = True) -> Status:
@@ -93,7 +92,7 @@ def qcow2_layer_status(s: State, offset: int, n: int, want_zero: bool = True) ->
         t = subcluster_type(e0, b0, sc0, extended_l2=ext, has_data_file=dfile)
         if t is SubclusterType.INVALID:
             raise CorruptionError(f"invalid cluster entry {e0:#x} (guest {offset:#x})")
-        with_offset = t in _WITH_OFFSET
+        with_offset = t in HOST_OFFSET_TYPES
         if with_offset:
             hc = e0 & L2E_OFFSET_MASK
             if hc % cs:
@@ -119,7 +118,7 @@ def qcow2_layer_status(s: State, offset: int, n: int, want_zero: bool = True) ->
         covered = min((count + sc0) * scs, needed)
     pnum = covered - start_in_cluster
     flags = 0
-    if t in _WITH_OFFSET and s.crypto is None:
+    if t in HOST_OFFSET_TYPES and s.crypto is None:
         # qcow2_co_block_status hides host offsets of encrypted images (the bytes there are
         # ciphertext), so their map has no "offset" and never recurses into the file.
         flags |= BDRV_BLOCK_OFFSET_VALID

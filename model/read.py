@@ -29,7 +29,7 @@ from model import compress as cz
 from model import mapping as mp
 from model.state import State, UnflaggedError
 from spec.encryption import SECTOR_SIZE
-from spec.entries import L2E_OFFSET_MASK, SubclusterType, compressed_range, subcluster_type
+from spec.entries import HOST_OFFSET_TYPES, L2E_OFFSET_MASK, SubclusterType, compressed_range, subcluster_type
 from spec.errors import CorruptionError
 from spec.geometry import align_down, align_up
 
@@ -57,14 +57,14 @@ def read_subcluster(s: State, pos: int, n: int, entry: int, bitmap: int) -> byte
     q = s.q
     t = subcluster_type(entry, bitmap, q.geometry.subcluster_index(pos),
                         extended_l2=q.extended_l2, has_data_file=q.has_data_file)
+    host = entry & L2E_OFFSET_MASK
+    if t in HOST_OFFSET_TYPES and host % q.cluster_size:
+        raise CorruptionError(f"cluster allocation offset {host:#x} unaligned (guest {pos:#x})")
     if t in (SubclusterType.UNALLOCATED_PLAIN, SubclusterType.UNALLOCATED_ALLOC):
         return backing_read(s, pos, n)
     if t in (SubclusterType.ZERO_PLAIN, SubclusterType.ZERO_ALLOC):
         return bytes(n)
     if t is SubclusterType.NORMAL:
-        host = entry & L2E_OFFSET_MASK
-        if host % q.cluster_size:
-            raise CorruptionError(f"cluster allocation offset {host:#x} unaligned (guest {pos:#x})")
         at = host + q.geometry.offset_in_cluster(pos)
         if s.crypto is not None:
             return _decrypted(s, at, pos, n)

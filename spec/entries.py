@@ -75,6 +75,14 @@ class SubclusterType(enum.Enum):
     INVALID = "invalid"
 
 
+HOST_OFFSET_TYPES = frozenset({SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC,
+                               SubclusterType.UNALLOCATED_ALLOC})
+"""The subcluster types whose L2 entry carries a host cluster offset that a lookup validates:
+qcow2_get_host_offset (block/qcow2-cluster.c) marks the image corrupt and fails the request
+with EIO when that offset is not cluster aligned, even where the subcluster itself reads as
+zeros or from the backing file (an unallocated or zero subcluster of an allocated cluster)."""
+
+
 def cluster_type(l2_entry: int, *, extended_l2: bool, has_data_file: bool = False) -> ClusterType:
     """Classify a (first-word) L2 entry the way qcow2_get_cluster_type does.
 

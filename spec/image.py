@@ -20,8 +20,10 @@ table, 64 MiB of bitmap directory, 8 MiB for a bitmap table).
 
 Where we differ from QEMU, on purpose:
 - QEMU's file driver reads past the end of the file as zeros; we refuse any structure that
-  does not fit in the file with FormatError (QEMU itself never writes such a file, except
-  that the padding after the last snapshot table entry may be missing: that is accepted).
+  does not fit in the file with FormatError (QEMU itself never writes such a file), except
+  the snapshot table, which is read as QEMU reads it: the last entry's padding is often
+  missing, and a table past the end of the file opens in QEMU and serves guest I/O, so the
+  engines must open it too (issue 15; `check` still reports its entries as incomplete).
   In ``check_mode`` the header, its extensions and the backing file name are read as QEMU
   reads them, zero-filled past the end of the file, so ``qemu-img check``'s verdict on a
   truncated header can be matched (spec/rules counts what follows from the zeros).
@@ -203,6 +205,11 @@ class ImageFile(hd.HeaderViews):
             except (OSError, ValueError) as e:
                 raise FormatError(f"cannot stat: {e}", where) from None
         return pread_exact(self.f, offset, n, where, self.file_size)
+
+    def read_zero_filled(self, offset: int, n: int, where: str) -> bytes:
+        """``n`` bytes at ``offset``, zeros past the end of the file, as QEMU's file driver
+        reads (``n`` is bounded by the caller: one snapshot table entry here)."""
+        return pread_zero_filled(self.f, offset, n, where, self.file_size)
 
     def l1_table(self, offset: int | None = None, n: int | None = None) -> list[int]:
         """The active L1 table, or ``n`` entries at ``offset`` (a snapshot's L1 table).
@@ -529,19 +536,29 @@ def _read_snapshots(img: ImageFile) -> tuple[list[c.Container], list[int]]:
     validate_table(h.snapshots_offset, nb, SNAPSHOT_HEADER_SIZE,
                    SNAPSHOT_HEADER_SIZE * lim.QCOW_MAX_SNAPSHOTS, img.cluster_size,
                    "header.nb_snapshots", "header.snapshots_offset")
-    # Every entry has at least its 40-byte fixed part: a table that cannot fit in the file is
-    # refused before any entry is parsed, so a huge nb_snapshots costs nothing.
-    if h.snapshots_offset + nb * SNAPSHOT_HEADER_SIZE > img.file_size:
-        raise FormatError("snapshot table extends past the end of the file", "header.nb_snapshots")
     entries: list[c.Container] = []
     offsets: list[int] = []
     offset = h.snapshots_offset
     table_length = 0
+    zero_entry: c.Container | None = None
     for i in range(nb):
         where = f"snapshots[{i}]"
         table_length += -table_length % 8
         offset += -offset % 8
-        fixed = img.read(offset, SNAPSHOT_HEADER_SIZE, where)
+        if offset >= img.file_size:
+            # QEMU's file driver reads past the end of the file as zeros, so qemu-io opens
+            # such an image and lists an empty-named snapshot per missing entry (issue 15).
+            # Each is the 40-byte all-zero entry: parsed once, copied for the rest.
+            if zero_entry is None:
+                zero_entry = parse(SnapshotHeader, bytes(SNAPSHOT_HEADER_SIZE), where)
+            table_length += SNAPSHOT_HEADER_SIZE
+            if table_length > lim.QCOW_MAX_SNAPSHOTS_SIZE:
+                raise FormatError("snapshot table too big", "header.nb_snapshots")
+            entries.append(c.Container(zero_entry))
+            offsets.append(offset)
+            offset += SNAPSHOT_HEADER_SIZE
+            continue
+        fixed = img.read_zero_filled(offset, SNAPSHOT_HEADER_SIZE, where)
         id_len, name_len, extra = _be(fixed, 12, 2), _be(fixed, 14, 2), _be(fixed, 36, 4)
         if extra > lim.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             raise FormatError("too much extra metadata", f"{where}.extra_data_size")
@@ -549,12 +566,10 @@ def _read_snapshots(img: ImageFile) -> tuple[list[c.Container], list[int]]:
         table_length += n
         if table_length > lim.QCOW_MAX_SNAPSHOTS_SIZE:
             raise FormatError("snapshot table too big", "header.nb_snapshots")
-        # The schema includes the entry's padding; the last entry's padding may be missing
-        # from the file without QEMU noticing, so it is taken as zeros then.
-        body = img.read(offset, n, where)
-        pad = -n % 8
-        tail = img.read(offset + n, max(0, min(pad, img.file_size - offset - n)), where)
-        entries.append(parse(SnapshotHeader, body + tail + b"\0" * (pad - len(tail)), where))
+        # The schema includes the entry's padding. What lies past the end of the file reads
+        # as zeros, as in QEMU (the last entry's padding is often missing from the file).
+        body = img.read_zero_filled(offset, n + -n % 8, where)
+        entries.append(parse(SnapshotHeader, body, where))
         offsets.append(offset)
         offset += n
     return entries, offsets

@@ -32,11 +32,16 @@ def read_snapshot_table(q: Qcow2File) -> list[c.Container]:
     return read_entries(q.pread, int(q.header.snapshots_offset), int(q.header.nb_snapshots))
 
 
+_ZERO_ENTRY = bytes(40)
+"""An entry with no ID, name or extra data, all fields zero: what a table past EOF reads as."""
+
+
 def read_entries(pread: Callable[[int, int], bytes], offset: int, count: int) -> list[c.Container]:
     """``count`` entries from ``offset``, read with ``pread(offset, n)`` (either engine's
     host file), within QEMU's limits on extra data and on the table's size."""
     out = []
     total = 0
+    zero: c.Container | None = None
     for i in range(count):
         fixed = pread(offset, 40)
         extra = int.from_bytes(fixed[36:40], "big")
@@ -45,7 +50,14 @@ def read_entries(pread: Callable[[int, int], bytes], offset: int, count: int) ->
         total += n
         if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA or total > QCOW_MAX_SNAPSHOTS_SIZE:
             raise CorruptionError(f"snapshot {i} exceeds QEMU's limits")
-        out.append(parse(SnapshotHeader, pread(offset, n), f"snapshots[{i}]"))
+        if fixed == _ZERO_ENTRY:
+            # A table past the end of the file reads as zeros (up to 65,536 such entries, as
+            # QEMU lists them): the empty entry is parsed once and copied.
+            if zero is None:
+                zero = parse(SnapshotHeader, _ZERO_ENTRY, f"snapshots[{i}]")
+            out.append(c.Container(zero))
+        else:
+            out.append(parse(SnapshotHeader, pread(offset, n), f"snapshots[{i}]"))
         offset += n
     return out
 

@@ -419,8 +419,13 @@ def test_snapshot_count(make: Callable[..., Path]) -> None:
     assert outcome(make("snapshots", fields(nb_snapshots=65537))) is FormatError
     assert outcome(make("snapshots", fields(nb_snapshots=0xFFFFFFFF))) is FormatError
     assert outcome(make("snapshots", fields(snapshots_offset=12345))) is FormatError
-    # At the limit but far more than the file holds: refused without parsing 65536 entries.
-    assert outcome(make("snapshots", fields(nb_snapshots=65536))) is FormatError
+    # At the limit, far more than the file holds: the entries past its end read as zeros, as
+    # in QEMU (issue 15), so the image opens with 65536 entries (test_open_agrees_with_qemu_io).
+    p = make("snapshots", fields(nb_snapshots=65536))
+    assert outcome(p) is None
+    with open_image(p) as img:
+        assert len(img.snapshots) == 65536
+        assert img.snapshots[-1].l1_size == 0 and img.snapshots[-1].id_str_size == 0
 
 
 def test_snapshot_extra_data_limit(make: Callable[..., Path], qemu_images: dict[str, Path]) -> None:
@@ -653,6 +658,8 @@ ORACLE_CASES: list[tuple[str, dict[str, int]]] = [
     ("v3", {"autoclear_features": ft.QCOW2_AUTOCLEAR_DATA_FILE_RAW}),
     ("snapshots", {}),
     ("snapshots", {"nb_snapshots": 65537}),
+    ("snapshots", {"nb_snapshots": 65536}),  # past the end of the file: zeros, as QEMU reads
+    ("snapshots", {"snapshots_offset": 1 << 32}),
     ("snapshots", {"snapshots_offset": 65536 + 8}),
     ("bitmap", {}),
     ("bitmap", {"size": 1 << 30}),  # saved bitmaps no longer match the disk size

@@ -1,0 +1,113 @@
+"""Damaged images, each recipe run through qemu-io and through every engine (issue 15's
+cases): the same refusal, the same corrupt flag, the same bytes.
+
+1. An extended-L2 cluster whose host offset is unaligned, read where its subcluster is
+   unallocated: qcow2_get_host_offset checks the offset of any entry that carries one
+   (spec.entries.HOST_OFFSET_TYPES), so QEMU flags the image and fails the read.
+2. A snapshot table past the end of the file: QEMU reads it as zeros, opens the image and
+   serves guest I/O; so do the engines, and their writes leave QEMU's bytes.
+3. An active L2 entry pointing at a snapshot's L2 table, written with overlap_check=all:
+   QEMU refuses the write ("overlaps with inactive L2 table") and flags the image. The impl
+   does the same; the model implements only "cached" and refuses the option instead of
+   ignoring it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from spec.errors import CorruptionError, RequestError
+from spec.features import QCOW2_INCOMPAT_CORRUPT
+from tests.conformance.helpers import KiB, MiB, l2_table_offset
+from tests.qemu import qemu_io
+
+COPIED = 1 << 63
+
+
+def _corrupt_bit(path: Path) -> bool:
+    """incompatible_features (header bytes 72-79, v3) bit 1."""
+    return bool(struct.unpack_from(">Q", path.read_bytes()[:80], 72)[0] & QCOW2_INCOMPAT_CORRUPT)
+
+
+def _poke(path: Path, offset: int, data: bytes) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _qemu_io(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-io", *args], capture_output=True, text=True)
+
+
+def test_unaligned_offset_of_an_unallocated_subcluster_flags_the_image(engine: ModuleType,
+                                                                        tmp_path: Path) -> None:
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(src), "1M"],
+                   check=True)
+    qemu_io(src, "write -q -P 1 4k 2k")
+    l2 = l2_table_offset(src, 0)
+    _poke(src, l2 + 6, b"\x02")  # the host offset's low bits: 0x50000 -> 0x50200
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = _qemu_io("-f", "qcow2", "-c", "read 0 2k", str(theirs))
+    assert "Input/output error" in r.stdout + r.stderr
+    assert _corrupt_bit(theirs)
+    with engine.open(ours) as img, pytest.raises(CorruptionError):
+        img.read(0, 2 * KiB)  # subcluster 0 is unallocated: zeros if the offset went unchecked
+    assert _corrupt_bit(ours)
+
+
+def test_snapshot_table_past_the_end_of_the_file_reads_as_zeros(engine: ModuleType, tmp_path: Path) -> None:
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "64M"], check=True)
+    qemu_io(src, "write -q -P 7 0 64k")
+    _poke(src, 60, struct.pack(">IQ", 0x10000, 1 << 32))  # nb_snapshots, snapshots_offset
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = _qemu_io("-f", "qcow2", "-c", "read -P 7 0 64k", "-c", "write -q -P 0x78 1M 64k", str(theirs))
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
+    with engine.open(ours) as img:
+        assert img.read(0, 64 * KiB) == b"\x07" * (64 * KiB)
+        assert len(img.snapshots()) == 0x10000
+        img.write(MiB, b"\x78" * (64 * KiB))
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_overlap_check_all_refuses_a_write_into_an_inactive_l2_table(engine: ModuleType,
+                                                                     tmp_path: Path) -> None:
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "1M"], check=True)
+    qemu_io(src, "write -q -P 1 0 64k")
+    inactive = l2_table_offset(src, 0)
+    subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(src)], check=True)
+    qemu_io(src, "write -q -P 2 0 4k")  # the active table is copied; the old one is the snapshot's
+    active = l2_table_offset(src, 0)
+    assert active != inactive
+    _poke(src, active + 8, struct.pack(">Q", inactive | COPIED))  # guest cluster 1 -> that table
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = _qemu_io("--image-opts", "-c", "write -P 3 64k 4k",
+                 f"driver=qcow2,file.filename={theirs},overlap-check=all")
+    assert "overlaps with inactive L2 table" in r.stdout + r.stderr
+    assert _corrupt_bit(theirs)
+    before = ours.read_bytes()
+    if engine.__name__ == "model":
+        # An option the model does not honour is refused, never silently ignored.
+        with pytest.raises(RequestError):
+            engine.open(ours, overlap_check="all")
+        assert ours.read_bytes() == before
+        return
+    with engine.open(ours, overlap_check="all") as img, pytest.raises(CorruptionError):
+        img.write(64 * KiB, b"\x03" * (4 * KiB))
+    assert _corrupt_bit(ours)
+    # The inactive table is untouched: the refused write reached nothing.
+    assert ours.read_bytes()[inactive:inactive + 65536] == before[inactive:inactive + 65536]
