@@ -281,6 +281,8 @@ def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memo
             return []
         # Plain overwrite of allocated subclusters: one host write, no metadata.
         s.overlap.check(host + start_to, nbytes)
+        if s.crypto is not None:
+            piece = memoryview(s.crypto.encrypt(host + start_to, pos, bytes(piece)))
         s.data_host().pwrite(host + start_to, piece)
         return []
 
@@ -354,16 +356,20 @@ def _data_with_cow(img: ImageView, first: int, host: int, start_from: int, start
     both regions together when perform_cow merges them, else each alone) and one vectored
     write. When both regions read as zeros (bdrv_co_is_zero_fast) and the host can zero
     cheaply, the range is zeroed with fallocate and only the data is written
-    (handle_alloc_space). Written in place (extended L2: subclusters of a cluster already
-    in use), only the COW regions are zeroed: QEMU zeroes the whole range, the live
-    subclusters under the new data included, so a crash before the data write would leave
-    zeros there that were never written; the final file is the same."""
+    (handle_alloc_space; never on an encrypted image, where zeroed host bytes would not
+    read back as zeros: the COW regions are read as plaintext and written encrypted with
+    the data, for the new host offset, as perform_cow does). Written in place (extended
+    L2: subclusters of a cluster already in use), only the COW regions are zeroed: QEMU
+    zeroes the whole range, the live subclusters under the new data included, so a crash
+    before the data write would leave zeros there that were never written; the final file
+    is the same."""
     s = img.s
     target = s.data_host()
     s.overlap.check(host + start_from, end_to - start_from)
     head, tail = start_to - start_from, end_to - end_from
-    if ((head or tail) and (known_zero or (img.is_zero_fast(first + start_from, head)
-                                           and img.is_zero_fast(first + end_from, tail)))
+    if ((head or tail) and s.crypto is None
+            and (known_zero or (img.is_zero_fast(first + start_from, head)
+                                and img.is_zero_fast(first + end_from, tail)))
             and (_zero_cow_regions(target, host, start_from, start_to, end_from, end_to) if in_place
                  else target.zero_range(host + start_from, end_to - start_from))):
         target.pwrite(host + start_to, piece)
@@ -378,6 +384,8 @@ def _data_with_cow(img: ImageView, first: int, host: int, start_from: int, start
         bufs.append(piece)
         if tail:
             bufs.append(img.read_internal(first + end_from, tail))
+    if s.crypto is not None:
+        bufs = [s.crypto.encrypt(host + start_from, first + start_from, b"".join(bufs))]
     target.pwritev(bufs, host + start_from)
 
 

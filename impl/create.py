@@ -6,12 +6,16 @@ name table on v3 images with clusters over 4 KiB) and the backing file name; clu
 refcount table; cluster 2 the refcount block counting clusters 0-2; then the L1 table,
 placed by the impl's own allocator as QEMU's allocator places it, and ending the file.
 ``preallocation=metadata`` then links every cluster without writing data (preallocate_co).
+Encryption is set up last (qcow2_set_up_encryption): a LUKS area is allocated after all of
+that, the header gets crypt_method and, for LUKS, the crypto header extension.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import construct as c
 
@@ -20,11 +24,13 @@ from impl import refcount as rc
 from impl.cache import Qcow2Cache
 from impl.hostfile import HostFile
 from impl.state import State
+from spec import encryption as enc
 from spec import features as ft
 from spec import header as hd
 from spec import limits as lim
 from spec.errors import RequestError
 from spec.geometry import Geometry, align_up
+from spec.image import QCOW_CRYPT_AES, QCOW_CRYPT_LUKS
 
 BDRV_SECTOR_SIZE = 512
 
@@ -33,13 +39,27 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
            refcount_bits: int = 16, extended_l2: bool = False, compression_type: str = "zlib",
            lazy_refcounts: bool = False, backing_file: str | None = None,
            backing_fmt: str | None = None, data_file: str | None = None,
-           data_file_raw: bool = False, preallocation: str = "off") -> None:
+           data_file_raw: bool = False, preallocation: str = "off",
+           encrypt_format: str | None = None, encrypt_key_secret: bytes | str | None = None,
+           encrypt_cipher_alg: str | None = None, encrypt_cipher_mode: str | None = None,
+           encrypt_ivgen_alg: str | None = None, encrypt_ivgen_hash_alg: str | None = None,
+           encrypt_hash_alg: str | None = None, encrypt_iter_time: int | None = None) -> None:
     """Create a qcow2 image (the options of ``qemu-img create -o``); RequestError for what
     qcow2_co_create refuses. ``preallocation=falloc|full`` give valid images but not
-    QEMU's layout (as in the model)."""
+    QEMU's layout (as in the model).
+
+    ``encrypt_*`` are ``-o encrypt.*`` with the model's meaning (``encrypt_key_secret`` is
+    the secret's data): ``encrypt_format`` "luks" (spec.encryption.build_luks_area) or "aes"
+    (legacy, crypt_method 1). Checked by spec.encryption.create_options: RequestError for
+    what qemu-img refuses, UnsupportedFeature for an algorithm the cryptography package
+    lacks."""
     path = str(path)
     _check(size, version, cluster_size, refcount_bits, extended_l2, compression_type,
            lazy_refcounts, backing_file, backing_fmt, data_file, data_file_raw, preallocation)
+    luks = enc.create_options(encrypt_format, encrypt_key_secret, {
+        "cipher_alg": encrypt_cipher_alg, "cipher_mode": encrypt_cipher_mode,
+        "ivgen_alg": encrypt_ivgen_alg, "ivgen_hash_alg": encrypt_ivgen_hash_alg,
+        "hash_alg": encrypt_hash_alg, "iter_time": encrypt_iter_time})
     size = align_up(size, BDRV_SECTOR_SIZE)
     if data_file_raw:
         # qcow2_co_create: a raw data file must read as the disk, so its metadata is
@@ -63,8 +83,11 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
             autoclear_features=ft.QCOW2_AUTOCLEAR_DATA_FILE_RAW if data_file_raw else 0,
             refcount_order=g.refcount_order, header_length=112)
         header.ext = c.Container(compression_type=int(ctype), header_tail=bytes(7))
-    first = _header_cluster(header, version, cluster_size, backing_file,
-                            backing_fmt if backing_file else None, data_file)
+    fmt = backing_fmt if backing_file else None
+    if luks is not None:
+        # The final header, with the crypto header extension, must fit too.
+        _header_cluster(header, version, cluster_size, backing_file, fmt, data_file, (0, 0))
+    first = _header_cluster(header, version, cluster_size, backing_file, fmt, data_file)
     refblock = bytearray(cluster_size)
     decode, encode = rc.block_codec(g.refcount_order)
     counts = decode(bytes(refblock))  # type: ignore[operator]
@@ -80,30 +103,72 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
     except OSError as e:
         raise RequestError(f"cannot create {e.filename}: {e.strerror}") from None
     l1_size = g.l1_size_for(size)
-    if l1_size == 0 and preallocation == "off":
-        return
+    if l1_size or preallocation != "off":
+        _grow_l1(path, header, g, ctype, l1_size)
+    if preallocation != "off":
+        _preallocate(path, size, full=preallocation == "full")
+    if encrypt_format is not None:
+        area = _set_up_luks(path, g, ctype, luks, encrypt_key_secret) if luks is not None else None
+        with open(path, "r+b") as f:
+            # Keep the file's table fields (the L1 table, a refcount table grown by the
+            # preallocation); add the method and, for LUKS, the extension.
+            now = hd.Header.parse(f.read(cluster_size))
+            for name in ("l1_size", "l1_table_offset", "refcount_table_offset", "refcount_table_clusters"):
+                header[name] = now[name]
+            header.crypt_method = QCOW_CRYPT_LUKS if area else QCOW_CRYPT_AES
+            f.seek(0)
+            f.write(_header_cluster(header, version, cluster_size, backing_file, fmt, data_file, area))
+
+
+@contextmanager
+def _bare_state(path: str, header: c.Container, g: Geometry, ctype: ft.CompressionType) -> Iterator[State]:
+    """The image as the allocator needs it while create works on it: the refcount table
+    ``header`` points at, small caches, no backing chain (an encrypted one has no key
+    here) and no overlap checks; the refcount cache is flushed at the end."""
+    decode, encode = rc.block_codec(g.refcount_order)
     host = HostFile(path, readonly=False)
     try:
         s = State(host, header, g, data=None, compression_type=ctype)
         s.sync = False
-        s.l2_cache = Qcow2Cache(host, cluster_size, 16, cl.decode_l2, cl.encode_l2, name="l2")
-        s.rc_cache = Qcow2Cache(host, cluster_size, 4, decode, encode, name="refcount")  # type: ignore[arg-type]
-        s.reftable = [2 * cluster_size] + [0] * (cluster_size // 8 - 1)
+        s.l2_cache = Qcow2Cache(host, g.cluster_size, 16, cl.decode_l2, cl.encode_l2, name="l2")
+        s.rc_cache = Qcow2Cache(host, g.cluster_size, 4, decode, encode, name="refcount")  # type: ignore[arg-type]
+        n = int(header.refcount_table_clusters) * g.cluster_size // 8
+        s.reftable = list(struct.unpack(f">{n}Q", host.pread(int(header.refcount_table_offset), 8 * n)))
+        yield s
+        s.rc_cache.flush()
+    finally:
+        host.close()
+
+
+def _grow_l1(path: str, header: c.Container, g: Geometry, ctype: ft.CompressionType,
+             l1_size: int) -> None:
+    """qcow2_grow_l1_table from nothing: allocate, write the zeroed table, point the header
+    at it."""
+    with _bare_state(path, header, g, ctype) as s:
         if l1_size:
-            # qcow2_grow_l1_table from nothing: allocate, write the zeroed table, point the
-            # header at it.
             off = rc.alloc_clusters(s, g.size_to_clusters(l1_size * 8))
             s.rc_cache.flush()
-            host.pwrite(off, bytes(l1_size * 8), meta=True)
+            s.host.pwrite(off, bytes(l1_size * 8), meta=True)
             header.l1_size = l1_size
             header.l1_table_offset = off
             s.l1_table = [0] * l1_size
             s.write_header()
+
+
+def _set_up_luks(path: str, g: Geometry, ctype: ft.CompressionType, luks: enc.LuksCreateOptions,
+                 key: bytes | str | None) -> tuple[int, int]:
+    """qcow2_set_up_encryption for LUKS: the area (header and slot 0's key material,
+    zero-padded to whole clusters) in clusters allocated after everything so far
+    (qcow2_crypto_hdr_init_func, _write_func). Returns the extension's (offset, length)."""
+    area, _master = enc.build_luks_area(key, luks)
+    with open(path, "rb") as f:
+        now = hd.Header.parse(f.read(g.cluster_size))
+    with _bare_state(path, now, g, ctype) as s:
+        n = g.size_to_clusters(len(area))
+        off = rc.alloc_clusters(s, n)
         s.rc_cache.flush()
-    finally:
-        host.close()
-    if preallocation != "off":
-        _preallocate(path, size, full=preallocation == "full")
+        s.host.pwrite(off, area + bytes(n * g.cluster_size - len(area)), meta=True)
+    return off, len(area)
 
 
 def _preallocate(path: str, size: int, *, full: bool) -> None:
@@ -131,14 +196,18 @@ def _preallocate(path: str, size: int, *, full: bool) -> None:
 
 
 def _header_cluster(header: c.Container, version: int, cluster_size: int, backing_file: str | None,
-                    backing_fmt: str | None, data_file: str | None) -> bytes:
-    """Cluster 0 in qcow2_update_header's order: header, extensions, end marker, backing
-    file name."""
+                    backing_fmt: str | None, data_file: str | None,
+                    crypto: tuple[int, int] | None = None) -> bytes:
+    """Cluster 0 in qcow2_update_header's order: header, extensions (``crypto`` is the
+    LUKS area's offset and length), end marker, backing file name."""
     exts: list[tuple[int, bytes]] = []
     if backing_fmt:
         exts.append((hd.QCOW2_EXT_MAGIC_BACKING_FORMAT, backing_fmt.encode()))
     if data_file:
         exts.append((hd.QCOW2_EXT_MAGIC_DATA_FILE, data_file.encode()))
+    if crypto is not None:
+        exts.append((hd.QCOW2_EXT_MAGIC_CRYPTO_HEADER,
+                     hd.CryptoHeaderPointer.build({"offset": crypto[0], "length": crypto[1]})))
     if version >= 3 and cluster_size > 4096:
         # Not for clusters of 4 KiB or less: the room is kept for the backing file name.
         names = b"".join(bytes([int(f.type), f.bit]) + f.name.encode().ljust(46, b"\0")

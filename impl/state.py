@@ -20,6 +20,7 @@ from impl.cache import Qcow2Cache
 from impl.hostfile import HostFile
 from spec import features as ft
 from spec import header as hd
+from spec.encryption import Qcow2Crypto
 from spec.geometry import Geometry
 from spec.image import validate_table
 from spec.limits import QCOW_MAX_L1_SIZE
@@ -92,6 +93,8 @@ class State:
         self.sync = True
         """False with cache=unsafe: flushes never reach the disk (BDRV_O_NO_FLUSH)."""
         self.lazy_refcounts = False
+        self.crypto: Qcow2Crypto | None = None
+        """The payload cipher of an encrypted image (impl/crypt.py), set by image.py."""
         self.l1_table: list[int] = []
         self.reftable: list[int] = []
         self.free_cluster_index = 0

@@ -156,6 +156,10 @@ def qcow2_status(img: ImageView, offset: int, n: int, want_zero: bool = True) ->
         t, covered, host = _same_kind_run(img, offset, needed)
     pnum = covered - in_cluster
     flags = _TYPE_FLAGS[t]
+    if img.s.crypto is not None:
+        # qcow2_co_block_status hides host offsets of encrypted images (the bytes there are
+        # ciphertext): their map has no "offset" and never asks the file about holes.
+        flags &= ~BDRV_BLOCK_OFFSET_VALID
     if not flags & BDRV_BLOCK_ALLOCATED and (
             img.backing is None or (want_zero and offset >= img.backing.size)):
         # Unallocated with nothing below (or past a shorter backing file's end, for a
@@ -166,7 +170,8 @@ def qcow2_status(img: ImageView, offset: int, n: int, want_zero: bool = True) ->
     filename = None
     if flags & BDRV_BLOCK_OFFSET_VALID:
         filename = img.data_filename if dfile else img.filename
-    if want_zero and img.metadata_preallocation and flags & BDRV_BLOCK_DATA and host is not None:
+    if (want_zero and img.metadata_preallocation and flags & BDRV_BLOCK_DATA and host is not None
+            and flags & BDRV_BLOCK_OFFSET_VALID):
         # BDRV_BLOCK_RECURSE: the qcow2 file itself says whether the host range is a hole.
         filename = img.filename
         fflags, fpnum = file_status(s.host.fd, host, pnum)

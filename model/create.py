@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any
 
 import construct as c
 
@@ -78,7 +77,7 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
     path = str(path)
     _validate(size, version, cluster_size, refcount_bits, extended_l2, compression_type,
               lazy_refcounts, backing_file, backing_fmt, data_file, data_file_raw, preallocation)
-    luks = _encryption(encrypt_format, encrypt_key_secret, {
+    luks = enc.create_options(encrypt_format, encrypt_key_secret, {
         "cipher_alg": encrypt_cipher_alg, "cipher_mode": encrypt_cipher_mode,
         "ivgen_alg": encrypt_ivgen_alg, "ivgen_hash_alg": encrypt_ivgen_hash_alg,
         "hash_alg": encrypt_hash_alg, "iter_time": encrypt_iter_time})
@@ -170,26 +169,6 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
             header.crypt_method = QCOW_CRYPT_LUKS if area else QCOW_CRYPT_AES
             hf.seek(0)
             hf.write(header_cluster(area))
-
-
-def _encryption(fmt: str | None, key: bytes | str | None,
-                luks_opts: dict[str, Any]) -> enc.LuksCreateOptions | None:
-    """qemu-img's checks of ``-o encrypt.*`` (qcow2_co_create_opts, qcow2_set_up_encryption,
-    qapi/crypto.json): the LUKS options resolved, or None for aes and no encryption."""
-    given = {k: v for k, v in luks_opts.items() if v is not None}
-    if fmt is None:
-        if given or key is not None:
-            raise RequestError("encrypt.format is missing")
-        return None
-    if fmt not in ("luks", "aes"):
-        raise RequestError(f"encrypt.format {fmt!r} is not luks or aes")
-    enc.passphrase(key)  # "Parameter 'encrypt.key-secret' is required for cipher"
-    if fmt == "aes":
-        if given:
-            raise RequestError(f"encrypt.{next(iter(given)).replace('_', '-')} is unexpected with "
-                               "encrypt.format=aes")
-        return None
-    return enc.LuksCreateOptions(**given).resolved()
 
 
 def _set_up_encryption(path: str, geometry: Geometry, luks: enc.LuksCreateOptions | None,

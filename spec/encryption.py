@@ -534,6 +534,32 @@ class LuksCreateOptions:
         return f"{base}:{self.ivgen_hash_alg}" if self.ivgen_hash_alg else base
 
 
+def create_options(encrypt_format: str | None, key_secret: bytes | str | None,
+                   luks_options: dict[str, Any]) -> LuksCreateOptions | None:
+    """qemu-img's checks of ``-o encrypt.*`` (qcow2_co_create_opts, qcow2_set_up_encryption,
+    qapi/crypto.json), shared by both engines' create: the LUKS options resolved (None
+    values are the ones not given), or None for ``aes`` and for no encryption.
+
+    Raises RequestError (an encrypt option without encrypt.format, a format other than luks
+    or aes, no key, LUKS options with aes, and what LuksCreateOptions.resolved refuses) and
+    UnsupportedFeature (an algorithm the cryptography package lacks).
+    """
+    given = {k: v for k, v in luks_options.items() if v is not None}
+    if encrypt_format is None:
+        if given or key_secret is not None:
+            raise RequestError("encrypt.format is missing")
+        return None
+    if encrypt_format not in ("luks", "aes"):
+        raise RequestError(f"encrypt.format {encrypt_format!r} is not luks or aes")
+    passphrase(key_secret)  # "Parameter 'encrypt.key-secret' is required for cipher"
+    if encrypt_format == "aes":
+        if given:
+            raise RequestError(f"encrypt.{next(iter(given)).replace('_', '-')} is unexpected with "
+                               "encrypt.format=aes")
+        return None
+    return LuksCreateOptions(**given).resolved()
+
+
 def qemu_create_refusal(cipher_alg: str, cipher_mode: str) -> str | None:
     """Why ``qemu-img create`` (7.2) fails for this LUKS cipher and mode, or None.
 
