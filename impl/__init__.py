@@ -6,8 +6,9 @@ Module map, from the bottom up: hostfile (counted, optionally O_DIRECT host I/O)
 (the metadata cache), state (BDRVQcow2State and the view of the image the request code
 uses), refcount (refcounts and the allocator), overlap (metadata overlap checks), cluster
 (mapping, allocation, COW, subclusters, zeroing, discard), status (block status, map, raw
-backing files), compress, resize, snapshot, options (open options and cache sizing),
-image (the facade), create.
+backing files), compress, resize, snapshot, crypt (encrypted images: unlocking, sector
+padding, decryption of reads), options (open options and cache sizing), image (the facade),
+create.
 
 ``check`` is the shared check-and-repair engine (spec/check/), as for the model.
 """
