@@ -92,6 +92,8 @@ class CheckResult:
     compressed_clusters: int | None = None
     findings: list[Any] = field(default_factory=list)
     """Violated rules (spec.rules ids with offsets); not part of qemu-img's JSON."""
+    findings_omitted: int = 0
+    """Findings counted but not kept in ``findings`` (a check keeps a bounded number)."""
 
     @property
     def exit_code(self) -> int:

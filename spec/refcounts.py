@@ -292,6 +292,8 @@ class StoredRefcounts:
     def get(self, k: int) -> int | None:
         """Stored refcount of cluster ``k``; None when QEMU cannot read it."""
         rbe = self.entries_per_block
+        if self.block_offset(k // rbe) == 0:
+            return 0  # without building a block of zeros: a wrecked L1 asks for many such
         blk = self.block(k // rbe)
         return None if blk is None else int(blk[k % rbe])
 

@@ -27,6 +27,7 @@ before anything is written: "qcow2lab: cannot repair ...", exit 1.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import TextIO
 
@@ -75,18 +76,27 @@ def run(args: argparse.Namespace) -> int:
         if args.output == "human" and verdict(result) != "refused" and (
                 result.corruptions_fixed or result.leaks_fixed):
             print_repaired(result, sys.stdout)
+        printed = False
     else:
-        result = check(args.image)
+        # The findings are printed as the walk meets them and none is kept: a wrecked image
+        # has hundreds of thousands (README, "Bounded check"). They go where qemu-img puts
+        # its ERROR lines: stdout for human output, stderr beside JSON.
+        with FindingPrinter(sys.stderr if args.output == "json" else sys.stdout) as printer:
+            result = check(args.image, sink=printer, keep=0)
+        printed = True
     if verdict(result) == "refused":
         # qemu-img prints no report when it cannot open the image or its check stops with an
         # error (qemu-img.c img_check): only the reasons, and exit 1. JSON stdout stays empty.
-        print_findings(result.findings, sys.stderr if args.output == "json" else sys.stdout)
+        if not printed:
+            print_findings(result.findings, sys.stderr if args.output == "json" else sys.stdout)
         return 1
     if args.output == "json":
-        print_findings(result.findings, sys.stderr)
+        if not printed:
+            print_findings(result.findings, sys.stderr)
         print(json_text(result))
     else:
-        print_findings(result.findings, sys.stdout)
+        if not printed:
+            print_findings(result.findings, sys.stdout)
         print_summary(result, sys.stdout)
     return result.exit_code
 
@@ -105,16 +115,52 @@ def json_text(result: CheckResult) -> str:
 
 
 def describe(f: Finding) -> str:
-    rule = RULES_BY_ID[f.rule]
+    head, tail = _rule_text(f.rule)
     where = f"{f.offset:#x}" if f.offset is not None else "-"
-    tag = rule.severity.value if rule.qemu_counts else "spec"
     times = f" (x{f.count})" if f.count != 1 else ""
-    return f"{tag.upper()} {f.rule} at {where}: {f.message}{times}\n    {rule.statement} [{rule.source}]"
+    return f"{head}{where}: {f.message}{times}{tail}"
+
+
+@functools.cache
+def _rule_text(rule_id: str) -> tuple[str, str]:
+    """What ``describe`` prints before and after a finding of ``rule_id`` (made once per rule:
+    a wrecked image prints hundreds of thousands of findings)."""
+    rule = RULES_BY_ID[rule_id]
+    tag = rule.severity.value if rule.qemu_counts else "spec"
+    return f"{tag.upper()} {rule_id} at ", f"\n    {rule.statement} [{rule.source}]"
 
 
 def print_findings(findings: list[Finding], out: TextIO) -> None:
     for f in findings:
         print(describe(f), file=out)
+
+
+class FindingPrinter:
+    """A finding sink that prints each finding as ``print_findings`` would, written in
+    chunks: stderr is line-buffered, and a write per line would cost more than the check."""
+
+    CHUNK = 4096
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.lines: list[str] = []
+
+    def __call__(self, f: Finding) -> None:
+        self.lines.append(describe(f))
+        if len(self.lines) >= self.CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.lines:
+            self.out.write("\n".join(self.lines) + "\n")
+            self.lines.clear()
+        self.out.flush()
+
+    def __enter__(self) -> FindingPrinter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
 
 
 def print_repaired(r: CheckResult, out: TextIO) -> None:

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, default=fuzz.TIME_LIMIT, metavar="SEC",
                    help="CPU seconds per probe per image (default 1)")
     p.add_argument("--memory-limit", type=int, default=fuzz.MEMORY_LIMIT >> 20, metavar="MIB",
-                   help="memory growth allowed per image, MiB (default 256)")
+                   help=f"memory growth allowed per image, MiB (default {fuzz.MEMORY_LIMIT >> 20})")
     p.add_argument("--keep", metavar="DIR", help="write the image of every finding into DIR")
     p.add_argument("--qemu", action="store_true",
                    help="also run qemu-img check on every mutant and compare with spec.rules")

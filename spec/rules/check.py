@@ -21,7 +21,13 @@ from spec.errors import FormatError, UnsupportedFeature
 from spec.image import open_image
 from spec.interface import CheckResult
 from spec.rules.catalogue import Finding, Severity
+from spec.rules.context import FindingLog, FindingSink
 from spec.rules.evaluate import run
+
+KEEP_FINDINGS = 10_000
+"""Findings ``check`` keeps in ``CheckResult.findings`` by default; beyond it they are only
+counted (``findings_omitted``) or passed to the caller's sink. A wrecked image has hundreds
+of thousands, and memory stays bounded whatever the image (README, "Bounded check")."""
 
 _OPEN_RULES = tuple((re.compile(p), r) for p, r in (
     # FormatError field paths (spec.image) that have a more precise rule than IMAGE-OPENS.
@@ -42,10 +48,16 @@ def open_failure(e: FormatError | UnsupportedFeature) -> Finding:
     return Finding(rule, None, str(e))
 
 
-def check(path: str | os.PathLike[str]) -> CheckResult:
+def check(path: str | os.PathLike[str], *, sink: FindingSink | None = None,
+          keep: int | None = KEEP_FINDINGS) -> CheckResult:
     """Check ``path`` read-only; never raises for a malformed file (the result says why).
-    The repair modes act on these findings (spec/check/, whose ``check`` is the interface's)."""
+    The repair modes act on these findings (spec/check/, whose ``check`` is the interface's).
+
+    Every finding goes to ``sink`` (if given) as the walk meets it, in the order of
+    ``result.findings``; at most ``keep`` of them (None: all) stay in ``result.findings``, the
+    rest are counted in ``result.findings_omitted``. The counters count all of them."""
     result = CheckResult(filename=str(path))
+    log = FindingLog(sink, keep)
     try:
         # As qemu-img check opens (BDRV_O_CHECK): the snapshot table and the bitmaps are not
         # read at open, so their damage is counted by the walk rather than refused.
@@ -53,22 +65,18 @@ def check(path: str | os.PathLike[str]) -> CheckResult:
     except (FormatError, UnsupportedFeature) as e:
         # qemu-img check reports nothing for an image it cannot open: mark it as for a check
         # that stops (CHECK-COMPLETES), so ``verdict`` says "refused" for both.
-        result.findings = [open_failure(e),
-                           Finding("CHECK-COMPLETES", None, "qemu-img cannot open the image")]
+        log.add(open_failure(e))
+        log.add(Finding("CHECK-COMPLETES", None, "qemu-img cannot open the image"))
+        result.findings = log.kept
         result.check_errors = 1
         return result
     with img:
-        ev = run(img)
-    result.findings = ev.findings
-    for f in ev.findings:
-        if not f.counted:
-            continue
-        if f.severity is Severity.CORRUPTION:
-            result.corruptions += f.count
-        elif f.severity is Severity.LEAK:
-            result.leaks += f.count
-        else:
-            result.check_errors += f.count
+        ev = run(img, log)
+    result.findings = log.kept
+    result.findings_omitted = log.omitted
+    result.corruptions = log.count(Severity.CORRUPTION)
+    result.leaks = log.count(Severity.LEAK)
+    result.check_errors = log.count(Severity.CHECK_ERROR)
     # qemu-img leaves out the numbers that are zero (collect_image_check: has_* = value != 0).
     result.image_end_offset = ev.image_end_offset or None
     result.total_clusters = ev.bfi.total_clusters or None

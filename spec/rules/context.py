@@ -4,6 +4,7 @@ the findings so far and QEMU's fragmentation counters."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,7 +13,53 @@ import numpy.typing as npt
 from spec.geometry import Geometry
 from spec.image import ImageFile
 from spec.refcounts import Kind, Tally
-from spec.rules.catalogue import RULES_BY_ID, Finding
+from spec.rules.catalogue import RULES_BY_ID, Finding, Severity
+
+FindingSink = Callable[[Finding], None]
+"""Receives every finding as the walk meets it (``qcow2lab check`` prints them there)."""
+
+
+_SEVERITIES = tuple(Severity)
+_COUNTER: dict[str, int | None] = {
+    r.id: _SEVERITIES.index(r.severity) if r.qemu_counts else None for r in RULES_BY_ID.values()}
+"""Per rule, which of FindingLog's counters it moves (None: qemu-img does not count it)."""
+
+
+@dataclass(slots=True)
+class FindingLog:
+    """The findings of one walk: counted as they arrive, kept only up to ``keep``.
+
+    A wrecked image yields a finding per bad entry, hundreds of thousands of them (an L1 table
+    reaching into guest data: README, "Bounded check"), and ``qemu-img check`` only counts
+    and prints them. So the counters (what qemu-img reports) are kept here, every finding goes
+    to ``sink`` when there is one, and at most ``keep`` findings stay in memory (None: all;
+    a repair acts on them). CHECK-COMPLETES is always kept: ``verdict`` looks for it.
+    """
+
+    sink: FindingSink | None = None
+    keep: int | None = None
+    kept: list[Finding] = field(default_factory=list)
+    omitted: int = 0
+    """Findings passed on (or dropped) but not kept, beyond ``keep``."""
+    rules: set[str] = field(default_factory=set)
+    """Every rule violated at least once."""
+    _counts: list[int] = field(default_factory=lambda: [0] * len(_SEVERITIES))
+
+    def count(self, severity: Severity) -> int:
+        """How many times qemu-img counts the findings of ``severity`` (Rule.qemu_counts only)."""
+        return self._counts[_SEVERITIES.index(severity)]
+
+    def add(self, f: Finding) -> None:
+        i = _COUNTER[f.rule]
+        if i is not None:
+            self._counts[i] += f.count
+        self.rules.add(f.rule)
+        if self.sink is not None:
+            self.sink(f)
+        if self.keep is None or len(self.kept) < self.keep or f.rule == "CHECK-COMPLETES":
+            self.kept.append(f)
+        else:
+            self.omitted += 1
 
 
 class Abort(Exception):
@@ -33,8 +80,13 @@ class FragInfo:
 class Context:
     img: ImageFile
     tally: Tally
-    findings: list[Finding] = field(default_factory=list)
+    log: FindingLog = field(default_factory=FindingLog)
     bfi: FragInfo = field(default_factory=FragInfo)
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The findings kept so far (all of them unless the log has a ``keep`` limit)."""
+        return self.log.kept
 
     @property
     def geometry(self) -> Geometry:
@@ -64,8 +116,7 @@ class Context:
 
     def add(self, rule: str, offset: int | None, message: str, *, stored: int | None = None,
             computed: int | None = None, count: int = 1) -> None:
-        assert rule in RULES_BY_ID, rule
-        self.findings.append(Finding(rule, offset, message, stored, computed, count))
+        self.log.add(Finding(rule, offset, message, stored, computed, count))
 
     def ref(self, offset: int, size: int, kind: Kind, what: str) -> None:
         """Count one reference to [offset, offset + size), or report QEMU's refusal of it."""

@@ -20,7 +20,7 @@ from spec.image import ImageFile
 from spec.refcounts import Kind, StoredRefcounts, Tally, compare
 from spec.rules import bitmaps, header_rules, mapping, snapshots
 from spec.rules.catalogue import Finding
-from spec.rules.context import Abort, Context, FragInfo
+from spec.rules.context import Abort, Context, FindingLog, FragInfo
 
 INT_MAX = (1 << 31) - 1
 BDRV_SECTOR_SIZE = 512
@@ -31,7 +31,10 @@ class Evaluation:
     """Findings plus the numbers ``qemu-img check`` reports beside its counters."""
 
     findings: list[Finding]
+    """The findings kept (``log.kept``): all of them unless ``run`` was given ``keep``."""
     bfi: FragInfo
+    log: FindingLog
+    """Every finding counted, whether kept or not: what the counters are made of."""
     image_end_offset: int = 0
     aborted: bool = False
     """QEMU's check fails here (exit 1, no result): a CHECK-COMPLETES finding is included."""
@@ -45,11 +48,15 @@ def evaluate(img: ImageFile) -> list[Finding]:
     return run(img).findings
 
 
-def run(img: ImageFile) -> Evaluation:
-    """Evaluate ``img``: findings, QEMU's fragmentation numbers and image-end-offset."""
+def run(img: ImageFile, log: FindingLog | None = None) -> Evaluation:
+    """Evaluate ``img``: findings, QEMU's fragmentation numbers and image-end-offset.
+
+    ``log`` says where findings go and how many stay in memory (FindingLog); by default
+    all are kept, as a repair needs them."""
     file_clusters = div_round_up(img.file_size, img.cluster_size)
-    ctx = Context(img, Tally(img.geometry, 0))  # replaced once the file size is known to be sane
-    ev = Evaluation(ctx.findings, ctx.bfi)
+    # The tally is replaced once the file size is known to be sane.
+    ctx = Context(img, Tally(img.geometry, 0), log or FindingLog())
+    ev = Evaluation(ctx.findings, ctx.bfi, ctx.log)
     try:
         header_rules.spec_checks(ctx)
         header_rules.open_checks(ctx)
@@ -82,7 +89,7 @@ def run(img: ImageFile) -> Evaluation:
         _overlaps(ctx)
     except Abort:
         ev.aborted = True
-    if ev.aborted and not any(f.rule == "CHECK-COMPLETES" for f in ctx.findings):
+    if ev.aborted and "CHECK-COMPLETES" not in ctx.log.rules:
         ctx.add("CHECK-COMPLETES", None, "qemu-img check stops with an error on this image")
     return ev
 

@@ -83,22 +83,51 @@ class L2Batch:
         """Host offset of entry ``j`` of the batch."""
         return self.l2_offsets[int(self.table[j])] + int(self.index[j]) * self.esize
 
+    def hosts(self, idx: npt.NDArray[np.int64]) -> list[int]:
+        """Host offsets of entries ``idx`` of the batch (``at``, for many at once: a wrecked
+        image has a finding on nearly every entry)."""
+        bases = np.asarray(self.l2_offsets, dtype=np.int64)
+        return (bases[self.table[idx]] + self.index[idx] * self.esize).tolist()
+
     esize: int = 8
 
 
 def l2_batches(ctx: Context, tables: list[tuple[int, int]]) -> Iterator[L2Batch]:
-    """(L1 index, L2 offset) pairs -> decoded batches of whole tables, in the given order."""
+    """(L1 index, L2 offset) pairs -> decoded batches of whole tables, in the given order.
+
+    A table of zeros (all entries unallocated, no bitmaps) breaks no rule and references
+    nothing, so it is left out; a table wholly past the end of the file reads as zeros and
+    is not even read. A wrecked L1 table (one reaching into guest data) points tens of
+    thousands of times past the end of the file, and decoding those tables would dominate.
+    """
     cs = ctx.cluster_size
     esize = ctx.geometry.l2_entry_size
     n = cs // esize
     per = max(1, BATCH_ENTRIES // n)
-    for b in range(0, len(tables), per):
-        chunk = tables[b:b + per]
-        data = b"".join(ctx.read(off, cs) for _, off in chunk)
-        count = len(chunk) * n
-        yield L2Batch(decode_l2(ctx, data), np.arange(count, dtype=np.int64) // n,
-                      np.arange(count, dtype=np.int64) % n, [off for _, off in chunk],
-                      [i for i, _ in chunk], esize)
+    file_size = ctx.img.file_size
+    zeros = bytes(cs)
+    chunk: list[tuple[int, int]] = []
+    data: list[bytes] = []
+    for i, off in tables:
+        if off >= file_size:
+            continue
+        table = ctx.read(off, cs)
+        if table == zeros:
+            continue
+        chunk.append((i, off))
+        data.append(table)
+        if len(chunk) == per:
+            yield _batch(ctx, chunk, data, n, esize)
+            chunk, data = [], []
+    if chunk:
+        yield _batch(ctx, chunk, data, n, esize)
+
+
+def _batch(ctx: Context, chunk: list[tuple[int, int]], data: list[bytes], n: int, esize: int) -> L2Batch:
+    count = len(chunk) * n
+    return L2Batch(decode_l2(ctx, b"".join(data)), np.arange(count, dtype=np.int64) // n,
+                   np.arange(count, dtype=np.int64) % n, [off for _, off in chunk],
+                   [i for i, _ in chunk], esize)
 
 
 def walk_l1(ctx: Context, l1_offset: int, l1_size: int, *, active: bool) -> None:
@@ -114,9 +143,9 @@ def walk_l1(ctx: Context, l1_offset: int, l1_size: int, *, active: bool) -> None
     if l1_offset + l1_size * 8 > BDRV_MAX_LENGTH:
         raise ctx.abort("L1-READABLE", l1_offset, "L1 table lies beyond what QEMU can read")
     l1 = np.frombuffer(ctx.read(l1_offset, l1_size * 8), dtype=">u8").astype(np.uint64)
-    for i in np.nonzero(l1 & _u(en.L1E_RESERVED_MASK))[0].tolist():
-        ctx.add("L1-RESERVED-ZERO", l1_offset + 8 * i,
-                f"L1 entry {i} = {int(l1[i]):#x} has reserved bits set")
+    bad = np.nonzero(l1 & _u(en.L1E_RESERVED_MASK))[0]
+    for i, e in zip(bad.tolist(), l1[bad].tolist(), strict=True):
+        ctx.add("L1-RESERVED-ZERO", l1_offset + 8 * i, f"L1 entry {i} = {e:#x} has reserved bits set")
     # QEMU tests the whole entry, not its offset, for "unallocated": an entry holding only
     # flag or reserved bits is walked as an L2 table at host offset 0 (the header).
     used = np.nonzero(l1)[0]
@@ -134,23 +163,32 @@ def walk_l2(ctx: Context, batch: L2Batch, *, active: bool) -> None:
     img, cs, cb = ctx.img, ctx.cluster_size, ctx.cluster_bits
     v = batch.view
     ents, bms = v.entries, v.bitmaps
-    at = batch.at
+
+    def hits(mask: Mask, values: U64 | None = None) -> Iterator[tuple[int, int]]:
+        """(host offset, value or 0) of every entry in ``mask``, in table order."""
+        idx = np.nonzero(mask)[0]
+        vals = values[idx].tolist() if values is not None else [0] * idx.size
+        return zip(batch.hosts(idx), vals, strict=True)
+
+    def hits3(mask: Mask, a: U64, b: U64) -> Iterator[tuple[int, int, int]]:
+        idx = np.nonzero(mask)[0]
+        return zip(batch.hosts(idx), a[idx].tolist(), b[idx].tolist(), strict=True)
 
     reserved = ~v.compressed & ((ents & _u(en.L2E_STD_RESERVED_MASK)) != 0)
-    for j in np.nonzero(reserved)[0].tolist():
-        ctx.add("L2-RESERVED-ZERO", at(j), f"L2 entry {int(ents[j]):#x} has reserved bits set")
+    for at, e in hits(reserved, ents):
+        ctx.add("L2-RESERVED-ZERO", at, f"L2 entry {e:#x} has reserved bits set")
 
     # Compressed clusters.
     comp = v.compressed
-    for j in np.nonzero(comp & ((ents & _u(en.QCOW_OFLAG_COPIED)) != 0))[0].tolist():
-        ctx.add("COMPRESSED-NO-COPIED", at(j), "COPIED set on a compressed cluster descriptor")
+    for at, _ in hits(comp & ((ents & _u(en.QCOW_OFLAG_COPIED)) != 0)):
+        ctx.add("COMPRESSED-NO-COPIED", at, "COPIED set on a compressed cluster descriptor")
     if img.has_data_file:
-        for j in np.nonzero(comp)[0].tolist():
-            ctx.add("COMPRESSED-NO-DATA-FILE", at(j), "compressed cluster in an image with a data file")
+        for at, _ in hits(comp):
+            ctx.add("COMPRESSED-NO-DATA-FILE", at, "compressed cluster in an image with a data file")
         comp = np.zeros_like(comp)
     bad_bitmap = comp & (bms != 0)
-    for j in np.nonzero(bad_bitmap)[0].tolist():
-        ctx.add("COMPRESSED-NO-BITMAP", at(j), f"compressed cluster with subcluster bitmap {int(bms[j]):#x}")
+    for at, b in hits(bad_bitmap, bms):
+        ctx.add("COMPRESSED-NO-BITMAP", at, f"compressed cluster with subcluster bitmap {b:#x}")
     comp = comp & ~bad_bitmap
     if comp.any():
         omask = _u(en.cluster_offset_mask(cb))
@@ -158,8 +196,8 @@ def walk_l2(ctx: Context, batch: L2Batch, *, active: bool) -> None:
         nb = ((ents[comp] >> _u(en.csize_shift(cb))) & _u(en.csize_mask(cb))) + _u(1)
         csize = nb * _u(512) - (coff & _u(511))
         ctx.refs(coff, csize, Kind.COMPRESSED, "compressed data")
-        for j in np.nonzero(comp & (((ents & omask) >> _u(56)) != 0))[0].tolist():
-            ctx.add("COMPRESSED-OFFSET-RESERVED", at(j), "compressed host offset has bits above 55 set")
+        for at, _ in hits(comp & (((ents & omask) >> _u(56)) != 0)):
+            ctx.add("COMPRESSED-OFFSET-RESERVED", at, "compressed host offset has bits above 55 set")
         if active:
             n = int(comp.sum())
             ctx.bfi.allocated_clusters += n
@@ -173,15 +211,15 @@ def walk_l2(ctx: Context, batch: L2Batch, *, active: bool) -> None:
     if img.extended_l2:
         bad = alloc & (((bms >> _u(32)) & bms & _u(en.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
         bad |= v.unallocated & ((bms & _u(en.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
-        for j in np.nonzero(bad)[0].tolist():
-            ctx.add("SUBCLUSTER-BITMAP-VALID", at(j), f"invalid subcluster bitmap {int(bms[j]):#x}")
-        for j in np.nonzero(~v.compressed & ((ents & _u(en.QCOW_OFLAG_ZERO)) != 0))[0].tolist():
-            ctx.add("EXTL2-ZERO-FLAG-CLEAR", at(j), "zero flag set in an extended L2 entry")
+        for at, b in hits(bad, bms):
+            ctx.add("SUBCLUSTER-BITMAP-VALID", at, f"invalid subcluster bitmap {b:#x}")
+        for at, _ in hits(~v.compressed & ((ents & _u(en.QCOW_OFLAG_ZERO)) != 0)):
+            ctx.add("EXTL2-ZERO-FLAG-CLEAR", at, "zero flag set in an extended L2 entry")
     elif img.version == 2:
-        for j in np.nonzero(~v.compressed & ((ents & _u(en.QCOW_OFLAG_ZERO)) != 0))[0].tolist():
-            ctx.add("L2-NO-ZERO-FLAG-V2", at(j), "zero flag set in a version 2 image")
-    for j in np.nonzero(alloc & ((offs & _u(cs - 1)) != 0))[0].tolist():
-        ctx.add("L2-DATA-ALIGNED", at(j), f"host offset {int(offs[j]):#x} is not cluster aligned")
+        for at, _ in hits(~v.compressed & ((ents & _u(en.QCOW_OFLAG_ZERO)) != 0)):
+            ctx.add("L2-NO-ZERO-FLAG-V2", at, "zero flag set in a version 2 image")
+    for at, o in hits(alloc & ((offs & _u(cs - 1)) != 0), offs):
+        ctx.add("L2-DATA-ALIGNED", at, f"host offset {o:#x} is not cluster aligned")
     aoffs = offs[alloc]
     if active and aoffs.size:
         ctx.bfi.allocated_clusters += int(aoffs.size)
@@ -196,9 +234,8 @@ def walk_l2(ctx: Context, batch: L2Batch, *, active: bool) -> None:
     elif active and img.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
         l1_index = np.array(batch.l1_indexes, dtype=np.uint64)[batch.table]
         guest = (batch.index.astype(np.uint64) + l1_index * _u(ctx.geometry.l2_entries)) << _u(cb)
-        for j in np.nonzero(alloc & (offs != guest))[0].tolist():
-            ctx.add("DATA-FILE-IDENTITY-MAP", at(j),
-                    f"raw data file maps guest {int(guest[j]):#x} to host {int(offs[j]):#x}")
+        for at, g, o in hits3(alloc & (offs != guest), guest, offs):
+            ctx.add("DATA-FILE-IDENTITY-MAP", at, f"raw data file maps guest {g:#x} to host {o:#x}")
 
 
 def check_oflag_copied(ctx: Context, stored_get: StoredGet) -> None:
@@ -231,8 +268,9 @@ def check_oflag_copied(ctx: Context, stored_get: StoredGet) -> None:
         else:
             rcs = stored_get.many(((ents & _u(en.L2E_OFFSET_MASK)) >> _u(cb)).astype(np.int64))
         wrong = (rcs >= 0) & ((rcs == 1) != copied)
-        for j, e, rc2 in zip(idx[wrong].tolist(), ents[wrong].tolist(), rcs[wrong].tolist(), strict=True):
-            ctx.add("COPIED-IFF-REFCOUNT-1", batch.at(j),
+        wrong_at = batch.hosts(idx[wrong])
+        for at, e, rc2 in zip(wrong_at, ents[wrong].tolist(), rcs[wrong].tolist(), strict=True):
+            ctx.add("COPIED-IFF-REFCOUNT-1", at,
                     f"L2 entry {e:#x}: COPIED does not match refcount {rc2}", stored=rc2)
 
 
