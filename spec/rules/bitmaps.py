@@ -5,8 +5,7 @@ check_table_entry, qcow2_check_bitmaps_refcounts)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from spec import entries as en
 from spec import limits as lim
@@ -20,6 +19,13 @@ from spec.features import QCOW2_AUTOCLEAR_BITMAPS
 from spec.header import QCOW2_EXT_MAGIC_BITMAPS
 from spec.refcounts import Kind
 from spec.rules.context import Context
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    # Executed at first use: a small clean image is checked without numpy
+    # (spec/rules/quick.py), and importing it is most of qcow2lab check's start-up.
+    from spec.lazy import numpy as np
 
 BME_MAX_PHYS_SIZE = 0x20000000
 """Bytes of bitmap data QEMU accepts per bitmap (block/qcow2-bitmap.c)."""

@@ -22,7 +22,8 @@ from spec.image import open_image
 from spec.interface import CheckResult
 from spec.rules.catalogue import Finding, Severity
 from spec.rules.context import FindingLog, FindingSink
-from spec.rules.evaluate import run
+from spec.rules.evaluate import Evaluation, run
+from spec.rules.quick import Clean, clean_small_image
 
 KEEP_FINDINGS = 10_000
 """Findings ``check`` keeps in ``CheckResult.findings`` by default; beyond it they are only
@@ -71,7 +72,11 @@ def check(path: str | os.PathLike[str], *, sink: FindingSink | None = None,
         result.check_errors = 1
         return result
     with img:
-        ev = run(img, log)
+        # A small clean image is proven clean without numpy (start-up: spec/rules/quick.py);
+        # anything else, or anything that proof is unsure of, takes the full walk.
+        ev: Evaluation | Clean | None = clean_small_image(img)
+        if ev is None:
+            ev = run(img, log)
     result.findings = log.kept
     result.findings_omitted = log.omitted
     result.corruptions = log.count(Severity.CORRUPTION)

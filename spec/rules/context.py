@@ -6,14 +6,20 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
 
 from spec.geometry import Geometry
 from spec.image import ImageFile
 from spec.refcounts import Kind, Tally
 from spec.rules.catalogue import RULES_BY_ID, Finding, Severity
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+else:
+    # Executed at first use: a small clean image is checked without numpy
+    # (spec/rules/quick.py), and importing it is most of qcow2lab check's start-up.
+    from spec.lazy import numpy as np
 
 FindingSink = Callable[[Finding], None]
 """Receives every finding as the walk meets it (``qcow2lab check`` prints them there)."""

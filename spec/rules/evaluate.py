@@ -9,8 +9,7 @@ adds the spec's own rules, which QEMU does not count (Rule.qemu_counts).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from spec import header as hd
 from spec import limits as lim
@@ -21,6 +20,13 @@ from spec.refcounts import Kind, StoredRefcounts, Tally, compare
 from spec.rules import bitmaps, header_rules, mapping, snapshots
 from spec.rules.catalogue import Finding
 from spec.rules.context import Abort, Context, FindingLog, FragInfo
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    # Executed at first use: a small clean image is checked without numpy
+    # (spec/rules/quick.py), and importing it is most of qcow2lab check's start-up.
+    from spec.lazy import numpy as np
 
 INT_MAX = (1 << 31) - 1
 BDRV_SECTOR_SIZE = 512

@@ -10,17 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
 
 from spec import entries as en
 from spec.features import QCOW2_AUTOCLEAR_DATA_FILE_RAW
 from spec.refcounts import BDRV_MAX_LENGTH, Comparison, Kind, StoredRefcounts
 from spec.rules.context import Context
 
-U64 = npt.NDArray[np.uint64]
-Mask = npt.NDArray[np.bool_]
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    U64 = npt.NDArray[np.uint64]
+    Mask = npt.NDArray[np.bool_]
+else:
+    # Executed at first use: a small clean image is checked without numpy
+    # (spec/rules/quick.py), and importing it is most of qcow2lab check's start-up.
+    from spec.lazy import numpy as np
 
 
 def _u(v: int) -> np.uint64:

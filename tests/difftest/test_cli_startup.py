@@ -2,13 +2,22 @@
 a CLI command should cost little more than the interpreter's start-up).
 
 Each case runs in a fresh interpreter, since this one has imported everything already, and
-reads ``sys.modules`` after the command ran. Timings are never asserted (DESIGN.md); what is
-loaded is the deterministic measure.
+reads ``sys.modules`` after the command ran: what is loaded is the deterministic measure. A
+module that spec/lazy.py registered but nothing used yet (numpy on the info, map and small
+check paths) counts as not loaded.
+
+One timing is asserted, as issue 11 asks, the start-up budget itself: each command on a
+small image costs at most ``BUDGET`` above a bare ``python -c pass``. To keep it from
+flapping on a loaded, shared machine, it compares the least CPU time (user + system, from
+``wait4``) of several runs of each, interleaved: CPU time leaves out the waits for a
+processor that inflate wall time under load, and the minimum leaves out the runs a neighbour
+disturbed. The margin is wide: the commands measure about 45-85 ms above the interpreter.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +33,9 @@ HEAVY = ("hypothesis", "rich", "numpy", "model", "impl")
 def loaded_after(code: str) -> set[str]:
     """The top-level packages and difftest modules loaded once ``code`` has run."""
     probe = (f"import sys\n{code}\n"
-             "print('\\n' + __import__('json').dumps(sorted({m.split('.')[0] for m in sys.modules}"
-             " | {m for m in sys.modules if m.startswith('difftest.')})))")
+             "used = [m for m, mod in sys.modules.items() if type(mod).__name__ != '_LazyModule']\n"
+             "print('\\n' + __import__('json').dumps(sorted({m.split('.')[0] for m in used}"
+             " | {m for m in used if m.startswith('difftest.')})))")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     return set(json.loads(r.stdout.splitlines()[-1]))
 
@@ -54,10 +64,18 @@ def test_info_loads_neither_the_engines_nor_the_tester(image: Path) -> None:
 
 
 def test_check_loads_the_rules_not_the_model(image: Path) -> None:
-    # numpy is the rules engine's own: it recomputes every refcount (spec/rules).
+    # numpy is the full walk's (spec/rules); a small clean image is proven clean without it
+    # (spec/rules/quick.py).
     loaded = loaded_after(run_command(["check", str(image)]))
-    assert not loaded & (set(HEAVY) - {"numpy"}), loaded & set(HEAVY)
+    assert not loaded & set(HEAVY), loaded & set(HEAVY)
     assert "difftest.cli.difftest" not in loaded and "difftest.core" not in loaded
+
+
+def test_check_loads_numpy_when_the_image_needs_the_full_walk(tmp_path: Path) -> None:
+    path = create(tmp_path / "snap.qcow2", "5M")
+    subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(path)], check=True)
+    loaded = loaded_after(run_command(["check", str(path)]))
+    assert "numpy" in loaded
 
 
 def test_map_loads_the_model_not_the_tester(image: Path) -> None:
@@ -73,3 +91,28 @@ def test_help_still_lists_every_verb() -> None:
     r = subprocess.run([sys.executable, "-m", "difftest.cli", "--help"], capture_output=True, text=True,
                        check=True)
     assert all(name in r.stdout for name in COMMANDS)
+
+
+BUDGET = 0.100
+"""Seconds a command may cost above the bare interpreter (issue 11)."""
+RUNS = 7
+
+
+def cpu_seconds(argv: list[str]) -> float:
+    """User + system CPU time of one run of ``argv`` (its exit status must be 0)."""
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(p.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, argv
+    return usage.ru_utime + usage.ru_stime
+
+
+@pytest.mark.parametrize("verb", [["info"], ["check"], ["map", "--output=json"]])
+def test_start_up_budget(image: Path, verb: list[str]) -> None:
+    bare = [sys.executable, "-c", "pass"]
+    command = [sys.executable, "-m", "difftest.cli", *verb, str(image)]
+    base, cost = [], []
+    for _ in range(RUNS):
+        base.append(cpu_seconds(bare))
+        cost.append(cpu_seconds(command))
+    extra = min(cost) - min(base)
+    assert extra <= BUDGET, f"{verb[0]}: {extra * 1000:.0f} ms above python -c pass"
