@@ -1,9 +1,10 @@
 """numpy, executed at its first attribute access (importlib.util.LazyLoader).
 
-`qcow2lab info` and `map` on a small image never touch numpy, yet importing it costs ~40 ms,
-the largest single share of the CLI's start-up (the start-up budget is 100 ms above a bare
-interpreter). Modules on those paths import ``numpy`` from here; the check engine, which needs
-numpy on every image, imports it directly. A module that is already loaded is returned as is.
+`qcow2lab info`, `map` and `check` on a small image never touch numpy, yet importing it costs
+~40 ms, the largest single share of the CLI's start-up (the start-up budget is 100 ms above a
+bare interpreter). Modules on those paths import ``numpy`` from here, the check engine
+(spec/rules) included: its numpy walk runs only when spec/rules/quick.py cannot prove a small
+image clean without it. A module that is already loaded is returned as is.
 """
 
 from __future__ import annotations

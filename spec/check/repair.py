@@ -44,7 +44,8 @@ def check_and_repair(path: str, repair: str) -> CheckResult:
     3. As qemu-img, when something was fixed the image is checked again and that result is
        reported, carrying the fix pass's corruptions-fixed / leaks-fixed.
     """
-    before = rules_check(path)
+    # A repair acts on every finding and reports them all: none is left out (keep=None).
+    before = rules_check(path, keep=None)
     if verdict(before) == "refused":
         return before
     counted = {f.rule for f in before.findings if f.counted}
@@ -70,7 +71,7 @@ def check_and_repair(path: str, repair: str) -> CheckResult:
         return fixed
     if not (fixed.corruptions_fixed or fixed.leaks_fixed):
         return before
-    after = rules_check(path)
+    after = rules_check(path, keep=None)
     after.corruptions_fixed = fixed.corruptions_fixed
     after.leaks_fixed = fixed.leaks_fixed
     return after
