@@ -9,9 +9,10 @@ check paths) counts as not loaded.
 One timing is asserted, as issue 11 asks, the start-up budget itself: each command on a
 small image costs at most ``BUDGET`` above a bare ``python -c pass``. To keep it from
 flapping on a loaded, shared machine, it compares the least CPU time (user + system, from
-``wait4``) of several runs of each, interleaved: CPU time leaves out the waits for a
-processor that inflate wall time under load, and the minimum leaves out the runs a neighbour
-disturbed. The margin is wide: the commands measure about 45-85 ms above the interpreter.
+``wait4``) of several interleaved runs of each (7, or up to 21 while over budget): CPU time
+leaves out the waits for a processor that inflate wall time under load, and the minimum
+leaves out the runs a neighbour disturbed. The commands measure 50 (info), 69 (check) and
+83 ms (map) above the interpreter (README, "Start-up").
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def test_help_still_lists_every_verb() -> None:
 BUDGET = 0.100
 """Seconds a command may cost above the bare interpreter (issue 11)."""
 RUNS = 7
+ROUNDS = 3
 
 
 def cpu_seconds(argv: list[str]) -> float:
@@ -111,8 +113,13 @@ def test_start_up_budget(image: Path, verb: list[str]) -> None:
     bare = [sys.executable, "-c", "pass"]
     command = [sys.executable, "-m", "difftest.cli", *verb, str(image)]
     base, cost = [], []
-    for _ in range(RUNS):
-        base.append(cpu_seconds(bare))
-        cost.append(cpu_seconds(command))
-    extra = min(cost) - min(base)
+    # Up to three rounds, stopping at the first within budget: the least of more runs is a
+    # closer estimate of the undisturbed cost when a neighbour keeps the CPUs busy.
+    for _ in range(ROUNDS):
+        for _ in range(RUNS):
+            base.append(cpu_seconds(bare))
+            cost.append(cpu_seconds(command))
+        extra = min(cost) - min(base)
+        if extra <= BUDGET:
+            break
     assert extra <= BUDGET, f"{verb[0]}: {extra * 1000:.0f} ms above python -c pass"
