@@ -145,8 +145,8 @@ class FindingPrinter:
         self.out = out
         self.lines: list[str] = []
 
-    def __call__(self, f: Finding) -> None:
-        self.lines.append(describe(f))
+    def __call__(self, fs: list[Finding]) -> None:
+        self.lines.extend(map(describe, fs))
         if len(self.lines) >= self.CHUNK:
             self.flush()
 

@@ -3,8 +3,9 @@ the findings so far and QEMU's fragmentation counters."""
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,8 +22,12 @@ else:
     # (spec/rules/quick.py), and importing it is most of qcow2lab check's start-up.
     from spec.lazy import numpy as np
 
-FindingSink = Callable[[Finding], None]
-"""Receives every finding as the walk meets it (``qcow2lab check`` prints them there)."""
+BATCH = 1024
+"""Findings handed on together by ``Context.add_all``."""
+
+FindingSink = Callable[[list[Finding]], None]
+"""Receives every finding as the walk meets it, in order, a batch at a time (a table's worth
+of one rule, or a single finding); ``qcow2lab check`` prints them there."""
 
 
 _SEVERITIES = tuple(Severity)
@@ -56,16 +61,25 @@ class FindingLog:
         return self._counts[_SEVERITIES.index(severity)]
 
     def add(self, f: Finding) -> None:
-        i = _COUNTER[f.rule]
+        self.extend([f])
+
+    def extend(self, fs: list[Finding]) -> None:
+        """``add`` for several findings of one rule at once (a wrecked table has thousands,
+        and per-finding calls would dominate the check)."""
+        if not fs:
+            return
+        rule = fs[0].rule
+        i = _COUNTER[rule]
         if i is not None:
-            self._counts[i] += f.count
-        self.rules.add(f.rule)
+            self._counts[i] += sum(f.count for f in fs)
+        self.rules.add(rule)
         if self.sink is not None:
-            self.sink(f)
-        if self.keep is None or len(self.kept) < self.keep or f.rule == "CHECK-COMPLETES":
-            self.kept.append(f)
-        else:
-            self.omitted += 1
+            self.sink(fs)
+        room = len(fs)
+        if self.keep is not None and rule != "CHECK-COMPLETES":
+            room = min(room, max(0, self.keep - len(self.kept)))
+        self.kept.extend(fs[:room] if room < len(fs) else fs)
+        self.omitted += len(fs) - room
 
 
 class Abort(Exception):
@@ -122,7 +136,14 @@ class Context:
 
     def add(self, rule: str, offset: int | None, message: str, *, stored: int | None = None,
             computed: int | None = None, count: int = 1) -> None:
-        self.log.add(Finding(rule, offset, message, stored, computed, count))
+        self.log.extend([Finding(rule, offset, message, stored, computed, count)])
+
+    def add_all(self, rule: str, found: Iterable[tuple[int, str]]) -> None:
+        """``add`` for every (offset, message) of ``found``, in that order, passed on in
+        batches of ``BATCH`` (memory stays bounded however long the table)."""
+        it = iter(found)
+        while batch := [Finding(rule, at, message) for at, message in itertools.islice(it, BATCH)]:
+            self.log.extend(batch)
 
     def ref(self, offset: int, size: int, kind: Kind, what: str) -> None:
         """Count one reference to [offset, offset + size), or report QEMU's refusal of it."""
@@ -134,8 +155,9 @@ class Context:
              what: str) -> None:
         """``ref`` for many regions at once (a whole table's worth of clusters)."""
         sizes = np.full(offsets.size, size, dtype=np.uint64) if isinstance(size, int) else size
-        for o in self.tally.add_regions(offsets, sizes, kind).tolist():
-            self.add("REFERENCE-INSIDE-FILE", int(o), f"{what} at {int(o):#x} ends past the end of the file")
+        refused = self.tally.add_regions(offsets, sizes, kind).tolist()
+        self.add_all("REFERENCE-INSIDE-FILE",
+                     ((o, f"{what} at {o:#x} ends past the end of the file") for o in refused))
 
     def abort(self, rule: str, offset: int | None, message: str) -> Abort:
         """Record ``rule`` and return the exception that stops the walk."""

@@ -150,8 +150,8 @@ def walk_l1(ctx: Context, l1_offset: int, l1_size: int, *, active: bool) -> None
         raise ctx.abort("L1-READABLE", l1_offset, "L1 table lies beyond what QEMU can read")
     l1 = np.frombuffer(ctx.read(l1_offset, l1_size * 8), dtype=">u8").astype(np.uint64)
     bad = np.nonzero(l1 & _u(en.L1E_RESERVED_MASK))[0]
-    for i, e in zip(bad.tolist(), l1[bad].tolist(), strict=True):
-        ctx.add("L1-RESERVED-ZERO", l1_offset + 8 * i, f"L1 entry {i} = {e:#x} has reserved bits set")
+    ctx.add_all("L1-RESERVED-ZERO", ((l1_offset + 8 * i, f"L1 entry {i} = {e:#x} has reserved bits set")
+                                     for i, e in zip(bad.tolist(), l1[bad].tolist(), strict=True)))
     # QEMU tests the whole entry, not its offset, for "unallocated": an entry holding only
     # flag or reserved bits is walked as an L2 table at host offset 0 (the header).
     used = np.nonzero(l1)[0]
@@ -181,8 +181,8 @@ def walk_l2(ctx: Context, batch: L2Batch, *, active: bool) -> None:
         return zip(batch.hosts(idx), a[idx].tolist(), b[idx].tolist(), strict=True)
 
     reserved = ~v.compressed & ((ents & _u(en.L2E_STD_RESERVED_MASK)) != 0)
-    for at, e in hits(reserved, ents):
-        ctx.add("L2-RESERVED-ZERO", at, f"L2 entry {e:#x} has reserved bits set")
+    ctx.add_all("L2-RESERVED-ZERO", ((at, f"L2 entry {e:#x} has reserved bits set")
+                                     for at, e in hits(reserved, ents)))
 
     # Compressed clusters.
     comp = v.compressed
@@ -217,15 +217,15 @@ def walk_l2(ctx: Context, batch: L2Batch, *, active: bool) -> None:
     if img.extended_l2:
         bad = alloc & (((bms >> _u(32)) & bms & _u(en.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
         bad |= v.unallocated & ((bms & _u(en.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
-        for at, b in hits(bad, bms):
-            ctx.add("SUBCLUSTER-BITMAP-VALID", at, f"invalid subcluster bitmap {b:#x}")
+        ctx.add_all("SUBCLUSTER-BITMAP-VALID", ((at, f"invalid subcluster bitmap {b:#x}")
+                                                for at, b in hits(bad, bms)))
         for at, _ in hits(~v.compressed & ((ents & _u(en.QCOW_OFLAG_ZERO)) != 0)):
             ctx.add("EXTL2-ZERO-FLAG-CLEAR", at, "zero flag set in an extended L2 entry")
     elif img.version == 2:
         for at, _ in hits(~v.compressed & ((ents & _u(en.QCOW_OFLAG_ZERO)) != 0)):
             ctx.add("L2-NO-ZERO-FLAG-V2", at, "zero flag set in a version 2 image")
-    for at, o in hits(alloc & ((offs & _u(cs - 1)) != 0), offs):
-        ctx.add("L2-DATA-ALIGNED", at, f"host offset {o:#x} is not cluster aligned")
+    ctx.add_all("L2-DATA-ALIGNED", ((at, f"host offset {o:#x} is not cluster aligned")
+                                    for at, o in hits(alloc & ((offs & _u(cs - 1)) != 0), offs)))
     aoffs = offs[alloc]
     if active and aoffs.size:
         ctx.bfi.allocated_clusters += int(aoffs.size)
