@@ -36,7 +36,11 @@ def add_campaign_args(p: argparse.ArgumentParser, *, profile: str = "quick") -> 
     p.add_argument("--profile", choices=sorted(PROFILES), default=profile)
     p.add_argument("--config", action="append", default=[], metavar="KEY=VAL",
                    help="pin a configuration field (version, cluster_size, refcount_bits, extended_l2, "
-                   "compression_type, lazy_refcounts, backing, backing_size, data_file, data_file_raw, size)")
+                   "compression_type, lazy_refcounts, backing, backing_size, data_file, data_file_raw, size, "
+                   "the open options l2_cache_size, l2_cache_entry_size, refcount_cache_size, overlap_check, "
+                   "and encryption: encrypt=none|luks|aes, encrypt_cipher=aes-256-xts-plain64|"
+                   "aes-128-cbc-essiv|aes-256-cbc-plain, encrypt_backing=on|off); e.g. --config encrypt=luks "
+                   "runs LUKS images only")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (shards run in parallel)")
     p.add_argument("--shards", type=int, help="number of shards (default: jobs, or more under "
                    "--time-budget)")

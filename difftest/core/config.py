@@ -4,6 +4,13 @@ The valid combinations follow qemu-img create (block/qcow2.c, qcow2_co_create_op
 qcow2_co_create): extended_l2, zstd, lazy_refcounts and data files need compat=1.1
 (version 3); extended L2 needs clusters of at least 16 KiB; data_file_raw needs a data file
 and no backing file.
+
+Encryption (``encrypt``, ``encrypt_cipher``, ``encrypt_backing``): LUKS or legacy AES on the
+top image, and optionally LUKS on the qcow2 backing layers, with the fixed test passphrases
+KEY_SECRET and BACKING_KEY_SECRET (they are not secrets: they are in every reproducer). An
+encrypted top image is made once per example by qemu-img and copied to every target
+(difftest/core/targets.py, ``cached_base``), so all targets share its LUKS master key and can
+be compared byte for byte.
 """
 
 from __future__ import annotations
@@ -20,6 +27,28 @@ from spec.limits import MIN_CLUSTER_BITS_EXTENDED_L2
 BACKINGS = ("none", "raw", "qcow2", "qcow2x2")
 """none; a raw file; one qcow2; two qcow2 levels (the lower one written first)."""
 BACKING_SIZES = ("same", "shorter", "longer")
+ENCRYPTS = ("none", "luks", "aes")
+"""No encryption, LUKS (qcow2 crypt_method 2) or legacy AES-CBC (crypt_method 1), the
+``encrypt.format`` values of qemu-img create."""
+LUKS_CIPHERS: dict[str, dict[str, str]] = {
+    # QEMU's default: encrypt.cipher-alg=aes-256, cipher-mode=xts, ivgen-alg=plain64.
+    "aes-256-xts-plain64": {"cipher_alg": "aes-256", "cipher_mode": "xts", "ivgen_alg": "plain64"},
+    # CBC chains restart at each sector; ESSIV encrypts the sector number (sha256 of the key).
+    "aes-128-cbc-essiv": {"cipher_alg": "aes-128", "cipher_mode": "cbc", "ivgen_alg": "essiv",
+                          "ivgen_hash_alg": "sha256"},
+    # The 32-bit sector number of ``plain`` (it wraps past 2 TiB of host offset).
+    "aes-256-cbc-plain": {"cipher_alg": "aes-256", "cipher_mode": "cbc", "ivgen_alg": "plain"},
+}
+"""The LUKS payload ciphers drawn, as qemu-img's ``encrypt.*`` create options. Twofish and
+Serpent, which QEMU also accepts, are left out: the model (spec/encryption.py) has no
+cipher for them, and a configuration only the oracle can run compares nothing."""
+LUKS_ITER_TIME = 10
+"""``encrypt.iter-time`` in ms: QEMU's PBKDF2 benchmark picks the iteration count, so a
+short time keeps every open of the image cheap (the default, 2000 ms, costs 2 s an open)."""
+KEY_SECRET = "qcow2lab-top-key"
+BACKING_KEY_SECRET = "qcow2lab-backing-key"
+"""The passphrases (``--object secret,data=...``; QEMU's secret ids are ``sec0`` and ``sec1``).
+Different, so a target that unlocks a layer with the other layer's key fails to open."""
 OVERLAP_CHECKS = ("cached", "none", "constant", "all")
 """QEMU's overlap-check modes (block/qcow2.c, qcow2_update_options_prepare); cached is the
 default."""
@@ -46,6 +75,11 @@ class Config:
     l2_cache_entry_size: int | None = None
     refcount_cache_size: int | None = None
     overlap_check: str = "cached"
+    encrypt: str = "none"
+    encrypt_cipher: str = "aes-256-xts-plain64"
+    """One of LUKS_CIPHERS; used only with encrypt="luks"."""
+    encrypt_backing: bool = False
+    """The qcow2 backing layers are LUKS-encrypted with BACKING_KEY_SECRET."""
 
     def validate(self) -> None:
         """Raise ValueError for a combination qemu-img create refuses."""
@@ -75,6 +109,47 @@ class Config:
             raise ValueError("l2_cache_entry_size must be a power of two from 512 to the cluster size")
         if self.overlap_check not in OVERLAP_CHECKS:
             raise ValueError(f"overlap_check must be one of {OVERLAP_CHECKS}")
+        if self.encrypt not in ENCRYPTS:
+            raise ValueError(f"encrypt must be one of {ENCRYPTS}")
+        if self.encrypt_cipher not in LUKS_CIPHERS:
+            raise ValueError(f"encrypt_cipher must be one of {sorted(LUKS_CIPHERS)}")
+        if self.encrypt != "none" and self.data_file:
+            # qemu-img allows it; the harness does not: the shared encrypted base image
+            # would name one target's data file (targets.data_path) in every copy.
+            raise ValueError("the harness does not combine encryption with an external data file")
+        if self.encrypt_backing and self.backing not in ("qcow2", "qcow2x2"):
+            raise ValueError("encrypt_backing needs a qcow2 backing file")
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether any layer is encrypted (every open then needs a key)."""
+        return self.encrypt != "none" or self.encrypt_backing
+
+    def features(self) -> frozenset[str]:
+        """The spec.errors.UnsupportedFeature names this configuration's images use that a
+        target may lack; a target refusing one of these at open sits the example out
+        (difftest/core/lockstep.py) instead of diverging."""
+        return frozenset({"encryption"} if self.encrypted else ())
+
+    def key_options(self) -> dict[str, Any]:
+        """The open() keywords that unlock the images (model/image.py, spec.interface)."""
+        out: dict[str, Any] = {}
+        if self.encrypt != "none":
+            out["key_secret"] = KEY_SECRET
+        if self.encrypt_backing:
+            out["backing_key_secret"] = BACKING_KEY_SECRET
+        return out
+
+    def encrypt_create_options(self) -> dict[str, Any]:
+        """qemu-img create's ``encrypt.*`` options of the top image, '.' spelled '_' (the
+        names of spec.interface's create()); the key is given by secret id (sec0)."""
+        if self.encrypt == "none":
+            return {}
+        out: dict[str, Any] = {"encrypt_format": self.encrypt, "encrypt_key_secret": "sec0"}
+        if self.encrypt == "luks":
+            out.update({f"encrypt_{k}": v for k, v in LUKS_CIPHERS[self.encrypt_cipher].items()})
+            out["encrypt_iter_time"] = LUKS_ITER_TIME
+        return out
 
     @property
     def geometry(self) -> Geometry:
@@ -140,6 +215,12 @@ class Config:
             parts.append(f"rcc={_human(self.refcount_cache_size)}")
         if self.overlap_check != "cached":
             parts.append(f"overlap={self.overlap_check}")
+        if self.encrypt == "luks":
+            parts.append(f"luks={self.encrypt_cipher}")
+        elif self.encrypt == "aes":
+            parts.append("aes")
+        if self.encrypt_backing:
+            parts.append("luks-backing")
         return ",".join(parts)
 
     def replace(self, **kw: Any) -> Config:
@@ -200,10 +281,12 @@ def configs(draw: st.DrawFn, overrides: dict[str, Any] | None = None) -> Config:
                          if v3 else st.just(16))
     compression = pick("compression_type", st.sampled_from(["zlib", "zstd"]) if v3 else st.just("zlib"))
     lazy = pick("lazy_refcounts", st.booleans() if v3 else st.just(False))
-    backing = pick("backing", st.sampled_from(BACKINGS))
+    backing = pick("backing", st.sampled_from(["qcow2", "qcow2x2"]) if ov.get("encrypt_backing")
+                   else st.sampled_from(BACKINGS))
     backing_size = pick("backing_size", st.sampled_from(BACKING_SIZES) if backing != "none"
                         else st.just("same"))
-    data_file = pick("data_file", st.sampled_from([False, False, False, True]) if v3 else st.just(False))
+    data_file = pick("data_file", st.sampled_from([False, False, False, True])
+                     if v3 and ov.get("encrypt", "none") == "none" else st.just(False))
     data_file_raw = pick("data_file_raw", st.booleans() if data_file and backing == "none"
                          else st.just(False))
     g = Geometry(cluster_size.bit_length() - 1, bool(extended_l2))
@@ -227,13 +310,27 @@ def configs(draw: st.DrawFn, overrides: dict[str, Any] | None = None) -> Config:
         (None if slices is None else slices * (entry or min(4096, cluster_size)))
     rc_cache = pick("refcount_cache_size", st.sampled_from([None, 4 * cluster_size, 16 * cluster_size]))
     overlap = pick("overlap_check", st.sampled_from(OVERLAP_CHECKS))
+    # Encryption in about one example in ten, "none" first so that Hypothesis shrinks towards
+    # it; not with an external data file (see Config.validate).
+    encrypt = pick("encrypt", st.just("none") if data_file
+                   else st.sampled_from(("none",) * 36 + ("luks", "luks", "luks", "aes")))
+    cipher = pick("encrypt_cipher", st.sampled_from(sorted(LUKS_CIPHERS, key=_cipher_order))
+                  if encrypt == "luks" else st.just(Config.encrypt_cipher))
+    encrypt_backing = pick("encrypt_backing", st.sampled_from([False, True])
+                           if encrypt != "none" and backing in ("qcow2", "qcow2x2") else st.just(False))
     cfg = Config(version=int(version), cluster_size=cluster_size, refcount_bits=int(refcount_bits),
                  extended_l2=bool(extended_l2), compression_type=str(compression), lazy_refcounts=bool(lazy),
                  backing=str(backing), backing_size=str(backing_size), data_file=bool(data_file),
                  data_file_raw=bool(data_file_raw), size=int(size), l2_cache_size=l2_cache,
-                 l2_cache_entry_size=entry, refcount_cache_size=rc_cache, overlap_check=str(overlap))
+                 l2_cache_entry_size=entry, refcount_cache_size=rc_cache, overlap_check=str(overlap),
+                 encrypt=str(encrypt), encrypt_cipher=str(cipher), encrypt_backing=bool(encrypt_backing))
     cfg.validate()
     return cfg
+
+
+def _cipher_order(name: str) -> int:
+    """QEMU's default cipher first (Hypothesis shrinks towards the first)."""
+    return 0 if name == Config.encrypt_cipher else 1
 
 
 def edge_points(cfg: Config, size: int) -> list[int]:

@@ -32,12 +32,13 @@ from difftest.core.targets import (
     Target,
     build_backing,
     cached_backing,
+    cached_base,
     copy_backing,
     in_separate_process,
     make_target,
     random_bytes,
 )
-from spec.errors import Qcow2Error
+from spec.errors import Qcow2Error, UnsupportedFeature
 from spec.features import QCOW2_INCOMPAT_CORRUPT
 from spec.image import open_image
 
@@ -99,12 +100,16 @@ class Lockstep:
         ``notes`` (a campaign counts them this way)."""
         self.closed = False
         self.readers = list(readers)
-        """Read-only adapters (difftest/adapters) that read every file at ``finish``."""
+        """Read-only adapters (difftest/adapters) that read every file at ``finish``; they
+        take no keys, so they sit out encrypted configurations."""
         self.cfg = cfg
         self.log: list[tuple[str, dict[str, Any]]] = []
         self.touched: list[tuple[int, int]] = []
         self.ops: Counter[str] = Counter()
         self.notes: list[str] = []
+        if cfg.encrypted and self.readers:
+            self.notes += [f"reader-skipped: {r} takes no keys" for r in self.readers]
+            self.readers = []
         self.size = cfg.size
         self.targets: list[Target] = []
         self.oracle_broken = False
@@ -119,22 +124,46 @@ class Lockstep:
         elif cfg.backing != "none":
             backing_dir.mkdir(exist_ok=True)
             backing = build_backing(cfg, backing_dir)
+        # An encrypted top image is made once and copied (targets.cached_base).
+        base = cached_base(cfg, backing_cache, backing) if cfg.encrypt != "none" else None
         for spec in targets:
             t = make_target(spec, self.root)
+            if not t.supports(cfg):
+                self.notes.append(f"target-skipped: {t.name} cannot take {cfg.short()}")
+                continue
             t.dir.mkdir(parents=True, exist_ok=True)
             if backing is not None:
                 copy_backing(cfg, backing_dir, t.dir)
             self.targets.append(t)
         # In-process targets first: they give the reference bytes cheaply.
         self.targets.sort(key=lambda t: not t.in_process)
-        for t in self.targets:
-            try:
-                t.setup(cfg, backing)
-            except Qcow2Error as e:
-                raise Divergence("setup", "create", f"{t.name}: {type(e).__name__}: {e}") from e
-        sizes = {t.name: t.image.size for t in self.targets}
-        if len(set(sizes.values())) > 1:
-            raise Divergence("size", "create", f"virtual sizes differ: {sizes}")
+        try:
+            for t in list(self.targets):
+                try:
+                    t.setup(cfg, backing, base)
+                except UnsupportedFeature as e:
+                    if e.feature not in cfg.features():
+                        raise Divergence("setup", "create", f"{t.name}: {type(e).__name__}: {e}") from e
+                    # DESIGN.md: a library names what it does not do. A target without, say,
+                    # encryption is not compared on such a configuration (counted in the notes).
+                    t.close()
+                    qemuio.forget(t.path)
+                    self.targets.remove(t)
+                    self.notes.append(f"target-skipped: {t.name} lacks {e.feature}")
+                except Qcow2Error as e:
+                    raise Divergence("setup", "create", f"{t.name}: {type(e).__name__}: {e}") from e
+            if not self.targets:
+                raise Divergence("setup", "create", f"no target can run {cfg.short()}")
+            sizes = {t.name: t.image.size for t in self.targets}
+            if len(set(sizes.values())) > 1:
+                raise Divergence("size", "create", f"virtual sizes differ: {sizes}")
+        except BaseException:
+            # No Lockstep to close: end the processes started and drop the keys remembered
+            # for the files (qemuio.remember), so no later run on the same path inherits them.
+            self.close_targets()
+            for t in self.targets:
+                qemuio.forget(t.path)
+            raise
         self.size = next(iter(sizes.values()))
 
     # -- plumbing -----------------------------------------------------------------------
@@ -233,7 +262,14 @@ class Lockstep:
             return
         for t in qemu:
             try:
-                t.image.flush()  # qemu-img reads the file: QEMU's caches must be in it
+                if self.cfg.lazy_refcounts:
+                    # A dirty lazy-refcount image keeps its refcount blocks in QEMU's cache
+                    # even across a flush (see compare_map), so its live file always "fails"
+                    # check; closing writes them and clears the dirty bit. The example ends
+                    # here either way, so QEMU's in-memory state need not be kept.
+                    t.reopen()
+                else:
+                    t.image.flush()  # qemu-img reads the file: QEMU's caches must be in it
             except Qcow2Error:
                 raise d from None
             res = qemu_check(str(t.path), force_share=True)
@@ -548,6 +584,8 @@ class Lockstep:
     def close(self) -> None:
         """End the run: close every target, then (the first time only) call ``on_close``."""
         self.close_targets()
+        for t in self.targets:
+            qemuio.forget(t.path)  # the keys remembered at set-up (targets.secrets_of)
         if not self.closed:
             self.closed = True
             for hook in self.on_close:

@@ -10,11 +10,14 @@ import json
 import subprocess
 from typing import Any
 
+from difftest.core.qemuio import img_args
+
 
 def qemu_check(path: str, *, force_share: bool = False) -> dict[str, Any]:
     """``qemu-img check`` of ``path`` (``-U`` with force_share: a live qemu-io holds it)."""
-    r = subprocess.run(["qemu-img", "check", "--output=json", "-f", "qcow2",
-                        *(["-U"] if force_share else []), path], capture_output=True, text=True)
+    # img_args: "-f qcow2 PATH", or the keys an encrypted file was remembered with.
+    r = subprocess.run(["qemu-img", "check", "--output=json", *(["-U"] if force_share else []),
+                        *img_args([path])], capture_output=True, text=True)
     if r.returncode not in (0, 2, 3) or not r.stdout.strip():
         return {"check-errors": 1, "stderr": r.stderr.strip(), "exit": r.returncode}
     out = dict(json.loads(r.stdout))
@@ -24,8 +27,7 @@ def qemu_check(path: str, *, force_share: bool = False) -> dict[str, Any]:
 
 def qemu_compare(a: str, b: str) -> subprocess.CompletedProcess[str]:
     """qemu-img compare: exit 0 same, 1 different, 4 an error reading either image."""
-    return subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", a, b],
-                          capture_output=True, text=True)
+    return subprocess.run(["qemu-img", "compare", "-q", *img_args([a, b])], capture_output=True, text=True)
 
 
 def qemu_cannot_read(paths: list[str]) -> bool:

@@ -17,6 +17,12 @@ Bytes come back through ``read -v`` (hexdump, parsed); long runs of one byte are
 with ``read -P`` instead, which is exact and transfers nothing. Arbitrary bytes go in with
 ``write -s FILE`` (qemu-io 7.2's pattern-file option: the file is the buffer).
 Snapshot operations close the process's image, run ``qemu-img snapshot`` and reopen it.
+
+Encrypted images (``Secrets``): the passphrases go on qemu-io's and qemu-img's command
+lines as ``--object secret,id=sec0,data=...`` and the image is named by driver options
+(``encrypt.key-secret=sec0``, ``backing.encrypt.key-secret=sec1``): ``open -o`` inside
+qemu-io, ``--image-opts`` for qemu-img. Every qemu-img run on a file needs its keys, also
+the ones made outside a target (core/oracle.py), so a target ``remember``s them per path.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import select
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +49,106 @@ compressed write of a whole cluster is the slowest legitimate command)."""
 
 def available() -> bool:
     return shutil.which("qemu-io") is not None and shutil.which("qemu-img") is not None
+
+
+PBKDF2_FLAKE = "Unable to get accurate CPU usage"
+"""What qemu-img prints when its PBKDF2 benchmark (crypto/pbkdf.c, qcrypto_pbkdf2_count_iters,
+run when a LUKS key slot is created) measured too little CPU time: it reads the process's
+CPU usage, which a busy machine makes unreliable. The refusal says nothing about the request,
+so it is retried (50-70% of LUKS creates failed so on this 2-core machine under load)."""
+PBKDF2_RETRIES = 200
+
+
+def run_qemu_img(argv: Sequence[str], cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a qemu-img command line (``argv[0]`` is the program), retrying the PBKDF2
+    benchmark's spurious refusal (PBKDF2_FLAKE) and nothing else. The one place in difftest
+    that retries it (tests/qemu.py has the tests' own)."""
+    for _ in range(PBKDF2_RETRIES):
+        r = subprocess.run(list(argv), cwd=None if cwd is None else str(cwd), capture_output=True,
+                           text=True)
+        if r.returncode == 0 or PBKDF2_FLAKE not in r.stderr:
+            break
+    return r
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """The passphrases of an image chain, as QEMU takes them: the top image's under id sec0,
+    the encrypted backing layers' under sec1 (one key for all of them, the model's
+    ``backing_key_secret``). ``backing_depth`` is how many qcow2 layers below the top are
+    encrypted: each needs its own ``backing.``-prefixed option."""
+
+    key: str | None = None
+    backing_key: str | None = None
+    backing_depth: int = 0
+
+    def objects(self) -> list[str]:
+        """``--object`` arguments for qemu-io and qemu-img (the data has no commas)."""
+        out = []
+        if self.key is not None:
+            out += ["--object", f"secret,id=sec0,data={self.key}"]
+        if self.backing_key is not None:
+            out += ["--object", f"secret,id=sec1,data={self.backing_key}"]
+        return out
+
+    def open_options(self) -> str:
+        """The driver options that unlock the chain (for ``open -o`` and ``--image-opts``)."""
+        opts = ["encrypt.key-secret=sec0"] if self.key is not None else []
+        if self.backing_key is not None:
+            opts += ["backing." * d + "encrypt.key-secret=sec1" for d in range(1, self.backing_depth + 1)]
+        return ",".join(opts)
+
+    def image_opts(self, path: str | Path, fmt: str = "qcow2") -> str:
+        """An ``--image-opts`` image: driver, file name (commas doubled, QEMU's escape) and keys."""
+        opts = self.open_options()
+        return f"driver={fmt},file.filename={str(path).replace(',', ',,')}" + (f",{opts}" if opts else "")
+
+
+_SECRET_DATA = re.compile(r"(secret,id=[^,\s]+,data=)[^,\s']+")
+
+
+def redact(text: str) -> str:
+    """``text`` (a command line, an error) with the data of every ``--object secret``
+    replaced: the harness's messages and notes name the objects, never the keys (repro.sh,
+    which must run, is the one place that spells them out)."""
+    return _SECRET_DATA.sub(r"\1***", text)
+
+
+_SECRETS: dict[str, Secrets] = {}
+"""Per file (resolved path), the keys every qemu-img run on it needs (see ``remember``)."""
+
+
+def remember(path: str | Path, secrets: Secrets | None) -> None:
+    """Record the keys of ``path`` for every later qemu-img run on it in this process
+    (None: it has none, and any earlier entry for the path is dropped)."""
+    if secrets is None:
+        forget(path)
+    else:
+        _SECRETS[str(Path(path).resolve())] = secrets
+
+
+def forget(path: str | Path) -> None:
+    _SECRETS.pop(str(Path(path).resolve()), None)
+
+
+def secrets_for(path: str | Path) -> Secrets | None:
+    return _SECRETS.get(str(Path(path).resolve()))
+
+
+def img_args(paths: Sequence[str | Path], fmt: str = "qcow2") -> list[str]:
+    """The tail of a qemu-img command line naming ``paths`` (one, or two for compare):
+    ``-f fmt [-F fmt] PATH...``, or, when any of them has keys (``remember``), the secret
+    objects, ``--image-opts`` and one driver-options string per path (qemu-img then takes
+    every image that way). The files of one run share their keys, so one set of objects
+    serves them all."""
+    found = [secrets_for(p) for p in paths]
+    if not any(found):
+        return ["-f", fmt, *(["-F", fmt] if len(paths) > 1 else []), *map(str, paths)]
+    # Each secret once: the objects of every path, keeping the ``--object`` flags apart.
+    objs = dict.fromkeys(o for sec in found if sec for o in sec.objects()[1::2])
+    objects = [a for o in objs for a in ("--object", o)]
+    return [*objects, "--image-opts", *((sec or Secrets()).image_opts(p, fmt)
+                                        for p, sec in zip(paths, found, strict=True))]
 
 
 class QemuIoDied(Qcow2Error):
@@ -74,8 +182,10 @@ class QemuIo:
     """The raw command channel: ``cmd(line) -> output text`` (prompt stripped)."""
 
     def __init__(self, path: str | Path, *, fmt: str = "qcow2", readonly: bool = False,
-                 command: list[str] | None = None, options: str = "") -> None:
+                 command: list[str] | None = None, options: str = "",
+                 objects: Sequence[str] = ()) -> None:
         argv = list(command) if command else ["qemu-io", "-t", "unsafe", "-f", fmt]
+        argv += objects  # --object secret,... (Secrets.objects)
         if readonly:
             argv.append("-r")
         if not options:
@@ -219,12 +329,18 @@ class QemuImage:
     """Longest hexdump we ask for; longer reads are split."""
 
     def __init__(self, path: str | Path, *, readonly: bool = False, command: list[str] | None = None,
-                 size: int | None = None, cluster_size: int | None = None, options: str = "") -> None:
+                 size: int | None = None, cluster_size: int | None = None, options: str = "",
+                 secrets: Secrets | None = None) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self.secrets = secrets if secrets is not None else secrets_for(self.path)
+        """The keys of an encrypted image (None: the ones ``remember``ed for the path, if any)."""
+        if self.secrets is not None and self.secrets.open_options():
+            options = ",".join(o for o in (options, self.secrets.open_options()) if o)
         self.options = options
-        """QEMU driver options for every open (``l2-cache-size=...,overlap-check=...``)."""
-        self.io: QemuIo | None = QemuIo(self.path, readonly=readonly, command=command, options=options)
+        """QEMU driver options for every open (``l2-cache-size=...,overlap-check=...``, keys)."""
+        self.io: QemuIo | None = QemuIo(self.path, readonly=readonly, command=command, options=options,
+                                        objects=self.secrets.objects() if self.secrets else ())
         if _FAIL.search(self.io.banner):
             err = self.io.banner
             self.io.kill()
@@ -372,8 +488,18 @@ class QemuImage:
         self.resume()
 
     # -- metadata through qemu-img (the image is flushed first, read with -U) -----------
-    def _img(self, *args: str) -> str:
-        r = subprocess.run(["qemu-img", *args], capture_output=True, text=True, cwd=str(self.path.parent))
+    def _img(self, *args: str, keys: bool = True, fmt: bool = True) -> str:
+        """Run qemu-img ``args`` on this image (with its keys, by ``--image-opts``, when
+        encrypted). ``qemu-img info`` takes none (``keys=False``): it opens the image
+        without its backing chain (BDRV_O_NO_BACKING, then walks the chain itself), so it
+        refuses ``backing.*`` options, and it reads no guest data, so it needs no key.
+        ``qemu-img snapshot`` has no ``-f`` (``fmt=False``), but takes ``--image-opts``."""
+        argv = ["qemu-img", *args]
+        if self.secrets is not None and keys:
+            argv += [*self.secrets.objects(), "--image-opts", self.secrets.image_opts(self.path)]
+        else:
+            argv += [*(["-f", "qcow2"] if fmt else []), str(self.path)]
+        r = subprocess.run(argv, capture_output=True, text=True, cwd=str(self.path.parent))
         if r.returncode != 0:
             raise error_class(r.stderr)(f"qemu-img {' '.join(args)}: {r.stderr.strip()}")
         return r.stdout
@@ -381,12 +507,12 @@ class QemuImage:
     def map(self, offset: int = 0, n: int | None = None) -> list[dict[str, Any]]:
         if self.io is not None and not self.readonly:
             self.flush()
-        args = ["map", "--output=json", "-U", "-f", "qcow2"]
+        args = ["map", "--output=json", "-U"]
         if offset:
             args += ["--start-offset", str(offset)]
         if n is not None:
             args += ["--max-length", str(n)]
-        return list(json.loads(self._img(*args, str(self.path))))
+        return list(json.loads(self._img(*args)))
 
     def present_runs(self) -> list[tuple[int, int, bool]]:
         """(start, length, allocated) over the whole image from qemu-io's ``map`` command,
@@ -411,19 +537,18 @@ class QemuImage:
     def info(self) -> dict[str, Any]:
         if self.io is not None and not self.readonly and hasattr(self, "size"):
             self.flush()  # qemu-img reads the file: the metadata caches must be in it
-        return dict(json.loads(self._img("info", "--output=json", "-U", "-f", "qcow2", str(self.path))))
+        return dict(json.loads(self._img("info", "--output=json", "-U", keys=False)))
 
     def _snapshot(self, flag: str, name: str) -> None:
         self.suspend()
         try:
-            self._img("snapshot", "-q", flag, name, str(self.path))
+            self._img("snapshot", "-q", flag, name, fmt=False)
         finally:
             if flag == "-a":
                 # Applying a snapshot restores its virtual size first (qcow2_snapshot_goto
                 # truncates, then takes references), so even a failed apply, such as a
                 # refcount overflow, can leave the image at the snapshot's size.
-                self.size = int(json.loads(self._img("info", "--output=json", "-f", "qcow2",
-                                                     str(self.path)))["virtual-size"])
+                self.size = int(json.loads(self._img("info", "--output=json", keys=False))["virtual-size"])
             self.resume()
 
     def snapshot_create(self, name: str) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 
 from difftest.core.config import Config
 from difftest.core.divergence import Divergence
-from difftest.core.targets import TOP, backing_plan, qemu_img_create
+from difftest.core.qemuio import PBKDF2_FLAKE, PBKDF2_RETRIES
+from difftest.core.targets import TOP, backing_layer_argv, backing_plan, qemu_img_create, secrets_of
 
 
 def _io_line(name: str, kw: dict[str, Any]) -> str | None:
@@ -51,41 +52,70 @@ def _until_finish(log: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict
     return out
 
 
+RETRY_FUNCTION = f"""\
+# qemu-img's PBKDF2 benchmark (LUKS key slots) fails spuriously on a busy machine; retry that.
+retry_pbkdf2() {{
+    n=0
+    until out=$("$@" 2>&1); do
+        case $out in
+            *"{PBKDF2_FLAKE}"*) n=$((n + 1)); [ $n -lt {PBKDF2_RETRIES} ] || {{ echo "$out"; return 1; }} ;;
+            *) echo "$out"; return 1 ;;
+        esac
+    done
+}}"""
+"""A shell function repro.sh runs every LUKS ``qemu-img create`` through (the retry of
+qemuio.run_qemu_img, in sh)."""
+
+
+def _img_image(cfg: Config) -> list[str]:
+    """How a qemu-img command of the script names the top image: ``-f qcow2 top.qcow2``, or
+    its secret objects and ``--image-opts`` with the keys when it is encrypted."""
+    keys = secrets_of(cfg)
+    if keys is None:
+        return ["-f", "qcow2", TOP]
+    return [*keys.objects(), "--image-opts", keys.image_opts(TOP)]
+
+
+def _create_line(argv: list[str], encrypted: bool) -> str:
+    return f"retry_pbkdf2 {shlex.join(argv)} || exit 1" if encrypted else shlex.join(argv)
+
+
 def shell_script(cfg: Config, log: list[tuple[str, dict[str, Any]]], d: Divergence | None = None) -> str:
     lines = ["#!/bin/sh", "# qcow2lab difftest reproducer, qemu side. Run in an empty directory.",
              f"# config: {cfg!r}"]
     if d is not None:
         lines += [f"# divergence: {line}" for line in str(d).splitlines()]
+    if cfg.encrypted:
+        lines.append(RETRY_FUNCTION)
     lines += ["set -x"]
     below: tuple[str, str] | None = None
-    for name, fmt, size, cmds in backing_plan(cfg):
+    for depth, (name, fmt, size, cmds) in enumerate(backing_plan(cfg)):
         if fmt == "raw":
             lines.append(f"truncate -s {size} {name}")
             io = ["qemu-io", "-f", "raw"]
+            for c in cmds:
+                io += ["-c", c]
+            lines.append(shlex.join([*io, name]))
         else:
-            argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cfg.cluster_size}"]
-            if below is not None:
-                argv += ["-b", below[0], "-F", below[1]]
-            lines.append(shlex.join([*argv, name, str(size)]))
-            io = ["qemu-io", "-t", "unsafe", "-f", "qcow2"]
-        for c in cmds:
-            io += ["-c", c]
-        lines.append(shlex.join([*io, name]))
+            create, io = backing_layer_argv(cfg, name, size, below, cmds, depth)
+            lines += [_create_line(create, cfg.encrypt_backing), shlex.join(io)]
         below = (name, fmt)
-    lines.append(shlex.join(qemu_img_create(Path(TOP), cfg, below)))
+    lines.append(_create_line(qemu_img_create(Path(TOP), cfg, below), cfg.encrypt != "none"))
     seeds = sorted({(kw["seed"], kw["n"]) for _, kw in log if kw.get("seed") is not None})
     for seed, n in seeds:
         lines.append(f"python3 -c 'import random; open(\"rand-{seed}-{n}.bin\", \"wb\")"
                      f".write(random.Random({seed}).randbytes({n}))'")
     segment: list[str] = []
 
+    keys = secrets_of(cfg)
+
     def flush_segment() -> None:
         if segment:
-            opts = cfg.qemu_open_options()
-            argv = ["qemu-io", "-t", "unsafe"]
+            opts = ",".join(o for o in (cfg.qemu_open_options(), keys.open_options() if keys else "") if o)
+            argv = ["qemu-io", "-t", "unsafe", *(keys.objects() if keys else [])]
             for c in segment:
                 argv += ["-c", c]
-            # The cache options as the harness passes them (qemuio.QemuIo: --image-opts).
+            # The cache options and keys as the harness passes them (qemuio.QemuIo: --image-opts).
             image = ["--image-opts", f"driver=qcow2,file.filename={TOP},{opts}"] if opts \
                 else ["-f", "qcow2", TOP]
             lines.append(shlex.join([*argv, *image]))
@@ -115,16 +145,16 @@ def shell_script(cfg: Config, log: list[tuple[str, dict[str, Any]]], d: Divergen
         elif name.startswith("snapshot_"):
             flush_segment()
             flag = {"snapshot_create": "-c", "snapshot_apply": "-a", "snapshot_delete": "-d"}[name]
-            lines.append(shlex.join(["qemu-img", "snapshot", flag, kw["name"], TOP]))
+            lines.append(shlex.join(["qemu-img", "snapshot", flag, kw["name"], *_img_image(cfg)]))
         elif name == "reopen":
             flush_segment()
         elif name == "compare_map":
             flush_segment()
-            lines.append(shlex.join(["qemu-img", "map", "--output=json", "-f", "qcow2", TOP]))
+            lines.append(shlex.join(["qemu-img", "map", "--output=json", *_img_image(cfg)]))
     flush_segment()
-    lines += [shlex.join(["qemu-img", "map", "--output=json", "-f", "qcow2", TOP]),
-              shlex.join(["qemu-img", "snapshot", "-l", TOP]),
-              shlex.join(["qemu-img", "check", "-f", "qcow2", TOP])]
+    lines += [shlex.join(["qemu-img", "map", "--output=json", *_img_image(cfg)]),
+              shlex.join(["qemu-img", "snapshot", "-l", *_img_image(cfg)]),
+              shlex.join(["qemu-img", "check", *_img_image(cfg)])]
     return "\n".join(lines) + "\n"
 
 
@@ -137,6 +167,8 @@ def pytest_body(cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: lis
              "def test_repro(tmp_path: Path) -> None:"]
     if d is not None:
         lines += [f"    # divergence: {line}" for line in str(d).splitlines()]
+    if cfg.encrypted:
+        lines.append(f"    # encrypted: every target opens with {cfg.key_options()!r} (Config.key_options)")
     lines.append(f"    ls = Lockstep(tmp_path, {cfg!r}, {targets!r})")
     lines.append("    try:")
     for name, kw in _until_finish(log):

@@ -12,15 +12,24 @@ and opens it as a spec.interface.Image. Three kinds:
 The backing chain is common to all targets: built once per example by ``build_backing``
 (qemu-img and qemu-io when present) and copied into each target's directory, so every
 target's top image names a backing file by the same relative name.
+
+An encrypted top image is common too: ``cached_base`` has qemu-img create it once and every
+target starts from a copy instead of its own create, since a LUKS master key is random and
+two images made apart could never be compared byte for byte. Every open then gets the keys
+(``Config.key_options`` in process, ``qemuio.Secrets`` for qemu-io and qemu-img), and a
+target that refuses the configuration's feature by name at open (spec.errors
+UnsupportedFeature, such as "encryption") sits the example out (core/lockstep.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -29,7 +38,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from difftest.core import qemuio
-from difftest.core.config import Config, edge_points
+from difftest.core.config import BACKING_KEY_SECRET, KEY_SECRET, LUKS_ITER_TIME, Config, edge_points
 from difftest.core.introspect import Introspection, introspection_of
 from spec.errors import Qcow2Error, RequestError
 
@@ -46,7 +55,14 @@ class Target(Protocol):
     """What the harness may ask beyond the Image interface (core/introspect.py); set
     whenever ``image`` is opened."""
 
-    def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None: ...
+    def setup(self, cfg: Config, backing: tuple[str, str] | None, base: Path | None = None) -> None:
+        """Make the starting image (its own create, or a copy of ``base`` when given: the
+        shared encrypted image, see cached_base) and open it."""
+        ...
+    def supports(self, cfg: Config) -> bool:
+        """Whether the harness can run this target under ``cfg`` at all (it can give it the
+        keys of an encrypted image); a False target sits the example out."""
+        ...
     def lays_out_like_qemu(self, cfg: Config) -> bool:
         """Whether this target's file must equal qemu-io's byte for byte under ``cfg``."""
         ...
@@ -81,9 +97,20 @@ def _create_args(cfg: Config, backing: tuple[str, str] | None, where: Path) -> d
     return kw
 
 
+def secrets_of(cfg: Config) -> qemuio.Secrets | None:
+    """The keys of ``cfg``'s image chain in QEMU's terms (None: nothing is encrypted)."""
+    if not cfg.encrypted:
+        return None
+    depth = {"qcow2": 1, "qcow2x2": 2}.get(cfg.backing, 0) if cfg.encrypt_backing else 0
+    return qemuio.Secrets(KEY_SECRET if cfg.encrypt != "none" else None,
+                          BACKING_KEY_SECRET if cfg.encrypt_backing else None, depth)
+
+
 def qemu_img_create(path: Path, cfg: Config, backing: tuple[str, str] | None,
                     data_file: str = DATA) -> list[str]:
-    """The qemu-img create argv for ``cfg`` (also used by the shell reproducer)."""
+    """The qemu-img create argv for ``cfg`` (also used by the shell reproducer). An
+    encrypted image gets its ``--object secret`` and ``-o encrypt.*``; qemu-img may refuse
+    a LUKS create spuriously (run it with qemuio.run_qemu_img)."""
     o = [f"compat={'0.10' if cfg.version == 2 else '1.1'}", f"cluster_size={cfg.cluster_size}"]
     if cfg.version == 3:
         o += [f"refcount_bits={cfg.refcount_bits}",
@@ -92,16 +119,22 @@ def qemu_img_create(path: Path, cfg: Config, backing: tuple[str, str] | None,
               f"lazy_refcounts={'on' if cfg.lazy_refcounts else 'off'}"]
     if cfg.data_file:
         o += [f"data_file={data_file}", f"data_file_raw={'on' if cfg.data_file_raw else 'off'}"]
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", ",".join(o)]
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if cfg.encrypt != "none":
+        argv += ["--object", f"secret,id=sec0,data={KEY_SECRET}"]
+        o += [f"{k.replace('encrypt_', 'encrypt.', 1).replace('_', '-')}={v}"
+              for k, v in cfg.encrypt_create_options().items()]
+    argv += ["-o", ",".join(o)]
     if backing is not None:
         argv += ["-b", backing[0], "-F", backing[1]]
     return [*argv, path.name, str(cfg.size)]
 
 
 def _run(argv: list[str], cwd: Path) -> None:
-    r = subprocess.run(argv, cwd=str(cwd), capture_output=True, text=True)
+    r = qemuio.run_qemu_img(argv, cwd) if argv[0] == "qemu-img" else \
+        subprocess.run(argv, cwd=str(cwd), capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"{shlex.join(argv)} failed: {r.stdout}{r.stderr}")
+        raise RuntimeError(qemuio.redact(f"{shlex.join(argv)} failed: {r.stdout}{r.stderr}"))
 
 
 class ModuleTarget:
@@ -130,16 +163,39 @@ class ModuleTarget:
         self.layout = layout
         """When this target's file must equal qemu-io's byte for byte; None: never (a
         foreign adapter lays out its file as it likes)."""
+        self.keys: dict[str, Any] = {}
+        """The keys of the configuration's encrypted images (Config.key_options), given to
+        every open, the read-only ones too."""
 
     @property
     def path(self) -> Path:
         return self.dir / TOP
 
-    def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None:
+    def setup(self, cfg: Config, backing: tuple[str, str] | None, base: Path | None = None) -> None:
+        self.keys = cfg.key_options()
+        self.open_options = {**self.base_options, **self.keys}
         if self.config_options is not None:
-            self.open_options = {**self.base_options, **self.config_options(cfg)}
-        self.module.create(str(self.path), cfg.size, **_create_args(cfg, backing, self.dir))
+            self.open_options.update(self.config_options(cfg))
+        if base is not None:
+            _copy_sparse(base, self.path)
+        else:
+            self.module.create(str(self.path), cfg.size, **_create_args(cfg, backing, self.dir))
+        # For every qemu-img run on this file (core/oracle.py); None forgets a stale entry.
+        qemuio.remember(self.path, secrets_of(cfg))
         self._open()
+
+    def supports(self, cfg: Config) -> bool:
+        """An encrypted configuration needs an open() that takes the keys as keywords
+        (spec.interface: ``**options``); a foreign module without them sits it out. One
+        that takes them and cannot decrypt refuses by name at open (Lockstep)."""
+        keys = cfg.key_options()
+        if not keys:
+            return True
+        try:
+            params = inspect.signature(self.module.open).parameters
+        except (TypeError, ValueError):
+            return True
+        return any(p.kind is p.VAR_KEYWORD for p in params.values()) or set(keys) <= set(params)
 
     def lays_out_like_qemu(self, cfg: Config) -> bool:
         return self.layout is not None and self.layout(cfg)
@@ -158,7 +214,7 @@ class ModuleTarget:
             self.image = None
 
     def open_readonly(self, path: Path) -> Any:
-        return self.module.open(str(path), readonly=True)
+        return self.module.open(str(path), readonly=True, **self.keys)
 
 
 class QemuTarget:
@@ -170,18 +226,29 @@ class QemuTarget:
         self.command = command
         self.image: Any = None
         self.introspection = Introspection()
+        self.secrets: qemuio.Secrets | None = None
 
     @property
     def path(self) -> Path:
         return self.dir / TOP
 
-    def setup(self, cfg: Config, backing: tuple[str, str] | None) -> None:
-        _run(qemu_img_create(self.path, cfg, backing, str(data_path(self.dir))), self.dir)
+    def setup(self, cfg: Config, backing: tuple[str, str] | None, base: Path | None = None) -> None:
+        if base is not None:
+            _copy_sparse(base, self.path)
+        else:
+            _run(qemu_img_create(self.path, cfg, backing, str(data_path(self.dir))), self.dir)
+        self.secrets = secrets_of(cfg)
+        qemuio.remember(self.path, self.secrets)
         # A command adapter speaks qemu-io's language but need not take QEMU's options.
         self.image = qemuio.QemuImage(self.path, command=self.command, size=cfg.size,
                                       cluster_size=cfg.cluster_size,
-                                      options="" if self.command else cfg.qemu_open_options())
+                                      options="" if self.command else cfg.qemu_open_options(),
+                                      secrets=self.secrets)
         self.introspection = introspection_of(self.image)  # reopen keeps the same QemuImage
+
+    def supports(self, cfg: Config) -> bool:
+        # A command adapter is started as it is and has no way to take the keys.
+        return self.command is None or not cfg.encrypted
 
     def lays_out_like_qemu(self, cfg: Config) -> bool:
         return self.command is None
@@ -195,7 +262,7 @@ class QemuTarget:
             self.image = None
 
     def open_readonly(self, path: Path) -> Any:
-        return qemuio.QemuImage(path, readonly=True, command=self.command)
+        return qemuio.QemuImage(path, readonly=True, command=self.command, secrets=self.secrets)
 
 
 def in_separate_process(t: Target, fn: Callable[[Target], Any]) -> Any:
@@ -277,24 +344,42 @@ def backing_plan(cfg: Config) -> list[tuple[str, str, int, list[str]]]:
     return layers
 
 
+def backing_layer_argv(cfg: Config, name: str, size: int, below: tuple[str, str] | None,
+                       cmds: list[str], depth: int) -> tuple[list[str], list[str]]:
+    """The qemu-img create and qemu-io argv of qcow2 backing layer ``name``, ``depth``
+    qcow2 layers above the bottom (also used by the shell reproducer). With
+    ``encrypt_backing`` every qcow2 layer is LUKS with BACKING_KEY_SECRET (QEMU's default
+    cipher), and qemu-io needs the keys of the layer and of those below it."""
+    create = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    o = f"cluster_size={cfg.cluster_size}"
+    io = ["qemu-io", "-t", "unsafe"]
+    for cmd in cmds:
+        io += ["-c", cmd]
+    if cfg.encrypt_backing:
+        keys = qemuio.Secrets(BACKING_KEY_SECRET, BACKING_KEY_SECRET, depth)
+        create += keys.objects()[:2]
+        o += f",encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time={LUKS_ITER_TIME}"
+        io += [*keys.objects(), "--image-opts", keys.image_opts(name)]
+    else:
+        io += ["-f", "qcow2", name]
+    create += ["-o", o]
+    if below is not None:
+        create += ["-b", below[0], "-F", below[1]]
+    return [*create, name, str(size)], io
+
+
 def build_backing(cfg: Config, where: Path) -> tuple[str, str] | None:
     """Write the backing chain into ``where`` with qemu-img/qemu-io; return (name, fmt) of
     the layer the top image points to."""
     plan = backing_plan(cfg)
     below: tuple[str, str] | None = None
-    for name, fmt, size, cmds in plan:
+    for depth, (name, fmt, size, cmds) in enumerate(plan):
         if fmt == "raw":
             _write_raw(where / name, size, cmds)
         else:
-            argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o",
-                    f"cluster_size={cfg.cluster_size}"]
-            if below is not None:
-                argv += ["-b", below[0], "-F", below[1]]
-            _run([*argv, name, str(size)], where)
-            io_argv = ["qemu-io", "-t", "unsafe", "-f", "qcow2"]
-            for cmd in cmds:
-                io_argv += ["-c", cmd]
-            _run([*io_argv, name], where)
+            create, io = backing_layer_argv(cfg, name, size, below, cmds, depth)
+            _run(create, where)
+            _run(io, where)
         below = (name, fmt)
     return below
 
@@ -305,13 +390,53 @@ def cached_backing(cfg: Config, cache: Path) -> tuple[Path, tuple[str, str] | No
     qemu-img/qemu-io runs were the largest set-up cost), and the (name, fmt) the top image
     points to. Targets still get copies (copy_backing)."""
     plan = backing_plan(cfg)
-    key = hashlib.sha256(repr((cfg.cluster_size, plan)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(repr((cfg.cluster_size, cfg.encrypt_backing, plan)).encode()).hexdigest()[:16]
     where = cache / key
     if not where.exists():
         tmp = Path(tempfile.mkdtemp(dir=cache))
         build_backing(cfg, tmp)
         tmp.rename(where)  # complete or absent, never half-built
     return where, ((plan[-1][0], plan[-1][1]) if plan else None)
+
+
+def build_base(cfg: Config, where: Path, backing: tuple[str, str] | None) -> Path:
+    """qemu-img creates ``cfg``'s top image in ``where`` (``-u``: the backing chain need
+    not be there; with the size given, the header is the same); return its path."""
+    argv = qemu_img_create(Path(TOP), cfg, backing)
+    if backing is not None:
+        argv.insert(argv.index("-b"), "-u")
+    _run(argv, where)
+    return where / TOP
+
+
+_BASE_CACHE: list[tempfile.TemporaryDirectory[str]] = []
+
+
+def _process_cache() -> Path:
+    """A directory for this process's shared base images, removed at exit: a Lockstep made
+    without a cache (a reproducer, the deletion pass of core/minimize.py) replays one
+    configuration many times, and a LUKS create costs seconds."""
+    if not _BASE_CACHE:
+        _BASE_CACHE.append(tempfile.TemporaryDirectory(prefix="difftest-bases-"))
+    return Path(_BASE_CACHE[0].name)
+
+
+def cached_base(cfg: Config, cache: Path | None, backing: tuple[str, str] | None) -> Path:
+    """The shared starting image of an encrypted configuration, built once per distinct
+    qemu-img create command line in ``cache`` (or in a per-process cache): a LUKS create
+    costs QEMU's PBKDF2 benchmark, about 2.5 s here, retries aside. Every target copies it,
+    so all examples of one configuration share its master key, as all targets do."""
+    cache = cache if cache is not None else _process_cache()
+    key = hashlib.sha256(repr(qemu_img_create(Path(TOP), cfg, backing)).encode()).hexdigest()[:16]
+    where = cache / f"base-{key}"
+    if not where.exists():
+        tmp = Path(tempfile.mkdtemp(dir=cache))
+        build_base(cfg, tmp, backing)
+        try:
+            tmp.rename(where)  # complete or absent, never half-built
+        except OSError:  # another process of a shared cache was first: keep its image
+            shutil.rmtree(tmp, ignore_errors=True)
+    return where / TOP
 
 
 def _write_raw(path: Path, size: int, cmds: list[str]) -> None:

@@ -34,6 +34,7 @@ from difftest.core.divergence import Divergence
 from difftest.core.oracle import qemu_cannot_read, qemu_check, qemu_compare
 from difftest.core.targets import Target, data_path
 from spec.errors import Qcow2Error
+from spec.header import QCOW2_EXT_MAGIC_CRYPTO_HEADER
 from spec.image import open_image
 from spec.rules import evaluate
 
@@ -179,6 +180,11 @@ def first_difference(a: str, b: str, ignore: Sequence[tuple[int, int]] = (),
             pos += len(x)
 
 
+PLAIN_STRUCTURES = ("the header cluster", "the L1 table", "the refcount table", "the snapshot table")
+"""Structures whose bytes a layout divergence may show on an encrypted image: everything
+else may be ciphertext of guest data or the LUKS key material, which stay out of logs."""
+
+
 def _what_is(path: str, off: int) -> str:
     """Which structure of ``path`` holds host offset ``off`` (for the divergence message)."""
     try:
@@ -190,6 +196,9 @@ def _what_is(path: str, off: int) -> str:
                      ("the refcount table", int(h.refcount_table_offset),
                       int(h.refcount_table_clusters) * c),
                      ("the snapshot table", int(h.snapshots_offset), c if h.nb_snapshots else 0)]
+            luks = img.extension(QCOW2_EXT_MAGIC_CRYPTO_HEADER)
+            if luks is not None:
+                spans.append(("the LUKS header", int(luks.data.offset), int(luks.data.length)))
     except Qcow2Error:
         return f"cluster {off}"
     for what, start, n in spans:
@@ -223,10 +232,14 @@ def _same_layout(ls: Run) -> None:
                     x, y = fa.read(16), fb.read(16)
                     sizes = (fa.seek(0, 2), fb.seek(0, 2))
                 where = _what_is(theirs, at) if mine.endswith(".qcow2") else "the data file"
+                shown = f"{x.hex()} vs {y.hex()}"
+                if ls.cfg.encrypt != "none" and not where.startswith(PLAIN_STRUCTURES):
+                    # An encrypted file's data clusters are ciphertext and its LUKS area
+                    # holds the key material: neither goes into a log or a reproducer.
+                    shown = "bytes not shown (ciphertext or key material)"
                 raise Divergence("layout", "finish",
                                  f"{t.name}'s file differs from {q.name}'s at host offset {at}, in "
-                                 f"{where}: {x.hex()} vs {y.hex()} (file sizes {sizes[0]} and "
-                                 f"{sizes[1]})")
+                                 f"{where}: {shown} (file sizes {sizes[0]} and {sizes[1]})")
             # Counted by the campaign summary, so a run shows how many files were compared.
             ls.notes.append(f"layout-identical: {t.name} = {q.name}")
 
