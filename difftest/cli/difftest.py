@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from difftest.cli import damaged
 from difftest.core import qemuio
 from difftest.core.campaign import PROFILES, Shard, Stats, run_shards
 from difftest.core.config import parse_overrides
@@ -58,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("difftest", help="drive model, impl and qemu-io in lockstep and cross-check them",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_campaign_args(p)
+    p.add_argument("--damaged", action="store_true",
+                   help="start every example from a damaged image of the fuzz corpus and compare what each "
+                   "side does with it (difftest/damaged/; see the README)")
+    p.add_argument("--replay", metavar="CASE_JSON",
+                   help="with --damaged: run a saved damaged-image case again")
     p.set_defaults(func=run)
 
 
@@ -174,6 +180,8 @@ def summary(stats: Stats, targets: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "damaged", False):
+        return damaged.run(args)
     stats, targets = campaign(args)
     if args.output == "json":
         out = stats.to_json()

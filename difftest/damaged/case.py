@@ -1,0 +1,290 @@
+"""One damaged-image example: the damage, the requests, and running them on every engine.
+
+A ``Case`` names a corpus mutant (difftest/corpus/mutate.py) by its name and corpus seed, so
+its base image, backing files and file name are rebuilt exactly; the damage itself is kept
+as a list of (offset, xor mask) per changed byte, so that shrinking can drop whole bytes and
+single bits. ``run_case`` applies it to a copy of the base for every engine and qemu-io, and
+returns the first disagreement (a ``Finding``) or None.
+
+What is compared, in order:
+- open: every side opens the image, or every side refuses it (QEMU's messages name no
+  class, so a refusal is a refusal; the classes are in the message);
+- each request: the bytes read, or success, or the error class (qemu-io's EIO on a request
+  inside the image is CorruptionError, ENOTSUP UnsupportedFeature; difftest/core/qemuio.py).
+  A CorruptionError on every side ends the requests: QEMU has dropped the node when it
+  flagged the image (qcow2_signal_corruption), and nothing after it is comparable;
+- close (which writes back the caches), then the corrupt bit in every file's header (v3);
+- a read-write reopen: opens, or is refused, on every side;
+- ``qemu-img check``'s verdict on every file: its class (clean, leaks, corruptions,
+  check-errors, refused) and its corruption and leak counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import shutil
+import signal
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from difftest.core.qemuio import QemuImage
+from difftest.corpus.mutate import Base, Mutant, qemu_verdict
+from spec.errors import CorruptionError, Qcow2Error
+from spec.features import QCOW2_INCOMPAT_CORRUPT
+
+HANG_SECONDS = 20
+"""An in-process engine call that takes longer is a hang (qemu-io has its own limit)."""
+
+OPS = ("read", "write", "write_zeroes", "discard", "flush")
+
+
+@dataclass(frozen=True)
+class Op:
+    """A guest request; ``byte`` is the pattern of a write, ``unmap`` the flag of write_zeroes."""
+
+    kind: str
+    offset: int = 0
+    n: int = 0
+    byte: int = 0
+    unmap: bool = False
+
+    def qemu_io(self) -> str:
+        """The request as a qemu-io command (for repro.sh)."""
+        if self.kind == "read":
+            return f"read {self.offset} {self.n}"
+        if self.kind == "write":
+            return f"write -P {self.byte:#x} {self.offset} {self.n}"
+        if self.kind == "write_zeroes":
+            return f"write -z{' -u' if self.unmap else ''} {self.offset} {self.n}"
+        if self.kind == "discard":
+            return f"discard {self.offset} {self.n}"
+        return "flush"
+
+    def __str__(self) -> str:
+        if self.kind == "flush":
+            return "flush()"
+        extra = f", byte={self.byte:#x}" if self.kind == "write" else f", unmap={self.unmap}" \
+            if self.kind == "write_zeroes" else ""
+        return f"{self.kind}({self.offset:#x}, {self.n:#x}{extra})"
+
+
+Damage = tuple[tuple[int, int], ...]
+"""(offset, xor mask) for every byte the damage changes, in offset order."""
+
+
+def damage_of(base: Base, mutant: Mutant) -> Damage:
+    """The mutant's changes to its base, byte by byte (a truncation is kept apart)."""
+    out = []
+    for e in mutant.edits:
+        for i, (old, new) in enumerate(zip(e.old, e.new, strict=True)):
+            if old != new:
+                out.append((e.offset + i, old ^ new))
+    return tuple(sorted(out))
+
+
+def count_bits(damage: Damage) -> int:
+    return sum(bin(mask).count("1") for _, mask in damage)
+
+
+@dataclass(frozen=True)
+class Case:
+    mutant: str
+    """The corpus mutant's name (``flip-12@v3``, ``refcount-too-low@snap``)."""
+    seed: int
+    """The corpus seed it was generated with."""
+    base: str
+    filename: str
+    damage: Damage
+    truncated_to: int | None
+    ops: tuple[Op, ...]
+
+    def image_bytes(self, base: Base) -> bytes:
+        data = bytearray(base.data)
+        for off, mask in self.damage:
+            if off >= len(data):
+                data.extend(bytes(off + 1 - len(data)))
+            data[off] ^= mask
+        if self.truncated_to is not None:
+            del data[self.truncated_to:]
+        return bytes(data)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mutant": self.mutant, "seed": self.seed, "base": self.base, "filename": self.filename,
+                "damage": [[off, mask] for off, mask in self.damage], "truncated_to": self.truncated_to,
+                "ops": [vars(op) for op in self.ops]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Case:
+        return cls(d["mutant"], int(d["seed"]), d["base"], d["filename"],
+                   tuple((int(o), int(m)) for o, m in d["damage"]), d["truncated_to"],
+                   tuple(Op(**op) for op in d["ops"]))
+
+    def with_(self, **changes: Any) -> Case:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    """What disagreed: open, read, write, ..., close, corrupt-flag, reopen, check, or crash
+    (an engine raised something that is not a spec.errors class) or hang."""
+    step: int
+    """The request's index; -1 before the requests, len(ops) after them."""
+    outcomes: dict[str, str] = field(compare=False)
+
+    def signature(self) -> str:
+        return self.kind
+
+    def __str__(self) -> str:
+        sides = "; ".join(f"{k}={v}" for k, v in self.outcomes.items())
+        return f"[{self.kind}] step {self.step}: {sides}"
+
+
+class Hang(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: int) -> Iterator[None]:
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise Hang(f"no answer within {seconds} s")
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _outcome(fn: Any, *args: Any, **kw: Any) -> tuple[str, Any]:
+    """(outcome text, result): "ok", a spec.errors class name, "crash:Type: msg" or "hang"."""
+    try:
+        with _time_limit(HANG_SECONDS):
+            return "ok", fn(*args, **kw)
+    except Hang:
+        return "hang", None
+    except Qcow2Error as e:
+        return type(e).__name__ if not isinstance(e, CorruptionError) else "CorruptionError", None
+    except Exception as e:  # anything else from an engine is itself the finding
+        return f"crash:{type(e).__name__}: {e}", None
+
+
+def _open(engine: str, path: Path, readonly: bool = False) -> Any:
+    if engine == "qemu":
+        return QemuImage(path, readonly=readonly)
+    return importlib.import_module(engine).open(path, readonly=readonly)
+
+
+def _corrupt_bit(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with path.open("rb") as f:  # only the header: a damaged image may have grown huge (sparse)
+        head = f.read(80)
+    return len(head) >= 80 and head[4:8] == b"\0\0\0\x03" and \
+        bool(struct.unpack_from(">Q", head, 72)[0] & QCOW2_INCOMPAT_CORRUPT)
+
+
+def _verdict(path: Path) -> str:
+    v = qemu_verdict(path)
+    r = v.report or {}
+    return f"{v.kind} corruptions={r.get('corruptions', 0)} leaks={r.get('leaks', 0)}"
+
+
+def _disagree(outcomes: dict[str, str]) -> bool:
+    return len(set(outcomes.values())) > 1
+
+
+@dataclass
+class Run:
+    """What one run of a case did (for the campaign's counts)."""
+
+    finding: Finding | None = None
+    opened: bool = False
+    steps: int = 0
+
+
+def run_case(case: Case, base: Base, sidecars: dict[str, bytes], engines: list[str], workdir: Path) -> Run:
+    """Run ``case`` on every engine (module names, or "qemu") in its own directory."""
+    paths: dict[str, Path] = {}
+    data = case.image_bytes(base)
+    for e in engines:
+        d = workdir / e
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        for name, blob in sidecars.items():
+            (d / name).write_bytes(blob)
+        paths[e] = d / case.filename
+        paths[e].write_bytes(data)
+    run = Run()
+    images: dict[str, Any] = {}
+    try:
+        opened = {}
+        for e in engines:
+            out, img = _outcome(_open, e, paths[e])
+            opened[e] = "ok" if out == "ok" else f"refused ({out})"
+            if img is not None:
+                images[e] = img
+        broken = any(v.startswith(("refused (crash", "refused (hang")) for v in opened.values())
+        if broken or len({v == "ok" for v in opened.values()}) > 1:
+            run.finding = Finding("open", -1, opened)
+            return run
+        run.opened = bool(images)
+        if images:
+            run.finding = _requests(case, images, run)
+            if run.finding is not None:
+                return run
+            closed = {e: _outcome(img.close)[0] for e, img in images.items()}
+            images.clear()
+            if _disagree(closed):
+                run.finding = Finding("close", len(case.ops), closed)
+                return run
+        flags = {e: str(_corrupt_bit(p)) for e, p in paths.items()}
+        if _disagree(flags):
+            run.finding = Finding("corrupt-flag", len(case.ops), flags)
+            return run
+        reopened = {}
+        for e in engines:
+            out, img = _outcome(_open, e, paths[e])
+            reopened[e] = "ok" if out == "ok" else "refused"
+            if img is not None:
+                _outcome(img.close)
+        if _disagree(reopened):
+            run.finding = Finding("reopen", len(case.ops), reopened)
+            return run
+        verdicts = {e: _verdict(p) for e, p in paths.items()}
+        if _disagree(verdicts):
+            run.finding = Finding("check", len(case.ops), verdicts)
+        return run
+    finally:
+        for img in images.values():
+            _outcome(img.close)
+
+
+def _requests(case: Case, images: dict[str, Any], run: Run) -> Finding | None:
+    for i, op in enumerate(case.ops):
+        run.steps += 1
+        results: dict[str, str] = {}
+        for e, img in images.items():
+            if op.kind == "read":
+                out, got = _outcome(img.read, op.offset, op.n)
+                results[e] = out if got is None else f"ok sha256:{hashlib.sha256(got).hexdigest()[:16]}"
+            elif op.kind == "write":
+                results[e] = _outcome(img.write, op.offset, bytes([op.byte]) * op.n)[0]
+            elif op.kind == "write_zeroes":
+                results[e] = _outcome(img.write_zeroes, op.offset, op.n, unmap=op.unmap)[0]
+            elif op.kind == "discard":
+                results[e] = _outcome(img.discard, op.offset, op.n)[0]
+            else:
+                results[e] = _outcome(img.flush)[0]
+        if _disagree(results) or any(r.startswith("crash") or r == "hang" for r in results.values()):
+            return Finding(op.kind, i, results)
+        if "CorruptionError" in results.values():
+            break
+    return None
