@@ -30,7 +30,6 @@ from spec import header as hd
 from spec import limits as lim
 from spec.errors import RequestError
 from spec.geometry import Geometry, align_up
-from spec.image import QCOW_CRYPT_AES, QCOW_CRYPT_LUKS
 
 BDRV_SECTOR_SIZE = 512
 
@@ -110,12 +109,7 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
     if encrypt_format is not None:
         area = _set_up_luks(path, g, ctype, luks, encrypt_key_secret) if luks is not None else None
         with open(path, "r+b") as f:
-            # Keep the file's table fields (the L1 table, a refcount table grown by the
-            # preallocation); add the method and, for LUKS, the extension.
-            now = hd.Header.parse(f.read(cluster_size))
-            for name in ("l1_size", "l1_table_offset", "refcount_table_offset", "refcount_table_clusters"):
-                header[name] = now[name]
-            header.crypt_method = QCOW_CRYPT_LUKS if area else QCOW_CRYPT_AES
+            enc.mark_encrypted(header, f.read(cluster_size), area)
             f.seek(0)
             f.write(_header_cluster(header, version, cluster_size, backing_file, fmt, data_file, area))
 

@@ -37,7 +37,7 @@ from spec import limits as lim
 from spec import refblocks as rb
 from spec.errors import RequestError
 from spec.geometry import Geometry, align_up
-from spec.image import QCOW_CRYPT_AES, QCOW_CRYPT_LUKS, ImageFile
+from spec.image import ImageFile
 from spec.qfile import Qcow2File
 
 BDRV_SECTOR_SIZE = 512
@@ -161,12 +161,7 @@ def create(path: str | os.PathLike[str], size: int, *, version: int = 3, cluster
     if encrypt_format is not None:
         area = _set_up_encryption(path, geometry, luks, encrypt_key_secret)
         with open(path, "r+b") as hf:
-            # The tables may have moved since cluster 0 was built (the L1 table, a grown
-            # refcount table); keep the file's values, add the method and the extension.
-            now = hd.Header.parse(hf.read(cluster_size))
-            for name in ("l1_size", "l1_table_offset", "refcount_table_offset", "refcount_table_clusters"):
-                header[name] = now[name]
-            header.crypt_method = QCOW_CRYPT_LUKS if area else QCOW_CRYPT_AES
+            enc.mark_encrypted(header, hf.read(cluster_size), area)
             hf.seek(0)
             hf.write(header_cluster(area))
 

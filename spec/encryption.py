@@ -534,6 +534,17 @@ class LuksCreateOptions:
         return f"{base}:{self.ivgen_hash_alg}" if self.ivgen_hash_alg else base
 
 
+def mark_encrypted(header: Any, written: bytes, area: tuple[int, int] | None) -> None:
+    """Ready ``header`` (the one create built) to be written again once encryption is set
+    up: the table fields are taken from ``written``, the header cluster as it is on disk now
+    (the L1 table and a refcount table grown by preallocation may have moved since cluster 0
+    was built), and the method is set: LUKS when a LUKS area was allocated, else legacy AES."""
+    now = hd.Header.parse(written)
+    for name in ("l1_size", "l1_table_offset", "refcount_table_offset", "refcount_table_clusters"):
+        header[name] = now[name]
+    header.crypt_method = QCOW_CRYPT_LUKS if area else QCOW_CRYPT_AES
+
+
 def create_options(encrypt_format: str | None, key_secret: bytes | str | None,
                    luks_options: dict[str, Any]) -> LuksCreateOptions | None:
     """qemu-img's checks of ``-o encrypt.*`` (qcow2_co_create_opts, qcow2_set_up_encryption,

@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +141,8 @@ def shrink(corpus: Corpus, case: Case, finding: Finding, engines: list[str], wor
                 break
             chunk = max(chunk // 2, 1)
 
-    deletions(case.ops, lambda ops: case.with_(ops=ops))
-    deletions(case.damage, lambda dmg: case.with_(damage=dmg))
+    deletions(case.ops, lambda ops: replace(case, ops=ops))
+    deletions(case.damage, lambda dmg: replace(case, damage=dmg))
     # Single bits of the bytes that remain.
     for idx in range(len(case.damage)):
         off, mask = case.damage[idx]
@@ -151,7 +151,7 @@ def shrink(corpus: Corpus, case: Case, finding: Finding, engines: list[str], wor
                 break
             if mask >> bit & 1:
                 trial = (*case.damage[:idx], (off, mask & ~(1 << bit)), *case.damage[idx + 1:])
-                candidate = case.with_(damage=trial)
+                candidate = replace(case, damage=trial)
                 got = same(candidate)
                 if got is not None:
                     case, finding, mask = candidate, got, mask & ~(1 << bit)

@@ -28,7 +28,7 @@ import signal
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -125,9 +125,6 @@ class Case:
                    tuple((int(o), int(m)) for o, m in d["damage"]), d["truncated_to"],
                    tuple(Op(**op) for op in d["ops"]))
 
-    def with_(self, **changes: Any) -> Case:
-        return replace(self, **changes)
-
 
 @dataclass(frozen=True)
 class Finding:
@@ -171,7 +168,8 @@ def _outcome(fn: Any, *args: Any, **kw: Any) -> tuple[str, Any]:
     except Hang:
         return "hang", None
     except Qcow2Error as e:
-        return type(e).__name__ if not isinstance(e, CorruptionError) else "CorruptionError", None
+        # Subclasses of CorruptionError (an engine's unflagged variant) are the same class to QEMU.
+        return "CorruptionError" if isinstance(e, CorruptionError) else type(e).__name__, None
     except Exception as e:  # anything else from an engine is itself the finding
         return f"crash:{type(e).__name__}: {e}", None
 

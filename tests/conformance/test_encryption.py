@@ -77,6 +77,16 @@ def qemu_check(path: Path) -> str:
                           check=True, capture_output=True, text=True).stdout
 
 
+def qemu_ran_on_a_copy(base: Path, tmp_path: Path, ops: list[Op]) -> tuple[Path, Path]:
+    """Two copies of ``base``: the first after qemu-io ran ``ops``, the second untouched, for
+    the engine to run them on; the files are then compared byte for byte."""
+    theirs, ours = tmp_path / "qemu.qcow2", tmp_path / "ours.qcow2"
+    theirs.write_bytes(base.read_bytes())
+    ours.write_bytes(base.read_bytes())
+    qemu_io(theirs, *(qemu_cmd(op) for op in ops))
+    return theirs, ours
+
+
 def qemu_cmd(op: Op) -> str:
     kind, off, n, *rest = op
     if kind == "write":
@@ -134,10 +144,7 @@ def luks_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_same_operations_same_file(engine: ModuleType, tmp_path: Path, luks_base: Path, name: str) -> None:
     """qemu-io and the engine on copies of one LUKS image: byte-identical files afterwards."""
     ops = SEQUENCES[name]
-    theirs, ours = tmp_path / "qemu.qcow2", tmp_path / "ours.qcow2"
-    theirs.write_bytes(luks_base.read_bytes())
-    ours.write_bytes(luks_base.read_bytes())
-    qemu_io(theirs, *(qemu_cmd(op) for op in ops))
+    theirs, ours = qemu_ran_on_a_copy(luks_base, tmp_path, ops)
     with engine.open(ours, key_secret=PASS) as img:
         for op in ops:
             engine_apply(img, op)
@@ -173,10 +180,7 @@ def test_extended_l2_and_v2(engine: ModuleType, tmp_path: Path) -> None:
                       ("compat=0.10", [("write", 0, 3000, 0x31), ("zero", 0, 64 * K, False),
                                        ("write", 512, 512, 0x32)])):
         base = qemu_create(tmp_path / "base.qcow2", opts=opts)
-        theirs, ours = tmp_path / "q.qcow2", tmp_path / "m.qcow2"
-        theirs.write_bytes(base.read_bytes())
-        ours.write_bytes(base.read_bytes())
-        qemu_io(theirs, *(qemu_cmd(op) for op in ops))
+        theirs, ours = qemu_ran_on_a_copy(base, tmp_path, ops)
         with engine.open(ours, key_secret=PASS) as img:
             for op in ops:
                 engine_apply(img, op)
