@@ -470,9 +470,22 @@ def zeroize(img: ImageView, offset: int, n: int, unmap: bool) -> bool:
     whole_to = end if end >= img.size else max(whole_from, align_down(end, cs))
     if whole_from > offset and not _zero_subclusters(s, offset, whole_from - offset):
         return False
-    _for_each_cluster(img, whole_from, whole_to,
-                      lambda old_e, old_b: _zero_entry(s, old_e, old_b, unmap), request=True)
-    return whole_to == end or _zero_subclusters(s, whole_to, end - whole_to)
+    # A tail in a compressed cluster is refused after the whole clusters are done; QEMU
+    # keeps their L2 and refcount updates but drops the queued discards unissued
+    # (qcow2_subcluster_zeroize's fail path: qcow2_process_discards with ret < 0).
+    try:
+        with s.discards_held():
+            _each_cluster(img, whole_from, whole_to,
+                          lambda old_e, old_b: _zero_entry(s, old_e, old_b, unmap), request=True)
+            if whole_to != end and not _zero_subclusters(s, whole_to, end - whole_to):
+                raise _Refused
+    except _Refused:
+        return False
+    return True
+
+
+class _Refused(Exception):
+    """-ENOTSUP part-way through a held-discard walk: the held discards are dropped."""
 
 
 def _zero_entry(s: State, old_e: int, old_b: int, unmap: bool) -> tuple[int, int, bool]:

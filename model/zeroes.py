@@ -149,6 +149,11 @@ def zeroize(s: State, offset: int, n: int, unmap: bool) -> bool:
     end -= tail
     if head and not _zero_subclusters(s, offset - head, head):
         return False
+    # A tail in a compressed cluster is refused after the whole clusters are done; QEMU
+    # keeps their L2 and refcount updates but drops the queued discards unissued
+    # (qcow2_subcluster_zeroize's fail path calls qcow2_process_discards with ret < 0), so
+    # the freed clusters keep their bytes in the file.
+    punch = not (tail and _is_compressed(s, end))
     pos = offset
     while pos < end:
         l2off = mp.l2_table_for_write(q, pos)
@@ -169,11 +174,16 @@ def zeroize(s: State, offset: int, n: int, unmap: bool) -> bool:
                 table[idx] = (new_e, new_b)
                 mp.write_l2(q, l2off, table)
                 if do_unmap:
-                    mp.free_any_cluster(q, old_e, request=True)
+                    mp.free_any_cluster(q, old_e, request=punch)
                 table = mp.read_l2(q, l2off)
             idx += 1
             pos += cs
     return not (tail and not _zero_subclusters(s, end, tail))
+
+
+def _is_compressed(s: State, offset: int) -> bool:
+    e, _ = mp.get_entry(s.q, offset)
+    return cluster_type(e, extended_l2=True, has_data_file=s.q.has_data_file) is ClusterType.COMPRESSED
 
 
 def _zero_subclusters(s: State, offset: int, n: int) -> bool:

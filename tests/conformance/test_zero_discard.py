@@ -79,6 +79,29 @@ def test_partial_subcluster_zeroes_past_short_raw_backing_end_like_qemu(
     assert clean(m)
 
 
+def test_zeroes_refused_at_a_compressed_tail_leave_freed_clusters_unpunched(
+        engine: ModuleType, tmp_path: Path) -> None:
+    """Deep campaign seed 20062: an unmapping zero write whose whole clusters come first and
+    whose tail ends inside a compressed cluster. The driver frees the whole clusters, then
+    refuses the tail (-ENOTSUP), and QEMU drops the discards it held, so a freed cluster keeps
+    its bytes in the file; the block layer then writes the whole piece as zero data. The
+    engines once punched the freed cluster out, so the files differed in that cluster."""
+    b = tmp_path / "base.raw"
+    b.write_bytes(b"\x33" * 128 * KiB)
+    q, m = pair(tmp_path, "base.raw", "raw", 128 * KiB, cluster_size=16 * KiB, extended_l2=True)
+    data = bytes(range(256)) * 64 + b"\xb2"
+    (tmp_path / "data").write_bytes(data)
+    qemu_io(q, f"write -q -s {tmp_path / 'data'} 48k {len(data)}", "write -q -c -P 0 96k 16k",
+            "write -q -z -u 65025 48640")
+    with engine.open(m) as img:
+        img.write(48 * KiB, data)
+        img.write_compressed(96 * KiB, bytes(16 * KiB))
+        img.write_zeroes(65025, 48640, unmap=True)
+    assert m.read_bytes() == q.read_bytes()
+    assert raw_content(m) == raw_content(q)
+    assert clean(m)
+
+
 def test_is_zero_sees_holes_under_a_backing_file_that_looks_preallocated(
         engine: ModuleType, tmp_path: Path) -> None:
     """Found by a deep campaign (seed 9158): a backing file with holes inside its refcounted
