@@ -41,7 +41,9 @@ def add_campaign_args(p: argparse.ArgumentParser, *, profile: str = "quick") -> 
                    "the open options l2_cache_size, l2_cache_entry_size, refcount_cache_size, overlap_check, "
                    "and encryption: encrypt=none|luks|aes, encrypt_cipher=aes-256-xts-plain64|"
                    "aes-128-cbc-essiv|aes-256-cbc-plain, encrypt_backing=on|off); e.g. --config encrypt=luks "
-                   "runs LUKS images only")
+                   "runs LUKS images only. VAL may be a set, --config backing=none,qcow2 (draw only these), "
+                   "or an exclusion, --config backing=!raw or cluster_size=!512,1k (never these); "
+                   "repeated exclusions of one field add up")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (shards run in parallel)")
     p.add_argument("--shards", type=int, help="number of shards (default: jobs, or more under "
                    "--time-budget)")

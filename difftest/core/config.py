@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from hypothesis import assume
 from hypothesis import strategies as st
 
 from spec.geometry import Geometry
@@ -234,8 +235,73 @@ def _human(n: int) -> str:
     return str(n)
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A ``--config`` set or exclusion: ``backing=none,qcow2`` (only these values) or
+    ``backing=!raw`` (``!a,b``: neither). The strategy draws what it would draw anyway and
+    keeps only what the choice allows, so the weights among allowed values are unchanged.
+    A single value without ``!`` stays a plain pinned value, not a Choice."""
+
+    values: tuple[Any, ...]
+    exclude: bool = False
+
+    def allows(self, value: Any) -> bool:
+        # ``is``-exact for bools: True == 1 would let a bool through a set of ints.
+        hit = any(v == value and type(v) is type(value) for v in self.values)
+        return hit != self.exclude
+
+    def __str__(self) -> str:
+        return ("!" if self.exclude else "") + ",".join(str(v) for v in self.values)
+
+
+def allows(ov: dict[str, Any], name: str, value: Any) -> bool:
+    """Whether overrides ``ov`` let field ``name`` take ``value``."""
+    if name not in ov:
+        return True
+    pin = ov[name]
+    return pin.allows(value) if isinstance(pin, Choice) else pin == value
+
+
+def pinned(ov: dict[str, Any], name: str, default: Any = None) -> Any:
+    """The value ``ov`` pins ``name`` to; ``default`` when it is free or only restricted."""
+    pin = ov.get(name, default)
+    return default if isinstance(pin, Choice) else pin
+
+
+def restrict(ov: dict[str, Any], name: str, excluded: set[Any] | frozenset[Any], why: str) -> None:
+    """Exclude ``excluded`` values of field ``name`` in ``ov`` (merged with what is there):
+    how a target's capabilities (difftest/adapters, ``UNSUPPORTED``) narrow the campaign.
+    ValueError when ``ov`` pins an excluded value: nothing would be left to run."""
+    if not excluded:
+        return
+    pin = ov.get(name)
+    if name in ov and not isinstance(pin, Choice):
+        if not Choice(tuple(excluded), exclude=True).allows(pin):
+            raise ValueError(f"--config {name}={pin}: {why}")
+        return
+    if isinstance(pin, Choice) and not pin.exclude:
+        left = tuple(v for v in pin.values if Choice(tuple(excluded), exclude=True).allows(v))
+        if not left:
+            raise ValueError(f"--config {name}={pin}: {why}")
+        ov[name] = Choice(left)
+        return
+    old = pin.values if isinstance(pin, Choice) else ()
+    ov[name] = Choice(_sorted({*old, *excluded}), exclude=True)
+
+
+def _sorted(values: set[Any]) -> tuple[Any, ...]:
+    """A stable order (the overrides are part of the example database key)."""
+    try:
+        return tuple(sorted(values, key=lambda v: (v is not None, v)))
+    except TypeError:
+        return tuple(sorted(values, key=repr))
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``--config KEY=VAL`` pairs into typed Config fields (sizes accept K/M/G)."""
+    """``--config KEY=VAL`` pairs into typed Config fields (sizes accept K/M/G). ``VAL`` may
+    be a set, ``a,b`` (draw only these), or an exclusion, ``!a`` or ``!a,b`` (never these),
+    which become a ``Choice``; several exclusions of one field add up, and a later set or
+    pinned value replaces what came before."""
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -243,16 +309,29 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if not sep or key not in fields:
             raise ValueError(f"--config {pair!r}: expected KEY=VAL with KEY in {sorted(fields)}")
-        default = getattr(Config(), key)
-        if key in CACHE_FIELDS:  # None by default: a size, or "default"
-            out[key] = None if val.lower() in ("", "default", "none") else _parse_int(val)
-        elif isinstance(default, bool):
-            out[key] = val.lower() in ("1", "on", "true", "yes")
-        elif isinstance(default, int):
-            out[key] = _parse_int(val)
+        exclude = val.strip().startswith("!")
+        items = [v.strip() for v in val.strip().lstrip("!").split(",")]
+        if (exclude or len(items) > 1) and "" in items:
+            raise ValueError(f"--config {pair!r}: an empty value in a set")
+        values = [_parse_value(key, v) for v in items]
+        if exclude:
+            restrict(out, key, set(values), f"--config {pair} excludes it")
+        elif len(values) > 1:
+            out[key] = Choice(tuple(dict.fromkeys(values)))
         else:
-            out[key] = val
+            out[key] = values[0]
     return out
+
+
+def _parse_value(key: str, val: str) -> Any:
+    default = getattr(Config(), key)
+    if key in CACHE_FIELDS:  # None by default: a size, or "default"
+        return None if val.lower() in ("", "default", "none") else _parse_int(val)
+    if isinstance(default, bool):
+        return val.lower() in ("1", "on", "true", "yes")
+    if isinstance(default, int):
+        return _parse_int(val)
+    return val
 
 
 def _parse_int(val: str) -> int:
@@ -265,11 +344,16 @@ def _parse_int(val: str) -> int:
 
 @st.composite
 def configs(draw: st.DrawFn, overrides: dict[str, Any] | None = None) -> Config:
-    """Configurations weighted towards small clusters (many boundaries per byte written)."""
+    """Configurations weighted towards small clusters (many boundaries per byte written).
+    ``overrides`` pin fields to a value or restrict them to a ``Choice`` (parse_overrides)."""
     ov = overrides or {}
 
     def pick(name: str, strat: st.SearchStrategy[Any]) -> Any:
-        return ov[name] if name in ov else draw(strat)
+        if name in ov and not isinstance(ov[name], Choice):
+            return ov[name]
+        if name in ov:
+            return draw(strat.filter(ov[name].allows))
+        return draw(strat)
 
     version = pick("version", st.sampled_from([3, 3, 3, 2]))
     cluster_bits = pick("cluster_size", st.sampled_from(
@@ -281,12 +365,12 @@ def configs(draw: st.DrawFn, overrides: dict[str, Any] | None = None) -> Config:
                          if v3 else st.just(16))
     compression = pick("compression_type", st.sampled_from(["zlib", "zstd"]) if v3 else st.just("zlib"))
     lazy = pick("lazy_refcounts", st.booleans() if v3 else st.just(False))
-    backing = pick("backing", st.sampled_from(["qcow2", "qcow2x2"]) if ov.get("encrypt_backing")
+    backing = pick("backing", st.sampled_from(["qcow2", "qcow2x2"]) if pinned(ov, "encrypt_backing")
                    else st.sampled_from(BACKINGS))
     backing_size = pick("backing_size", st.sampled_from(BACKING_SIZES) if backing != "none"
                         else st.just("same"))
     data_file = pick("data_file", st.sampled_from([False, False, False, True])
-                     if v3 and ov.get("encrypt", "none") == "none" else st.just(False))
+                     if v3 and allows(ov, "encrypt", "none") else st.just(False))
     data_file_raw = pick("data_file_raw", st.booleans() if data_file and backing == "none"
                          else st.just(False))
     g = Geometry(cluster_size.bit_length() - 1, bool(extended_l2))
@@ -303,11 +387,17 @@ def configs(draw: st.DrawFn, overrides: dict[str, Any] | None = None) -> Config:
     # minimum is 2) make eviction and write-back happen on nearly every request.
     entry = pick("l2_cache_entry_size", st.sampled_from(
         [None, *sorted({e for e in (512, 4096, cluster_size) if e <= cluster_size})]))
-    slices = None if "l2_cache_size" in ov else draw(st.sampled_from([None, 2, 2, 3, 16]))
     # Without an explicit entry size, a cache smaller than the disk's L2 tables works in
     # 4 KiB slices (impl/options.py, read_cache_sizes).
-    l2_cache = ov["l2_cache_size"] if "l2_cache_size" in ov else \
-        (None if slices is None else slices * (entry or min(4096, cluster_size)))
+    unit = entry or min(4096, cluster_size)
+    if "l2_cache_size" in ov and not isinstance(ov["l2_cache_size"], Choice):
+        l2_cache = ov["l2_cache_size"]
+    elif isinstance(ov.get("l2_cache_size"), Choice) and not ov["l2_cache_size"].exclude:
+        l2_cache = draw(st.sampled_from(ov["l2_cache_size"].values))
+    else:
+        slices = draw(st.sampled_from([None, 2, 2, 3, 16]).filter(
+            lambda k: allows(ov, "l2_cache_size", None if k is None else k * unit)))
+        l2_cache = None if slices is None else slices * unit
     rc_cache = pick("refcount_cache_size", st.sampled_from([None, 4 * cluster_size, 16 * cluster_size]))
     overlap = pick("overlap_check", st.sampled_from(OVERLAP_CHECKS))
     # Encryption in about one example in ten, "none" first so that Hypothesis shrinks towards
@@ -325,6 +415,9 @@ def configs(draw: st.DrawFn, overrides: dict[str, Any] | None = None) -> Config:
                  l2_cache_entry_size=entry, refcount_cache_size=rc_cache, overlap_check=str(overlap),
                  encrypt=str(encrypt), encrypt_cipher=str(cipher), encrypt_backing=bool(encrypt_backing))
     cfg.validate()
+    # A restriction a dependent field could not honour (``data_file=!False`` on a v2 image,
+    # where the strategy has only False): this draw is invalid, Hypothesis draws another.
+    assume(all(allows(ov, f, getattr(cfg, f)) for f in ov))
     return cfg
 
 
