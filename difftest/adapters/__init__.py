@@ -27,7 +27,8 @@ or ``--readers`` (read-only, checked at teardown):
     module, e.g. ``cmd:model-io=python -m difftest.adapters.serve model``.
 
 Shipped: ``dissect_qcow2`` (form (a), reader): dissect.hypervisor's qcow2 reader, installed
-with pip at first use into ~/.cache/qcow2lab/adapters (never vendored).
+with pip at first use into ~/.cache/qcow2lab/adapters (never vendored); ``libqcow``
+(form (a), reader): libyal's libqcow through its Python binding pyqcow, installed the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def load(spec: str) -> Any:
     """The object a ``py:module[:NAME]`` or short reader name (``dissect``) stands for."""
     if spec == "dissect":
         spec = "py:difftest.adapters.dissect_qcow2:reader"
+    elif spec == "libqcow":
+        spec = "py:difftest.adapters.libqcow:reader"
     if not spec.startswith("py:"):
         raise ValueError(f"reader {spec!r}: expected py:MODULE[:NAME] or 'dissect'")
     modname, _, attr = spec[3:].partition(":")

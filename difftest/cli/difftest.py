@@ -145,6 +145,7 @@ def campaign(args: argparse.Namespace) -> tuple[Stats, list[str]]:
 
 def summary(stats: Stats, targets: list[str]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     con = Console()
@@ -155,9 +156,9 @@ def summary(stats: Stats, targets: list[str]) -> None:
     t.add_row("operations run", str(sum(stats.ops.values())))
     t.add_row("ops/second (wall, incl. set-up and teardown checks)", f"{stats.ops_per_second:.0f}")
     t.add_row("elapsed", f"{stats.elapsed:.1f} s")
-    distinct = len({d.message for d in stats.divergences})
-    t.add_row("divergences (distinct)", f"[{'red' if stats.divergences else 'green'}]"
-              f"{len(stats.divergences)} ({distinct})[/]")
+    findings = stats.findings()
+    t.add_row("distinct findings (times met)", f"[{'red' if findings else 'green'}]"
+              f"{len(findings)} ({sum(hits for _, hits, _ in findings)})[/]")
     con.print(t)
     ops = Table(title="operations")
     ops.add_column("op")
@@ -167,15 +168,13 @@ def summary(stats: Stats, targets: list[str]) -> None:
     con.print(ops)
     if stats.notes:
         con.print("notes: " + "; ".join(f"{k} (x{v})" for k, v in stats.notes.items()))
-    # Shards share the example database, so one bug is often replayed by many shards:
-    # report each distinct divergence once, with its smallest reproducer.
-    groups: dict[str, list[Any]] = {}
-    for d in stats.divergences:
-        groups.setdefault(d.message, []).append(d)
-    for msg, ds in groups.items():
-        best = min(ds, key=lambda d: d.steps)
+    # One bug is met by many examples and shards, with different offsets and paths in its
+    # message: report each distinct finding (signature, difftest/core/signature.py) once,
+    # with how often it was met and its smallest reproducer.
+    for best, hits, ds in findings:
         seeds = ", ".join(str(d.seed) for d in ds[:8]) + (" ..." if len(ds) > 8 else "")
-        con.print(f"[bold red]DIVERGENCE[/] x{len(ds)} (seeds {seeds}; {best.steps} steps): {msg}")
+        con.print(f"[bold red]FINDING[/] {escape(best.key)}: met x{hits} (seeds {seeds}; "
+                  f"{best.steps} steps): {escape(best.message)}")
         if best.repro_dir:
             con.print(f"  reproducers: {best.repro_dir}/repro.sh (qemu side), "
                       f"{best.repro_dir}/test_repro.py (pytest)")

@@ -4,11 +4,17 @@ A campaign is one or more shards; a shard is one Hypothesis run of the state mac
 (``max_examples`` examples of up to ``steps`` operations, from one seed). Shards run in this
 process or, with ``jobs > 1``, in worker processes that report progress through a queue.
 Failing examples are kept in a Hypothesis example database (``db_dir``), so the next run
-replays them first; the shrunk reproducers of shard S land in ``repro_dir/seed-S``.
+replays them first; the shrunk reproducers of shard S land in ``repro_dir/seed-S/<signature>``.
+
+No flooding (issue 14): the saved failures are replayed by the first shard of a campaign
+only, and a shard that meets a finding an earlier shard already reported (same signature,
+difftest/core/signature.py) counts the hit and moves on instead of shrinking it again.
+``Stats.hits`` says how often each distinct finding was met.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import queue
 import time
@@ -22,6 +28,7 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import seed as hyp_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.errors import Unsatisfiable
 from hypothesis.internal.conjecture import engine, providers
 from hypothesis.stateful import run_state_machine_as_test
 
@@ -30,7 +37,8 @@ from difftest.core.divergence import Divergence
 from difftest.core.lockstep import Lockstep
 from difftest.core.machine import Hooks, make_machine
 from difftest.core.minimize import minimize
-from difftest.core.repro import ReproStore, origin
+from difftest.core.repro import ReproStore
+from difftest.core.signature import normalise
 
 PROFILES: dict[str, dict[str, int]] = {
     "quick": {"examples": 20, "steps": 40},
@@ -48,10 +56,17 @@ class Found:
     seed: int
     repro_dir: str | None
     steps: int = 0
+    signature: str = ""
+    """What groups it with the other meetings of the same bug (difftest/core/signature.py);
+    the message when there is none (a harness error)."""
+
+    @property
+    def key(self) -> str:
+        return self.signature or normalise(self.message)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "message": self.message, "seed": self.seed,
-                "repro_dir": self.repro_dir, "steps": self.steps}
+                "repro_dir": self.repro_dir, "steps": self.steps, "signature": self.key}
 
 
 @dataclass
@@ -64,6 +79,9 @@ class Stats:
     notes: Counter[str] = field(default_factory=Counter)
     divergences: list[Found] = field(default_factory=list)
     shards: int = 0
+    hits: Counter[str] = field(default_factory=Counter)
+    """Per finding signature, how many examples met it: the one a shard shrank, plus every
+    later meeting that was only counted (Hooks.known)."""
 
     def merge(self, other: Stats) -> None:
         self.examples += other.examples
@@ -73,6 +91,16 @@ class Stats:
         self.notes.update(other.notes)
         self.divergences += other.divergences
         self.shards += other.shards
+        self.hits.update(other.hits)
+
+    def findings(self) -> list[tuple[Found, int, list[Found]]]:
+        """The distinct findings: per signature the smallest reported instance, how often
+        the signature was met, and every instance reported."""
+        groups: dict[str, list[Found]] = {}
+        for d in self.divergences:
+            groups.setdefault(d.key, []).append(d)
+        return [(min(ds, key=lambda d: (d.repro_dir is None, d.steps)), max(self.hits[k], len(ds)), ds)
+                for k, ds in groups.items()]
 
     @property
     def ops_per_second(self) -> float:
@@ -83,7 +111,8 @@ class Stats:
                 "elapsed_s": round(self.elapsed, 3), "ops": dict(self.ops),
                 "ops_per_second": round(self.ops_per_second, 1),
                 "configurations": len(self.configs), "configs": dict(self.configs),
-                "notes": dict(self.notes), "divergences": [d.to_json() for d in self.divergences]}
+                "notes": dict(self.notes), "divergences": [d.to_json() for d in self.divergences],
+                "findings": [{**best.to_json(), "hits": hits} for best, hits, _ in self.findings()]}
 
 
 @dataclass
@@ -103,6 +132,11 @@ class Shard:
     """Shrink every distinct failure (Hypothesis report_multiple_bugs); off: only the first."""
     shrink_seconds: float | None = None
     """Stop shrinking after this long (Hypothesis's own limit, 300 s, when None)."""
+    reuse: bool = True
+    """Replay the example database's saved failures first (the first shard of a campaign
+    only: run_shards turns it off for the others)."""
+    known: frozenset[str] = frozenset()
+    """Signatures an earlier shard of the campaign reported: counted, not shrunk again."""
 
 
 def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) -> Stats:
@@ -129,12 +163,20 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
         stats.ops.update(ls.ops)
         stats.notes.update(ls.notes)
 
+    def known(key: str) -> None:
+        stats.hits[key] += 1
+        if on_event:
+            on_event("known", key)
+
     hooks = Hooks(targets=shard.targets, readers=shard.readers, overrides=shard.overrides,
                   finish=shard.finish,
                   workdir=Path(shard.workdir) if shard.workdir else None, repro_dir=repro,
-                  on_step=step, on_example=example, on_divergence=divergence, on_close=closed)
+                  on_step=step, on_example=example, on_divergence=divergence, on_close=closed,
+                  known=shard.known, on_known=known)
 
-    phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
+    phases = [Phase.explicit, Phase.generate, Phase.target]
+    if shard.reuse:
+        phases.insert(1, Phase.reuse)
     if shard.shrink:
         phases.append(Phase.shrink)
     db = DirectoryBasedExampleDatabase(str(Path(shard.db_dir) / "-".join(shard.targets))) \
@@ -159,6 +201,8 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
     try:
         _run_seeded(machine, s, shard.seed,
                     f"qcow2lab-difftest:{sorted(shard.overrides.items())}".encode())
+    except Unsatisfiable:
+        pass  # every example met a known finding (Hooks.known): counted in stats.hits
     except Exception as e:  # Flaky failures and oracle trouble are findings too
         # report_multiple_bugs: Hypothesis shrinks every distinct failure (kind + place) on
         # its own and raises them together.
@@ -169,12 +213,19 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
                 if hooks.store is not None and shard.shrink:
                     d = _delete_operations(hooks.store, d, shard)
                 where, steps = hooks.store.lookup(d) if hooks.store is not None else (None, 0)
-                stats.divergences.append(Found(d.kind, str(d), shard.seed, str(where) if where else None,
-                                               steps))
+                key = where.name if where is not None else str(getattr(d, "signature", ""))
+                stats.divergences.append(Found(d.kind, normalise(str(d)), shard.seed,
+                                               str(where) if where else None, steps, key))
+                if key:
+                    stats.hits[key] += 1
             else:
                 msg = "".join(traceback.format_exception_only(err)).strip()
                 stats.divergences.append(Found(type(err).__name__, msg, shard.seed, None, 0))
     finally:
+        if hooks.store is not None:
+            # Only the reported findings keep a folder: the configurations the shrinker
+            # passed through on the way left theirs (same bug, larger reproducer).
+            hooks.store.prune({d.signature for d in stats.divergences if d.signature})
         engine.MAX_SHRINKING_SECONDS = shrink_limit
         providers._get_local_constants = local_constants
         providers.CONSTANTS_CACHE.cache.clear()
@@ -191,7 +242,8 @@ MINIMIZE_SECONDS = 60.0
 def _delete_operations(store: ReproStore, d: Divergence, shard: Shard) -> Divergence:
     """Drop operations from ``d``'s smallest reproducer while it still fails the same way
     (difftest/core/minimize.py), rewriting the reproducer; the divergence it now shows."""
-    case = store.cases.get(origin(d))
+    key = store.signature_of(d)
+    case = store.cases.get(key) if key is not None else None
     if case is None or not case[1]:
         return d
     cfg, ops, finish = case
@@ -232,6 +284,12 @@ def _run_seeded(machine: Any, s: settings, seed: int, db_key: bytes = b"qcow2lab
     test()
 
 
+def _once_per_campaign(shards: list[Shard]) -> list[Shard]:
+    """The saved failures are replayed by the first shard only: every shard shares the
+    example database, and each replaying them made one permanent bug count once per shard."""
+    return [dataclasses.replace(sh, reuse=False) if i else sh for i, sh in enumerate(shards)]
+
+
 # -- multi-process ----------------------------------------------------------------------------
 
 def _worker(shard: Shard, q: Any) -> None:
@@ -259,11 +317,18 @@ def run_shards(shards: list[Shard], jobs: int, on_event: Callable[[str, Any], No
     ``deadline`` (time.monotonic()), no shard starts after it."""
     total = Stats()
     t0 = time.perf_counter()
+    shards = _once_per_campaign(shards)
+
+    def primed(sh: Shard) -> Shard:
+        """``sh`` told which findings the campaign already has (see Hooks.known)."""
+        return dataclasses.replace(sh, known=sh.known | {d.signature for d in total.divergences
+                                                         if d.signature})
+
     if jobs <= 1:
         for sh in shards:
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            total.merge(run_shard(sh, on_event))
+            total.merge(run_shard(primed(sh), on_event))
         total.elapsed = time.perf_counter() - t0
         return total
     ctx = mp.get_context("fork")
@@ -275,7 +340,7 @@ def run_shards(shards: list[Shard], jobs: int, on_event: Callable[[str, Any], No
         if deadline is not None and time.monotonic() >= deadline:
             todo.clear()  # the budget is spent: wait for the running shards only
         while todo and len(running) < jobs:
-            p = ctx.Process(target=_worker, args=(todo.pop(0), q), daemon=True)
+            p = ctx.Process(target=_worker, args=(primed(todo.pop(0)), q), daemon=True)
             p.start()
             running.append(p)
             started += 1

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hypothesis import note
+from hypothesis import note, reject
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -28,6 +28,7 @@ from difftest.core.config import Config, configs, edge_points
 from difftest.core.divergence import Divergence
 from difftest.core.lockstep import Lockstep
 from difftest.core.repro import ReproStore
+from difftest.core.signature import signature
 
 Draw = Callable[..., Any]
 """``data.draw``: takes a strategy, returns a value."""
@@ -55,6 +56,12 @@ class Hooks:
     """Called once per example, when its Lockstep is closed (see Lockstep.on_close)."""
     finish: bool = True
     """Run the teardown checks (qemu-img check, rules, cross-reads) after every example."""
+    known: frozenset[str] = frozenset()
+    """Signatures (difftest/core/signature.py) the campaign has already found and shrunk in
+    an earlier shard: meeting one again is counted (``on_known``) and the example is
+    dropped as invalid, so it is neither shrunk nor saved again (issue 14: one permanent
+    bug was reported once per shard, x512)."""
+    on_known: Callable[[str], None] | None = None
 
 
 def offsets(draw: Draw, cfg: Config, size: int) -> int:
@@ -94,12 +101,22 @@ last two need a snapshot to exist."""
 def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
     cfg_strategy = configs(hooks.overrides)
     if hooks.store is None and hooks.repro_dir is not None:
-        hooks.store = ReproStore(hooks.repro_dir)
+        hooks.store = ReproStore(hooks.repro_dir, hooks.readers)
     if hooks.workdir is not None:
         hooks.workdir.mkdir(parents=True, exist_ok=True)
     # Backing chains built once per distinct chain for the life of this machine class (one
     # shard); removed when the class is collected or at exit.
     backing_cache = tempfile.TemporaryDirectory(prefix="difftest-backing-", dir=hooks.workdir)
+
+    def _unless_known(d: Divergence, cfg: Config) -> None:
+        """Count and drop (Hypothesis ``reject``) a finding an earlier shard has reported."""
+        if not hooks.known:
+            return
+        key = hooks.store.key(cfg, d) if hooks.store is not None else signature(d, cfg, hooks.readers)
+        if key in hooks.known:
+            if hooks.on_known:
+                hooks.on_known(key)
+            reject()
 
     class DiffMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
@@ -132,6 +149,8 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
 
         def _fail(self, d: Divergence) -> None:
             self.failed = True
+            if self.ls is not None:
+                _unless_known(d, self.ls.cfg)
             if self.ls is not None and hooks.store is not None:
                 hooks.store.record(self.ls.cfg, self.ls.log, hooks.targets, d)
             if hooks.on_divergence and self.ls is not None:
@@ -160,6 +179,7 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
                                    on_close=[hooks.on_close] if hooks.on_close else [])
             except Divergence as d:
                 self.failed = True
+                _unless_known(d, cfg)
                 if hooks.store is not None:
                     hooks.store.record(cfg, [], hooks.targets, d)
                 raise

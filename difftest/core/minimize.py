@@ -19,7 +19,7 @@ from typing import Any
 from difftest.core.config import Config
 from difftest.core.divergence import Divergence
 from difftest.core.lockstep import Lockstep
-from difftest.core.repro import origin
+from difftest.core.signature import operation_identity
 
 Op = tuple[str, dict[str, Any]]
 
@@ -43,18 +43,19 @@ def minimize(cfg: Config, ops: list[Op], targets: list[str], d: Divergence, *, f
              readers: tuple[str, ...] = (),
              workdir: Path | None = None) -> tuple[list[Op], Divergence] | None:
     """The shortest subsequence of ``ops`` found within ``seconds`` that still gives a
-    divergence with ``d``'s origin (kind and operation), with that divergence; None when
+    divergence with ``d``'s identity (kind and operation; a reader finding's class, operation
+    and reader too: signature.operation_identity), with that divergence; None when
     ``ops`` itself no longer reproduces it (then the recorded reproducer is left as it is).
     ``finish``: ``d`` came from the teardown checks, so every replay runs them.
 
     Chunks of half the list, then a quarter, down to single operations, are tried from the
     end (later operations depend on earlier ones more often than the reverse)."""
     deadline = time.monotonic() + seconds
-    want = origin(d)
+    want = operation_identity(d, readers)
 
     def fails(candidate: list[Op]) -> Divergence | None:
         got = replay(cfg, candidate, targets, finish=finish, readers=readers, workdir=workdir)
-        return got if got is not None and origin(got) == want else None
+        return got if got is not None and operation_identity(got, readers) == want else None
 
     best = fails(ops)
     if best is None:

@@ -4,18 +4,25 @@
   empty directory; it rebuilds the backing chain, creates the image, replays the operations
   and prints what qemu reads and reports at the end).
 - ``test_repro.py``: a pytest test whose body replays the same operations through
-  ``Lockstep`` on the same targets; it fails with the same ``Divergence`` until fixed.
+  ``Lockstep`` on the same targets and readers; it fails with the same ``Divergence`` until fixed.
+
+A reader finding's repro.sh ends by running the reader (difftest/core/readcheck.py) on the
+image qemu-io wrote, against what ``qemu-img convert`` reads, and exits with its status: it
+fails while the reader's bug is there. Each finding has its own folder, named by its
+signature (difftest/core/signature.py).
 """
 
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 from difftest.core.config import Config
 from difftest.core.divergence import Divergence
 from difftest.core.qemuio import PBKDF2_FLAKE, PBKDF2_RETRIES
+from difftest.core.signature import normalise, operation_identity, reader_of, signature
 from difftest.core.targets import TOP, backing_layer_argv, backing_plan, qemu_img_create, secrets_of
 
 
@@ -80,11 +87,14 @@ def _create_line(argv: list[str], encrypted: bool) -> str:
     return f"retry_pbkdf2 {shlex.join(argv)} || exit 1" if encrypted else shlex.join(argv)
 
 
-def shell_script(cfg: Config, log: list[tuple[str, dict[str, Any]]], d: Divergence | None = None) -> str:
+def shell_script(cfg: Config, log: list[tuple[str, dict[str, Any]]], d: Divergence | None = None,
+                 readers: list[str] | tuple[str, ...] = ()) -> str:
+    """The qemu side of the reproducer; for a reader finding, the reader's check after it
+    (``readers``: the campaign's readers, the one the finding names is run)."""
     lines = ["#!/bin/sh", "# qcow2lab difftest reproducer, qemu side. Run in an empty directory.",
              f"# config: {cfg!r}"]
     if d is not None:
-        lines += [f"# divergence: {line}" for line in str(d).splitlines()]
+        lines += [f"# divergence: {line}" for line in normalise(str(d)).splitlines()]
     if cfg.encrypted:
         lines.append(RETRY_FUNCTION)
     lines += ["set -x"]
@@ -155,21 +165,60 @@ def shell_script(cfg: Config, log: list[tuple[str, dict[str, Any]]], d: Divergen
     lines += [shlex.join(["qemu-img", "map", "--output=json", *_img_image(cfg)]),
               shlex.join(["qemu-img", "snapshot", "-l", *_img_image(cfg)]),
               shlex.join(["qemu-img", "check", *_img_image(cfg)])]
+    if d is not None and d.kind == "reader" and readers:
+        lines += _reader_lines(cfg, log, reader_of(d, readers) or readers[0], size)
     return "\n".join(lines) + "\n"
 
 
+READER_TIMEOUT = 60
+"""Seconds repro.sh gives the reader before ``timeout`` kills it (a hang exits 137)."""
+PROJECT = Path(__file__).resolve().parents[2]
+"""The checkout the reproducer came from: repro.sh runs the reader with it on PYTHONPATH,
+with the interpreter that ran the campaign (the adapters and the project live there)."""
+
+
+def read_ranges(cfg: Config, log: list[tuple[str, dict[str, Any]]], size: int) -> list[tuple[int, int]]:
+    """The guest ranges the teardown has a reader read: every request's whole clusters, and
+    the first and last 64 KiB (as teardown._plan, from the log alone)."""
+    c = cfg.cluster_size
+    spans = [(0, 65536), (max(0, size - 65536), 65536)]
+    for _, kw in _until_finish(log):
+        if isinstance(kw.get("off"), int) and isinstance(kw.get("n"), int):
+            lo = kw["off"] - kw["off"] % c
+            spans.append((lo, -(-(kw["off"] + max(kw["n"], 1)) // c) * c - lo))
+    out: list[list[int]] = []
+    for a, b in sorted((a, min(a + n, size)) for a, n in spans if a < size):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b - a) for a, b in out]
+
+
+def _reader_lines(cfg: Config, log: list[tuple[str, dict[str, Any]]], reader: str, size: int) -> list[str]:
+    ranges = [f"{a}:{n}" for a, n in read_ranges(cfg, log, size)]
+    return ["# The reader's side: what QEMU reads, then the reader over the same guest ranges;",
+            "# the script's exit status is the reader check's (non-zero while the bug is there).",
+            shlex.join(["qemu-img", "convert", "-O", "raw", *_img_image(cfg), "expected.raw"]),
+            f'PYTHONPATH={shlex.quote(str(PROJECT))}${{PYTHONPATH:+:$PYTHONPATH}} '
+            + shlex.join(["timeout", "-s", "KILL", str(READER_TIMEOUT), sys.executable, "-m",
+                          "difftest.core.readcheck", reader, TOP, "expected.raw", *ranges])]
+
+
 def pytest_body(cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: list[str],
-                d: Divergence | None = None) -> str:
+                d: Divergence | None = None, readers: list[str] | tuple[str, ...] = ()) -> str:
     lines = ['"""qcow2lab difftest reproducer (generated)."""', "",
              "from pathlib import Path", "",
              "from difftest.core.config import Config",
              "from difftest.core.lockstep import Lockstep", "", "",
              "def test_repro(tmp_path: Path) -> None:"]
     if d is not None:
-        lines += [f"    # divergence: {line}" for line in str(d).splitlines()]
+        lines += [f"    # divergence: {line}" for line in normalise(str(d)).splitlines()]
     if cfg.encrypted:
         lines.append(f"    # encrypted: every target opens with {cfg.key_options()!r} (Config.key_options)")
-    lines.append(f"    ls = Lockstep(tmp_path, {cfg!r}, {targets!r})")
+    # The readers read every file in ls.finish(): without them a reader finding cannot show.
+    lines.append(f"    ls = Lockstep(tmp_path, {cfg!r}, {targets!r}, {list(readers)!r})" if readers
+                 else f"    ls = Lockstep(tmp_path, {cfg!r}, {targets!r})")
     lines.append("    try:")
     for name, kw in _until_finish(log):
         args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
@@ -181,49 +230,81 @@ def pytest_body(cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: lis
 
 
 def write_reproducers(where: Path, cfg: Config, log: list[tuple[str, dict[str, Any]]],
-                      targets: list[str], d: Divergence | None = None) -> tuple[Path, Path]:
+                      targets: list[str], d: Divergence | None = None,
+                      readers: list[str] | tuple[str, ...] = ()) -> tuple[Path, Path]:
     """Write repro.sh and test_repro.py into ``where`` (overwriting the previous pair: the
     last divergence Hypothesis replays is the shrunk one)."""
     where.mkdir(parents=True, exist_ok=True)
     sh = where / "repro.sh"
-    sh.write_text(shell_script(cfg, log, d))
+    sh.write_text(shell_script(cfg, log, d, readers))
     sh.chmod(0o755)
     py = where / "test_repro.py"
-    py.write_text(pytest_body(cfg, log, targets, d))
+    py.write_text(pytest_body(cfg, log, targets, d, readers))
     return sh, py
 
 
 def origin(d: Divergence) -> str:
-    """A divergence's identity for reproducer bookkeeping: its kind and operation name."""
+    """A divergence's kind and operation name (what the deletion pass keeps fixed for a
+    lockstep divergence; reader findings add their class, see signature.operation_identity)."""
     return f"{d.kind}-{d.op.split('(')[0]}"
 
 
+Case = tuple[Config, list[tuple[str, dict[str, Any]]], bool]
+
+
 class ReproStore:
-    """Keeps, per divergence origin, the smallest reproducer seen in ``root/<origin>``.
+    """Keeps, per finding signature (difftest/core/signature.py), the smallest reproducer
+    seen, in ``root/<signature>``.
 
     While Hypothesis shrinks one failure it may run into others (and larger instances of
-    the first), so "the last one written" is not the shrunk one; the smallest per origin is.
+    the first, on other configurations), so "the last one written" is not the shrunk one;
+    the smallest per signature is. ``prune`` removes the folders of the configurations the
+    shrinker passed through, once the campaign knows which findings it reports.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, readers: list[str] | tuple[str, ...] = ()) -> None:
         self.root = root
+        self.readers = tuple(readers)
         self.best: dict[str, int] = {}
-        self.cases: dict[str, tuple[Config, list[tuple[str, dict[str, Any]]], bool]] = {}
-        """Per origin, the configuration and operations of the smallest reproducer, and
+        self.cases: dict[str, Case] = {}
+        """Per signature, the configuration and operations of the smallest reproducer, and
         whether it failed in the teardown (difftest/core/minimize.py replays them)."""
+
+    def key(self, cfg: Config, d: Divergence) -> str:
+        return signature(d, cfg, self.readers)
 
     def record(self, cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: list[str],
                d: Divergence) -> None:
-        key = origin(d)
+        key = self.key(cfg, d)
+        d.signature = key  # type: ignore[attr-defined]  # the campaign reports by it
         steps = len(_until_finish(log))  # the reproducer's operations
         if key in self.best and self.best[key] < steps:
             return
         self.best[key] = steps
         self.cases[key] = (cfg, _until_finish(log), any(name == "finish" for name, _ in log))
-        write_reproducers(self.root / key, cfg, log, targets, d)
+        write_reproducers(self.root / key, cfg, log, targets, d, self.readers)
+
+    def signature_of(self, d: Divergence) -> str | None:
+        """The signature ``record`` gave ``d`` (or an equal divergence), None when unseen."""
+        key = getattr(d, "signature", None)
+        if isinstance(key, str) and key in self.best:
+            return key
+        same = [k for k in self.best if k.split("--")[0] == operation_identity(d, self.readers)]
+        return min(same, key=lambda k: self.best[k]) if same else None
 
     def lookup(self, d: Divergence) -> tuple[Path | None, int]:
-        key = origin(d)
-        if key not in self.best:
+        key = self.signature_of(d)
+        if key is None:
             return None, 0
         return self.root / key, self.best[key]
+
+    def prune(self, keep: set[str]) -> None:
+        """Remove the reproducers of every signature but ``keep`` (those of configurations
+        the shrinker left behind)."""
+        import shutil
+
+        for key in list(self.best):
+            if key not in keep:
+                shutil.rmtree(self.root / key, ignore_errors=True)
+                del self.best[key]
+                self.cases.pop(key, None)
