@@ -20,12 +20,16 @@ CACHE = Path(os.environ.get("QCOW2LAB_ADAPTERS", Path.home() / ".cache" / "qcow2
 
 
 def ensure_installed() -> None:
+    """Install the packages unless their distributions are found. Asked of the package
+    metadata, not by importing: the harness calls this before a campaign, and foreign code
+    runs only in the reader's worker (difftest/adapters/isolation.py)."""
+    import importlib.metadata
+
     if str(CACHE) not in sys.path:
         sys.path.insert(0, str(CACHE))
-    try:
-        import backports.zstd  # noqa: F401
-        import dissect.hypervisor.disk.qcow2  # noqa: F401
-    except ImportError:
+    found = {d.metadata["Name"].lower().replace("_", ".").replace("-", ".")
+             for d in importlib.metadata.distributions(path=[str(CACHE), *sys.path])}
+    if not {p.lower() for p in PACKAGES} <= found:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(CACHE), *PACKAGES],
                        check=True)
         importlib_invalidate()

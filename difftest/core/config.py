@@ -297,6 +297,18 @@ def _sorted(values: set[Any]) -> tuple[Any, ...]:
         return tuple(sorted(values, key=repr))
 
 
+def unsupported_by(cfg: Config, declared: dict[str, Any], who: str) -> str | None:
+    """Which ``field=value`` of ``cfg`` an adapter's ``UNSUPPORTED`` declaration (Config
+    field name -> values it does not support) names, or None. ValueError for a field that
+    is not a Config field: a typo would silently declare nothing."""
+    for name, values in declared.items():
+        if name not in {f.name for f in dataclasses.fields(Config)}:
+            raise ValueError(f"{who}: UNSUPPORTED names {name!r}, not a configuration field")
+        if not Choice(tuple(values), exclude=True).allows(getattr(cfg, name)):
+            return f"{name}={getattr(cfg, name)}"
+    return None
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``--config KEY=VAL`` pairs into typed Config fields (sizes accept K/M/G). ``VAL`` may
     be a set, ``a,b`` (draw only these), or an exclusion, ``!a`` or ``!a,b`` (never these),

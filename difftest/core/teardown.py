@@ -8,7 +8,8 @@
    "qemu-leaks": QEMU itself leaks in that sequence, e.g. refcount blocks left behind by a
    shrink, qcow2_co_truncate keeps them; see ``Lockstep.notes``).
 3. Each file obeys spec.rules (same leak excuse).
-   Read-only adapters (``Lockstep.readers``) then read every file like the first target.
+   Read-only adapters (``Lockstep.readers``) then read every file like the first target,
+   each in a worker process (``_reader``).
 4. Cross-reads: ``qemu-img compare`` reads each target's file against the first one's, and
    each in-process target opens every other target's file and reads the touched ranges.
    Where QEMU's own corruption (2.) leaves QEMU unable to read its own file, the compare is
@@ -22,18 +23,19 @@
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
-from collections.abc import Iterator, Sequence
+import re
+import tempfile
+from collections.abc import Sequence
 from typing import Any, Protocol
 
-from difftest.adapters import load
+from difftest.adapters import isolation
+from difftest.adapters.isolation import AdapterFailed
 from difftest.core import qemuio
-from difftest.core.config import Config
+from difftest.core.config import Config, unsupported_by
 from difftest.core.divergence import Divergence
 from difftest.core.oracle import qemu_cannot_read, qemu_check, qemu_compare
 from difftest.core.targets import Target, data_path
-from spec.errors import Qcow2Error
+from spec.errors import Qcow2Error, UnsupportedFeature
 from spec.header import QCOW2_EXT_MAGIC_CRYPTO_HEADER
 from spec.image import open_image
 from spec.rules import evaluate
@@ -289,70 +291,88 @@ def _plan(ls: Run) -> list[tuple[int, int]]:
     return plan
 
 
-READER_TIMEOUT = 20.0
-"""Seconds a foreign reader may spend on one open or read before it is reported as hung."""
+def _scrub(ls: Run, text: str) -> str:
+    """``text`` with the run's temporary paths replaced by target names, so one finding reads
+    the same in every run (findings are grouped and named by their messages)."""
+    for t in ls.targets:
+        text = text.replace(str(t.path), f"<{t.name}'s file>").replace(str(t.dir), f"<{t.name}'s dir>")
+    return re.sub(re.escape(tempfile.gettempdir()) + r"/[^\s'\",)]*", "<tmp>", text)
 
 
-class ReaderHung(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
-    """Interrupt foreign code that loops forever (SIGALRM; main thread only, else no bound)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def fire(_sig: int, _frame: Any) -> None:
-        raise ReaderHung(f"no answer within {seconds:.0f} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+def _reader_finding(ls: Run, cls: str, text: str) -> Divergence:
+    return Divergence("reader", "finish", f"{cls}: {_scrub(ls, text)}", finding_class=cls)
 
 
 def _reader(ls: Run, spec: str) -> None:
     """A read-only adapter reads every target's file; it must read what the first target
-    reads from that same file. Its exceptions are findings (foreign code, any class)."""
-    reader = load(spec)
+    reads from that same file. It runs in a worker process (difftest/adapters/isolation.py),
+    one per reader per example, so a hang, a crash, runaway memory or leaked descriptors
+    end with the worker and become findings of that class; an exception is an ``error``,
+    other bytes ``wrong-bytes``. A configuration the reader declares unsupported
+    (``UNSUPPORTED``), or that it refuses at open with UnsupportedFeature or
+    NotImplementedError, is noted ``unsupported:`` and not read: a reader does not narrow
+    what the writers are tested on."""
+    try:
+        declared, _params = isolation.capabilities(spec)
+    except AdapterFailed as e:
+        raise _reader_finding(ls, e.finding_class, f"{spec} cannot be loaded: {e.detail}") from None
+    why = unsupported_by(ls.cfg, declared, spec)
+    if why:
+        ls.notes.append(f"unsupported: {spec}: {why}")
+        return
     ref_t = ls.targets[0]
-    for t in ls.targets:
-        ref = ref_t.open_readonly(t.path)
+    with isolation.Worker(spec) as worker:
         try:
+            reader = worker.load(spec)
+        except AdapterFailed as e:
+            raise _reader_finding(ls, e.finding_class, f"{spec} cannot be loaded: {e.detail}") from None
+        for t in ls.targets:
+            ref = ref_t.open_readonly(t.path)
             try:
-                with _deadline(READER_TIMEOUT):
-                    img = reader.open(str(t.path), readonly=True)
-            except Exception as e:
-                raise Divergence("reader", "finish", f"{spec} cannot open {t.name}'s file: "
-                                 f"{type(e).__name__}: {e}") from e
-            try:
-                if int(img.size) != int(ref.size):
-                    raise Divergence("reader", "finish", f"{spec} reads size {img.size} from {t.name}'s "
-                                     f"file, {ref_t.name} {ref.size}")
-                for a, n in _plan(ls):
-                    for pos in range(a, a + n, 1 << 20):
-                        k = min(1 << 20, a + n - pos)
-                        want = bytes(ref.read(pos, k))
-                        try:
-                            with _deadline(READER_TIMEOUT):
-                                got = bytes(img.read(pos, k))
-                        except Exception as e:
-                            raise Divergence("reader", "finish", f"{spec} reading [{pos}, {pos + k}) of "
-                                             f"{t.name}'s file: {type(e).__name__}: {e}") from e
-                        if got != want:
-                            i = next((j for j in range(min(len(got), k)) if got[j] != want[j]), len(got))
-                            raise Divergence("reader", "finish", f"{spec} reads {t.name}'s file differently "
-                                             f"from {ref_t.name} at guest offset {pos + i}: "
-                                             f"{got[i:i + 8].hex()} vs {want[i:i + 8].hex()}")
+                if not _read_with(ls, spec, reader, t, ref, ref_t.name):
+                    return
             finally:
-                img.close()
-        finally:
-            ref.close()
+                ref.close()
+
+
+def _read_with(ls: Run, spec: str, reader: Any, t: Target, ref: Any, ref_name: str) -> bool:
+    """``reader`` reads ``t``'s file against ``ref``; False when it refused the
+    configuration at open (noted as unsupported)."""
+    try:
+        img = reader.open(str(t.path), readonly=True)
+    except (UnsupportedFeature, NotImplementedError) as e:
+        ls.notes.append(f"unsupported: {spec}: {_scrub(ls, f'{type(e).__name__}: {e}')}")
+        return False
+    except AdapterFailed as e:
+        raise _reader_finding(ls, e.finding_class, f"{spec} opening {t.name}'s file: {e.detail}") from None
+    except Qcow2Error as e:
+        raise _reader_finding(ls, "error", f"{spec} cannot open {t.name}'s file: "
+                              f"{type(e).__name__}: {e}") from None
+    try:
+        if int(img.size) != int(ref.size):
+            raise _reader_finding(ls, "wrong-bytes", f"{spec} reads size {img.size} from {t.name}'s "
+                                  f"file, {ref_name} {ref.size}")
+        for a, n in _plan(ls):
+            for pos in range(a, a + n, 1 << 20):
+                k = min(1 << 20, a + n - pos)
+                want = bytes(ref.read(pos, k))
+                try:
+                    got = bytes(img.read(pos, k))
+                except AdapterFailed as e:
+                    raise _reader_finding(ls, e.finding_class, f"{spec} reading [{pos}, {pos + k}) of "
+                                          f"{t.name}'s file: {e.detail}") from None
+                except (Qcow2Error, NotImplementedError, AttributeError) as e:
+                    raise _reader_finding(ls, "error", f"{spec} reading [{pos}, {pos + k}) of {t.name}'s "
+                                          f"file: {type(e).__name__}: {e}") from None
+                if got != want:
+                    i = next((j for j in range(min(len(got), k)) if got[j] != want[j]), len(got))
+                    raise _reader_finding(ls, "wrong-bytes", f"{spec} reads {t.name}'s file differently "
+                                          f"from {ref_name} at guest offset {pos + i}: "
+                                          f"{got[i:i + 8].hex()} vs {want[i:i + 8].hex()}")
+    finally:
+        with contextlib.suppress(Exception):  # a dead worker is already a finding
+            img.close()
+    return True
 
 
 def _cross_read(ls: Run) -> None:

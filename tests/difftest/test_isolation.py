@@ -1,0 +1,127 @@
+"""Foreign implementations run in worker processes (issue 14, part 1; difftest/adapters/isolation.py).
+
+A reader that hangs where SIGALRM cannot reach, kills its own process, exhausts memory or
+leaks descriptors becomes a finding of its class; the harness survives and keeps no
+descriptor. The hostile adapters are in tests/difftest/hostile_adapters.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from difftest.adapters import isolation
+from difftest.core import teardown
+from difftest.core.config import Config
+from difftest.core.divergence import Divergence
+from difftest.core.lockstep import Lockstep
+
+HOSTILE = "py:tests.difftest.hostile_adapters:"
+LIMIT = 3.0
+
+
+@pytest.fixture(autouse=True)
+def tight_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(isolation.TIMEOUT_ENV, str(LIMIT))
+    monkeypatch.setenv(isolation.MEMORY_ENV, "256")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def read_with(tmp_path: Path, reader: str, cfg: Config | None = None) -> Lockstep:
+    """One small example through the model, then ``reader`` reads its file (teardown)."""
+    ls = Lockstep(tmp_path, cfg or Config(cluster_size=4096, size=1 << 20), ["model"], [reader])
+    with ls:
+        ls.write(off=4095, n=2, byte=0x5A)
+        ls.finish()
+    return ls
+
+
+def finding(tmp_path: Path, reader: str) -> Divergence:
+    with pytest.raises(Divergence) as found:
+        read_with(tmp_path, HOSTILE + reader)
+    d = found.value
+    assert d.kind == "reader" and d.op == "finish"
+    assert str(tmp_path) not in str(d), "a temporary path in the message splits one finding into many"
+    return d
+
+
+def test_a_reader_that_ignores_sigalrm_and_spins_is_a_hang_within_the_limit(tmp_path: Path) -> None:
+    before = open_fds()
+    t0 = time.monotonic()
+    d = finding(tmp_path, "spins")
+    assert d.finding_class == "hang" and "[reader] finish: hang: " in str(d)
+    assert time.monotonic() - t0 < LIMIT + 15  # the limit, plus one example's own checks
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("reader", ["segfaults", "exits"])
+def test_a_reader_that_kills_its_own_process_is_a_crash(tmp_path: Path, reader: str) -> None:
+    before = open_fds()
+    d = finding(tmp_path, reader)
+    assert d.finding_class == "crash" and "crash: " in str(d)
+    assert ("SIGSEGV" if reader == "segfaults" else "status 3") in str(d)
+    assert open_fds() == before
+
+
+def test_a_reader_that_allocates_without_bound_is_a_memory_finding(tmp_path: Path) -> None:
+    d = finding(tmp_path, "hoards")
+    assert d.finding_class == "memory" and "memory: " in str(d)
+
+
+def test_an_exception_is_an_error_and_other_bytes_are_wrong_bytes(tmp_path: Path) -> None:
+    d = finding(tmp_path / "a", "raises")
+    assert d.finding_class == "error" and "KeyError" in str(d)
+    d = finding(tmp_path / "b", "wrong")
+    assert d.finding_class == "wrong-bytes" and "at guest offset 0" in str(d)
+
+
+def test_a_reader_leaking_descriptors_leaves_none_in_the_harness(tmp_path: Path) -> None:
+    with Lockstep(tmp_path, Config(cluster_size=4096, size=1 << 20), ["model"]) as ls:
+        ls.write(off=0, n=8192, byte=0x11)
+        ls.close_targets()
+        teardown._reader(ls, HOSTILE + "leaks_fds")  # starts the capability cache
+        before = open_fds()
+        for _ in range(50):
+            teardown._reader(ls, HOSTILE + "leaks_fds")  # 100 files per read, never closed
+        assert open_fds() == before
+
+
+def test_the_harness_goes_on_after_a_reader_crashed(tmp_path: Path) -> None:
+    with pytest.raises(Divergence):
+        read_with(tmp_path / "a", HOSTILE + "segfaults")
+    ls = read_with(tmp_path / "b", HOSTILE + "good")
+    assert not any(n.startswith("unsupported") for n in ls.notes)
+
+
+@pytest.mark.parametrize("reader", ["refuses", "not_implemented"])
+def test_refusing_at_open_is_noted_unsupported_not_a_finding(tmp_path: Path, reader: str) -> None:
+    ls = read_with(tmp_path, HOSTILE + reader)
+    notes = [n for n in ls.notes if n.startswith("unsupported: ")]
+    assert len(notes) == 1 and "planted" in notes[0]
+
+
+def test_a_declared_unsupported_configuration_is_not_read(tmp_path: Path) -> None:
+    ls = read_with(tmp_path / "a", HOSTILE + "no_raw", Config(cluster_size=512, size=65536))
+    assert f"unsupported: {HOSTILE}no_raw: cluster_size=512" in ls.notes
+    ls = read_with(tmp_path / "b", HOSTILE + "no_raw", Config(cluster_size=4096, size=65536))
+    assert not any(n.startswith("unsupported") for n in ls.notes)
+
+
+def test_a_worker_answers_with_builtin_data_only(tmp_path: Path) -> None:
+    import model
+
+    path = tmp_path / "t.qcow2"
+    model.create(str(path), 1 << 20)
+    with isolation.Worker("good", isolation.Limits(5.0, 256)) as w:
+        reader = w.load(HOSTILE + "good")
+        img = reader.open(str(path), readonly=True)
+        assert isinstance(img, isolation.Remote) and img.size == 1 << 20 and img.read(0, 3) == bytes(3)
+        with pytest.raises(AttributeError):
+            _ = img.no_such_attribute
+        img.close()
