@@ -28,6 +28,7 @@ from impl.cache import Qcow2Cache
 from impl.hostfile import HostFile, IOStats
 from impl.state import State
 from spec import features as ft
+from spec.autoclear import clear_on_open
 from spec.entries import (
     HOST_OFFSET_TYPES,
     L1E_OFFSET_MASK,
@@ -232,7 +233,8 @@ class Image:
 
     def _open_read_write(self, img: ImageFile) -> None:
         """qcow2_do_open for a writer, before any cache exists: unknown autoclear bits and
-        the bitmaps bit are cleared (impl keeps no bitmaps up to date); a dirty image
+        the bitmaps bit are cleared, the bitmaps' clusters freed (impl keeps no bitmaps up
+        to date; spec/autoclear.py); a dirty image
         (lazy refcounts left unclean) is repaired by the shared engine as qcow2_do_open
         repairs it (qcow2_co_check_locked with BDRV_FIX_ERRORS | BDRV_FIX_LEAKS:
         spec.check.repair_dirty) and the dirty bit cleared."""
@@ -247,10 +249,7 @@ class Image:
             raise FormatError(f"cannot open for writing: {e.strerror}", self.filename) from None
         try:
             q = Qcow2File(img, f, readonly=False)
-            keep = ft.QCOW2_AUTOCLEAR_DATA_FILE_RAW
-            if h.v3.autoclear_features & ~keep:
-                h.v3.autoclear_features &= keep
-                q.write_header()
+            clear_on_open(q)
             if h.v3.incompatible_features & ft.QCOW2_INCOMPAT_DIRTY:
                 from spec.check import repair_dirty
 

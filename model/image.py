@@ -27,6 +27,7 @@ from model import zeroes as zr
 from model.state import ModelFile, State, UnflaggedError, check_range
 from spec import encryption as enc
 from spec import features as ft
+from spec.autoclear import clear_on_open
 from spec.errors import CorruptionError, FormatError, Qcow2Error, RequestError
 from spec.hostio import HostIOError
 from spec.image import ImageFile, open_image
@@ -339,18 +340,15 @@ class Image:
         """What a read-write open changes (qcow2_do_open, qcow2_update_options):
 
         - unknown autoclear bits are cleared, and the bitmaps bit too: the model does not
-          keep bitmaps up to date, so it declares them stale the way an old writer does
-          (qcow2.rst "autoclear_features");
+          keep bitmaps up to date, so it gives them up, their clusters freed so that the
+          image stays leak-free (spec/autoclear.py);
         - a dirty image (lazy refcounts left unclean) is repaired as ``check -r all``
           repairs it (spec.check.repair_dirty) and the dirty bit cleared.
         """
         h = self.q.header
         if h.v3 is None:
             return
-        keep = ft.QCOW2_AUTOCLEAR_DATA_FILE_RAW
-        if h.v3.autoclear_features & ~keep:
-            h.v3.autoclear_features &= keep
-            self.q.write_header()
+        clear_on_open(self.q)
         if h.v3.incompatible_features & ft.QCOW2_INCOMPAT_DIRTY:
             # Imported here: only a dirty lazy-refcount image needs the repair engine, and
             # loading it at import cost every command ~30 ms of start-up.
