@@ -19,7 +19,7 @@ import sys
 from spec.errors import Qcow2Error
 
 # Verb modules in --help order.
-COMMANDS = ["info", "check", "map", "spec", "fuzz", "difftest", "crash", "bench", "run"]
+COMMANDS = ["info", "check", "map", "spec", "fuzz", "difftest", "conformance", "crash", "bench", "run"]
 
 
 def chosen_verb(argv: list[str]) -> str | None:

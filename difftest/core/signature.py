@@ -53,7 +53,7 @@ def finding_class(d: Divergence) -> str | None:
     head, sep, _ = body.partition(": ")
     if sep and head in READER_CLASSES:
         return head
-    if "differently from" in body or " reads size " in body:
+    if "differently from" in body or " reads size " in body or "WrongBytes" in body:
         return "wrong-bytes"
     if "ReaderHung" in body or "no answer within" in body:
         return "hang"

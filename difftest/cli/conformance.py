@@ -1,0 +1,118 @@
+"""``qcow2lab conformance``: other qcow2 readers against QEMU, one short campaign per
+feature area and reader (difftest/conformance/), printed as a matrix.
+
+    qcow2lab conformance --readers dissect,libqcow[,py:MODULE[:NAME]] [--areas a,b,...]
+                         [--time-budget S | --total-budget S] [--seed N] [--out DIR]
+                         [--output=table|json|markdown]
+
+Each cell is pass, unsupported, or the class of the reader's finding (wrong bytes, error,
+hang, crash, memory) with the folder of its minimal reproducer (repro.sh runs the reader and
+exits non-zero while the bug is there; test_repro.py is the same case as a pytest test).
+Exit status: 0 when every cell passed or is unsupported, 1 when a reader has a finding.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BUDGET = 30.0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from difftest.conformance.areas import AREAS
+
+    p = sub.add_parser("conformance", help="hold other qcow2 readers to QEMU, feature by feature",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--readers", required=True, help="comma-separated: dissect, libqcow, py:MODULE[:NAME] "
+                   "(see difftest/adapters/__init__.py)")
+    p.add_argument("--areas", help="comma-separated feature areas (default all): "
+                   + ", ".join(a.name for a in AREAS))
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--time-budget", type=float, help=f"seconds per cell (default {DEFAULT_BUDGET:.0f}; "
+                        "shrinking a finding can add up to a quarter more)")
+    budget.add_argument("--total-budget", type=float, help="seconds for the whole matrix, shared equally "
+                        "by the cells")
+    p.add_argument("--seed", type=int, default=0, help="first seed of every cell's campaign")
+    p.add_argument("--out", default="conformance-repro", help="where the cells' reproducers are written")
+    p.add_argument("--output", choices=["table", "json", "markdown"], default="table")
+    p.set_defaults(func=run)
+
+
+def _versions(readers: list[str]) -> dict[str, str]:
+    """The installed version of each shipped reader (for the matrix's caption)."""
+    out: dict[str, str] = {}
+    for r in readers:
+        try:
+            if r == "dissect":
+                from importlib.metadata import version
+
+                from difftest.adapters.dissect_qcow2 import ensure_installed
+                ensure_installed()
+                out[r] = f"dissect.hypervisor {version('dissect.hypervisor')}"
+            elif r == "libqcow":
+                from difftest.adapters.libqcow import version as libqcow_version
+                out[r] = f"libqcow {libqcow_version()}"
+        except Exception as e:  # a missing reader shows in its cells; the caption says why
+            out[r] = f"unavailable ({type(e).__name__})"
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from difftest.conformance import render
+    from difftest.conformance.areas import select
+    from difftest.conformance.matrix import Cell, run_cell
+    from difftest.core import qemuio
+
+    err = Console(stderr=True)
+    readers = [r.strip() for r in args.readers.split(",") if r.strip()]
+    try:
+        areas = select(args.areas)
+    except ValueError as e:
+        err.print(f"[red]{e}[/]")
+        return 2
+    if not qemuio.available():
+        err.print("[bold red]qemu-img/qemu-io not found: the matrix needs QEMU as the oracle[/]")
+        return 2
+    versions = _versions(readers)
+    ncells = len(areas) * len(readers)
+    budget = args.total_budget / ncells if args.total_budget else (args.time_budget or DEFAULT_BUDGET)
+    cells: list[Cell] = []
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("examples {task.fields[examples]}  findings [red]{task.fields[found]}"),
+                        TimeElapsedColumn(), console=err,
+                        disable=args.output != "table" and not err.is_terminal)
+    counts = {"examples": 0, "found": 0}
+    with progress:
+        task = progress.add_task("cells", total=ncells, examples=0, found=0)
+
+        def on_event(kind: str, value: Any) -> None:
+            if kind == "example":
+                counts["examples"] += 1
+            progress.update(task, examples=counts["examples"], found=counts["found"])
+
+        for area in areas:
+            for reader in readers:
+                progress.update(task, description=f"{area.name} × {reader}")
+                cell = run_cell(area, reader, budget=budget, seed=args.seed, out=Path(args.out),
+                                on_event=on_event)
+                cells.append(cell)
+                if cell.outcome not in ("pass", "unsupported", "not run"):
+                    counts["found"] += 1
+                progress.update(task, advance=1, found=counts["found"])
+    date = datetime.now(UTC).strftime("%Y-%m-%d")
+    meta = {"date": date, "versions": versions, "budget_per_cell_s": round(budget, 1), "seed": args.seed}
+    if args.output == "json":
+        print(render.to_json(cells, meta))
+    elif args.output == "markdown":
+        print(f"Measured {date}, {', '.join(versions.values()) or 'readers as given'}; "
+              f"{budget:.0f} s per cell, seed {args.seed}.\n")
+        print(render.to_markdown(cells))
+    else:
+        render.print_table(cells, f"conformance {date}: {', '.join(versions.values())}")
+    return 1 if any(c.outcome not in ("pass", "unsupported", "not run") for c in cells) else 0

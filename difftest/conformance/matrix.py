@@ -1,0 +1,162 @@
+"""Running the conformance matrix: one short difftest campaign per (area, reader) cell.
+
+Each cell is a campaign (difftest/core/campaign.py) of the model and qemu-io as writers
+and the one reader, with the area's Config fields pinned, under a time budget. The model
+goes first, so the reader is held to what the model reads from each file, and the model
+is itself held to qemu-io by the same campaign. A cell's outcome:
+
+- ``unsupported``: the reader declares one of the area's pinned values in its module's
+  ``UNSUPPORTED`` (Config field -> values; the cell is not run), or it refused the images
+  at open with UnsupportedFeature or NotImplementedError (an ``unsupported:`` note, or, from
+  an older teardown, a reader finding that names the exception);
+- a finding class (wrong bytes, crash, hang, memory, error) when the reader disagreed, with
+  the reproducer folder of the smallest instance and its number of operations;
+- ``pass`` when it read every file of every example as the model did.
+
+Findings of the writers themselves (model against qemu-io) are not the reader's: they are
+counted in the cell as ``other`` and left to ``qcow2lab difftest``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difftest.adapters import load
+from difftest.conformance.areas import Area
+from difftest.conformance.snapshots import wrap
+from difftest.core.campaign import Found, Shard, Stats, run_shards
+from difftest.core.signature import READER_CLASSES, short_name
+
+TARGETS = ["model", "qemu"]
+STEPS = 12
+"""Operations per example at most: reader bugs show on short sequences, and short examples
+give a cell of a few seconds many configurations and files."""
+EXAMPLES_PER_SHARD = 4
+OUTCOMES = ("pass", "unsupported", "wrong-bytes", "error", "hang", "crash", "memory", "not run")
+
+
+@dataclass
+class Cell:
+    area: str
+    reader: str
+    outcome: str = "not run"
+    detail: str = ""
+    repro: str | None = None
+    steps: int = 0
+    hits: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+    other: list[str] = field(default_factory=list)
+    """Other finding classes met in the cell besides ``outcome`` (the most frequent)."""
+    harness: int = 0
+    """Findings that are not the reader's (the writers disagreeing), left to difftest."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"area": self.area, "reader": self.reader, "outcome": self.outcome, "detail": self.detail,
+                "repro": self.repro, "steps": self.steps, "hits": self.hits, "examples": self.examples,
+                "seconds": round(self.seconds, 1), "other": self.other, "harness_findings": self.harness}
+
+
+def declared_unsupported(reader: str, area: Area) -> str | None:
+    """The pinned field and value ``reader``'s module declares unsupported, or None."""
+    obj = load(reader)
+    mod = obj if inspect.ismodule(obj) else inspect.getmodule(type(obj))
+    declared: dict[str, Any] = getattr(obj, "UNSUPPORTED", None) or getattr(mod, "UNSUPPORTED", None) or {}
+    for key, value in area.overrides.items():
+        values = declared.get(key)
+        if values is not None and value in values:
+            return f"declares {key}={value} unsupported"
+    return None
+
+
+def finding_class_of(found: Found) -> str | None:
+    """A reader finding's class from its signature; "unsupported" when the reader refused
+    the image at open; None for a finding that is not the reader's."""
+    if found.kind != "reader":
+        return None
+    if "UnsupportedFeature" in found.message or "NotImplementedError" in found.message:
+        return "unsupported"
+    for cls in READER_CLASSES:
+        if found.signature.startswith(f"reader-{cls}-"):
+            return cls
+    return "error"
+
+
+def classify(cell: Cell, stats: Stats) -> Cell:
+    """Fill ``cell`` from its campaign's statistics (see the module docstring)."""
+    cell.examples = stats.examples
+    met: dict[str, list[tuple[int, Found]]] = {}
+    for best, hits, _ in stats.findings():
+        cls = finding_class_of(best)
+        if cls is None:
+            cell.harness += 1
+            continue
+        met.setdefault(cls, []).append((hits, best))
+    # Per class: the hits of all its findings, and its most-hit finding.
+    per_class = {cls: (sum(h for h, _ in fs), max(fs, key=lambda f: f[0])[1]) for cls, fs in met.items()}
+    unsupported_notes = sum(n for k, n in stats.notes.items() if k.startswith("unsupported"))
+    real = {k: v for k, v in per_class.items() if k != "unsupported"}
+    if real:
+        cls = max(real, key=lambda k: real[k][0])
+        cell.hits, best = real[cls]
+        cell.outcome, cell.repro, cell.steps = cls, best.repro_dir, best.steps
+        cell.detail = best.message
+        cell.other = sorted(k for k in real if k != cls)
+    elif "unsupported" in per_class:
+        cell.outcome, cell.detail = "unsupported", per_class["unsupported"][1].message
+    elif unsupported_notes:
+        cell.outcome = "unsupported"
+        cell.detail = next(k for k in stats.notes if k.startswith("unsupported"))
+    elif stats.examples and sum(stats.ops.values()):
+        cell.outcome = "pass"
+        cell.detail = f"{stats.examples} examples, {sum(stats.ops.values())} operations"
+    else:  # the writers never got going (a harness finding): the reader was not tested
+        cell.detail = next((best.message for best, _, _ in stats.findings()), "no example ran")
+    return cell
+
+
+def run_cell(area: Area, reader: str, *, budget: float, seed: int, out: Path,
+             on_event: Callable[[str, Any], None] | None = None) -> Cell:
+    """One cell: ``reader`` on ``area`` for about ``budget`` seconds (shrinking a finding
+    may add up to half the budget again)."""
+    cell = Cell(area.name, reader)
+    t0 = time.monotonic()
+    why = declared_unsupported(reader, area)
+    if why is not None:
+        cell.outcome, cell.detail = "unsupported", why
+        return cell
+    spec = wrap(reader) if area.snapshots else reader
+    # Absolute: qemu-img and qemu-io run in the targets' directories.
+    where = out.resolve() / area.name / short_name(reader)
+    shards = [Shard(TARGETS, seed + k, EXAMPLES_PER_SHARD, STEPS, area.overrides, db_dir=None,
+                    repro_dir=str(where), readers=[spec], shrink_seconds=max(5.0, budget / 4),
+                    workdir=str(where / "work"))
+              for k in range(10_000)]
+    stats = run_shards(shards, 1, on_event, deadline=t0 + budget)
+    cell.seconds = time.monotonic() - t0
+    _remove_workdir(where / "work")
+    return classify(cell, stats)
+
+
+def _remove_workdir(path: Path) -> None:
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_matrix(areas: list[Area], readers: list[str], *, budget: float, seed: int, out: Path,
+               on_cell: Callable[[Cell], None] | None = None,
+               on_event: Callable[[str, Any], None] | None = None) -> list[Cell]:
+    """Every (area, reader) cell, area by area; ``budget`` is per cell."""
+    cells = []
+    for area in areas:
+        for reader in readers:
+            cell = run_cell(area, reader, budget=budget, seed=seed, out=out, on_event=on_event)
+            cells.append(cell)
+            if on_cell:
+                on_cell(cell)
+    return cells
