@@ -58,9 +58,10 @@ class Hooks:
     """Run the teardown checks (qemu-img check, rules, cross-reads) after every example."""
     known: frozenset[str] = frozenset()
     """Signatures (difftest/core/signature.py) the campaign has already found and shrunk in
-    an earlier shard: meeting one again is counted (``on_known``) and the example is
-    dropped as invalid, so it is neither shrunk nor saved again (issue 14: one permanent
-    bug was reported once per shard, x512)."""
+    an earlier shard: meeting one again is counted (``on_known``) and ends the example's
+    comparisons, which then passes, so it is neither shrunk nor saved again (issue 14: one
+    permanent bug was reported once per shard, x512). Not Hypothesis's ``reject``: a shard
+    that meets a known bug in every example would draw some 460 of them before giving up."""
     on_known: Callable[[str], None] | None = None
 
 
@@ -108,15 +109,16 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
     # shard); removed when the class is collected or at exit.
     backing_cache = tempfile.TemporaryDirectory(prefix="difftest-backing-", dir=hooks.workdir)
 
-    def _unless_known(d: Divergence, cfg: Config) -> None:
-        """Count and drop (Hypothesis ``reject``) a finding an earlier shard has reported."""
+    def _is_known(d: Divergence, cfg: Config) -> bool:
+        """Whether an earlier shard reported ``d``'s finding (counted through on_known)."""
         if not hooks.known:
-            return
+            return False
         key = hooks.store.key(cfg, d) if hooks.store is not None else signature(d, cfg, hooks.readers)
-        if key in hooks.known:
-            if hooks.on_known:
-                hooks.on_known(key)
-            reject()
+        if key not in hooks.known:
+            return False
+        if hooks.on_known:
+            hooks.on_known(key)
+        return True
 
     class DiffMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
@@ -130,6 +132,8 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
         # -- plumbing ---------------------------------------------------------------------------
         def _do(self, op: Callable[[Lockstep], Any], what: str) -> Any:
             assert self.ls is not None
+            if self.failed:  # a known finding ended the comparisons (Hooks.known)
+                return False
             note(what)
             self.steps += 1
             if hooks.on_step:
@@ -140,6 +144,8 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
                 # number would stop the shrinker from deleting steps.
                 return op(self.ls)
             except Divergence as d:
+                if self._known(d):
+                    return False
                 self._fail(d)
                 raise
             except Exception as e:  # a bug in the harness or a target: still a finding
@@ -147,10 +153,16 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
                 self._fail(div)
                 raise div from e
 
+        def _known(self, d: Divergence) -> bool:
+            """Whether ``d`` is a finding an earlier shard reported: then it is counted and
+            nothing more of this example is run or compared."""
+            if self.ls is None or not _is_known(d, self.ls.cfg):
+                return False
+            self.failed = True
+            return True
+
         def _fail(self, d: Divergence) -> None:
             self.failed = True
-            if self.ls is not None:
-                _unless_known(d, self.ls.cfg)
             if self.ls is not None and hooks.store is not None:
                 hooks.store.record(self.ls.cfg, self.ls.log, hooks.targets, d)
             if hooks.on_divergence and self.ls is not None:
@@ -179,7 +191,8 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
                                    on_close=[hooks.on_close] if hooks.on_close else [])
             except Divergence as d:
                 self.failed = True
-                _unless_known(d, cfg)
+                if _is_known(d, cfg):
+                    reject()  # no Lockstep to run the rules on: drop the example
                 if hooks.store is not None:
                     hooks.store.record(cfg, [], hooks.targets, d)
                 raise
@@ -290,6 +303,8 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
                 sizes = {t.name: int(t.image.size) for t in self.ls.targets}
                 if len(set(sizes.values())) > 1:
                     d = Divergence("size", "invariant", f"virtual sizes differ: {sizes}")
+                    if self._known(d):
+                        return
                     self._fail(d)
                     raise d
 
@@ -300,8 +315,9 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
                     try:
                         self.ls.finish()
                     except Divergence as d:
-                        self._fail(d)
-                        raise
+                        if not self._known(d):
+                            self._fail(d)
+                            raise
             finally:
                 if self.ls is not None:
                     self.ls.close()
