@@ -124,6 +124,25 @@ def test_qemu_packing_corruption_fails_alike(tmp_path: Path) -> None:
     assert any(n.startswith("qemu-corrupt") for n in ls.notes)
 
 
+@pytest.mark.skipif(not qemuio.available(), reason="needs qemu-img")
+def test_qemu_packing_without_a_qemu_target_fails_check_alike(tmp_path: Path) -> None:
+    """Found by a model,impl campaign (seed 7): with no qemu target the engines reproduce
+    QEMU 7.2 packing compressed data into a live cluster (a data cluster ends up COPIED with
+    refcount 2), and qemu-img check calls both files corrupt, as it calls QEMU's own file
+    after this sequence. Targets that fail check and the rules alike are noted, not
+    reported."""
+    cfg = Config(version=3, cluster_size=4096, refcount_bits=2, lazy_refcounts=True, size=153088,
+                 l2_cache_size=65536, l2_cache_entry_size=4096)
+    with Lockstep(tmp_path, cfg, ["model", "impl"]) as ls:
+        for off, byte in ((90112, 0), (126976, 196), (61440, 0), (86016, 0)):
+            ls.write_compressed(off=off, n=4096, byte=byte)
+        ls.write(off=78336, n=8192, byte=17)
+        ls.write(off=552, n=511, byte=0)
+        ls.write_compressed(off=122880, n=4096, byte=51)
+        ls.finish()
+        assert any(n.startswith("qemu-corrupt: the targets reproduced") for n in ls.notes)
+
+
 @pytest.mark.skipif(not qemuio.available(), reason="needs qemu-io")
 def test_failed_snapshot_apply_keeps_sizes_in_step(tmp_path: Path) -> None:
     """Found by ``make run`` (seed 16): with refcount_bits=2 applying a snapshot overflows a
