@@ -24,6 +24,7 @@ raw backing file, which ``set_parent`` cannot take. Everything else it raises is
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -50,14 +51,12 @@ def ensure_installed() -> Any:
     if str(CACHE) not in sys.path:
         sys.path.insert(0, str(CACHE))
     try:
-        import pyqcow
+        return importlib.import_module("pyqcow")
     except ImportError:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(CACHE), *PACKAGES],
                        check=True)
-        import importlib
         importlib.invalidate_caches()
-        import pyqcow
-    return pyqcow
+        return importlib.import_module("pyqcow")
 
 
 def version() -> str:

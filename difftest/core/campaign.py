@@ -36,7 +36,7 @@ from difftest.core.config import Config
 from difftest.core.divergence import Divergence
 from difftest.core.lockstep import Lockstep
 from difftest.core.machine import Hooks, make_machine
-from difftest.core.minimize import minimize
+from difftest.core.minimize import minimize, simplify
 from difftest.core.repro import ReproStore
 from difftest.core.signature import normalise
 
@@ -240,21 +240,33 @@ MINIMIZE_SECONDS = 60.0
 
 
 def _delete_operations(store: ReproStore, d: Divergence, shard: Shard) -> Divergence:
-    """Drop operations from ``d``'s smallest reproducer while it still fails the same way
-    (difftest/core/minimize.py), rewriting the reproducer; the divergence it now shows."""
+    """Drop operations from ``d``'s smallest reproducer while it still fails the same way,
+    then the configuration's features the failure does not need (difftest/core/minimize.py),
+    rewriting the reproducer; the divergence it now shows."""
     key = store.signature_of(d)
     case = store.cases.get(key) if key is not None else None
-    if case is None or not case[1]:
+    if case is None:
         return d
     cfg, ops, finish = case
     seconds = MINIMIZE_SECONDS if shard.shrink_seconds is None else min(shard.shrink_seconds,
                                                                         MINIMIZE_SECONDS)
-    found = minimize(cfg, ops, shard.targets, d, finish=finish, seconds=seconds, readers=tuple(shard.readers),
-                     workdir=Path(shard.workdir) if shard.workdir else None)
-    if found is None or len(found[0]) >= len(ops):
+    t0 = time.monotonic()
+    workdir = Path(shard.workdir) if shard.workdir else None
+    readers = tuple(shard.readers)
+    if ops:
+        found = minimize(cfg, ops, shard.targets, d, finish=finish, seconds=seconds, readers=readers,
+                         workdir=workdir)
+        if found is None:
+            return d  # it no longer reproduces: the recorded reproducer is left as it is
+        ops, d = found
+    simpler, d2 = simplify(cfg, ops, shard.targets, d, finish=finish, pinned=frozenset(shard.overrides),
+                           seconds=max(seconds - (time.monotonic() - t0), 0.0), readers=readers,
+                           workdir=workdir)
+    if simpler == cfg and len(ops) >= len(case[1]):
         return d
-    store.record(cfg, found[0], shard.targets, found[1])
-    return found[1]
+    # The log as the machine records it: a teardown finding's reproducer runs finish().
+    store.record(simpler, ops + ([("finish", {})] if finish else []), shard.targets, d2)
+    return d2
 
 
 _NO_CONSTANTS = providers.Constants()

@@ -74,3 +74,41 @@ def minimize(cfg: Config, ops: list[Op], targets: list[str], d: Divergence, *, f
             break
         chunk = max(chunk // 2, 1)
     return ops, best
+
+
+SIMPLER: tuple[tuple[str, Any], ...] = (
+    ("data_file", False), ("extended_l2", False), ("compression_type", "zlib"), ("backing_size", "same"),
+    ("lazy_refcounts", False), ("refcount_bits", 16), ("l2_cache_size", None),
+    ("l2_cache_entry_size", None), ("refcount_cache_size", None), ("overlap_check", "cached"),
+)
+"""Configuration fields and the plain value each is tried at, after the operations: the
+finding's signature (difftest/core/signature.py) names the image features, so a feature the
+finding does not need would split one bug into several findings (lazy refcounts drawn in one
+shard, not in the next). ``backing`` qcow2x2 is tried as a single qcow2 layer too."""
+
+
+def simplify(cfg: Config, ops: list[Op], targets: list[str], d: Divergence, *, finish: bool,
+             seconds: float, pinned: frozenset[str] = frozenset(), readers: tuple[str, ...] = (),
+             workdir: Path | None = None) -> tuple[Config, Divergence]:
+    """``cfg`` with every field of SIMPLER that the finding does not need set to its plain
+    value (the ``pinned`` fields, a campaign's ``--config``, are kept), and the divergence
+    the simplest configuration gives; ``(cfg, d)`` when nothing could be dropped."""
+    deadline = time.monotonic() + seconds
+    want = operation_identity(d, readers)
+    tries = list(SIMPLER)
+    if cfg.backing == "qcow2x2":
+        tries.insert(0, ("backing", "qcow2"))
+    for name, value in tries:
+        if time.monotonic() >= deadline:
+            break
+        if name in pinned or getattr(cfg, name) == value:
+            continue
+        candidate = cfg.replace(**{name: value, **({"data_file_raw": False} if name == "data_file" else {})})
+        try:
+            candidate.validate()
+        except ValueError:
+            continue
+        got = replay(candidate, ops, targets, finish=finish, readers=readers, workdir=workdir)
+        if got is not None and operation_identity(got, readers) == want:
+            cfg, d = candidate, got
+    return cfg, d

@@ -135,3 +135,12 @@ def operation_identity(d: Divergence, readers: list[str] | tuple[str, ...] = ())
     """The signature without the feature set: what the deletion pass (minimize.py) keeps
     fixed while it drops operations on one configuration."""
     return signature(d, Config(), readers).split("--")[0]
+
+
+def covers(known: str, key: str) -> bool:
+    """Whether the finding ``known`` (a signature) accounts for a meeting whose signature
+    is ``key``: the same finding on a configuration with the features it needs and more
+    (the deletion pass drops the features a finding does not need, minimize.simplify)."""
+    head, _, feats = known.partition("--")
+    head2, _, feats2 = key.partition("--")
+    return head == head2 and set(feats.split(",")) <= set(feats2.split(","))
