@@ -4,8 +4,9 @@
                       [--targets model,impl,qemu] [--repro DIR] [--output=json]
     qcow2lab difftest --damaged --replay DIR/case.json
 
-Exit status: 0 when every side agreed on every damaged image, 1 on any finding (with
---replay: 1 while the saved case still disagrees).
+Exit status: 0 when every side agreed on every damaged image or every disagreement is a
+named difference (difftest/damaged/notes.py, reported with its hits), 1 on any unexplained
+finding (with --replay: 1 while the saved case still disagrees unexplained).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from difftest.damaged.campaign import Corpus, Stats, campaign, describe
+from difftest.damaged.campaign import SHRINK_SECONDS, Corpus, Stats, campaign, describe
 from difftest.damaged.case import Case
+from difftest.damaged.notes import explain
 
 DEFAULT_EXAMPLES = 200
 
@@ -32,14 +34,32 @@ def replay(path: Path, engines: list[str]) -> int:
     case = Case.from_json(json.loads(path.read_text()))
     work = path.parent / "replay"
     run = Corpus(work, case.seed).run(case, engines, work / "run")
-    print(run.finding if run.finding is not None else "every side agrees")
-    return 1 if run.finding is not None else 0
+    if run.finding is None:
+        print("every side agrees")
+        return 0
+    note = explain(run.finding, "".join(run.qemu_log))
+    print(run.finding if note is None else f"{run.finding}\n  named difference {note.name}: {note.reason}")
+    return 1 if note is None else 0
+
+
+def summary(stats: Stats, engines: list[str]) -> str:
+    """One line: the figures of a damaged campaign (also in ``qcow2lab run``'s summary)."""
+    open_notes = sum(f.hits for f in stats.noted.values() if f.note is not None and f.note.open)
+    return (f"{stats.examples} damaged images ({stats.opened} opened, {stats.refused} refused by every "
+            f"side), {stats.operations} requests, {stats.elapsed:.0f} s, targets {','.join(engines)}: "
+            f"{len(stats.found)} unexplained finding(s), {len(stats.noted)} named difference(s) "
+            f"({sum(f.hits for f in stats.noted.values())} hits, {open_notes} of them open engine gaps)")
 
 
 def run(args: argparse.Namespace) -> int:
     engines = _engines(args.targets)
     if args.replay:
         return replay(Path(args.replay), engines)
+    return run_campaign(args, engines)[0]
+
+
+def run_campaign(args: argparse.Namespace, engines: list[str]) -> tuple[int, Stats]:
+    """The campaign with a progress bar and its report; (exit status, figures)."""
     console = Console(stderr=True)
     examples = args.examples if args.examples else (None if args.time_budget else DEFAULT_EXAMPLES)
     with Progress(TextColumn("damaged"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -48,19 +68,26 @@ def run(args: argparse.Namespace) -> int:
 
         def tick(s: Stats) -> None:
             bar.update(task, completed=s.elapsed if args.time_budget else s.examples,
-                       description=f"{s.examples} images, {s.operations} requests, {len(s.found)} findings")
+                       description=f"{s.examples} images, {s.operations} requests, {len(s.found)} findings, "
+                                   f"{len(s.noted)} named")
+        shrink = getattr(args, "shrink_seconds", None)
         stats = campaign(seed=args.seed or 0, engines=engines, time_budget=args.time_budget,
-                         examples=examples, repro_dir=Path(args.repro) / "damaged", on_example=tick)
+                         examples=examples, repro_dir=Path(args.repro) / "damaged", on_example=tick,
+                         shrink_seconds=SHRINK_SECONDS if shrink is None else shrink)
     if args.output == "json":
         json.dump({"examples": stats.examples, "opened": stats.opened, "refused": stats.refused,
                    "operations": stats.operations, "elapsed_s": round(stats.elapsed, 1), "targets": engines,
                    "findings": [{"key": k, "message": describe(f), "hits": f.hits, "repro_dir": f.repro}
-                                for k, f in stats.found.items()]}, sys.stdout, indent=2)
+                                for k, f in stats.found.items()],
+                   "named_differences": [{"key": k, "note": f.note.name if f.note else None,
+                                          "open": bool(f.note and f.note.open), "message": describe(f),
+                                          "hits": f.hits, "repro_dir": f.repro}
+                                         for k, f in stats.noted.items()]}, sys.stdout, indent=2)
         print()
     else:
-        console.print(f"{stats.examples} damaged images ({stats.opened} opened, {stats.refused} refused by "
-                      f"every side), {stats.operations} requests, {stats.elapsed:.0f} s, targets "
-                      f"{','.join(engines)}: {len(stats.found)} distinct finding(s)")
+        console.print(summary(stats, engines), highlight=False)
+        for key, f in stats.noted.items():
+            console.print(f"[yellow]{key}[/]: {describe(f)}\n  reproducer: {f.repro}", highlight=False)
         for key, f in stats.found.items():
             console.print(f"[red]{key}[/]: {describe(f)}\n  reproducer: {f.repro}", highlight=False)
-    return 1 if stats.found else 0
+    return (1 if stats.found else 0), stats

@@ -178,8 +178,14 @@ _FAIL = re.compile(r"(failed|error|not found|can't|cannot|could not|unable|must|
 and error_report() lines start with the program name ("qemu-io: The new size must be...")."""
 
 
-_LOGGED_ONLY = re.compile(r"^qcow2_free_clusters failed: [^\n]*(\n|$)", re.MULTILINE)
-"""Messages QEMU logs without failing the request (block/qcow2-refcount.c, qcow2_free_clusters)."""
+_LOGGED_ONLY = re.compile(r"^(qcow2_free_clusters failed: [^\n]*"
+                          r"|qcow2: Image is corrupt: [^\n]*; further non-fatal corruption events will be "
+                          r"suppressed)(\n|$)", re.MULTILINE)
+"""Messages QEMU logs without failing the request: a failed refcount decrement
+(block/qcow2-refcount.c, qcow2_free_clusters), and a non-fatal corruption event
+(qcow2_signal_corruption with fatal=false, block/qcow2.c: e.g. "Cannot free unaligned
+cluster" from qcow2_free_any_cluster), which neither sets the corrupt bit nor fails the
+request; the fatal kind says "Marking image as corrupt"."""
 
 
 class QemuIo:

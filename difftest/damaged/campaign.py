@@ -8,6 +8,10 @@ of requests, then whole damaged bytes, then single flipped bits, each kept out w
 kind of disagreement remains. The case is then saved as JSON with a repro.sh
 (difftest/damaged/repro.py). Equal signatures (kind of disagreement, mutation family) are
 reported once, with how often they were hit.
+
+A finding that one of the named differences explains (difftest/damaged/notes.py, from what
+qemu-io printed) is counted under the note's name instead: reported, with its hits and an
+unshrunk reproducer, but not a failure. Shrinking keeps only candidates that stay unexplained.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 from difftest.corpus.mutate import Base, Mutant, build_bases, random_flips, targeted
 from difftest.damaged.case import Case, Finding, Op, Run, count_bits, damage_of, run_case
+from difftest.damaged.notes import Note, explain
 from difftest.damaged.repro import write_repro
 
 MAX_OPS = 12
@@ -64,6 +69,8 @@ class Found:
     finding: Finding
     hits: int = 1
     repro: str | None = None
+    note: Note | None = None
+    """The named difference that explains it (notes.py); None: unexplained."""
 
 
 @dataclass
@@ -75,6 +82,9 @@ class Stats:
     elapsed: float = 0.0
     kinds: Counter[str] = field(default_factory=Counter)
     found: dict[str, Found] = field(default_factory=dict)
+    """Unexplained findings, by kind and mutation family: the campaign's failures."""
+    noted: dict[str, Found] = field(default_factory=dict)
+    """Findings a note explains, by note, kind and mutation family."""
 
 
 class Corpus:
@@ -122,8 +132,11 @@ def shrink(corpus: Corpus, case: Case, finding: Finding, engines: list[str], wor
     deadline = time.monotonic() + seconds
 
     def same(c: Case) -> Finding | None:
-        got = corpus.run(c, engines, workdir).finding
-        return got if got is not None and got.signature() == finding.signature() else None
+        run = corpus.run(c, engines, workdir)
+        got = run.finding
+        if got is None or got.signature() != finding.signature() or explain(got, "".join(run.qemu_log)):
+            return None
+        return got
 
     def deletions(items: tuple[Any, ...], rebuild: Callable[[tuple[Any, ...]], Case]) -> None:
         nonlocal case, finding
@@ -179,7 +192,15 @@ def campaign(*, seed: int, engines: list[str], time_budget: float | None, exampl
             stats.operations += run.steps
             stats.opened += run.opened
             stats.refused += not run.opened
-            if run.finding is not None:
+            note = explain(run.finding, "".join(run.qemu_log)) if run.finding is not None else None
+            if run.finding is not None and note is not None:
+                key = f"{note.name}/{run.finding.signature()}:{family(m.name)}"
+                if key in stats.noted:
+                    stats.noted[key].hits += 1
+                else:
+                    stats.noted[key] = Found(case, run.finding, note=note)
+                    stats.noted[key].repro = str(write_repro(repro_dir / "noted", key, case, run.finding))
+            elif run.finding is not None:
                 key = f"{run.finding.signature()}:{family(m.name)}"
                 stats.kinds[run.finding.kind] += 1
                 if key in stats.found:
@@ -198,6 +219,7 @@ def campaign(*, seed: int, engines: list[str], time_budget: float | None, exampl
 
 def describe(found: Found) -> str:
     c = found.case
-    return (f"{found.finding} | mutant {c.mutant}, {len(c.damage)} damaged byte(s), "
+    noted = f"[note {found.note.name}{', open' if found.note.open else ''}] " if found.note else ""
+    return (f"{noted}{found.finding} | mutant {c.mutant}, {len(c.damage)} damaged byte(s), "
             f"{count_bits(c.damage)} bit(s), {len(c.ops)} request(s): "
             f"{', '.join(str(op) for op in c.ops) or '-'} (hit {found.hits}x)")

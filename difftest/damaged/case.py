@@ -174,10 +174,38 @@ def _outcome(fn: Any, *args: Any, **kw: Any) -> tuple[str, Any]:
         return f"crash:{type(e).__name__}: {e}", None
 
 
-def _open(engine: str, path: Path, readonly: bool = False) -> Any:
+def _open(engine: str, path: Path, readonly: bool = False, log: list[str] | None = None) -> Any:
     if engine == "qemu":
-        return QemuImage(path, readonly=readonly)
+        img = QemuImage(path, readonly=readonly)
+        if log is not None and img.io is not None:
+            _keep_log(img.io, log)
+        return img
     return importlib.import_module(engine).open(path, readonly=readonly)
+
+
+def _keep_log(io: Any, log: list[str]) -> None:
+    """Keep everything qemu-io prints (and why it died), for the notes (notes.py): QEMU's
+    messages are the only evidence of why it did what it did."""
+    cmd = io.cmd
+
+    def logged(line: str) -> str:
+        try:
+            out: str = cmd(line)
+        except Exception as e:
+            log.append(str(e))
+            raise
+        log.append(out)
+        return out
+    io.cmd = logged
+
+
+def _close(engine: str, img: Any) -> Any:
+    """Close an image; qemu-io closes it with its ``close`` command first, so that what the
+    write-back of its caches prints is logged (``quit`` prints nothing). Its reply is not
+    judged, as ``quit``'s never was: what the close did shows in the corrupt bit and check."""
+    if engine == "qemu" and img.io is not None and img.io.proc.poll() is None:
+        img.io.cmd("close")
+    return img.close()
 
 
 def _corrupt_bit(path: Path) -> bool:
@@ -206,6 +234,8 @@ class Run:
     finding: Finding | None = None
     opened: bool = False
     steps: int = 0
+    qemu_log: list[str] = field(default_factory=list)
+    """What qemu-io printed, command by command (the evidence notes.py reads)."""
 
 
 def run_case(case: Case, base: Base, sidecars: dict[str, bytes], engines: list[str], workdir: Path) -> Run:
@@ -225,7 +255,7 @@ def run_case(case: Case, base: Base, sidecars: dict[str, bytes], engines: list[s
     try:
         opened = {}
         for e in engines:
-            out, img = _outcome(_open, e, paths[e])
+            out, img = _outcome(_open, e, paths[e], False, run.qemu_log)
             opened[e] = "ok" if out == "ok" else f"refused ({out})"
             if img is not None:
                 images[e] = img
@@ -238,7 +268,7 @@ def run_case(case: Case, base: Base, sidecars: dict[str, bytes], engines: list[s
             run.finding = _requests(case, images, run)
             if run.finding is not None:
                 return run
-            closed = {e: _outcome(img.close)[0] for e, img in images.items()}
+            closed = {e: _outcome(_close, e, img)[0] for e, img in images.items()}
             images.clear()
             if _disagree(closed):
                 run.finding = Finding("close", len(case.ops), closed)
@@ -249,7 +279,7 @@ def run_case(case: Case, base: Base, sidecars: dict[str, bytes], engines: list[s
             return run
         reopened = {}
         for e in engines:
-            out, img = _outcome(_open, e, paths[e])
+            out, img = _outcome(_open, e, paths[e], False, run.qemu_log)
             reopened[e] = "ok" if out == "ok" else "refused"
             if img is not None:
                 _outcome(img.close)

@@ -14,7 +14,8 @@ import pytest
 
 from difftest.cli.damaged import replay
 from difftest.damaged.campaign import campaign
-from difftest.damaged.case import count_bits
+from difftest.damaged.case import Finding, count_bits
+from difftest.damaged.notes import METADATA_OVERLAP, QEMU_ABORTED, explain
 from spec import features as ft
 
 
@@ -48,3 +49,21 @@ def test_a_planted_bug_is_found_shrunk_and_reproduced(tmp_path: Path,
     assert "corrupt" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr  # qemu-img check says so
     monkeypatch.undo()
     assert replay(case_json, ["model", "qemu"]) == 0
+
+
+def test_a_note_needs_qemus_words_and_engines_that_agree() -> None:
+    overlap = ("qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with "
+               "refcount block); further corruption events will be suppressed\n"
+               "write failed: Input/output error")
+    qemu_only = Finding("write", 1, {"model": "ok", "impl": "ok", "qemu": "CorruptionError"})
+    assert explain(qemu_only, overlap) is METADATA_OVERLAP
+    assert explain(qemu_only, "write failed: Input/output error") is None  # no cause named: unexplained
+    flag = Finding("corrupt-flag", 2, {"model": "False", "impl": "False", "qemu": "True"})
+    assert explain(flag, overlap) is METADATA_OVERLAP
+    # One engine against another is never a named difference, whatever QEMU printed.
+    split = Finding("corrupt-flag", 2, {"model": "False", "impl": "True", "qemu": "True"})
+    assert explain(split, overlap) is None
+    died = Finding("discard", 0, {"model": "ok", "impl": "ok", "qemu": "QemuIoDied"})
+    assert explain(died, "qemu-io exited (killed by SIGABRT); output: b\"Assertion `x' failed.\\nAborted\"") \
+        is QEMU_ABORTED
+    assert explain(died, "qemu-io hung") is None
