@@ -417,7 +417,10 @@ def _load(path: str, f: BinaryIO, check_mode: bool = False) -> ImageFile:
     for ext in extensions:
         # A later duplicate replaces an earlier one, as in qcow2_read_extensions.
         if ext.type == hd.QCOW2_EXT_MAGIC_BACKING_FORMAT:
-            img.backing_format = c_string(ext.data)
+            # QEMU copies the name into a C string, and an empty one means "probe the
+            # backing file" (block.c, bdrv_open_backing_file passes a driver only for a
+            # non-empty bs->backing_format): a name starting with NUL is no format at all.
+            img.backing_format = c_string(ext.data) or None
         elif ext.type == hd.QCOW2_EXT_MAGIC_DATA_FILE:
             img.data_file = c_string(ext.data)
         elif ext.type == hd.QCOW2_EXT_MAGIC_FEATURE_TABLE:

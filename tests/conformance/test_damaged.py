@@ -15,6 +15,8 @@ cases): the same refusal, the same corrupt flag, the same bytes.
    QEMU's check then counted the bitmap directory, tables and data as leaks where QEMU's
    own writer (which keeps the bitmaps) leaves the image clean. The engines now free those
    clusters and drop the extension (spec/autoclear.py): both files check clean.
+5. A backing format extension whose name starts with NUL: QEMU reads it as a C string, an
+   empty format, and probes the backing file; the engines refused "backing format \0cow2".
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import pytest
 from spec import features as ft
 from spec.errors import CorruptionError, RequestError
 from spec.features import QCOW2_INCOMPAT_CORRUPT
-from spec.header import QCOW2_EXT_MAGIC_BITMAPS
+from spec.header import QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW2_EXT_MAGIC_BITMAPS
 from spec.image import open_image
 from tests.conformance.helpers import KiB, MiB, check_json, l2_table_offset
 from tests.qemu import qemu_io
@@ -145,3 +147,18 @@ def test_read_write_open_gives_up_bitmaps_without_leaking_their_clusters(engine:
     r = _qemu_io("-f", "qcow2", "-c", "read -P 1 0 64k", "-c", "read -P 3 1M 64k", "-c", "read -P 2 3M 64k",
                  "-c", "read -P 0 64k 960k", str(ours))
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
+
+
+def test_an_empty_backing_format_name_probes_the_backing_file(engine: ModuleType, tmp_path: Path) -> None:
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    qemu_io(base, "write -q -P 5 0 64k")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top)],
+                   check=True, cwd=tmp_path)
+    ext = open_image(top).extension(QCOW2_EXT_MAGIC_BACKING_FORMAT)
+    assert ext is not None
+    _poke(top, ext.offset + 8, b"\0")  # "qcow2" -> "\0cow2": an empty C string
+    r = _qemu_io("-f", "qcow2", "-c", "read -P 5 0 64k", str(top))
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
+    with engine.open(top) as img:
+        assert img.read(0, 64 * KiB) == b"\x05" * (64 * KiB)
