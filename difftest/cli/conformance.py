@@ -14,6 +14,8 @@ Exit status: 0 when every cell passed or is unsupported, 1 when a reader has a f
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -88,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
                         TimeElapsedColumn(), console=err,
                         disable=args.output != "table" and not err.is_terminal)
     counts = {"examples": 0, "found": 0}
-    with progress:
+    # Hypothesis reports on stdout (e.g. a shrink that hit its time limit), which is the
+    # matrix's: it goes to stderr while the cells run.
+    with progress, contextlib.redirect_stdout(sys.stderr):
         task = progress.add_task("cells", total=ncells, examples=0, found=0)
 
         def on_event(kind: str, value: Any) -> None:
