@@ -134,7 +134,8 @@ def shrink(corpus: Corpus, case: Case, finding: Finding, engines: list[str], wor
     def same(c: Case) -> Finding | None:
         run = corpus.run(c, engines, workdir)
         got = run.finding
-        if got is None or got.signature() != finding.signature() or explain(got, "".join(run.qemu_log)):
+        if got is None or got.signature() != finding.signature() or \
+                explain(got, "".join(run.qemu_log), run.flagged_everywhere):
             return None
         return got
 
@@ -192,7 +193,8 @@ def campaign(*, seed: int, engines: list[str], time_budget: float | None, exampl
             stats.operations += run.steps
             stats.opened += run.opened
             stats.refused += not run.opened
-            note = explain(run.finding, "".join(run.qemu_log)) if run.finding is not None else None
+            note = None if run.finding is None else \
+                explain(run.finding, "".join(run.qemu_log), run.flagged_everywhere)
             if run.finding is not None and note is not None:
                 key = f"{note.name}/{run.finding.signature()}:{family(m.name)}"
                 if key in stats.noted:

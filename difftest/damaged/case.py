@@ -236,6 +236,8 @@ class Run:
     steps: int = 0
     qemu_log: list[str] = field(default_factory=list)
     """What qemu-io printed, command by command (the evidence notes.py reads)."""
+    flagged_everywhere: bool = False
+    """A request failed with CorruptionError on every side (and ended the requests)."""
 
 
 def run_case(case: Case, base: Base, sidecars: dict[str, bytes], engines: list[str], workdir: Path) -> Run:
@@ -314,5 +316,6 @@ def _requests(case: Case, images: dict[str, Any], run: Run) -> Finding | None:
         if _disagree(results) or any(r.startswith("crash") or r == "hang" for r in results.values()):
             return Finding(op.kind, i, results)
         if "CorruptionError" in results.values():
+            run.flagged_everywhere = True  # they agree (checked above), so every side failed so
             break
     return None

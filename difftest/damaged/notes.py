@@ -6,7 +6,8 @@ run. A matched finding is still counted and reported under its note's name with 
 was hit; it only stops being a failure. Two rules keep a note from hiding a real bug:
 
 - the engines must agree with each other: a note explains QEMU against every engine, never
-  one engine against another (the model and the impl share spec/ and must behave alike);
+  one engine against another (the model and the impl share spec/ and must behave alike).
+  The one exception is DROPPED_CACHES, whose cause is the model's design (it has no cache);
 - the evidence is QEMU's own words for the cause, not the shape of the disagreement.
   (QEMU's overlap message does not say whether the refused write was guest data or a table
   write-back; the engines check guest-data writes against the same kinds of metadata, so
@@ -50,9 +51,22 @@ QEMU_ABORTED = Note(
     "there is no QEMU outcome to compare with.",
     open=False)
 
-NOTES = (METADATA_OVERLAP, QEMU_ABORTED)
+DROPPED_CACHES = Note(
+    "dropped-caches",
+    "Every side flagged the image at the same request (each request, the corrupt bit and the "
+    "reopen agreed), and only check's counts differ. When QEMU flags an image it makes the node "
+    "unusable (block/qcow2.c qcow2_signal_corruption sets bs->drv to NULL), so the dirty L2 and "
+    "refcount cache entries of the failed request are never written back and the close writes "
+    "nothing; the impl drops its caches the same way, but what they held need not match QEMU's "
+    "entry for entry; the model has no cache (DESIGN.md) and wrote each update at once, e.g. the "
+    "refcount of a cluster it allocated before the overlap check refused the write. The file "
+    "after the failure therefore holds a different subset of the request's updates.",
+    open=False)
+
+NOTES = (METADATA_OVERLAP, QEMU_ABORTED, DROPPED_CACHES)
 
 _OVERLAP_WORDS = "Preventing invalid write on metadata"
+_FLAGGED_WORDS = "Marking image as corrupt"
 _ABORT_WORDS = ("Assertion", "Aborted")
 
 
@@ -60,9 +74,16 @@ def _engines_agree(finding: Finding) -> bool:
     return len({v for k, v in finding.outcomes.items() if k != "qemu"}) <= 1
 
 
-def explain(finding: Finding, qemu_log: str) -> Note | None:
-    """The note that explains ``finding`` given everything qemu-io printed, or None."""
-    if "qemu" not in finding.outcomes or not _engines_agree(finding):
+def explain(finding: Finding, qemu_log: str, flagged_everywhere: bool = False) -> Note | None:
+    """The note that explains ``finding`` given everything qemu-io printed and whether one
+    request failed with CorruptionError on every side (case.Run), or None."""
+    if "qemu" not in finding.outcomes:
+        return None
+    if finding.kind == "check" and flagged_everywhere and _FLAGGED_WORDS in qemu_log:
+        # A check finding comes only after every earlier comparison agreed, the request that
+        # flagged the image on every side, the corrupt bits and the reopen among them.
+        return DROPPED_CACHES
+    if not _engines_agree(finding):
         return None
     theirs = finding.outcomes["qemu"]
     if theirs.startswith(("QemuIoDied", "refused (QemuIoDied")) and any(w in qemu_log for w in _ABORT_WORDS):

@@ -15,7 +15,7 @@ import pytest
 from difftest.cli.damaged import replay
 from difftest.damaged.campaign import campaign
 from difftest.damaged.case import Finding, count_bits
-from difftest.damaged.notes import METADATA_OVERLAP, QEMU_ABORTED, explain
+from difftest.damaged.notes import DROPPED_CACHES, METADATA_OVERLAP, QEMU_ABORTED, explain
 from spec import features as ft
 
 
@@ -67,3 +67,9 @@ def test_a_note_needs_qemus_words_and_engines_that_agree() -> None:
     assert explain(died, "qemu-io exited (killed by SIGABRT); output: b\"Assertion `x' failed.\\nAborted\"") \
         is QEMU_ABORTED
     assert explain(died, "qemu-io hung") is None
+    # Check counts after the image was flagged: only when one request failed on every side.
+    counts = Finding("check", 1, {"model": "clean corruptions=0 leaks=0",
+                                  "impl": "corruptions corruptions=1 leaks=0",
+                                  "qemu": "corruptions corruptions=1 leaks=0"})
+    assert explain(counts, overlap, flagged_everywhere=True) is DROPPED_CACHES
+    assert explain(counts, overlap, flagged_everywhere=False) is None  # e.g. QEMU flagged a v2 image at close
