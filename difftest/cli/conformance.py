@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from difftest.adapters import load
     from difftest.conformance import render
     from difftest.conformance.areas import select
     from difftest.conformance.matrix import Cell, run_cell
@@ -81,6 +82,14 @@ def run(args: argparse.Namespace) -> int:
     if not qemuio.available():
         err.print("[bold red]qemu-img/qemu-io not found: the matrix needs QEMU as the oracle[/]")
         return 2
+    for r in readers:  # a typo or a module off the path is the commonest first mistake
+        try:
+            load(r)
+        except (ImportError, ValueError, AttributeError) as e:
+            err.print(f"[bold red]reader {r!r} cannot be loaded: {type(e).__name__}: {e}[/]\n"
+                      "A py: reader's module must be importable: run from the directory that holds "
+                      "its package or put that directory on PYTHONPATH.")
+            return 2
     versions = _versions(readers)
     ncells = len(areas) * len(readers)
     budget = args.total_budget / ncells if args.total_budget else (args.time_budget or DEFAULT_BUDGET)

@@ -140,7 +140,10 @@ def run_cell(area: Area, reader: str, *, budget: float, seed: int, out: Path,
     stats = run_shards(shards, 1, on_event, deadline=t0 + budget)
     cell.seconds = time.monotonic() - t0
     _remove_workdir(where / "work")
-    return classify(cell, stats)
+    classify(cell, stats)
+    if cell.repro and Path(cell.repro).is_relative_to(Path.cwd()):
+        cell.repro = str(Path(cell.repro).relative_to(Path.cwd()))  # as the user named --out
+    return cell
 
 
 def _remove_workdir(path: Path) -> None:
