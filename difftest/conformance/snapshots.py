@@ -40,6 +40,15 @@ class SnapshotReader:
     def __init__(self, inner: str) -> None:
         self.inner = inner
 
+    @property
+    def UNSUPPORTED(self) -> dict[str, Any]:
+        """The wrapped reader's declaration (difftest/adapters): what it cannot read, the
+        wrapper cannot either."""
+        obj = load(self.inner)
+        found = getattr(obj, "UNSUPPORTED", None) or \
+            getattr(inspect.getmodule(type(obj)), "UNSUPPORTED", None)
+        return dict(found or {})
+
     def open(self, path: str, readonly: bool = True) -> Any:
         reader = load(self.inner)
         with model.open(path, readonly=True) as ref:
@@ -74,9 +83,11 @@ def _compare(reader: Any, spec: str, path: str, name: str) -> None:
 
 def __getattr__(name: str) -> SnapshotReader:
     """``py:difftest.conformance.snapshots:READER`` names the wrapper around READER."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return SnapshotReader(name)
+    # Only reader names: any other attribute (UNSUPPORTED, __path__, ...) asked of the
+    # module must not turn into a wrapper.
+    if name in ("dissect", "libqcow") or name.startswith("py:"):
+        return SnapshotReader(name)
+    raise AttributeError(name)
 
 
 def wrap(reader: str) -> str:
