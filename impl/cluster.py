@@ -132,6 +132,10 @@ def _l2_allocate(s: State, i1: int, old: int) -> int:
     (get_cluster_table, QCOW2_DISCARD_OTHER: no hole punched)."""
     cs = s.cluster_size
     new = rc.alloc_clusters(s, 1)
+    if new == 0:
+        # Refcounts that call the header free (damage, a truncated refcount block) would put
+        # the table on it: l2_allocate flags the image instead, before any flush.
+        raise CorruptionError("preventing invalid allocation of L2 table at offset 0")
     s.rc_cache.flush()
     es = s.l2_cache.entry_size
     for k in range(0, cs, es):

@@ -174,6 +174,10 @@ def l2_table_for_write(q: Qcow2File, guest_offset: int) -> int:
     if old and old_entry & QCOW_OFLAG_COPIED:
         return old
     new = rb.alloc_clusters(q, 1)
+    if new == 0:
+        # Refcounts that call the header free (damage, a truncated refcount block) would put
+        # the table on it: l2_allocate (block/qcow2-cluster.c) flags the image instead.
+        raise CorruptionError("preventing invalid allocation of L2 table at offset 0")
     content = q.pread(old, q.cluster_size) if old else bytes(q.cluster_size)
     q.pwrite(new, content)
     l1 = read_l1(q)

@@ -17,6 +17,10 @@ cases): the same refusal, the same corrupt flag, the same bytes.
    clusters and drop the extension (spec/autoclear.py): both files check clean.
 5. A backing format extension whose name starts with NUL: QEMU reads it as a C string, an
    empty format, and probes the backing file; the engines refused "backing format \0cow2".
+6. A file cut short before its L1 table: the refcount block is gone too, so the header
+   cluster reads as free and the next L2 table would be allocated on it. QEMU flags the
+   image ("Preventing invalid allocation of L2 table at offset 0", l2_allocate); the engines
+   wrote the table over the header.
 """
 
 from __future__ import annotations
@@ -162,3 +166,26 @@ def test_an_empty_backing_format_name_probes_the_backing_file(engine: ModuleType
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
     with engine.open(top) as img:
         assert img.read(0, 64 * KiB) == b"\x05" * (64 * KiB)
+
+
+def test_an_l2_table_is_never_allocated_over_the_header(engine: ModuleType, tmp_path: Path) -> None:
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(src), "4M"],
+                   check=True)
+    qemu_io(src, "write -q -P 1 0 8k")
+    h = open_image(src).header
+    assert h.refcount_table_offset < h.l1_table_offset  # header, reftable, refblock, L1
+    with src.open("r+b") as f:
+        # Keep the refcount table's first entry; the refcount block and L1 table it points
+        # past now read as zeros (QEMU's file driver zero-fills reads past the end).
+        f.truncate(h.refcount_table_offset + 8)
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = _qemu_io("-f", "qcow2", "-c", "write -z 4k 8k", str(theirs))
+    assert "Preventing invalid allocation of L2 table at offset 0" in r.stdout + r.stderr
+    assert _corrupt_bit(theirs)
+    with engine.open(ours) as img, pytest.raises(CorruptionError):
+        img.write_zeroes(4 * KiB, 8 * KiB)
+    assert _corrupt_bit(ours)
+    assert ours.read_bytes()[:4] == b"QFI\xfb"  # the header is still there
