@@ -37,7 +37,7 @@ def replay(path: Path, engines: list[str]) -> int:
     if run.finding is None:
         print("every side agrees")
         return 0
-    note = explain(run.finding, "".join(run.qemu_log), run.flagged_everywhere)
+    note = explain(run.finding, run)
     print(run.finding if note is None else f"{run.finding}\n  named difference {note.name}: {note.reason}")
     return 1 if note is None else 0
 

@@ -135,7 +135,7 @@ def shrink(corpus: Corpus, case: Case, finding: Finding, engines: list[str], wor
         run = corpus.run(c, engines, workdir)
         got = run.finding
         if got is None or got.signature() != finding.signature() or \
-                explain(got, "".join(run.qemu_log), run.flagged_everywhere):
+                explain(got, run):
             return None
         return got
 
@@ -194,7 +194,7 @@ def campaign(*, seed: int, engines: list[str], time_budget: float | None, exampl
             stats.opened += run.opened
             stats.refused += not run.opened
             note = None if run.finding is None else \
-                explain(run.finding, "".join(run.qemu_log), run.flagged_everywhere)
+                explain(run.finding, run)
             if run.finding is not None and note is not None:
                 key = f"{note.name}/{run.finding.signature()}:{family(m.name)}"
                 if key in stats.noted:

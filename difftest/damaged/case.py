@@ -162,16 +162,23 @@ def _time_limit(seconds: int) -> Iterator[None]:
 
 def _outcome(fn: Any, *args: Any, **kw: Any) -> tuple[str, Any]:
     """(outcome text, result): "ok", a spec.errors class name, "crash:Type: msg" or "hang"."""
+    out, result, _ = _outcome_detail(fn, *args, **kw)
+    return out, result
+
+
+def _outcome_detail(fn: Any, *args: Any, **kw: Any) -> tuple[str, Any, str]:
+    """_outcome, and the exception's own class and message ("" on success), for the notes."""
     try:
         with _time_limit(HANG_SECONDS):
-            return "ok", fn(*args, **kw)
+            return "ok", fn(*args, **kw), ""
     except Hang:
-        return "hang", None
+        return "hang", None, "hang"
     except Qcow2Error as e:
         # Subclasses of CorruptionError (an engine's unflagged variant) are the same class to QEMU.
-        return "CorruptionError" if isinstance(e, CorruptionError) else type(e).__name__, None
+        out = "CorruptionError" if isinstance(e, CorruptionError) else type(e).__name__
+        return out, None, f"{type(e).__name__}: {e}"
     except Exception as e:  # anything else from an engine is itself the finding
-        return f"crash:{type(e).__name__}: {e}", None
+        return f"crash:{type(e).__name__}: {e}", None, f"{type(e).__name__}: {e}"
 
 
 def _open(engine: str, path: Path, readonly: bool = False, log: list[str] | None = None) -> Any:
@@ -238,6 +245,8 @@ class Run:
     """What qemu-io printed, command by command (the evidence notes.py reads)."""
     flagged_everywhere: bool = False
     """A request failed with CorruptionError on every side (and ended the requests)."""
+    errors: dict[str, str] = field(default_factory=dict)
+    """Each side's last failed request: its exception class (not folded) and message."""
 
 
 def run_case(case: Case, base: Base, sidecars: dict[str, bytes], engines: list[str], workdir: Path) -> Run:
@@ -303,16 +312,18 @@ def _requests(case: Case, images: dict[str, Any], run: Run) -> Finding | None:
         results: dict[str, str] = {}
         for e, img in images.items():
             if op.kind == "read":
-                out, got = _outcome(img.read, op.offset, op.n)
+                out, got, detail = _outcome_detail(img.read, op.offset, op.n)
                 results[e] = out if got is None else f"ok sha256:{hashlib.sha256(got).hexdigest()[:16]}"
             elif op.kind == "write":
-                results[e] = _outcome(img.write, op.offset, bytes([op.byte]) * op.n)[0]
+                results[e], _, detail = _outcome_detail(img.write, op.offset, bytes([op.byte]) * op.n)
             elif op.kind == "write_zeroes":
-                results[e] = _outcome(img.write_zeroes, op.offset, op.n, unmap=op.unmap)[0]
+                results[e], _, detail = _outcome_detail(img.write_zeroes, op.offset, op.n, unmap=op.unmap)
             elif op.kind == "discard":
-                results[e] = _outcome(img.discard, op.offset, op.n)[0]
+                results[e], _, detail = _outcome_detail(img.discard, op.offset, op.n)
             else:
-                results[e] = _outcome(img.flush)[0]
+                results[e], _, detail = _outcome_detail(img.flush)
+            if detail:
+                run.errors[e] = detail
         if _disagree(results) or any(r.startswith("crash") or r == "hang" for r in results.values()):
             return Finding(op.kind, i, results)
         if "CorruptionError" in results.values():

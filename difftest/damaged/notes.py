@@ -7,7 +7,8 @@ was hit; it only stops being a failure. Two rules keep a note from hiding a real
 
 - the engines must agree with each other: a note explains QEMU against every engine, never
   one engine against another (the model and the impl share spec/ and must behave alike).
-  The one exception is DROPPED_CACHES, whose cause is the model's design (it has no cache);
+  The exceptions are DROPPED_CACHES and MODEL_WRITE_THROUGH, whose cause is the model's
+  design (it has no cache, DESIGN.md), each with the model's own error or QEMU's as evidence;
 - the evidence is QEMU's own words for the cause, not the shape of the disagreement.
   (QEMU's overlap message does not say whether the refused write was guest data or a table
   write-back; the engines check guest-data writes against the same kinds of metadata, so
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from difftest.damaged.case import Finding
+from difftest.damaged.case import Finding, Run
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,17 @@ DROPPED_CACHES = Note(
     "after the failure therefore holds a different subset of the request's updates.",
     open=False)
 
-NOTES = (METADATA_OVERLAP, QEMU_ABORTED, DROPPED_CACHES)
+MODEL_WRITE_THROUGH = Note(
+    "model-write-through",
+    "The request failed on every side, and QEMU and the impl flagged the image where the model "
+    "did not: the model writes each metadata update at once, and the refcount block of the "
+    "cluster it allocated lies at a damaged offset the host cannot write (EFBIG), so its request "
+    "ended with a host I/O error, which flags nothing (QEMU returns the errno of a plain I/O "
+    "error). QEMU and the impl keep that update in their refcount cache and go on to the overlap "
+    "check of the data write, which flags the image; the cached update is then dropped unwritten.",
+    open=False)
+
+NOTES = (METADATA_OVERLAP, QEMU_ABORTED, DROPPED_CACHES, MODEL_WRITE_THROUGH)
 
 _OVERLAP_WORDS = "Preventing invalid write on metadata"
 _FLAGGED_WORDS = "Marking image as corrupt"
@@ -74,15 +85,23 @@ def _engines_agree(finding: Finding) -> bool:
     return len({v for k, v in finding.outcomes.items() if k != "qemu"}) <= 1
 
 
-def explain(finding: Finding, qemu_log: str, flagged_everywhere: bool = False) -> Note | None:
-    """The note that explains ``finding`` given everything qemu-io printed and whether one
-    request failed with CorruptionError on every side (case.Run), or None."""
+def explain(finding: Finding, run: Run) -> Note | None:
+    """The note that explains ``finding`` given what the run saw (everything qemu-io printed,
+    whether one request failed with CorruptionError on every side, each side's last error),
+    or None."""
     if "qemu" not in finding.outcomes:
         return None
-    if finding.kind == "check" and flagged_everywhere and _FLAGGED_WORDS in qemu_log:
+    qemu_log = "".join(run.qemu_log)
+    if finding.kind == "check" and run.flagged_everywhere and _FLAGGED_WORDS in qemu_log:
         # A check finding comes only after every earlier comparison agreed, the request that
         # flagged the image on every side, the corrupt bits and the reopen among them.
         return DROPPED_CACHES
+    others = {v for k, v in finding.outcomes.items() if k != "model"}
+    model_error = run.errors.get("model", "")
+    if (finding.kind == "corrupt-flag" and finding.outcomes.get("model") == "False" and others == {"True"}
+            and model_error.startswith("HostIOError") and "File too large" in model_error
+            and _FLAGGED_WORDS in qemu_log):
+        return MODEL_WRITE_THROUGH
     if not _engines_agree(finding):
         return None
     theirs = finding.outcomes["qemu"]

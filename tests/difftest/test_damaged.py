@@ -14,8 +14,14 @@ import pytest
 
 from difftest.cli.damaged import replay
 from difftest.damaged.campaign import campaign
-from difftest.damaged.case import Finding, count_bits
-from difftest.damaged.notes import DROPPED_CACHES, METADATA_OVERLAP, QEMU_ABORTED, explain
+from difftest.damaged.case import Finding, Run, count_bits
+from difftest.damaged.notes import (
+    DROPPED_CACHES,
+    METADATA_OVERLAP,
+    MODEL_WRITE_THROUGH,
+    QEMU_ABORTED,
+    explain,
+)
 from spec import features as ft
 
 
@@ -56,20 +62,27 @@ def test_a_note_needs_qemus_words_and_engines_that_agree() -> None:
                "refcount block); further corruption events will be suppressed\n"
                "write failed: Input/output error")
     qemu_only = Finding("write", 1, {"model": "ok", "impl": "ok", "qemu": "CorruptionError"})
-    assert explain(qemu_only, overlap) is METADATA_OVERLAP
-    assert explain(qemu_only, "write failed: Input/output error") is None  # no cause named: unexplained
+    assert explain(qemu_only, Run(qemu_log=[overlap])) is METADATA_OVERLAP
+    # No cause named: unexplained.
+    assert explain(qemu_only, Run(qemu_log=["write failed: Input/output error"])) is None
     flag = Finding("corrupt-flag", 2, {"model": "False", "impl": "False", "qemu": "True"})
-    assert explain(flag, overlap) is METADATA_OVERLAP
+    assert explain(flag, Run(qemu_log=[overlap])) is METADATA_OVERLAP
     # One engine against another is never a named difference, whatever QEMU printed.
     split = Finding("corrupt-flag", 2, {"model": "False", "impl": "True", "qemu": "True"})
-    assert explain(split, overlap) is None
+    assert explain(split, Run(qemu_log=[overlap])) is None
     died = Finding("discard", 0, {"model": "ok", "impl": "ok", "qemu": "QemuIoDied"})
-    assert explain(died, "qemu-io exited (killed by SIGABRT); output: b\"Assertion `x' failed.\\nAborted\"") \
-        is QEMU_ABORTED
-    assert explain(died, "qemu-io hung") is None
+    abort = "qemu-io exited (killed by SIGABRT); output: b\"Assertion `x' failed.\\nAborted\""
+    assert explain(died, Run(qemu_log=[abort])) is QEMU_ABORTED
+    assert explain(died, Run(qemu_log=["qemu-io hung"])) is None
     # Check counts after the image was flagged: only when one request failed on every side.
     counts = Finding("check", 1, {"model": "clean corruptions=0 leaks=0",
                                   "impl": "corruptions corruptions=1 leaks=0",
                                   "qemu": "corruptions corruptions=1 leaks=0"})
-    assert explain(counts, overlap, flagged_everywhere=True) is DROPPED_CACHES
-    assert explain(counts, overlap, flagged_everywhere=False) is None  # e.g. QEMU flagged a v2 image at close
+    assert explain(counts, Run(qemu_log=[overlap], flagged_everywhere=True)) is DROPPED_CACHES
+    # Not after a QEMU-only flag (a v2 image flagged at close, say).
+    assert explain(counts, Run(qemu_log=[overlap], flagged_everywhere=False)) is None
+    # The model's write-through: only with its own host error as evidence.
+    flags = Finding("corrupt-flag", 1, {"model": "False", "impl": "True", "qemu": "True"})
+    efbig = "HostIOError: host write of 4096 bytes at 2305843009213702144 failed: [Errno 27] File too large"
+    assert explain(flags, Run(qemu_log=[overlap], errors={"model": efbig})) is MODEL_WRITE_THROUGH
+    assert explain(flags, Run(qemu_log=[overlap], errors={"model": "CorruptionError: x"})) is None
