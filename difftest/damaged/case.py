@@ -247,6 +247,9 @@ class Run:
     """A request failed with CorruptionError on every side (and ended the requests)."""
     errors: dict[str, str] = field(default_factory=dict)
     """Each side's last failed request: its exception class (not folded) and message."""
+    paths: dict[str, Path] = field(default_factory=dict)
+    """Each side's image file."""
+    case: Case | None = None
 
 
 def run_case(case: Case, base: Base, sidecars: dict[str, bytes], engines: list[str], workdir: Path) -> Run:
@@ -261,7 +264,7 @@ def run_case(case: Case, base: Base, sidecars: dict[str, bytes], engines: list[s
             (d / name).write_bytes(blob)
         paths[e] = d / case.filename
         paths[e].write_bytes(data)
-    run = Run()
+    run = Run(paths=paths, case=case)
     images: dict[str, Any] = {}
     try:
         opened = {}

@@ -7,8 +7,9 @@ was hit; it only stops being a failure. Two rules keep a note from hiding a real
 
 - the engines must agree with each other: a note explains QEMU against every engine, never
   one engine against another (the model and the impl share spec/ and must behave alike).
-  The exceptions are DROPPED_CACHES and MODEL_WRITE_THROUGH, whose cause is the model's
-  design (it has no cache, DESIGN.md), each with the model's own error or QEMU's as evidence;
+  The exceptions are DROPPED_CACHES, MODEL_WRITE_THROUGH and CACHED_METADATA_READ, whose
+  cause is the model's design (it has no cache, DESIGN.md), each with its own evidence (QEMU's
+  words, the model's own error, the read's host cluster);
 - the evidence is QEMU's own words for the cause, not the shape of the disagreement.
   (QEMU's overlap message does not say whether the refused write was guest data or a table
   write-back; the engines check guest-data writes against the same kinds of metadata, so
@@ -21,8 +22,12 @@ missing), or one that a sequential engine cannot follow at all.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from difftest.damaged.case import Finding, Run
+from spec.entries import L1E_OFFSET_MASK, L2E_OFFSET_MASK, REFT_OFFSET_MASK
+from spec.errors import Qcow2Error
+from spec.image import open_image
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,36 @@ MODEL_WRITE_THROUGH = Note(
     "check of the data write, which flags the image; the cached update is then dropped unwritten.",
     open=False)
 
-NOTES = (METADATA_OVERLAP, QEMU_ABORTED, DROPPED_CACHES, MODEL_WRITE_THROUGH)
+CACHED_METADATA_READ = Note(
+    "cached-metadata-read",
+    "A damaged L2 entry maps the guest read onto a host cluster that is also a refcount block or "
+    "an L2 table, which an earlier request of the case changed. QEMU and the impl hold that "
+    "change in their metadata cache (written back at a flush, an eviction or the close), so the "
+    "guest read returns the table as it still is on disk; the model has no cache and wrote it "
+    "at once, so it reads the updated table.",
+    open=False)
+
+NOTES = (METADATA_OVERLAP, QEMU_ABORTED, DROPPED_CACHES, MODEL_WRITE_THROUGH, CACHED_METADATA_READ)
+
+
+def _reads_metadata(path: Path, guest: int) -> bool:
+    """The guest offset maps, through the active L1 and L2 tables of ``path``, to a host
+    cluster that the refcount table or the L1 table also names (a refcount block, an L2 table)."""
+    try:
+        with open_image(path) as img:
+            g, cs = img.geometry, img.cluster_size
+            l1 = img.l1_table()
+            i1 = g.l1_index(guest)
+            l2 = l1[i1] & L1E_OFFSET_MASK if i1 < len(l1) else 0
+            if not l2:
+                return False
+            width = 16 if img.extended_l2 else 8
+            entry = img.read(l2 + width * g.l2_index(guest), 8, "l2_entry")
+            host = int.from_bytes(entry, "big") & L2E_OFFSET_MASK
+            tables = {e & REFT_OFFSET_MASK for e in img.refcount_table()} | {e & L1E_OFFSET_MASK for e in l1}
+            return bool(host) and any(t and t // cs == host // cs for t in tables)
+    except (Qcow2Error, OSError):
+        return False
 
 _OVERLAP_WORDS = "Preventing invalid write on metadata"
 _FLAGGED_WORDS = "Marking image as corrupt"
@@ -102,6 +136,11 @@ def explain(finding: Finding, run: Run) -> Note | None:
             and model_error.startswith("HostIOError") and "File too large" in model_error
             and _FLAGGED_WORDS in qemu_log):
         return MODEL_WRITE_THROUGH
+    if (finding.kind == "read" and len(others) == 1 and finding.outcomes.get("model") not in others
+            and all(v.startswith("ok") for v in finding.outcomes.values()) and run.case is not None
+            and "model" in run.paths and 0 <= finding.step < len(run.case.ops)
+            and _reads_metadata(run.paths["model"], run.case.ops[finding.step].offset)):
+        return CACHED_METADATA_READ
     if not _engines_agree(finding):
         return None
     theirs = finding.outcomes["qemu"]

@@ -8,14 +8,16 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from difftest.cli.damaged import replay
 from difftest.damaged.campaign import campaign
-from difftest.damaged.case import Finding, Run, count_bits
+from difftest.damaged.case import Case, Finding, Op, Run, count_bits
 from difftest.damaged.notes import (
+    CACHED_METADATA_READ,
     DROPPED_CACHES,
     METADATA_OVERLAP,
     MODEL_WRITE_THROUGH,
@@ -23,6 +25,7 @@ from difftest.damaged.notes import (
     explain,
 )
 from spec import features as ft
+from spec.image import open_image
 
 
 def test_the_first_damaged_images_agree_on_every_side(tmp_path: Path) -> None:
@@ -86,3 +89,23 @@ def test_a_note_needs_qemus_words_and_engines_that_agree() -> None:
     efbig = "HostIOError: host write of 4096 bytes at 2305843009213702144 failed: [Errno 27] File too large"
     assert explain(flags, Run(qemu_log=[overlap], errors={"model": efbig})) is MODEL_WRITE_THROUGH
     assert explain(flags, Run(qemu_log=[overlap], errors={"model": "CorruptionError: x"})) is None
+
+
+def test_a_read_of_a_table_the_model_already_rewrote_is_named(tmp_path: Path) -> None:
+    img = tmp_path / "t.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "4M"],
+                   check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 1 0 8k", str(img)], check=True)
+    f = open_image(img)
+    l2, refblock = f.l1_table()[0] & ((1 << 56) - 512), f.refcount_table()[0]
+    f.close()
+    with img.open("r+b") as fh:  # guest cluster 1 -> the refcount block
+        fh.seek(l2 + 8)
+        fh.write((refblock | 1 << 63).to_bytes(8, "big"))
+    case = Case("x", 0, "v3", "t.qcow2", (), None, (Op("write", 1 << 20, 512, 1), Op("read", 4096, 512)))
+    read = Finding("read", 1, {"model": "ok sha256:a", "impl": "ok sha256:b", "qemu": "ok sha256:b"})
+    assert explain(read, Run(paths={"model": img}, case=case)) is CACHED_METADATA_READ
+    elsewhere = replace(case, ops=(case.ops[0], Op("read", 0, 512)))  # cluster 0 maps to data
+    assert explain(read, Run(paths={"model": img}, case=elsewhere)) is None
+    assert explain(Finding("read", 1, {"model": "ok sha256:a", "impl": "ok sha256:b", "qemu": "ok sha256:c"}),
+                   Run(paths={"model": img}, case=case)) is None  # impl and QEMU must agree
