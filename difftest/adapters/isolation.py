@@ -27,6 +27,7 @@ set, so shard processes and reproducers inherit them.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import os
@@ -102,9 +103,8 @@ def _raise(cls_name: str, message: str, feature: str | None) -> None:
 
 
 def _reap(proc: subprocess.Popen[bytes], files: list[Any]) -> None:
-    """Kill the worker's process group (whatever the adapter started too), wait for the
-    worker and close every descriptor the harness holds for it. Idempotent; also run by the
-    garbage collector should a Worker be dropped unclosed."""
+    """Kill a worker's process group, wait for it and close every descriptor the harness
+    holds for it. Idempotent; also run by the garbage collector and at exit."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
@@ -114,70 +114,52 @@ def _reap(proc: subprocess.Popen[bytes], files: list[Any]) -> None:
             f.close()
 
 
-class Worker:
-    """One worker process for one adapter (``spec``: what ``--readers``/``--targets`` name).
-    ``name`` is what messages call it. Use as a context manager, or call ``close``."""
+class _Channel:
+    """One worker process (worker.py) and the harness's three descriptors for it (two
+    pipes and a stderr file), with the framed, deadline-bound request/reply."""
 
-    def __init__(self, name: str, limits: Limits | None = None) -> None:
+    def __init__(self, name: str, limits: Limits) -> None:
         self.name = name
-        self.limits = limits or Limits.from_env()
-        self.dead: AdapterFailed | None = None
-        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the worker, closed by _reap
+        self.limits = limits
+        self.err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the worker, closed by _reap
         env = dict(os.environ)
         # The worker resolves modules as the harness does (a py: adapter in a test module,
         # a package on the harness's sys.path).
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "difftest.adapters.worker", str(self.limits.memory_mib << 20)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, env=env,
+            [sys.executable, "-m", "difftest.adapters.worker", str(limits.memory_mib << 20)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, env=env,
             start_new_session=True)  # its own process group: one kill ends everything it started
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
         os.set_blocking(self._in, False)  # a worker that stops reading must not block us
         os.set_blocking(self._out, False)
-        self._finalizer = weakref.finalize(self, _reap, self.proc,
-                                           [self.proc.stdin, self.proc.stdout, self._err])
+        self.info: dict[str, Any] = {}
+        self.kill = weakref.finalize(self, _reap, self.proc, [self.proc.stdin, self.proc.stdout, self.err])
 
-    # -- requests ----------------------------------------------------------------------------
-    def request(self, *msg: Any) -> tuple[Any, ...]:
-        if self.dead is not None:
-            raise AdapterFailed(self.dead.finding_class, f"{self.name} is gone ({self.dead.detail})")
-        deadline = time.monotonic() + self.limits.seconds
-        try:
-            self._send(frame(msg), deadline)
-            reply = self._receive(deadline)
-        except AdapterFailed as e:
-            self.dead = e
-            self._finalizer()
-            raise
-        if reply[0] == "raise":
-            _raise(*reply[1:])
-        if reply[0] == "fail":
-            if reply[1] != "error":  # memory, crash: the worker's state is not to be trusted
-                self.dead = AdapterFailed(reply[1], f"{self.name}: {reply[2]}")
-                self._finalizer()
-            raise AdapterFailed(reply[1], f"{self.name}: {reply[2]}")
-        return reply
+    def exchange(self, msg: tuple[Any, ...], seconds: float) -> tuple[Any, ...]:
+        deadline = time.monotonic() + seconds
+        self.send(msg, deadline)
+        return self.receive(deadline)
 
     def _wait(self, fd: int, event: int, deadline: float) -> None:
         poller = select.poll()  # not select(): harness descriptors may be numbered above 1024
         poller.register(fd, event | select.POLLHUP | select.POLLERR)
         left = deadline - time.monotonic()
         if left <= 0 or not poller.poll(left * 1000):
-            self._finalizer()
             raise AdapterFailed("hang", f"{self.name} gave no answer within {self.limits.seconds:g} s")
 
-    def _send(self, data: bytes, deadline: float) -> None:
-        view = memoryview(data)
+    def send(self, msg: tuple[Any, ...], deadline: float) -> None:
+        view = memoryview(frame(msg))
         while view:
             self._wait(self._in, select.POLLOUT, deadline)
             try:
                 n = os.write(self._in, view)
             except BlockingIOError:
                 continue
-            except (BrokenPipeError, OSError):
-                raise self._died() from None
+            except OSError:
+                raise self.died() from None
             view = view[n:]
 
     def _read(self, n: int, deadline: float) -> bytes:
@@ -189,61 +171,173 @@ class Worker:
             except BlockingIOError:
                 continue
             if not chunk:
-                raise self._died()
+                raise self.died()
             buf += chunk
         return bytes(buf)
 
-    def _receive(self, deadline: float) -> tuple[Any, ...]:
+    def receive(self, deadline: float) -> tuple[Any, ...]:
         n = HEADER.unpack(self._read(HEADER.size, deadline))[0]
-        reply = _Unpickler(io.BytesIO(self._read(n, deadline))).load()
+        try:
+            reply = _Unpickler(io.BytesIO(self._read(n, deadline))).load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise AdapterFailed("crash", f"{self.name} sent a garbled reply ({e})") from None
         assert isinstance(reply, tuple)
         return reply
 
-    def _died(self) -> AdapterFailed:
-        """The worker closed its end: classify why from its exit status and stderr."""
-        try:
-            code = self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            code = None
-        tail = self.stderr_tail()  # before the reaping closes the file
-        self._finalizer()
+    def died(self, code: int | None = None, since: int = 0) -> AdapterFailed:
+        """Why the process serving us ended (``code``: its exit code when the worker
+        reported it; else this worker's own), from the code and its stderr."""
+        if code is None:
+            try:
+                code = self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
+        tail = self.stderr_tail(since)
         if any(s in tail for s in OUT_OF_MEMORY):
             return AdapterFailed("memory", f"{self.name} ran out of memory ({self.limits.memory_mib} MiB)")
-        if code is not None and code < 0:
-            how = f"killed by {signal.Signals(-code).name}"
-        else:
-            how = f"exited with status {code}"
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else \
+            f"exited with status {code}"
         lines = [line for line in tail.splitlines() if line.strip()]
         # "Fatal Python error: Segmentation fault" (faulthandler) says more than the stack.
         last = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
         said = f" ({last.strip()[:160]})" if last else ""
         return AdapterFailed("crash", f"{self.name} died: {how}{said}")
 
-    def stderr_tail(self, n: int = 4096) -> str:
+    def stderr_size(self) -> int:
         with contextlib.suppress(ValueError, OSError):
-            self._err.seek(0, os.SEEK_END)
-            size = self._err.tell()
-            self._err.seek(max(0, size - n))
-            return self._err.read().decode("utf-8", "replace")
+            return self.err.seek(0, os.SEEK_END)
+        return 0
+
+    def stderr_tail(self, since: int = 0, n: int = 4096) -> str:
+        with contextlib.suppress(ValueError, OSError):
+            size = self.err.seek(0, os.SEEK_END)
+            self.err.seek(max(since, size - n))
+            return self.err.read().decode("utf-8", "replace")
         return ""
 
-    # -- the adapter ---------------------------------------------------------------------------
+
+_LOADED: dict[tuple[int, str, Limits], _Channel] = {}
+"""Workers with an adapter loaded, by (harness process, adapter, limits): a shard process
+forked from the campaign's parent starts its own rather than share the parent's pipes."""
+
+
+def _loaded(spec: str, name: str, limits: Limits) -> _Channel:
+    """The worker that has imported ``spec``, started (and the import run, under the
+    limits) on first use."""
+    key = (os.getpid(), spec, limits)
+    ch = _LOADED.get(key)
+    if ch is not None and ch.kill.alive and ch.proc.poll() is None:
+        return ch
+    ch = _Channel(name, limits)
+    try:
+        reply = ch.exchange(("load", spec), limits.seconds)
+        if reply[0] == "raise":
+            _raise(*reply[1:])
+        if reply[0] == "fail":
+            raise AdapterFailed(reply[1], f"{name}: {reply[2]}")
+    except BaseException:
+        ch.kill()
+        raise
+    ch.info = reply[1]
+    _LOADED[key] = ch
+    return ch
+
+
+def _discard(ch: _Channel) -> None:
+    for key, other in list(_LOADED.items()):
+        if other is ch:
+            del _LOADED[key]
+    ch.kill()
+
+
+@atexit.register
+def _end_all() -> None:
+    for ch in list(_LOADED.values()):
+        ch.kill()
+
+
+def _end_session(ch: _Channel | None, child: int | None) -> None:
+    """Kill a session that did not end cleanly, and its worker with it: the stream between
+    them may hold half a reply (garbage-collector path of an unclosed Worker too)."""
+    if child is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child, signal.SIGKILL)
+    if ch is not None:
+        _discard(ch)
+
+
+class Worker:
+    """One session of one adapter: a process forked, for this session alone, from a worker
+    that has imported the adapter once (worker.py, ``_session``); so every example starts
+    from the adapter's freshly imported state, and whatever it opens, leaks or breaks ends
+    with the session. ``name`` is what messages call it. Use as a context manager, or call
+    ``close``; ``load`` starts the session."""
+
+    def __init__(self, name: str, limits: Limits | None = None) -> None:
+        self.name = name
+        self.limits = limits or Limits.from_env()
+        self.dead: AdapterFailed | None = None
+        self.channel: _Channel | None = None
+        self.child: int | None = None
+        self._since = 0
+        self._finalizer: weakref.finalize | None = None
+
     def load(self, spec: str) -> Remote:
-        """Import ``spec`` in the worker; the adapter object, with its declared
-        ``unsupported`` values and ``open_params`` (see worker.load) as attributes."""
-        info = self.request("load", spec)[1]
+        """Start a session of ``spec``: the adapter object, with its declared
+        ``unsupported_values`` and ``open_params`` (see worker.load) as attributes."""
+        ch = _loaded(spec, self.name, self.limits)
+        self._since = ch.stderr_size()
+        try:
+            reply = ch.exchange(("session",), self.limits.seconds)
+        except AdapterFailed:
+            _discard(ch)
+            raise
+        self.channel, self.child = ch, int(reply[1])
+        self._finalizer = weakref.finalize(self, _end_session, ch, self.child)
         remote = Remote(self, 0)
-        object.__setattr__(remote, "unsupported_values", info["unsupported"])
-        object.__setattr__(remote, "open_params", info["open_params"])
+        object.__setattr__(remote, "unsupported_values", ch.info["unsupported"])
+        object.__setattr__(remote, "open_params", ch.info["open_params"])
         return remote
 
+    def request(self, *msg: Any) -> tuple[Any, ...]:
+        if self.dead is not None:
+            raise AdapterFailed(self.dead.finding_class, f"{self.name} is gone ({self.dead.detail})")
+        assert self.channel is not None
+        try:
+            reply = self.channel.exchange(msg, self.limits.seconds)
+            if reply[0] == "ended":  # the session's process died; its worker says how
+                raise self.channel.died(int(reply[1]), self._since)
+        except AdapterFailed as e:
+            self._abort(e)
+            raise
+        if reply[0] == "raise":
+            _raise(*reply[1:])
+        if reply[0] == "fail":
+            failed = AdapterFailed(reply[1], f"{self.name}: {reply[2]}")
+            if reply[1] != "error":  # memory, crash: the session's state is not to be trusted
+                self._abort(failed)
+            raise failed
+        return reply
+
+    def _abort(self, e: AdapterFailed) -> None:
+        self.dead = e
+        if self._finalizer is not None:
+            self._finalizer()
+
     def close(self) -> None:
-        """Ask the worker to quit, then make sure (kill, reap, close descriptors)."""
-        if self.dead is None and self.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                self._send(frame(("quit",)), time.monotonic() + 1.0)
-                self.proc.wait(1.0)
-        self._finalizer()
+        """End the session: ``("end",)`` and the worker's ``("ended", 0)``; anything else
+        (no answer, another status) kills the session and its worker."""
+        if self.dead is None and self.channel is not None and self._finalizer is not None \
+                and self._finalizer.alive:
+            try:
+                reply = self.channel.exchange(("end",), min(self.limits.seconds, 5.0))
+                if reply == ("ended", 0):
+                    self._finalizer.detach()
+                    self.dead = AdapterFailed("crash", "the session is closed")
+                    return
+            except AdapterFailed:
+                pass
+        self._abort(self.dead or AdapterFailed("crash", "the session is closed"))
 
     def __enter__(self) -> Worker:
         return self
@@ -292,14 +386,8 @@ class Remote:
         return f"<remote object {self._handle} in {self._worker.name}'s worker>"
 
 
-_CAPABILITIES: dict[str, tuple[dict[str, list[Any]], list[str] | None]] = {}
-
-
 def capabilities(spec: str, limits: Limits | None = None) -> tuple[dict[str, list[Any]], list[str] | None]:
-    """``spec``'s ``UNSUPPORTED`` declaration and its open() keywords, asked of a worker
-    once per process. AdapterFailed when it cannot even be loaded."""
-    if spec not in _CAPABILITIES:
-        with Worker(spec, limits) as w:
-            r = w.load(spec)
-            _CAPABILITIES[spec] = (r.unsupported_values, r.open_params)
-    return _CAPABILITIES[spec]
+    """``spec``'s ``UNSUPPORTED`` declaration and its open() keywords, as its worker found
+    them when it loaded it. AdapterFailed when it cannot even be loaded."""
+    info = _loaded(spec, spec, limits or Limits.from_env()).info
+    return info["unsupported"], info["open_params"]

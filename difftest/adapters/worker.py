@@ -7,8 +7,10 @@ It answers requests from the harness over its stdin and stdout, one at a time: e
 descriptors 0 and 1, so that an adapter that prints (or reads stdin) cannot corrupt it: stray
 output goes to stderr, which the harness keeps for the crash message.
 
-Requests (tuples): ``("load", spec)``, ``("get", handle, name)``, ``("call", handle, name,
-args, kwargs)``, ``("drop", handle)`` and ``("quit",)``. Replies: ``("ok", value)`` for plain
+Requests (tuples): ``("load", spec)`` (the adapter is imported once, here), then per
+session (one example) ``("session",)``, which forks the process that serves it (see
+``_session``): ``("get", handle, name)``, ``("call", handle, name, args, kwargs)``,
+``("drop", handle)``, and ``("end",)``. ``("quit",)`` ends the worker. Replies: ``("ok", value)`` for plain
 data (bytes, numbers, strings, lists, dicts), ``("obj", handle)`` for any other object (kept
 here, named by number), ``("method",)`` for a callable attribute, ``("raise", class name,
 message, feature)`` for an exception the harness re-raises as itself (spec.errors classes,
@@ -190,12 +192,45 @@ def main() -> int:
         req = read_frame(proto_in)
         if req is None or req[0] == "quit":
             return 0
+        if req[0] == "session":
+            proto_out.write(frame(("ended", _session(server, proto_in, proto_out))))
+            continue
+        proto_out.write(_serve_one(server, req))
+
+
+def _serve_one(server: Server, req: tuple[Any, ...]) -> bytes:
+    try:
+        return frame(server.handle(req))
+    except BaseException as e:  # foreign code: every outcome is reported, none kills the loop
+        return frame(_failure(e))
+
+
+def _session(server: Server, proto_in: BinaryIO, proto_out: Any) -> int:
+    """Fork the process that serves one session (one example) from the loaded adapter and
+    wait for it. Every session starts from the same state, this process's, which has run
+    the adapter's import and nothing else: whatever a session opens, leaks, breaks or
+    allocates dies with it. The child has its own process group (the harness kills it by
+    that, while this process has not yet reaped it, so the id cannot have been reused) and
+    its own memory cap. It reads and answers requests until ``("end",)``; this process
+    writes nothing meanwhile, then ``("ended", exit code)`` (negative: a signal)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
         try:
-            reply = server.handle(req)
-            data = frame(reply)
-        except BaseException as e:  # foreign code: every outcome is reported, none kills the loop
-            data = frame(_failure(e))
-        proto_out.write(data)
+            os.setpgid(0, 0)
+            _limit_memory(server.memory)
+            while True:
+                req = read_frame(proto_in)
+                if req is None or req[0] == "end":
+                    break
+                proto_out.write(_serve_one(server, req))
+        except BaseException:
+            code = 70
+        finally:
+            os._exit(code)
+    proto_out.write(frame(("ok", pid)))
+    status = os.waitpid(pid, 0)[1]
+    return os.waitstatus_to_exitcode(status)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from difftest.adapters.isolation import AdapterFailed
 from difftest.core import qemuio, teardown
 from difftest.core.config import Config
 from difftest.core.divergence import Divergence
@@ -81,6 +82,22 @@ def normalize_map(extents: list[dict[str, Any]], start: int, end: int, *,
     return [(a, b - a, p, z, d, dep) for a, b, p, z, d, dep in out]
 
 
+def foreign_failure(e: AdapterFailed, op: str) -> Divergence:
+    """The divergence for foreign code that hung, crashed, ran out of memory or raised
+    (difftest/adapters/isolation.py): kind ``crash`` when its worker is gone, ``exception``
+    for an ordinary exception, the message led by the finding class."""
+    kind = "exception" if e.finding_class == "error" else "crash"
+    return Divergence(kind, op, str(e), finding_class=e.finding_class)
+
+
+def command_failure(t: Target, e: qemuio.QemuIoDied, op: str) -> Divergence:
+    """qemu-io or a command adapter (``cmd:``) died or hung; a command adapter's finding
+    carries its class, as a worker's does."""
+    if getattr(t, "command", None) is None:
+        return Divergence("crash", op, f"{t.name}: {e}")
+    return Divergence("crash", op, f"{e.finding_class}: {t.name}: {e}", finding_class=e.finding_class)
+
+
 def _corrupt_bit(path: Path) -> bool:
     """Whether the file's header has the corrupt bit (read without a lock, as qemu-img -U)."""
     try:
@@ -130,6 +147,7 @@ class Lockstep:
             t = make_target(spec, self.root)
             if not t.supports(cfg):
                 self.notes.append(f"target-skipped: {t.name} cannot take {cfg.short()}")
+                t.release()
                 continue
             t.dir.mkdir(parents=True, exist_ok=True)
             if backing is not None:
@@ -141,15 +159,23 @@ class Lockstep:
             for t in list(self.targets):
                 try:
                     t.setup(cfg, backing, base)
-                except UnsupportedFeature as e:
-                    if e.feature not in cfg.features():
+                except (UnsupportedFeature, NotImplementedError) as e:
+                    feature = getattr(e, "feature", None)
+                    if not t.foreign and feature not in cfg.features():
                         raise Divergence("setup", "create", f"{t.name}: {type(e).__name__}: {e}") from e
                     # DESIGN.md: a library names what it does not do. A target without, say,
-                    # encryption is not compared on such a configuration (counted in the notes).
+                    # encryption is not compared on such a configuration (counted in the
+                    # notes); an adapter (issue 14) may refuse anything this way.
                     t.close()
+                    t.release()
                     qemuio.forget(t.path)
                     self.targets.remove(t)
-                    self.notes.append(f"target-skipped: {t.name} lacks {e.feature}")
+                    self.notes.append(f"target-skipped: {t.name} lacks {feature}" if not t.foreign else
+                                      f"unsupported: {t.name}: {type(e).__name__}: {feature or e}")
+                except AdapterFailed as e:
+                    raise foreign_failure(e, "create") from None
+                except qemuio.QemuIoDied as e:
+                    raise command_failure(t, e, "create") from e
                 except Qcow2Error as e:
                     raise Divergence("setup", "create", f"{t.name}: {type(e).__name__}: {e}") from e
             if not self.targets:
@@ -162,6 +188,7 @@ class Lockstep:
             # for the files (qemuio.remember), so no later run on the same path inherits them.
             self.close_targets()
             for t in self.targets:
+                t.release()
                 qemuio.forget(t.path)
             raise
         self.size = next(iter(sizes.values()))
@@ -173,7 +200,9 @@ class Lockstep:
             try:
                 out.append(("ok", fn(t)))
             except qemuio.QemuIoDied as e:
-                raise Divergence("crash", op, f"{t.name}: {e}") from e
+                raise command_failure(t, e, op) from e
+            except AdapterFailed as e:
+                raise foreign_failure(e, op) from None
             except Qcow2Error as e:
                 out.append(("err", type(e).__name__))
             except Exception as e:  # DESIGN.md: only spec.errors may escape
@@ -571,6 +600,8 @@ class Lockstep:
             raise
         except qemuio.QemuIoDied as e:
             raise Divergence("crash", "finish", str(e)) from e
+        except AdapterFailed as e:
+            raise foreign_failure(e, "finish") from None
         except Exception as e:  # DESIGN.md: only spec.errors may escape, and not even those here
             raise Divergence("exception", "finish", f"{type(e).__name__}: {e}") from e
 
@@ -578,6 +609,8 @@ class Lockstep:
         for t in self.targets:
             try:
                 t.close()
+            except AdapterFailed:
+                pass  # its worker is gone: that was the finding already
             except Exception as e:  # closing is also an operation; report, don't mask
                 self.notes.append(f"{t.name}.close raised {type(e).__name__}: {e}")
 
@@ -585,6 +618,7 @@ class Lockstep:
         """End the run: close every target, then (the first time only) call ``on_close``."""
         self.close_targets()
         for t in self.targets:
+            t.release()  # a foreign target's worker process (targets.IsolatedTarget)
             qemuio.forget(t.path)  # the keys remembered at set-up (targets.secrets_of)
         if not self.closed:
             self.closed = True

@@ -24,11 +24,13 @@ from hypothesis import note, reject
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from difftest.adapters.isolation import AdapterFailed
 from difftest.core.config import Config, configs, edge_points
 from difftest.core.divergence import Divergence
-from difftest.core.lockstep import Lockstep
+from difftest.core.lockstep import Lockstep, foreign_failure
 from difftest.core.repro import ReproStore
 from difftest.core.signature import covers, signature
+from difftest.core.targets import narrowed
 
 Draw = Callable[..., Any]
 """``data.draw``: takes a strategy, returns a value."""
@@ -100,7 +102,8 @@ last two need a snapshot to exist."""
 
 
 def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
-    cfg_strategy = configs(hooks.overrides)
+    # What a py: target declares unsupported is never drawn (targets.narrowed).
+    cfg_strategy = configs(narrowed(hooks.overrides, hooks.targets))
     if hooks.store is None and hooks.repro_dir is not None:
         hooks.store = ReproStore(hooks.repro_dir, hooks.readers)
     if hooks.workdir is not None:
@@ -149,6 +152,10 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
                     return False
                 self._fail(d)
                 raise
+            except AdapterFailed as e:  # a foreign target hung, crashed, ran out of memory
+                div = foreign_failure(e, what)
+                self._fail(div)
+                raise div from None
             except Exception as e:  # a bug in the harness or a target: still a finding
                 div = Divergence("exception", what, f"{type(e).__name__}: {e}")
                 self._fail(div)
@@ -301,7 +308,12 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
         @invariant()
         def sizes_agree(self) -> None:
             if self.ls is not None and not self.failed:
-                sizes = {t.name: int(t.image.size) for t in self.ls.targets}
+                try:
+                    sizes = {t.name: int(t.image.size) for t in self.ls.targets}
+                except AdapterFailed as e:
+                    d = foreign_failure(e, "invariant")
+                    self._fail(d)
+                    raise d from None
                 if len(set(sizes.values())) > 1:
                     d = Divergence("size", "invariant", f"virtual sizes differ: {sizes}")
                     if self._known(d):

@@ -27,18 +27,23 @@ the ones made outside a target (core/oracle.py), so a target ``remember``s them 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import resource
 import select
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from difftest.adapters.isolation import OUT_OF_MEMORY, Limits
 from spec.errors import CorruptionError, Qcow2Error, RequestError, UnsupportedFeature
 
 PROMPT = b"qemu-io> "
@@ -152,7 +157,18 @@ def img_args(paths: Sequence[str | Path], fmt: str = "qcow2") -> list[str]:
 
 
 class QemuIoDied(Qcow2Error):
-    """qemu-io exited or hung: an oracle crash, reported as a divergence of its own."""
+    """qemu-io exited or hung: an oracle crash, reported as a divergence of its own.
+    ``finding_class`` says which, in the classes of a foreign implementation
+    (difftest/adapters/isolation.py): hang, crash or memory."""
+
+    def __init__(self, message: str, finding_class: str = "crash") -> None:
+        self.finding_class = finding_class
+        super().__init__(message)
+
+
+COMMAND_MEMORY_BASE = 512 << 20
+"""Address space a command adapter (``cmd:``) gets besides the adapter memory limit: it is a
+whole program (an interpreter, say), not a worker measured after its imports."""
 
 
 def error_class(text: str) -> type[Qcow2Error]:
@@ -204,9 +220,20 @@ class QemuIo:
         # which then refuses every later ``open -o`` (QemuImage.resume); so the process
         # starts without an image and opens it with ``open -o`` like every reopen.
         self.argv = argv
+        self.foreign = bool(command)
+        """A command adapter: foreign code, held to the adapter limits (isolation.Limits):
+        a wall-clock limit on every command (not only on silence, as qemu-io has) and an
+        address-space cap; its own process group, so a kill ends whatever it started."""
+        self.limits = Limits.from_env()
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, bufsize=0, cwd=str(Path(path).parent))
+                                     stderr=subprocess.STDOUT, bufsize=0, cwd=str(Path(path).parent),
+                                     start_new_session=self.foreign)
         assert self.proc.stdout is not None and self.proc.stdin is not None
+        if self.foreign and self.limits.memory_mib > 0:
+            # Set from outside once it runs: a preexec_fn is unsafe in a threaded harness.
+            cap = COMMAND_MEMORY_BASE + (self.limits.memory_mib << 20)
+            with contextlib.suppress(OSError):
+                resource.prlimit(self.proc.pid, resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
         self._out = self.proc.stdout.fileno()
         self._in = self.proc.stdin
         self.commands = 0
@@ -221,15 +248,24 @@ class QemuIo:
     def _response(self) -> str:
         chunks: list[bytes] = []
         tail = b""
+        # poll(), not select(): a long campaign's descriptors can be numbered above 1024.
+        poller = select.poll()
+        poller.register(self._out, select.POLLIN | select.POLLHUP | select.POLLERR)
+        deadline = time.monotonic() + self.limits.seconds if self.foreign else None
+        who = "the command adapter" if self.foreign else "qemu-io"
         while True:
-            ready, _, _ = select.select([self._out], [], [], TIMEOUT)
-            if not ready:
+            wait = TIMEOUT if deadline is None else deadline - time.monotonic()
+            if wait <= 0 or not poller.poll(wait * 1000):
                 self.kill()
-                raise QemuIoDied(f"qemu-io hung; output so far: {b''.join(chunks)[-500:]!r}")
+                raise QemuIoDied(f"{who} hung; output so far: {b''.join(chunks)[-500:]!r}", "hang")
             chunk = os.read(self._out, 1 << 20)
             if not chunk:
-                self.kill()
-                raise QemuIoDied(f"qemu-io exited; output: {b''.join(chunks)[-500:]!r}")
+                code = self.kill()
+                out = b"".join(chunks)[-500:]
+                how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else \
+                    f"exit {code}"
+                memory = any(m.encode() in out for m in OUT_OF_MEMORY)
+                raise QemuIoDied(f"{who} exited ({how}); output: {out!r}", "memory" if memory else "crash")
             chunks.append(chunk)
             tail = (tail + chunk)[-(len(PROMPT) + 1):]
             if tail.endswith(PROMPT) and (len(tail) == len(PROMPT) or tail[0:1] == b"\n"):
@@ -282,13 +318,24 @@ class QemuIo:
                 self._in.close()
                 self.proc.wait(30)
             except (BrokenPipeError, subprocess.TimeoutExpired):
-                self.kill()
-        self.proc.stdout.close() if self.proc.stdout else None
+                pass
+        self.kill()  # reaps it, ends what a command adapter left running, closes the pipes
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
+    def kill(self) -> int | None:
+        """End the process (and, for a command adapter, its process group), reap it and
+        close our ends of its pipes, which would otherwise stay open as long as anything
+        (a kept exception) refers to this object; its exit status."""
+        if self.foreign:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        elif self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        code = self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                if f is not None:
+                    f.close()
+        return code
 
 
 def parse_hexdump(text: str, n: int) -> bytes:

@@ -4,6 +4,8 @@ A target owns one directory, makes its own starting image there with its own ``c
 and opens it as a spec.interface.Image. Three kinds:
 
 - ``ModuleTarget``: a package exporting spec.interface's ``create``/``open`` (model, impl).
+- ``IsolatedTarget``: the same for a foreign ``py:`` module, run in a worker process
+  (difftest/adapters/isolation.py).
 - ``QemuTarget``: ``qemu-img create`` plus one persistent ``qemu-io`` (difftest/core/qemuio.py).
 - ``CommandTarget``: an external program that speaks qemu-io's command language on stdin
   (the adapter interface, form (b); see difftest/adapters/__init__.py). Its image is made
@@ -23,6 +25,7 @@ UnsupportedFeature, such as "encryption") sits the example out (core/lockstep.py
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -37,8 +40,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+from difftest.adapters.isolation import AdapterFailed, Worker, capabilities
 from difftest.core import qemuio
-from difftest.core.config import BACKING_KEY_SECRET, KEY_SECRET, LUKS_ITER_TIME, Config, edge_points
+from difftest.core.config import (
+    BACKING_KEY_SECRET,
+    KEY_SECRET,
+    LUKS_ITER_TIME,
+    Config,
+    edge_points,
+    restrict,
+)
 from difftest.core.introspect import Introspection, introspection_of
 from spec.errors import Qcow2Error, RequestError
 
@@ -68,10 +79,18 @@ class Target(Protocol):
         ...
     def reopen(self) -> None: ...
     def close(self) -> None: ...
+    def release(self) -> None:
+        """End what outlives ``close`` (a foreign target's worker process); the run is over."""
+        ...
     def open_readonly(self, path: Path) -> Any: ...
 
     @property
     def path(self) -> Path: ...
+    @property
+    def foreign(self) -> bool:
+        """An adapter (``py:`` other than model and impl, ``cmd:``): it may refuse a
+        configuration at open (UnsupportedFeature, NotImplementedError) and sit it out."""
+        ...
 
 
 def data_path(where: Path) -> Path:
@@ -216,6 +235,84 @@ class ModuleTarget:
     def open_readonly(self, path: Path) -> Any:
         return self.module.open(str(path), readonly=True, **self.keys)
 
+    def release(self) -> None:
+        pass
+
+    @property
+    def foreign(self) -> bool:
+        return False
+
+
+class IsolatedTarget(ModuleTarget):
+    """A foreign ``py:`` target: its module lives in a worker process
+    (difftest/adapters/isolation.py), started at set-up and ended by ``release`` when the
+    run is over, so a hang, a crash, runaway memory or leaked descriptors end with the
+    worker (AdapterFailed, a finding with its class) and never reach the harness. The image
+    is a proxy: the harness compares it through the Image interface alone."""
+
+    def __init__(self, name: str, spec: str, root: Path) -> None:
+        super().__init__(name, None, root)
+        self.spec = spec
+        self.worker: Worker | None = None
+
+    def _start(self) -> None:
+        if self.worker is None:
+            self.worker = Worker(self.name)
+            self.module = self.worker.load(self.spec)
+
+    def setup(self, cfg: Config, backing: tuple[str, str] | None, base: Path | None = None) -> None:
+        self._start()
+        super().setup(cfg, backing, base)
+
+    def supports(self, cfg: Config) -> bool:
+        keys = cfg.key_options()
+        if not keys:
+            return True
+        params = capabilities(self.spec)[1]
+        return params is None or set(keys) <= set(params)
+
+    def _open(self) -> None:
+        self.image = self.module.open(str(self.path), **self.open_options)
+        self.introspection = Introspection()
+
+    def release(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+        self.image = None
+
+    @property
+    def foreign(self) -> bool:
+        return True
+
+
+def narrowed(overrides: dict[str, Any], targets: list[str]) -> dict[str, Any]:
+    """``overrides`` with every value a ``py:`` target declares unsupported (its
+    ``UNSUPPORTED``, see difftest/adapters/__init__.py) excluded: the campaign does not draw
+    a configuration one of its writers cannot run. Readers do not narrow it (they sit such a
+    configuration out, core/teardown.py). A target that cannot even be loaded is left to
+    fail at set-up, where it is a finding."""
+    out = dict(overrides)
+    for spec in targets:
+        if not is_isolated(spec):
+            continue
+        try:
+            declared = capabilities(spec)[0]
+        except AdapterFailed:
+            continue
+        for name, values in declared.items():
+            if name not in {f.name for f in dataclasses.fields(Config)}:
+                raise ValueError(f"{spec}: UNSUPPORTED names {name!r}, not a configuration field")
+            restrict(out, name, set(values), f"{spec} declares it unsupported")
+    return out
+
+
+def is_isolated(spec: str) -> bool:
+    """Whether target ``spec`` runs in a worker: every ``py:`` target but the project's own
+    engines (whose speed and introspection the harness relies on)."""
+    if not spec.startswith("py:"):
+        return False
+    return spec[3:].partition(":")[0] not in ("model", "impl")
+
 
 class QemuTarget:
     in_process = False
@@ -263,6 +360,13 @@ class QemuTarget:
 
     def open_readonly(self, path: Path) -> Any:
         return qemuio.QemuImage(path, readonly=True, command=self.command, secrets=self.secrets)
+
+    def release(self) -> None:
+        pass  # close() has ended the process
+
+    @property
+    def foreign(self) -> bool:
+        return self.command is not None
 
 
 def in_separate_process(t: Target, fn: Callable[[Target], Any]) -> Any:
@@ -532,7 +636,10 @@ def make_target(spec: str, root: Path) -> Target:
     if spec.startswith("cmd:"):
         name, _, argv = spec[4:].partition("=")
         return QemuTarget(name or "cmd", root, command=shlex.split(argv))
-    if spec.startswith("py:"):
+    if is_isolated(spec):
+        modname, _, attr = spec[3:].partition(":")
+        return IsolatedTarget(attr or modname.rsplit(".", 1)[-1], spec, root)
+    if spec.startswith("py:"):  # py:model, py:impl: the project's own, in process
         modname, _, attr = spec[3:].partition(":")
         mod = importlib.import_module(modname)
         obj = getattr(mod, attr) if attr else mod

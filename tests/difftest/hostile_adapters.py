@@ -149,3 +149,11 @@ class Target:
 plain_target = Target()
 spinning_target = Target(_spin)
 crashing_target = Target(_segfault)
+
+
+class RefusingTarget(Target):
+    def open(self, path: str, readonly: bool = False) -> Any:
+        raise UnsupportedFeature("lazy_refcounts", "planted: refuses every image")
+
+
+refusing_target = RefusingTarget()

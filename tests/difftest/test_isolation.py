@@ -125,3 +125,46 @@ def test_a_worker_answers_with_builtin_data_only(tmp_path: Path) -> None:
         with pytest.raises(AttributeError):
             _ = img.no_such_attribute
         img.close()
+
+
+# -- py: targets ------------------------------------------------------------------------------
+
+def test_a_py_target_runs_in_a_worker_and_its_hang_or_crash_is_a_finding(tmp_path: Path) -> None:
+    cfg = Config(cluster_size=4096, size=1 << 20)
+    with Lockstep(tmp_path / "ok", cfg, ["model", HOSTILE + "plain_target"]) as ls:
+        assert ls.write(off=4095, n=2, byte=0x5A) and ls.read(off=0, n=8192)
+        assert isinstance(ls.targets[1].image, isolation.Remote)
+        ls.finish()
+    before = open_fds()  # the adapter's loaded worker stays (three descriptors), sessions do not
+    for name, cls in (("spinning_target", "hang"), ("crashing_target", "crash")):
+        with pytest.raises(Divergence) as found, \
+                Lockstep(tmp_path / name, cfg, ["model", HOSTILE + name]) as ls:
+            ls.write(off=0, n=512, byte=1)
+        assert found.value.finding_class == cls and found.value.kind == "crash"
+        assert f"{cls}: {name}" in str(found.value)
+    assert open_fds() == before
+
+
+def test_a_target_refusing_at_open_sits_out_with_an_unsupported_note(tmp_path: Path) -> None:
+    cfg = Config(cluster_size=4096, size=1 << 20)
+    with Lockstep(tmp_path, cfg, ["model", HOSTILE + "refusing_target"]) as ls:
+        assert [t.name for t in ls.targets] == ["model"]
+        assert any(n.startswith("unsupported: refusing_target: UnsupportedFeature") for n in ls.notes)
+
+
+def test_what_a_target_declares_unsupported_is_never_drawn() -> None:
+    from hypothesis import given, settings
+
+    from difftest.core.config import configs
+    from difftest.core.targets import narrowed
+
+    ov = narrowed({"version": 3}, ["model", HOSTILE + "plain_target"])
+
+    @settings(max_examples=80, database=None, deadline=None)
+    @given(configs(ov))
+    def check(cfg: Config) -> None:
+        assert cfg.compression_type == "zlib" and not cfg.extended_l2
+
+    check()
+    with pytest.raises(ValueError, match="declares it unsupported"):
+        narrowed({"compression_type": "zstd"}, [HOSTILE + "plain_target"])
