@@ -2,8 +2,14 @@
 
     qcow2lab difftest [--examples N] [--steps N] [--seed S] [--targets model,qemu,...]
                       [--profile quick|ci|deep] [--config KEY=VAL ...] [--jobs N]
-                      [--db DIR] [--repro DIR] [--time-budget SECONDS] [--shrink-seconds S]
-                      [--output=human|json]
+                      [--readers dissect,py:MODULE[:NAME]] [--adapter-timeout S]
+                      [--adapter-memory MIB] [--db DIR] [--repro DIR] [--time-budget SECONDS]
+                      [--shrink-seconds S] [--output=human|json]
+
+--config VAL may be a set (backing=none,qcow2) or an exclusion (backing=!raw, !a,b).
+Foreign adapters run in worker processes under --adapter-timeout and --adapter-memory; their
+findings are classed hang, crash, memory, error or wrong-bytes, and what they do not support
+is noted "unsupported:" rather than reported (difftest/adapters/__init__.py).
 
 Exit status: 0 when every target agreed everywhere, 1 on any divergence (or when fewer than
 two targets can run), as a test runner would.
@@ -13,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
 
+from difftest.adapters import isolation
 from difftest.cli import damaged
 from difftest.core import qemuio
 from difftest.core.campaign import PROFILES, Shard, Stats, run_shards
@@ -34,6 +42,13 @@ def add_campaign_args(p: argparse.ArgumentParser, *, profile: str = "quick") -> 
     p.add_argument("--readers", default="", help="comma-separated read-only adapters that read every "
                    "file at teardown: 'dissect' (dissect.hypervisor, pip-installed on first use) or "
                    "py:MODULE[:NAME] (see difftest/adapters/__init__.py)")
+    p.add_argument("--adapter-timeout", type=float, metavar="S",
+                   help="wall-clock seconds a foreign adapter (py: reader or target other than model "
+                   f"and impl, cmd: target) may take per call before it is killed as a hang (default "
+                   f"{isolation.TIMEOUT:g}; env {isolation.TIMEOUT_ENV})")
+    p.add_argument("--adapter-memory", type=int, metavar="MIB",
+                   help="address space (MiB) an adapter's worker may grow by, RLIMIT_AS; beyond it "
+                   f"the finding is 'memory' (default {isolation.MEMORY_MIB}; env {isolation.MEMORY_ENV})")
     p.add_argument("--profile", choices=sorted(PROFILES), default=profile)
     p.add_argument("--config", action="append", default=[], metavar="KEY=VAL",
                    help="pin a configuration field (version, cluster_size, refcount_bits, extended_l2, "
@@ -55,6 +70,15 @@ def add_campaign_args(p: argparse.ArgumentParser, *, profile: str = "quick") -> 
     p.add_argument("--shrink-seconds", type=float, help="stop shrinking a failure after this many "
                    "seconds (default: Hypothesis's 300, or a third of --time-budget)")
     p.add_argument("--output", choices=["human", "json"], default="human")
+
+
+def set_adapter_limits(args: argparse.Namespace) -> None:
+    """The adapter limits go through the environment (difftest/adapters/isolation.py), so
+    that shard processes and the replays of reproducers get them as well."""
+    if getattr(args, "adapter_timeout", None) is not None:
+        os.environ[isolation.TIMEOUT_ENV] = str(args.adapter_timeout)
+    if getattr(args, "adapter_memory", None) is not None:
+        os.environ[isolation.MEMORY_ENV] = str(args.adapter_memory)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -102,6 +126,7 @@ def campaign(args: argparse.Namespace) -> tuple[Stats, list[str]]:
     steps = args.steps or prof["steps"]
     jobs = max(1, args.jobs)
     overrides = parse_overrides(args.config)
+    set_adapter_limits(args)
     nshards = args.shards or (jobs if not args.time_budget else max(jobs, 512))
     # Under a time budget shards are kept small, so the last one ends soon after the budget.
     per = max(1, -(-examples // nshards)) if not args.time_budget else 6

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from difftest.adapters import isolation
-from difftest.core import teardown
+from difftest.core import qemuio, teardown
 from difftest.core.config import Config
 from difftest.core.divergence import Divergence
 from difftest.core.lockstep import Lockstep
@@ -168,3 +168,41 @@ def test_what_a_target_declares_unsupported_is_never_drawn() -> None:
     check()
     with pytest.raises(ValueError, match="declares it unsupported"):
         narrowed({"compression_type": "zstd"}, [HOSTILE + "plain_target"])
+
+
+# -- cmd: targets -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not qemuio.available(), reason="needs qemu-img to make the command's image")
+@pytest.mark.parametrize(("program", "cls"), [
+    # Never answers, and SIGALRM would not stop it either.
+    ("import signal, time; signal.signal(signal.SIGALRM, signal.SIG_IGN); time.sleep(600)", "hang"),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "crash"),
+])
+def test_a_command_adapter_that_hangs_or_dies_is_a_finding(tmp_path: Path, program: str, cls: str) -> None:
+    import shlex
+    import sys
+
+    spec = f"cmd:mute={shlex.join([sys.executable, '-c', program])}"
+    before = open_fds()
+    t0 = time.monotonic()
+    with pytest.raises(Divergence) as found:
+        Lockstep(tmp_path, Config(cluster_size=4096, size=1 << 20), ["model", spec])
+    assert found.value.finding_class == cls and f"{cls}: mute" in str(found.value)
+    assert time.monotonic() - t0 < LIMIT + 10
+    assert open_fds() == before
+
+
+def test_the_cli_sets_the_limits_and_reports_the_class(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from difftest.cli import main
+
+    rc = main(["difftest", "--targets", f"model,{HOSTILE}plain_target", "--readers", f"{HOSTILE}spins",
+               "--adapter-timeout", "2", "--adapter-memory", "300", "--examples", "1", "--steps", "2",
+               "--db", "none", "--no-shrink", "--repro", str(tmp_path / "r"), "--config", "cluster_size=4k",
+               "--config", "backing=none", "--config", "encrypt=none", "--output", "json"])
+    out = json.loads(capsys.readouterr().out)
+    assert os.environ[isolation.TIMEOUT_ENV] == "2.0" and os.environ[isolation.MEMORY_ENV] == "300"
+    assert rc == 1 and out["divergences"]
+    assert all("[reader] finish: hang: " in d["message"] for d in out["divergences"])
