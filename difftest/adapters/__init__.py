@@ -8,7 +8,10 @@ or ``--readers`` (read-only, checked at teardown):
     or ``py:package.module:NAME`` (an object in it). A *reader* needs only
     ``open(path, readonly=True)`` returning an object with ``size``, ``read(off, n)`` and
     ``close()``; it reads every file the writers produced, and must read what they read.
-    Any exception a reader raises is recorded as a finding (it is foreign code).
+    ``py:model`` and ``py:impl`` run in the harness; every other ``py:`` adapter runs in a
+    worker process (isolation.py), so its arguments and results must be builtin data
+    (bytes, numbers, strings, lists, dicts); any other object it returns stays in the
+    worker behind a proxy.
 
 (b) **A command** that speaks qemu-io's command language on stdin:
     ``cmd:NAME=ARGV``. It is started as ``ARGV [-r] IMAGE`` in the image's directory after
@@ -25,6 +28,27 @@ or ``--readers`` (read-only, checked at teardown):
     PATH`` and ``quit``. Metadata (map JSON, info, snapshots) is read with qemu-img from the
     file. ``python -m difftest.adapters.serve MODULE`` is such a command for any form (a)
     module, e.g. ``cmd:model-io=python -m difftest.adapters.serve model``.
+
+Isolation (isolation.py, worker.py). Foreign code runs in a worker process under a
+wall-clock limit per call (``--adapter-timeout``, default 20 s) and an address-space limit
+(``--adapter-memory``, default 1024 MiB above its size once imported); a ``py:`` adapter is
+imported once per campaign process and every example is served by a fresh fork of that
+import. What goes wrong is a finding of one class: ``hang`` (no answer in time: the process
+group is killed, which stops a C loop that ignores SIGALRM too), ``crash`` (the process died),
+``memory`` (MemoryError, or died out of memory), ``error`` (an ordinary exception; a target's
+spec.errors exception is an outcome compared like any target's) or ``wrong-bytes`` (a reader
+answered differently from the first target). A reader finding is ``Divergence("reader",
+"finish", "<class>: ...")``; ``Divergence.finding_class`` holds the class. A ``cmd:`` adapter
+gets the same wall-clock limit per command, an address-space cap and its own process group.
+
+Capabilities. ``UNSUPPORTED`` on the adapter object (or its module) maps configuration field
+names (difftest/core/config.py, ``Config``; the names ``--config`` takes) to the values the
+adapter does not support, e.g. ``{"extended_l2": {True}, "compression_type": {"zstd"},
+"backing": {"raw"}, "data_file": {True}, "cluster_size": {512}}``. A target's declaration
+keeps those values out of the drawn configurations; a reader sits such an example out, noted
+``unsupported: <reader>: field=value``. Raising spec.errors.UnsupportedFeature or
+NotImplementedError at open does the same for that example (target or reader), noted
+``unsupported: <name>: ...``: neither is a finding.
 
 Shipped: ``dissect_qcow2`` (form (a), reader): dissect.hypervisor's qcow2 reader, installed
 with pip at first use into ~/.cache/qcow2lab/adapters (never vendored); ``libqcow``
