@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    + ", ".join(a.name for a in AREAS))
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--time-budget", type=float, help=f"seconds per cell (default {DEFAULT_BUDGET:.0f}; "
-                        "shrinking a finding can add up to a quarter more)")
+                        "a cell with a finding can take up to twice that, to shrink it)")
     budget.add_argument("--total-budget", type=float, help="seconds for the whole matrix, shared equally "
                         "by the cells")
     p.add_argument("--seed", type=int, default=0, help="first seed of every cell's campaign")

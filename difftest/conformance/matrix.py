@@ -122,8 +122,9 @@ def classify(cell: Cell, stats: Stats) -> Cell:
 
 def run_cell(area: Area, reader: str, *, budget: float, seed: int, out: Path,
              on_event: Callable[[str, Any], None] | None = None) -> Cell:
-    """One cell: ``reader`` on ``area`` for about ``budget`` seconds (shrinking a finding
-    may add up to half the budget again)."""
+    """One cell: ``reader`` on ``area`` for about ``budget`` seconds. Shrinking a finding
+    gets half the budget (at least 10 s) for Hypothesis and as much again for the deletion
+    pass and the feature simplification, so a cell with a finding can take twice as long."""
     cell = Cell(area.name, reader)
     t0 = time.monotonic()
     why = declared_unsupported(reader, area)
@@ -134,7 +135,7 @@ def run_cell(area: Area, reader: str, *, budget: float, seed: int, out: Path,
     # Absolute: qemu-img and qemu-io run in the targets' directories.
     where = out.resolve() / area.name / short_name(reader)
     shards = [Shard(TARGETS, seed + k, EXAMPLES_PER_SHARD, STEPS, area.overrides, db_dir=None,
-                    repro_dir=str(where), readers=[spec], shrink_seconds=max(5.0, budget / 4),
+                    repro_dir=str(where), readers=[spec], shrink_seconds=max(10.0, budget / 2),
                     workdir=str(where / "work"))
               for k in range(10_000)]
     stats = run_shards(shards, 1, on_event, deadline=t0 + budget)
