@@ -208,7 +208,7 @@ class ImageFile(hd.HeaderViews):
 
     def read_zero_filled(self, offset: int, n: int, where: str) -> bytes:
         """``n`` bytes at ``offset``, zeros past the end of the file, as QEMU's file driver
-        reads (``n`` is bounded by the caller: one snapshot table entry here)."""
+        reads (``n`` is bounded by the caller: one snapshot table entry, one bitmap table)."""
         return pread_zero_filled(self.f, offset, n, where, self.file_size)
 
     def l1_table(self, offset: int | None = None, n: int | None = None) -> list[int]:
@@ -270,7 +270,10 @@ class ImageFile(hd.HeaderViews):
         if not 0 < n <= min(lim.BME_MAX_TABLE_SIZE, lim.BME_MAX_PHYS_SIZE // self.cluster_size):
             raise FormatError("bitmap table size out of range", "bitmap_table.size")
         validate_table_offset(entry.bitmap_table_offset, n, 8, self.cluster_size, "bitmap_table.offset")
-        data = self.read(entry.bitmap_table_offset, n * 8, "bitmap_table")
+        # Past the end of the file the table reads as zeros (entries for all-zero clusters),
+        # as QEMU's file driver reads it, and QEMU opens the image (issue 15). The size is
+        # bounded above, so the zeros are too.
+        data = self.read_zero_filled(entry.bitmap_table_offset, n * 8, "bitmap_table")
         table: list[int] = list(parse(bitmap_table(n), data, "bitmap_table"))
         for i, e in enumerate(table):
             off = e & BME_TABLE_ENTRY_OFFSET_MASK

@@ -88,7 +88,32 @@ CACHED_METADATA_READ = Note(
     "at once, so it reads the updated table.",
     open=False)
 
-NOTES = (METADATA_OVERLAP, QEMU_ABORTED, DROPPED_CACHES, MODEL_WRITE_THROUGH, CACHED_METADATA_READ)
+BITMAPS_DROPPED = Note(
+    "bitmaps-dropped",
+    "QEMU kept the image's persistent bitmaps and only check's leak count differs. The engines "
+    "keep no bitmaps: a read-write open gives them up and frees only the clusters the checked "
+    "tables reach (spec/autoclear.py), so bitmap clusters that the damage disconnected stay "
+    "leaked. QEMU keeps "
+    "the bitmaps and rewrites each one at close (block/qcow2-bitmap.c "
+    "qcow2_store_persistent_dirty_bitmaps: new tables and data, the old ones freed), so its "
+    "leak count differs; corruption counts agree. Closing it means keeping bitmaps.",
+    open=True)
+
+NOTES = (METADATA_OVERLAP, QEMU_ABORTED, DROPPED_CACHES, MODEL_WRITE_THROUGH, CACHED_METADATA_READ,
+         BITMAPS_DROPPED)
+
+
+def _corruptions(verdict: str) -> str:
+    """The corruption count of a check verdict ("leaks corruptions=0 leaks=2" -> "0")."""
+    return verdict.partition("corruptions=")[2].split(" ")[0]
+
+
+def _has_bitmaps(path: Path) -> bool:
+    try:
+        with open_image(path) as img:
+            return img.bitmaps_enabled
+    except (Qcow2Error, OSError):
+        return False
 
 
 def _reads_metadata(path: Path, guest: int) -> bool:
@@ -143,6 +168,9 @@ def explain(finding: Finding, run: Run) -> Note | None:
         return CACHED_METADATA_READ
     if not _engines_agree(finding):
         return None
+    if (finding.kind == "check" and len({_corruptions(v) for v in finding.outcomes.values()}) == 1
+            and "qemu" in run.paths and _has_bitmaps(run.paths["qemu"])):
+        return BITMAPS_DROPPED
     theirs = finding.outcomes["qemu"]
     if theirs.startswith(("QemuIoDied", "refused (QemuIoDied")) and any(w in qemu_log for w in _ABORT_WORDS):
         return QEMU_ABORTED

@@ -21,6 +21,8 @@ cases): the same refusal, the same corrupt flag, the same bytes.
    cluster reads as free and the next L2 table would be allocated on it. QEMU flags the
    image ("Preventing invalid allocation of L2 table at offset 0", l2_allocate); the engines
    wrote the table over the header.
+7. A bitmap table past the end of the file: QEMU reads it as zeros and opens the image; the
+   engines refused it ("file ends before ...").
 """
 
 from __future__ import annotations
@@ -189,3 +191,19 @@ def test_an_l2_table_is_never_allocated_over_the_header(engine: ModuleType, tmp_
         img.write_zeroes(4 * KiB, 8 * KiB)
     assert _corrupt_bit(ours)
     assert ours.read_bytes()[:4] == b"QFI\xfb"  # the header is still there
+
+
+def test_a_bitmap_table_past_the_end_of_the_file_reads_as_zeros(engine: ModuleType, tmp_path: Path) -> None:
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "4M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(src), "b0"], check=True)
+    qemu_io(src, "write -q -P 1 0 64k")
+    entry = open_image(src).bitmaps[0]
+    directory = open_image(src).extension(QCOW2_EXT_MAGIC_BITMAPS)
+    assert directory is not None
+    _poke(src, int(directory.data.bitmap_directory_offset), struct.pack(">Q", 1 << 40))  # the table offset
+    assert int(entry.bitmap_table_offset) < 1 << 40
+    r = _qemu_io("-f", "qcow2", "-c", "read -P 1 0 64k", str(src))
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
+    with engine.open(src, readonly=True) as img:
+        assert img.read(0, 64 * KiB) == b"\x01" * (64 * KiB)
