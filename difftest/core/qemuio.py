@@ -434,9 +434,12 @@ class QemuImage:
         request inside the image only the second is possible, and that is what the model
         calls CorruptionError. A compressed write is the exception: EIO there means the
         cluster is already allocated (qcow2_alloc_compressed_cluster_offset), the caller's
-        fault."""
+        fault. So is a host file error that QEMU passes on as its errno (EFBIG for a table
+        a damaged offset puts past the host's file size limit, ENOSPC): the engines raise
+        spec.hostio.HostIOError there, the CorruptionError that flags nothing."""
         cls = error_class(text)
-        if cls is RequestError and not compressed and "Input/output error" in text and \
+        host_errno = "File too large" in text or "No space left on device" in text
+        if cls is RequestError and not compressed and ("Input/output error" in text or host_errno) and \
                 offset >= 0 and offset + n <= self.size:
             cls = CorruptionError
         return cls(text.strip())
