@@ -5,7 +5,8 @@ Opens IMAGE with the read-only adapter READER (``dissect``, ``libqcow`` or
 ``py:MODULE[:NAME]``, difftest/adapters) and compares what it reads over the given guest
 ranges (all of it when none are given) with EXPECTED, the raw guest content QEMU reads
 (``qemu-img convert -O raw``). Exit status: 0 when the reader reads what QEMU reads, 1 with
-a ``<class>: message`` line on stderr when it does not (wrong-bytes) or raises (error), 2
+a ``<class>: message`` line on stderr when it does not (wrong-bytes) or raises (error;
+memory for MemoryError under the ``ulimit -v`` repro.sh sets), 2
 when it declares the image unsupported. A hang is bounded by the ``timeout`` that repro.sh
 puts in front, a crash by the process dying; both exit non-zero too.
 """
@@ -41,6 +42,8 @@ def check(reader: str, image: str, expected: str, ranges: list[str]) -> tuple[in
         img = load(reader).open(image, readonly=True)
     except (UnsupportedFeature, NotImplementedError) as e:
         return 2, f"unsupported: {reader} at open: {type(e).__name__}: {e}"
+    except MemoryError:
+        return 1, f"memory: {reader} at open: MemoryError"
     except Exception as e:  # foreign code: any exception is the finding
         return 1, f"error: {reader} cannot open {image}: {type(e).__name__}: {e}"
     try:
@@ -54,6 +57,8 @@ def check(reader: str, image: str, expected: str, ranges: list[str]) -> tuple[in
                     want = want_f.read(k)
                     try:
                         got = bytes(img.read(pos, k))
+                    except MemoryError:
+                        return 1, f"memory: {reader} reading [{pos}, {pos + k}): MemoryError"
                     except Exception as e:
                         return 1, f"error: {reader} reading [{pos}, {pos + k}): {type(e).__name__}: {e}"
                     if got != want:

@@ -196,13 +196,19 @@ def read_ranges(cfg: Config, log: list[tuple[str, dict[str, Any]]], size: int) -
 
 
 def _reader_lines(cfg: Config, log: list[tuple[str, dict[str, Any]]], reader: str, size: int) -> list[str]:
+    from difftest.adapters.isolation import Limits
+
     ranges = [f"{a}:{n}" for a, n in read_ranges(cfg, log, size)]
+    # The memory limit the harness's worker runs foreign code under (a memory finding shows
+    # as MemoryError or a kill only below it).
+    memory_kib = Limits.from_env().memory_mib * 1024
     return ["# The reader's side: what QEMU reads, then the reader over the same guest ranges;",
             "# the script's exit status is the reader check's (non-zero while the bug is there).",
             shlex.join(["qemu-img", "convert", "-O", "raw", *_img_image(cfg), "expected.raw"]),
+            f"(ulimit -v {memory_kib}; "
             f'PYTHONPATH={shlex.quote(str(PROJECT))}${{PYTHONPATH:+:$PYTHONPATH}} '
             + shlex.join(["timeout", "-s", "KILL", str(READER_TIMEOUT), sys.executable, "-m",
-                          "difftest.core.readcheck", reader, TOP, "expected.raw", *ranges])]
+                          "difftest.core.readcheck", reader, TOP, "expected.raw", *ranges]) + ")"]
 
 
 def pytest_body(cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: list[str],
