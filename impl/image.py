@@ -461,6 +461,9 @@ class Image:
                 host = e & L2E_OFFSET_MASK
                 if host % cs and t in HOST_OFFSET_TYPES:
                     raise CorruptionError(f"cluster allocation offset {host:#x} unaligned (guest {pos:#x})")
+                if (t is ST.ZERO_PLAIN or t is ST.ZERO_ALLOC) and s.header.version < 3:
+                    # qcow2_get_host_offset: a v2 image has no zero flag; one set is corruption.
+                    raise CorruptionError(f"zero cluster entry found in pre-v3 image (guest {pos:#x})")
                 if t is ST.NORMAL:
                     host += pos % cs
                     if run_len and run_host + run_len == host and run_start + run_len == pos:

@@ -60,6 +60,10 @@ def read_subcluster(s: State, pos: int, n: int, entry: int, bitmap: int) -> byte
     host = entry & L2E_OFFSET_MASK
     if t in HOST_OFFSET_TYPES and host % q.cluster_size:
         raise CorruptionError(f"cluster allocation offset {host:#x} unaligned (guest {pos:#x})")
+    if t in (SubclusterType.ZERO_PLAIN, SubclusterType.ZERO_ALLOC) and q.version < 3:
+        # qcow2_get_host_offset (block/qcow2-cluster.c): v2 has no zero flag, so an entry
+        # with it set is corruption; QEMU flags the image and fails the read with EIO.
+        raise CorruptionError(f"zero cluster entry found in pre-v3 image (guest {pos:#x})")
     if t in (SubclusterType.UNALLOCATED_PLAIN, SubclusterType.UNALLOCATED_ALLOC):
         return backing_read(s, pos, n)
     if t in (SubclusterType.ZERO_PLAIN, SubclusterType.ZERO_ALLOC):

@@ -23,6 +23,9 @@ cases): the same refusal, the same corrupt flag, the same bytes.
    wrote the table over the header.
 7. A bitmap table past the end of the file: QEMU reads it as zeros and opens the image; the
    engines refused it ("file ends before ...").
+8. A zero flag in a v2 image's L2 entry: v2 has no zero clusters, so QEMU's lookup takes it
+   for corruption and fails the read with EIO (qcow2_get_host_offset, "Zero cluster entry
+   found in pre-v3 image"); the engines read zeros.
 """
 
 from __future__ import annotations
@@ -207,3 +210,23 @@ def test_a_bitmap_table_past_the_end_of_the_file_reads_as_zeros(engine: ModuleTy
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
     with engine.open(src, readonly=True) as img:
         assert img.read(0, 64 * KiB) == b"\x01" * (64 * KiB)
+
+
+def test_a_zero_flag_in_a_v2_image_is_corruption(engine: ModuleType, tmp_path: Path) -> None:
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(src), "1M"],
+                   check=True)
+    qemu_io(src, "write -q -P 1 0 64k")
+    l2 = l2_table_offset(src, 0)
+    _poke(src, l2 + 7, bytes([src.read_bytes()[l2 + 7] | 1]))  # QCOW_OFLAG_ZERO on guest cluster 0
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = _qemu_io("-f", "qcow2", "-c", "read 0 4k", str(theirs))
+    assert "Zero cluster entry found in pre-v3 image" in r.stdout + r.stderr
+    assert "Input/output error" in r.stdout + r.stderr
+    with engine.open(ours) as img:
+        with pytest.raises(CorruptionError):
+            img.read(0, 4 * KiB)
+        with pytest.raises(CorruptionError):  # QEMU drops the node: nothing is served after it
+            img.read(64 * KiB, 4 * KiB)
