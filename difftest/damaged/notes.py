@@ -99,8 +99,30 @@ BITMAPS_DROPPED = Note(
     "leak count differs; corruption counts agree. Closing it means keeping bitmaps.",
     open=True)
 
+REFTABLE_GROWN_ON_FREE = Note(
+    "reftable-grown-on-free",
+    "A damaged L2 entry points far past the refcount table, and a request frees that cluster. "
+    "QEMU's update_refcount fetches the refcount block of every cluster it changes, a decrement "
+    "included, through alloc_refcount_block (block/qcow2-refcount.c), so it grows the refcount "
+    "table to cover the bogus offset (a sparse file of terabytes), gives up with EAGAIN "
+    "('qcow2_free_clusters failed') and leaves a table that can pass QEMU's own limit, after "
+    "which it refuses to open its file ('Reference count table too large'). The engines drop a "
+    "reference only where a refcount block exists (spec/refblocks.py, impl/refcount.py) and leave "
+    "the table as it was. Matching QEMU would mean writing that table; not done.",
+    open=True)
+
 NOTES = (METADATA_OVERLAP, QEMU_ABORTED, DROPPED_CACHES, MODEL_WRITE_THROUGH, CACHED_METADATA_READ,
-         BITMAPS_DROPPED)
+         BITMAPS_DROPPED, REFTABLE_GROWN_ON_FREE)
+
+
+def _reftable_clusters(path: Path) -> int:
+    """refcount_table_clusters from the header (bytes 56-59), without opening the image:
+    QEMU's file may be one that no longer opens."""
+    try:
+        with path.open("rb") as f:
+            return int.from_bytes(f.read(60)[56:60], "big")
+    except OSError:
+        return 0
 
 
 def _corruptions(verdict: str) -> str:
@@ -168,6 +190,10 @@ def explain(finding: Finding, run: Run) -> Note | None:
         return CACHED_METADATA_READ
     if not _engines_agree(finding):
         return None
+    if ("qcow2_free_clusters failed" in qemu_log and finding.kind in ("reopen", "check")
+            and "qemu" in run.paths and "model" in run.paths
+            and _reftable_clusters(run.paths["qemu"]) > _reftable_clusters(run.paths["model"])):
+        return REFTABLE_GROWN_ON_FREE
     if (finding.kind == "check" and len({_corruptions(v) for v in finding.outcomes.values()}) == 1
             and "qemu" in run.paths and _has_bitmaps(run.paths["qemu"])):
         return BITMAPS_DROPPED

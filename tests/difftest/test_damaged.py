@@ -22,6 +22,7 @@ from difftest.damaged.notes import (
     METADATA_OVERLAP,
     MODEL_WRITE_THROUGH,
     QEMU_ABORTED,
+    REFTABLE_GROWN_ON_FREE,
     explain,
 )
 from spec import features as ft
@@ -109,3 +110,14 @@ def test_a_read_of_a_table_the_model_already_rewrote_is_named(tmp_path: Path) ->
     assert explain(read, Run(paths={"model": img}, case=elsewhere)) is None
     assert explain(Finding("read", 1, {"model": "ok sha256:a", "impl": "ok sha256:b", "qemu": "ok sha256:c"}),
                    Run(paths={"model": img}, case=case)) is None  # impl and QEMU must agree
+
+
+def test_a_refcount_table_qemu_grew_on_a_free_is_named(tmp_path: Path) -> None:
+    theirs, mine = tmp_path / "q.qcow2", tmp_path / "m.qcow2"
+    theirs.write_bytes(bytes(56) + (3074).to_bytes(4, "big") + bytes(44))
+    mine.write_bytes(bytes(56) + (1).to_bytes(4, "big") + bytes(44))
+    reopen = Finding("reopen", 1, {"model": "ok", "impl": "ok", "qemu": "refused"})
+    log = ["qcow2_free_clusters failed: Resource temporarily unavailable\n"]
+    assert explain(reopen, Run(qemu_log=log, paths={"qemu": theirs, "model": mine})) is REFTABLE_GROWN_ON_FREE
+    assert explain(reopen, Run(qemu_log=log, paths={"qemu": mine, "model": mine})) is None  # no growth
+    assert explain(reopen, Run(qemu_log=[], paths={"qemu": theirs, "model": mine})) is None  # no failed free
