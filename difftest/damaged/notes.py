@@ -99,30 +99,33 @@ BITMAPS_DROPPED = Note(
     "leak count differs; corruption counts agree. Closing it means keeping bitmaps.",
     open=True)
 
-REFTABLE_GROWN_ON_FREE = Note(
-    "reftable-grown-on-free",
+REFCOUNTS_GROWN_ON_FREE = Note(
+    "refcounts-grown-on-free",
     "A damaged L2 entry points far past the refcount table, and a request frees that cluster. "
     "QEMU's update_refcount fetches the refcount block of every cluster it changes, a decrement "
-    "included, through alloc_refcount_block (block/qcow2-refcount.c), so it grows the refcount "
-    "table to cover the bogus offset (a sparse file of terabytes), gives up with EAGAIN "
-    "('qcow2_free_clusters failed') and leaves a table that can pass QEMU's own limit, after "
-    "which it refuses to open its file ('Reference count table too large'). The engines drop a "
+    "included, through alloc_refcount_block (block/qcow2-refcount.c), so it allocates a refcount "
+    "block, or grows the refcount table, to cover the bogus offset, then gives up ('qcow2_free_"
+    "clusters failed': EAGAIN, or EFBIG where the table would lie past the host's file size "
+    "limit). What it allocated stays: a leaked cluster, or a table of terabytes past QEMU's own "
+    "limit, after which it refuses to open its file ('Reference count table too large'). The "
+    "engines drop a "
     "reference only where a refcount block exists (spec/refblocks.py, impl/refcount.py) and leave "
     "the table as it was. Matching QEMU would mean writing that table; not done.",
     open=True)
 
 NOTES = (METADATA_OVERLAP, QEMU_ABORTED, DROPPED_CACHES, MODEL_WRITE_THROUGH, CACHED_METADATA_READ,
-         BITMAPS_DROPPED, REFTABLE_GROWN_ON_FREE)
+         BITMAPS_DROPPED, REFCOUNTS_GROWN_ON_FREE)
 
 
-def _reftable_clusters(path: Path) -> int:
-    """refcount_table_clusters from the header (bytes 56-59), without opening the image:
-    QEMU's file may be one that no longer opens."""
+def _refcount_growth(theirs: Path, mine: Path) -> bool:
+    """QEMU's file has a larger refcount table (header bytes 56-59, read without opening the
+    image: QEMU's file may be one that no longer opens) or is longer than the model's."""
     try:
-        with path.open("rb") as f:
-            return int.from_bytes(f.read(60)[56:60], "big")
+        with theirs.open("rb") as a, mine.open("rb") as b:
+            grown = int.from_bytes(a.read(60)[56:60], "big") > int.from_bytes(b.read(60)[56:60], "big")
+        return grown or theirs.stat().st_size > mine.stat().st_size
     except OSError:
-        return 0
+        return False
 
 
 def _corruptions(verdict: str) -> str:
@@ -192,8 +195,8 @@ def explain(finding: Finding, run: Run) -> Note | None:
         return None
     if ("qcow2_free_clusters failed" in qemu_log and finding.kind in ("reopen", "check")
             and "qemu" in run.paths and "model" in run.paths
-            and _reftable_clusters(run.paths["qemu"]) > _reftable_clusters(run.paths["model"])):
-        return REFTABLE_GROWN_ON_FREE
+            and _refcount_growth(run.paths["qemu"], run.paths["model"])):
+        return REFCOUNTS_GROWN_ON_FREE
     if (finding.kind == "check" and len({_corruptions(v) for v in finding.outcomes.values()}) == 1
             and "qemu" in run.paths and _has_bitmaps(run.paths["qemu"])):
         return BITMAPS_DROPPED

@@ -22,7 +22,7 @@ from difftest.damaged.notes import (
     METADATA_OVERLAP,
     MODEL_WRITE_THROUGH,
     QEMU_ABORTED,
-    REFTABLE_GROWN_ON_FREE,
+    REFCOUNTS_GROWN_ON_FREE,
     explain,
 )
 from spec import features as ft
@@ -118,6 +118,7 @@ def test_a_refcount_table_qemu_grew_on_a_free_is_named(tmp_path: Path) -> None:
     mine.write_bytes(bytes(56) + (1).to_bytes(4, "big") + bytes(44))
     reopen = Finding("reopen", 1, {"model": "ok", "impl": "ok", "qemu": "refused"})
     log = ["qcow2_free_clusters failed: Resource temporarily unavailable\n"]
-    assert explain(reopen, Run(qemu_log=log, paths={"qemu": theirs, "model": mine})) is REFTABLE_GROWN_ON_FREE
+    grown = Run(qemu_log=log, paths={"qemu": theirs, "model": mine})
+    assert explain(reopen, grown) is REFCOUNTS_GROWN_ON_FREE
     assert explain(reopen, Run(qemu_log=log, paths={"qemu": mine, "model": mine})) is None  # no growth
     assert explain(reopen, Run(qemu_log=[], paths={"qemu": theirs, "model": mine})) is None  # no failed free
