@@ -250,6 +250,8 @@ class Run:
     paths: dict[str, Path] = field(default_factory=dict)
     """Each side's image file."""
     case: Case | None = None
+    image: bytes = b""
+    """The damaged image every side started from."""
 
 
 def run_case(case: Case, base: Base, sidecars: dict[str, bytes], engines: list[str], workdir: Path) -> Run:
@@ -264,7 +266,7 @@ def run_case(case: Case, base: Base, sidecars: dict[str, bytes], engines: list[s
             (d / name).write_bytes(blob)
         paths[e] = d / case.filename
         paths[e].write_bytes(data)
-    run = Run(paths=paths, case=case)
+    run = Run(paths=paths, case=case, image=data)
     images: dict[str, Any] = {}
     try:
         opened = {}

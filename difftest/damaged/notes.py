@@ -113,8 +113,42 @@ REFCOUNTS_GROWN_ON_FREE = Note(
     "the table as it was. Matching QEMU would mean writing that table; not done.",
     open=True)
 
+REFCOUNT_INDEX_WRAP = Note(
+    "refcount-index-wrap",
+    "A damaged L2 entry holds a host offset whose refcount-table index does not fit in 32 bits. "
+    "QEMU keeps that index in an unsigned int (block/qcow2-refcount.c alloc_refcount_block: "
+    "refcount_table_index), so when a request frees the cluster it changes the refcount of a "
+    "low cluster instead (the header's, cluster 0, for an index of exactly 2^32), and check "
+    "counts that; the engines compute the index in full, find no refcount block there and "
+    "change nothing (a failed free, which QEMU only logs). A QEMU defect, not matched.",
+    open=False)
+
 NOTES = (METADATA_OVERLAP, QEMU_ABORTED, DROPPED_CACHES, MODEL_WRITE_THROUGH, CACHED_METADATA_READ,
-         BITMAPS_DROPPED, REFCOUNTS_GROWN_ON_FREE)
+         BITMAPS_DROPPED, REFCOUNTS_GROWN_ON_FREE, REFCOUNT_INDEX_WRAP)
+
+
+def _wrapping_offset(image: bytes) -> bool:
+    """An active L2 entry of ``image`` (the damaged file's bytes) whose host cluster's
+    refcount-table index is 2^32 or more (see REFCOUNT_INDEX_WRAP). Read with struct, in
+    bounds: a damaged header may say anything."""
+    if len(image) < 104 or image[:4] != b"QFI\xfb":
+        return False
+    version, cluster_bits = int.from_bytes(image[4:8], "big"), int.from_bytes(image[20:24], "big")
+    if not 9 <= cluster_bits <= 21:
+        return False
+    l1_size, l1_offset = int.from_bytes(image[36:40], "big"), int.from_bytes(image[40:48], "big")
+    refcount_order = int.from_bytes(image[96:100], "big") if version >= 3 else 4
+    extended = version >= 3 and bool(int.from_bytes(image[72:80], "big") & 16)
+    cs, width = 1 << cluster_bits, 16 if extended else 8
+    block_bits = cluster_bits + 3 - refcount_order  # refcount entries per block, log2
+    limit = 1 << (32 + block_bits + cluster_bits)
+    for i in range(min(l1_size, 1024)):
+        l2 = int.from_bytes(image[l1_offset + 8 * i:l1_offset + 8 * i + 8], "big") & L1E_OFFSET_MASK
+        table = image[l2:l2 + cs] if l2 else b""
+        for j in range(0, len(table) - 7, width):
+            if int.from_bytes(table[j:j + 8], "big") & L2E_OFFSET_MASK >= limit:
+                return True
+    return False
 
 
 def _refcount_growth(theirs: Path, mine: Path) -> bool:
@@ -193,6 +227,8 @@ def explain(finding: Finding, run: Run) -> Note | None:
         return CACHED_METADATA_READ
     if not _engines_agree(finding):
         return None
+    if finding.kind == "check" and _wrapping_offset(run.image):
+        return REFCOUNT_INDEX_WRAP
     if ("qcow2_free_clusters failed" in qemu_log and finding.kind in ("reopen", "check")
             and "qemu" in run.paths and "model" in run.paths
             and _refcount_growth(run.paths["qemu"], run.paths["model"])):

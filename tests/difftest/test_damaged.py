@@ -22,6 +22,7 @@ from difftest.damaged.notes import (
     METADATA_OVERLAP,
     MODEL_WRITE_THROUGH,
     QEMU_ABORTED,
+    REFCOUNT_INDEX_WRAP,
     REFCOUNTS_GROWN_ON_FREE,
     explain,
 )
@@ -122,3 +123,18 @@ def test_a_refcount_table_qemu_grew_on_a_free_is_named(tmp_path: Path) -> None:
     assert explain(reopen, grown) is REFCOUNTS_GROWN_ON_FREE
     assert explain(reopen, Run(qemu_log=log, paths={"qemu": mine, "model": mine})) is None  # no growth
     assert explain(reopen, Run(qemu_log=[], paths={"qemu": theirs, "model": mine})) is None  # no failed free
+
+
+def test_a_refcount_index_past_32_bits_is_named(tmp_path: Path) -> None:
+    img = tmp_path / "t.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,compat=0.10",
+                    str(img), "4M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 1 0 4k", str(img)], check=True)
+    with open_image(img) as f:
+        l2 = f.l1_table()[0] & ((1 << 56) - 512)
+    data = bytearray(img.read_bytes())
+    clean = "clean corruptions=0 leaks=0"
+    check = Finding("check", 1, {"model": clean, "impl": clean, "qemu": "corruptions corruptions=1 leaks=0"})
+    assert explain(check, Run(image=bytes(data))) is None
+    data[l2 + 8 * 25 + 1] |= 0x80  # entry 25: host offset 2^55, refcount-table index 2^32 with 4 KiB clusters
+    assert explain(check, Run(image=bytes(data))) is REFCOUNT_INDEX_WRAP
