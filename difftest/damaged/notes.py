@@ -52,9 +52,10 @@ METADATA_OVERLAP = Note(
 
 QEMU_ABORTED = Note(
     "qemu-aborted",
-    "qemu-io itself died on the damaged image (an assertion failed inside QEMU 7.2, e.g. "
-    "block/qcow2-cache.c qcow2_cache_discard: 'c->entries[i].ref == 0', met by a discard): "
-    "there is no QEMU outcome to compare with.",
+    "qemu-io itself died on the damaged image, killed by SIGABRT (an assertion failed inside "
+    "QEMU 7.2, e.g. block/qcow2-cache.c qcow2_cache_discard: 'c->entries[i].ref == 0', met by a "
+    "discard) or SIGSEGV (e.g. after flagging an unaligned refcount block offset): there is no "
+    "QEMU outcome to compare with.",
     open=False)
 
 DROPPED_CACHES = Note(
@@ -196,7 +197,7 @@ def _reads_metadata(path: Path, guest: int) -> bool:
 
 _OVERLAP_WORDS = "Preventing invalid write on metadata"
 _FLAGGED_WORDS = "Marking image as corrupt"
-_ABORT_WORDS = ("Assertion", "Aborted")
+_ABORT_WORDS = ("Assertion", "Aborted", "killed by SIGABRT", "killed by SIGSEGV")
 
 
 def _engines_agree(finding: Finding) -> bool:
