@@ -48,6 +48,7 @@ from spec.entries import (
 )
 from spec.errors import CorruptionError
 from spec.geometry import align_down, align_up, split_aligned
+from spec.hostio import HostIOError
 
 ST = SubclusterType
 _SWAP = sys.byteorder == "little"
@@ -136,18 +137,27 @@ def _l2_allocate(s: State, i1: int, old: int) -> int:
         # Refcounts that call the header free (damage, a truncated refcount block) would put
         # the table on it: l2_allocate flags the image instead, before any flush.
         raise CorruptionError("preventing invalid allocation of L2 table at offset 0")
-    s.rc_cache.flush()
-    es = s.l2_cache.entry_size
-    for k in range(0, cs, es):
-        # The old slice is taken first: loading it may evict, and the fresh one must stay.
-        src = s.l2_cache.get(old + k) if old else None
-        fresh = s.l2_cache.get_empty(new + k)
-        if src is not None:
-            fresh[:] = src
-        s.l2_cache.mark_dirty(new + k)
-    s.l2_cache.flush()
-    s.l1_table[i1] = new | QCOW_OFLAG_COPIED
-    s.write_l1_entry(i1)
+    old_entry = s.l1_table[i1]
+    try:
+        s.rc_cache.flush()
+        es = s.l2_cache.entry_size
+        for k in range(0, cs, es):
+            # The old slice is taken first: loading it may evict, and the fresh one must stay.
+            src = s.l2_cache.get(old + k) if old else None
+            fresh = s.l2_cache.get_empty(new + k)
+            if src is not None:
+                fresh[:] = src
+            s.l2_cache.mark_dirty(new + k)
+        s.l2_cache.flush()
+        s.l1_table[i1] = new | QCOW_OFLAG_COPIED
+        s.write_l1_entry(i1)
+    except HostIOError:
+        # l2_allocate's fail path: the L1 entry is restored and the new table freed
+        # (QCOW2_DISCARD_ALWAYS), its cached slices dropped with it, so a write that failed on
+        # the host (EFBIG for an L1 table a damaged offset put out of reach) leaks nothing.
+        s.l1_table[i1] = old_entry
+        rc.free_clusters(s, new, cs, discard=True)
+        raise
     s.overlap.stale = True
     if old:
         rc.free_clusters(s, old, cs)

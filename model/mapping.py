@@ -26,6 +26,7 @@ from spec.entries import (
     compressed_range,
 )
 from spec.errors import CorruptionError
+from spec.hostio import HostIOError
 from spec.qfile import Qcow2File
 
 L2Pair = tuple[int, int]
@@ -179,10 +180,17 @@ def l2_table_for_write(q: Qcow2File, guest_offset: int) -> int:
         # the table on it: l2_allocate (block/qcow2-cluster.c) flags the image instead.
         raise CorruptionError("preventing invalid allocation of L2 table at offset 0")
     content = q.pread(old, q.cluster_size) if old else bytes(q.cluster_size)
-    q.pwrite(new, content)
-    l1 = read_l1(q)
-    l1[i1] = new | QCOW_OFLAG_COPIED
-    write_l1(q, l1)
+    try:
+        q.pwrite(new, content)
+        l1 = read_l1(q)
+        l1[i1] = new | QCOW_OFLAG_COPIED
+        write_l1(q, l1)
+    except HostIOError:
+        # l2_allocate's fail path (block/qcow2-cluster.c): the new table is freed
+        # (QCOW2_DISCARD_ALWAYS), so a write that failed on the host (EFBIG for an L1 table a
+        # damaged offset put out of reach) leaks nothing; the L1 table was not changed.
+        rb.free_clusters(q, new, q.cluster_size, discard=True)
+        raise
     if old:
         rb.free_clusters(q, old, q.cluster_size)
     return new

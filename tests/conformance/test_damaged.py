@@ -26,6 +26,9 @@ cases): the same refusal, the same corrupt flag, the same bytes.
 8. A zero flag in a v2 image's L2 entry: v2 has no zero clusters, so QEMU's lookup takes it
    for corruption and fails the read with EIO (qcow2_get_host_offset, "Zero cluster entry
    found in pre-v3 image"); the engines read zeros.
+9. An L1 table offset moved past the host's file size limit: a write allocates an L2 table,
+   and writing the L1 entry fails (EFBIG). QEMU's l2_allocate frees the new table on that
+   path; the engines left it allocated, one leak more than QEMU's.
 """
 
 from __future__ import annotations
@@ -230,3 +233,21 @@ def test_a_zero_flag_in_a_v2_image_is_corruption(engine: ModuleType, tmp_path: P
             img.read(0, 4 * KiB)
         with pytest.raises(CorruptionError):  # QEMU drops the node: nothing is served after it
             img.read(64 * KiB, 4 * KiB)
+
+
+def test_an_l2_table_whose_l1_entry_cannot_be_written_is_freed(engine: ModuleType, tmp_path: Path) -> None:
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(src), "4M"],
+                   check=True)
+    qemu_io(src, "write -q -P 1 1M 4k")
+    h = open_image(src).header
+    _poke(src, 40, struct.pack(">Q", h.l1_table_offset | 1 << 58))  # the L1 table: past any file's end
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = _qemu_io("-f", "qcow2", "-c", "write -P 2 0 4k", str(theirs))
+    assert "File too large" in r.stdout + r.stderr
+    with engine.open(ours) as img, pytest.raises(CorruptionError):  # spec.hostio.HostIOError
+        img.write(0, b"\x02" * (4 * KiB))
+    counts = [(c.get("leaks", 0), c.get("corruptions", 0)) for c in map(check_json, (theirs, ours))]
+    assert counts[0] == counts[1], counts
