@@ -55,7 +55,10 @@ QEMU_ABORTED = Note(
     "qemu-io itself died on the damaged image, killed by SIGABRT (an assertion failed inside "
     "QEMU 7.2, e.g. block/qcow2-cache.c qcow2_cache_discard: 'c->entries[i].ref == 0', met by a "
     "discard) or SIGSEGV (e.g. after flagging an unaligned refcount block offset): there is no "
-    "QEMU outcome to compare with.",
+    "QEMU outcome to compare with. The qcow2_cache_discard assertion means a request freed an "
+    "L2 table it was still using (a damaged entry pointing at its own table); that case has no "
+    "reference behaviour at all, and the engines may differ there too: the impl drops the "
+    "table's cached slice as QEMU's cache would, the model has none.",
     open=False)
 
 DROPPED_CACHES = Note(
@@ -215,6 +218,10 @@ def explain(finding: Finding, run: Run) -> Note | None:
         # A check finding comes only after every earlier comparison agreed, the request that
         # flagged the image on every side, the corrupt bits and the reopen among them.
         return DROPPED_CACHES
+    theirs = finding.outcomes["qemu"]
+    if theirs.startswith(("QemuIoDied", "refused (QemuIoDied")) and any(w in qemu_log for w in _ABORT_WORDS) \
+            and (_engines_agree(finding) or "qcow2_cache_discard" in qemu_log):
+        return QEMU_ABORTED
     others = {v for k, v in finding.outcomes.items() if k != "model"}
     model_error = run.errors.get("model", "")
     if (finding.kind == "corrupt-flag" and finding.outcomes.get("model") == "False" and others == {"True"}
@@ -237,9 +244,6 @@ def explain(finding: Finding, run: Run) -> Note | None:
     if (finding.kind == "check" and len({_corruptions(v) for v in finding.outcomes.values()}) == 1
             and "qemu" in run.paths and _has_bitmaps(run.paths["qemu"])):
         return BITMAPS_DROPPED
-    theirs = finding.outcomes["qemu"]
-    if theirs.startswith(("QemuIoDied", "refused (QemuIoDied")) and any(w in qemu_log for w in _ABORT_WORDS):
-        return QEMU_ABORTED
     if _OVERLAP_WORDS in qemu_log:
         # QEMU flagged the image; every later difference (the refused request, the corrupt
         # bit, what a reopen and check find in the file QEMU stopped writing) follows from it.

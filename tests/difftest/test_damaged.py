@@ -79,6 +79,11 @@ def test_a_note_needs_qemus_words_and_engines_that_agree() -> None:
     abort = "qemu-io exited (killed by SIGABRT); output: b\"Assertion `x' failed.\\nAborted\""
     assert explain(died, Run(qemu_log=[abort])) is QEMU_ABORTED
     assert explain(died, Run(qemu_log=["qemu-io hung"])) is None
+    # Engines that disagree are named only for the in-use table QEMU's cache asserts on.
+    split_died = Finding("write_zeroes", 0, {"model": "ok", "impl": "CorruptionError", "qemu": "QemuIoDied"})
+    assert explain(split_died, Run(qemu_log=[abort])) is None
+    in_use = "qemu-io exited (killed by SIGABRT); output: b'qcow2_cache_discard: Assertion failed.'"
+    assert explain(split_died, Run(qemu_log=[in_use])) is QEMU_ABORTED
     # Check counts after the image was flagged: only when one request failed on every side.
     counts = Finding("check", 1, {"model": "clean corruptions=0 leaks=0",
                                   "impl": "corruptions corruptions=1 leaks=0",
