@@ -119,7 +119,8 @@ REFCOUNTS_GROWN_ON_FREE = Note(
 
 REFCOUNT_INDEX_WRAP = Note(
     "refcount-index-wrap",
-    "A damaged L2 entry holds a host offset whose refcount-table index does not fit in 32 bits. "
+    "A damaged L2 entry (plain or compressed) holds a host offset whose refcount-table index "
+    "does not fit in 32 bits. "
     "QEMU keeps that index in an unsigned int (block/qcow2-refcount.c alloc_refcount_block: "
     "refcount_table_index), so when a request frees the cluster it changes the refcount of a "
     "low cluster instead (the header's, cluster 0, for an index of exactly 2^32), and check "
@@ -150,7 +151,11 @@ def _wrapping_offset(image: bytes) -> bool:
         l2 = int.from_bytes(image[l1_offset + 8 * i:l1_offset + 8 * i + 8], "big") & L1E_OFFSET_MASK
         table = image[l2:l2 + cs] if l2 else b""
         for j in range(0, len(table) - 7, width):
-            if int.from_bytes(table[j:j + 8], "big") & L2E_OFFSET_MASK >= limit:
+            entry = int.from_bytes(table[j:j + 8], "big")
+            # A compressed entry keeps its offset in the bits below the sector count
+            # (qcow2.rst "Compressed Clusters Descriptor": x = 62 - (cluster_bits - 8)).
+            mask = (1 << (62 - (cluster_bits - 8))) - 1 if entry & 1 << 62 else L2E_OFFSET_MASK
+            if entry & mask >= limit:
                 return True
     return False
 

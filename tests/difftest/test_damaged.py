@@ -143,3 +143,6 @@ def test_a_refcount_index_past_32_bits_is_named(tmp_path: Path) -> None:
     assert explain(check, Run(image=bytes(data))) is None
     data[l2 + 8 * 25 + 1] |= 0x80  # entry 25: host offset 2^55, refcount-table index 2^32 with 4 KiB clusters
     assert explain(check, Run(image=bytes(data))) is REFCOUNT_INDEX_WRAP
+    data[l2 + 8 * 25 + 1] &= 0x7F
+    data[l2 + 8 * 4] |= 0x42  # entry 4 compressed, offset bit 57: index 2^34
+    assert explain(check, Run(image=bytes(data))) is REFCOUNT_INDEX_WRAP
