@@ -252,6 +252,8 @@ class Run:
     case: Case | None = None
     image: bytes = b""
     """The damaged image every side started from."""
+    model_table_punched: bool = False
+    """After some request, the model's file had its L1 or refcount table punched to zeros."""
 
 
 def run_case(case: Case, base: Base, sidecars: dict[str, bytes], engines: list[str], workdir: Path) -> Run:
@@ -329,9 +331,35 @@ def _requests(case: Case, images: dict[str, Any], run: Run) -> Finding | None:
                 results[e], _, detail = _outcome_detail(img.flush)
             if detail:
                 run.errors[e] = detail
+        if "model" in images and not run.model_table_punched:
+            run.model_table_punched = table_punched(run.image, run.paths["model"])
         if _disagree(results) or any(r.startswith("crash") or r == "hang" for r in results.values()):
             return Finding(op.kind, i, results)
         if "CorruptionError" in results.values():
             run.flagged_everywhere = True  # they agree (checked above), so every side failed so
             break
     return None
+
+
+def table_punched(image: bytes, model_file: Path) -> bool:
+    """The refcount table or the active L1 table (as the damaged image's header places them)
+    holds something in ``image`` and reads as all zeros in ``model_file`` now: a discard
+    punched it out (notes.TABLE_PUNCHED). Bounded reads: a damaged header may say anything."""
+    if len(image) < 104 or image[:4] != b"QFI\xfb":
+        return False
+    cluster_bits = int.from_bytes(image[20:24], "big")
+    if not 9 <= cluster_bits <= 21:
+        return False
+    l1 = (int.from_bytes(image[40:48], "big"), 8 * min(int.from_bytes(image[36:40], "big"), 1 << 16))
+    reftable = (int.from_bytes(image[48:56], "big"),
+                min(int.from_bytes(image[56:60], "big"), 16) << cluster_bits)
+    try:
+        with model_file.open("rb") as f:
+            for off, n in (l1, reftable):
+                before = image[off:off + n]
+                f.seek(off)
+                if before.strip(b"\0") and not f.read(n).strip(b"\0"):
+                    return True
+    except (OSError, ValueError, OverflowError):
+        return False
+    return False

@@ -128,8 +128,18 @@ REFCOUNT_INDEX_WRAP = Note(
     "change nothing (a failed free, which QEMU only logs). A QEMU defect, not matched.",
     open=False)
 
+TABLE_PUNCHED = Note(
+    "table-punched",
+    "A damaged L2 entry points at the refcount table or the active L1 table, and a request "
+    "freed that cluster with a discard, which punched it out of the file (it reads as zeros). "
+    "QEMU keeps both tables in memory for as long as the image is open (qcow2_do_open, "
+    "qcow2_refcount_init) and the impl does the same, so they go on with the tables they had; "
+    "the model reads every table from the file each time (DESIGN.md), finds it zeroed and "
+    "allocates, maps and flags differently from then on.",
+    open=False)
+
 NOTES = (METADATA_OVERLAP, QEMU_ABORTED, DROPPED_CACHES, MODEL_WRITE_THROUGH, CACHED_METADATA_READ,
-         BITMAPS_DROPPED, REFCOUNTS_GROWN_ON_FREE, REFCOUNT_INDEX_WRAP)
+         BITMAPS_DROPPED, REFCOUNTS_GROWN_ON_FREE, REFCOUNT_INDEX_WRAP, TABLE_PUNCHED)
 
 
 def _wrapping_offset(image: bytes) -> bool:
@@ -238,6 +248,9 @@ def explain(finding: Finding, run: Run) -> Note | None:
             and "model" in run.paths and 0 <= finding.step < len(run.case.ops)
             and _reads_metadata(run.paths["model"], run.case.ops[finding.step].offset)):
         return CACHED_METADATA_READ
+    if (len(others) == 1 and finding.outcomes.get("model") not in others and "model" in run.paths
+            and run.model_table_punched):
+        return TABLE_PUNCHED
     if not _engines_agree(finding):
         return None
     if finding.kind == "check" and _wrapping_offset(run.image):

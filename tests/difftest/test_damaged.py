@@ -15,7 +15,7 @@ import pytest
 
 from difftest.cli.damaged import replay
 from difftest.damaged.campaign import campaign
-from difftest.damaged.case import Case, Finding, Op, Run, count_bits
+from difftest.damaged.case import Case, Finding, Op, Run, count_bits, table_punched
 from difftest.damaged.notes import (
     CACHED_METADATA_READ,
     DROPPED_CACHES,
@@ -24,6 +24,7 @@ from difftest.damaged.notes import (
     QEMU_ABORTED,
     REFCOUNT_INDEX_WRAP,
     REFCOUNTS_GROWN_ON_FREE,
+    TABLE_PUNCHED,
     explain,
 )
 from spec import features as ft
@@ -146,3 +147,18 @@ def test_a_refcount_index_past_32_bits_is_named(tmp_path: Path) -> None:
     data[l2 + 8 * 25 + 1] &= 0x7F
     data[l2 + 8 * 4] |= 0x42  # entry 4 compressed, offset bit 57: index 2^34
     assert explain(check, Run(image=bytes(data))) is REFCOUNT_INDEX_WRAP
+
+
+def test_a_table_punched_out_of_the_models_file_is_named(tmp_path: Path) -> None:
+    img = tmp_path / "t.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "4M"],
+                   check=True)
+    before = img.read_bytes()
+    assert not table_punched(before, img)
+    with img.open("r+b") as f:  # the refcount table's cluster reads as zeros, as after a punch
+        f.seek(int.from_bytes(before[48:56], "big"))
+        f.write(bytes(4096))
+    assert table_punched(before, img)
+    write = Finding("write", 1, {"model": "CorruptionError", "impl": "ok", "qemu": "ok"})
+    assert explain(write, Run(model_table_punched=True, paths={"model": img})) is TABLE_PUNCHED
+    assert explain(write, Run(model_table_punched=False, paths={"model": img})) is None
