@@ -240,6 +240,36 @@ def write_run(img: ImageView, pos: int, end: int, data: memoryview, base: int, f
     return pos
 
 
+def write_new_cluster(img: ImageView, offset: int, data: memoryview, key: int, w: int) -> None:
+    """write() for its commonest allocating case, without the general bookkeeping: plain L2
+    entries, no data file, the request inside one cluster whose entry is 0 (unallocated, no
+    zero flag) in slice ``key`` (word ``w``) of a table this image owns. The host calls and
+    cache operations are write()'s for that case: calculate_l2_meta's COW covers the whole
+    cluster (no subclusters), the old entry frees nothing, and the new cluster is given back
+    if the COW read fails (qcow2_alloc_cluster_abort)."""
+    s = img.s
+    cs = s.cluster_size
+    host = rc.alloc_clusters(s, 1)
+    within = offset & (cs - 1)
+    first = offset - within
+    end_from = within + len(data)
+    known_zero = img.backing is None and first + cs <= img.size
+    try:
+        _data_with_cow(img, first, host, 0, within, end_from, cs, data, known_zero, below=True)
+    except UnflaggedError:
+        _abort(s, host, 1)
+        raise
+    cache = s.l2_cache
+    cache.depends_on_flush()  # see _write_clusters: data before the entry mapping it
+    img.mark_dirty()
+    words = cache.get(key)
+    if not s.lazy_refcounts:
+        cache.set_dependency(s.rc_cache)
+    words[w] = host | QCOW_OFLAG_COPIED
+    cache.mark_dirty(key)
+    img.last_host_end = host + end_from
+
+
 def _abort(s: State, host: int, n: int) -> None:
     """qcow2_alloc_cluster_abort: the COW read failed (-EIO) before anything was linked;
     the fresh clusters are given back, without a discard."""
@@ -365,7 +395,7 @@ def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memo
 
 def _data_with_cow(img: ImageView, first: int, host: int, start_from: int, start_to: int,
                    end_from: int, end_to: int, piece: memoryview, known_zero: bool = False,
-                   *, in_place: bool = False) -> None:
+                   *, in_place: bool = False, below: bool = False) -> None:
     """The guest data plus its COW regions, in two host operations at most: one read (of
     both regions together when perform_cow merges them, else each alone) and one vectored
     write. When both regions read as zeros (bdrv_co_is_zero_fast) and the host can zero
@@ -376,28 +406,34 @@ def _data_with_cow(img: ImageView, first: int, host: int, start_from: int, start
     L2: subclusters of a cluster already in use), only the COW regions are zeroed: QEMU
     zeroes the whole range, the live subclusters under the new data included, so a crash
     before the data write would leave zeros there that were never written; the final file
-    is the same."""
+    is the same.
+
+    ``below``: the cluster is plain unallocated in this image (no subclusters), so what its
+    COW regions read as, and whether they are zeros, is the backing chain's answer: asked
+    there directly (Image.read_below, is_zero_fast_below), not through this image's lookup."""
     s = img.s
     target = s.data_host()
     s.overlap.check(host + start_from, end_to - start_from)
     head, tail = start_to - start_from, end_to - end_from
+    zero_fast = img.is_zero_fast_below if below else img.is_zero_fast
+    read = img.read_below if below else img.read_internal
     if ((head or tail) and s.crypto is None
-            and (known_zero or (img.is_zero_fast(first + start_from, head)
-                                and img.is_zero_fast(first + end_from, tail)))
+            and (known_zero or (zero_fast(first + start_from, head)
+                                and zero_fast(first + end_from, tail)))
             and (_zero_cow_regions(target, host, start_from, start_to, end_from, end_to) if in_place
                  else target.zero_range(host + start_from, end_to - start_from))):
         target.pwrite(host + start_to, piece)
         return
     bufs: list[bytes | memoryview] = []
     if head and tail and end_from - start_to <= PERFORM_COW_MERGE_MAX:
-        whole = img.read_internal(first + start_from, end_to - start_from)
+        whole = memoryview(read(first + start_from, end_to - start_from))  # slices, no copies
         bufs = [whole[:head], piece, whole[len(whole) - tail:]]
     else:
         if head:
-            bufs.append(img.read_internal(first + start_from, head))
+            bufs.append(read(first + start_from, head))
         bufs.append(piece)
         if tail:
-            bufs.append(img.read_internal(first + end_from, tail))
+            bufs.append(read(first + end_from, tail))
     if s.crypto is not None:
         bufs = [s.crypto.encrypt(host + start_from, first + start_from, b"".join(bufs))]
     target.pwritev(bufs, host + start_from)

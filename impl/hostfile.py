@@ -41,7 +41,7 @@ allows (file-posix probes 512 or 4096; 4096 is always safe)."""
 Buffer = bytes | bytearray | memoryview
 
 
-@dataclass
+@dataclass(slots=True)
 class IOStats:
     """Host I/O counted by one open image (its own file and data file, not the backing
     chain, which has its own). ``stats()`` of the Image returns these fields as a dict."""
@@ -125,7 +125,7 @@ class HostFile:
     def preadv_into(self, bufs: Sequence[bytearray | memoryview], offset: int, *,
                     meta: bool = False) -> None:
         """Fill ``bufs`` from ``offset`` in one host request (os.preadv); zeros past EOF."""
-        total = sum(len(b) for b in bufs)
+        total = sum(map(len, bufs))
         if total <= 0:
             return
         self._count("read", total, meta)
@@ -148,16 +148,21 @@ class HostFile:
                     b[lo:] = bytes(len(b) - lo)
                 pos += len(b)
 
-    def _direct_read(self, offset: int, n: int) -> bytes:
-        lo = offset - offset % DIRECT_ALIGN
-        size = -(-(offset + n) // DIRECT_ALIGN) * DIRECT_ALIGN - lo
-        # One aligned bounce buffer per file, kept while requests fit in it: an mmap per
-        # request costs more than a cached L2 lookup.
+    def _bounce_buffer(self, size: int) -> mmap.mmap:
+        """One aligned bounce buffer per file, kept while requests fit in it: an mmap per
+        request costs more than a cached L2 lookup. Its bytes are whatever the last request
+        left there."""
         buf = self._bounce
         if buf is None or len(buf) < size:
             if buf is not None:
                 buf.close()
             buf = self._bounce = mmap.mmap(-1, size)
+        return buf
+
+    def _direct_read(self, offset: int, n: int) -> bytes:
+        lo = offset - offset % DIRECT_ALIGN
+        size = -(-(offset + n) // DIRECT_ALIGN) * DIRECT_ALIGN - lo
+        buf = self._bounce_buffer(size)
         got = os.preadv(self.fd, [memoryview(buf)[:size]], lo)
         return bytes(buf[offset - lo:min(got, offset - lo + n)]) if got > offset - lo else b""
 
@@ -168,7 +173,7 @@ class HostFile:
     def pwritev(self, bufs: Sequence[Buffer], offset: int, *, meta: bool = False) -> None:
         """Write ``bufs`` back to back from ``offset`` in one host request (os.pwritev)."""
         self._writable()
-        total = sum(len(b) for b in bufs)
+        total = sum(map(len, bufs))
         if total <= 0:
             return
         self._count("write", total, meta)
@@ -190,18 +195,18 @@ class HostFile:
 
     def _direct_write(self, offset: int, data: bytes) -> None:
         lo = offset - offset % DIRECT_ALIGN
-        hi = -(-(offset + len(data)) // DIRECT_ALIGN) * DIRECT_ALIGN
-        size = os.fstat(self.fd).st_size
-        buf = mmap.mmap(-1, hi - lo)
-        try:
-            if lo != offset or hi != offset + len(data):
-                got = os.preadv(self.fd, [buf], lo)
-                del got
-            buf[offset - lo:offset - lo + len(data)] = data
-            os.pwritev(self.fd, [buf], lo)
-        finally:
-            buf.close()
         end = offset + len(data)
+        hi = -(-end // DIRECT_ALIGN) * DIRECT_ALIGN
+        padded = lo != offset or hi != end
+        size = os.fstat(self.fd).st_size if hi > end else 0
+        view = memoryview(self._bounce_buffer(hi - lo))[:hi - lo]
+        if padded:
+            # The edges keep what the file holds there (zeros past its end).
+            got = os.preadv(self.fd, [view], lo)
+            if got < len(view):
+                view[max(got, 0):] = bytes(len(view) - max(got, 0))
+        view[offset - lo:end - lo] = data
+        os.pwritev(self.fd, [view], lo)
         if hi > end and hi > size:
             # The padding must not make the file longer than a buffered write would.
             os.ftruncate(self.fd, max(size, end))

@@ -197,8 +197,11 @@ class Image:
         target = s.data_host()
         plain = not s.extended_l2 and self.snapshot_l1 is None and not img.header.crypt_method
         if plain and type(target).pread is HostFile.pread:
-            self._fast_read = (s, target, s.l2_cache, s.l2_cache.tables, s.cluster_size - 1, s.l1_shift,
-                               s.cluster_bits, s.l2_mask, s.slice_shift, s.entry_shift, s.slice_mask)
+            # Bound methods and the counters' objects too: each saves a lookup per read.
+            c = s.l2_cache
+            self._fast_read = (s, target, c, c.tables.get, c.tables.move_to_end, c.used_since_clean.add,
+                               c.stats, target.stats, s.cluster_size - 1, s.l1_shift, s.cluster_bits,
+                               s.l2_mask, s.slice_shift, s.entry_shift, s.slice_mask)
 
     def _open_backing(self, img: ImageFile, depth: int, o: opt.Options) -> Any:
         bpath = full_backing_filename(self.filename, img.backing_file or "")
@@ -280,8 +283,11 @@ class Image:
                 raise RequestError("image is opened read-only")
             raise CorruptionError("image was found corrupt; no further requests are served")
         s = self.s
-        if s.l2_cache.clean_interval:  # both caches share the interval (opt.Options)
-            s.l2_cache.maybe_clean()
+        l2c = s.l2_cache
+        # Both caches share the interval (opt.Options): one clock reading says whether
+        # either is due, and only then does each look for itself.
+        if l2c.clean_interval and l2c.clock() >= min(l2c.next_clean, s.rc_cache.next_clean):
+            l2c.maybe_clean()
             s.rc_cache.maybe_clean()
 
     def _range(self, offset: int, n: int) -> None:
@@ -323,9 +329,10 @@ class Image:
         its only caller on the request paths; overwrites in place, zero writes, discards,
         compressed writes and resizes leave it clear), and cleared on a clean close."""
         s = self.s
+        if not s.lazy_refcounts:
+            return  # without lazy refcounts there is no dirty bit to set (the common case)
         v3 = s.header.v3
-        if (s.lazy_refcounts and v3 is not None
-                and not int(v3.incompatible_features) & ft.QCOW2_INCOMPAT_DIRTY):
+        if v3 is not None and not int(v3.incompatible_features) & ft.QCOW2_INCOMPAT_DIRTY:
             # The bit is durable before any lazy metadata may reach the disk.
             s.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, True)
             s.flush_file()
@@ -341,7 +348,8 @@ class Image:
             # The cache hit, inline, with the geometry unpacked once at open: every call and
             # attribute lookup saved here is a few percent of the request's cost
             # (tests/impl/test_counts.py holds the counts to those of the general path).
-            s, f, l2c, tables, cmask, l1_shift, cbits, l2_mask, sshift, eshift, smask = fast
+            (s, f, l2c, lookup, to_end, used, cstats, iost, cmask, l1_shift, cbits, l2_mask, sshift,
+             eshift, smask) = fast
             within = offset & cmask
             if n <= cmask + 1 - within and (not l2c.clean_interval or l2c.clock() < l2c.next_clean):
                 l1 = s.l1_table
@@ -350,22 +358,21 @@ class Image:
                 if l2off and not l2off & cmask:
                     l2i = (offset >> cbits) & l2_mask
                     key = l2off + (l2i >> sshift << eshift)
-                    words = tables.get(key)
+                    words = lookup(key)
                     if words is not None:
                         e = words[l2i & smask]
                         host = e & L2E_OFFSET_MASK
                         if host and not e & _NOT_PLAIN_DATA and not host & cmask:
-                            l2c.stats.hits += 1
-                            tables.move_to_end(key)
-                            l2c.used_since_clean.add(key)
+                            cstats.hits += 1  # what Qcow2Cache.get does on a hit
+                            to_end(key)
+                            used(key)
                             if f.direct:  # O_DIRECT wants its bounce buffer (HostFile)
                                 try:
                                     return f.pread(host + within, n)
                                 except CorruptionError as err:
                                     self._failed(err)
-                            st = f.stats  # counted as HostFile.pread counts
-                            st.data_reads += 1
-                            st.data_read_bytes += n
+                            iost.data_reads += 1  # counted as HostFile.pread counts
+                            iost.data_read_bytes += n
                             try:
                                 data = os.pread(f.fd, n, host + within)
                             except (OSError, OverflowError) as err:
@@ -444,8 +451,21 @@ class Image:
         run_len = 0
         target = s.data_host()
         crypto = s.crypto
+        first: tuple[int, int] | None = None
+        if not ext and crypto is None and 0 < len(buf) <= cs - (pos & (cs - 1)):
+            # One plain NORMAL cluster (a backing read under a COW, most often): one lookup,
+            # one host read into the buffer, as the loop below would do it.
+            first = cl.get_entry(s, pos, self.snapshot_l1)
+            e = first[0]
+            host = e & L2E_OFFSET_MASK
+            if host and not e & _NOT_PLAIN_DATA and not host & (cs - 1):
+                target.preadv_into([buf], host + (pos & (cs - 1)))
+                return
         while pos < end:
-            e, b = cl.get_entry(s, pos, self.snapshot_l1)
+            if first is None:
+                e, b = cl.get_entry(s, pos, self.snapshot_l1)
+            else:
+                (e, b), first = first, None
             cend = min(end, pos - pos % cs + cs)
             while pos < cend:
                 piece_end = cend if not ext else min(cend, pos - pos % scs + scs)
@@ -495,6 +515,14 @@ class Image:
             else:
                 crypt.read_data(crypto, target, buf[lo:lo + run_len], run_host, run_start)
 
+    def read_below(self, offset: int, n: int) -> bytes:
+        """What [offset, offset+n) inside one plain unallocated cluster of this image reads
+        as: the backing chain's bytes, zeros past its end (read_internal's answer there,
+        without this image's lookup). A bytearray, which the caller only slices and writes."""
+        out = bytearray(n)
+        self._backing_read(offset, memoryview(out))
+        return out  # type: ignore[return-value]
+
     def _backing_read(self, pos: int, buf: memoryview) -> None:
         if self.backing is None or pos >= self.backing.size:
             return
@@ -536,6 +564,23 @@ class Image:
         flags, pnum = stt.status_above(self, offset, n, want_zero=False)
         return pnum == n and bool(flags & stt.BDRV_BLOCK_ZERO)
 
+    def is_zero_fast_below(self, offset: int, n: int) -> bool:
+        """is_zero_fast over a range inside one plain unallocated cluster of this image
+        (no subclusters). This image's own answer there is "not allocated, covering the
+        range" unless the range passes the image's end (then it covers less: not zero), so
+        the chain below decides; the first block-status query of this image still decides
+        its metadata preallocation, as qcow2_co_block_status does at its first call."""
+        if n <= 0:
+            return True
+        if self.metadata_preallocation is None:
+            self.metadata_preallocation = stt.detect_metadata_preallocation(self)
+        if offset + n > self.size:
+            return False
+        if self.backing is None:
+            return True  # unallocated with nothing below: the generic layer's zeros
+        flags, pnum = stt.status_above(self, offset, n, want_zero=False, below=True)
+        return pnum == n and bool(flags & stt.BDRV_BLOCK_ZERO)
+
     # --- writing ----------------------------------------------------------------------------------
     def write(self, offset: int, data: bytes) -> None:
         """Guest write (qcow2_co_pwritev_part); see cluster.write."""
@@ -548,20 +593,28 @@ class Image:
         s = self.s
         cs = s.cluster_size
         if not s.extended_l2 and len(data) <= cs - (offset & (cs - 1)):
-            # The hot path: an overwrite inside one cluster this image owns alone (COPIED
-            # in both tables) is one lookup and one host write, no metadata (handle_copied).
-            i1 = offset >> (s.cluster_bits + s.geometry.l2_bits)
-            if s.l1_table[i1] & QCOW_OFLAG_COPIED:
-                found = cl.l2_slice(s, offset)
-                if found is not None:
-                    e = found[0][found[1]]
-                    host = e & L2E_OFFSET_MASK
-                    if (e & QCOW_OFLAG_COPIED and host and not e & _NOT_PLAIN_DATA
-                            and not host & (cs - 1)):
-                        host += offset & (cs - 1)
-                        s.overlap.check(host, len(data))
-                        s.data_host().pwrite(host, data)
-                        return
+            # The hot paths, inside one cluster of a table this image owns alone (COPIED in
+            # the L1 entry): the lookup of slice_for_write, inline.
+            l1e = s.l1_table[offset >> s.l1_shift]
+            l2off = l1e & L1E_OFFSET_MASK
+            if l1e & QCOW_OFLAG_COPIED and l2off and not l2off & (cs - 1):
+                l2i = (offset >> s.cluster_bits) & s.l2_mask
+                key = l2off + (l2i >> s.slice_shift << s.entry_shift)
+                w = l2i & s.slice_mask
+                e = s.l2_cache.get(key)[w]
+                host = e & L2E_OFFSET_MASK
+                if (e & QCOW_OFLAG_COPIED and host and not e & _NOT_PLAIN_DATA
+                        and not host & (cs - 1)):
+                    # An overwrite of a cluster owned alone: one host write, no metadata
+                    # (handle_copied).
+                    host += offset & (cs - 1)
+                    s.overlap.check(host, len(data))
+                    s.data_host().pwrite(host, data)
+                    return
+                if not e and not s.has_data_file:
+                    # A plain unallocated cluster: one new cluster (cluster.write_new_cluster).
+                    cl.write_new_cluster(self, offset, data, key, w)
+                    return
         cl.write(self, offset, data)
 
     def write_zeroes(self, offset: int, n: int, *, unmap: bool = False) -> None:

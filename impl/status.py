@@ -17,7 +17,7 @@ import numpy as np
 
 from impl import cluster as cl
 from impl.state import ImageView
-from spec.entries import HOST_OFFSET_TYPES, L2E_OFFSET_MASK, SubclusterType, subcluster_type
+from spec.entries import L2E_OFFSET_MASK, SubclusterType, subcluster_type
 from spec.errors import CorruptionError, FormatError
 
 # block/block-common.h
@@ -40,6 +40,16 @@ _TYPE_FLAGS = {
 }
 """qcow2_co_block_status's answer per subcluster type, with the generic layer's ALLOCATED
 for anything that says DATA or ZERO."""
+
+
+def _type_flags(t: SubclusterType) -> int:
+    """_TYPE_FLAGS[t], the common types first: an Enum hashes in Python, so a dict lookup
+    costs more than a few identity tests (this runs for every status query and map extent)."""
+    if t is ST.NORMAL:
+        return _ALLOC_DATA | BDRV_BLOCK_OFFSET_VALID
+    if t is ST.UNALLOCATED_PLAIN:
+        return 0
+    return _TYPE_FLAGS[t]
 
 
 class Status(NamedTuple):
@@ -143,19 +153,19 @@ def qcow2_status(img: ImageView, offset: int, n: int, want_zero: bool = True) ->
     if offset >= img.size:
         return Status(BDRV_BLOCK_EOF, 0)
     s = img.s
-    g = s.geometry
     cs, dfile = s.cluster_size, s.has_data_file
     n = min(n, img.size - offset)
     in_cluster = offset & (cs - 1)
     # qcow2_get_host_offset looks no further than the end of the L2 slice.
     per = s.slice_entries
-    needed = min(n + in_cluster, (per - g.l2_index(offset) % per) * cs)
-    if cl.l2_slice(s, offset, img.snapshot_l1) is None:
+    needed = min(n + in_cluster, (per - ((offset >> s.cluster_bits) & s.l2_mask) % per) * cs)
+    found = cl.l2_slice(s, offset, img.snapshot_l1)
+    if found is None:
         t, covered, host = ST.UNALLOCATED_PLAIN, needed, None
     else:
-        t, covered, host = _same_kind_run(img, offset, needed)
+        t, covered, host = _same_kind_run(img, offset, needed, found)
     pnum = covered - in_cluster
-    flags = _TYPE_FLAGS[t]
+    flags = _type_flags(t)
     if img.s.crypto is not None:
         # qcow2_co_block_status hides host offsets of encrypted images (the bytes there are
         # ciphertext): their map has no "offset" and never asks the file about holes.
@@ -185,38 +195,53 @@ def qcow2_status(img: ImageView, offset: int, n: int, want_zero: bool = True) ->
     return Status(flags, pnum, host, filename)
 
 
-def _same_kind_run(img: ImageView, offset: int, needed: int) -> tuple[SubclusterType, int, int | None]:
-    """The type of ``offset``'s subcluster, how many bytes from the start of its cluster
-    (at most ``needed``) are subclusters of that type, host-contiguous where they have
-    an offset (one cluster only when compressed), and the host offset of ``offset``."""
+def _same_kind_run(img: ImageView, offset: int, needed: int,
+                   found: tuple[Any, int]) -> tuple[SubclusterType, int, int | None]:
+    """The type of ``offset``'s subcluster (``found``: its L2 slice and word index, already
+    looked up), how many bytes from the start of its cluster (at most ``needed``) are
+    subclusters of that type, host-contiguous where they have an offset (one cluster only
+    when compressed), and the host offset of ``offset``. ``needed`` ends within the slice
+    (the caller's limit), so every entry counted is read from the same slice."""
     s = img.s
     g = s.geometry
-    cs, l1 = s.cluster_size, img.snapshot_l1
+    cs = s.cluster_size
     ext, dfile = s.extended_l2, s.has_data_file
-    first_sc = g.subcluster_index(offset)
-    entry, bitmap = cl.get_entry(s, offset, l1)
+    words, w = found
+    step = 2 if ext else 1
+    first_sc = g.subcluster_index(offset) if ext else 0
+    entry, bitmap = words[w], (words[w + 1] if ext else 0)
     kind = subcluster_type(entry, bitmap, first_sc, extended_l2=ext, has_data_file=dfile)
     if kind is ST.INVALID:
         raise CorruptionError(f"invalid cluster entry {entry:#x} (guest {offset:#x})")
     base = entry & L2E_OFFSET_MASK
     host = None
-    if kind in HOST_OFFSET_TYPES:
+    if kind is ST.NORMAL or kind is ST.ZERO_ALLOC or kind is ST.UNALLOCATED_ALLOC:  # HOST_OFFSET_TYPES
         if base & (cs - 1):
             raise CorruptionError(f"cluster allocation offset {base:#x} unaligned")
         host = base + (offset & (cs - 1))
-    start = offset - (offset & (cs - 1))
     clusters = 1 if kind is ST.COMPRESSED else max(1, -(-needed // cs))
+    if not ext:
+        # One subcluster per cluster: count the clusters of the same type.
+        same = 1
+        while same < clusters:
+            e = words[w + same]
+            if host is not None and e & L2E_OFFSET_MASK != base + same * cs:
+                break
+            if subcluster_type(e, 0, 0, extended_l2=False, has_data_file=dfile) is not kind:
+                break
+            same += 1
+        return kind, min(same * cs, needed), host
     same = 0
+    spc = g.subclusters_per_cluster
     for i in range(clusters):
-        e, b = (entry, bitmap) if i == 0 else cl.get_entry(s, start + i * cs, l1)
+        e, b = words[w + i * step], words[w + i * step + 1]
         if host is not None and e & L2E_OFFSET_MASK != base + i * cs:
             break
         sc = first_sc if i == 0 else 0
-        while sc < g.subclusters_per_cluster and subcluster_type(
-                e, b, sc, extended_l2=ext, has_data_file=dfile) is kind:
+        while sc < spc and subcluster_type(e, b, sc, extended_l2=True, has_data_file=dfile) is kind:
             sc += 1
             same += 1
-        if sc < g.subclusters_per_cluster:
+        if sc < spc:
             break
     return kind, min((same + first_sc) * g.subcluster_size, needed), host
 
@@ -255,13 +280,18 @@ def _layers(img: ImageView) -> Iterator[Any]:
         layer = layer.backing
 
 
-def status_above(img: ImageView, offset: int, n: int, *, want_zero: bool = True) -> tuple[int, int]:
+def status_above(img: ImageView, offset: int, n: int, *, want_zero: bool = True,
+                 below: bool = False) -> tuple[int, int]:
     """bdrv_block_status_above(bs, NULL): the chain answers as one node. Descend while a
     layer has not allocated the range, each time asking only about what the layer above
     covered; a backing layer that ends before ``offset`` means zeros, allocated there
-    (bdrv_co_common_block_status_above)."""
+    (bdrv_co_common_block_status_above). ``below``: the caller knows ``img`` itself has
+    the range unallocated, all of it; the walk starts at its backing file."""
     answer = (0, n)
-    for depth, layer in enumerate(_layers(img)):
+    layers = _layers(img)
+    if below:
+        next(layers)
+    for depth, layer in enumerate(layers, start=int(below)):
         st = layer.layer_status(offset, n, want_zero)
         if not st.length:
             return (BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED, n) if depth else (st.flags, 0)
@@ -272,7 +302,6 @@ def status_above(img: ImageView, offset: int, n: int, *, want_zero: bool = True)
     return answer
 
 
-_FLAG_KEYS = (("present", BDRV_BLOCK_ALLOCATED), ("zero", BDRV_BLOCK_ZERO), ("data", BDRV_BLOCK_DATA))
 
 
 def _extent(img: ImageView, offset: int, n: int) -> dict[str, Any]:
@@ -287,8 +316,10 @@ def _extent(img: ImageView, offset: int, n: int) -> dict[str, Any]:
         found = st if st.flags & (BDRV_BLOCK_ZERO | BDRV_BLOCK_DATA) else Status(0, n)
         if found.flags:
             break
-    ext: dict[str, Any] = {"start": offset, "length": n, "depth": level}
-    ext.update((key, bool(found.flags & bit)) for key, bit in _FLAG_KEYS)
+    f = found.flags
+    ext: dict[str, Any] = {"start": offset, "length": n, "depth": level,
+                           "present": bool(f & BDRV_BLOCK_ALLOCATED), "zero": bool(f & BDRV_BLOCK_ZERO),
+                           "data": bool(f & BDRV_BLOCK_DATA)}
     if found.flags & BDRV_BLOCK_OFFSET_VALID:
         ext.update(offset=found.offset, filename=found.filename)
     return ext

@@ -30,7 +30,8 @@ def machine() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError, IndexError):
         disk = "?"
     return {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "nproc": os.cpu_count(), "disk": disk}
+            "nproc": os.cpu_count(), "disk": disk,
+            "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}  # the machine is shared
 
 
 def as_json(results: list[RowResult]) -> dict[str, Any]:
@@ -40,7 +41,7 @@ def as_json(results: list[RowResult]) -> dict[str, Any]:
 def table(results: list[RowResult], rounds: int) -> Table:
     m = machine()
     t = Table(title=f"qcow2lab bench impl: {m['date']}, nproc {m['nproc']}, disk {m['disk']}, "
-                    f"medians of {rounds} rounds")
+                    f"load {m['load']} (at the end), medians of {rounds} rounds")
     for col in ("row", "ours", "peer", "unit", "ratio", "target", "verdict", "counted I/O / notes"):
         t.add_column(col, overflow="fold")
     for r in results:
