@@ -51,15 +51,30 @@ class Cell:
     hits: int = 0
     examples: int = 0
     seconds: float = 0.0
-    other: list[str] = field(default_factory=list)
-    """Other finding classes met in the cell besides ``outcome`` (the most frequent)."""
+    others: list[CellFinding] = field(default_factory=list)
+    """The cell's other distinct reader findings, each with its own reproducer (a short
+    backing file also has zero clusters over it: one cell can meet two bugs)."""
     harness: int = 0
     """Findings that are not the reader's (the writers disagreeing), left to difftest."""
 
     def to_json(self) -> dict[str, Any]:
         return {"area": self.area, "reader": self.reader, "outcome": self.outcome, "detail": self.detail,
                 "repro": self.repro, "steps": self.steps, "hits": self.hits, "examples": self.examples,
-                "seconds": round(self.seconds, 1), "other": self.other, "harness_findings": self.harness}
+                "seconds": round(self.seconds, 1), "others": [o.to_json() for o in self.others],
+                "harness_findings": self.harness}
+
+
+@dataclass
+class CellFinding:
+    outcome: str
+    steps: int
+    repro: str | None
+    hits: int
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"outcome": self.outcome, "steps": self.steps, "repro": self.repro, "hits": self.hits,
+                "detail": self.detail}
 
 
 def declared_unsupported(reader: str, area: Area) -> str | None:
@@ -90,25 +105,26 @@ def finding_class_of(found: Found) -> str | None:
 def classify(cell: Cell, stats: Stats) -> Cell:
     """Fill ``cell`` from its campaign's statistics (see the module docstring)."""
     cell.examples = stats.examples
-    met: dict[str, list[tuple[int, Found]]] = {}
+    real: list[CellFinding] = []
+    unsupported_finding: Found | None = None
     for best, hits, _ in stats.findings():
         cls = finding_class_of(best)
         if cls is None:
             cell.harness += 1
-            continue
-        met.setdefault(cls, []).append((hits, best))
-    # Per class: the hits of all its findings, and its most-hit finding.
-    per_class = {cls: (sum(h for h, _ in fs), max(fs, key=lambda f: f[0])[1]) for cls, fs in met.items()}
+        elif cls == "unsupported":
+            unsupported_finding = best
+        else:
+            real.append(CellFinding(cls, best.steps, _shown(best.repro_dir), hits, best.message))
     unsupported_notes = sum(n for k, n in stats.notes.items() if k.startswith("unsupported"))
-    real = {k: v for k, v in per_class.items() if k != "unsupported"}
     if real:
-        cls = max(real, key=lambda k: real[k][0])
-        cell.hits, best = real[cls]
-        cell.outcome, cell.repro, cell.steps = cls, best.repro_dir, best.steps
-        cell.detail = best.message
-        cell.other = sorted(k for k in real if k != cls)
-    elif "unsupported" in per_class:
-        cell.outcome, cell.detail = "unsupported", per_class["unsupported"][1].message
+        # The most met first; on a tie the one with fewer operations (the more basic bug).
+        real.sort(key=lambda f: (-f.hits, f.steps))
+        top = real[0]
+        cell.outcome, cell.repro, cell.steps, cell.hits, cell.detail = \
+            top.outcome, top.repro, top.steps, top.hits, top.detail
+        cell.others = real[1:]
+    elif unsupported_finding is not None:
+        cell.outcome, cell.detail = "unsupported", unsupported_finding.message
     elif unsupported_notes:
         cell.outcome = "unsupported"
         cell.detail = next(k for k in stats.notes if k.startswith("unsupported"))
@@ -141,10 +157,15 @@ def run_cell(area: Area, reader: str, *, budget: float, seed: int, out: Path,
     stats = run_shards(shards, 1, on_event, deadline=t0 + budget)
     cell.seconds = time.monotonic() - t0
     _remove_workdir(where / "work")
-    classify(cell, stats)
-    if cell.repro and Path(cell.repro).is_relative_to(Path.cwd()):
-        cell.repro = str(Path(cell.repro).relative_to(Path.cwd()))  # as the user named --out
-    return cell
+    return classify(cell, stats)
+
+
+def _shown(repro: str | None) -> str | None:
+    """A reproducer folder relative to the current directory when under it (as the user
+    named ``--out``)."""
+    if repro and Path(repro).is_relative_to(Path.cwd()):
+        return str(Path(repro).relative_to(Path.cwd()))
+    return repro
 
 
 def _remove_workdir(path: Path) -> None:

@@ -21,14 +21,18 @@ def _grid(cells: list[Cell]) -> tuple[list[str], list[str], dict[tuple[str, str]
     return areas, readers, {(c.area, c.reader): c for c in cells}
 
 
-def cell_text(c: Cell) -> str:
-    """One cell in plain words: the outcome, the reproducer's size and folder."""
-    text = LABELS.get(c.outcome, c.outcome)
-    if c.other:
-        text += " (+" + ", ".join(LABELS.get(o, o) for o in c.other) + ")"
-    if c.repro:
-        text += f", {c.steps} op{'s' if c.steps != 1 else ''}: {c.repro}"
+def _finding(outcome: str, steps: int, repro: str | None) -> str:
+    text = LABELS.get(outcome, outcome)
+    if repro:
+        text += f", {steps} op{'s' if steps != 1 else ''}: {repro}"
     return text
+
+
+def cell_text(c: Cell, sep: str = "; ") -> str:
+    """One cell in plain words: each distinct finding's class, its reproducer's number of
+    operations and folder (the most met first), or pass / unsupported."""
+    return sep.join([_finding(c.outcome, c.steps, c.repro),
+                     *(_finding(o.outcome, o.steps, o.repro) for o in c.others)])
 
 
 def to_json(cells: list[Cell], meta: dict[str, Any]) -> str:
@@ -40,7 +44,7 @@ def to_markdown(cells: list[Cell]) -> str:
     lines = ["| area | " + " | ".join(readers) + " |", "|---|" + "---|" * len(readers)]
     for a in areas:
         title = BY_NAME[a].title if a in BY_NAME else a
-        row = [cell_text(grid[(a, r)]).replace("|", "\\|") if (a, r) in grid else "" for r in readers]
+        row = [cell_text(grid[(a, r)], "<br>").replace("|", "\\|") if (a, r) in grid else "" for r in readers]
         lines.append(f"| {a} ({title}) | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -59,6 +63,7 @@ def print_table(cells: list[Cell], title: str) -> None:
         row = [escape(BY_NAME[a].title if a in BY_NAME else a)]
         for r in readers:
             c = grid.get((a, r))
-            row.append("" if c is None else f"[{STYLES.get(c.outcome, '')}]{escape(cell_text(c))}[/]")
+            style = STYLES.get(c.outcome, "") if c is not None else ""
+            row.append("" if c is None else f"[{style}]{escape(cell_text(c, chr(10)))}[/]")
         t.add_row(*row)
     Console().print(t)

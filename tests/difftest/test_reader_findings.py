@@ -14,10 +14,10 @@ import pytest
 
 from difftest.cli import main
 from difftest.conformance.areas import BY_NAME, select
-from difftest.conformance.matrix import Cell, declared_unsupported
+from difftest.conformance.matrix import Cell, CellFinding, classify, declared_unsupported
 from difftest.conformance.render import to_markdown
 from difftest.core import qemuio
-from difftest.core.campaign import Found, Shard, _once_per_campaign, run_shards
+from difftest.core.campaign import Found, Shard, Stats, _once_per_campaign, run_shards
 from difftest.core.config import Config
 from difftest.core.divergence import Divergence
 from difftest.core.repro import PROJECT
@@ -147,12 +147,26 @@ def test_a_declared_unsupported_value_makes_the_cell_unsupported() -> None:
 
 
 def test_markdown_matrix_has_a_row_per_area_and_a_column_per_reader() -> None:
+    two = Cell("short-backing", "libqcow", "error", repro="r/e", steps=0,
+               others=[CellFinding("wrong-bytes", 1, "r/w", 1, "")])
     cells = [Cell("plain", "dissect", "pass"), Cell("plain", "libqcow", "wrong-bytes", repro="r/x", steps=1),
-             Cell("zstd", "dissect", "pass"), Cell("zstd", "libqcow", "unsupported")]
+             Cell("short-backing", "dissect", "pass"), two]
     md = to_markdown(cells).splitlines()
     assert md[0] == "| area | dissect | libqcow |"
     assert md[2].endswith("| pass | wrong bytes, 1 op: r/x |")
-    assert md[3].endswith("| pass | unsupported |")
+    assert md[3].endswith("| pass | error, 0 ops: r/e<br>wrong bytes, 1 op: r/w |")
+
+
+def test_a_cell_keeps_every_distinct_finding_the_most_met_first() -> None:
+    stats = Stats(examples=3)
+    stats.ops["write"] = 3
+    for sig, steps, hits in (("reader-wrong-bytes-read-x--v3", 1, 1), ("reader-error-read-x--v3", 0, 1),
+                             ("reader-hang-read-x--v3", 2, 4)):
+        stats.divergences.append(Found("reader", "m", 1, f"r/{sig}", steps, sig))
+        stats.hits[sig] = hits
+    cell = classify(Cell("a", "x"), stats)
+    assert (cell.outcome, cell.hits) == ("hang", 4)
+    assert [(o.outcome, o.steps) for o in cell.others] == [("error", 0), ("wrong-bytes", 1)]
 
 
 @needs_qemu
