@@ -26,11 +26,13 @@ fails with MemoryError here instead of growing the machine's memory.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import numbers
 import os
 import pickle
 import resource
+import signal
 import struct
 import sys
 import traceback
@@ -230,6 +232,10 @@ def _session(server: Server, proto_in: BinaryIO, proto_out: Any) -> int:
             os._exit(code)
     proto_out.write(frame(("ok", pid)))
     status = os.waitpid(pid, 0)[1]
+    # What the session started and left running (a qemu-io an adapter opened, say) is in
+    # its group; the id cannot be reused while the group has members, so this is safe.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
     return os.waitstatus_to_exitcode(status)
 
 

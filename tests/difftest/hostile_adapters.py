@@ -157,3 +157,14 @@ class RefusingTarget(Target):
 
 
 refusing_target = RefusingTarget()
+
+
+class StartsAProgram:
+    def open(self, path: str, pidfile: str) -> None:
+        import subprocess
+        proc = subprocess.Popen(["sleep", "600"])
+        with open(pidfile, "w") as f:
+            f.write(str(proc.pid))
+
+
+starts_a_program = StartsAProgram()

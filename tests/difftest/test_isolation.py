@@ -206,3 +206,24 @@ def test_the_cli_sets_the_limits_and_reports_the_class(tmp_path: Path,
     assert os.environ[isolation.TIMEOUT_ENV] == "2.0" and os.environ[isolation.MEMORY_ENV] == "300"
     assert rc == 1 and out["divergences"]
     assert all("[reader] finish: hang: " in d["message"] for d in out["divergences"])
+
+
+def test_what_a_session_leaves_running_is_ended_with_it(tmp_path: Path) -> None:
+    """An adapter that starts a program and never stops it (a qemu-io it opened, say): the
+    program is in the session's process group and ends with the session."""
+    import model
+
+    path = tmp_path / "t.qcow2"
+    model.create(str(path), 1 << 20)
+    pidfile = tmp_path / "pid"
+    with isolation.Worker("good", isolation.Limits(5.0, 256)) as w:
+        reader = w.load(HOSTILE + "starts_a_program")
+        reader.open(str(path), str(pidfile))
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    pytest.fail("the program the session started is still running")
