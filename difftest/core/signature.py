@@ -20,6 +20,7 @@ It is also a folder name, so it holds no "/" and no temporary path.
 from __future__ import annotations
 
 import re
+import tempfile
 
 from difftest.core.config import Config, _human
 from difftest.core.divergence import Divergence
@@ -27,9 +28,11 @@ from difftest.core.divergence import Divergence
 READER_CLASSES = ("hang", "crash", "memory", "error", "wrong-bytes")
 """The classes of a reader finding (``Divergence("reader", "finish", "<class>: ...")``)."""
 
-_TMP = re.compile(r"(/[\w.+-]+)*/(difftest|pytest|tmp)[\w.+-]*(/[\w.+-]+)*")
-"""An absolute path through a temporary directory (tempfile's difftest-*, pytest's tmp_path)."""
-_ADDRESS = re.compile(r"0x[0-9a-f]{6,}")
+_TMP = re.compile(rf"({re.escape(tempfile.gettempdir())}|(/[\w.+-]+)*/(difftest|pytest)-[\w.+-]*)"
+                  r"(/[\w.+-]+)*")
+"""An absolute path in the temporary directory or through a directory the harness or pytest
+made (``difftest-*``, ``pytest-of-*``): not the project's own ``difftest/`` sources."""
+_ADDRESS = re.compile(r"(?<= at )0x[0-9a-f]{6,}")
 """Object addresses in reprs (``<object at 0x7f...>``) differ in every process."""
 
 
