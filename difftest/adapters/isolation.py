@@ -305,11 +305,12 @@ class Worker:
         assert self.channel is not None
         try:
             reply = self.channel.exchange(msg, self.limits.seconds)
-            if reply[0] == "ended":  # the session's process died; its worker says how
-                raise self.channel.died(int(reply[1]), self._since)
         except AdapterFailed as e:
             self._abort(e)
             raise
+        if reply[0] == "ended":  # the session's process died; its worker says how
+            self._ended(failed := self.channel.died(int(reply[1]), self._since))
+            raise failed
         if reply[0] == "raise":
             _raise(*reply[1:])
         if reply[0] == "fail":
@@ -320,9 +321,19 @@ class Worker:
         return reply
 
     def _abort(self, e: AdapterFailed) -> None:
+        """The session is not to be trusted: kill it, and its worker (the stream between
+        them may be out of step)."""
         self.dead = e
         if self._finalizer is not None:
             self._finalizer()
+
+    def _ended(self, e: AdapterFailed) -> None:
+        """The session's process is gone and its worker has reaped it and said so (the
+        stream is in step): the worker serves the next session; the reaped id is not
+        killed, it may belong to another process by now."""
+        self.dead = e
+        if self._finalizer is not None:
+            self._finalizer.detach()
 
     def close(self) -> None:
         """End the session: ``("end",)`` and the worker's ``("ended", 0)``; anything else
@@ -331,9 +342,8 @@ class Worker:
                 and self._finalizer.alive:
             try:
                 reply = self.channel.exchange(("end",), min(self.limits.seconds, 5.0))
-                if reply == ("ended", 0):
-                    self._finalizer.detach()
-                    self.dead = AdapterFailed("crash", "the session is closed")
+                if reply[0] == "ended":
+                    self._ended(AdapterFailed("crash", "the session is closed"))
                     return
             except AdapterFailed:
                 pass
