@@ -333,7 +333,8 @@ def _reader(ls: Run, spec: str) -> None:
     try:
         declared, _params = isolation.capabilities(spec)
     except AdapterFailed as e:
-        raise _reader_finding(ls, e.finding_class, f"{spec} cannot be loaded: {e.detail}") from None
+        raise _reader_finding(ls, e.finding_class, f"{spec} cannot open any file, loading it "
+                              f"failed: {e.detail}") from None
     why = unsupported_by(ls.cfg, declared, spec)
     if why:
         ls.notes.append(f"unsupported: {spec}: {why}")
@@ -343,7 +344,8 @@ def _reader(ls: Run, spec: str) -> None:
         try:
             reader = worker.load(spec)
         except AdapterFailed as e:
-            raise _reader_finding(ls, e.finding_class, f"{spec} cannot be loaded: {e.detail}") from None
+            raise _reader_finding(ls, e.finding_class, f"{spec} cannot open any file, loading it "
+                              f"failed: {e.detail}") from None
         for t in ls.targets:
             ref = ref_t.open_readonly(t.path)
             try:
@@ -362,7 +364,8 @@ def _read_with(ls: Run, spec: str, reader: Any, t: Target, ref: Any, ref_name: s
         ls.notes.append(f"unsupported: {spec}: {_scrub(ls, f'{type(e).__name__}: {e}')}")
         return False
     except AdapterFailed as e:
-        raise _reader_finding(ls, e.finding_class, f"{spec} opening {t.name}'s file: {e.detail}") from None
+        raise _reader_finding(ls, e.finding_class,
+                              f"{spec} cannot open {t.name}'s file: {e.detail}") from None
     except Qcow2Error as e:
         raise _reader_finding(ls, "error", f"{spec} cannot open {t.name}'s file: "
                               f"{type(e).__name__}: {e}") from None
@@ -384,9 +387,10 @@ def _read_with(ls: Run, spec: str, reader: Any, t: Target, ref: Any, ref_name: s
                                           f"file: {type(e).__name__}: {e}") from None
                 if got != want:
                     i = next((j for j in range(min(len(got), k)) if got[j] != want[j]), len(got))
+                    short = f" (a short read: {len(got)} of {k} bytes)" if len(got) < k else ""
                     raise _reader_finding(ls, "wrong-bytes", f"{spec} reads {t.name}'s file differently "
                                           f"from {ref_name} at guest offset {pos + i}: "
-                                          f"{got[i:i + 8].hex()} vs {want[i:i + 8].hex()}")
+                                          f"{got[i:i + 8].hex() or '-'} vs {want[i:i + 8].hex()}{short}")
     finally:
         with contextlib.suppress(Exception):  # a dead worker is already a finding
             img.close()
