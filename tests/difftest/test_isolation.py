@@ -230,3 +230,17 @@ def test_what_a_session_leaves_running_is_ended_with_it(tmp_path: Path) -> None:
             return
         time.sleep(0.1)
     pytest.fail("the program the session started is still running")
+
+
+def _dissect_installed() -> bool:
+    import importlib.metadata
+
+    from difftest.adapters.dissect_qcow2 import CACHE
+    names = {d.metadata["Name"] for d in importlib.metadata.distributions(path=[str(CACHE)])}
+    return "dissect.hypervisor" in names
+
+
+@pytest.mark.skipif(not _dissect_installed(), reason="dissect.hypervisor is installed on first use only")
+def test_the_dissect_reader_reads_through_its_worker(tmp_path: Path) -> None:
+    ls = read_with(tmp_path, "dissect", Config(cluster_size=65536, size=1 << 20))
+    assert not any(n.startswith("unsupported") for n in ls.notes)
