@@ -105,7 +105,8 @@ BITMAPS_DROPPED = Note(
 
 REFCOUNTS_GROWN_ON_FREE = Note(
     "refcounts-grown-on-free",
-    "A damaged L2 entry points far past the refcount table, and a request frees that cluster. "
+    "A request frees a cluster that no refcount block covers (a damaged L2 entry far past the "
+    "refcount table, or a refcount table that reads as zeros). "
     "QEMU's update_refcount fetches the refcount block of every cluster it changes, a decrement "
     "included, through alloc_refcount_block (block/qcow2-refcount.c), so it allocates a refcount "
     "block, or grows the refcount table, to cover the bogus offset, then gives up ('qcow2_free_"
@@ -115,7 +116,10 @@ REFCOUNTS_GROWN_ON_FREE = Note(
     "QEMU's own limit, after which it refuses to open its file ('Reference count table too "
     "large'). The engines drop a reference only where a refcount block exists "
     "(spec/refblocks.py, impl/refcount.py) and leave the table as it was. Matching QEMU would "
-    "mean writing that table; not done.",
+    "mean writing that table; not done. The same path can flag the image: with a refcount table "
+    "that reads as zeros the new block would land on the header ('Preventing invalid "
+    "allocation of refcount block at offset 0'), so QEMU fails the freeing request where the "
+    "engines, which allocate nothing there, succeed.",
     open=True)
 
 REFCOUNT_INDEX_WRAP = Note(
@@ -182,6 +186,7 @@ def _refcount_growth(theirs: Path, mine: Path) -> bool:
         return False
 
 
+_BLOCK_AT_ZERO_WORDS = "Preventing invalid allocation of refcount block at offset 0"
 _REFCOUNT_FAILURE_WORDS = ("qcow2_free_clusters failed", "Failed to flush the refcount block cache")
 """QEMU's words for a refcount update that failed after the request (logged, not the request's
 failure) or at the close's write-back of the refcount cache."""
@@ -212,22 +217,27 @@ def _has_bitmaps(path: Path) -> bool:
         return False
 
 
-def _reads_metadata(path: Path, guest: int) -> bool:
-    """The guest offset maps, through the active L1 and L2 tables of ``path``, to a host
-    cluster that the refcount table or the L1 table also names (a refcount block, an L2 table)."""
+def _reads_metadata(path: Path, guest: int, n: int) -> bool:
+    """Some cluster of [guest, guest+n) maps, through the active L1 and L2 tables of ``path``,
+    to a host cluster that the refcount table or the L1 table also names (a refcount block, an
+    L2 table)."""
     try:
         with open_image(path) as img:
             g, cs = img.geometry, img.cluster_size
             l1 = img.l1_table()
-            i1 = g.l1_index(guest)
-            l2 = l1[i1] & L1E_OFFSET_MASK if i1 < len(l1) else 0
-            if not l2:
-                return False
-            width = 16 if img.extended_l2 else 8
-            entry = img.read(l2 + width * g.l2_index(guest), 8, "l2_entry")
-            host = int.from_bytes(entry, "big") & L2E_OFFSET_MASK
             tables = {e & REFT_OFFSET_MASK for e in img.refcount_table()} | {e & L1E_OFFSET_MASK for e in l1}
-            return bool(host) and any(t and t // cs == host // cs for t in tables)
+            tables.discard(0)
+            width = 16 if img.extended_l2 else 8
+            for pos in range(guest - guest % cs, guest + n, cs):  # a request: at most 64 KiB
+                i1 = g.l1_index(pos)
+                l2 = l1[i1] & L1E_OFFSET_MASK if i1 < len(l1) else 0
+                if not l2:
+                    continue
+                entry = img.read(l2 + width * g.l2_index(pos), 8, "l2_entry")
+                host = int.from_bytes(entry, "big") & L2E_OFFSET_MASK
+                if host and any(t // cs == host // cs for t in tables):
+                    return True
+            return False
     except (Qcow2Error, OSError):
         return False
 
@@ -264,7 +274,8 @@ def explain(finding: Finding, run: Run) -> Note | None:
     if (finding.kind == "read" and len(others) == 1 and finding.outcomes.get("model") not in others
             and all(v.startswith("ok") for v in finding.outcomes.values()) and run.case is not None
             and "model" in run.paths and 0 <= finding.step < len(run.case.ops)
-            and _reads_metadata(run.paths["model"], run.case.ops[finding.step].offset)):
+            and _reads_metadata(run.paths["model"], run.case.ops[finding.step].offset,
+                                run.case.ops[finding.step].n)):
         return CACHED_METADATA_READ
     if (len(others) == 1 and finding.outcomes.get("model") not in others and "model" in run.paths
             and run.model_table_punched):
@@ -274,6 +285,8 @@ def explain(finding: Finding, run: Run) -> Note | None:
     if finding.kind == "check" and _wrapping_offset(run.image):
         return REFCOUNT_INDEX_WRAP
     failed_refcounts = any(w in qemu_log for w in _REFCOUNT_FAILURE_WORDS)
+    if "qcow2_free_clusters failed" in qemu_log and _BLOCK_AT_ZERO_WORDS in qemu_log:
+        return REFCOUNTS_GROWN_ON_FREE
     have_files = "qemu" in run.paths and "model" in run.paths
     if failed_refcounts and finding.kind in ("reopen", "check") and have_files \
             and (_refcount_growth(run.paths["qemu"], run.paths["model"]) or _qemu_leaks_more(finding)):

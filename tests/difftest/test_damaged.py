@@ -135,6 +135,12 @@ def test_a_refcount_table_qemu_grew_on_a_free_is_named(tmp_path: Path) -> None:
     flush = ["qemu-io: Failed to flush the refcount block cache: File too large\n"]
     assert explain(leak, Run(qemu_log=flush, paths={"qemu": mine, "model": mine})) is REFCOUNTS_GROWN_ON_FREE
     assert explain(leak, Run(qemu_log=[], paths={"qemu": mine, "model": mine})) is None
+    # ... or the block would land on the header, and QEMU flags the image in the freeing request.
+    zeroed = Finding("write_zeroes", 0, {"model": "ok", "impl": "ok", "qemu": "CorruptionError"})
+    at_zero = ["qcow2: Marking image as corrupt: Preventing invalid allocation of refcount block at "
+               "offset 0; further corruption events will be suppressed\n"
+               "qcow2_free_clusters failed: Input/output error\n"]
+    assert explain(zeroed, Run(qemu_log=at_zero)) is REFCOUNTS_GROWN_ON_FREE
 
 
 def test_a_refcount_index_past_32_bits_is_named(tmp_path: Path) -> None:
