@@ -136,6 +136,8 @@ class _Channel:
         os.set_blocking(self._in, False)  # a worker that stops reading must not block us
         os.set_blocking(self._out, False)
         self.info: dict[str, Any] = {}
+        self.busy = False
+        """A session is running on this worker (Worker.load to its end)."""
         self.kill = weakref.finalize(self, _reap, self.proc, [self.proc.stdin, self.proc.stdout, self.err])
 
     def exchange(self, msg: tuple[Any, ...], seconds: float) -> tuple[Any, ...]:
@@ -216,18 +218,23 @@ class _Channel:
         return ""
 
 
-_LOADED: dict[tuple[int, str, Limits], _Channel] = {}
+_LOADED: dict[tuple[int, str, Limits], list[_Channel]] = {}
 """Workers with an adapter loaded, by (harness process, adapter, limits): a shard process
-forked from the campaign's parent starts its own rather than share the parent's pipes."""
+forked from the campaign's parent starts its own rather than share the parent's pipes. A
+worker serves one session at a time (it waits for it, and the session reads the same
+pipe), so overlapping sessions of one adapter get a worker each; one idle worker per key
+is kept when a session ends."""
 
 
-def _loaded(spec: str, name: str, limits: Limits) -> _Channel:
-    """The worker that has imported ``spec``, started (and the import run, under the
-    limits) on first use."""
+def _loaded(spec: str, name: str, limits: Limits, *, idle: bool = True) -> _Channel:
+    """A worker that has imported ``spec`` and, with ``idle``, serves no session now;
+    started (and the import run, under the limits) when there is none."""
     key = (os.getpid(), spec, limits)
-    ch = _LOADED.get(key)
-    if ch is not None and ch.kill.alive and ch.proc.poll() is None:
-        return ch
+    pool = _LOADED.setdefault(key, [])
+    pool[:] = [ch for ch in pool if ch.kill.alive and ch.proc.poll() is None]
+    for ch in pool:
+        if not (idle and ch.busy):
+            return ch
     ch = _Channel(name, limits)
     try:
         reply = ch.exchange(("load", spec), limits.seconds)
@@ -239,21 +246,30 @@ def _loaded(spec: str, name: str, limits: Limits) -> _Channel:
         ch.kill()
         raise
     ch.info = reply[1]
-    _LOADED[key] = ch
+    pool.append(ch)
     return ch
 
 
 def _discard(ch: _Channel) -> None:
-    for key, other in list(_LOADED.items()):
-        if other is ch:
-            del _LOADED[key]
+    for pool in _LOADED.values():
+        if ch in pool:
+            pool.remove(ch)
     ch.kill()
+
+
+def _release(ch: _Channel) -> None:
+    """A session of ``ch`` ended cleanly: ``ch`` is free, or ended if another is."""
+    ch.busy = False
+    for pool in _LOADED.values():
+        if ch in pool and any(o is not ch and not o.busy for o in pool):
+            _discard(ch)
 
 
 @atexit.register
 def _end_all() -> None:
-    for ch in list(_LOADED.values()):
-        ch.kill()
+    for pool in list(_LOADED.values()):
+        for ch in list(pool):
+            ch.kill()
 
 
 def _end_session(ch: _Channel | None, child: int | None) -> None:
@@ -292,6 +308,7 @@ class Worker:
         except AdapterFailed:
             _discard(ch)
             raise
+        ch.busy = True
         self.channel, self.child = ch, int(reply[1])
         self._finalizer = weakref.finalize(self, _end_session, ch, self.child)
         remote = Remote(self, 0)
@@ -334,6 +351,8 @@ class Worker:
         self.dead = e
         if self._finalizer is not None:
             self._finalizer.detach()
+        if self.channel is not None:
+            _release(self.channel)
 
     def close(self) -> None:
         """End the session: ``("end",)`` and the worker's ``("ended", 0)``; anything else
@@ -399,5 +418,5 @@ class Remote:
 def capabilities(spec: str, limits: Limits | None = None) -> tuple[dict[str, list[Any]], list[str] | None]:
     """``spec``'s ``UNSUPPORTED`` declaration and its open() keywords, as its worker found
     them when it loaded it. AdapterFailed when it cannot even be loaded."""
-    info = _loaded(spec, spec, limits or Limits.from_env()).info
+    info = _loaded(spec, spec, limits or Limits.from_env(), idle=False).info
     return info["unsupported"], info["open_params"]

@@ -244,3 +244,19 @@ def _dissect_installed() -> bool:
 def test_the_dissect_reader_reads_through_its_worker(tmp_path: Path) -> None:
     ls = read_with(tmp_path, "dissect", Config(cluster_size=65536, size=1 << 20))
     assert not any(n.startswith("unsupported") for n in ls.notes)
+
+
+def test_overlapping_sessions_of_one_adapter_get_a_worker_each(tmp_path: Path) -> None:
+    """A worker waits for its session, which reads the worker's pipe: a second session of
+    the same adapter at the same time (a reader and a replay, say) needs its own worker."""
+    import model
+
+    path = tmp_path / "t.qcow2"
+    model.create(str(path), 1 << 20)
+    limits = isolation.Limits(5.0, 256)
+    with isolation.Worker("a", limits) as a, isolation.Worker("b", limits) as b:
+        img_a = a.load(HOSTILE + "good").open(str(path), readonly=True)
+        img_b = b.load(HOSTILE + "good").open(str(path), readonly=True)
+        assert img_a.read(0, 2) == img_b.read(0, 2) == bytes(2)
+        assert a.channel is not b.channel
+    assert len(isolation._LOADED[(os.getpid(), HOSTILE + "good", limits)]) == 1  # one idle kept
