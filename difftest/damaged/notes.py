@@ -75,18 +75,20 @@ DROPPED_CACHES = Note(
 
 MODEL_WRITE_THROUGH = Note(
     "model-write-through",
-    "The request failed on every side, and QEMU and the impl flagged the image where the model "
-    "did not: the model writes each metadata update at once, and the refcount block of the "
-    "cluster it allocated lies at a damaged offset the host cannot write (EFBIG), so its request "
-    "ended with a host I/O error, which flags nothing (QEMU returns the errno of a plain I/O "
-    "error). QEMU and the impl keep that update in their refcount cache and go on to the overlap "
-    "check of the data write, which flags the image; the cached update is then dropped unwritten.",
+    "The model writes each metadata update at once, and a table the request changes (a refcount "
+    "block, an L2 table) lies at a damaged offset the host cannot write (EFBIG), so the model's "
+    "request ends with a host I/O error, which flags nothing (QEMU returns the errno of a plain "
+    "I/O error). QEMU and the impl keep that update in their cache: either the request succeeds "
+    "there and the write-back fails later (at the close: 'Failed to flush the L2 table cache'), "
+    "or they go on to the overlap check of the data write, which flags the image and drops the "
+    "cached update unwritten.",
     open=False)
 
 CACHED_METADATA_READ = Note(
     "cached-metadata-read",
-    "A damaged L2 entry maps the guest read onto a host cluster that is also a refcount block or "
-    "an L2 table, which an earlier request of the case changed. QEMU and the impl hold that "
+    "The guest read maps onto a host cluster that is also a refcount block or an L2 table (through "
+    "a damaged L2 entry, or a damaged refcount that let the cluster be allocated twice), which an "
+    "earlier request of the case changed. QEMU and the impl hold that "
     "change in their metadata cache (written back at a flush, an eviction or the close), so the "
     "guest read returns the table as it still is on disk; the model has no cache and wrote it "
     "at once, so it reads the updated table.",
@@ -267,9 +269,12 @@ def explain(finding: Finding, run: Run) -> Note | None:
         return QEMU_ABORTED
     others = {v for k, v in finding.outcomes.items() if k != "model"}
     model_error = run.errors.get("model", "")
-    if (finding.kind == "corrupt-flag" and finding.outcomes.get("model") == "False" and others == {"True"}
-            and model_error.startswith("HostIOError") and "File too large" in model_error
-            and _FLAGGED_WORDS in qemu_log):
+    efbig = model_error.startswith("HostIOError") and "File too large" in model_error
+    if efbig and finding.kind == "corrupt-flag" and finding.outcomes.get("model") == "False" \
+            and others == {"True"} and _FLAGGED_WORDS in qemu_log:
+        return MODEL_WRITE_THROUGH
+    if efbig and finding.kind in ("write", "write_zeroes", "discard", "flush") and others == {"ok"} \
+            and finding.outcomes.get("model") == "CorruptionError":
         return MODEL_WRITE_THROUGH
     if (finding.kind == "read" and len(others) == 1 and finding.outcomes.get("model") not in others
             and all(v.startswith("ok") for v in finding.outcomes.values()) and run.case is not None

@@ -97,6 +97,9 @@ def test_a_note_needs_qemus_words_and_engines_that_agree() -> None:
     efbig = "HostIOError: host write of 4096 bytes at 2305843009213702144 failed: [Errno 27] File too large"
     assert explain(flags, Run(qemu_log=[overlap], errors={"model": efbig})) is MODEL_WRITE_THROUGH
     assert explain(flags, Run(qemu_log=[overlap], errors={"model": "CorruptionError: x"})) is None
+    failed = Finding("write_zeroes", 0, {"model": "CorruptionError", "impl": "ok", "qemu": "ok"})
+    assert explain(failed, Run(errors={"model": efbig})) is MODEL_WRITE_THROUGH
+    assert explain(failed, Run(errors={"model": "CorruptionError: overlap"})) is None
 
 
 def test_a_read_of_a_table_the_model_already_rewrote_is_named(tmp_path: Path) -> None:
