@@ -213,6 +213,9 @@ def _same_kind_run(img: ImageView, offset: int, needed: int,
     kind = subcluster_type(entry, bitmap, first_sc, extended_l2=ext, has_data_file=dfile)
     if kind is ST.INVALID:
         raise CorruptionError(f"invalid cluster entry {entry:#x} (guest {offset:#x})")
+    if (kind is ST.ZERO_PLAIN or kind is ST.ZERO_ALLOC) and s.header.version < 3:
+        # qcow2_get_host_offset, as for a read (impl/image.py): v2 has no zero flag.
+        raise CorruptionError(f"zero cluster entry found in pre-v3 image (guest {offset:#x})")
     base = entry & L2E_OFFSET_MASK
     host = None
     if kind is ST.NORMAL or kind is ST.ZERO_ALLOC or kind is ST.UNALLOCATED_ALLOC:  # HOST_OFFSET_TYPES

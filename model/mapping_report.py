@@ -92,6 +92,9 @@ def qcow2_layer_status(s: State, offset: int, n: int, want_zero: bool = True) ->
         t = subcluster_type(e0, b0, sc0, extended_l2=ext, has_data_file=dfile)
         if t is SubclusterType.INVALID:
             raise CorruptionError(f"invalid cluster entry {e0:#x} (guest {offset:#x})")
+        if t in (SubclusterType.ZERO_PLAIN, SubclusterType.ZERO_ALLOC) and q.version < 3:
+            # qcow2_get_host_offset, as for a read (model/read.py): v2 has no zero flag.
+            raise CorruptionError(f"zero cluster entry found in pre-v3 image (guest {offset:#x})")
         with_offset = t in HOST_OFFSET_TYPES
         if with_offset:
             hc = e0 & L2E_OFFSET_MASK

@@ -25,7 +25,8 @@ cases): the same refusal, the same corrupt flag, the same bytes.
    engines refused it ("file ends before ...").
 8. A zero flag in a v2 image's L2 entry: v2 has no zero clusters, so QEMU's lookup takes it
    for corruption and fails the read with EIO (qcow2_get_host_offset, "Zero cluster entry
-   found in pre-v3 image"); the engines read zeros.
+   found in pre-v3 image"); the engines read zeros. The same lookup answers block status, so a
+   write_zeroes whose unaligned head asks whether that cluster reads as zeros fails too.
 9. An L1 table offset moved past the host's file size limit: a write allocates an L2 table,
    and writing the L1 entry fails (EFBIG). QEMU's l2_allocate frees the new table on that
    path; the engines left it allocated, one leak more than QEMU's.
@@ -233,6 +234,12 @@ def test_a_zero_flag_in_a_v2_image_is_corruption(engine: ModuleType, tmp_path: P
             img.read(0, 4 * KiB)
         with pytest.raises(CorruptionError):  # QEMU drops the node: nothing is served after it
             img.read(64 * KiB, 4 * KiB)
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = _qemu_io("-f", "qcow2", "-c", "write -z 512 4k", str(theirs))
+    assert "Zero cluster entry found in pre-v3 image" in r.stdout + r.stderr
+    with engine.open(ours) as img, pytest.raises(CorruptionError):
+        img.write_zeroes(512, 4 * KiB)  # the head: is the rest of cluster 0 zero? (block status)
 
 
 def test_an_l2_table_whose_l1_entry_cannot_be_written_is_freed(engine: ModuleType, tmp_path: Path) -> None:
