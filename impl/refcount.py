@@ -228,6 +228,10 @@ def alloc_clusters_noref(s: State, n: int) -> int:
 
 def alloc_clusters(s: State, n: int) -> int:
     """qcow2_alloc_clusters: ``n`` contiguous clusters with refcount 1."""
+    if n == 1:
+        taken = _take_cursor_cluster(s)
+        if taken is not None:
+            return taken
     found = -1
     while found < 0:
         candidate = alloc_clusters_noref(s, n)
@@ -237,6 +241,23 @@ def alloc_clusters(s: State, n: int) -> int:
         except Again:
             pass  # a refcount block was hooked up meanwhile: search again
     return found
+
+
+def _take_cursor_cluster(s: State) -> int | None:
+    """alloc_clusters_noref then update_refcount(+1) for one cluster in their commonest
+    case, the same steps without the general loops: the cluster at the cursor is free and
+    a refcount block covers it. None when that is not the case (nothing changed)."""
+    per = s.geometry.refcount_block_entries
+    idx = s.free_cluster_index
+    block = _block_offset(s, idx // per)
+    if not block or s.rc_cache.get(block)[idx % per]:
+        return None
+    cs = s.cluster_size
+    s.free_cluster_index = idx + 1
+    s.settle_freed(idx * cs, cs)
+    s.rc_cache.get(block)[idx % per] = 1  # 0 + 1: never past refcount_max
+    s.rc_cache.mark_dirty(block)
+    return idx * cs
 
 
 def alloc_clusters_at(s: State, offset: int, n: int) -> int:
