@@ -84,21 +84,31 @@ def run(args: argparse.Namespace) -> int:
         with FindingPrinter(sys.stderr if args.output == "json" else sys.stdout) as printer:
             result = check(args.image, sink=printer, keep=0)
         printed = True
+    out = sys.stderr if args.output == "json" else sys.stdout
     if verdict(result) == "refused":
         # qemu-img prints no report when it cannot open the image or its check stops with an
         # error (qemu-img.c img_check): only the reasons, and exit 1. JSON stdout stays empty.
         if not printed:
-            print_findings(result.findings, sys.stderr if args.output == "json" else sys.stdout)
+            print_findings(result.findings, out)
         return 1
+    if not printed:
+        _print_reported(args.image, result, out)
     if args.output == "json":
-        if not printed:
-            print_findings(result.findings, sys.stderr)
         print(json_text(result))
     else:
-        if not printed:
-            print_findings(result.findings, sys.stdout)
         print_summary(result, sys.stdout)
     return result.exit_code
+
+
+def _print_reported(image: str, result: CheckResult, out: TextIO) -> None:
+    """The findings of the check a repair reports. It keeps a bounded number of them; when
+    it left some out, the file (which the repair has finished with) is walked again
+    read-only to print them all as they are met."""
+    if not result.findings_omitted:
+        print_findings(result.findings, out)
+        return
+    with FindingPrinter(out) as printer:
+        check(image, sink=printer, keep=0)
 
 
 # ImageCheck's members in QAPI schema order (qapi/block-core.json): QEMU inserts them into its

@@ -57,6 +57,7 @@ from spec.entries import (
     L2E_OFFSET_MASK,
     QCOW_L2_BITMAP_ALL_ALLOC,
     QCOW_L2_BITMAP_ALL_ZEROES,
+    QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
     ClusterType,
@@ -65,9 +66,11 @@ from spec.entries import (
 from spec.errors import CorruptionError, RequestError
 from spec.image import open_image
 from spec.interface import CheckResult
+from spec.lazy import numpy
 from spec.qfile import Qcow2File
 from spec.refcounts import Tally
-from spec.rules.catalogue import Severity
+from spec.rules.catalogue import RULES_BY_ID, Severity
+from spec.rules.context import FindingLog
 from spec.rules.evaluate import Evaluation, run
 from spec.snapshot_table import read_snapshot_table, write_snapshots
 
@@ -98,15 +101,20 @@ class CheckFailed(Exception):
     """The check returns an error without a fatal corruption (QEMU: "need to rebuild")."""
 
 
+ACTED_ON = frozenset({"L2-DATA-ALIGNED", REFBLOCK_OUTSIDE})
+"""The rules whose findings the pass acts on one by one; of the others it needs only how
+often each was counted (FindingLog.per_rule), so memory stays bounded on a wrecked image."""
+
+
 def evaluate(path: str) -> Evaluation:
     """qemu-img check's walk (no repair) of the file as it is now."""
     with open_image(path, check_mode=True) as img:
-        return run(img)
+        return run(img, FindingLog(only=ACTED_ON))
 
 
 def counted(ev: Evaluation, rules: frozenset[str]) -> int:
-    return sum(f.count for f in ev.findings if f.counted and f.rule in rules
-               and f.severity is Severity.CORRUPTION)
+    return sum(n for r, n in ev.log.per_rule.items() if r in rules and RULES_BY_ID[r].qemu_counts
+               and RULES_BY_ID[r].severity is Severity.CORRUPTION)
 
 
 def computed_refcounts(tally: Tally) -> dict[int, int]:
@@ -118,17 +126,22 @@ def computed_refcounts(tally: Tally) -> dict[int, int]:
 
 # --- the steps ---------------------------------------------------------------------------------
 
-def fix_unaligned_zero_clusters(q: Qcow2File, ev: Evaluation) -> int:
+def read_l1(q: Qcow2File) -> list[int]:
+    """The active L1 table as the open read it (s->l1_table). QEMU's check works on that
+    copy, never re-reading the file: a repair that frees and punches a cluster the table
+    shares with other metadata (damage) leaves the copy as it was."""
+    l1_size = int(q.header.l1_size)
+    if not l1_size:
+        return []
+    return list(struct.unpack(f">{l1_size}Q", q.pread(int(q.header.l1_table_offset), l1_size * 8)))
+
+
+def fix_unaligned_zero_clusters(q: Qcow2File, ev: Evaluation, l1: list[int]) -> int:
     """check_refcounts_l2 with BDRV_FIX_ERRORS: an allocated-zero entry (no subcluster
     with data) whose host offset is unaligned is rewritten as a plain zero cluster
     (fix_l2_entry_by_zero). Returns how many entries were fixed."""
     cs = q.cluster_size
-    active: list[int] = []
-    l1_size = int(q.header.l1_size)
-    if l1_size:
-        for e in struct.unpack(f">{l1_size}Q", q.pread(int(q.header.l1_table_offset), l1_size * 8)):
-            if e:
-                active.append(e & L1E_OFFSET_MASK)
+    active = [e & L1E_OFFSET_MASK for e in l1 if e]
     fixed = 0
     seen: set[int] = set()
     for f in ev.findings:
@@ -197,16 +210,14 @@ def compare(q: Qcow2File, computed: dict[int, int], nb: int, repair: str | None,
     return out
 
 
-def oflag_copied(q: Qcow2File, repair: bool) -> tuple[int, int]:
-    """check_oflag_copied: COPIED on every active L1 entry and on every allocated active L2
-    entry must say "refcount is 1". Returns (wrong and left, fixed). Entries whose refcount
-    cannot be read are skipped, as QEMU skips them; the entries keep all their other bits."""
+def oflag_copied(q: Qcow2File, repair: bool, l1: list[int]) -> tuple[int, int]:
+    """check_oflag_copied: COPIED on every active L1 entry (``l1``, the open's copy, which
+    a fix updates) and on every allocated active L2 entry must say "refcount is 1".
+    Returns (wrong and left, fixed). Entries whose refcount cannot be read are skipped, as
+    QEMU skips them; the entries keep all their other bits."""
     cs = q.cluster_size
-    l1_off, l1_size = int(q.header.l1_table_offset), int(q.header.l1_size)
-    if not l1_size:
-        return 0, 0
+    l1_off = int(q.header.l1_table_offset)
     wrong = fixed = 0
-    l1 = list(struct.unpack(f">{l1_size}Q", q.pread(l1_off, l1_size * 8)))
 
     def refcount(cluster: int) -> int | None:
         try:
@@ -231,10 +242,20 @@ def oflag_copied(q: Qcow2File, repair: bool) -> tuple[int, int]:
                 fixed += 1
             else:
                 wrong += 1
-        words = list(struct.unpack(f">{cs // 8}Q", q.pread(l2off, cs)))
+        raw = q.pread(l2off, cs)
+        # Only an entry with an offset (or COPIED, the external data file's offset 0) that
+        # is not compressed can be NORMAL or ZERO_ALLOC. A wrecked L1 table names tens of
+        # thousands of "L2 tables", mostly zeros or past the end of the file: numpy picks
+        # the candidates, so the Python loop sees only those.
+        table = numpy.frombuffer(raw, dtype=">u8")[::2 if q.extended_l2 else 1]
+        cand = numpy.flatnonzero(((table & (L2E_OFFSET_MASK | QCOW_OFLAG_COPIED)) != 0)
+                                 & ((table & QCOW_OFLAG_COMPRESSED) == 0))
+        if not len(cand):
+            continue
+        words = list(struct.unpack(f">{cs // 8}Q", raw))
         step = 2 if q.extended_l2 else 1
         dirty = 0
-        for j in range(0, len(words), step):
+        for j in (int(k) * step for k in cand):
             e = words[j]
             t = cluster_type(e, extended_l2=q.extended_l2, has_data_file=q.has_data_file)
             if t not in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
@@ -272,6 +293,7 @@ def run_pass(q: Qcow2File, path: str, repair: str, growths: list[Growth]) -> Che
     CheckFailed when QEMU's check returns an error."""
     result = CheckResult(filename=path)
     cs = q.cluster_size
+    l1 = read_l1(q)
     ev = evaluate(path)
     if ev.tally is None:
         raise CorruptionError("the image cannot be walked")
@@ -283,7 +305,7 @@ def run_pass(q: Qcow2File, path: str, repair: str, growths: list[Growth]) -> Che
     # reference: what depends on the references is counted on the walk of the fixed file.
     calc_corruptions = counted(ev, CALCULATE_RULES - REFERENCE_RULES - {REFBLOCK_OUTSIDE})
     if repair == "all":
-        zeroed = fix_unaligned_zero_clusters(q, ev)
+        zeroed = fix_unaligned_zero_clusters(q, ev, l1)
         if zeroed:
             result.corruptions_fixed += zeroed
             calc_corruptions -= zeroed
@@ -350,7 +372,7 @@ def run_pass(q: Qcow2File, path: str, repair: str, growths: list[Growth]) -> Che
 
     # check_oflag_copied: -r leaks repairs only once the refcounts are known right.
     fix_flags = repair == "all" or not (result.check_errors or result.corruptions or result.leaks)
-    wrong, fixed_flags = oflag_copied(q, fix_flags)
+    wrong, fixed_flags = oflag_copied(q, fix_flags, l1)
     result.corruptions += wrong
     result.corruptions_fixed += fixed_flags
 

@@ -25,7 +25,7 @@ from spec.image import open_image
 from spec.interface import CheckResult
 from spec.locking import ImageLock
 from spec.qfile import Qcow2File
-from spec.rules import Finding
+from spec.rules import RULES_BY_ID, Finding
 from spec.rules.check import check as rules_check
 from spec.rules.check import verdict
 
@@ -44,11 +44,13 @@ def check_and_repair(path: str, repair: str) -> CheckResult:
     3. As qemu-img, when something was fixed the image is checked again and that result is
        reported, carrying the fix pass's corruptions-fixed / leaks-fixed.
     """
-    # A repair acts on every finding and reports them all: none is left out (keep=None).
-    before = rules_check(path, keep=None)
+    # Which rules are broken is all the decision needs; the findings themselves stay bounded
+    # (KEEP_FINDINGS: a wrecked image has hundreds of thousands, README "Bounded check").
+    seen: set[str] = set()
+    before = rules_check(path, sink=lambda fs: seen.add(fs[0].rule))
     if verdict(before) == "refused":
         return before
-    counted = {f.rule for f in before.findings if f.counted}
+    counted = {r for r in seen if RULES_BY_ID[r].qemu_counts}
     if {"REFBLOCK-ALIGNED", "REFCOUNT-READABLE"} <= counted:
         return _refuse_unaligned_refblock(path, before)
     unrepairable = sorted(counted - fp.HANDLED)
@@ -71,7 +73,7 @@ def check_and_repair(path: str, repair: str) -> CheckResult:
         return fixed
     if not (fixed.corruptions_fixed or fixed.leaks_fixed):
         return before
-    after = rules_check(path, keep=None)
+    after = rules_check(path)
     after.corruptions_fixed = fixed.corruptions_fixed
     after.leaks_fixed = fixed.leaks_fixed
     return after

@@ -54,6 +54,10 @@ class FindingLog:
     """Findings passed on (or dropped) but not kept, beyond ``keep``."""
     rules: set[str] = field(default_factory=set)
     """Every rule violated at least once."""
+    only: frozenset[str] | None = None
+    """Keep findings of these rules only (None: any); the others are counted, not kept."""
+    per_rule: dict[str, int] = field(default_factory=dict)
+    """Per rule, the sum of its findings' ``count``: what a repair reckons with."""
     _counts: list[int] = field(default_factory=lambda: [0] * len(_SEVERITIES))
 
     def count(self, severity: Severity) -> int:
@@ -73,10 +77,13 @@ class FindingLog:
         if i is not None:
             self._counts[i] += sum(f.count for f in fs)
         self.rules.add(rule)
+        self.per_rule[rule] = self.per_rule.get(rule, 0) + sum(f.count for f in fs)
         if self.sink is not None:
             self.sink(fs)
         room = len(fs)
-        if self.keep is not None and rule != "CHECK-COMPLETES":
+        if self.only is not None and rule not in self.only and rule != "CHECK-COMPLETES":
+            room = 0
+        elif self.keep is not None and rule != "CHECK-COMPLETES":
             room = min(room, max(0, self.keep - len(self.kept)))
         self.kept.extend(fs[:room] if room < len(fs) else fs)
         self.omitted += len(fs) - room
