@@ -50,8 +50,9 @@ from dataclasses import dataclass
 from spec import features as ft
 from spec import refblocks as rb
 from spec.check.growth import REFBLOCK_OUTSIDE, Growth
-from spec.check.overlap import pre_write
+from spec.check.overlap import Fatal, pre_write
 from spec.check.rebuild import rebuild_refcount_structure, stored_refcounts
+from spec.check.refcache import RefblockCache
 from spec.entries import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -185,12 +186,18 @@ class Mismatches:
 
 
 def compare(q: Qcow2File, computed: dict[int, int], nb: int, repair: str | None,
-            stored: dict[int, int]) -> Mismatches:
+            stored: dict[int, int], cache: RefblockCache) -> Mismatches:
     """compare_refcounts over clusters [0, nb): with ``repair`` None only counts; with
     "leaks" fixes leaks, with "all" also too-low refcounts. A stored 0 against a computed
-    reference is never fixed here: it asks for a rebuild."""
+    reference is never fixed here: it asks for a rebuild. ``cache`` follows the refcount
+    lookups QEMU makes for every cluster in order."""
     out = Mismatches()
+    per_block = q.geometry.refcount_block_entries
+    looked = 0  # clusters [0, looked) have had their block looked up
     for i in sorted(k for k in set(computed) | set(stored) if k < nb):
+        while looked <= i:
+            cache.touch(looked)
+            looked = (looked // per_block + 1) * per_block
         have, want = stored.get(i, 0), computed.get(i, 0)
         if have == want:
             continue
@@ -201,16 +208,21 @@ def compare(q: Qcow2File, computed: dict[int, int], nb: int, repair: str | None,
             fixable = repair is not None
         else:
             fixable = repair == "all"
-        if fixable and update(q, i, want - have):
-            continue
+        if fixable:
+            cache.before_update(i)
+            if update(q, i, want - have):
+                continue
         if have < want:
             out.corruptions += 1
         else:
             out.leaks += 1
+    while looked < nb:
+        cache.touch(looked)
+        looked = (looked // per_block + 1) * per_block
     return out
 
 
-def oflag_copied(q: Qcow2File, repair: bool, l1: list[int]) -> tuple[int, int]:
+def oflag_copied(q: Qcow2File, repair: bool, l1: list[int], cache: RefblockCache) -> tuple[int, int]:
     """check_oflag_copied: COPIED on every active L1 entry (``l1``, the open's copy, which
     a fix updates) and on every allocated active L2 entry must say "refcount is 1".
     Returns (wrong and left, fixed). Entries whose refcount cannot be read are skipped, as
@@ -220,6 +232,7 @@ def oflag_copied(q: Qcow2File, repair: bool, l1: list[int]) -> tuple[int, int]:
     wrong = fixed = 0
 
     def refcount(cluster: int) -> int | None:
+        cache.touch(cluster)
         try:
             return rb.get_refcount(q, cluster)
         except CorruptionError:
@@ -236,7 +249,7 @@ def oflag_copied(q: Qcow2File, repair: bool, l1: list[int]) -> tuple[int, int]:
             if repair:
                 new = l1e | QCOW_OFLAG_COPIED if r == 1 else l1e & ~QCOW_OFLAG_COPIED
                 # qcow2_write_l1_entry: the one entry (request_alignment 1 on a regular file).
-                pre_write(q, l1_off + 8 * i, 8, frozenset({"active L1 table"}))
+                pre_write(q, l1_off + 8 * i, 8, frozenset({"active L1 table"}), l1)
                 q.pwrite(l1_off + 8 * i, struct.pack(">Q", new))
                 l1[i] = new
                 fixed += 1
@@ -269,7 +282,7 @@ def oflag_copied(q: Qcow2File, repair: bool, l1: list[int]) -> tuple[int, int]:
             else:
                 wrong += 1
         if dirty:
-            pre_write(q, l2off, cs, frozenset({"active L2 table"}))
+            pre_write(q, l2off, cs, frozenset({"active L2 table"}), l1)
             q.pwrite(l2off, struct.pack(f">{len(words)}Q", *words))
             fixed += dirty
     return wrong, fixed
@@ -341,19 +354,36 @@ def run_pass(q: Qcow2File, path: str, repair: str, growths: list[Growth]) -> Che
 
     # compare_refcounts, first without fixing: does the structure need a rebuild?
     stored = stored_refcounts(q, nb)
-    first = compare(q, computed, nb, None, stored)
+    cache = RefblockCache(q, l1)
+    first = compare(q, computed, nb, None, stored, cache)
     rebuild = rebuild or first.rebuild
+    try:
+        _fix_and_flag(q, path, repair, result, computed, nb, stored, cache, first, rebuild,
+                      calc_corruptions, snap_corruptions, l1)
+    except Fatal:
+        # The node is made unusable: QEMU's dirty refcount blocks never reach the file.
+        cache.drop()
+        raise
+    return result
+
+
+def _fix_and_flag(q: Qcow2File, path: str, repair: str, result: CheckResult,
+                  computed: dict[int, int], nb: int, stored: dict[int, int], cache: RefblockCache,
+                  first: Mismatches, rebuild: bool, calc_corruptions: int, snap_corruptions: int,
+                  l1: list[int]) -> None:
+    """run_pass from the fixing compare_refcounts (or the rebuild) on."""
     if rebuild and repair == "all":
         pre_corruptions = calc_corruptions + first.corruptions
         rebuild_refcount_structure(q, [computed.get(i, 0) for i in range(nb)],
                            lambda off, n: pre_write(q, off, n))
+        cache.empty()
         # calculate_refcounts again (without fixing), then free what the old structure
         # leaves leaked; only the leaks of that comparison are kept (fresh_leaks).
         ev2 = evaluate(path)
         assert ev2.tally is not None
         computed2 = computed_refcounts(ev2.tally)
         nb2 = ev2.tally.nb_clusters
-        fresh = compare(q, computed2, nb2, "leaks", stored_refcounts(q, nb2))
+        fresh = compare(q, computed2, nb2, "leaks", stored_refcounts(q, nb2), cache)
         corruptions = counted(ev2, CALCULATE_RULES)
         result.corruptions_fixed += max(0, pre_corruptions - corruptions)
         result.leaks_fixed += first.leaks
@@ -364,7 +394,7 @@ def run_pass(q: Qcow2File, path: str, repair: str, growths: list[Growth]) -> Che
     else:
         # compare_refcounts again, fixing, when the first one found anything at all.
         redo = first.corruptions or first.leaks or calc_corruptions
-        fixed = compare(q, computed, nb, repair, stored) if redo else first
+        fixed = compare(q, computed, nb, repair, stored, cache) if redo else first
         result.corruptions_fixed += first.corruptions - fixed.corruptions
         result.leaks_fixed += first.leaks - fixed.leaks
         result.corruptions = calc_corruptions + fixed.corruptions
@@ -372,7 +402,7 @@ def run_pass(q: Qcow2File, path: str, repair: str, growths: list[Growth]) -> Che
 
     # check_oflag_copied: -r leaks repairs only once the refcounts are known right.
     fix_flags = repair == "all" or not (result.check_errors or result.corruptions or result.leaks)
-    wrong, fixed_flags = oflag_copied(q, fix_flags, l1)
+    wrong, fixed_flags = oflag_copied(q, fix_flags, l1, cache)
     result.corruptions += wrong
     result.corruptions_fixed += fixed_flags
 
@@ -386,6 +416,5 @@ def run_pass(q: Qcow2File, path: str, repair: str, growths: list[Growth]) -> Che
     if not result.check_errors and not result.corruptions:
         # qcow2_co_check_locked: a repair that leaves no error marks the image consistent.
         q.set_incompatible_bit(ft.QCOW2_INCOMPAT_CORRUPT, False)
-    return result
 
 

@@ -36,9 +36,12 @@ def _snapshot_tables(q: Qcow2File) -> tuple[list[tuple[int, int]], int]:
     return out, off - start
 
 
-def overlap(q: Qcow2File, offset: int, size: int, ign: frozenset[str] = frozenset()) -> str | None:
+def overlap(q: Qcow2File, offset: int, size: int, ign: frozenset[str] = frozenset(),
+            l1: list[int] | None = None) -> str | None:
     """The metadata [offset, offset+size) would overwrite, by QEMU's name, or None. The
-    structures are those of QEMU's in-memory state, which during a check are the file's."""
+    structures are those of QEMU's in-memory state, which during a check are the file's,
+    but for the active L1 table: ``l1`` is QEMU's copy (s->l1_table) when the file's may
+    have changed under it (spec/check/fix_pass.py read_l1)."""
     if size <= 0:
         return None
     cs = q.cluster_size
@@ -54,8 +57,10 @@ def overlap(q: Qcow2File, offset: int, size: int, ign: frozenset[str] = frozense
     snaps, snap_size = _snapshot_tables(q)
     regions.append(("snapshot table", int(h.snapshots_offset), snap_size))
     regions += [("inactive L1 table", o, n * 8) for o, n in snaps]
-    if l1_size:
-        for e in struct.unpack(f">{l1_size}Q", q.pread(l1_off, l1_size * 8)):
+    if l1 is None and l1_size:
+        l1 = list(struct.unpack(f">{l1_size}Q", q.pread(l1_off, l1_size * 8)))
+    if l1:
+        for e in l1:
             regions.append(("active L2 table", e & L1E_OFFSET_MASK, cs if e & L1E_OFFSET_MASK else 0))
     for e in rb.read_reftable(q):
         regions.append(("refcount block", e & REFT_OFFSET_MASK, cs if e & REFT_OFFSET_MASK else 0))
@@ -69,8 +74,9 @@ def overlap(q: Qcow2File, offset: int, size: int, ign: frozenset[str] = frozense
     return None
 
 
-def pre_write(q: Qcow2File, offset: int, size: int, ign: frozenset[str] = frozenset()) -> None:
+def pre_write(q: Qcow2File, offset: int, size: int, ign: frozenset[str] = frozenset(),
+              l1: list[int] | None = None) -> None:
     """qcow2_pre_write_overlap_check: raise Fatal if the write would hit metadata."""
-    hit = overlap(q, offset, size, ign)
+    hit = overlap(q, offset, size, ign, l1)
     if hit is not None:
         raise Fatal(f"preventing invalid write on metadata (overlaps with {hit})")
