@@ -105,7 +105,12 @@ def features(cfg: Config) -> str:
     if cfg.lazy_refcounts:
         parts.append("lazy")
     if cfg.backing != "none":
-        parts.append(f"{cfg.backing}-{cfg.backing_size}")
+        # Kind and size apart, the size only when it is not the image's: a finding that does
+        # not need a short backing file is simplified to "same", and must still cover a
+        # meeting on a short one (covers).
+        parts.append(cfg.backing)
+        if cfg.backing_size != "same":
+            parts.append(f"{cfg.backing_size}-backing")
     if cfg.data_file:
         parts.append("datafile-raw" if cfg.data_file_raw else "datafile")
     if cfg.encrypt != "none":
