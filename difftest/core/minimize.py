@@ -77,8 +77,8 @@ def minimize(cfg: Config, ops: list[Op], targets: list[str], d: Divergence, *, f
 
 
 SIMPLER: tuple[tuple[str, Any], ...] = (
-    ("data_file", False), ("extended_l2", False), ("compression_type", "zlib"), ("backing_size", "same"),
-    ("lazy_refcounts", False), ("refcount_bits", 16), ("l2_cache_size", None),
+    ("version", 3), ("data_file", False), ("extended_l2", False), ("compression_type", "zlib"),
+    ("backing_size", "same"), ("lazy_refcounts", False), ("refcount_bits", 16), ("l2_cache_size", None),
     ("l2_cache_entry_size", None), ("refcount_cache_size", None), ("overlap_check", "cached"),
 )
 """Configuration fields and the plain value each is tried at, after the operations: the
