@@ -40,7 +40,8 @@ def add_campaign_args(p: argparse.ArgumentParser, *, profile: str = "quick") -> 
     p.add_argument("--targets", help="comma-separated: model, impl, qemu, qemu2, cmd:NAME=ARGV, "
                    "py:MODULE (default: model and impl when usable, and qemu)")
     p.add_argument("--readers", default="", help="comma-separated read-only adapters that read every "
-                   "file at teardown: 'dissect' (dissect.hypervisor, pip-installed on first use) or "
+                   "file at teardown: 'dissect' (dissect.hypervisor), 'libqcow' (libyal's libqcow; both "
+                   "pip-installed on first use) or "
                    "py:MODULE[:NAME] (see difftest/adapters/__init__.py)")
     p.add_argument("--adapter-timeout", type=float, metavar="S",
                    help="wall-clock seconds a foreign adapter (py: reader or target other than model "
@@ -134,6 +135,9 @@ def campaign(args: argparse.Namespace) -> tuple[Stats, list[str]]:
     if "dissect" in readers:
         from difftest.adapters.dissect_qcow2 import ensure_installed
         ensure_installed()  # once, before workers fork
+    if "libqcow" in readers:
+        from difftest.adapters import libqcow
+        libqcow.ensure_installed()  # the same: one pip run, not one per worker
     shrink_seconds = args.shrink_seconds
     if shrink_seconds is None and args.time_budget:
         shrink_seconds = max(10.0, args.time_budget / 3)
