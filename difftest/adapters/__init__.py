@@ -58,6 +58,8 @@ with pip at first use into ~/.cache/qcow2lab/adapters (never vendored); ``libqco
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
 
 
@@ -70,5 +72,10 @@ def load(spec: str) -> Any:
     if not spec.startswith("py:"):
         raise ValueError(f"reader {spec!r}: expected py:MODULE[:NAME] or 'dissect'")
     modname, _, attr = spec[3:].partition(":")
+    # The qcow2lab script's sys.path starts with its own directory, not the current one, so
+    # a reader module beside where the command runs would not import. The current directory
+    # goes last: it never shadows the project's own modules (the worker inherits sys.path).
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     mod = importlib.import_module(modname)
     return getattr(mod, attr) if attr else mod
