@@ -18,10 +18,12 @@ two targets can run), as a test runner would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from difftest.adapters import isolation
@@ -212,7 +214,14 @@ def summary(stats: Stats, targets: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "damaged", False):
         return damaged.run(args)
-    stats, targets = campaign(args)
+    if args.output == "json":
+        # Hypothesis prints its reports (a shrink that hit its time limit, ...) on stdout, in
+        # this process and in the shard workers, which inherit the descriptor: while the
+        # campaign runs, descriptor 1 is stderr, so stdout holds the JSON alone.
+        with _stdout_on_stderr():
+            stats, targets = campaign(args)
+    else:
+        stats, targets = campaign(args)
     if args.output == "json":
         out = stats.to_json()
         out["targets"] = targets
@@ -221,3 +230,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         summary(stats, targets)
     return 1 if stats.divergences or len(targets) < 2 else 0
+
+
+@contextlib.contextmanager
+def _stdout_on_stderr() -> Iterator[None]:
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # whatever sys.stdout is (a test's capture)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
