@@ -226,8 +226,16 @@ def _same_kind_run(img: ImageView, offset: int, needed: int,
     if not ext:
         # One subcluster per cluster: count the clusters of the same type.
         same = 1
+        step_entry = cs if host is not None else 0
+        # (Not when the offsets would run past the offset field into the reserved bits.)
+        quick = host is None or base + clusters * cs <= L2E_OFFSET_MASK
         while same < clusters:
             e = words[w + same]
+            if quick and e == entry + same * step_entry:
+                # The first entry's flags, and its offset moved on by whole clusters where it
+                # has one: the same type, contiguous (the common run, without classifying).
+                same += 1
+                continue
             if host is not None and e & L2E_OFFSET_MASK != base + same * cs:
                 break
             if subcluster_type(e, 0, 0, extended_l2=False, has_data_file=dfile) is not kind:
