@@ -150,7 +150,7 @@ def _l2_allocate(s: State, i1: int, old: int) -> int:
             s.l2_cache.mark_dirty(new + k)
         s.l2_cache.flush()
         s.l1_table[i1] = new | QCOW_OFLAG_COPIED
-        s.write_l1_entry(i1)
+        s.write_l1_entry(i1, sync=False)
     except HostIOError:
         # l2_allocate's fail path: the L1 entry is restored and the new table freed
         # (QCOW2_DISCARD_ALWAYS), its cached slices dropped with it, so a write that failed on
@@ -158,7 +158,12 @@ def _l2_allocate(s: State, i1: int, old: int) -> int:
         s.l1_table[i1] = old_entry
         rc.free_clusters(s, new, cs, discard=True)
         raise
+    # The L1 entry is in the file now. QEMU's fail path would free the new table even when
+    # only the flush after it fails (bdrv_pwrite_sync), leaving the file's L1 entry on a free
+    # cluster; here the table stays in use and the error goes up (a leak of the old table at
+    # worst), so a failed flush never makes the image corrupt.
     s.overlap.stale = True
+    s.flush_file()
     if old:
         rc.free_clusters(s, old, cs)
     return new

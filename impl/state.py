@@ -282,14 +282,19 @@ class State:
         v3.incompatible_features = int(v3.incompatible_features) ^ bit
         self.write_header()
 
-    def write_l1_entry(self, index: int) -> None:
+    def write_l1_entry(self, index: int, *, sync: bool = True) -> None:
         """qcow2_write_l1_entry: the 512-byte aligned group of entries around ``index``,
-        with bdrv_pwrite_sync (the new L2 table is in use from here on)."""
+        with bdrv_pwrite_sync (the new L2 table is in use from here on); ``sync`` False
+        leaves the flush to the caller."""
         first = index - index % L1_ENTRIES_PER_SECTOR
         words = self.l1_table[first:min(first + L1_ENTRIES_PER_SECTOR, self.l1_size)]
         # The whole sector is written, zeros past the table's end included.
         words += [0] * (L1_ENTRIES_PER_SECTOR - len(words))
-        self.pwrite_sync(self.l1_table_offset + 8 * first, struct.pack(f">{len(words)}Q", *words))
+        data = struct.pack(f">{len(words)}Q", *words)
+        if sync:
+            self.pwrite_sync(self.l1_table_offset + 8 * first, data)
+        else:
+            self.host.pwrite(self.l1_table_offset + 8 * first, data, meta=True)
 
     def write_reftable_entry(self, index: int) -> None:
         """alloc_refcount_block hooks a new block into the table with bdrv_pwrite_sync."""
