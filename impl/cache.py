@@ -32,6 +32,8 @@ from collections.abc import Callable
 from typing import Any
 
 from impl.hostfile import HostFile
+from spec.errors import CorruptionError
+from spec.hostio import HostIOError
 
 Decode = Callable[[bytes], Any]
 Encode = Callable[[Any], bytes]
@@ -73,6 +75,10 @@ class Qcow2Cache:
         self.clock = clock
         self.clean_interval = 0.0
         self.next_clean = 0.0
+        self.check_write: Callable[[int, int], None] = lambda offset, n: None
+        """The overlap check of a write-back, (offset, bytes): the image's checker with
+        this cache's own kind ignored, set by image.py (qcow2_cache_entry_flush runs
+        qcow2_pre_write_overlap_check before every write-back); raises CorruptionError."""
 
     # --- lookups ---------------------------------------------------------------------------
     def get(self, offset: int) -> Any:
@@ -146,14 +152,32 @@ class Qcow2Cache:
         elif self.flush_needed:
             self.flush_file()
             self.flush_needed = False
+        # After the barriers, as in QEMU: a refused entry stays dirty and is never written.
+        self.check_write(offset, self.entry_size)
         self.host.pwrite(offset, self.encode(self.tables[offset]), meta=True)
         self.stats.writebacks += 1
         self.dirty.discard(offset)
 
-    def write(self) -> None:
-        """qcow2_cache_write: every dirty entry, in host-offset order."""
+    def write(self, *, barrier: bool = False) -> None:
+        """qcow2_cache_write: every dirty entry, in host-offset order. An entry the overlap
+        check refuses does not stop the others (QEMU's loop goes on and returns the error at
+        the end), so the rest of the cache still reaches the file; a host I/O error stops
+        here, as before.
+
+        ``barrier``: a write-back of the impl's own that QEMU does not make at this point (an
+        ordering barrier before freed clusters are reused or punched, a status query). An
+        entry the check refuses then stays dirty, and nothing is raised: QEMU meets (and
+        flags) that overlap only at its own write-back (a flush, an eviction, the close)."""
+        refused: CorruptionError | None = None
         for offset in sorted(self.dirty):
-            self._write_entry(offset)
+            try:
+                self._write_entry(offset)
+            except HostIOError:
+                raise
+            except CorruptionError as e:
+                refused = refused or e
+        if refused is not None and not barrier:
+            raise refused
 
     def flush(self) -> None:
         """qcow2_cache_flush: write every dirty entry, then flush the file (always, as

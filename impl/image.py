@@ -186,6 +186,10 @@ class Image:
         s.overlap = ov.OverlapChecker(s, o.overlap_check,
                                       [(int(x.l1_table_offset), int(x.l1_size)) for x in snaps],
                                       sn.table_span(s, snaps), bitmap_dir)
+        # Each cache's write-back is checked against every other kind (qcow2_cache_entry_flush);
+        # s.overlap is looked up at each call, as snapshot.py may replace it.
+        s.l2_cache.check_write = lambda off, n: s.overlap.check_metadata(off, n, ov.QCOW2_OL_ACTIVE_L2)
+        s.rc_cache.check_write = lambda off, n: s.overlap.check_metadata(off, n, ov.QCOW2_OL_REFCOUNT_BLOCK)
         if img.backing_file:
             self.backing = self._open_backing(img, depth, o)
         if snapshot is not None:
@@ -317,11 +321,16 @@ class Image:
             raise HostIOError(str(e)) from None
         if self.broken:
             raise e
-        if not self.readonly:
+        self._flag_corrupt()
+        raise CorruptionError(str(e)) from None
+
+    def _flag_corrupt(self) -> None:
+        """qcow2_signal_corruption(fatal): the corrupt bit set when the image is writable,
+        every later request refused."""
+        if not self.readonly and not self.broken:
             with contextlib.suppress(Qcow2Error):
                 self.s.set_incompatible_bit(ft.QCOW2_INCOMPAT_CORRUPT, True)
         self.broken = True
-        raise CorruptionError(str(e)) from None
 
     def mark_dirty(self) -> None:
         """qcow2_mark_dirty: with lazy refcounts the dirty bit is set before the first
@@ -656,8 +665,8 @@ class Image:
         self._guard(self._write_compressed, offset, bytes(data) + bytes(cs - len(data)))
 
     def _pad_to_sector(self) -> None:
-        self.s.l2_cache.write()
-        self.s.rc_cache.write()
+        self.s.l2_cache.write(barrier=True)
+        self.s.rc_cache.write(barrier=True)
         size = self.s.host.size()
         if size % BDRV_SECTOR_SIZE:
             self.s.host.truncate(align_up(size, BDRV_SECTOR_SIZE))
@@ -712,9 +721,30 @@ class Image:
         try:
             if not self.readonly and not self.broken:
                 s = self.s
-                s.l2_cache.flush()
-                s.rc_cache.flush()
-                s.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
+                refused: CorruptionError | None = None
+                try:
+                    s.l2_cache.flush()
+                except CorruptionError as e:
+                    if isinstance(e, HostIOError):
+                        raise
+                    # The overlap check refused a write-back (impl/cache.py). QEMU's
+                    # qcow2_inactivate flags the image, prints 'Failed to flush the L2 table
+                    # cache' and goes on with the refcount cache; its close reports nothing
+                    # to the caller, so the refusal shows in the corrupt bit (and the dirty
+                    # bit, left set), not as an exception.
+                    refused = e
+                    if not isinstance(e, cl.UnflaggedError):
+                        self._flag_corrupt()
+                try:
+                    s.rc_cache.flush()
+                except CorruptionError as e:
+                    if isinstance(e, HostIOError):
+                        raise
+                    refused = refused or e
+                    if not isinstance(e, cl.UnflaggedError):
+                        self._flag_corrupt()
+                if refused is None:
+                    s.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
                 # bdrv_close flushes; after fdatasync the file's holes are stable for map.
                 for f in self._files:
                     with contextlib.suppress(OSError):

@@ -1,10 +1,14 @@
-"""Overlap checks before data writes (block/qcow2-refcount.c qcow2_check_metadata_overlap,
-qcow2_pre_write_overlap_check; QEMU's overlap-check modes and per-structure options,
-block/qcow2.h QCow2MetadataOverlap).
+"""Overlap checks before data writes and metadata write-backs (block/qcow2-refcount.c
+qcow2_check_metadata_overlap, qcow2_pre_write_overlap_check; QEMU's overlap-check modes and
+per-structure options, block/qcow2.h QCow2MetadataOverlap).
 
 A data write landing on metadata means the tables are inconsistent: it is refused with
 CorruptionError and the caller flags the image corrupt. Writes to an external data file
-are not checked (no metadata lives there).
+are not checked (no metadata lives there). The image's own table writes are checked too,
+each against every kind but its own, as QEMU checks them: an L2 slice or refcount block
+leaving its cache (impl/cache.py, qcow2_cache_entry_flush) and an L1 entry
+(State.write_l1_entry, qcow2_write_l1_entry); the growth of the L1 and refcount tables and
+the snapshot writers are not checked here.
 """
 
 from __future__ import annotations
@@ -40,9 +44,21 @@ OVERLAP_MODES = {"none": 0, "constant": QCOW2_OL_CONSTANT, "cached": QCOW2_OL_CA
                  "all": QCOW2_OL_ALL}
 
 
+_KIND_BITS = {
+    "qcow2_header": QCOW2_OL_MAIN_HEADER, "active L1 table": QCOW2_OL_ACTIVE_L1,
+    "refcount table": QCOW2_OL_REFCOUNT_TABLE, "snapshot table": QCOW2_OL_SNAPSHOT_TABLE,
+    "bitmap directory": QCOW2_OL_BITMAP_DIRECTORY, "inactive L1 table": QCOW2_OL_INACTIVE_L1,
+    "active L2 table": QCOW2_OL_ACTIVE_L2, "refcount block": QCOW2_OL_REFCOUNT_BLOCK,
+    "inactive L2 table": QCOW2_OL_INACTIVE_L2,
+}
+"""The names in the overlap message, in the order _rebuild adds them (the order a name is
+chosen in when a cluster holds several kinds)."""
+
+
 class OverlapChecker:
-    """qcow2_pre_write_overlap_check: a data write landing on metadata selected by
-    ``mask`` is refused (the caller flags the image corrupt). The metadata clusters are
+    """qcow2_pre_write_overlap_check: a write landing on metadata selected by ``mask``
+    (less the written table's own kind, for a metadata write) is refused (the caller flags
+    the image corrupt). The metadata clusters are
     kept as a dict cluster index -> name, rebuilt only when a table moved (``stale``), so a
     check is one dict lookup per cluster written; mask 0 costs one comparison.
 
@@ -59,7 +75,8 @@ class OverlapChecker:
         self.mask = mask
         self.bitmap_dir = bitmap_dir
         self.stale = True
-        self.clusters: dict[int, str] = {}
+        self.clusters: dict[int, int] = {}
+        """cluster index -> the QCOW2_OL_* bits of the metadata kinds found there."""
         self.snapshots: list[tuple[int, int]] = []
         self.snapshot_table = (0, 0)
         self._inactive_l2: list[int] | None = None
@@ -89,12 +106,15 @@ class OverlapChecker:
     def _rebuild(self) -> None:
         s, m = self.s, self.mask
         cs = s.cluster_size
-        out: dict[int, str] = {}
+        out: dict[int, int] = {}
 
+        # Every kind a cluster holds is kept (a bit each), not only the first: a table's
+        # write-back ignores its own kind and must still meet any other kind there.
         def add(name: str, start: int, length: int) -> None:
             if length > 0:
+                bit = _KIND_BITS[name]
                 for c in range(start // cs, -(-(start + length) // cs)):
-                    out.setdefault(c, name)
+                    out[c] = out.get(c, 0) | bit
 
         if m & QCOW2_OL_MAIN_HEADER:
             add("qcow2_header", 0, cs)
@@ -124,13 +144,25 @@ class OverlapChecker:
         self.stale = False
 
     def check(self, offset: int, n: int) -> None:
+        """A guest-data write (data_file=true in QEMU: nothing to check with a data file)."""
         if not self.mask or n <= 0 or self.s.has_data_file:
+            return
+        self.check_metadata(offset, n, 0)
+
+    def check_metadata(self, offset: int, n: int, ignore: int) -> None:
+        """A write of the image's own metadata (a cache write-back, an L1 entry): checked
+        with a data file too, the written table's own kind ``ignore``d (qcow2_cache_entry_flush,
+        qcow2_write_l1_entry)."""
+        if not self.mask & ~ignore or n <= 0:
             return
         if self.stale:
             self._rebuild()
         cs = self.s.cluster_size
         clusters = self.clusters
         for c in range(offset // cs, -(-(offset + n) // cs)):
-            name = clusters.get(c)
-            if name is not None:
+            bits = clusters.get(c, 0) & ~ignore
+            if bits:
+                # The first kind in the order of _rebuild names the overlap (QEMU names the
+                # first one its check meets).
+                name = next(k for k, b in _KIND_BITS.items() if bits & b)
                 raise CorruptionError(f"preventing invalid write on metadata (overlaps with {name})")

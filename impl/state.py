@@ -70,6 +70,9 @@ class NoOverlapCheck:
     def check(self, offset: int, n: int) -> None:
         return None
 
+    def check_metadata(self, offset: int, n: int, ignore: int) -> None:
+        return None
+
 
 class State:
     """See the module doc. Built by image.py; used by refcount.py and cluster.py."""
@@ -185,7 +188,7 @@ class State:
             hit = any(first <= i <= last for i in pending)
         if not hit:
             return
-        self.l2_cache.write()
+        self.l2_cache.write(barrier=True)
         self.flush_file()
         self.freed_unsynced.clear()
 
@@ -252,7 +255,7 @@ class State:
             # punched (QEMU punches while the slices may still be dirty; a compressed
             # cluster's descriptor pointing at a hole does not decode).
             if self.l2_cache is not None and self.l2_cache.dirty:
-                self.l2_cache.write()
+                self.l2_cache.write(barrier=True)
             self.flush_file()
             for off, n in queued:
                 self.host.punch_hole(off, n)
@@ -291,6 +294,10 @@ class State:
         # The whole sector is written, zeros past the table's end included.
         words += [0] * (L1_ENTRIES_PER_SECTOR - len(words))
         data = struct.pack(f">{len(words)}Q", *words)
+        # qcow2_write_l1_entry checks the sector against every other kind of metadata first.
+        from impl.overlap import QCOW2_OL_ACTIVE_L1  # here: impl.overlap imports this module
+
+        self.overlap.check_metadata(self.l1_table_offset + 8 * first, len(data), QCOW2_OL_ACTIVE_L1)
         if sync:
             self.pwrite_sync(self.l1_table_offset + 8 * first, data)
         else:

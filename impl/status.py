@@ -264,8 +264,8 @@ def detect_metadata_preallocation(img: ImageView) -> bool:
     cs = s.cluster_size
     # Dirty cache entries count as written: QEMU's st_blocks sees them once flushed, and
     # the caller (map, is_zero) acts on the image as written.
-    s.l2_cache.write()
-    s.rc_cache.write()
+    s.l2_cache.write(barrier=True)
+    s.rc_cache.write(barrier=True)
     st = os.fstat(s.host.fd)
     real = st.st_blocks * 512 // cs
     threshold = max(real * 10 // 9, real + 2)

@@ -16,6 +16,7 @@ import itertools
 import struct
 from collections.abc import Iterator
 
+from model import overlap as ov
 from spec import refblocks as rb
 from spec.entries import (
     L1E_OFFSET_MASK,
@@ -184,6 +185,12 @@ def l2_table_for_write(q: Qcow2File, guest_offset: int) -> int:
         q.pwrite(new, content)
         l1 = read_l1(q)
         l1[i1] = new | QCOW_OFLAG_COPIED
+        # qcow2_write_l1_entry overlap-checks the 512-byte sector it writes, the active L1
+        # table itself ignored. A refusal flags the image; QEMU's fail path then frees the
+        # new table in its refcount cache, which the flagged node never writes back, so the
+        # model frees nothing either (the file keeps QEMU's bytes: a leaked table).
+        sector = int(q.header.l1_table_offset) + 8 * (i1 - i1 % 64)  # 64 entries a sector
+        ov.check_metadata_write(q, sector, 512, "active L1 table")
         write_l1(q, l1)
     except HostIOError:
         # l2_allocate's fail path (block/qcow2-cluster.c): the new table is freed

@@ -30,6 +30,15 @@ cases): the same refusal, the same corrupt flag, the same bytes.
 9. An L1 table offset moved past the host's file size limit: a write allocates an L2 table,
    and writing the L1 entry fails (EFBIG). QEMU's l2_allocate frees the new table on that
    path; the engines left it allocated, one leak more than QEMU's.
+10. A refcount-table entry pointing at the active L1 table: the L1 entry of a new L2 table is
+   overlap-checked before it is written (qcow2_write_l1_entry, the active L1 ignored), so
+   QEMU refuses the write and flags the image at that request. The engines checked guest
+   data only and wrote the entry; now both refuse it and leave QEMU's bytes.
+11. A refcount-table entry pointing at an active L2 table: QEMU refuses the write-back of
+   that table (qcow2_cache_entry_flush, the active L2 ignored) at the flush, or at the close
+   with writeback caching, and flags the image. The impl does the same from its cache; the
+   model writes the table at once and has no write-back to refuse (difftest/damaged/notes.py,
+   metadata-overlap), so it is only held to its own error-free run there.
 """
 
 from __future__ import annotations
@@ -258,3 +267,62 @@ def test_an_l2_table_whose_l1_entry_cannot_be_written_is_freed(engine: ModuleTyp
         img.write(0, b"\x02" * (4 * KiB))
     counts = [(c.get("leaks", 0), c.get("corruptions", 0)) for c in map(check_json, (theirs, ours))]
     assert counts[0] == counts[1], counts
+
+
+def _reftable_entry_at(src: Path, index: int, target: int) -> None:
+    """Point refcount-table entry ``index`` at host offset ``target`` (a table of another
+    kind); entry 1 covers clusters no 1 MiB image reaches, so allocation never reads it."""
+    with open_image(src) as img:
+        reftable = int(img.header.refcount_table_offset)
+    _poke(src, reftable + 8 * index, struct.pack(">Q", target))
+
+
+def test_an_l1_entry_written_over_a_refcount_block_flags_the_image(engine: ModuleType,
+                                                                   tmp_path: Path) -> None:
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "1M"], check=True)
+    with open_image(src) as img:
+        l1 = int(img.header.l1_table_offset)
+    _reftable_entry_at(src, 1, l1)
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = _qemu_io("-t", "writeback", "-f", "qcow2", "-c", "write -q -P 1 0 4k", str(theirs))
+    assert "overlaps with refcount block" in r.stdout + r.stderr
+    assert _corrupt_bit(theirs)
+    with engine.open(ours) as img, pytest.raises(CorruptionError, match="overlaps with refcount block"):
+        img.write(0, b"\x01" * (4 * KiB))
+    assert _corrupt_bit(ours)
+    # The new L2 table written, its refcount flushed, the L1 entry not: QEMU's bytes.
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+@pytest.mark.parametrize("ending", ["flush", "close"])
+def test_an_l2_table_written_back_over_a_refcount_block_flags_the_image(engine: ModuleType, tmp_path: Path,
+                                                                        ending: str) -> None:
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "1M"], check=True)
+    qemu_io(src, "write -q -P 1 0 4k")
+    _reftable_entry_at(src, 1, l2_table_offset(src, 0))
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    cmds = ["-c", "write -q -P 2 64k 4k"] + (["-c", "flush"] if ending == "flush" else [])
+    r = _qemu_io("-t", "writeback", "-f", "qcow2", *cmds, str(theirs))
+    assert "overlaps with refcount block" in r.stdout + r.stderr
+    assert r.returncode == (1 if ending == "flush" else 0)  # qemu-io's close reports nothing
+    assert _corrupt_bit(theirs)
+    img = engine.open(ours)
+    img.write(64 * KiB, b"\x02" * (4 * KiB))  # the L2 update stays in the cache: no check yet
+    if engine.__name__ == "model":
+        # No cache, no write-back to refuse: the model wrote the L2 table with the request.
+        img.flush()
+        img.close()
+        assert not _corrupt_bit(ours)
+        return
+    if ending == "flush":
+        with pytest.raises(CorruptionError, match="overlaps with refcount block"):
+            img.flush()
+    img.close()  # as QEMU's: the refusal shows in the corrupt bit, not as an error
+    assert _corrupt_bit(ours)
+    assert ours.read_bytes() == theirs.read_bytes()

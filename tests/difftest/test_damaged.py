@@ -20,6 +20,7 @@ from difftest.damaged.notes import (
     CACHED_METADATA_READ,
     DROPPED_CACHES,
     METADATA_OVERLAP,
+    METADATA_OVERLAP_UNCHECKED,
     MODEL_WRITE_THROUGH,
     QEMU_ABORTED,
     REFCOUNT_INDEX_WRAP,
@@ -68,14 +69,31 @@ def test_a_note_needs_qemus_words_and_engines_that_agree() -> None:
                "refcount block); further corruption events will be suppressed\n"
                "write failed: Input/output error")
     qemu_only = Finding("write", 1, {"model": "ok", "impl": "ok", "qemu": "CorruptionError"})
-    assert explain(qemu_only, Run(qemu_log=[overlap])) is METADATA_OVERLAP
+    assert explain(qemu_only, Run(qemu_log=[overlap])) is METADATA_OVERLAP_UNCHECKED
     # No cause named: unexplained.
     assert explain(qemu_only, Run(qemu_log=["write failed: Input/output error"])) is None
     flag = Finding("corrupt-flag", 2, {"model": "False", "impl": "False", "qemu": "True"})
-    assert explain(flag, Run(qemu_log=[overlap])) is METADATA_OVERLAP
-    # One engine against another is never a named difference, whatever QEMU printed.
+    assert explain(flag, Run(qemu_log=[overlap])) is METADATA_OVERLAP_UNCHECKED
+    # The impl refused the write-back QEMU refused; the model, with no cache, had none.
     split = Finding("corrupt-flag", 2, {"model": "False", "impl": "True", "qemu": "True"})
-    assert explain(split, Run(qemu_log=[overlap])) is None
+    assert explain(split, Run(qemu_log=[overlap])) is METADATA_OVERLAP
+    refused = Finding("flush", 3, {"model": "ok", "impl": "CorruptionError", "qemu": "CorruptionError"})
+    assert explain(refused, Run(qemu_log=[overlap])) is METADATA_OVERLAP
+    # Otherwise one engine against another is never a named difference, whatever QEMU printed:
+    # the impl that went on where QEMU and the model refused ...
+    impl_only = Finding("corrupt-flag", 2, {"model": "True", "impl": "False", "qemu": "True"})
+    assert explain(impl_only, Run(qemu_log=[overlap])) is None
+    # ... or a model that refused what QEMU and the impl did not.
+    model_only = Finding("write", 1, {"model": "CorruptionError", "impl": "ok", "qemu": "ok"})
+    assert explain(model_only, Run(qemu_log=[overlap])) is None
+    # Check counts where QEMU and the impl flagged at the close: only for a v2 image, which has
+    # no corrupt bit that would have differed first.
+    closed = Finding("check", 2, {"model": "corruptions corruptions=2 leaks=0",
+                                  "impl": "corruptions corruptions=2 leaks=8",
+                                  "qemu": "corruptions corruptions=2 leaks=8"})
+    v2, v3 = b"QFI\xfb\0\0\0\x02" + bytes(96), b"QFI\xfb\0\0\0\x03" + bytes(96)
+    assert explain(closed, Run(qemu_log=[overlap], image=v2)) is METADATA_OVERLAP
+    assert explain(closed, Run(qemu_log=[overlap], image=v3)) is None
     died = Finding("discard", 0, {"model": "ok", "impl": "ok", "qemu": "QemuIoDied"})
     abort = "qemu-io exited (killed by SIGABRT); output: b\"Assertion `x' failed.\\nAborted\""
     assert explain(died, Run(qemu_log=[abort])) is QEMU_ABORTED
