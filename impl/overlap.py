@@ -149,6 +149,11 @@ class OverlapChecker:
             return
         self.check_metadata(offset, n, 0)
 
+    def check_l1_write(self, offset: int, n: int) -> None:
+        """qcow2_write_l1_entry's check of the sector it writes (State.write_l1_entry, which
+        names no overlap kind: this module imports impl.state)."""
+        self.check_metadata(offset, n, QCOW2_OL_ACTIVE_L1)
+
     def check_metadata(self, offset: int, n: int, ignore: int) -> None:
         """A write of the image's own metadata (a cache write-back, an L1 entry): checked
         with a data file too, the written table's own kind ``ignore``d (qcow2_cache_entry_flush,
