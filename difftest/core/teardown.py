@@ -121,6 +121,7 @@ def finish(ls: Run) -> None:
             if res.get("leaks") and not qemu_leaks:
                 raise Divergence("check", "finish", f"qemu-img check of {name}'s file leaks: {res}")
     _rules(ls, qemu_leaks)
+    skip: set[str] = set()
     if have_qemu:
         for t in ls.targets[1:]:
             r = qemu_compare(str(ls.targets[0].path), str(t.path))
@@ -133,13 +134,23 @@ def finish(ls: Run) -> None:
                 # each reader makes of each file, failures included.
                 ls.notes.append("qemu-unreadable: qemu-img cannot read QEMU's own image after this sequence")
                 continue
+            if t.name.startswith("qemu") and _packed(ls):
+                # As during the run (Lockstep._unless_oracle_corrupt): QEMU damaged its own
+                # image by packing compressed data into a live cluster, and its later writes
+                # (pieces that run in parallel) decide what the damage became; the oracle is
+                # gone, so its file's content and layout are not compared (deep campaign,
+                # seed 50074). The in-process targets are still held to each other.
+                ls.notes.append(f"qemu-corrupt-live: {t.name}'s content differs after QEMU packed "
+                                "compressed data into a live cluster")
+                skip.add(t.name)
+                continue
             raise Divergence("crossread", "finish", f"qemu-img compare {first} {t.name}: exit "
                              f"{r.returncode} {r.stdout.strip()} {r.stderr.strip()}")
-    _cross_read(ls)
+    _cross_read(ls, skip)
     for spec in ls.readers:
         _reader(ls, spec)
     if have_qemu:
-        _same_layout(ls)
+        _same_layout(ls, skip)
 
 
 SNAPSHOT_DATE = (16, 8)
@@ -217,8 +228,9 @@ def _what_is(path: str, off: int) -> str:
     return f"host cluster {off // c} (+{off % c}): an L2 table, refcount block or data"
 
 
-def _same_layout(ls: Run) -> None:
-    qemu = [t for t in ls.targets if not t.in_process and t.lays_out_like_qemu(ls.cfg)]
+def _same_layout(ls: Run, excluded: set[str]) -> None:
+    qemu = [t for t in ls.targets if not t.in_process and t.lays_out_like_qemu(ls.cfg)
+            and t.name not in excluded]
     for t in ls.targets:
         if not t.in_process or not t.lays_out_like_qemu(ls.cfg):
             continue
@@ -301,6 +313,12 @@ def _rules(ls: Run, qemu_leaks: bool) -> None:
         if bad:
             shown = "; ".join(f"{f.rule}@{f.offset}: {f.message}" for f in bad[:5])
             raise Divergence("rules", "finish", f"{t.name}'s file breaks {len(bad)} rule(s): {shown}")
+
+
+def _packed(ls: Run) -> bool:
+    """An in-process target reproduced QEMU 7.2 packing compressed data into a live cluster
+    (spec.interface.Introspectable): QEMU's own image was damaged then."""
+    return any(t.introspection.packed_into_live_cluster() for t in ls.targets if t.in_process)
 
 
 def _packed_without_oracle(ls: Run) -> bool:
@@ -412,8 +430,9 @@ def _read_with(ls: Run, spec: str, reader: Any, t: Target, ref: Any, ref_name: s
     return True
 
 
-def _cross_read(ls: Run) -> None:
-    """Each in-process target reads every other target's file and gets its own content."""
+def _cross_read(ls: Run, skip: set[str]) -> None:
+    """Each in-process target reads every other target's file (but those in ``skip``) and
+    gets its own content."""
     plan = _plan(ls)
     for reader in ls.targets:
         if not reader.in_process:
@@ -425,7 +444,7 @@ def _cross_read(ls: Run) -> None:
                              f"{type(e).__name__}: {e}") from e
         try:
             for other in ls.targets:
-                if other is reader:
+                if other is reader or other.name in skip:
                     continue
                 try:
                     img = reader.open_readonly(other.path)
