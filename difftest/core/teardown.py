@@ -228,7 +228,7 @@ def _what_is(path: str, off: int) -> str:
     return f"host cluster {off // c} (+{off % c}): an L2 table, refcount block or data"
 
 
-def _same_layout(ls: Run, excluded: set[str]) -> None:
+def _same_layout(ls: Run, excluded: set[str] | frozenset[str] = frozenset()) -> None:
     qemu = [t for t in ls.targets if not t.in_process and t.lays_out_like_qemu(ls.cfg)
             and t.name not in excluded]
     for t in ls.targets:
@@ -430,7 +430,7 @@ def _read_with(ls: Run, spec: str, reader: Any, t: Target, ref: Any, ref_name: s
     return True
 
 
-def _cross_read(ls: Run, skip: set[str]) -> None:
+def _cross_read(ls: Run, skip: set[str] | frozenset[str] = frozenset()) -> None:
     """Each in-process target reads every other target's file (but those in ``skip``) and
     gets its own content."""
     plan = _plan(ls)
