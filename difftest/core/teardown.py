@@ -277,8 +277,7 @@ def _orphan_tail_of_packing(ls: Run, at: int, sizes: tuple[int, int]) -> bool:
     QEMU wrote the request's own bytes into the new cluster first and leaves them past the
     end of its file when it frees the cluster, where the engines read the COW source first
     and write nothing. Nothing references those bytes."""
-    return (at == sizes[0] < sizes[1] and sizes[1] - sizes[0] < ls.cfg.cluster_size
-            and any(t.introspection.packed_into_live_cluster() for t in ls.targets if t.in_process))
+    return at == sizes[0] < sizes[1] and sizes[1] - sizes[0] < ls.cfg.cluster_size and _packed(ls)
 
 
 def _read_outcome(img: Any, pos: int, k: int) -> tuple[str, Any]:
@@ -301,18 +300,22 @@ def _rules(ls: Run, qemu_leaks: bool) -> None:
         found[t.name] = [f for f in findings if not (qemu_leaks and f.rule == LEAK_RULE)]
     # As for qemu-img check in finish(): the same broken rules, at the same places, as every
     # qemu target's own file is agreement with the oracle (QEMU 7.2's own corruption).
-    qemu_found = {tuple(sorted((f.rule, f.offset) for f in found[t.name]))
-                  for t in ls.targets if t.name.startswith("qemu")}
+    qemu_found = {_places(found[t.name]) for t in ls.targets if t.name.startswith("qemu")}
     if not qemu_found and _packed_without_oracle(ls):
-        qemu_found = {tuple(sorted((f.rule, f.offset) for f in bad)) for bad in found.values()}
+        qemu_found = {_places(bad) for bad in found.values()}
     for t in ls.targets:
         bad = found[t.name]
-        if bad and len(qemu_found) == 1 and tuple(sorted((f.rule, f.offset) for f in bad)) in qemu_found:
+        if bad and len(qemu_found) == 1 and _places(bad) in qemu_found:
             ls.notes.append(f"qemu-corrupt: {t.name}'s file breaks the same rules as QEMU's")
             continue
         if bad:
             shown = "; ".join(f"{f.rule}@{f.offset}: {f.message}" for f in bad[:5])
             raise Divergence("rules", "finish", f"{t.name}'s file breaks {len(bad)} rule(s): {shown}")
+
+
+def _places(findings: list[Any]) -> tuple[tuple[str, int | None], ...]:
+    """The broken rules and where, in a comparable form."""
+    return tuple(sorted((f.rule, f.offset) for f in findings))
 
 
 def _packed(ls: Run) -> bool:
@@ -325,8 +328,7 @@ def _packed_without_oracle(ls: Run) -> bool:
     """No qemu target runs, and an in-process target reproduced QEMU 7.2 packing compressed
     data into a live cluster (spec.interface.Introspectable): QEMU's own file would be
     damaged the same way, so targets that fail check alike agree with it."""
-    return not any(t.name.startswith("qemu") for t in ls.targets) and any(
-        t.introspection.packed_into_live_cluster() for t in ls.targets if t.in_process)
+    return not any(t.name.startswith("qemu") for t in ls.targets) and _packed(ls)
 
 
 def _plan(ls: Run) -> list[tuple[int, int]]:

@@ -192,12 +192,9 @@ def compare(q: Qcow2File, computed: dict[int, int], nb: int, repair: str | None,
     reference is never fixed here: it asks for a rebuild. ``cache`` follows the refcount
     lookups QEMU makes for every cluster in order."""
     out = Mismatches()
-    per_block = q.geometry.refcount_block_entries
     looked = 0  # clusters [0, looked) have had their block looked up
     for i in sorted(k for k in set(computed) | set(stored) if k < nb):
-        while looked <= i:
-            cache.touch(looked)
-            looked = (looked // per_block + 1) * per_block
+        looked = cache.scan(looked, i + 1)
         have, want = stored.get(i, 0), computed.get(i, 0)
         if have == want:
             continue
@@ -216,9 +213,7 @@ def compare(q: Qcow2File, computed: dict[int, int], nb: int, repair: str | None,
             out.corruptions += 1
         else:
             out.leaks += 1
-    while looked < nb:
-        cache.touch(looked)
-        looked = (looked // per_block + 1) * per_block
+    cache.scan(looked, nb)
     return out
 
 

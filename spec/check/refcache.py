@@ -51,10 +51,13 @@ class RefblockCache:
         if block:
             self._get(block)
 
-    def scan(self, nb: int) -> None:
-        """compare_refcounts' lookups of clusters [0, nb), in order: each block once."""
-        for cluster in range(0, nb, self.per_block):
-            self.touch(cluster)
+    def scan(self, start: int, end: int) -> int:
+        """compare_refcounts' lookups of the clusters from ``start`` (where the last scan
+        stopped) to ``end``, in order: each block once. Returns where it stopped."""
+        while start < end:
+            self.touch(start)
+            start = (start // self.per_block + 1) * self.per_block
+        return start
 
     def before_update(self, cluster: int) -> None:
         """update_refcount is about to change ``cluster``'s refcount in its cached block."""
