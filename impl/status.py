@@ -257,19 +257,39 @@ def _same_kind_run(img: ImageView, offset: int, needed: int,
     return kind, min((same + first_sc) * g.subcluster_size, needed), host
 
 
-def detect_metadata_preallocation(img: ImageView) -> bool:
+def detect_metadata_preallocation(img: ImageView, *, write_back: bool = True) -> bool:
     """qcow2_detect_metadata_preallocation: clearly more clusters have a refcount than the
-    file has blocks allocated. Decided once per open, at the first status query."""
+    file has blocks allocated, on the file as written: dirty cache entries count as written
+    (QEMU's st_blocks sees them once flushed, and the caller, map or is_zero, acts on the
+    image as written).
+
+    ``write_back=False`` (image_map, which the lockstep harness runs after every step)
+    writes the dirty entries back only when the answer could depend on it. Writing them can
+    only add host blocks (a write never frees one) and move the end of the file to the end
+    of a dirty entry at most, so the threshold after a write-back is at least the one
+    computed now, and the count at most the one computed with the file ending past every
+    dirty entry: if that count is below this threshold, the answer after a write-back is
+    False too, and the entries stay dirty until the engine writes them itself (as QEMU's
+    cache answers its own block status without flushing)."""
     s = img.s
-    cs = s.cluster_size
-    # Dirty cache entries count as written: QEMU's st_blocks sees them once flushed, and
-    # the caller (map, is_zero) acts on the image as written.
+    if not write_back:
+        dirty_end = max((o + c.entry_size for c in (s.l2_cache, s.rc_cache) for o in c.dirty), default=0)
+        if dirty_end and not _preallocated(img, dirty_end):
+            return False
     s.l2_cache.write(barrier=True)
     s.rc_cache.write(barrier=True)
+    return _preallocated(img, 0)
+
+
+def _preallocated(img: ImageView, dirty_end: int) -> bool:
+    """The count of detect_metadata_preallocation against the file's st_blocks, with the
+    file taken to end at ``dirty_end`` at least."""
+    s = img.s
+    cs = s.cluster_size
     st = os.fstat(s.host.fd)
     real = st.st_blocks * 512 // cs
     threshold = max(real * 10 // 9, real + 2)
-    end_cluster = -(-st.st_size // cs)
+    end_cluster = -(-max(st.st_size, dirty_end) // cs)
     if end_cluster < threshold:
         return False
     per = s.geometry.refcount_block_entries
@@ -357,7 +377,7 @@ def image_map(img: ImageView, offset: int, n: int) -> list[dict[str, Any]]:
         layer = layer.backing
     kept = [q.metadata_preallocation for q in chain]
     for q in chain:
-        q.metadata_preallocation = detect_metadata_preallocation(q)
+        q.metadata_preallocation = detect_metadata_preallocation(q, write_back=False)
     out: list[dict[str, Any]] = []
     try:
         pos, end = offset, offset + n
