@@ -78,8 +78,8 @@ def resize(img: ImageView, new_size: int, shrink: bool) -> None:
 
 
 def grow_l1(img: ImageView, min_size: int) -> None:
-    """qcow2_grow_l1_table (exact size): the table copied to new clusters; the old one
-    freed without a discard (QCOW2_DISCARD_OTHER). The new table and then the header
+    """qcow2_grow_l1_table (exact size): the table copied to new clusters, overlap-checked
+    first; the old one freed without a discard (QCOW2_DISCARD_OTHER). The new table and then the header
     fields are written with bdrv_pwrite_sync: the old clusters, once freed, can take guest
     data at once, and must not while the header on disk still points at them."""
     s = img.s
@@ -91,6 +91,11 @@ def grow_l1(img: ImageView, min_size: int) -> None:
     table = s.l1_table + [0] * (min_size - old_size)
     new_off = rc.alloc_clusters(s, s.geometry.size_to_clusters(min_size * 8))
     s.rc_cache.flush()
+    # The new clusters are checked against every kind of metadata, nothing ignored (the
+    # header does not point at them yet). A refusal flags the image; QEMU's fail path frees
+    # them in its refcount cache, which the flagged node never writes back, so the
+    # allocation flushed just above stays in the file (the caller drops the caches).
+    s.overlap.check_metadata(new_off, min_size * 8, 0)
     s.pwrite_sync(new_off, struct.pack(f">{min_size}Q", *table))
     old_off = s.l1_table_offset
     s.header.l1_size = min_size

@@ -3,11 +3,13 @@
 A snapshot is a copy of the active L1 table plus one more reference on every L2 table and
 data cluster it reaches; COPIED is set exactly where a refcount is 1 afterwards.
 
-- create (qcow2_snapshot_create): L1 copied to new clusters, +1 over the active tables
+- create (qcow2_snapshot_create): L1 copied to new clusters (overlap-checked first,
+  impl/overlap.py, like every metadata write QEMU checks), +1 over the active tables
   (qcow2_update_snapshot_refcount), the table rewritten to new clusters
-  (qcow2_write_snapshots), the old table freed;
+  (qcow2_write_snapshots, overlap-checked), the old table freed;
 - apply (qcow2_snapshot_goto): resize to the snapshot's size, grow the L1 if needed, +1
-  over the snapshot's tables, its L1 written over the active one (COPIED cleared, unlike
+  over the snapshot's tables, its L1 written over the active one (overlap-checked, the
+  active L1 ignored; COPIED cleared, unlike
   QEMU, which writes stale flags: see apply), -1 over the old active tables (still in
   memory), COPIED fixed (addend 0);
 - delete (qcow2_snapshot_delete): table rewritten without it, -1 over its tables, its L1
@@ -70,6 +72,17 @@ def write_table(img: ImageView, table: list[c.Container]) -> None:
     # before the old table is freed (qcow2_write_snapshots: bdrv_flush, bdrv_pwrite,
     # bdrv_flush, bdrv_pwrite_sync of nb_snapshots and snapshots_offset).
     s.flush_all()
+    # qcow2_write_snapshots checks the new clusters against every kind of metadata (nothing
+    # ignored), with the new list already in memory (the snapshot just added, or without
+    # the one deleted) and the old table still in effect.
+    checker = s.overlap
+    if isinstance(checker, ov.OverlapChecker) and size:
+        checker.set_snapshots(_l1_tables(table), (old_off, old_size))
+    try:
+        s.overlap.check_metadata(offset, size, 0)
+    except CorruptionError:
+        _refused_table(s, len(table), offset, size)
+        raise
     for at, data in pieces:
         s.host.pwrite(offset + at, data, meta=True)
     s.flush_all()
@@ -81,11 +94,28 @@ def write_table(img: ImageView, table: list[c.Container]) -> None:
     _refresh_overlap(s, table)
 
 
+def _refused_table(s: State, nb_snapshots: int, offset: int, size: int) -> None:
+    """What QEMU leaves in the file when qcow2_write_snapshots' overlap check refuses the
+    new table (the caller flags the image and drops the caches):
+    - qcow2_signal_corruption rewrites the header from memory (qcow2_mark_corrupt,
+      qcow2_update_header), where nb_snapshots already counts the new list while
+      snapshots_offset still names the old table: that count reaches the file;
+    - the fail path frees the new clusters with QCOW2_DISCARD_ALWAYS: their refcounts (1,
+      flushed before the check) go back to 0 only in the refcount cache, never written
+      back, but the discard punches them out of the file at once."""
+    s.header.nb_snapshots = nb_snapshots
+    s.pwrite_sync(HEADER_SNAPSHOT_FIELDS, struct.pack(">I", nb_snapshots))
+    s.host.punch_hole(offset, s.geometry.size_to_clusters(size) * s.cluster_size)
+
+
+def _l1_tables(table: list[c.Container]) -> list[tuple[int, int]]:
+    return [(int(e.l1_table_offset), int(e.l1_size)) for e in table]
+
+
 def _refresh_overlap(s: State, table: list[c.Container]) -> None:
     checker = s.overlap
     if isinstance(checker, ov.OverlapChecker):
-        checker.set_snapshots([(int(e.l1_table_offset), int(e.l1_size)) for e in table],
-                              table_span(s, table))
+        checker.set_snapshots(_l1_tables(table), table_span(s, table))
 
 
 def find(table: list[c.Container], name: str) -> int:
@@ -194,6 +224,10 @@ def create(img: ImageView, name: str) -> None:
     l1_offset = 0
     if l1_size:
         l1_offset = rc.alloc_clusters(s, s.geometry.size_to_clusters(l1_size * 8))
+        # qcow2_snapshot_create checks the copy's clusters against every kind of metadata.
+        # Nothing was flushed since the allocation, so a refusal (the caches dropped as the
+        # image is flagged) leaves the file as QEMU's: its refcount never written.
+        s.overlap.check_metadata(l1_offset, l1_size * 8, 0)
         # A plain write: nothing points at the copy until the snapshot table does, and
         # update_snapshot_refcount and write_table flush before that.
         s.host.pwrite(l1_offset, struct.pack(f">{l1_size}Q", *s.l1_table), meta=True)
@@ -234,6 +268,9 @@ def apply(img: ImageView, name: str) -> None:
     # crash between leaves COPIED on a shared L2 table). The addend-0 pass sets them where
     # the refcount fell to 1; the final file is QEMU's.
     sn_l1 = [e & ~QCOW_OFLAG_COPIED for e in sn_l1]
+    # qcow2_snapshot_goto checks the active table's clusters before it overwrites them, the
+    # active L1 ignored (the snapshot's L1 tables, the L2 tables still in use, ... not).
+    s.overlap.check_metadata(s.l1_table_offset, cur * 8, ov.QCOW2_OL_ACTIVE_L1)
     s.pwrite_sync(s.l1_table_offset, struct.pack(f">{cur}Q", *sn_l1))
     update_snapshot_refcount(s, s.l1_table_offset, cur, -1, l1=old_active)
     s.l1_table = sn_l1

@@ -2,6 +2,10 @@
 qcow2_check_metadata_overlap and qcow2_pre_write_overlap_check, with QEMU's default
 overlap-check mode "cached": everything except inactive L2 tables).
 
+The image's own metadata writes that QEMU checks at once are checked too (check_metadata_write:
+an L1 entry, the grown L1 table, a snapshot's L1 copy, the snapshot table, the active L1
+overwritten by a snapshot's).
+
 A data write that would land on the header, an L1 table (active or a snapshot's), an active
 L2 table, the refcount table, a refcount block or the snapshot table means the tables are
 inconsistent. QEMU then refuses the write and flags the image corrupt; so does the model
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from spec import header as hd
 from spec.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
 from spec.errors import CorruptionError
 from spec.qfile import Qcow2File
@@ -24,8 +29,10 @@ else:
     from spec.lazy import numpy as np  # executed at first use: CLI start-up (spec/lazy.py)
 
 
-def _ranges(q: Qcow2File) -> list[tuple[str, int, int]]:
-    """The metadata regions other than L2 tables and refcount blocks."""
+def _ranges(q: Qcow2File, snapshots: list[tuple[int, int]] | None = None) -> list[tuple[str, int, int]]:
+    """The metadata regions other than L2 tables and refcount blocks. ``snapshots`` (the
+    (l1_table_offset, l1_size) of each snapshot) stands for the snapshots' L1 tables of the
+    table in the file, as QEMU's list in memory does while qcow2_write_snapshots writes it."""
     cs = q.cluster_size
     out = [("qcow2_header", 0, cs),
            ("active L1 table", int(q.header.l1_table_offset), int(q.header.l1_size) * 8),
@@ -33,8 +40,17 @@ def _ranges(q: Qcow2File) -> list[tuple[str, int, int]]:
             int(q.header.refcount_table_clusters) * cs)]
     if int(q.header.nb_snapshots):
         out.append(("snapshot table", int(q.header.snapshots_offset), snapshot_table_size(q)))
-        for s in read_snapshot_table(q):
-            out.append(("inactive L1 table", int(s.l1_table_offset), int(s.l1_size) * 8))
+        if snapshots is None:
+            snapshots = [(int(s.l1_table_offset), int(s.l1_size)) for s in read_snapshot_table(q)]
+    out += [("inactive L1 table", off, size * 8) for off, size in snapshots or []]
+    img = q.image_file
+    if img.bitmaps_enabled:
+        # QCOW2_OL_BITMAP_DIRECTORY: only while the bitmaps autoclear bit vouches for the
+        # extension (qcow2_check_metadata_overlap; spec/bitmap_store.py keeps it current).
+        ext = img.extension(hd.QCOW2_EXT_MAGIC_BITMAPS)
+        assert ext is not None
+        out.append(("bitmap directory", int(ext.data.bitmap_directory_offset),
+                    int(ext.data.bitmap_directory_size)))
     return out
 
 
@@ -61,17 +77,21 @@ def check_data_write(q: Qcow2File, offset: int, n: int) -> None:
     check_metadata_write(q, offset, n, "")
 
 
-def check_metadata_write(q: Qcow2File, offset: int, n: int, own: str) -> None:
+def check_metadata_write(q: Qcow2File, offset: int, n: int, own: str,
+                         snapshots: list[tuple[int, int]] | None = None) -> None:
     """The same check for a write of the image's own metadata, which QEMU runs with the
     written table's own kind (``own``, a name of this module) ignored and with a data file
-    too (qcow2_write_l1_entry ignores the active L1 table). The model only checks its L1
-    entry writes: QEMU writes those at once, as the model does; its L2 tables and refcount
-    blocks leave their caches later (difftest/damaged/notes.py, metadata-overlap)."""
+    too (qcow2_write_l1_entry ignores the active L1 table; ``own`` "" ignores nothing, as
+    the writers of new tables do: qcow2_grow_l1_table, qcow2_snapshot_create's L1 copy,
+    qcow2_write_snapshots, whose new list ``snapshots`` replaces the file's, see _ranges).
+    The model checks the writes QEMU makes at once, as the model does: L1 entries, the
+    grown L1 table, the snapshot writers; its L2 tables and refcount blocks leave QEMU's
+    caches later (difftest/damaged/notes.py, metadata-overlap)."""
     if n <= 0:
         return
     cs = q.cluster_size
     lo, hi = offset - offset % cs, -(-(offset + n) // cs) * cs
-    for name, start, length in _ranges(q):
+    for name, start, length in _ranges(q, snapshots):
         if name != own and length > 0 and start < hi and lo < start + length:
             raise CorruptionError(f"preventing invalid write on metadata (overlaps with {name})")
     # A table occupies one cluster from its offset, so it overlaps when lo - cs < start < hi.

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from model import mapping as mp
+from model import overlap as ov
 from model import write as wr
 from model import zeroes as zr
 from model.state import State, mark_dirty
@@ -49,7 +50,8 @@ else:
 
 
 def grow_l1(q: Qcow2File, min_size: int) -> None:
-    """qcow2_grow_l1_table with exact_size: copy the table to a larger one."""
+    """qcow2_grow_l1_table with exact_size: copy the table to a larger one (overlap-checked
+    first)."""
     old_size = int(q.header.l1_size)
     if min_size <= old_size:
         return
@@ -57,6 +59,11 @@ def grow_l1(q: Qcow2File, min_size: int) -> None:
         raise RequestError("L1 table would exceed QEMU's maximum size")
     table = mp.read_l1(q) + [0] * (min_size - old_size)
     new_off = rb.alloc_clusters(q, q.geometry.size_to_clusters(min_size * 8))
+    # The new clusters are checked against every kind of metadata, nothing ignored (the
+    # header does not point at them yet). QEMU flushed its refcount cache first and frees
+    # them on a refusal only in that cache, never written back once the image is flagged:
+    # the allocation stays in the file, as here.
+    ov.check_metadata_write(q, new_off, min_size * 8, "")
     mp.write_l1(q, table, new_off)
     old_off = int(q.header.l1_table_offset)
     q.header.l1_size = min_size

@@ -28,11 +28,13 @@ CorruptionError for inconsistencies in the tables.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import construct as c
 
 from model import mapping as mp
+from model import overlap as ov
 from model import resize as rs
 from model.state import State
 from spec import refblocks as rb
@@ -156,6 +158,15 @@ def create(state: State, name: str) -> None:
     l1 = mp.read_l1(q)
     l1_offset = rb.alloc_clusters(q, q.geometry.size_to_clusters(l1_size * 8)) if l1_size else 0
     if l1_size:
+        try:
+            # qcow2_snapshot_create checks the copy's clusters against every kind of metadata.
+            ov.check_metadata_write(q, l1_offset, l1_size * 8, "")
+        except CorruptionError:
+            # QEMU's allocation is still in its refcount cache, which the flagged node never
+            # writes back: the file keeps the refcounts it had, so the model frees what it
+            # wrote through.
+            rb.free_clusters(q, l1_offset, l1_size * 8)
+            raise
         mp.write_l1(q, l1, l1_offset)
     update_snapshot_refcount(q, int(q.header.l1_table_offset), l1_size, 1)
     now = time.time_ns()
@@ -165,7 +176,28 @@ def create(state: State, name: str) -> None:
         extra_data_size=EXTRA_DATA_SIZE,
         extra_data=c.Container(vm_state_size_large=0, disk_size=state.size, icount=0, unknown=b""),
         id_str_size=len(id_str), name_size=len(name.encode()))
-    write_snapshots(q, [*table, new])
+    write_snapshots(q, [*table, new], _table_check(q, [*table, new]))
+
+
+def _table_check(q: Qcow2File, table: list[c.Container]) -> Callable[[int, int], None]:
+    """qcow2_write_snapshots' overlap check of the new table's clusters: nothing ignored,
+    the new list (``table``) in memory and the old table still in effect. The allocation
+    was flushed before it (bdrv_flush), so a refusal keeps it, as the model's file does."""
+    snapshots = [(int(s.l1_table_offset), int(s.l1_size)) for s in table]
+
+    def check(offset: int, n: int) -> None:
+        try:
+            ov.check_metadata_write(q, offset, n, "", snapshots)
+        except CorruptionError:
+            # What QEMU leaves in the file (impl/snapshot.py _refused_table): the header
+            # rewritten at the flag with the new list's count and the old table's offset,
+            # and the new clusters punched out by the fail path's QCOW2_DISCARD_ALWAYS free,
+            # whose refcount change stays in QEMU's cache, never written back.
+            q.header.nb_snapshots = len(table)
+            q.write_header()
+            q.punch_hole(offset, q.geometry.size_to_clusters(n) * q.cluster_size)
+            raise
+    return check
 
 
 def validate_snapshot_l1(q: Qcow2File, s: Any) -> None:
@@ -200,6 +232,9 @@ def apply(state: State, name: str) -> None:
     # leaves COPIED on a shared L2 table, a corruption. Written without any COPIED flag it
     # is right as it stands; the addend-0 pass then sets the flags where the refcount has
     # dropped to 1, and the file ends byte for byte as QEMU's.
+    # qcow2_snapshot_goto checks the active table's clusters before it overwrites them, the
+    # active L1 ignored.
+    ov.check_metadata_write(q, int(q.header.l1_table_offset), cur_size * 8, "active L1 table")
     mp.write_l1(q, [e & ~QCOW_OFLAG_COPIED for e in sn_l1])
     update_snapshot_refcount(q, int(q.header.l1_table_offset), cur_size, -1, l1=old_active)
     update_snapshot_refcount(q, int(q.header.l1_table_offset), cur_size, 0)
@@ -212,7 +247,7 @@ def delete(state: State, name: str) -> None:
     i = _find(q, name)
     validate_snapshot_l1(q, table[i])
     s = table.pop(i)
-    write_snapshots(q, table)
+    write_snapshots(q, table, _table_check(q, table))
     update_snapshot_refcount(q, int(s.l1_table_offset), int(s.l1_size), -1)
     rb.free_clusters(q, int(s.l1_table_offset), int(s.l1_size) * 8, discard=True)
     update_snapshot_refcount(q, int(q.header.l1_table_offset), int(q.header.l1_size), 0)

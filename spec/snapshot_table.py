@@ -121,13 +121,18 @@ def encode_entry(s: c.Container) -> bytes:
     return body[:40 + EXTRA_DATA_SIZE + len(unknown) + len(s.id_str) + len(s.name)]
 
 
-def write_snapshots(q: Qcow2File, entries: list[c.Container]) -> None:
+def write_snapshots(q: Qcow2File, entries: list[c.Container],
+                    check: Callable[[int, int], None] | None = None) -> None:
     """qcow2_write_snapshots: the whole table to new clusters (entry by entry, see
-    encode_entries), then the header, then the old table is freed."""
+    encode_entries), then the header, then the old table is freed. ``check(offset, size)``
+    runs on the new clusters before anything is written (the engine's overlap check,
+    qcow2_pre_write_overlap_check); it raises to refuse the write, the allocation kept."""
     pieces = encode_entries(entries)
     size = pieces_size(pieces)
     offset = rb.alloc_clusters(q, q.geometry.size_to_clusters(size)) if size else (
         q.free_cluster_index * q.cluster_size)
+    if check is not None:
+        check(offset, size)
     for at, data in pieces:
         q.pwrite(offset + at, data)
     old_offset, old_size = int(q.header.snapshots_offset), snapshot_table_size(q)

@@ -56,7 +56,7 @@ from spec.errors import CorruptionError, RequestError
 from spec.features import QCOW2_INCOMPAT_CORRUPT
 from spec.header import QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW2_EXT_MAGIC_BITMAPS
 from spec.image import open_image
-from tests.conformance.helpers import KiB, MiB, check_json, l2_table_offset
+from tests.conformance.helpers import KiB, MiB, check_json, check_without_name, l2_table_offset
 from tests.qemu import qemu_io
 
 COPIED = 1 << 63
@@ -326,3 +326,123 @@ def test_an_l2_table_written_back_over_a_refcount_block_flags_the_image(engine: 
     img.close()  # as QEMU's: the refusal shows in the corrupt bit, not as an error
     assert _corrupt_bit(ours)
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+def _refcount_zeroed(src: Path, host: int) -> None:
+    """Set the refcount of the cluster at ``host`` to 0 in the first refcount block (16-bit
+    entries, qemu-img create's default): the allocator then takes it for free, the next new
+    table lands on it."""
+    with open_image(src) as img:
+        block = int(img.refcount_table()[0])
+        cs = img.cluster_size
+    _poke(src, block + 2 * (host // cs), b"\0\0")
+
+
+def _one_l2_table(tmp_path: Path) -> tuple[Path, int]:
+    """A 1 GiB image (two L1 entries) with one cluster written: (the file, its L2 table)."""
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "1G"], check=True)
+    qemu_io(src, "write -q -P 1 0 4k")
+    return src, l2_table_offset(src, 0)
+
+
+def _same_outcome(theirs: Path, ours: Path) -> None:
+    """The corrupt bit set in both, and QEMU's bytes (hence its check verdict) in ours."""
+    assert _corrupt_bit(theirs) and _corrupt_bit(ours)
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert check_without_name(ours) == check_without_name(theirs)
+
+
+def test_a_grown_l1_table_landing_on_an_l2_table_flags_the_image(engine: ModuleType, tmp_path: Path) -> None:
+    """qcow2_grow_l1_table checks the new table's clusters against every kind of metadata:
+    a refcount of 0 on the L2 table puts the grown L1 there, and QEMU refuses the resize
+    and flags the image. The allocation was flushed before the check and stays (a
+    corruption: the L2 table's refcount is 1 where two tables would need it)."""
+    src, l2 = _one_l2_table(tmp_path)
+    _refcount_zeroed(src, l2)
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = subprocess.run(["qemu-img", "resize", str(theirs), "2G"], capture_output=True, text=True)
+    assert r.returncode == 1 and "overlaps with active L2 table" in r.stderr
+    with engine.open(ours) as img, pytest.raises(CorruptionError, match="overlaps with active L2 table"):
+        img.resize(2 << 30)
+    _same_outcome(theirs, ours)
+
+
+def test_overlap_check_none_lets_the_grown_l1_table_overwrite_the_l2_table(tmp_path: Path) -> None:
+    """The same resize with overlap-check=none: QEMU writes the grown L1 table over the L2
+    table, and so does the impl under the same mode (the model implements only "cached")."""
+    import impl
+
+    src, l2 = _one_l2_table(tmp_path)
+    _refcount_zeroed(src, l2)
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    subprocess.run(["qemu-img", "resize", "--image-opts",
+                    f"driver=qcow2,file.filename={theirs},overlap-check=none", "2G"], check=True,
+                   capture_output=True)
+    with impl.open(ours, overlap_check="none") as img:
+        img.resize(2 << 30)
+    assert not _corrupt_bit(theirs) and not _corrupt_bit(ours)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_a_snapshot_l1_copy_landing_on_an_l2_table_flags_the_image(engine: ModuleType,
+                                                                  tmp_path: Path) -> None:
+    """qcow2_snapshot_create checks the L1 copy's clusters against every kind of metadata.
+    Its allocation is still in QEMU's refcount cache when the check refuses it, and the
+    flagged node never writes that back: the L2 table's refcount stays 0 in the file."""
+    src, l2 = _one_l2_table(tmp_path)
+    _refcount_zeroed(src, l2)
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(theirs)], capture_output=True, text=True)
+    assert r.returncode == 1 and "overlaps with active L2 table" in r.stderr
+    with engine.open(ours) as img, pytest.raises(CorruptionError, match="overlaps with active L2 table"):
+        img.snapshot_create("s1")
+    _same_outcome(theirs, ours)
+    assert check_json(ours)["corruptions"] == 2
+
+
+def test_a_snapshot_applied_over_its_own_l1_table_flags_the_image(engine: ModuleType, tmp_path: Path) -> None:
+    """A snapshot whose L1 table offset names the active L1 table: qcow2_snapshot_goto
+    checks the active table before overwriting it, the active L1 ignored, and meets the
+    inactive L1 table there."""
+    src, _ = _one_l2_table(tmp_path)
+    subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(src)], check=True)
+    with open_image(src) as img:
+        l1, table = int(img.header.l1_table_offset), int(img.header.snapshots_offset)
+    _poke(src, table, struct.pack(">Q", l1))  # the first entry's l1_table_offset
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = subprocess.run(["qemu-img", "snapshot", "-a", "s1", str(theirs)], capture_output=True, text=True)
+    assert r.returncode == 1 and "overlaps with inactive L1 table" in r.stderr
+    with engine.open(ours) as img, pytest.raises(CorruptionError, match="overlaps with inactive L1 table"):
+        img.snapshot_apply("s1")
+    _same_outcome(theirs, ours)
+
+
+def test_a_snapshot_table_landing_on_an_l2_table_flags_the_image(engine: ModuleType, tmp_path: Path) -> None:
+    """qcow2_write_snapshots checks the new table's clusters against every kind of metadata.
+    A delete whose new table lands on the L2 table (refcount 0) is refused, and QEMU's file
+    shows two side effects the engines reproduce: the header rewritten at the flag with the
+    shortened list's count (nb_snapshots 1, the old table's offset), and the new clusters,
+    freed with QCOW2_DISCARD_ALWAYS, punched out: the L2 table reads as zeros."""
+    src, l2 = _one_l2_table(tmp_path)
+    for name in ("s1", "s2"):
+        subprocess.run(["qemu-img", "snapshot", "-c", name, str(src)], check=True)
+    _refcount_zeroed(src, l2)
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = subprocess.run(["qemu-img", "snapshot", "-d", "s1", str(theirs)], capture_output=True, text=True)
+    assert r.returncode == 1 and "overlaps with active L2 table" in r.stderr
+    with engine.open(ours) as img, pytest.raises(CorruptionError, match="overlaps with active L2 table"):
+        img.snapshot_delete("s1")
+    _same_outcome(theirs, ours)
+    assert struct.unpack_from(">I", ours.read_bytes(), 60)[0] == 1
+    assert ours.read_bytes()[l2:l2 + 4096] == bytes(4096)
