@@ -6,9 +6,14 @@ A data write landing on metadata means the tables are inconsistent: it is refuse
 CorruptionError and the caller flags the image corrupt. Writes to an external data file
 are not checked (no metadata lives there). The image's own table writes are checked too,
 each against every kind but its own, as QEMU checks them: an L2 slice or refcount block
-leaving its cache (impl/cache.py, qcow2_cache_entry_flush) and an L1 entry
-(State.write_l1_entry, qcow2_write_l1_entry); the growth of the L1 and refcount tables and
-the snapshot writers are not checked here.
+leaving its cache (impl/cache.py, qcow2_cache_entry_flush), an L1 entry
+(State.write_l1_entry, qcow2_write_l1_entry), the grown L1 table (impl/resize.py grow_l1,
+qcow2_grow_l1_table: nothing ignored), a snapshot's L1 copy and the snapshot table
+(impl/snapshot.py, qcow2_snapshot_create and qcow2_write_snapshots: nothing ignored) and the
+active L1 table overwritten by a snapshot's (qcow2_snapshot_goto: the active L1 ignored).
+Not checked here: the refcount-table writers (a table entry, alloc_refcount_block's
+write_reftable_entry; the table's growth) and the bitmap writers (the engines keep no
+bitmaps, spec/autoclear.py).
 """
 
 from __future__ import annotations
@@ -155,9 +160,10 @@ class OverlapChecker:
         self.check_metadata(offset, n, QCOW2_OL_ACTIVE_L1)
 
     def check_metadata(self, offset: int, n: int, ignore: int) -> None:
-        """A write of the image's own metadata (a cache write-back, an L1 entry): checked
-        with a data file too, the written table's own kind ``ignore``d (qcow2_cache_entry_flush,
-        qcow2_write_l1_entry)."""
+        """A write of the image's own metadata (a cache write-back, an L1 entry, a new table):
+        checked with a data file too, the written table's own kind ``ignore``d
+        (qcow2_cache_entry_flush, qcow2_write_l1_entry; 0 for a table at new clusters,
+        which the header does not name yet)."""
         if not self.mask & ~ignore or n <= 0:
             return
         if self.stale:

@@ -13,9 +13,9 @@ was hit; it only stops being a failure. Two rules keep a note from hiding a real
   answering as QEMU did);
 - the evidence is QEMU's own words for the cause, not the shape of the disagreement.
   (QEMU's overlap message does not say which write it refused, guest data, a table
-  write-back or an L1 entry; the engines check all three against the same kinds of
-  metadata, so when the impl agrees with QEMU it refused the same write, and when both
-  engines went on QEMU refused a write they do not check: METADATA_OVERLAP_UNCHECKED.)
+  write-back, an L1 entry or a new table; the engines check all of these against the same
+  kinds of metadata, so when the impl agrees with QEMU it refused the same write, and when
+  both engines went on QEMU refused a write they do not check: METADATA_OVERLAP_UNCHECKED.)
 
 ``open`` says whether the difference is an engine gap still to close (it names what is
 missing), or one that a sequential engine cannot follow at all.
@@ -57,11 +57,16 @@ METADATA_OVERLAP = Note(
 METADATA_OVERLAP_UNCHECKED = Note(
     "metadata-overlap-unchecked",
     "QEMU refused a write of its own metadata as overlapping other metadata and both engines "
-    "went on: a writer the engines do not check yet (they check guest data, cache write-backs "
-    "and L1 entry writes; not the growth of the L1 or refcount table, snapshot and bitmap "
-    "writers), or a write-back order that differs from QEMU's (the impl writes a cache back in "
-    "host-offset order, QEMU in cache-slot order, and stops its cache write-back at an overlap "
-    "only for that entry).",
+    "went on: a writer the engines do not check yet. They check guest data, cache write-backs, "
+    "L1 entry writes, the grown L1 table (qcow2_grow_l1_table) and the snapshot writers (a "
+    "snapshot's L1 copy, the snapshot table, the active L1 overwritten by a snapshot's: "
+    "block/qcow2-snapshot.c); not the refcount-table writers (a new refcount block's table "
+    "entry, write_reftable_entry, and the table's growth, block/qcow2-refcount.c) nor the "
+    "bitmap writers (block/qcow2-bitmap.c: the directory marked in use at a read-write open, "
+    "every bitmap rewritten at close), as the engines keep no bitmaps (BITMAPS_DROPPED). Or a "
+    "write-back order that differs from QEMU's: the impl writes a cache back in host-offset "
+    "order, QEMU in cache-slot order; both go on past a refused entry, so only which refusal "
+    "comes first differs.",
     open=True)
 
 QEMU_ABORTED = Note(

@@ -39,6 +39,17 @@ cases): the same refusal, the same corrupt flag, the same bytes.
    with writeback caching, and flags the image. The impl does the same from its cache; the
    model writes the table at once and has no write-back to refuse (difftest/damaged/notes.py,
    metadata-overlap), so it is only held to its own error-free run there.
+12. An L2 table whose refcount is 0, and a table allocated next: QEMU checks each new table
+   before writing it, nothing ignored (the header does not name it yet), so the grown L1 of
+   `qemu-img resize` (qcow2_grow_l1_table) and the L1 copy of `snapshot -c`
+   (qcow2_snapshot_create) are refused there and flag the image; with overlap-check=none
+   QEMU and the impl write the L1 table over the L2 table. The engines checked neither.
+13. A snapshot whose L1 table offset names the active L1 table: `snapshot -a` checks the
+   active table before overwriting it, the active L1 ignored (qcow2_snapshot_goto), and
+   meets the inactive L1 table.
+14. The same zero refcount under `snapshot -d`: the new snapshot table is refused
+   (qcow2_write_snapshots), and QEMU's file keeps the header's count from its memory (one
+   snapshot fewer, the old table's offset) and the new clusters punched out.
 """
 
 from __future__ import annotations
