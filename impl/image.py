@@ -305,9 +305,20 @@ class Image:
         compressed cluster that does not decode, a failing backing file) only fails the
         request (QEMU: -EIO)."""
         try:
-            return fn(*args)
+            result = fn(*args)
         except CorruptionError as e:
+            if self.s.signalled is not None:
+                self._take_signal()
             self._failed(e)
+        if self.s.signalled is not None:
+            # A free met a corruption QEMU signals and then ignores: flagged, request ok.
+            self._take_signal()
+        return result
+
+    def _take_signal(self) -> None:
+        """qcow2_signal_corruption met inside a step whose failure QEMU ignores (State.signalled)."""
+        self.s.signalled = None
+        self._flag_corrupt()
 
     def _failed(self, e: CorruptionError) -> NoReturn:
         """What _guard does with a CorruptionError (also called by ``read`` directly, to

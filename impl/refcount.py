@@ -15,16 +15,23 @@ offsets qemu-io picks:
   (State.settle_freed: QEMU reuses it at once, impl makes the same choice safely);
 - alloc_refcount_block: a missing block goes at the next free cluster, describing itself if
   it falls in its own range, and the caller's search starts over (-EAGAIN, here ``Again``);
+  a decrement takes the same path (update_refcount fetches every block through
+  alloc_refcount_block), so freeing a cluster no block covers hooks up a block or grows the
+  table, then fails (qcow2_free_clusters logs it; what was allocated stays). Only that
+  path is slower: a covered cluster is one lookup, as before;
 - a full refcount table is replaced by a larger one with self-describing blocks
   (qcow2_refcount_area).
 
 Errors: CorruptionError (unaligned refcount block, underflow, allocation at 0); RequestError
-for an overflow (nothing is left changed).
+for an overflow (nothing is left changed); HostIOError (EFBIG) for a refcount table past
+QEMU's limit (qcow2_refcount_area).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import struct
 
 import numpy as np
@@ -33,6 +40,7 @@ from impl.state import HEADER_REFTABLE_FIELDS, State
 from spec.entries import REFT_OFFSET_MASK
 from spec.errors import CorruptionError, RequestError
 from spec.geometry import align_up, div_round_up
+from spec.hostio import HostIOError
 from spec.limits import QCOW_MAX_REFTABLE_SIZE
 from spec.refblocks import refcount_metadata_size
 
@@ -128,10 +136,15 @@ def _update_refcount(s: State, offset: int, length: int, addend: int, *, discard
 
     for idx in range(first, last + 1):
         try:
-            block = _block_for_update(s, idx, allocate=addend > 0)
+            block = _block_for_update(s, idx)
         except Again:
             s.free_cluster_index = min(s.free_cluster_index, first)
             undo(idx)
+            raise
+        except CorruptionError:
+            # update_refcount restores after any failure and ignores the undo's own result.
+            with contextlib.suppress(CorruptionError, Again):
+                undo(idx)
             raise
         counts = s.rc_cache.get(block) if block else None
         value = (int(counts[idx % per]) if counts is not None else 0) + addend
@@ -164,8 +177,10 @@ def _cluster_freed(s: State, cl: int, discard: bool) -> None:
 
 
 def free_clusters(s: State, offset: int, length: int, *, discard: bool = False) -> None:
-    """qcow2_free_clusters: failures are reported and ignored (a leak for check to find)."""
-    with contextlib.suppress(CorruptionError):
+    """qcow2_free_clusters: failures are reported and ignored (a leak for check to find),
+    Again included: a block hooked up (or a table grown) for a cluster no block covered
+    stays, and that cluster's refcount, 0 all along, is not dropped."""
+    with contextlib.suppress(CorruptionError, Again):
         update_refcount(s, offset, length, -1, discard=discard)
 
 
@@ -312,23 +327,34 @@ def alloc_bytes(s: State, size: int) -> int:
     return start
 
 
-def _block_for_update(s: State, cluster_index: int, *, allocate: bool) -> int:
-    """alloc_refcount_block: the block covering ``cluster_index``, hooked up if missing."""
+def _block_for_update(s: State, cluster_index: int) -> int:
+    """alloc_refcount_block: the block covering ``cluster_index``, hooked up if missing (for
+    a decrease as for an increase)."""
     g = s.geometry
     per = g.refcount_block_entries
     rt_index = cluster_index // per
     block = _block_offset(s, rt_index)
-    if block or not allocate:
+    if block:
         return block
     cs = s.cluster_size
+    # The refcount table will be written, and it may depend on L2 tables.
+    if s.l2_cache is not None:
+        s.l2_cache.flush()
+    if s.cache_discards:
+        # alloc_clusters_noref punches what the held request queued before it allocates.
+        s.process_discards()
     new_block = alloc_clusters_noref(s, 1)
     if new_block == 0:
-        raise CorruptionError("preventing invalid allocation of a refcount block at offset 0")
+        # qcow2_signal_corruption flags the image even when the caller ignores the failure
+        # (a free): the image takes ``signalled`` when the request ends.
+        s.signalled = "preventing invalid allocation of a refcount block at offset 0"
+        raise CorruptionError(s.signalled)
     if new_block // cs // per == rt_index:
         arr = s.rc_cache.get_empty(new_block)
         arr[new_block // cs % per] = 1
     else:
         update_refcount(s, new_block, cs, 1)
+        s.rc_cache.flush()  # the new block's refcount first, as alloc_refcount_block does
         arr = s.rc_cache.get_empty(new_block)
     s.rc_cache.mark_dirty(new_block)
     # The block reaches the file before the table entry pointing at it.
@@ -339,6 +365,7 @@ def _block_for_update(s: State, cluster_index: int, *, allocate: bool) -> int:
         s.overlap.stale = True
         raise Again
     _grow_reftable(s, cluster_index, rt_index, new_block)
+    s.rc_cache.get(new_block)  # load_refcount_block: the block becomes the most recent entry
     raise Again
 
 
@@ -354,8 +381,10 @@ def _grow_reftable(s: State, cluster_index: int, new_index: int, new_block: int)
     total_blocks, _ = refcount_metadata_size(start // cs, cs, g.refcount_order, True)
     table_size = align_up(total_blocks + div_round_up(total_blocks, 2), cs // 8)
     table_clusters = table_size * 8 // cs
-    if table_size * 8 > QCOW_MAX_REFTABLE_SIZE:
-        raise CorruptionError("refcount table would exceed QEMU's maximum size")
+    if total_blocks > QCOW_MAX_REFTABLE_SIZE or table_size > QCOW_MAX_REFTABLE_SIZE:
+        # qcow2_refcount_area compares entry counts with the limit in bytes (spec/refblocks.py):
+        # up to 8 Mi entries are written; past that EFBIG, after the new block was written.
+        raise HostIOError(f"refcount table of {table_size} entries: {os.strerror(errno.EFBIG)}")
     new_table = (s.reftable + [0] * table_size)[:table_size]
     new_table[new_index] = new_block
     area_index = start // cs // per

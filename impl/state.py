@@ -106,6 +106,10 @@ class State:
         self.l1_table: list[int] = []
         self.reftable: list[int] = []
         self.free_cluster_index = 0
+        self.signalled: str | None = None
+        """A corruption signalled inside a step whose failure QEMU ignores (a refcount block
+        for a free would land on the header, impl/refcount.py): the image flags itself when
+        the request ends (qcow2_signal_corruption drops the node; the free only logs)."""
         self.free_byte_offset = 0
         self.packing_cluster_freed = False
         self.packed_into_live_cluster = False

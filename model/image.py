@@ -326,15 +326,28 @@ class Image:
         qcow2_co_preadv_compressed); see state.UnflaggedError. Nor does a failed host
         call (spec.hostio.HostIOError: QEMU returns the errno and sets no corrupt bit)."""
         try:
-            return fn(*args)
+            result = fn(*args)
         except HostIOError:
+            self._take_signal()
             raise
         except UnflaggedError as e:
+            self._take_signal()
             raise CorruptionError(str(e)) from None
         except CorruptionError as e:
+            self._take_signal()
             if not self.broken:
                 raise self.corrupt(str(e)) from None
             raise
+        self._take_signal()
+        return result
+
+    def _take_signal(self) -> None:
+        """A corruption QEMU signals inside a step whose failure it ignores (a free whose
+        refcount block would land on the header, Qcow2File.signalled): the image is flagged,
+        and the operation's own outcome stands."""
+        if self.q.signalled is not None:
+            message, self.q.signalled = self.q.signalled, None
+            self.corrupt(message)
 
     def _open_read_write(self) -> None:
         """What a read-write open changes (qcow2_do_open, qcow2_update_options):

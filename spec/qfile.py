@@ -57,6 +57,11 @@ class Qcow2File(hd.HeaderViews):
         self._has_data_file = img.has_data_file
         self.unflushed = False
         """Something was written since the last flush (so a barrier has work to do)."""
+        self.signalled: str | None = None
+        """A corruption QEMU signals inside a step whose failure it ignores (a refcount
+        block for a free would land on the header: qcow2_signal_corruption flags the image
+        and drops the node, qcow2_free_clusters only logs the failure); the writer flags
+        the image when the operation ends (spec/refblocks.py)."""
 
     # --- header views: spec.header.HeaderViews, plus what only a writer needs -------------
     @property

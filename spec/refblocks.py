@@ -12,25 +12,33 @@ host offsets:
 - a refcount going to 0 moves the cursor back (update_refcount; Qcow2File.refcount_freed);
 - a missing refcount block is placed at the next free cluster; if it does not describe
   itself its own refcount is set first, and the caller's search starts over from the
-  clusters it had found (alloc_refcount_block and update_refcount, the -EAGAIN protocol);
+  clusters it had found (alloc_refcount_block and update_refcount, the -EAGAIN protocol).
+  A decrement does this too: update_refcount fetches the block of every cluster it changes
+  through alloc_refcount_block, so freeing a cluster no block covers (a damaged L2 entry
+  far past the data) hooks up a new block, or grows the table, and then fails with Again;
+  qcow2_free_clusters only logs that, and what was allocated stays;
 - a refcount table that is too small is replaced by a larger one placed with new,
   self-describing refcount blocks at the start of the first uncovered refblock range
   (qcow2_refcount_area).
 
 Errors: CorruptionError for an unaligned refcount block offset, a refcount underflow, or an
-allocation at offset 0; RequestError for a refcount overflow (the image stays consistent).
-``free_clusters`` ignores failures, as qcow2_free_clusters does.
+allocation at offset 0; RequestError for a refcount overflow (the image stays consistent);
+HostIOError (EFBIG) for a refcount table past QEMU's limit (qcow2_refcount_area).
+``free_clusters`` ignores failures, Again included, as qcow2_free_clusters does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import struct
 from typing import TYPE_CHECKING
 
 from spec.entries import REFT_OFFSET_MASK
 from spec.errors import CorruptionError, RequestError
 from spec.geometry import align_up, div_round_up
+from spec.hostio import HostIOError
 from spec.limits import QCOW_MAX_REFTABLE_SIZE
 from spec.qfile import Qcow2File
 from spec.refcounts import decode_refcount_block
@@ -141,8 +149,9 @@ def update_refcount(q: Qcow2File, offset: int, length: int, addend: int, *, disc
     qcow2_process_discards; pass-discard-request and pass-discard-snapshot default on).
 
     Raises Again (after undoing what it did) when a refcount block had to be allocated,
-    like update_refcount's -EAGAIN; RequestError on overflow (after undoing what it did),
-    CorruptionError on underflow.
+    like update_refcount's -EAGAIN, for a decrement as for an increase (alloc_refcount_block
+    serves both); RequestError on overflow (after undoing what it did), CorruptionError on
+    underflow.
     """
     if length <= 0:
         return
@@ -152,7 +161,7 @@ def update_refcount(q: Qcow2File, offset: int, length: int, addend: int, *, disc
     for done, cl in enumerate(range(start, end, cs)):
         idx = cl // cs
         try:
-            block = _refblock_for_update(q, idx, allocate=addend > 0)
+            block = _refblock_for_update(q, idx)
         except Again:
             # update_refcount: the caller restarts its search, and tries the same clusters
             # first since they may still be free.
@@ -161,8 +170,13 @@ def update_refcount(q: Qcow2File, offset: int, length: int, addend: int, *, disc
                 # update_refcount restores the refcounts it already changed before failing.
                 update_refcount(q, start, done * cs, -addend)
             raise
-        if not block:
-            raise CorruptionError(f"refcount of cluster {idx} would drop below zero")
+        except CorruptionError:
+            if done:
+                # The same restore after any failure; its own failure is ignored (QEMU
+                # discards the undo's result).
+                with contextlib.suppress(CorruptionError, Again):
+                    update_refcount(q, start, done * cs, -addend)
+            raise
         data = bytearray(q.pread(block, cs))
         i = idx % q.geometry.refcount_block_entries
         new = refcount_get(data, i, q.geometry.refcount_bits) + addend
@@ -189,9 +203,11 @@ def free_clusters(q: Qcow2File, offset: int, length: int, *, discard: bool = Fal
     """Drop one reference to every cluster of [offset, offset+length).
 
     qcow2_free_clusters reports a failed update ("qcow2_free_clusters failed") and goes on,
-    leaving a leak or an error for qemu-img check; this does the same.
+    leaving a leak or an error for qemu-img check; this does the same. Again is such a
+    failure too: a cluster no refcount block covered got a new block (or a larger table),
+    which stays, and its reference is not dropped (its refcount was 0 all along).
     """
-    with contextlib.suppress(CorruptionError):
+    with contextlib.suppress(CorruptionError, Again):
         update_refcount(q, offset, length, -1, discard=discard)
 
 
@@ -227,18 +243,22 @@ def alloc_clusters(q: Qcow2File, n: int) -> int:
         return offset
 
 
-def _refblock_for_update(q: Qcow2File, cluster_index: int, *, allocate: bool) -> int:
-    """The refcount block covering ``cluster_index``, allocating it if ``allocate``
-    (alloc_refcount_block). Raises Again after hooking up a new block."""
+def _refblock_for_update(q: Qcow2File, cluster_index: int) -> int:
+    """The refcount block covering ``cluster_index``, allocated if there is none
+    (alloc_refcount_block, for an increase and a decrease alike). Raises Again after
+    hooking up a new block."""
     g = q.geometry
     rt_index = cluster_index // g.refcount_block_entries
     block = refblock_offset(q, None, rt_index)
-    if block or not allocate:
+    if block:
         return block
     table_entries = q.header.refcount_table_clusters * q.cluster_size // 8
     new_block = alloc_clusters_noref(q, 1)
     if new_block == 0:
-        raise CorruptionError("preventing invalid allocation of a refcount block at offset 0")
+        # qcow2_signal_corruption flags the image here even when the caller ignores the
+        # failure (a free): the writer takes ``signalled`` when the operation ends.
+        q.signalled = "preventing invalid allocation of a refcount block at offset 0"
+        raise CorruptionError(q.signalled)
     entries = g.refcount_block_entries
     block_data = bytearray(q.cluster_size)
     if new_block // q.cluster_size // entries == rt_index:
@@ -296,8 +316,11 @@ def _grow_reftable(q: Qcow2File, cluster_index: int, new_index: int, new_block: 
     table_size = total_blocks + div_round_up(total_blocks, 2)
     table_size = align_up(table_size, cs // 8)
     table_clusters = table_size * 8 // cs
-    if table_size * 8 > QCOW_MAX_REFTABLE_SIZE:
-        raise CorruptionError("refcount table would exceed QEMU's maximum size")
+    if total_blocks > QCOW_MAX_REFTABLE_SIZE or table_size > QCOW_MAX_REFTABLE_SIZE:
+        # qcow2_refcount_area compares entry counts with the limit in bytes: a table of up
+        # to 8 Mi entries (64 MiB) is written, which QEMU's open then refuses ("Reference
+        # count table too large"). Past that, EFBIG, after the new block was written.
+        raise HostIOError(f"refcount table of {table_size} entries: {os.strerror(errno.EFBIG)}")
     old = read_reftable(q)
     new_table = (old + [0] * table_size)[:table_size]
     new_table[new_index] = new_block

@@ -66,6 +66,7 @@ from spec import features as ft
 from spec.errors import CorruptionError, RequestError
 from spec.features import QCOW2_INCOMPAT_CORRUPT
 from spec.header import QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW2_EXT_MAGIC_BITMAPS
+from spec.hostio import HostIOError
 from spec.image import open_image
 from tests.conformance.helpers import KiB, MiB, check_json, check_without_name, l2_table_offset
 from tests.qemu import qemu_io
@@ -457,3 +458,122 @@ def test_a_snapshot_table_landing_on_an_l2_table_flags_the_image(engine: ModuleT
     _same_outcome(theirs, ours)
     assert struct.unpack_from(">I", ours.read_bytes(), 60)[0] == 1
     assert ours.read_bytes()[l2:l2 + 4096] == bytes(4096)
+
+
+def _far_data_entry(tmp_path: Path, far: int) -> Path:
+    """A 4 KiB-cluster image with guest clusters 0 and 1 written, then guest cluster 1's L2
+    entry moved to host offset ``far`` (a damaged entry past every refcount block)."""
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(src), "4M"],
+                   check=True)
+    qemu_io(src, "write -q -P 1 0 8k")
+    l2 = l2_table_offset(src, 0)
+    _poke(src, l2 + 8, (COPIED | far).to_bytes(8, "big"))
+    return src
+
+
+def _qemu_unsafe(path: Path, *commands: str) -> str:
+    """qemu-io with writeback caching, as the damaged campaign runs it (-t unsafe)."""
+    argv = ["qemu-io", "-t", "unsafe", "-f", "qcow2"]
+    for c in commands:
+        argv += ["-c", c]
+    r = subprocess.run([*argv, str(path)], capture_output=True, text=True)
+    return r.stdout + r.stderr
+
+
+def _reftable_fields(path: Path) -> tuple[int, int]:
+    with path.open("rb") as f:
+        return struct.unpack_from(">QI", f.read(60), 48)
+
+
+@pytest.mark.parametrize("far", [1 << 30, 64 << 30])
+def test_freeing_a_cluster_no_refcount_block_covers_allocates_one(engine: ModuleType, tmp_path: Path,
+                                                                  far: int) -> None:
+    """QEMU's update_refcount fetches the refcount block of a cluster it decrements through
+    alloc_refcount_block: at 1 GiB the new block is hooked into the table, at 64 GiB the
+    table grows (qcow2_refcount_area, at 64 GiB + 8 MiB: a sparse file that large); then the
+    decrement fails with EAGAIN, which qcow2_free_clusters only logs. The engines dropped a
+    reference only where a block existed and allocated nothing."""
+    src = _far_data_entry(tmp_path, far)
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    out = _qemu_unsafe(theirs, "discard 4k 4k", "write -P 5 8k 4k")
+    assert "qcow2_free_clusters failed: Resource temporarily unavailable" in out, out
+    with engine.open(ours) as img:
+        img.discard(4 * KiB, 4 * KiB)
+        img.write(8 * KiB, b"\x05" * (4 * KiB))
+    assert _reftable_fields(ours) == _reftable_fields(theirs)
+    assert ours.stat().st_size == theirs.stat().st_size
+    if far < 1 << 32:
+        assert ours.read_bytes() == theirs.read_bytes()
+        assert _reftable_fields(ours) == (0x1000, 1)  # hooked up, not grown
+    else:
+        offset, clusters = _reftable_fields(ours)
+        assert (offset, clusters) == (far + 8 * MiB + 5 * 4096, 25)  # grown, after its new blocks
+        with ours.open("rb") as a, theirs.open("rb") as b:
+            assert a.read(64 * KiB) == b.read(64 * KiB)  # header, tables, data
+            a.seek(far)
+            b.seek(far)  # the new blocks and the new table
+            assert a.read(8 * MiB + 30 * 4096) == b.read(8 * MiB + 30 * 4096)
+    assert check_without_name(ours) == check_without_name(theirs)
+    assert check_json(ours)["leaks"] == 1  # the data cluster the damaged entry had lost
+
+
+def test_a_refcount_area_past_the_file_size_limit_stays_in_the_cache(engine: ModuleType,
+                                                                      tmp_path: Path) -> None:
+    """The seed-1 finding (write:flip@snap): a damaged entry 16 TiB up. Its free makes QEMU
+    write a new refcount block (leaked: the free still fails) and build a larger refcount
+    table at 16 TiB + 8 MiB, whose blocks the host cannot write (EFBIG, ext4's limit). They
+    stay dirty in QEMU's refcount cache, so the next write whose allocation evicts one fails
+    with EFBIG, and so does the close's write-back. The impl's cache (QEMU's size and LRU
+    order) does the same; the model has no cache (DESIGN.md): its writes of those blocks
+    fail at once and it goes on (difftest/damaged/notes.py, refcounts-grown-on-free)."""
+    src = _far_data_entry(tmp_path, 1 << 44)
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    out = _qemu_unsafe(theirs, "discard 4k 4k", "write -P 5 0 512", "write -P 5 8k 8k")
+    assert "qcow2_free_clusters failed: File too large" in out, out
+    assert "write failed: File too large" in out and "Failed to flush the refcount block cache" in out, out
+    img = engine.open(ours)
+    img.discard(4 * KiB, 4 * KiB)
+    img.write(0, b"\x05" * 512)  # no allocation
+    if engine.__name__ == "impl":
+        with pytest.raises(HostIOError):
+            img.write(8 * KiB, b"\x05" * (8 * KiB))
+        with pytest.raises(HostIOError):
+            img.close()
+        assert ours.read_bytes() == theirs.read_bytes()
+    else:
+        img.write(8 * KiB, b"\x05" * (8 * KiB))
+        img.close()
+        assert _reftable_fields(ours) == _reftable_fields(theirs) == (0x1000, 1)
+    assert check_json(ours)["leaks"] == check_json(theirs)["leaks"] == 2  # and the new block
+
+
+def test_a_refcount_block_for_a_free_is_never_allocated_over_the_header(engine: ModuleType,
+                                                                       tmp_path: Path) -> None:
+    """A refcount table entry zeroed: every cluster reads as free, so the refcount block a
+    discard's decrement needs would land on the header. QEMU flags the image there
+    ("Preventing invalid allocation of refcount block at offset 0"), logs the failed free,
+    answers the discard itself as done and refuses every later request. The engines freed
+    nothing and went on."""
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(src), "4M"],
+                   check=True)
+    qemu_io(src, "write -q -P 1 0 8k")
+    _poke(src, 0x1000, bytes(8))  # refcount table entry 0
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    out = _qemu_unsafe(theirs, "discard 4k 4k", "write -P 5 0 512")
+    assert "Preventing invalid allocation of refcount block at offset 0" in out, out
+    assert "discard 4096/4096 bytes" in out and "write failed" in out, out
+    with engine.open(ours) as img:
+        img.discard(4 * KiB, 4 * KiB)  # QEMU's discard succeeded too
+        assert img.broken
+        with pytest.raises(CorruptionError):
+            img.write(0, b"\x05" * 512)
+    assert _corrupt_bit(ours) and _corrupt_bit(theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
