@@ -577,3 +577,31 @@ def test_a_refcount_block_for_a_free_is_never_allocated_over_the_header(engine: 
             img.write(0, b"\x05" * 512)
     assert _corrupt_bit(ours) and _corrupt_bit(theirs)
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_a_new_snapshot_table_landing_on_an_inactive_l1_table_flags_the_image(engine: ModuleType,
+                                                                              tmp_path: Path) -> None:
+    """qcow2_write_snapshots under `snapshot -c`: a freed data cluster takes the L1 copy,
+    and the next cluster the allocator calls free (a refcount of 0 on the first snapshot's
+    L1 table) takes the new table, which the check refuses. QEMU's file then counts the new
+    list (nb_snapshots 2) at the old table's offset: the flag rewrote the header from
+    memory, where the snapshot was already appended."""
+    from spec.entries import L2E_OFFSET_MASK
+
+    src, l2 = _one_l2_table(tmp_path)
+    subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(src)], check=True)
+    with open_image(src) as img:
+        data = int.from_bytes(img.read(l2, 8, "l2_entry"), "big") & L2E_OFFSET_MASK
+        snapshot_l1 = int(img.snapshot_table()[0].l1_table_offset)
+    _poke(src, l2, bytes(8))  # the data cluster unreferenced...
+    _refcount_zeroed(src, data)  # ...and free: the L1 copy goes there
+    _refcount_zeroed(src, snapshot_l1)  # the new table goes here
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = subprocess.run(["qemu-img", "snapshot", "-c", "s2", str(theirs)], capture_output=True, text=True)
+    assert r.returncode == 1 and "overlaps with inactive L1 table" in r.stderr
+    with engine.open(ours) as img, pytest.raises(CorruptionError, match="overlaps with inactive L1 table"):
+        img.snapshot_create("s2")
+    _same_outcome(theirs, ours)
+    assert struct.unpack_from(">I", ours.read_bytes(), 60)[0] == 2
