@@ -49,7 +49,9 @@ cases): the same refusal, the same corrupt flag, the same bytes.
    meets the inactive L1 table.
 14. The same zero refcount under `snapshot -d`: the new snapshot table is refused
    (qcow2_write_snapshots), and QEMU's file keeps the header's count from its memory (one
-   snapshot fewer, the old table's offset) and the new clusters punched out.
+   snapshot fewer, the old table's offset) and the new clusters punched out. Under
+   `snapshot -c`, with the new table on the first snapshot's L1 table (its refcount 0), the
+   count is one more.
 """
 
 from __future__ import annotations
