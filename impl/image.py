@@ -27,8 +27,8 @@ from impl import status as stt
 from impl.cache import Qcow2Cache
 from impl.hostfile import HostFile, IOStats
 from impl.state import State
+from spec import bitmap_store as bms
 from spec import features as ft
-from spec.autoclear import clear_on_open
 from spec.entries import (
     HOST_OFFSET_TYPES,
     L1E_OFFSET_MASK,
@@ -126,6 +126,9 @@ class Image:
         self.options = o
         self._files: list[HostFile] = []
         self._fast_read: tuple[Any, ...] | None = None
+        self.bitmaps: bms.BitmapSet | None = None
+        """The persistent bitmaps a read-write open loaded (spec/bitmap_store.py), or None:
+        the write paths test this one attribute."""
         try:
             self._setup(img, o, snapshot, depth)
             self.s.crypto = crypto
@@ -181,8 +184,9 @@ class Image:
         snaps = sn.read_table(s)
         bm = img.extension(0x23852875)
         bitmap_dir = (0, 0)
-        if bm is not None and len(bm.data) >= 24:
-            bitmap_dir = (int.from_bytes(bm.data[16:24], "big"), int.from_bytes(bm.data[8:16], "big"))
+        if bm is not None and img.bitmaps_enabled:
+            # QCOW2_OL_BITMAP_DIRECTORY: only while the autoclear bit vouches for the extension.
+            bitmap_dir = (int(bm.data.bitmap_directory_offset), int(bm.data.bitmap_directory_size))
         s.overlap = ov.OverlapChecker(s, o.overlap_check,
                                       [(int(x.l1_table_offset), int(x.l1_size)) for x in snaps],
                                       sn.table_span(s, snaps), bitmap_dir)
@@ -239,9 +243,10 @@ class Image:
         return _open(bpath, readonly=True, snapshot=None, depth=depth + 1, options=bopts)
 
     def _open_read_write(self, img: ImageFile) -> None:
-        """qcow2_do_open for a writer, before any cache exists: unknown autoclear bits and
-        the bitmaps bit are cleared, the bitmaps' clusters freed (impl keeps no bitmaps up
-        to date; spec/autoclear.py); a dirty image
+        """qcow2_do_open for a writer, before any cache exists: unknown autoclear bits are
+        cleared and the persistent bitmaps loaded, the directory's in-use flags rewritten in
+        place (spec/bitmap_store.py; that write is not overlap-checked here, no checker
+        exists yet); a dirty image
         (lazy refcounts left unclean) is repaired by the shared engine as qcow2_do_open
         repairs it (qcow2_co_check_locked with BDRV_FIX_ERRORS | BDRV_FIX_LEAKS:
         spec.check.repair_dirty) and the dirty bit cleared."""
@@ -256,7 +261,7 @@ class Image:
             raise FormatError(f"cannot open for writing: {e.strerror}", self.filename) from None
         try:
             q = Qcow2File(img, f, readonly=False)
-            clear_on_open(q)
+            self.bitmaps = bms.load_on_open(q)
             if h.v3.incompatible_features & ft.QCOW2_INCOMPAT_DIRTY:
                 from spec.check import repair_dirty
 
@@ -607,7 +612,11 @@ class Image:
         self._ready(write=True)
         self._range(offset, len(data))
         if data:
-            self._guard(self._write, offset, memoryview(data))
+            try:
+                self._guard(self._write, offset, memoryview(data))
+            finally:
+                if self.bitmaps is not None:
+                    self.bitmaps.mark_dirty(offset, len(data))
 
     def _write(self, offset: int, data: memoryview) -> None:
         s = self.s
@@ -642,7 +651,11 @@ class Image:
         self._ready(write=True)
         self._range(offset, n)
         if n:
-            self._guard(self._write_zeroes, offset, n, unmap)
+            try:
+                self._guard(self._write_zeroes, offset, n, unmap)
+            finally:
+                if self.bitmaps is not None:
+                    self.bitmaps.mark_dirty(offset, n)
 
     def _write_zeroes(self, offset: int, n: int, unmap: bool) -> None:
         cl.write_zeroes(self, offset, n, unmap)
@@ -652,7 +665,11 @@ class Image:
         self._ready(write=True)
         self._range(offset, n)
         if n:
-            self._guard(cl.discard, self, offset, n)
+            try:
+                self._guard(cl.discard, self, offset, n)
+            finally:
+                if self.bitmaps is not None:
+                    self.bitmaps.mark_dirty(offset, n)
 
     def write_compressed(self, offset: int, data: bytes) -> None:
         """One whole cluster, compressed (qcow2_co_pwritev_compressed_part,
@@ -663,6 +680,9 @@ class Image:
         if offset % BDRV_SECTOR_SIZE or len(data) % BDRV_SECTOR_SIZE:
             raise RequestError("compressed writes must be sector aligned (qemu-io write -c)")
         self._range(offset, len(data))
+        if self.bitmaps is not None:
+            # bdrv_co_write_req_finish sets the bits whatever the driver answers below.
+            self.bitmaps.mark_dirty(offset, len(data))
         cs = self.cluster_size
         if self.s.has_data_file:
             raise UnsupportedFeature("compressed writes with an external data file")
@@ -732,7 +752,7 @@ class Image:
         try:
             if not self.readonly and not self.broken:
                 s = self.s
-                refused: CorruptionError | None = None
+                refused: CorruptionError | None = self._store_bitmaps()
                 try:
                     s.l2_cache.flush()
                 except CorruptionError as e:
@@ -743,7 +763,7 @@ class Image:
                     # cache' and goes on with the refcount cache; its close reports nothing
                     # to the caller, so the refusal shows in the corrupt bit (and the dirty
                     # bit, left set), not as an exception.
-                    refused = e
+                    refused = refused or e
                     if not isinstance(e, cl.UnflaggedError):
                         self._flag_corrupt()
                 try:
@@ -762,6 +782,22 @@ class Image:
                         os.fdatasync(f.fd)
         finally:
             self._release()
+
+    def _store_bitmaps(self) -> CorruptionError | None:
+        """qcow2_inactivate's qcow2_store_persistent_dirty_bitmaps (spec/bitmap_store.py),
+        before the caches are flushed. A failure is QEMU's "Lost persistent bitmaps": the
+        close goes on, the image is not marked clean, an overlap flags it."""
+        if self.bitmaps is None:
+            return None
+        try:
+            self.bitmaps.store(_BitmapHost(self.s), self.s.header)
+        except HostIOError as e:
+            return e
+        except CorruptionError as e:
+            if not isinstance(e, cl.UnflaggedError):
+                self._flag_corrupt()
+            return e
+        return None
 
     def _release(self) -> None:
         for lock in self.locks:
@@ -831,7 +867,11 @@ class Image:
         from impl import resize as rs
 
         self._ready(write=True)
+        if self.bitmaps is not None:
+            self.bitmaps.check_resize()
         self._guard(rs.resize, self, new_size, shrink)
+        if self.bitmaps is not None:
+            self.bitmaps.resize(self.size)
 
     def snapshot_create(self, name: str) -> None:
         """qcow2_snapshot_create; see impl/snapshot.py."""
@@ -880,3 +920,36 @@ class EncryptedImage(Image):
 
     def _write_zeroes(self, offset: int, n: int, unmap: bool) -> None:
         crypt.write_zeroes(self, offset, n, unmap)
+
+
+class _BitmapHost:
+    """spec.bitmap_store.BitmapHost over the impl's state: impl/refcount.py allocates and
+    frees (through the refcount cache), writes are overlap-checked with nothing ignored,
+    flush_caches writes both caches back and flushes the file (qcow2_flush_caches)."""
+
+    def __init__(self, s: State) -> None:
+        self.s = s
+        self.cluster_size = s.cluster_size
+
+    def bitmap_alloc(self, nbytes: int) -> int:
+        return rc.alloc_clusters(self.s, -(-nbytes // self.cluster_size))
+
+    def bitmap_free(self, offset: int, nbytes: int, *, discard: bool) -> None:
+        rc.free_clusters(self.s, offset, nbytes, discard=discard)
+
+    def bitmap_overlap_check(self, offset: int, n: int) -> None:
+        self.s.overlap.check_metadata(offset, n, 0)
+
+    def bitmap_pread(self, offset: int, n: int) -> bytes:
+        return self.s.host.pread(offset, n, meta=True)
+
+    def bitmap_pwrite(self, offset: int, data: bytes) -> None:
+        self.s.host.pwrite(offset, data, meta=True)
+
+    def bitmap_flush_caches(self) -> None:
+        self.s.l2_cache.write()
+        self.s.rc_cache.write()
+        self.s.flush_file()
+
+    def bitmap_flush(self) -> None:
+        self.s.flush_file()

@@ -11,9 +11,12 @@ leaving its cache (impl/cache.py, qcow2_cache_entry_flush), an L1 entry
 qcow2_grow_l1_table: nothing ignored), a snapshot's L1 copy and the snapshot table
 (impl/snapshot.py, qcow2_snapshot_create and qcow2_write_snapshots: nothing ignored) and the
 active L1 table overwritten by a snapshot's (qcow2_snapshot_goto: the active L1 ignored).
+The persistent bitmaps' writes at close (spec/bitmap_store.py: data clusters, tables, the
+new directory) are checked with nothing ignored, as store_bitmap and bitmap_list_store do.
 Not checked here: the refcount-table writers (a table entry, alloc_refcount_block's
-write_reftable_entry; the table's growth) and the bitmap writers (the engines keep no
-bitmaps, spec/autoclear.py).
+write_reftable_entry; the table's growth) and the in-place directory rewrite of the open
+(it runs before this checker exists). The bitmap directory counts as metadata only while
+the bitmaps autoclear bit is set (qcow2_check_metadata_overlap).
 """
 
 from __future__ import annotations

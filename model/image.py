@@ -24,10 +24,12 @@ from model import resize as rs
 from model import snapshots as sn
 from model import write as wr
 from model import zeroes as zr
+from model.overlap import check_metadata_write
 from model.state import ModelFile, State, UnflaggedError, check_range
+from spec import bitmap_store as bms
 from spec import encryption as enc
 from spec import features as ft
-from spec.autoclear import clear_on_open
+from spec import refblocks as rb
 from spec.errors import CorruptionError, FormatError, Qcow2Error, RequestError
 from spec.hostio import HostIOError
 from spec.image import ImageFile, open_image
@@ -253,6 +255,8 @@ class Image:
         self.broken = False
         self.no_flush = False
         """``cache="unsafe"``: flush does not fsync (BDRV_O_NO_FLUSH)."""
+        self.bitmaps: bms.BitmapSet | None = None
+        """The persistent bitmaps a read-write open loaded (spec/bitmap_store.py), or None."""
 
     # --- what the interface and the backing chain read (model/backing.py Layer) ---------------
     @property
@@ -352,16 +356,19 @@ class Image:
     def _open_read_write(self) -> None:
         """What a read-write open changes (qcow2_do_open, qcow2_update_options):
 
-        - unknown autoclear bits are cleared, and the bitmaps bit too: the model does not
-          keep bitmaps up to date, so it gives them up, their clusters freed so that the
-          image stays leak-free (spec/autoclear.py);
+        - unknown autoclear bits are cleared and the persistent bitmaps loaded, each one not
+          in use marked in use in the directory, rewritten in place (spec/bitmap_store.py;
+          an overlap there flags the image and fails the open, as QEMU's
+          "Can't update bitmap directory");
         - a dirty image (lazy refcounts left unclean) is repaired as ``check -r all``
           repairs it (spec.check.repair_dirty) and the dirty bit cleared.
         """
         h = self.q.header
         if h.v3 is None:
             return
-        clear_on_open(self.q)
+        q = self.q
+        self.bitmaps = self._guard(bms.load_on_open, q,
+                                   lambda off, n: check_metadata_write(q, off, n, "bitmap directory"))
         if h.v3.incompatible_features & ft.QCOW2_INCOMPAT_DIRTY:
             # Imported here: only a dirty lazy-refcount image needs the repair engine, and
             # loading it at import cost every command ~30 ms of start-up.
@@ -384,7 +391,11 @@ class Image:
         self._writable()
         check_range(self.state, offset, len(data))
         if data:
-            self._guard(wr.write, self.state, offset, bytes(data))
+            try:
+                self._guard(wr.write, self.state, offset, bytes(data))
+            finally:
+                if self.bitmaps is not None:
+                    self.bitmaps.mark_dirty(offset, len(data))
 
     def write_zeroes(self, offset: int, n: int, *, unmap: bool = False) -> None:
         """Make [offset, offset+n) read as zeros (model/zeroes.py).
@@ -392,7 +403,11 @@ class Image:
         self._writable()
         check_range(self.state, offset, n)
         if n:
-            self._guard(zr.write_zeroes, self.state, offset, n, unmap)
+            try:
+                self._guard(zr.write_zeroes, self.state, offset, n, unmap)
+            finally:
+                if self.bitmaps is not None:
+                    self.bitmaps.mark_dirty(offset, n)
 
     def discard(self, offset: int, n: int) -> None:
         """Discard [offset, offset+n) (model/zeroes.py).
@@ -400,14 +415,22 @@ class Image:
         self._writable()
         check_range(self.state, offset, n)
         if n:
-            self._guard(zr.discard, self.state, offset, n)
+            try:
+                self._guard(zr.discard, self.state, offset, n)
+            finally:
+                if self.bitmaps is not None:
+                    self.bitmaps.mark_dirty(offset, n)
 
     def write_compressed(self, offset: int, data: bytes) -> None:
         """Write one cluster compressed (model/compressed.py).
         Raises RequestError (alignment, size, range, an allocated cluster, read-only,
         closed), UnsupportedFeature (external data file), CorruptionError."""
         self._writable()
-        self._guard(cp.write_compressed, self.state, offset, bytes(data))
+        try:
+            self._guard(cp.write_compressed, self.state, offset, bytes(data))
+        finally:
+            if self.bitmaps is not None and data:
+                self.bitmaps.mark_dirty(offset, len(data))
 
     # --- flush / close -----------------------------------------------------------------------
     def flush(self) -> None:
@@ -428,7 +451,7 @@ class Image:
             return
         self.closed = True
         try:
-            if not self.readonly and not self.broken:
+            if not self.readonly and not self.broken and self._store_bitmaps():
                 self.q.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
                 # bdrv_close flushes, cache=unsafe or not: after fdatasync the file's holes
                 # are stable, so that SEEK_HOLE (and qemu-img map, see mapping_report) sees
@@ -442,6 +465,21 @@ class Image:
                 self.q.data_f.close()
             if self.backing is not None:
                 self.backing.close()
+
+    def _store_bitmaps(self) -> bool:
+        """qcow2_inactivate's qcow2_store_persistent_dirty_bitmaps (spec/bitmap_store.py).
+        False when it failed: QEMU reports "Lost persistent bitmaps", flags the image for
+        an overlap, and leaves the image unmarked clean."""
+        if self.bitmaps is None:
+            return True
+        try:
+            self.bitmaps.store(_BitmapHost(self.q), self.q.header)
+        except HostIOError:
+            return False
+        except CorruptionError as e:
+            self.corrupt(str(e))
+            return False
+        return True
 
     # --- the rest of the interface ------------------------------------------------------------
     def map(self, offset: int = 0, n: int | None = None) -> list[dict[str, Any]]:
@@ -472,7 +510,11 @@ class Image:
         Raises RequestError (size, shrink without ``shrink``, snapshots, read-only, closed),
         CorruptionError."""
         self._writable()
+        if self.bitmaps is not None:
+            self.bitmaps.check_resize()
         self._guard(rs.resize, self.state, new_size, shrink)
+        if self.bitmaps is not None:
+            self.bitmaps.resize(self.state.size)
 
     def snapshot_create(self, name: str) -> None:
         """See model/snapshots.py (qcow2_snapshot_create)."""
@@ -493,3 +535,33 @@ class Image:
         """See model/snapshots.py (qcow2_snapshot_list)."""
         self._usable()
         return sn.listing(self.state)
+
+
+class _BitmapHost:
+    """spec.bitmap_store.BitmapHost over the model's file: spec/refblocks.py allocates and
+    frees, every write is overlap-checked with nothing ignored, flushes reach the image file."""
+
+    def __init__(self, q: ModelFile) -> None:
+        self.q = q
+        self.cluster_size = q.cluster_size
+
+    def bitmap_alloc(self, nbytes: int) -> int:
+        return rb.alloc_clusters(self.q, -(-nbytes // self.cluster_size))
+
+    def bitmap_free(self, offset: int, nbytes: int, *, discard: bool) -> None:
+        rb.free_clusters(self.q, offset, nbytes, discard=discard)
+
+    def bitmap_overlap_check(self, offset: int, n: int) -> None:
+        check_metadata_write(self.q, offset, n, "")
+
+    def bitmap_pread(self, offset: int, n: int) -> bytes:
+        return self.q.pread(offset, n)
+
+    def bitmap_pwrite(self, offset: int, data: bytes) -> None:
+        self.q.pwrite(offset, data)
+
+    def bitmap_flush_caches(self) -> None:
+        self.q.flush(sync=self.q.sync)
+
+    def bitmap_flush(self) -> None:
+        self.q.flush(sync=self.q.sync)
