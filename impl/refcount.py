@@ -330,12 +330,29 @@ def alloc_bytes(s: State, size: int) -> int:
 def _block_for_update(s: State, cluster_index: int) -> int:
     """alloc_refcount_block: the block covering ``cluster_index``, hooked up if missing (for
     a decrease as for an increase)."""
+    rt_index = cluster_index // s.geometry.refcount_block_entries
+    try:
+        block = _block_offset(s, rt_index)
+        if block:
+            return block
+        _hook_up_block(s, cluster_index, rt_index)
+    except HostIOError:
+        raise
+    except CorruptionError as e:
+        # Every corruption on this path is qcow2_signal_corruption (an unaligned block, the
+        # block at offset 0, a write-back the overlap check refuses): it flags the image even
+        # inside a free, whose failure QEMU ignores, so the image takes ``signalled`` when
+        # the request ends.
+        s.signalled = s.signalled or str(e)
+        raise
+    raise Again
+
+
+def _hook_up_block(s: State, cluster_index: int, rt_index: int) -> None:
+    """alloc_refcount_block's allocation: a new block for ``rt_index``, hooked into the
+    table or into a grown one."""
     g = s.geometry
     per = g.refcount_block_entries
-    rt_index = cluster_index // per
-    block = _block_offset(s, rt_index)
-    if block:
-        return block
     cs = s.cluster_size
     # The refcount table will be written, and it may depend on L2 tables.
     if s.l2_cache is not None:
@@ -345,10 +362,7 @@ def _block_for_update(s: State, cluster_index: int) -> int:
         s.process_discards()
     new_block = alloc_clusters_noref(s, 1)
     if new_block == 0:
-        # qcow2_signal_corruption flags the image even when the caller ignores the failure
-        # (a free): the image takes ``signalled`` when the request ends.
-        s.signalled = "preventing invalid allocation of a refcount block at offset 0"
-        raise CorruptionError(s.signalled)
+        raise CorruptionError("preventing invalid allocation of a refcount block at offset 0")
     if new_block // cs // per == rt_index:
         arr = s.rc_cache.get_empty(new_block)
         arr[new_block // cs % per] = 1
@@ -363,10 +377,9 @@ def _block_for_update(s: State, cluster_index: int) -> int:
         s.reftable[rt_index] = new_block
         s.write_reftable_entry(rt_index)
         s.overlap.stale = True
-        raise Again
+        return
     _grow_reftable(s, cluster_index, rt_index, new_block)
     s.rc_cache.get(new_block)  # load_refcount_block: the block becomes the most recent entry
-    raise Again
 
 
 def _grow_reftable(s: State, cluster_index: int, new_index: int, new_block: int) -> None:

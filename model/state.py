@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import BinaryIO
 
 from model.backing import Layer
+from model.overlap import check_metadata_write
 from spec import features as ft
 from spec.encryption import Qcow2Crypto
 from spec.errors import CorruptionError, RequestError
@@ -56,6 +57,11 @@ class ModelFile(Qcow2File):
     def barrier(self) -> None:
         if self.unflushed:
             self.flush_all(sync=self.sync)
+
+    def check_refblock_write(self, offset: int, n: int) -> None:
+        """QEMU flushes the blocks alloc_refcount_block and qcow2_refcount_area write at
+        once, so the model checks them as it writes them (model/overlap.py)."""
+        check_metadata_write(self, offset, n, "refcount block")
 
     def refcount_freed(self, cluster_index: int) -> None:
         super().refcount_freed(cluster_index)

@@ -72,6 +72,12 @@ class Qcow2File(hd.HeaderViews):
     def refcount_max(self) -> int:
         return (1 << self.geometry.refcount_bits) - 1
 
+    def check_refblock_write(self, offset: int, n: int) -> None:
+        """The overlap check of a refcount block alloc_refcount_block or qcow2_refcount_area
+        writes at once (their qcow2_cache_flush runs qcow2_pre_write_overlap_check, refcount
+        blocks ignored); raises CorruptionError. No check here: the check-and-repair engine
+        writes as qemu-img check does; the model overrides it (model/state.py)."""
+
     def refcount_freed(self, cluster_index: int) -> None:
         """The refcount of ``cluster_index`` dropped to 0: the free-cluster search will
         start there at the latest (update_refcount moves free_cluster_index back)."""

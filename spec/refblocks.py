@@ -249,7 +249,12 @@ def _refblock_for_update(q: Qcow2File, cluster_index: int) -> int:
     hooking up a new block."""
     g = q.geometry
     rt_index = cluster_index // g.refcount_block_entries
-    block = refblock_offset(q, None, rt_index)
+    try:
+        block = refblock_offset(q, None, rt_index)
+    except CorruptionError as e:
+        # qcow2_signal_corruption (an unaligned block): it flags the image even inside a free.
+        q.signalled = q.signalled or str(e)
+        raise
     if block:
         return block
     table_entries = q.header.refcount_table_clusters * q.cluster_size // 8
@@ -266,7 +271,7 @@ def _refblock_for_update(q: Qcow2File, cluster_index: int) -> int:
         refcount_set(block_data, new_block // q.cluster_size % entries, g.refcount_bits, 1)
     else:
         update_refcount(q, new_block, q.cluster_size, 1)
-    q.pwrite(new_block, bytes(block_data))
+    _checked_refblock_write(q, new_block, bytes(block_data))
     if rt_index < table_entries:
         table = read_reftable(q)
         table[rt_index] = new_block
@@ -274,6 +279,18 @@ def _refblock_for_update(q: Qcow2File, cluster_index: int) -> int:
         raise Again
     _grow_reftable(q, cluster_index, rt_index, new_block)
     raise Again
+
+
+def _checked_refblock_write(q: Qcow2File, offset: int, data: bytes) -> None:
+    """A refcount block written at once, after the writer's overlap check. A refusal is
+    qcow2_signal_corruption: it flags the image even inside a free, whose failure QEMU
+    ignores, so it is also left in ``signalled``."""
+    try:
+        q.check_refblock_write(offset, len(data))
+    except CorruptionError as e:
+        q.signalled = q.signalled or str(e)
+        raise
+    q.pwrite(offset, data)
 
 
 def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int,
@@ -342,7 +359,7 @@ def _grow_reftable(q: Qcow2File, cluster_index: int, new_index: int, new_block: 
             j = (start - first_covered) // cs if first_covered < start else 0
             for k in range(j, min((end - first_covered) // cs, entries)):
                 refcount_set(data, k, bits, 1)
-        q.pwrite(new_table[i], bytes(data))
+        _checked_refblock_write(q, new_table[i], bytes(data))
     q.pwrite(table_offset, struct.pack(f">{table_size}Q", *new_table))
     old_offset, old_clusters = q.header.refcount_table_offset, q.header.refcount_table_clusters
     q.header.refcount_table_offset = table_offset

@@ -604,3 +604,31 @@ def test_a_new_snapshot_table_landing_on_an_inactive_l1_table_flags_the_image(en
         img.snapshot_create("s2")
     _same_outcome(theirs, ours)
     assert struct.unpack_from(">I", ours.read_bytes(), 60)[0] == 2
+
+
+def test_a_request_piece_after_a_free_flagged_the_image_fails(engine: ModuleType, tmp_path: Path) -> None:
+    """The same zeroed refcount table entry, and write_zeroes -u over [512, 8704): the block
+    layer cuts it at clusters. The aligned middle frees guest cluster 1 and QEMU flags the
+    image there, dropping the node, so the unaligned tail after it fails (ENOMEDIUM: the
+    node is gone); an aligned request of two clusters frees both, the second block refused
+    by the overlap check (it would overwrite the refcount table), and succeeds."""
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(src), "4M"],
+                   check=True)
+    qemu_io(src, "write -q -P 1 0 8k")
+    _poke(src, 0x1000, bytes(8))
+    for name, (offset, n, fails) in {"tail": (512, 8192, True), "aligned": (0, 8192, False)}.items():
+        theirs, ours = tmp_path / f"q-{name}.qcow2", tmp_path / f"e-{name}.qcow2"
+        shutil.copy(src, theirs)
+        shutil.copy(src, ours)
+        out = _qemu_unsafe(theirs, f"write -z -u {offset} {n}")
+        assert ("write failed: No medium found" in out) == fails, out
+        with engine.open(ours) as img:
+            if fails:
+                with pytest.raises(CorruptionError):
+                    img.write_zeroes(offset, n, unmap=True)
+            else:
+                img.write_zeroes(offset, n, unmap=True)
+            assert img.broken
+        assert _corrupt_bit(theirs)
+        assert ours.read_bytes() == theirs.read_bytes()  # the refcount table not overwritten
