@@ -194,6 +194,8 @@ class Image:
         # s.overlap is looked up at each call, as snapshot.py may replace it.
         s.l2_cache.check_write = lambda off, n: s.overlap.check_metadata(off, n, ov.QCOW2_OL_ACTIVE_L2)
         s.rc_cache.check_write = lambda off, n: s.overlap.check_metadata(off, n, ov.QCOW2_OL_REFCOUNT_BLOCK)
+        if not self.readonly and snapshot is None and img.header.v3 is not None:
+            self._load_bitmaps(img)
         if img.backing_file:
             self.backing = self._open_backing(img, depth, o)
         if snapshot is not None:
@@ -243,10 +245,8 @@ class Image:
         return _open(bpath, readonly=True, snapshot=None, depth=depth + 1, options=bopts)
 
     def _open_read_write(self, img: ImageFile) -> None:
-        """qcow2_do_open for a writer, before any cache exists: unknown autoclear bits are
-        cleared and the persistent bitmaps loaded, the directory's in-use flags rewritten in
-        place (spec/bitmap_store.py; that write is not overlap-checked here, no checker
-        exists yet); a dirty image
+        """qcow2_do_open for a writer, before any cache exists (the bitmaps come later,
+        _load_bitmaps); a dirty image
         (lazy refcounts left unclean) is repaired by the shared engine as qcow2_do_open
         repairs it (qcow2_co_check_locked with BDRV_FIX_ERRORS | BDRV_FIX_LEAKS:
         spec.check.repair_dirty) and the dirty bit cleared."""
@@ -261,12 +261,37 @@ class Image:
             raise FormatError(f"cannot open for writing: {e.strerror}", self.filename) from None
         try:
             q = Qcow2File(img, f, readonly=False)
-            self.bitmaps = bms.load_on_open(q)
             if h.v3.incompatible_features & ft.QCOW2_INCOMPAT_DIRTY:
                 from spec.check import repair_dirty
 
                 repair_dirty(q)
                 q.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
+        finally:
+            f.close()
+
+    def _load_bitmaps(self, img: ImageFile) -> None:
+        """qcow2_do_open's autoclear masking and qcow2_load_dirty_bitmaps (spec/bitmap_store.py):
+        unknown autoclear bits cleared, the bitmaps loaded, the directory's in-use flags
+        rewritten in place, that write overlap-checked with the directory itself ignored.
+        QEMU does this before it repairs a dirty image; here it comes after the repair
+        (_open_read_write), once the checker exists: neither step changes what the other
+        reads or writes. An overlap flags the image and fails the open ("Can't update
+        bitmap directory")."""
+        from spec.qfile import Qcow2File
+
+        s = self.s
+        try:
+            f = builtins.open(self.filename, "r+b")  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise FormatError(f"cannot open for writing: {e.strerror}", self.filename) from None
+        try:
+            q = Qcow2File(img, f, readonly=False)
+            self.bitmaps = bms.load_on_open(
+                q, lambda off, n: s.overlap.check_metadata(off, n, ov.QCOW2_OL_BITMAP_DIRECTORY))
+        except CorruptionError as e:
+            if not isinstance(e, (HostIOError, cl.UnflaggedError)):
+                self._flag_corrupt()
+            raise
         finally:
             f.close()
 
