@@ -61,9 +61,9 @@ METADATA_OVERLAP_UNCHECKED = Note(
     "L1 entry writes, the grown L1 table (qcow2_grow_l1_table) and the snapshot writers (a "
     "snapshot's L1 copy, the snapshot table, the active L1 overwritten by a snapshot's: "
     "block/qcow2-snapshot.c); not the refcount-table writers (a new refcount block's table "
-    "entry, write_reftable_entry, and the table's growth, block/qcow2-refcount.c) nor the "
-    "bitmap writers (block/qcow2-bitmap.c: the directory marked in use at a read-write open, "
-    "every bitmap rewritten at close), as the engines keep no bitmaps (BITMAPS_DROPPED). Or a "
+    "entry, write_reftable_entry, and the table's growth, block/qcow2-refcount.c). The "
+    "persistent bitmaps' writers are checked (spec/bitmap_store.py: the directory rewritten in "
+    "place at a read-write open, every bitmap stored at close). Or a "
     "write-back order that differs from QEMU's: the impl writes a cache back in host-offset "
     "order, QEMU in cache-slot order; both go on past a refused entry, so only which refusal "
     "comes first differs.",
@@ -113,17 +113,6 @@ CACHED_METADATA_READ = Note(
     "at once, so it reads the updated table.",
     open=False)
 
-BITMAPS_DROPPED = Note(
-    "bitmaps-dropped",
-    "QEMU kept the image's persistent bitmaps and only check's leak count differs. The engines "
-    "keep no bitmaps: a read-write open gives them up and frees only the clusters the checked "
-    "tables reach (spec/autoclear.py), so bitmap clusters that the damage disconnected stay "
-    "leaked. QEMU keeps "
-    "the bitmaps and rewrites each one at close (block/qcow2-bitmap.c "
-    "qcow2_store_persistent_dirty_bitmaps: new tables and data, the old ones freed), so its "
-    "leak count differs; corruption counts agree. Closing it means keeping bitmaps.",
-    open=True)
-
 REFCOUNTS_GROWN_ON_FREE = Note(
     "refcounts-grown-on-free",
     "A request frees a cluster that no refcount block covers (a damaged L2 entry far past the "
@@ -165,7 +154,7 @@ TABLE_PUNCHED = Note(
     open=False)
 
 NOTES = (METADATA_OVERLAP, METADATA_OVERLAP_UNCHECKED, QEMU_ABORTED, DROPPED_CACHES, MODEL_WRITE_THROUGH,
-         CACHED_METADATA_READ, BITMAPS_DROPPED, REFCOUNTS_GROWN_ON_FREE, REFCOUNT_INDEX_WRAP, TABLE_PUNCHED)
+         CACHED_METADATA_READ, REFCOUNTS_GROWN_ON_FREE, REFCOUNT_INDEX_WRAP, TABLE_PUNCHED)
 
 
 def _wrapping_offset(image: bytes) -> bool:
@@ -223,19 +212,6 @@ def _qemu_leaks_more(finding: Finding) -> bool:
     theirs = _leaks(finding.outcomes.get("qemu", ""))
     ours = [_leaks(v) for k, v in finding.outcomes.items() if k != "qemu"]
     return finding.kind == "check" and all(n < theirs for n in ours)
-
-
-def _corruptions(verdict: str) -> str:
-    """The corruption count of a check verdict ("leaks corruptions=0 leaks=2" -> "0")."""
-    return verdict.partition("corruptions=")[2].split(" ")[0]
-
-
-def _has_bitmaps(path: Path) -> bool:
-    try:
-        with open_image(path) as img:
-            return img.bitmaps_enabled
-    except (Qcow2Error, OSError):
-        return False
 
 
 def _reads_metadata(path: Path, guest: int, n: int) -> bool:
@@ -319,9 +295,6 @@ def explain(finding: Finding, run: Run) -> Note | None:
     if failed_refcounts and finding.kind in ("reopen", "check") and have_files \
             and (_refcount_growth(run.paths["qemu"], run.paths["model"]) or _qemu_leaks_more(finding)):
         return REFCOUNTS_GROWN_ON_FREE
-    if (finding.kind == "check" and len({_corruptions(v) for v in finding.outcomes.values()}) == 1
-            and "qemu" in run.paths and _has_bitmaps(run.paths["qemu"])):
-        return BITMAPS_DROPPED
     if _OVERLAP_WORDS in qemu_log:
         # QEMU flagged the image; every later difference (the refused request, the corrupt
         # bit, what a reopen and check find in the file QEMU stopped writing) follows from it.
