@@ -339,8 +339,7 @@ def _load_data(q: Qcow2File, entry: c.Container, disk_size: int) -> bytearray:
 def load_on_open(q: Qcow2File,
                  overlap_check: Callable[[int, int], None] | None = None) -> BitmapSet | None:
     """What a read-write open does to the autoclear bits and the bitmaps (see the module
-    doc). Returns the loaded set when a bitmap is kept up to date from now on, else None
-    (no bitmaps, or only bitmaps already in use: nothing to track or store)."""
+    doc). Returns the loaded set, or None when the image has no bitmaps QEMU would load."""
     h = q.header
     if h.v3 is None:
         return None
@@ -367,7 +366,7 @@ def load_on_open(q: Qcow2File,
         if any(not b.inconsistent for b in bitmaps):
             _update_in_place(q, s, overlap_check)
             update_header = False
-            result = s
+        result = s  # only in-use bitmaps: nothing tracked or stored, but a resize is refused
     if update_header:
         q.write_header()
     return result

@@ -19,13 +19,15 @@ from types import ModuleType
 import pytest
 
 from spec import bitmaps as bm
+from spec.errors import UnsupportedFeature
 from spec.header import QCOW2_EXT_MAGIC_BITMAPS
 from spec.image import open_image
 from tests.conformance.helpers import KiB, MiB, check_json
 from tests.qemu import qemu_io
 
 Op = tuple[str, int, int, int]
-"""(kind, offset, length, pattern): kind "write", "zero", "discard"; "reopen" ends a session."""
+"""(kind, offset, length, pattern): kind "write", "zero", "discard", "resize" (to ``offset``);
+"reopen" ends a session."""
 REOPEN: Op = ("reopen", 0, 0, 0)
 
 
@@ -56,6 +58,8 @@ def _qemu_cmd(op: Op) -> str:
         return f"write -q -P {pat} {off} {n}"
     if kind == "zero":
         return f"write -q -z {off} {n}"
+    if kind == "resize":
+        return f"truncate {off}"
     return f"discard -q {off} {n}"
 
 
@@ -71,6 +75,8 @@ def _run(engine: ModuleType, src: Path, tmp: Path, ops: list[Op]) -> tuple[Path,
                     img.write(off, bytes([pat]) * n)
                 elif kind == "zero":
                     img.write_zeroes(off, n)
+                elif kind == "resize":
+                    img.resize(off, shrink=True)
                 else:
                     img.discard(off, n)
     return theirs, ours
@@ -213,3 +219,28 @@ def test_unknown_autoclear_bits_are_cleared_with_the_bitmaps_kept(engine: Module
     theirs, ours = _run(engine, src, tmp_path, [("write", 0, 4 * KiB, 1)])
     _same(theirs, ours)
     assert struct.unpack_from(">Q", ours.read_bytes(), 88)[0] == 1
+
+
+@pytest.mark.parametrize("new_size", [128 * MiB, 32 * MiB])
+def test_a_resize_resizes_the_bitmaps(engine: ModuleType, tmp_path: Path, new_size: int) -> None:
+    # bdrv_dirty_bitmap_truncate: grown bits start clear, a shrink drops the bits past the end.
+    src = _image(tmp_path, "64M", [["b0"], ["b1", "-g", "512"]])
+    theirs, ours = _run(engine, src, tmp_path, [("write", 0, 64 * KiB, 1), ("write", 40 * MiB, 64 * KiB, 2),
+                                                ("resize", new_size, 0, 0), ("write", 20 * MiB, 4 * KiB, 3)])
+    _same(theirs, ours)
+
+
+def test_an_in_use_bitmap_refuses_a_resize(engine: ModuleType, tmp_path: Path) -> None:
+    src = _image(tmp_path, "64M", [["b0"]])
+    _poke(src, _dir_offset(src) + 12, struct.pack(">I", bm.BME_FLAG_IN_USE | bm.BME_FLAG_AUTO))
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "truncate 128M", "-c", "write -q -P 1 0 4k",
+                        str(theirs)], capture_output=True, text=True)
+    assert "Bitmap 'b0' is inconsistent and cannot be used" in r.stderr  # qcow2_truncate_bitmaps_check
+    with engine.open(ours) as img:
+        with pytest.raises(UnsupportedFeature, match="inconsistent"):
+            img.resize(128 * MiB)
+        img.write(0, b"\x01" * (4 * KiB))
+    _same(theirs, ours)
