@@ -978,3 +978,7 @@ class _BitmapHost:
 
     def bitmap_flush(self) -> None:
         self.s.flush_file()
+
+    def bitmap_directory_moved(self, offset: int, size: int) -> None:
+        self.s.overlap.bitmap_dir = (offset, size)
+        self.s.overlap.stale = True

@@ -565,3 +565,7 @@ class _BitmapHost:
 
     def bitmap_flush(self) -> None:
         self.q.flush(sync=self.q.sync)
+
+    def bitmap_directory_moved(self, offset: int, size: int) -> None:
+        # model/overlap.py reads the directory's place from the parsed extension.
+        bms.update_extension(self.q.image_file, offset, size)

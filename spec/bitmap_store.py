@@ -55,6 +55,7 @@ from spec.entries import (
     BME_TABLE_ENTRY_RESERVED_MASK,
 )
 from spec.errors import FormatError, UnsupportedFeature
+from spec.image import ImageFile
 from spec.qfile import Qcow2File
 
 
@@ -88,6 +89,12 @@ class BitmapHost(Protocol):
 
     def bitmap_flush(self) -> None:
         """bdrv_flush(bs->file): the image file only."""
+        ...
+
+    def bitmap_directory_moved(self, offset: int, size: int) -> None:
+        """The header now names the new directory: the overlap check protects it from here on
+        (QEMU's s->bitmap_directory_offset changes before the old clusters are freed, whose
+        frees may allocate a refcount block, written back under that check)."""
         ...
 
 
@@ -253,6 +260,7 @@ class BitmapSet:
         header.v3.autoclear_features = int(header.v3.autoclear_features) | ft.QCOW2_AUTOCLEAR_BITMAPS
         host.bitmap_pwrite(0, self.header_bytes(header, host.bitmap_pread(0, self.header_end)))
         host.bitmap_flush()
+        host.bitmap_directory_moved(dir_off, len(new_dir))
         if old_dir[1]:
             host.bitmap_free(old_dir[0], old_dir[1], discard=False)
         for off, n in drop:
@@ -397,3 +405,11 @@ def _header_sync(q: Qcow2File, s: BitmapSet) -> None:
     q.pwrite(0, s.header_bytes(q.header, q.pread(0, s.header_end)))
     q.flush()
 
+
+
+def update_extension(img: ImageFile, offset: int, size: int) -> None:
+    """Keep a parsed image's bitmaps extension in step with a directory the store moved."""
+    ext = img.extension(hd.QCOW2_EXT_MAGIC_BITMAPS)
+    if ext is not None:
+        ext.data.bitmap_directory_offset = offset
+        ext.data.bitmap_directory_size = size

@@ -244,3 +244,19 @@ def test_an_in_use_bitmap_refuses_a_resize(engine: ModuleType, tmp_path: Path) -
             img.resize(128 * MiB)
         img.write(0, b"\x01" * (4 * KiB))
     _same(theirs, ours)
+
+
+def test_a_table_past_the_end_of_the_file_is_freed_as_qemu_frees_it(engine: ModuleType,
+                                                                    tmp_path: Path) -> None:
+    # The table reads as zeros (an all-zero bitmap). Freeing it at close reaches a cluster
+    # no refcount block covers: QEMU's update_refcount hooks up a block there first, in the
+    # first free cluster, the old directory's, freed just before; the overlap check must
+    # already protect the new directory, not the old one (the impl flagged the image).
+    src = _image(tmp_path, "4M", [["b0"]])
+    qemu_io(src, "write -q -P 1 0 64k")
+    _poke(src, _dir_offset(src), struct.pack(">Q", 1 << 40))  # b0's table offset
+    theirs, ours = _run(engine, src, tmp_path, [("write", MiB, 4 * KiB, 2)])
+    a, b = theirs.read_bytes(), ours.read_bytes()
+    assert a == b
+    reftable = int(open_image(theirs).header.refcount_table_offset)
+    assert struct.unpack_from(">Q", a, reftable + 8 * ((1 << 40) >> 31))[0]  # the block QEMU hooked up
