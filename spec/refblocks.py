@@ -251,6 +251,8 @@ def _refblock_for_update(q: Qcow2File, cluster_index: int) -> int:
     rt_index = cluster_index // g.refcount_block_entries
     try:
         block = refblock_offset(q, None, rt_index)
+    except HostIOError:
+        raise  # a failed host read is the request's errno, never a flag
     except CorruptionError as e:
         # qcow2_signal_corruption (an unaligned block): it flags the image even inside a free.
         q.signalled = q.signalled or str(e)
@@ -287,6 +289,8 @@ def _checked_refblock_write(q: Qcow2File, offset: int, data: bytes) -> None:
     ignores, so it is also left in ``signalled``."""
     try:
         q.check_refblock_write(offset, len(data))
+    except HostIOError:
+        raise  # the check's own reads failed on the host: the request's errno, never a flag
     except CorruptionError as e:
         q.signalled = q.signalled or str(e)
         raise

@@ -7,10 +7,10 @@ was hit; it only stops being a failure. Two rules keep a note from hiding a real
 
 - the engines must agree with each other: a note explains QEMU against every engine, never
   one engine against another (the model and the impl share spec/ and must behave alike).
-  The exceptions are DROPPED_CACHES, MODEL_WRITE_THROUGH, CACHED_METADATA_READ and
-  METADATA_OVERLAP, whose cause is the model's design (it has no cache, DESIGN.md), each with
-  its own evidence (QEMU's words, the model's own error, the read's host cluster, the impl
-  answering as QEMU did);
+  The exceptions are DROPPED_CACHES, MODEL_WRITE_THROUGH, CACHED_METADATA_READ,
+  METADATA_OVERLAP and REFCOUNTS_GROWN_ON_FREE, whose cause is the model's design (it has no
+  cache, DESIGN.md), each with its own evidence (QEMU's words, the model's own error, the
+  read's host cluster, the impl answering as QEMU did);
 - the evidence is QEMU's own words for the cause, not the shape of the disagreement.
   (QEMU's overlap message does not say which write it refused, guest data, a table
   write-back, an L1 entry or a new table; the engines check all of these against the same
@@ -115,22 +115,22 @@ CACHED_METADATA_READ = Note(
 
 REFCOUNTS_GROWN_ON_FREE = Note(
     "refcounts-grown-on-free",
-    "A request frees a cluster that no refcount block covers (a damaged L2 entry far past the "
-    "refcount table, or a refcount table that reads as zeros). "
-    "QEMU's update_refcount fetches the refcount block of every cluster it changes, a decrement "
-    "included, through alloc_refcount_block (block/qcow2-refcount.c), so it allocates a refcount "
-    "block, or grows the refcount table, to cover the bogus offset, then gives up ('qcow2_free_"
-    "clusters failed': EAGAIN, or EFBIG where the table would lie past the host's file size "
-    "limit, or at the close's write-back, 'Failed to flush the refcount block cache'). What it "
-    "allocated stays: a leaked cluster (QEMU's check leaks more), or a table of terabytes past "
-    "QEMU's own limit, after which it refuses to open its file ('Reference count table too "
-    "large'). The engines drop a reference only where a refcount block exists "
-    "(spec/refblocks.py, impl/refcount.py) and leave the table as it was. Matching QEMU would "
-    "mean writing that table; not done. The same path can flag the image: with a refcount table "
-    "that reads as zeros the new block would land on the header ('Preventing invalid "
-    "allocation of refcount block at offset 0'), so QEMU fails the freeing request where the "
-    "engines, which allocate nothing there, succeed.",
-    open=True)
+    "A request freed a cluster that no refcount block covers (a damaged L2 entry far past the "
+    "data) and QEMU's free failed on the host ('qcow2_free_clusters failed: File too large'); "
+    "the impl answered as QEMU did, the model did not. QEMU's update_refcount fetches the "
+    "refcount block of a cluster it decrements through alloc_refcount_block "
+    "(block/qcow2-refcount.c), which writes a new block and, past the refcount table, builds "
+    "new refcount structures at the first refblock range past that cluster "
+    "(qcow2_refcount_area); both engines now do the same (spec/refblocks.py, impl/refcount.py; "
+    "tests/conformance/test_damaged.py). When that range lies past the host's file size limit "
+    "(a cluster 16 TiB up, on ext4) the new blocks cannot be written (EFBIG) and stay dirty in "
+    "QEMU's refcount cache: every later eviction of one, flush and the close fail with EFBIG "
+    "('Failed to flush the refcount block cache'), so a later request whose refcount update "
+    "needs a block the cache does not hold fails, and so does a later free. The impl's cache "
+    "(QEMU's size and LRU order) keeps them the same way; the model has no cache (DESIGN.md): "
+    "its write of the first new block fails at once, it forgets the blocks and goes on, so its "
+    "later requests, its close and its file (check's leaks) differ.",
+    open=False)
 
 REFCOUNT_INDEX_WRAP = Note(
     "refcount-index-wrap",
@@ -185,33 +185,18 @@ def _wrapping_offset(image: bytes) -> bool:
     return False
 
 
-def _refcount_growth(theirs: Path, mine: Path) -> bool:
-    """QEMU's file has a larger refcount table (header bytes 56-59, read without opening the
-    image: QEMU's file may be one that no longer opens) or is longer than the model's."""
-    try:
-        with theirs.open("rb") as a, mine.open("rb") as b:
-            grown = int.from_bytes(a.read(60)[56:60], "big") > int.from_bytes(b.read(60)[56:60], "big")
-        return grown or theirs.stat().st_size > mine.stat().st_size
-    except OSError:
+_FREE_EFBIG_WORDS = "qcow2_free_clusters failed: File too large"
+"""QEMU's words for a free whose refcount update failed on the host (see
+REFCOUNTS_GROWN_ON_FREE)."""
+
+
+def _model_forgot_unwritable_blocks(finding: Finding, qemu_log: str) -> bool:
+    """A free failed on the host in QEMU, and the impl (QEMU's cache) answered as QEMU did
+    where the model (no cache) did not."""
+    if _FREE_EFBIG_WORDS not in qemu_log or "impl" not in finding.outcomes:
         return False
-
-
-_BLOCK_AT_ZERO_WORDS = "Preventing invalid allocation of refcount block at offset 0"
-_REFCOUNT_FAILURE_WORDS = ("qcow2_free_clusters failed", "Failed to flush the refcount block cache")
-"""QEMU's words for a refcount update that failed after the request (logged, not the request's
-failure) or at the close's write-back of the refcount cache."""
-
-
-def _leaks(verdict: str) -> int:
-    tail = verdict.partition("leaks=")[2].split(" ")[0]
-    return int(tail) if tail.isdigit() else 0
-
-
-def _qemu_leaks_more(finding: Finding) -> bool:
-    """check's verdicts: QEMU's file leaks more clusters than every engine's."""
-    theirs = _leaks(finding.outcomes.get("qemu", ""))
-    ours = [_leaks(v) for k, v in finding.outcomes.items() if k != "qemu"]
-    return finding.kind == "check" and all(n < theirs for n in ours)
+    theirs = finding.outcomes["qemu"]
+    return finding.outcomes["impl"] == theirs and finding.outcomes.get("model", theirs) != theirs
 
 
 def _reads_metadata(path: Path, guest: int, n: int) -> bool:
@@ -284,17 +269,12 @@ def explain(finding: Finding, run: Run) -> Note | None:
             and run.errors.get("model", "") in ("", run.errors.get("impl", "")):
         # The model's last error, if any, is one the impl had too: it failed nothing of its own.
         return METADATA_OVERLAP
+    if _model_forgot_unwritable_blocks(finding, qemu_log):
+        return REFCOUNTS_GROWN_ON_FREE
     if not _engines_agree(finding):
         return None
     if finding.kind == "check" and _wrapping_offset(run.image):
         return REFCOUNT_INDEX_WRAP
-    failed_refcounts = any(w in qemu_log for w in _REFCOUNT_FAILURE_WORDS)
-    if "qcow2_free_clusters failed" in qemu_log and _BLOCK_AT_ZERO_WORDS in qemu_log:
-        return REFCOUNTS_GROWN_ON_FREE
-    have_files = "qemu" in run.paths and "model" in run.paths
-    if failed_refcounts and finding.kind in ("reopen", "check") and have_files \
-            and (_refcount_growth(run.paths["qemu"], run.paths["model"]) or _qemu_leaks_more(finding)):
-        return REFCOUNTS_GROWN_ON_FREE
     if _OVERLAP_WORDS in qemu_log:
         # QEMU flagged the image; every later difference (the refused request, the corrupt
         # bit, what a reopen and check find in the file QEMU stopped writing) follows from it.

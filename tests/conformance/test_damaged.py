@@ -541,8 +541,8 @@ def test_a_refcount_area_past_the_file_size_limit_stays_in_the_cache(engine: Mod
     if engine.__name__ == "impl":
         with pytest.raises(HostIOError):
             img.write(8 * KiB, b"\x05" * (8 * KiB))
-        with pytest.raises(HostIOError):
-            img.close()
+        img.close()  # QEMU's close only prints the failed write-back (qcow2_inactivate)
+        assert isinstance(img.close_error, HostIOError)
         assert ours.read_bytes() == theirs.read_bytes()
     else:
         img.write(8 * KiB, b"\x05" * (8 * KiB))

@@ -140,28 +140,21 @@ def test_a_read_of_a_table_the_model_already_rewrote_is_named(tmp_path: Path) ->
                    Run(paths={"model": img}, case=case)) is None  # impl and QEMU must agree
 
 
-def test_a_refcount_table_qemu_grew_on_a_free_is_named(tmp_path: Path) -> None:
-    theirs, mine = tmp_path / "q.qcow2", tmp_path / "m.qcow2"
-    theirs.write_bytes(bytes(56) + (3074).to_bytes(4, "big") + bytes(44))
-    mine.write_bytes(bytes(56) + (1).to_bytes(4, "big") + bytes(44))
-    reopen = Finding("reopen", 1, {"model": "ok", "impl": "ok", "qemu": "refused"})
-    log = ["qcow2_free_clusters failed: Resource temporarily unavailable\n"]
-    grown = Run(qemu_log=log, paths={"qemu": theirs, "model": mine})
-    assert explain(reopen, grown) is REFCOUNTS_GROWN_ON_FREE
-    assert explain(reopen, Run(qemu_log=log, paths={"qemu": mine, "model": mine})) is None  # no growth
-    assert explain(reopen, Run(qemu_log=[], paths={"qemu": theirs, "model": mine})) is None  # no failed free
-    # The block QEMU allocated for the decrement leaks when the close cannot write it back.
-    leak = Finding("check", 2, {"model": "clean corruptions=0 leaks=0", "impl": "clean corruptions=0 leaks=0",
-                                "qemu": "leaks corruptions=0 leaks=1"})
-    flush = ["qemu-io: Failed to flush the refcount block cache: File too large\n"]
-    assert explain(leak, Run(qemu_log=flush, paths={"qemu": mine, "model": mine})) is REFCOUNTS_GROWN_ON_FREE
-    assert explain(leak, Run(qemu_log=[], paths={"qemu": mine, "model": mine})) is None
-    # ... or the block would land on the header, and QEMU flags the image in the freeing request.
-    zeroed = Finding("write_zeroes", 0, {"model": "ok", "impl": "ok", "qemu": "CorruptionError"})
-    at_zero = ["qcow2: Marking image as corrupt: Preventing invalid allocation of refcount block at "
-               "offset 0; further corruption events will be suppressed\n"
-               "qcow2_free_clusters failed: Input/output error\n"]
-    assert explain(zeroed, Run(qemu_log=at_zero)) is REFCOUNTS_GROWN_ON_FREE
+def test_refcount_blocks_the_host_cannot_write_are_named_only_against_the_model() -> None:
+    # The seed-1 finding (write:flip@snap): QEMU's free built refcount blocks past the host's
+    # file size limit, which stay dirty in its cache and fail a later write; the impl's cache
+    # does the same, the cacheless model went on.
+    log = ["qcow2_free_clusters failed: File too large\n", "write failed: File too large\n"]
+    write = Finding("write", 1, {"model": "ok", "impl": "CorruptionError", "qemu": "CorruptionError"})
+    assert explain(write, Run(qemu_log=log)) is REFCOUNTS_GROWN_ON_FREE
+    two = "leaks corruptions=0 leaks=2"
+    leaks = Finding("check", 2, {"model": "leaks corruptions=0 leaks=1", "impl": two, "qemu": two})
+    assert explain(leaks, Run(qemu_log=log)) is REFCOUNTS_GROWN_ON_FREE
+    assert explain(write, Run(qemu_log=["write failed: File too large\n"])) is None  # no failed free
+    both = Finding("write", 1, {"model": "ok", "impl": "ok", "qemu": "CorruptionError"})
+    assert explain(both, Run(qemu_log=log)) is None  # the impl, with QEMU's cache, must agree
+    again = ["qcow2_free_clusters failed: Resource temporarily unavailable\n"]
+    assert explain(write, Run(qemu_log=again)) is None  # a grown table the engines now build too
 
 
 def test_a_refcount_index_past_32_bits_is_named(tmp_path: Path) -> None:
