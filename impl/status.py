@@ -273,7 +273,7 @@ def detect_metadata_preallocation(img: ImageView, *, write_back: bool = True) ->
     cache answers its own block status without flushing)."""
     s = img.s
     if not write_back:
-        dirty_end = max((o + c.entry_size for c in (s.l2_cache, s.rc_cache) for o in c.dirty), default=0)
+        dirty_end = max([max(c.dirty) + c.entry_size for c in (s.l2_cache, s.rc_cache) if c.dirty], default=0)
         if dirty_end and not _preallocated(img, dirty_end):
             return False
     s.l2_cache.write(barrier=True)
@@ -358,7 +358,8 @@ def _extent(img: ImageView, offset: int, n: int) -> dict[str, Any]:
 
 def _joins(cur: dict[str, Any], nxt: dict[str, Any]) -> bool:
     """qemu-img.c entry_mergeable."""
-    if cur["length"] == 0 or any(cur[k] != nxt[k] for k in ("zero", "data", "depth", "present")):
+    if (cur["length"] == 0 or cur["zero"] != nxt["zero"] or cur["data"] != nxt["data"]
+            or cur["depth"] != nxt["depth"] or cur["present"] != nxt["present"]):
         return False
     if ("offset" in cur) != ("offset" in nxt) or cur.get("filename") != nxt.get("filename"):
         return False

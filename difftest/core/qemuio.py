@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from difftest.adapters.isolation import OUT_OF_MEMORY, Limits
 from spec.errors import CorruptionError, Qcow2Error, RequestError, UnsupportedFeature
 
@@ -236,6 +238,10 @@ class QemuIo:
                 resource.prlimit(self.proc.pid, resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
         self._out = self.proc.stdout.fileno()
         self._in = self.proc.stdin
+        # poll(), not select(): a long campaign's descriptors can be numbered above 1024.
+        # One poller for the process's life: _response runs for every command.
+        self._poller = select.poll()
+        self._poller.register(self._out, select.POLLIN | select.POLLHUP | select.POLLERR)
         self.commands = 0
         self.dropped = False
         """qemu-io printed "Marking image as corrupt" (qcow2_signal_corruption, fatal): QEMU
@@ -248,9 +254,7 @@ class QemuIo:
     def _response(self) -> str:
         chunks: list[bytes] = []
         tail = b""
-        # poll(), not select(): a long campaign's descriptors can be numbered above 1024.
-        poller = select.poll()
-        poller.register(self._out, select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller = self._poller
         deadline = time.monotonic() + self.limits.seconds if self.foreign else None
         who = "the command adapter" if self.foreign else "qemu-io"
         while True:
@@ -297,6 +301,8 @@ class QemuIo:
         'offset'", "qemu-io: The new size must be a multiple of 512").
         """
         out = self.cmd(line)
+        if not out:
+            return out  # nothing printed: a success, whatever the command
         # A refcount decrement that fails after the request's own work is only logged
         # (qcow2_free_clusters reports it and goes on; the request succeeds, the clusters
         # leak): that line is not the request's failure.
@@ -361,20 +367,26 @@ def parse_hexdump(text: str, n: int) -> bytes:
 
 def runs(data: bytes, min_run: int) -> list[tuple[int, int, int | None]]:
     """Split ``data`` into (start, length, byte) runs of one byte at least ``min_run`` long
-    and (start, length, None) pieces in between."""
-    if data and data.count(data[:1]) == len(data):
-        return [(0, len(data), data[0])] if len(data) >= min_run else [(0, len(data), None)]
+    and (start, length, None) pieces in between: the maximal runs of one byte, the long
+    ones kept, the rest merged into the pieces around them."""
+    n = len(data)
+    if data and data.count(data[:1]) == n:
+        return [(0, n, data[0])] if n >= min_run else [(0, n, None)]
+    a = np.frombuffer(data, np.uint8)
+    # Where each maximal run starts (numpy finds the byte changes at C speed; random data
+    # has one every byte), and the long runs among them.
+    bounds = np.concatenate(([0], np.flatnonzero(a[1:] != a[:-1]) + 1, [n]))
+    long_runs = np.flatnonzero(bounds[1:] - bounds[:-1] >= min_run)
     out: list[tuple[int, int, int | None]] = []
     last = 0
-    # A backreference regex finds the runs at C speed.
-    for m in re.finditer(rb"(.)\1{%d,}" % (min_run - 1), data, re.DOTALL):
-        i, j = m.span()
+    for j in long_runs.tolist():
+        i, k = int(bounds[j]), int(bounds[j + 1])
         if last < i:
             out.append((last, i - last, None))
-        out.append((i, j - i, data[i]))
-        last = j
-    if last < len(data):
-        out.append((last, len(data) - last, None))
+        out.append((i, k - i, data[i]))
+        last = k
+    if last < n:
+        out.append((last, n - last, None))
     return out
 
 
@@ -408,8 +420,9 @@ class QemuImage:
             self.io = None
             raise error_class(err)(f"qemu-io could not open {path}: {err.strip()}")
         # The file that ``write -s`` reads arbitrary bytes from (one per image, reused).
-        fd, self._src = tempfile.mkstemp(prefix="qcow2lab-src-", suffix=".bin")
-        os.close(fd)
+        self._src_fd, self._src = tempfile.mkstemp(prefix="qcow2lab-src-", suffix=".bin")
+        self._src_len = 0
+        self._src_exact = command is not None
         if size is None or cluster_size is None:
             info = self.info()
             size, cluster_size = int(info["virtual-size"]), int(info.get("cluster-size", 65536))
@@ -488,12 +501,25 @@ class QemuImage:
                     raise self._failure(out, offset + start, length)
         return True
 
+    def _put_source(self, data: bytes) -> None:
+        """Make ``data`` the start of the ``write -s`` file. qemu-io reads only as many
+        bytes as the request is long (qemu-io-cmds.c, qemu_io_alloc_from_file), so the file
+        is overwritten in place, not truncated and rewritten (an open with O_TRUNC cost a
+        millisecond on a busy machine); a command adapter gets a file exactly as long as
+        the data, as it may read the whole file."""
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._src_fd, view[done:], done)
+        if self._src_exact and self._src_len > len(data):
+            os.ftruncate(self._src_fd, len(data))
+        self._src_len = len(data) if self._src_exact else max(self._src_len, len(data))
+
     def write(self, offset: int, data: bytes) -> None:
         if data and data == bytes([data[0]]) * len(data):
             self._request(f"write -q -P {data[0]:#x} {offset} {len(data)}", offset, len(data))
             return
-        with open(self._src, "wb") as f:
-            f.write(data)
+        self._put_source(data)
         if not data:
             self._request(f"write -q {offset} 0", offset, 0)
             return
@@ -513,8 +539,7 @@ class QemuImage:
             self._request(f"write -q -c -P {data[0]:#x} {offset} {len(data)}", offset, len(data),
                           compressed=True)
             return
-        with open(self._src, "wb") as f:
-            f.write(data)
+        self._put_source(data)
         self._request(f"write -q -c -s {self._src} {offset} {len(data)}", offset, len(data),
                       compressed=True)
 
@@ -535,6 +560,9 @@ class QemuImage:
         if self.io is not None:
             self.io.quit()
             self.io = None
+        if self._src_fd >= 0:
+            os.close(self._src_fd)
+            self._src_fd = -1
         if os.path.exists(self._src):
             os.unlink(self._src)
 
