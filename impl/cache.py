@@ -26,6 +26,7 @@ caller indexes the decoded array; ``encode`` turns it back into bytes on write-b
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -74,7 +75,7 @@ class Qcow2Cache:
         self.stats = CacheStats()
         self.clock = clock
         self.clean_interval = 0.0
-        self.next_clean = 0.0
+        self.next_clean = math.inf
         self.check_write: Callable[[int, int], None] = lambda offset, n: None
         """The overlap check of a write-back, (offset, bytes): the image's checker with
         this cache's own kind ignored, set by image.py (qcow2_cache_entry_flush runs
@@ -237,4 +238,6 @@ class Qcow2Cache:
     def start_clean_timer(self, interval: float) -> None:
         """cache_clean_timer_init: the first clean runs ``interval`` seconds from now."""
         self.clean_interval = interval
-        self.next_clean = self.clock() + interval
+        # 0 disables it: never due, so a reader comparing the clock with next_clean (the
+        # image's inline read) needs no second test.
+        self.next_clean = self.clock() + interval if interval > 0 else math.inf

@@ -356,3 +356,55 @@ def test_backing_file_inherits_the_cache_mode(tmp_path: Path) -> None:
         assert img.s.host.direct and img.backing.s.host.direct
         img.write(65536 + 100, b"d" * 100)
         assert img.read(65536, 300) == b"\x5a" * 100 + b"d" * 100 + b"\x5a" * 100
+
+
+def _cache_view(img: Image) -> tuple[dict[str, int], list[int], set[int]]:
+    c = img.s.l2_cache
+    return img.stats(), list(c.tables), set(c.used_since_clean)
+
+
+@pytest.mark.parametrize("entry", [4 * K, 64 * K])
+def test_inline_read_leaves_counts_and_cache_as_the_general_path(tmp_path: Path, entry: int) -> None:
+    """Image.read's inline closure and its one-read path for host-contiguous clusters (the
+    read-hit and read-seq rows) against the general loop (read_internal, one lookup per
+    cluster): the same bytes, counts, LRU order and used marks after a mix of hits,
+    misses, evictions, multi-cluster reads over contiguous and non-contiguous clusters,
+    zero and unallocated clusters."""
+    import random
+
+    size = 64 * M if entry == 4 * K else 1536 * M  # several slices, or three whole tables
+    p = _prealloc(tmp_path / "a.qcow2", size)
+    with impl.open(p) as img:  # holes in the layout: not every request is one host run
+        img.write(3 * M, b"w" * 100)
+        img.write_zeroes(5 * M, 64 * K)
+        img.discard(9 * M, 128 * K)
+    rnd = random.Random(7)
+    reqs = [(rnd.randrange(0, size - 4 * M), rnd.choice([1, 512, 4096, 65536, 100000, M]))
+            for _ in range(400)] + [(0, 1), (size - 5, 5), (M - 10, 20), (8 * M, 4 * M),
+                                    (size // 2 - 8192, 16384)]
+    opts = {"l2_cache_size": 2 * entry, "l2_cache_entry_size": entry}
+    with impl.open(p, readonly=True, **opts) as fast, impl.open(p, readonly=True, **opts) as slow:
+        assert fast.read is fast._fast_read and slow.read is slow._fast_read
+        for off, n in reqs:
+            assert fast.read(off, n) == slow.read_internal(off, n), (off, n)
+            assert _cache_view(fast) == _cache_view(slow), (off, n)
+        assert fast.stats()["l2_cache_hits"] > 0 and fast.stats()["l2_cache_misses"] > 0
+
+
+def test_inline_read_of_a_closed_or_broken_image_is_refused(tmp_path: Path) -> None:
+    """A caller holding the closure (``r = img.read``) after the close gets the general
+    path's answer, not a read of a closed descriptor; a resize moves the range check."""
+    p = _prealloc(tmp_path / "a.qcow2", 4 * M)
+    with impl.open(p) as img:
+        r = img.read
+        r(0, 4096)
+        with pytest.raises(RequestError):
+            r(4 * M, 1)
+        img.resize(8 * M)
+        assert r(4 * M, 4096) == bytes(4096)
+        img.broken = True
+        with pytest.raises(CorruptionError):
+            r(0, 4096)
+        img.broken = False
+    with pytest.raises(RequestError, match="closed"):
+        r(0, 4096)
