@@ -451,8 +451,9 @@ class Image:
             return
         self.closed = True
         try:
-            if not self.readonly and not self.broken and self._store_bitmaps():
-                self.q.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
+            if not self.readonly and not self.broken:
+                if self._store_bitmaps():
+                    self.q.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
                 # bdrv_close flushes, cache=unsafe or not: after fdatasync the file's holes
                 # are stable, so that SEEK_HOLE (and qemu-img map, see mapping_report) sees
                 # what QEMU's would.
