@@ -29,6 +29,7 @@ from pathlib import Path
 from difftest.damaged.case import Finding, Run
 from spec.entries import L1E_OFFSET_MASK, L2E_OFFSET_MASK, REFT_OFFSET_MASK
 from spec.errors import Qcow2Error
+from spec.header import QCOW2_EXT_MAGIC_BITMAPS
 from spec.image import open_image
 
 
@@ -139,8 +140,12 @@ REFCOUNT_INDEX_WRAP = Note(
     "QEMU keeps that index in an unsigned int (block/qcow2-refcount.c alloc_refcount_block: "
     "refcount_table_index), so when a request frees the cluster it changes the refcount of a "
     "low cluster instead (the header's, cluster 0, for an index of exactly 2^32), and check "
-    "counts that; the engines compute the index in full, find no refcount block there and "
-    "change nothing (a failed free, which QEMU only logs). A QEMU defect, not matched.",
+    "counts that; the engines compute the index in full and, like alloc_refcount_block for "
+    "any cluster no block covers, write a new block, then fail on the table that would cover "
+    "the index (past QEMU's limit, EFBIG): a failed free, which QEMU only logs, and the new "
+    "block leaked. The same holds for a bitmap directory entry or bitmap table entry with such "
+    "an offset, which the close's bitmap store frees (block/qcow2-bitmap.c). A QEMU defect, not "
+    "matched.",
     open=False)
 
 TABLE_PUNCHED = Note(
@@ -182,7 +187,37 @@ def _wrapping_offset(image: bytes) -> bool:
             mask = (1 << (62 - (cluster_bits - 8))) - 1 if entry & 1 << 62 else L2E_OFFSET_MASK
             if entry & mask >= limit:
                 return True
-    return False
+    return version >= 3 and any(off >= limit for off in _bitmap_offsets(image, cs))
+
+
+def _bitmap_offsets(image: bytes, cs: int) -> list[int]:
+    """The bitmap table offsets of the bitmaps directory of ``image`` (v3), and the entries of
+    the tables that lie inside the file: what the close's bitmap store frees. Read with
+    struct, in bounds, as _wrapping_offset reads the header."""
+    pos = int.from_bytes(image[100:104], "big")  # header_length: the extensions follow
+    out: list[int] = []
+    while 0 < pos <= len(image) - 8 and len(out) < 64:
+        magic, size = int.from_bytes(image[pos:pos + 4], "big"), int.from_bytes(image[pos + 4:pos + 8], "big")
+        if magic == 0:
+            break
+        if magic == QCOW2_EXT_MAGIC_BITMAPS and size >= 24:
+            dir_size = int.from_bytes(image[pos + 16:pos + 24], "big")
+            dir_offset = int.from_bytes(image[pos + 24:pos + 32], "big")
+            directory = image[dir_offset:dir_offset + min(dir_size, 1 << 16)]
+            at = 0
+            while at + 24 <= len(directory) and len(out) < 64:
+                table = int.from_bytes(directory[at:at + 8], "big")
+                entries = int.from_bytes(directory[at + 8:at + 12], "big")
+                name_size = int.from_bytes(directory[at + 18:at + 20], "big")
+                extra = int.from_bytes(directory[at + 20:at + 24], "big")
+                out.append(table)
+                data = image[table:table + 8 * min(entries, cs // 8)] if table < len(image) else b""
+                # A table entry's offset bits are an L1 entry's (qcow2.rst "Bitmap table").
+                out += [int.from_bytes(data[k:k + 8], "big") & L1E_OFFSET_MASK
+                        for k in range(0, len(data) - 7, 8)]
+                at += (24 + extra + name_size + 7) // 8 * 8
+        pos += 8 + (size + 7) // 8 * 8
+    return out
 
 
 _FREE_EFBIG_WORDS = "qcow2_free_clusters failed: File too large"

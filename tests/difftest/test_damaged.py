@@ -29,6 +29,7 @@ from difftest.damaged.notes import (
     explain,
 )
 from spec import features as ft
+from spec.header import QCOW2_EXT_MAGIC_BITMAPS
 from spec.image import open_image
 
 
@@ -172,6 +173,27 @@ def test_a_refcount_index_past_32_bits_is_named(tmp_path: Path) -> None:
     assert explain(check, Run(image=bytes(data))) is REFCOUNT_INDEX_WRAP
     data[l2 + 8 * 25 + 1] &= 0x7F
     data[l2 + 8 * 4] |= 0x42  # entry 4 compressed, offset bit 57: index 2^34
+    assert explain(check, Run(image=bytes(data))) is REFCOUNT_INDEX_WRAP
+
+
+def test_a_bitmap_table_offset_past_32_bit_indices_is_named(tmp_path: Path) -> None:
+    # The close's bitmap store frees the old bitmap tables (block/qcow2-bitmap.c): a damaged
+    # directory entry's table offset wraps QEMU's refcount-table index as an L2 entry's does
+    # (seed 1, check:flip@bitmap, the table offset's top byte flipped to 2^60).
+    img = tmp_path / "b.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "4M"],
+                   check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(img), "b0"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 1 0 4k", str(img)], check=True)
+    with open_image(img) as f:
+        ext = f.extension(QCOW2_EXT_MAGIC_BITMAPS)
+        assert ext is not None
+        directory = int(ext.data.bitmap_directory_offset)
+    data = bytearray(img.read_bytes())
+    three = "leaks corruptions=0 leaks=3"
+    check = Finding("check", 0, {"model": three, "impl": three, "qemu": "leaks corruptions=0 leaks=1"})
+    assert explain(check, Run(image=bytes(data))) is None
+    data[directory] ^= 0x10  # bitmap_table_offset + 2^60
     assert explain(check, Run(image=bytes(data))) is REFCOUNT_INDEX_WRAP
 
 
