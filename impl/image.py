@@ -880,6 +880,12 @@ class Image:
         try:
             if not self.readonly and not self.broken:
                 s = self.s
+                if isinstance(s.overlap, ov.OverlapChecker):
+                    # qcow2_close frees the L1 table before qcow2_inactivate, and
+                    # qcow2_check_metadata_overlap looks at active L2 tables only while it
+                    # exists: the bitmaps' store and the cache write-backs below skip them.
+                    s.overlap.mask &= ~ov.QCOW2_OL_ACTIVE_L2
+                    s.overlap.stale = True
                 refused: CorruptionError | None = self._store_bitmaps()
                 try:
                     s.l2_cache.flush()

@@ -374,8 +374,15 @@ def _hook_up_block(s: State, cluster_index: int, rt_index: int) -> None:
     # The block reaches the file before the table entry pointing at it.
     s.rc_cache.flush()
     if rt_index < s.reftable_entries:
+        old = s.reftable[rt_index]
         s.reftable[rt_index] = new_block
-        s.write_reftable_entry(rt_index)
+        try:
+            s.write_reftable_entry(rt_index)
+        except BaseException:
+            # alloc_refcount_block sets s->refcount_table[] only once bdrv_pwrite_sync has
+            # hooked the block up; after a failed write the next update allocates again.
+            s.reftable[rt_index] = old
+            raise
         s.overlap.stale = True
         return
     _grow_reftable(s, cluster_index, rt_index, new_block)

@@ -452,6 +452,7 @@ class Image:
         self.closed = True
         try:
             if not self.readonly and not self.broken:
+                self.q.l1_released = True
                 if self._store_bitmaps():
                     self.q.set_incompatible_bit(ft.QCOW2_INCOMPAT_DIRTY, False)
                 # bdrv_close flushes, cache=unsafe or not: after fdatasync the file's holes

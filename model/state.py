@@ -53,6 +53,9 @@ class ModelFile(Qcow2File):
         """alloc_bytes reproduced QEMU's packing into a cluster something else owns."""
         self.sync = True
         """False with cache="unsafe": barriers and flushes skip the fdatasync."""
+        self.l1_released = False
+        """The close has begun: QEMU's qcow2_close freed the L1 table, so its overlap checks
+        no longer see active L2 tables (model/overlap.py)."""
 
     def barrier(self) -> None:
         if self.unflushed:
