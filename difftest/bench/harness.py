@@ -13,6 +13,7 @@ Two figures per target set, both printed, never asserted in tests (DESIGN.md, Pe
 from __future__ import annotations
 
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from difftest.core import qemuio
 from difftest.core.campaign import Shard, run_shard
 from difftest.core.config import Config
 from difftest.core.lockstep import Lockstep
-from difftest.core.targets import module_available
+from difftest.core.targets import make_target, module_available, random_bytes
 
 
 def target_sets() -> list[list[str]]:
@@ -55,34 +56,109 @@ def steady_state(targets: list[str], ops: int, cfg: Config, seed: int = 0, round
     return dict(median, rounds=[r["ops_per_second"] for r in runs])
 
 
-def _steady_run(targets: list[str], ops: int, cfg: Config, seed: int) -> dict[str, Any]:
+Step = tuple[str, tuple[Any, ...]]
+"""One lockstep call: (Lockstep method, arguments)."""
+
+
+def steady_steps(ops: int, cfg: Config, seed: int) -> list[Step]:
+    """The fixed pseudo-random mix of the steady state (see the module doc), drawn before
+    the clock starts: the figure is the lockstep's, not the drawing's."""
     rnd = random.Random(seed)
     c = cfg.cluster_size
+    out: list[Step] = []
+    for _ in range(ops):
+        k = rnd.randrange(10)
+        off = rnd.randrange(0, cfg.size // 512) * 512 + rnd.choice([0, 0, 1, 511])
+        n = min(rnd.choice([512, 4096, c, 2 * c, 777]), cfg.size - off)
+        if k < 3:
+            out.append(("write", (off, n, rnd.choice([0x11, 0x22, 0]))))
+        elif k == 3:
+            out.append(("write_random", (off, min(n, 8192), rnd.randrange(1 << 16))))
+        elif k == 4:
+            out.append(("write_zeroes", (off, n, rnd.random() < 0.5)))
+        elif k == 5:
+            out.append(("discard", (off, n)))
+        elif k < 9:
+            out.append(("read", (off, n)))
+        else:
+            out.append(("flush", ()))
+    return out
+
+
+def _steady_run(targets: list[str], ops: int, cfg: Config, seed: int) -> dict[str, Any]:
+    steps = steady_steps(ops, cfg, seed)
     with tempfile.TemporaryDirectory(prefix="difftest-bench-") as d:
         ls = Lockstep(Path(d), cfg, targets)
         try:
+            calls = [(getattr(ls, name), args) for name, args in steps]
             t0 = time.perf_counter()
-            for _ in range(ops):
-                k = rnd.randrange(10)
-                off = rnd.randrange(0, cfg.size // 512) * 512 + rnd.choice([0, 0, 1, 511])
-                n = min(rnd.choice([512, 4096, c, 2 * c, 777]), cfg.size - off)
-                if k < 3:
-                    ls.write(off, n, rnd.choice([0x11, 0x22, 0]))
-                elif k == 3:
-                    ls.write_random(off, min(n, 8192), rnd.randrange(1 << 16))
-                elif k == 4:
-                    ls.write_zeroes(off, n, rnd.random() < 0.5)
-                elif k == 5:
-                    ls.discard(off, n)
-                elif k < 9:
-                    ls.read(off, n)
-                else:
-                    ls.flush()
+            for fn, args in calls:
+                fn(*args)
             dt = time.perf_counter() - t0
             ls.finish()
         finally:
             ls.close()
     return {"targets": targets, "ops": ops, "seconds": round(dt, 3), "ops_per_second": round(ops / dt, 1)}
+
+
+def steady_floor(targets: list[str], ops: int, cfg: Config, seed: int = 0, rounds: int = 3) -> float:
+    """Operations per second of the calls a lockstep step cannot do without, made bare,
+    one target after the other, nothing compared: the request on every target; after a
+    guest write of any kind, a read and a map of the touched clusters on every engine, and
+    on qemu-io a ``read -q`` of them and an ``alloc`` (one round trip each, the fewest its
+    byte and allocation checks can take); a read on every target. Median of ``rounds``
+    runs on fresh images. The harness's own cost is what the steady state adds to this
+    (and the helper thread can hide some qemu-io round trips behind the engines)."""
+    return statistics.median(_floor_run(targets, ops, cfg, seed) for _ in range(rounds))
+
+
+def _floor_run(targets: list[str], ops: int, cfg: Config, seed: int) -> float:
+    steps = steady_steps(ops, cfg, seed)
+    c = cfg.cluster_size
+    data = {i: random_bytes(args[2], args[1]) if name == "write_random" else bytes([args[2]]) * args[1]
+            for i, (name, args) in enumerate(steps) if name in ("write", "write_random")}
+    with tempfile.TemporaryDirectory(prefix="difftest-floor-") as d:
+        ts = [make_target(spec, Path(d)) for spec in targets]
+        for t in ts:
+            t.dir.mkdir(parents=True, exist_ok=True)
+            t.setup(cfg, None)
+        images = [t.image for t in ts]
+        qemu = [isinstance(i, qemuio.QemuImage) for i in images]
+        try:
+            t0 = time.perf_counter()
+            for i, (name, args) in enumerate(steps):
+                if name == "read":
+                    for img in images:
+                        img.read(*args)
+                    continue
+                if name == "flush":
+                    for img in images:
+                        img.flush()
+                    continue
+                off, n = args[0], args[1]
+                for img in images:
+                    if name in ("write", "write_random"):
+                        img.write(off, data[i])
+                    elif name == "write_zeroes":
+                        img.write_zeroes(off, n, unmap=args[2])
+                    else:
+                        img.discard(off, n)
+                lo = off - off % c
+                k = min(-(-(off + max(n, 1)) // c) * c, cfg.size) - lo
+                for img, q in zip(images, qemu, strict=True):
+                    if q:
+                        img.io.cmd(f"read -q {lo} {k}")
+                        img.io.cmd(f"alloc {lo} {k}")
+                    else:
+                        img.read(lo, k)
+                        img.map(lo, k)
+            dt = time.perf_counter() - t0
+        finally:
+            for t in ts:
+                t.close()
+                t.release()
+                qemuio.forget(t.path)
+    return round(ops / dt, 1)
 
 
 def campaign(targets: list[str], examples: int, steps: int, seed: int = 0) -> dict[str, Any]:

@@ -18,9 +18,11 @@ What the harness may ask a target beyond the Image interface is its ``introspect
 
 from __future__ import annotations
 
+import queue
 import shutil
+import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,85 @@ VERIFY_PIECE = 64 * 1024
 
 Outcome = tuple[str, Any]
 """("ok", value) or ("err", exception class name)."""
+
+Result = tuple[bool, Any]
+"""(True, value) or (False, the exception raised), from the helper thread."""
+
+
+class _Helper:
+    """A thread that runs the requests of the out-of-process targets (qemu-io, command
+    adapters) while the calling thread steps the in-process engines: a qemu-io request is a
+    pipe round trip spent asleep in poll(), so the two overlap (on a quiet two-core machine
+    qemu-io runs on the other core). Every job is waited for before the lockstep goes on,
+    on every path, so no target is ever used by two threads at once; the results are then
+    judged in target order, as if the targets had run one after the other."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], list[Result]]] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[list[Result]] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="lockstep-helper", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                out = job()
+            except BaseException as e:  # a job catches its targets' errors itself
+                out = [(False, e)]
+            self._done.put(out)
+
+    def start(self, job: Callable[[], list[Result]]) -> _Pending:
+        self._jobs.put(job)
+        return _Pending(self)
+
+
+class _Pending:
+    def __init__(self, helper: _Helper) -> None:
+        self.helper = helper
+        self.results: list[Result] | None = None
+
+    def wait(self) -> list[Result]:
+        """The job's results (waits once; later calls return them again)."""
+        if self.results is None:
+            self.results = self.helper._done.get()
+        return self.results
+
+
+_HELPERS = threading.local()
+
+
+def _helper() -> _Helper:
+    """This thread's helper, started at its first use and kept: a campaign makes a
+    Lockstep per example."""
+    h: _Helper | None = getattr(_HELPERS, "helper", None)
+    if h is None:
+        h = _HELPERS.helper = _Helper()
+    return h
+
+
+def _each_result(targets: list[Target], fn: Callable[[Target], Any],
+                 stop: Callable[[Result], bool]) -> Callable[[], list[Result]]:
+    """A helper job: ``fn`` on each of ``targets`` in turn, each outcome caught, stopping
+    after one that ``stop`` accepts (where the sequential loop it stands for would raise)."""
+    def job() -> list[Result]:
+        out: list[Result] = []
+        for t in targets:
+            try:
+                r: Result = (True, fn(t))
+            except Exception as e:
+                r = (False, e)
+            out.append(r)
+            if stop(r):
+                break
+        return out
+    return job
+
+
+def _fatal(r: Result) -> bool:
+    """Whether _each raises on this outcome rather than noting it: anything but an
+    ordinary spec.errors failure (qemu-io dying is one of those, and fatal)."""
+    ok, v = r
+    return not ok and (not isinstance(v, Qcow2Error) or isinstance(v, qemuio.QemuIoDied))
 
 
 def normalize_map(extents: list[dict[str, Any]], start: int, end: int, *,
@@ -130,6 +211,7 @@ class Lockstep:
         self.size = cfg.size
         self.targets: list[Target] = []
         self.oracle_broken = False
+        self._remote: list[Target] = []
         """Set when QEMU's own image turned out corrupt at a disagreement (see
         _unless_oracle_corrupt), or when QEMU dropped the node (_after_corruption); nothing
         is run or compared after that."""
@@ -192,13 +274,37 @@ class Lockstep:
                 qemuio.forget(t.path)
             raise
         self.size = next(iter(sizes.values()))
+        self._remote = [t for t in self.targets if not t.in_process] \
+            if any(t.in_process for t in self.targets) else []
+        """The out-of-process targets whose requests the helper thread runs while the
+        in-process ones step (none when nothing runs in process: nothing to overlap)."""
 
     # -- plumbing -----------------------------------------------------------------------
     def _each(self, op: str, fn: Callable[[Target], Any]) -> list[Outcome]:
+        remote = self._remote
+        pending = _helper().start(_each_result(remote, fn, _fatal)) if remote else None
+        try:
+            return self._each_judged(op, fn, pending)
+        finally:
+            if pending is not None:
+                pending.wait()
+
+    def _each_judged(self, op: str, fn: Callable[[Target], Any], pending: _Pending | None) -> list[Outcome]:
+        """``fn`` on every target in order, the out-of-process ones' results taken from
+        ``pending`` (started before the in-process targets ran)."""
         out: list[Outcome] = []
+        remote: Iterator[Result] | None = None
         for t in self.targets:
             try:
-                out.append(("ok", fn(t)))
+                if pending is not None and not t.in_process:
+                    # The in-process targets come first (sorted at set-up), so they have run.
+                    remote = remote or iter(pending.wait())
+                    ok, v = next(remote)
+                    if not ok:
+                        raise v
+                    out.append(("ok", v))
+                else:
+                    out.append(("ok", fn(t)))
             except qemuio.QemuIoDied as e:
                 raise command_failure(t, e, op) from e
             except AdapterFailed as e:
@@ -233,8 +339,7 @@ class Lockstep:
             if ok and touched is not None:
                 touched = self._whole_clusters(*touched)
                 self.touched.append(touched)
-                self.verify(touched[0], touched[1], desc)
-                self._compare_map_in_process(touched[0], touched[1], desc)
+                self._verify_and_map(touched[0], touched[1], desc)
             elif not ok and outcomes[0][1] == "CorruptionError":
                 self._after_corruption(desc)
         except Divergence as d:
@@ -312,10 +417,14 @@ class Lockstep:
 
     def _check_bytes(self, off: int, n: int, desc: str) -> bool:
         """True when every target read the same bytes, False when all failed alike."""
+        return self._check_bytes_with(off, n, desc, lambda: self._check_bytes_raw(off, n, desc))
+
+    def _check_bytes_with(self, off: int, n: int, desc: str, raw: Callable[[], None]) -> bool:
+        """_check_bytes with ``raw`` doing (or standing for) _check_bytes_raw."""
         if self.oracle_broken:
             return False
         try:
-            self._check_bytes_raw(off, n, desc)
+            raw()
             return True
         except qemuio.QemuIoDied as e:
             raise Divergence("crash", desc, str(e)) from e
@@ -336,15 +445,145 @@ class Lockstep:
         if n <= 0:
             return
         want = self._ref_read(off, n)
+        remote = self._remote
+        if not remote:
+            for t in self.targets[1:]:
+                self._judge_bytes(t, off, n, want, self._same_bytes(t, off, n, want), desc)
+            return
+        pending = _helper().start(self._bytes_job(off, n, want, None))
+        try:
+            self._in_process_bytes(off, n, want, desc)
+            results = pending.wait()
+        finally:
+            pending.wait()
+        self._remote_bytes(off, n, want, results, desc)
+
+    def _same_bytes(self, t: Target, off: int, n: int, want: bytes) -> bool:
+        same = t.introspection.matches(off, want)
+        if same is None:
+            same = bytes(t.image.read(off, n)) == want
+        return same
+
+    def _judge_bytes(self, t: Target, off: int, n: int, want: bytes, same: bool, desc: str) -> None:
+        if not same:
+            got = bytes(t.image.read(off, n))
+            i = next((k for k in range(n) if got[k] != want[k]), n)
+            raise Divergence("bytes", desc, f"{self.targets[0].name} and {t.name} differ at guest "
+                             f"offset {off + i}: {want[i:i + 16].hex()} vs {got[i:i + 16].hex()}")
+
+    def _in_process_bytes(self, off: int, n: int, want: bytes, desc: str) -> None:
+        """The byte check of the in-process targets after the reference (which come before
+        every out-of-process one)."""
         for t in self.targets[1:]:
-            same = t.introspection.matches(off, want)
-            if same is None:
-                same = bytes(t.image.read(off, n)) == want
-            if not same:
-                got = bytes(t.image.read(off, n))
-                i = next((k for k in range(n) if got[k] != want[k]), n)
-                raise Divergence("bytes", desc, f"{self.targets[0].name} and {t.name} differ at guest "
-                                 f"offset {off + i}: {want[i:i + 16].hex()} vs {got[i:i + 16].hex()}")
+            if t.in_process:
+                self._judge_bytes(t, off, n, want, self._same_bytes(t, off, n, want), desc)
+
+    def _bytes_job(self, off: int, n: int, want: bytes,
+                   then: Callable[[], list[Result]] | None) -> Callable[[], list[Result]]:
+        """A helper job: each out-of-process target's byte check in order, up to the first
+        that differs or raises (where _check_bytes_raw stops), then ``then`` when all agreed."""
+        remote = self._remote
+
+        def job() -> list[Result]:
+            out: list[Result] = []
+            for t in remote:
+                try:
+                    same = self._same_bytes(t, off, n, want)
+                except Exception as e:
+                    return [*out, (False, e)]
+                out.append((True, same))
+                if not same:
+                    return out
+            return out + (then() if then is not None else [])
+        return job
+
+    def _remote_bytes(self, off: int, n: int, want: bytes, results: list[Result], desc: str) -> None:
+        """Judge the out-of-process targets' byte checks (the first len(remote) results), in
+        order, as _check_bytes_raw's loop would have met them."""
+        for t, (ok, v) in zip(self._remote, results, strict=False):
+            if not ok:
+                raise v
+            self._judge_bytes(t, off, n, want, v, desc)
+
+    def _verify_and_map(self, off: int, n: int, desc: str) -> None:
+        """``verify(off, n)`` then ``_compare_map_in_process(off, n)``, with the
+        out-of-process targets' part run by the helper thread meanwhile: their byte check,
+        then (when they all read the same) their allocated byte count over the range. The
+        in-process targets' byte check and maps run here in the meantime, and everything is
+        judged in the sequential order: bytes (in-process targets first), the in-process
+        maps, the reference's top-layer allocation (from its map), the others' allocation.
+        A failed read takes the sequential path from the start of the map check. The
+        allocation count is thus asked of QEMU also when an in-process target has already
+        disagreed, or when the reference's allocation turns out mixed (then the whole-image
+        map is asked, as before): a read-only question whose answer is not looked at."""
+        off = max(0, min(off, self.size))
+        n = max(0, min(n, self.size - off))
+        remote = self._remote
+        if not remote or self.oracle_broken or n <= 0 or n > VERIFY_MAX:
+            self.verify(off, n, desc)
+            self._compare_map_in_process(off, n, desc)
+            return
+        ref = self.targets[0]
+        try:
+            want = self._ref_read(off, n)
+        except Qcow2Error:
+            self.verify(off, n, desc)  # reads again, and judges the failure
+            self._compare_map_in_process(off, n, desc)
+            return
+
+        def counts() -> list[Result]:
+            # Asked before the reference's allocation is known to be one run (when it is
+            # not, the answer is not looked at and the whole-image map is asked as before).
+            return _each_result(remote, lambda t: t.introspection.allocated_bytes(off, n),
+                                lambda r: not r[0])()
+
+        pending = _helper().start(self._bytes_job(off, n, want, counts))
+        inline_err: Exception | None = None
+        map_err: Exception | None = None  # raised where the sequential check would meet it
+        ref_runs: list[tuple[int, int, bool]] | None = None
+        try:
+            try:
+                self._in_process_bytes(off, n, want, desc)
+            except (Divergence, Qcow2Error) as e:
+                inline_err = e
+            if inline_err is None:
+                try:
+                    reports = self._maps(off, n, [t for t in self.targets if t.in_process], desc)
+                    ref_runs = self._top_alloc(ref, off, n, desc, reports[0] if reports is not None else None)
+                except Exception as e:
+                    map_err = e
+            results = pending.wait()
+        finally:
+            pending.wait()
+
+        def raw() -> None:
+            if inline_err is not None:
+                raise inline_err
+            self._remote_bytes(off, n, want, results, desc)
+
+        if not self._check_bytes_with(off, n, desc, raw):
+            self._compare_map_in_process(off, n, desc)
+            return
+        # _compare_map_in_process, from the results gathered above.
+        if map_err is not None:
+            raise map_err
+        assert ref_runs is not None
+        uniform = len(ref_runs) == 1
+        allocs = results[len(remote):]
+        for i, t in enumerate(remote):
+            if uniform:
+                ok, count = allocs[i]
+                if not ok:
+                    if isinstance(count, Qcow2Error):
+                        raise Divergence("map", desc, f"{t.name} alloc raised {type(count).__name__}: "
+                                         f"{count}") from count
+                    raise count
+                if count is not None and count == (n if ref_runs[0][2] else 0):
+                    continue
+            runs = self._top_alloc(t, off, n, desc)
+            if runs != ref_runs:
+                raise Divergence("map", desc, f"top-layer allocation of [{off}, {off + n}) differs:\n  "
+                                 f"{ref.name}: {ref_runs}\n  {t.name}: {runs}")
 
     def verify(self, off: int, n: int, desc: str = "verify") -> None:
         """Every target reads the same bytes in [off, off+n) (clipped to the image)."""
@@ -357,9 +596,11 @@ class Lockstep:
         for a in (off, mid, off + n - VERIFY_PIECE):
             self._check_bytes(a, VERIFY_PIECE, desc)
 
-    def _maps(self, off: int, n: int, targets: list[Target], desc: str) -> None:
+    def _maps(self, off: int, n: int, targets: list[Target], desc: str) -> list[list[dict[str, Any]]] | None:
+        """Compare the targets' maps of [off, off+n); their reports (None: fewer than two
+        targets, or nothing to map)."""
         if len(targets) < 2 or n <= 0:
-            return
+            return None
         # Instances of one engine write and read their files the same way, so their host
         # holes agree; two engines need not: the impl zeroes COW regions with fallocate
         # (FALLOC_FL_ZERO_RANGE, as QEMU's handle_alloc_space), the model writes zeros, and
@@ -375,12 +616,13 @@ class Lockstep:
         if all(r == raw[0] for r in raw[1:]):
             # normalize_map is a function of the extents alone: equal reports normalize
             # equally (the usual case, host offsets included, for engines laid out alike).
-            return
+            return raw
         got = [normalize_map(r, off, off + n, host_holes=in_process) for r in raw]
         for t, m in zip(targets[1:], got[1:], strict=True):
             if m != got[0]:
                 raise Divergence("map", desc, f"map of [{off}, {off + n}) differs:\n  {targets[0].name}: "
                                  f"{got[0]}\n  {t.name}: {m}")
+        return raw
 
     def _compare_map_in_process(self, off: int, n: int, desc: str) -> None:
         if self.oracle_broken:
@@ -389,18 +631,19 @@ class Lockstep:
         n = max(0, min(n, self.size - off))
         if n <= 0:
             return
-        self._maps(off, n, [t for t in self.targets if t.in_process], desc)
+        raw = self._maps(off, n, [t for t in self.targets if t.in_process], desc)
         # Top-layer allocation is cheap to get from qemu-io, so it is compared after every
         # step; the zero/data flags wait for compare_map. When the reference says the range
         # is wholly allocated or wholly not, the allocated byte count (qemu-io ``alloc``, one
         # line) pins the other target's layout down exactly; only a mixed range needs the
         # whole-image ``map``.
         # In-process targets other than the reference were compared by _maps already (the
-        # present flag and depth say the same thing).
+        # present flag and depth say the same thing), and so is the reference's top-layer
+        # allocation read from the map _maps just got: present at depth 0.
         others = [t for t in self.targets[1:] if not t.in_process]
         if not others:
             return
-        ref = self._top_alloc(self.targets[0], off, n, desc)
+        ref = self._top_alloc(self.targets[0], off, n, desc, raw[0] if raw is not None else None)
         uniform = len(ref) == 1
         for t in others:
             if uniform:
@@ -415,13 +658,16 @@ class Lockstep:
                 raise Divergence("map", desc, f"top-layer allocation of [{off}, {off + n}) differs:\n  "
                                  f"{self.targets[0].name}: {ref}\n  {t.name}: {runs}")
 
-    def _top_alloc(self, t: Target, off: int, n: int, desc: str) -> list[tuple[int, int, bool]]:
-        """[(start, length, allocated in the top image)] over [off, off+n), merged."""
+    def _top_alloc(self, t: Target, off: int, n: int, desc: str,
+                   report: list[dict[str, Any]] | None = None) -> list[tuple[int, int, bool]]:
+        """[(start, length, allocated in the top image)] over [off, off+n), merged; from
+        ``report``, the target's map of that range, when the caller has it."""
         try:
-            runs = t.introspection.top_layer_runs(off, n)
+            runs = t.introspection.top_layer_runs(off, n) if report is None else None
             if runs is None:
+                report = t.image.map(off, n) if report is None else report
                 raw = [dict(e, present=bool(e.get("present", True)) and int(e.get("depth", 0)) == 0,
-                            zero=False, data=False, depth=0) for e in t.image.map(off, n)]
+                            zero=False, data=False, depth=0) for e in report]
             else:
                 raw = [{"start": a, "length": k, "present": p, "zero": False, "data": False, "depth": 0}
                        for a, k, p in runs]

@@ -14,6 +14,7 @@ from difftest.core import qemuio
 from difftest.core.config import Config
 from difftest.core.divergence import Divergence
 from difftest.core.lockstep import Lockstep
+from spec.errors import RequestError
 
 
 def _runs_by_regex(data: bytes, min_run: int) -> list[tuple[int, int, int | None]]:
@@ -71,3 +72,62 @@ def test_maps_that_differ_only_in_host_offsets_agree_and_others_diverge(tmp_path
         with pytest.raises(Divergence) as e:
             ls.write(16384, 4096, 0x33)
         assert e.value.kind == "map"
+
+
+def _three_way(tmp_path: Path) -> Lockstep:
+    return Lockstep(tmp_path, Config(cluster_size=4096, size=1 << 20), ["model", "impl", "qemu"])
+
+
+@pytest.mark.skipif(not qemuio.available(), reason="needs qemu-io")
+def test_overlapped_checks_judge_in_target_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-io's part runs in the helper thread while the engines are checked; a divergence
+    of an in-process target is still the one reported when qemu disagrees too, and qemu-io
+    is left with no reply pending."""
+    with _three_way(tmp_path) as ls:
+        ls.write(0, 4096, 0x11)
+        impl_t, qemu_t = ls.targets[1], ls.targets[2]
+        assert (impl_t.name, qemu_t.name) == ("impl", "qemu")
+        real = impl_t.image.read
+        monkeypatch.setattr(impl_t.image, "read", lambda off, n: b"\x99" + bytes(real(off, n))[1:])
+        monkeypatch.setattr(qemu_t.introspection, "matches", lambda off, want: False)
+        with pytest.raises(Divergence) as e:
+            ls.write(8192, 512, 0x22)
+        assert e.value.kind == "bytes" and "model and impl differ" in str(e.value)
+        monkeypatch.undo()
+        assert qemu_t.image.read(0, 4096) == b"\x11" * 4096
+
+
+@pytest.mark.skipif(not qemuio.available(), reason="needs qemu-io")
+def test_overlapped_allocation_check_still_diverges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with _three_way(tmp_path) as ls:
+        qemu_t = ls.targets[2]
+        monkeypatch.setattr(qemu_t.introspection, "allocated_bytes", lambda off, n: 0)
+        monkeypatch.setattr(qemu_t.introspection, "top_layer_runs", lambda off, n: [(off, n, False)])
+        with pytest.raises(Divergence) as e:
+            ls.write(4096, 4096, 0x33)
+        assert e.value.kind == "map" and "top-layer allocation" in str(e.value)
+
+
+@pytest.mark.skipif(not qemuio.available(), reason="needs qemu-io")
+def test_overlapped_request_failure_is_judged_like_a_sequential_one(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu's request runs in the helper thread: its failure, when the engines succeeded, is
+    an outcome disagreement naming it; an exception of qemu-io's death is a crash."""
+    with _three_way(tmp_path) as ls:
+        qemu_t = ls.targets[2]
+
+        def refuse(off: int, data: bytes) -> None:
+            raise RequestError("refused")
+
+        monkeypatch.setattr(qemu_t.image, "write", refuse)
+        with pytest.raises(Divergence) as e:
+            ls.write(0, 512, 0x44)
+        assert e.value.kind == "error" and "qemu=RequestError" in str(e.value)
+
+        def died(off: int, data: bytes) -> None:
+            raise qemuio.QemuIoDied("gone")
+
+        monkeypatch.setattr(qemu_t.image, "write", died)
+        with pytest.raises(Divergence) as e:
+            ls.write(0, 512, 0x44)
+        assert e.value.kind == "crash"
