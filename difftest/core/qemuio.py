@@ -580,14 +580,20 @@ class QemuImage:
         self.resume()
 
     # -- metadata through qemu-img (the image is flushed first, read with -U) -----------
-    def _img(self, *args: str, keys: bool = True, fmt: bool = True) -> str:
+    def _img(self, *args: str, keys: bool = True, fmt: bool = True, driver: bool = False) -> str:
         """Run qemu-img ``args`` on this image (with its keys, by ``--image-opts``, when
         encrypted). ``qemu-img info`` takes none (``keys=False``): it opens the image
         without its backing chain (BDRV_O_NO_BACKING, then walks the chain itself), so it
         refuses ``backing.*`` options, and it reads no guest data, so it needs no key.
-        ``qemu-img snapshot`` has no ``-f`` (``fmt=False``), but takes ``--image-opts``."""
+        ``qemu-img snapshot`` has no ``-f`` (``fmt=False``), but takes ``--image-opts``;
+        ``driver`` opens it with this image's driver options (overlap-check, cache sizes)
+        as well, the keys included."""
         argv = ["qemu-img", *args]
-        if self.secrets is not None and keys:
+        if driver and self.options:
+            objects = self.secrets.objects() if self.secrets is not None else ()
+            argv += [*objects, "--image-opts",
+                     f"driver=qcow2,file.filename={str(self.path).replace(',', ',,')},{self.options}"]
+        elif self.secrets is not None and keys:
             argv += [*self.secrets.objects(), "--image-opts", self.secrets.image_opts(self.path)]
         else:
             argv += [*(["-f", "qcow2"] if fmt else []), str(self.path)]
@@ -634,14 +640,36 @@ class QemuImage:
     def _snapshot(self, flag: str, name: str) -> None:
         self.suspend()
         try:
-            self._img("snapshot", "-q", flag, name, fmt=False)
-        finally:
-            if flag == "-a":
-                # Applying a snapshot restores its virtual size first (qcow2_snapshot_goto
-                # truncates, then takes references), so even a failed apply, such as a
-                # refcount overflow, can leave the image at the snapshot's size.
-                self.size = int(json.loads(self._img("info", "--output=json", keys=False))["virtual-size"])
-            self.resume()
+            # The engines run a snapshot operation on the image they have open, with its
+            # options; qemu-img gets the same ones. overlap-check=all decides there: a
+            # snapshot's L2 tables are inactive ones, and QEMU 7.2 refuses its own
+            # write-back of an L2 table a new snapshot shares ("overlaps with inactive L2
+            # table") where the default mode lets it through.
+            self._img("snapshot", "-q", flag, name, fmt=False, driver=True)
+        except Qcow2Error as e:
+            self._after_snapshot(flag)
+            if "Marking image as corrupt" in str(e):
+                # qemu-img flagged the image (qcow2_signal_corruption). A v3 file keeps the
+                # corrupt bit and refuses the read-write reopen: the qemu side then holds a
+                # flagged image, as after qemu-io printed this (QemuIo.dropped), and the
+                # reopen's error must not take the operation's place. A v2 header has no
+                # such bit, and the reopened image serves requests again.
+                try:
+                    self.resume()
+                except Qcow2Error:
+                    self._io().dropped = True
+            else:
+                self.resume()
+            raise
+        self._after_snapshot(flag)
+        self.resume()
+
+    def _after_snapshot(self, flag: str) -> None:
+        if flag == "-a":
+            # Applying a snapshot restores its virtual size first (qcow2_snapshot_goto
+            # truncates, then takes references), so even a failed apply, such as a
+            # refcount overflow, can leave the image at the snapshot's size.
+            self.size = int(json.loads(self._img("info", "--output=json", keys=False))["virtual-size"])
 
     def snapshot_create(self, name: str) -> None:
         self._snapshot("-c", name)
