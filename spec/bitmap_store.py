@@ -31,8 +31,11 @@ bit set) synced; then the old directory is freed, then each old table's data clu
 (with a discard: QCOW2_DISCARD_ALWAYS punches them) and the old table (QCOW2_DISCARD_OTHER:
 no discard). The stored flags are auto for an enabled bitmap and nothing else (in_use
 cleared). Each write is overlap-checked first with nothing ignored
-(qcow2_pre_write_overlap_check(bs, 0, ...)). A read-only open changes nothing, at open
-or at close.
+(qcow2_pre_write_overlap_check(bs, 0, ...)), but at this point of QEMU's close the L1
+table is already freed (qcow2_close), so active L2 tables are not checked (the engines
+arrange that: model/overlap.py, impl/image.py close). Once the header names the new
+directory, the check protects that one (``BitmapHost.bitmap_directory_moved``). A
+read-only open changes nothing, at open or at close.
 
 The engines call these with their own allocator and file (``BitmapHost``).
 """
