@@ -69,6 +69,11 @@ class Qcow2Cache:
         self.dirty: set[int] = set()
         self.pinned: dict[int, int] = {}
         self.used_since_clean: set[int] = set()
+        self.mru: int | None = None
+        """The key at the LRU end, marked used since the last clean, or None when that is not
+        known: a reader that hits it again has nothing to move or mark (image.py's inline
+        read; QEMU's hit only bumps an lru_counter). Every method that reorders, drops or
+        clears resets it."""
         self.depends: Qcow2Cache | None = None
         self.flush_needed = False
         self.flush_file = flush_file or (lambda: None)
@@ -89,12 +94,14 @@ class Qcow2Cache:
             self.stats.hits += 1
             self.tables.move_to_end(offset)
             self.used_since_clean.add(offset)
+            self.mru = offset
             return table
         self.stats.misses += 1
         self._make_room()
         table = self.decode(self.host.pread(offset, self.entry_size, meta=True))
         self.tables[offset] = table
         self.used_since_clean.add(offset)
+        self.mru = offset
         return table
 
     def get_empty(self, offset: int) -> Any:
@@ -106,6 +113,7 @@ class Qcow2Cache:
         table = self.decode(bytes(self.entry_size))
         self.tables[offset] = table
         self.used_since_clean.add(offset)
+        self.mru = offset
         return table
 
     def pin(self, offset: int) -> None:
@@ -197,11 +205,15 @@ class Qcow2Cache:
         self._write_entry(victim)
         del self.tables[victim]
         self.used_since_clean.discard(victim)
+        if victim == self.mru:
+            self.mru = None
         self.stats.evictions += 1
 
     # --- dropping ------------------------------------------------------------------------------
     def discard(self, offset: int) -> None:
         """qcow2_cache_discard: forget the entry, dirty or not (its cluster was freed)."""
+        if offset == self.mru:
+            self.mru = None
         if self.tables.pop(offset, None) is not None:
             self.dirty.discard(offset)
             self.pinned.pop(offset, None)
@@ -223,6 +235,7 @@ class Qcow2Cache:
         for o in drop:
             del self.tables[o]
         self.used_since_clean.clear()
+        self.mru = None
         return len(drop)
 
     def maybe_clean(self) -> None:

@@ -439,8 +439,12 @@ class Image:
         general = self._read_general
         cs = s.cluster_size
         cmask = cs - 1
-        l1_shift, cbits, l2_mask = s.l1_shift, s.cluster_bits, s.l2_mask
-        sshift, eshift, smask = s.slice_shift, s.entry_shift, s.slice_mask
+        l1_shift, cbits, smask = s.l1_shift, s.cluster_bits, s.slice_mask
+        # The slice's cache key is l2off + (l2i >> slice_shift << entry_shift), l2i being
+        # (offset >> cluster_bits) & l2_mask: the same bits of the offset taken in one shift
+        # and one mask (the shift is cluster_bits - 3, never negative).
+        kshift = cbits + s.slice_shift - s.entry_shift
+        kmask = (s.l2_mask >> s.slice_shift) << s.entry_shift
         c = s.l2_cache
         lookup = c.tables.get
         to_end = c.tables.move_to_end
@@ -469,16 +473,17 @@ class Image:
                 if i1 < len(l1):
                     l2off = l1[i1] & l1_mask
                     if l2off and not l2off & cmask:
-                        l2i = (offset >> cbits) & l2_mask
-                        key = l2off + (l2i >> sshift << eshift)
+                        key = l2off + (offset >> kshift & kmask)
                         words = lookup(key)  # a miss is loaded by the general path
                         if words is not None:
-                            e = words[l2i & smask]
+                            e = words[offset >> cbits & smask]
                             host = e & l2_offset_mask
                             if host and not e & not_plain:
                                 cstats.hits += 1
-                                to_end(key)
-                                used(key)
+                                if key != c.mru:  # else it is at the LRU end and marked used
+                                    to_end(key)
+                                    used(key)
+                                    c.mru = key
                                 if direct:  # O_DIRECT wants its bounce buffer; pread counts it
                                     return direct_read(host + within, n)
                                 iost.data_reads += 1
@@ -584,6 +589,7 @@ class Image:
             stats.hits += k
             to_end(key)
             used(key)
+        c.mru = seen[-1][0]
         return None if delta is None else offset + delta
 
     def read_internal(self, offset: int, n: int) -> bytes:
