@@ -18,6 +18,7 @@ What the harness may ask a target beyond the Image interface is its ``introspect
 
 from __future__ import annotations
 
+import os
 import queue
 import shutil
 import threading
@@ -66,6 +67,7 @@ class _Helper:
     judged in target order, as if the targets had run one after the other."""
 
     def __init__(self) -> None:
+        self.pid = os.getpid()
         self._jobs: queue.SimpleQueue[Callable[[], list[Result]]] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[list[Result]] = queue.SimpleQueue()
         threading.Thread(target=self._serve, name="lockstep-helper", daemon=True).start()
@@ -101,9 +103,10 @@ _HELPERS = threading.local()
 
 def _helper() -> _Helper:
     """This thread's helper, started at its first use and kept: a campaign makes a
-    Lockstep per example."""
+    Lockstep per example. A process forked from one that had a helper (a campaign's shard)
+    inherits the record but not the thread, so it starts its own."""
     h: _Helper | None = getattr(_HELPERS, "helper", None)
-    if h is None:
+    if h is None or h.pid != os.getpid():
         h = _HELPERS.helper = _Helper()
     return h
 

@@ -131,3 +131,26 @@ def test_overlapped_request_failure_is_judged_like_a_sequential_one(tmp_path: Pa
         with pytest.raises(Divergence) as e:
             ls.write(0, 512, 0x44)
         assert e.value.kind == "crash"
+
+
+@pytest.mark.skipif(not qemuio.available(), reason="needs qemu-io")
+def test_a_forked_process_starts_its_own_helper(tmp_path: Path) -> None:
+    """A campaign forks its shards from a process that may have stepped a lockstep already:
+    the child must not wait for a helper thread it did not inherit."""
+    import multiprocessing as mp
+
+    with _three_way(tmp_path / "parent") as ls:
+        ls.write(0, 512, 0x11)
+    ctx = mp.get_context("fork")
+    p = ctx.Process(target=_child_steps, args=(tmp_path / "child",))
+    p.start()
+    p.join(120)
+    if p.is_alive():
+        p.kill()
+    assert p.exitcode == 0
+
+
+def _child_steps(where: Path) -> None:
+    with _three_way(where) as ls:
+        ls.write(0, 512, 0x22)
+        ls.read(0, 4096)
