@@ -240,7 +240,9 @@ def write_run(img: ImageView, pos: int, end: int, data: memoryview, base: int, f
                 _abort(s, host, n)
             raise
         expected = host + pos % cs + nbytes
-        img.last_host_end = expected
+        # Where preallocate_co makes the file end: exact over allocated clusters, the whole
+        # last subcluster over new ones (model/write.py, write_run).
+        img.last_host_end = expected if in_place else align_up(expected, s.geometry.subcluster_size)
         pos += nbytes
     return pos
 

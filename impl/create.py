@@ -181,7 +181,7 @@ def _preallocate(path: str, size: int, *, full: bool) -> None:
         s.l2_cache.write()
         s.rc_cache.write()
         target = s.data_host()
-        end = align_up(img.last_host_end, s.geometry.subcluster_size)
+        end = img.last_host_end
         at = target.size()
         if end > at and not full:
             target.truncate(end)

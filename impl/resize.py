@@ -59,7 +59,7 @@ def resize(img: ImageView, new_size: int, shrink: bool) -> None:
             pos = old
             while pos < new_size:
                 pos = cl.write_run(img, pos, new_size, memoryview(b""), pos, [], prealloc=True)
-            end = align_up(img.last_host_end, g.subcluster_size)
+            end = img.last_host_end
             if s.data is not None and end > s.data.size():
                 s.data.truncate(end)
         elif s.data is not None:

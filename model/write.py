@@ -133,7 +133,8 @@ def write_run(s: State, pos: int, end: int, data: bytes, base: int, *, prealloc:
         idx = g.l2_index(pos)
         want = min(g.size_to_clusters(pos % cs + (end - pos)), g.l2_entries - idx)
         entry = table[idx][0]
-        if not needs_new_alloc(s, entry):
+        in_place = not needs_new_alloc(s, entry)
+        if in_place:
             host = entry & L2E_OFFSET_MASK
             if host % cs:
                 raise CorruptionError(f"data cluster offset {host:#x} unaligned (guest {pos:#x})")
@@ -164,7 +165,11 @@ def write_run(s: State, pos: int, end: int, data: bytes, base: int, *, prealloc:
                     rb.free_clusters(q, host, n * cs)
                 raise
         expected = host + pos % cs + nbytes
-        s.last_host_end = expected
+        # preallocate_co makes the file reach host_offset + bytes of its last
+        # qcow2_alloc_host_offset: the exact end over clusters already allocated, and with
+        # QEMU 7.2 the whole last subcluster over new ones (observed; a data-file-raw image
+        # grown inside its last, already linked cluster ends exactly at the new size).
+        s.last_host_end = expected if in_place else align_up(expected, g.subcluster_size)
         pos += nbytes
     if own_frees:
         for old in frees:
@@ -182,10 +187,7 @@ def preallocate(s: State, offset: int, n: int, *, full: bool) -> None:
         pos = write_run(s, pos, end, b"", pos, prealloc=True)
     target = q.data_f if q.has_data_file else None
     size = q.file_size(target)
-    # QEMU's file (or data file) then ends with the last allocated subcluster, whole
-    # (observed with 7.2 for extended L2 entries and without; without them a subcluster
-    # is the cluster).
-    s.last_host_end = align_up(s.last_host_end, q.geometry.subcluster_size)
+    # QEMU's file (or data file) then ends where write_run says (last_host_end).
     if s.last_host_end > size:
         if full:
             chunk = 1 << 20

@@ -157,3 +157,32 @@ def test_data_file_raw_grow_over_a_zero_cluster_makes_it_data_like_qemu(
     assert sides["m"].read_bytes() == sides["q"].read_bytes()
     assert (tmp_path / "m" / "top.data").read_bytes() == (tmp_path / "q" / "top.data").read_bytes()
     assert extents == json.loads(qemu_img("map", "--output=json", "top.qcow2", cwd=tmp_path / "q").stdout)
+
+
+@pytest.mark.parametrize(("size", "steps"), [
+    (2109952, [(2105856, True), (2106368, False)]),  # deep seed 90004: grown inside its linked cluster
+    (2109952, [(2105344, True), (2106368, False)]),  # grown into a new cluster
+    (2105344, [(2106368, False)]),
+    (2105856, [(2106368, False)]),
+])
+def test_data_file_raw_grow_ends_the_data_file_where_qemu_does(
+        engine: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int,
+        steps: list[tuple[int, bool]]) -> None:
+    """preallocate_co grows the data file to host_offset + bytes of its last
+    qcow2_alloc_host_offset: over new clusters QEMU 7.2's file ends with the whole last
+    cluster, but a grow that stays inside the last cluster, still linked after a shrink cut
+    the data file at the old size, ends it exactly at the new size. The engines once rounded
+    that up to the cluster too (file sizes 2109440 against QEMU's 2106368)."""
+    sides = {}
+    for side in ("q", "m"):
+        (tmp_path / side).mkdir()
+        sides[side] = tmp_path / side / "top.qcow2"
+    qemu_create(sides["q"], size, cluster_size=4 * KiB, data_file="top.data", data_file_raw=True)
+    qemu_io(sides["q"], *(f"truncate {new}" for new, _ in steps))
+    monkeypatch.chdir(tmp_path / "m")
+    engine.create(sides["m"], size, cluster_size=4 * KiB, data_file="top.data", data_file_raw=True)
+    with engine.open(sides["m"]) as img:
+        for new, shrink in steps:
+            img.resize(new, shrink=shrink)
+    assert sides["m"].read_bytes() == sides["q"].read_bytes()
+    assert (tmp_path / "m" / "top.data").read_bytes() == (tmp_path / "q" / "top.data").read_bytes()
