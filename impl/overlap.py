@@ -25,6 +25,7 @@ from impl.cluster import UnflaggedError
 from impl.state import State
 from spec.entries import L1E_OFFSET_MASK
 from spec.errors import CorruptionError, FormatError
+from spec.features import QCOW2_AUTOCLEAR_BITMAPS
 
 QCOW2_OL_MAIN_HEADER = 1 << 0
 QCOW2_OL_ACTIVE_L1 = 1 << 1
@@ -82,6 +83,10 @@ class OverlapChecker:
         self.s = s
         self.mask = mask
         self.bitmap_dir = bitmap_dir
+        self.dir_wraps = False
+        """The bitmaps autoclear bit is set and no bitmaps extension names a directory: QEMU's
+        check then compares against (0, 0), whose last byte wraps to 2^64 - 1
+        (ranges_overlap), so every write it checks overlaps the "bitmap directory"."""
         self.stale = True
         self.clusters: dict[int, int] = {}
         """cluster index -> the QCOW2_OL_* bits of the metadata kinds found there."""
@@ -134,6 +139,9 @@ class OverlapChecker:
             add("snapshot table", *self.snapshot_table)
         if m & QCOW2_OL_BITMAP_DIRECTORY:
             add("bitmap directory", *self.bitmap_dir)
+        v3 = s.header.v3
+        self.dir_wraps = bool(m & QCOW2_OL_BITMAP_DIRECTORY and not self.bitmap_dir[1] and v3 is not None
+                              and int(v3.autoclear_features) & QCOW2_AUTOCLEAR_BITMAPS)
         if m & QCOW2_OL_INACTIVE_L1:
             for off, size in self.snapshots:
                 add("inactive L1 table", off, size * 8)
@@ -180,3 +188,6 @@ class OverlapChecker:
                 # first one its check meets).
                 name = next(k for k, b in _KIND_BITS.items() if bits & b)
                 raise CorruptionError(f"preventing invalid write on metadata (overlaps with {name})")
+        if self.dir_wraps and not ignore & QCOW2_OL_BITMAP_DIRECTORY:
+            # Checked last, as qcow2_check_metadata_overlap checks the directory last.
+            raise CorruptionError("preventing invalid write on metadata (overlaps with bitmap directory)")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from spec import header as hd
 from spec.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
 from spec.errors import CorruptionError
+from spec.features import QCOW2_AUTOCLEAR_BITMAPS
 from spec.qfile import Qcow2File
 from spec.snapshot_table import read_snapshot_table, snapshot_table_size
 
@@ -107,3 +108,10 @@ def check_metadata_write(q: Qcow2File, offset: int, n: int, own: str,
     for name, starts in _cluster_tables(q):
         if name not in (own, skip) and (starts - first < span).any():
             raise CorruptionError(f"preventing invalid write on metadata (overlaps with {name})")
+    img = q.image_file
+    if (own != "bitmap directory" and img.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS
+            and img.extension(hd.QCOW2_EXT_MAGIC_BITMAPS) is None):
+        # The bitmaps bit without an extension: QEMU compares against a directory at (0, 0),
+        # whose last byte wraps to 2^64 - 1 (ranges_overlap), so every checked write
+        # overlaps it (qcow2_check_metadata_overlap checks the directory last).
+        raise CorruptionError("preventing invalid write on metadata (overlaps with bitmap directory)")
