@@ -255,7 +255,9 @@ class Image:
         # whose reads nobody intercepts (a recorder subclass overriding pread keeps them all).
         target = s.data_host()
         plain = not s.extended_l2 and self.snapshot_l1 is None and not img.header.crypt_method
-        if plain and type(target).pread is HostFile.pread:
+        # A subclass that overrides read or _read keeps its own path.
+        mine = type(self).read is Image.read and type(self)._read is Image._read
+        if plain and mine and type(target).pread is HostFile.pread:
             self._fast_read = self._bind_fast_read(s, target)
             # The instance attribute shadows the method: ``img.read`` is the closure itself.
             self.__dict__["read"] = self._fast_read
