@@ -183,7 +183,7 @@ def error_class(text: str) -> type[Qcow2Error]:
     (qcow2_signal_corruption prints "Marking image as corrupt") is CorruptionError.
     """
     low = text.lower()
-    if "marking image as corrupt" in low or "image is corrupt" in low:
+    if "marking image as corrupt" in low or "image is corrupt" in low or "no medium found" in low:
         return CorruptionError
     if "not supported" in low:
         return UnsupportedFeature
@@ -198,12 +198,18 @@ and error_report() lines start with the program name ("qemu-io: The new size mus
 
 _LOGGED_ONLY = re.compile(r"^(qcow2_free_clusters failed: [^\n]*"
                           r"|qcow2: Image is corrupt: [^\n]*; further non-fatal corruption events will be "
+                          r"suppressed"
+                          r"|qcow2: Marking image as corrupt: [^\n]*; further corruption events will be "
                           r"suppressed)(\n|$)", re.MULTILINE)
-"""Messages QEMU logs without failing the request: a failed refcount decrement
-(block/qcow2-refcount.c, qcow2_free_clusters), and a non-fatal corruption event
+"""Messages QEMU logs without failing the request by themselves: a failed refcount
+decrement (block/qcow2-refcount.c, qcow2_free_clusters); a non-fatal corruption event
 (qcow2_signal_corruption with fatal=false, block/qcow2.c: e.g. "Cannot free unaligned
 cluster" from qcow2_free_any_cluster), which neither sets the corrupt bit nor fails the
-request; the fatal kind says "Marking image as corrupt"."""
+request; and the fatal kind, "Marking image as corrupt", which drops the node
+(QemuIo.dropped) but fails the request only if the request says so itself: a free inside a
+zero write that meets an unaligned refcount block flags the image and the write still
+succeeds ("wrote ..."). Every later request then fails with ENOMEDIUM, which is what an
+engine's flagged image answers with CorruptionError (error_class)."""
 
 
 class QemuIo:

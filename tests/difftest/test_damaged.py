@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from difftest.cli.damaged import replay
-from difftest.damaged.campaign import campaign
+from difftest.damaged.campaign import Corpus, campaign
 from difftest.damaged.case import Case, Finding, Op, Run, count_bits, table_punched
 from difftest.damaged.notes import (
     CACHED_METADATA_READ,
@@ -210,3 +210,17 @@ def test_a_table_punched_out_of_the_models_file_is_named(tmp_path: Path) -> None
     write = Finding("write", 1, {"model": "CorruptionError", "impl": "ok", "qemu": "ok"})
     assert explain(write, Run(model_table_punched=True, paths={"model": img})) is TABLE_PUNCHED
     assert explain(write, Run(model_table_punched=False, paths={"model": img})) is None
+
+
+def test_a_request_that_flags_the_image_and_succeeds_agrees_with_qemu(tmp_path: Path) -> None:
+    """Damaged seed 3, ``write_zeroes:refcount-table-block-misaligned@v2``: the zero write
+    frees a cluster whose refcount block offset is unaligned. QEMU marks the image corrupt
+    inside the free, which only logs its failure, and the write itself succeeds ("wrote"):
+    the qemu side once took the "Marking image as corrupt" line for the request's failure.
+    The engines succeed and flag too; after it QEMU answers ENOMEDIUM (the node dropped),
+    the engines CorruptionError: the same class (difftest/core/qemuio.py, error_class)."""
+    case = Case("refcount-table-block-misaligned@v2", 3, "v2", "refcount-table-block-misaligned@v2.qcow2",
+                ((4102, 8),), None, (Op("write_zeroes", 65536, 65536, 0, True), Op("read", 0, 512)))
+    run = Corpus(tmp_path, case.seed).run(case, ["model", "impl", "qemu"], tmp_path / "run")
+    assert run.finding is None, run.finding
+    assert run.flagged_everywhere  # the read after it failed alike on every side
