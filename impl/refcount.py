@@ -426,7 +426,9 @@ def _grow_reftable(s: State, cluster_index: int, new_index: int, new_block: int)
         s.rc_cache.mark_dirty(new_table[i])
     s.rc_cache.flush()
     # qcow2_refcount_area: the new table, then the header fields pointing at it, each
-    # with bdrv_pwrite_sync, before the old table is freed (and may be reused).
+    # with bdrv_pwrite_sync, before the old table is freed (and may be reused). Neither
+    # write is overlap-checked in QEMU 7.2 (only the blocks' cache flush above is), so a
+    # table landing on other metadata is written, as here.
     s.pwrite_sync(table_offset, struct.pack(f">{table_size}Q", *new_table))
     old_offset, old_clusters = s.refcount_table_offset, int(s.header.refcount_table_clusters)
     s.header.refcount_table_offset = table_offset

@@ -309,5 +309,8 @@ class State:
             self.host.pwrite(self.l1_table_offset + 8 * first, data, meta=True)
 
     def write_reftable_entry(self, index: int) -> None:
-        """alloc_refcount_block hooks a new block into the table with bdrv_pwrite_sync."""
+        """alloc_refcount_block hooks a new block into the table with bdrv_pwrite_sync.
+        Unchecked, as in QEMU 7.2: that hook-up runs no qcow2_pre_write_overlap_check (the
+        old write_reftable_entry, which did, is gone from block/qcow2-refcount.c), so an
+        entry landing on other metadata is written (tests/conformance/test_damaged.py)."""
         self.pwrite_sync(self.refcount_table_offset + 8 * index, struct.pack(">Q", self.reftable[index]))

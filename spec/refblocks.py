@@ -275,6 +275,8 @@ def _refblock_for_update(q: Qcow2File, cluster_index: int) -> int:
         update_refcount(q, new_block, q.cluster_size, 1)
     _checked_refblock_write(q, new_block, bytes(block_data))
     if rt_index < table_entries:
+        # The hook-up is not overlap-checked: QEMU 7.2 writes the entry with a plain
+        # bdrv_pwrite_sync (alloc_refcount_block).
         table = read_reftable(q)
         table[rt_index] = new_block
         write_reftable(q, table)
@@ -364,6 +366,8 @@ def _grow_reftable(q: Qcow2File, cluster_index: int, new_index: int, new_block: 
             for k in range(j, min((end - first_covered) // cs, entries)):
                 refcount_set(data, k, bits, 1)
         _checked_refblock_write(q, new_table[i], bytes(data))
+    # The new table and the header switch are not overlap-checked: qcow2_refcount_area
+    # writes them with plain bdrv_pwrite_sync (only its blocks' cache flush is checked).
     q.pwrite(table_offset, struct.pack(f">{table_size}Q", *new_table))
     old_offset, old_clusters = q.header.refcount_table_offset, q.header.refcount_table_clusters
     q.header.refcount_table_offset = table_offset

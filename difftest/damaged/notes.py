@@ -58,16 +58,18 @@ METADATA_OVERLAP = Note(
 METADATA_OVERLAP_UNCHECKED = Note(
     "metadata-overlap-unchecked",
     "QEMU refused a write of its own metadata as overlapping other metadata and both engines "
-    "went on: a writer the engines do not check yet. They check guest data, cache write-backs, "
-    "L1 entry writes, the grown L1 table (qcow2_grow_l1_table) and the snapshot writers (a "
-    "snapshot's L1 copy, the snapshot table, the active L1 overwritten by a snapshot's: "
-    "block/qcow2-snapshot.c); not the refcount-table writers (a new refcount block's table "
-    "entry, write_reftable_entry, and the table's growth, block/qcow2-refcount.c). The "
-    "persistent bitmaps' writers are checked (spec/bitmap_store.py: the directory rewritten in "
-    "place at a read-write open, every bitmap stored at close). Or a "
-    "write-back order that differs from QEMU's: the impl writes a cache back in host-offset "
-    "order, QEMU in cache-slot order; both go on past a refused entry, so only which refusal "
-    "comes first differs.",
+    "went on. Every writer QEMU 7.2 checks, the engines check: guest data, cache write-backs "
+    "(the refcount blocks alloc_refcount_block and qcow2_refcount_area flush included), L1 "
+    "entry writes, the grown L1 table (qcow2_grow_l1_table), the snapshot writers "
+    "(block/qcow2-snapshot.c) and the persistent bitmaps' writers (spec/bitmap_store.py). "
+    "The refcount table's own writes are not checked by QEMU 7.2 either (block/"
+    "qcow2-refcount.c: alloc_refcount_block hooks a new block into the table, and "
+    "qcow2_refcount_area writes the grown table and the header, with plain bdrv_pwrite_sync; "
+    "the old write_reftable_entry, which checked, is gone), so the engines write those "
+    "unchecked too (tests/conformance/test_damaged.py). What is left is a write-back order "
+    "that differs from QEMU's: the impl writes a cache back in host-offset order, QEMU in "
+    "cache-slot order; both go on past a refused entry, so only which refusal comes first "
+    "differs. Open: the impl does not yet follow the slot order.",
     open=True)
 
 QEMU_ABORTED = Note(

@@ -632,3 +632,42 @@ def test_a_request_piece_after_a_free_flagged_the_image_fails(engine: ModuleType
             assert img.broken
         assert _corrupt_bit(theirs)
         assert ours.read_bytes() == theirs.read_bytes()  # the refcount table not overwritten
+
+
+@pytest.mark.parametrize("far", [1 << 30, 64 << 30])
+def test_refcount_table_writes_landing_on_an_l2_table_are_not_checked(engine: ModuleType, tmp_path: Path,
+                                                                     far: int) -> None:
+    """QEMU 7.2 runs no overlap check on the refcount table's own writes (block/
+    qcow2-refcount.c): alloc_refcount_block hooks a new block into the table with a plain
+    bdrv_pwrite_sync, and qcow2_refcount_area writes the grown table the same way (only
+    the new blocks go through the refcount cache's checked flush). A damaged L1 entry makes
+    the written table an active L2 table: at 1 GiB the hook-up lands in the refcount table
+    that L1 entry 1 names, at 64 GiB the grown table lands where it points. QEMU writes
+    both without a refusal or a flag, and so do the engines."""
+    src = _far_data_entry(tmp_path, far)
+    target = 0x1000 if far < 1 << 32 else far + 8 * MiB + 5 * 4096  # the table written
+    with open_image(src) as img:
+        l1 = int(img.header.l1_table_offset)
+    _poke(src, l1 + 8, struct.pack(">Q", COPIED | target))
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    out = _qemu_unsafe(theirs, "discard 4k 4k", "write -P 5 8k 4k")
+    assert "overlaps with" not in out and "wrote 4096/4096 bytes" in out, out
+    with engine.open(ours) as img:
+        img.discard(4 * KiB, 4 * KiB)
+        img.write(8 * KiB, b"\x05" * (4 * KiB))
+        assert not img.broken
+    for path in (theirs, ours):  # the corrupt bit clear (the header only: the file is sparse)
+        with path.open("rb") as f:
+            assert not struct.unpack_from(">Q", f.read(80), 72)[0] & QCOW2_INCOMPAT_CORRUPT
+    assert _reftable_fields(ours) == _reftable_fields(theirs)
+    assert ours.stat().st_size == theirs.stat().st_size
+    with ours.open("rb") as a, theirs.open("rb") as b:
+        assert a.read(64 * KiB) == b.read(64 * KiB)  # header, tables (the hooked-up entry), data
+        a.seek(far)
+        b.seek(far)  # past the damaged entry: the new blocks and the grown table, if any
+        assert a.read() == b.read()
+    if far >= 1 << 32:
+        assert _reftable_fields(ours) == (target, 25)  # grown onto the L2 table L1 entry 1 names
+    assert check_without_name(ours) == check_without_name(theirs)
