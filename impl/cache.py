@@ -19,6 +19,16 @@
   no event loop.
 - ``discard(offset)``: drop an entry without writing it (qcow2_cache_discard: the cluster
   was freed).
+- Slots: QEMU's cache is an array of ``capacity`` slots, and qcow2_cache_write and
+  qcow2_cache_flush write the dirty entries back in slot order, so with two write-backs the
+  overlap check refuses, the slot order decides which refusal QEMU meets (and reports)
+  first. Each entry here keeps the slot QEMU would have given it (``slot``): on a miss,
+  qcow2_cache_do_get scans the slots circularly from (offset / entry size * 4) % capacity
+  and takes the first one with the smallest lru_counter among the unreferenced; an empty
+  slot (never used, discarded, cleaned) has lru_counter 0 and every used one more
+  (qcow2_cache_put bumps it), so that is the first free slot from there on, or, when none
+  is free, the evicted LRU entry's own slot. Kept on the miss path only: a hit does not
+  touch it.
 
 An entry is decoded once when it is loaded (``decode``), so a hit is a dict lookup and the
 caller indexes the decoded array; ``encode`` turns it back into bytes on write-back.
@@ -66,6 +76,10 @@ class Qcow2Cache:
         self.encode = encode
         self.name = name
         self.tables: OrderedDict[int, Any] = OrderedDict()
+        self.slot: dict[int, int] = {}
+        """Host offset -> the index of QEMU's cache slot holding it (the module doc)."""
+        self._taken = bytearray(capacity)
+        """1 for a slot in use: bytearray.find(0, start) finds the first free one in C."""
         self.dirty: set[int] = set()
         self.pinned: dict[int, int] = {}
         self.used_since_clean: set[int] = set()
@@ -100,6 +114,7 @@ class Qcow2Cache:
         self._make_room()
         table = self.decode(self.host.pread(offset, self.entry_size, meta=True))
         self.tables[offset] = table
+        self._take_slot(offset)
         self.used_since_clean.add(offset)
         self.mru = offset
         return table
@@ -110,6 +125,7 @@ class Qcow2Cache:
             self.tables.move_to_end(offset)
         else:
             self._make_room()
+            self._take_slot(offset)
         table = self.decode(bytes(self.entry_size))
         self.tables[offset] = table
         self.used_since_clean.add(offset)
@@ -168,7 +184,7 @@ class Qcow2Cache:
         self.dirty.discard(offset)
 
     def write(self, *, barrier: bool = False) -> None:
-        """qcow2_cache_write: every dirty entry, in host-offset order. An entry the overlap
+        """qcow2_cache_write: every dirty entry, in QEMU's slot order (the module doc). An entry the overlap
         check refuses does not stop the others (QEMU's loop goes on and returns the error at
         the end), so the rest of the cache still reaches the file; a host I/O error stops
         here, as before.
@@ -178,7 +194,7 @@ class Qcow2Cache:
         entry the check refuses then stays dirty, and nothing is raised: QEMU meets (and
         flags) that overlap only at its own write-back (a flush, an eviction, the close)."""
         refused: CorruptionError | None = None
-        for offset in sorted(self.dirty):
+        for offset in sorted(self.dirty, key=self.slot.__getitem__):
             try:
                 self._write_entry(offset)
             except HostIOError:
@@ -204,10 +220,25 @@ class Qcow2Cache:
             raise RuntimeError(f"{self.name} cache: every entry is in use")
         self._write_entry(victim)
         del self.tables[victim]
+        self._free_slot(victim)
         self.used_since_clean.discard(victim)
         if victim == self.mru:
             self.mru = None
         self.stats.evictions += 1
+
+    def _take_slot(self, offset: int) -> None:
+        """The slot qcow2_cache_do_get gives a missed ``offset``: the first free one scanning
+        circularly from its lookup index (after an eviction, the victim's own)."""
+        start = offset // self.entry_size * 4 % self.capacity
+        i = self._taken.find(0, start)
+        if i < 0:
+            i = self._taken.find(0, 0, start)
+        self._taken[i] = 1
+        self.slot[offset] = i
+
+    def _free_slot(self, offset: int) -> None:
+        """The entry left its slot (evicted, discarded, cleaned): the slot is empty again."""
+        self._taken[self.slot.pop(offset)] = 0
 
     # --- dropping ------------------------------------------------------------------------------
     def discard(self, offset: int) -> None:
@@ -215,6 +246,7 @@ class Qcow2Cache:
         if offset == self.mru:
             self.mru = None
         if self.tables.pop(offset, None) is not None:
+            self._free_slot(offset)
             self.dirty.discard(offset)
             self.pinned.pop(offset, None)
             self.used_since_clean.discard(offset)
@@ -234,6 +266,7 @@ class Qcow2Cache:
                 if o not in self.used_since_clean and o not in self.dirty and o not in self.pinned]
         for o in drop:
             del self.tables[o]
+            self._free_slot(o)
         self.used_since_clean.clear()
         self.mru = None
         return len(drop)

@@ -671,3 +671,47 @@ def test_refcount_table_writes_landing_on_an_l2_table_are_not_checked(engine: Mo
     if far >= 1 << 32:
         assert _reftable_fields(ours) == (target, 25)  # grown onto the L2 table L1 entry 1 names
     assert check_without_name(ours) == check_without_name(theirs)
+
+
+@pytest.mark.parametrize("first", ["refcount block", "active L1 table"])
+def test_two_refused_l2_write_backs_meet_qemus_first_refusal_first(engine: ModuleType, tmp_path: Path,
+                                                                   first: str) -> None:
+    """Two dirty L2 tables both overlap other metadata: the one at guest 0 is also a refcount
+    block (a damaged refcount-table entry), the one of guest 512 MiB is the active L1 table
+    itself (a damaged L1 entry, COPIED so it is updated in place). QEMU's flush writes the L2
+    cache back in slot order (block/qcow2-cache.c qcow2_cache_write), and with the default
+    4-slot cache of a 2 GiB image every scan starts at slot 0 ((offset / 64 KiB * 4) % 4), so
+    the table loaded first sits in slot 0 and its refusal is the one QEMU reports; host-offset
+    order would always put the L1 table (0x30000) first."""
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "2G"], check=True)
+    qemu_io(src, "write -q -P 1 0 4k")
+    with open_image(src) as img:
+        l1 = int(img.header.l1_table_offset)
+    _reftable_entry_at(src, 1, l2_table_offset(src, 0))
+    _poke(src, l1 + 8, struct.pack(">Q", COPIED | l1))
+    far = 512 * MiB + 640 * KiB  # L2 index 10 of the L1 cluster: past l1_size, a zero entry
+    writes = [(64 * KiB, 2), (far, 3)]
+    if first == "active L1 table":
+        writes.reverse()
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    cmds = [a for off, p in writes for a in ("-c", f"write -q -P {p} {off} 4k")] + ["-c", "flush"]
+    r = _qemu_io("-t", "writeback", "-f", "qcow2", *cmds, str(theirs))
+    assert f"Preventing invalid write on metadata (overlaps with {first})" in r.stdout + r.stderr
+    assert _corrupt_bit(theirs)
+    img = engine.open(ours)
+    for off, p in writes:
+        img.write(off, bytes([p]) * (4 * KiB))  # the L2 updates stay in the cache
+    if engine.__name__ == "model":
+        # No cache, no write-back to refuse: the model wrote both tables with the requests.
+        img.flush()
+        img.close()
+        assert not _corrupt_bit(ours)
+        return
+    with pytest.raises(CorruptionError, match=f"overlaps with {first}"):
+        img.flush()
+    img.close()
+    assert _corrupt_bit(ours)
+    assert ours.read_bytes() == theirs.read_bytes()
