@@ -13,10 +13,12 @@ qcow2_grow_l1_table: nothing ignored), a snapshot's L1 copy and the snapshot tab
 active L1 table overwritten by a snapshot's (qcow2_snapshot_goto: the active L1 ignored).
 The persistent bitmaps' writes at close (spec/bitmap_store.py: data clusters, tables, the
 new directory) are checked with nothing ignored, as store_bitmap and bitmap_list_store do.
-Not checked here: the refcount-table writers (a table entry, alloc_refcount_block's
-write_reftable_entry; the table's growth) and the in-place directory rewrite of the open
-(it runs before this checker exists). The bitmap directory counts as metadata only while
-the bitmaps autoclear bit is set (qcow2_check_metadata_overlap).
+The refcount table's own writes are not checked, as QEMU 7.2 does not check them
+(block/qcow2-refcount.c: alloc_refcount_block hooks a new block into the table, and
+qcow2_refcount_area writes the grown table and the header, with plain bdrv_pwrite_sync);
+nor is the in-place directory rewrite of the open (it runs before this checker exists).
+The bitmap directory counts as metadata only while the bitmaps autoclear bit is set
+(qcow2_check_metadata_overlap).
 """
 
 from __future__ import annotations

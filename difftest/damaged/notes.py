@@ -13,9 +13,12 @@ was hit; it only stops being a failure. Two rules keep a note from hiding a real
   read's host cluster, the impl answering as QEMU did);
 - the evidence is QEMU's own words for the cause, not the shape of the disagreement.
   (QEMU's overlap message does not say which write it refused, guest data, a table
-  write-back, an L1 entry or a new table; the engines check all of these against the same
-  kinds of metadata, so when the impl agrees with QEMU it refused the same write, and when
-  both engines went on QEMU refused a write they do not check: METADATA_OVERLAP_UNCHECKED.)
+  write-back, an L1 entry or a new table; the engines check every writer QEMU 7.2 checks,
+  against the same kinds of metadata, and the impl writes its caches back in QEMU's slot
+  order, so when the impl agrees with QEMU it refused the same write. QEMU refusing a write
+  where both engines went on has no known cause left: it is unexplained, a failure. The
+  note metadata-overlap-unchecked that excused it is gone, its last cause, the write-back
+  order, closed: impl/cache.py, tests/conformance/test_cache_slots.py.)
 
 ``open`` says whether the difference is an engine gap still to close (it names what is
 missing), or one that a sequential engine cannot follow at all.
@@ -54,23 +57,6 @@ METADATA_OVERLAP = Note(
     "would not yet check it, so it never meets the overlap (its L1 entry writes are checked, "
     "model/mapping.py, as QEMU writes those at once).",
     open=False)
-
-METADATA_OVERLAP_UNCHECKED = Note(
-    "metadata-overlap-unchecked",
-    "QEMU refused a write of its own metadata as overlapping other metadata and both engines "
-    "went on. Every writer QEMU 7.2 checks, the engines check: guest data, cache write-backs "
-    "(the refcount blocks alloc_refcount_block and qcow2_refcount_area flush included), L1 "
-    "entry writes, the grown L1 table (qcow2_grow_l1_table), the snapshot writers "
-    "(block/qcow2-snapshot.c) and the persistent bitmaps' writers (spec/bitmap_store.py). "
-    "The refcount table's own writes are not checked by QEMU 7.2 either (block/"
-    "qcow2-refcount.c: alloc_refcount_block hooks a new block into the table, and "
-    "qcow2_refcount_area writes the grown table and the header, with plain bdrv_pwrite_sync; "
-    "the old write_reftable_entry, which checked, is gone), so the engines write those "
-    "unchecked too (tests/conformance/test_damaged.py). What is left is a write-back order "
-    "that differs from QEMU's: the impl writes a cache back in host-offset order, QEMU in "
-    "cache-slot order; both go on past a refused entry, so only which refusal comes first "
-    "differs. Open: the impl does not yet follow the slot order.",
-    open=True)
 
 QEMU_ABORTED = Note(
     "qemu-aborted",
@@ -160,7 +146,7 @@ TABLE_PUNCHED = Note(
     "allocates, maps and flags differently from then on.",
     open=False)
 
-NOTES = (METADATA_OVERLAP, METADATA_OVERLAP_UNCHECKED, QEMU_ABORTED, DROPPED_CACHES, MODEL_WRITE_THROUGH,
+NOTES = (METADATA_OVERLAP, QEMU_ABORTED, DROPPED_CACHES, MODEL_WRITE_THROUGH,
          CACHED_METADATA_READ, REFCOUNTS_GROWN_ON_FREE, REFCOUNT_INDEX_WRAP, TABLE_PUNCHED)
 
 
@@ -312,12 +298,6 @@ def explain(finding: Finding, run: Run) -> Note | None:
         return None
     if finding.kind == "check" and _wrapping_offset(run.image):
         return REFCOUNT_INDEX_WRAP
-    if _OVERLAP_WORDS in qemu_log:
-        # QEMU flagged the image; every later difference (the refused request, the corrupt
-        # bit, what a reopen and check find in the file QEMU stopped writing) follows from it.
-        flagged_here = theirs == "CorruptionError" or (finding.kind == "corrupt-flag" and theirs == "True")
-        if flagged_here or finding.kind in ("reopen", "check"):
-            return METADATA_OVERLAP_UNCHECKED
     return None
 
 
