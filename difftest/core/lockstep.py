@@ -574,6 +574,7 @@ class Lockstep:
         uniform = len(ref_runs) == 1
         allocs = results[len(remote):]
         for i, t in enumerate(remote):
+            count = None
             if uniform:
                 ok, count = allocs[i]
                 if not ok:
@@ -581,12 +582,7 @@ class Lockstep:
                         raise Divergence("map", desc, f"{t.name} alloc raised {type(count).__name__}: "
                                          f"{count}") from count
                     raise count
-                if count is not None and count == (n if ref_runs[0][2] else 0):
-                    continue
-            runs = self._top_alloc(t, off, n, desc)
-            if runs != ref_runs:
-                raise Divergence("map", desc, f"top-layer allocation of [{off}, {off + n}) differs:\n  "
-                                 f"{ref.name}: {ref_runs}\n  {t.name}: {runs}")
+            self._same_top_alloc(t, ref.name, ref_runs, count, off, n, desc)
 
     def verify(self, off: int, n: int, desc: str = "verify") -> None:
         """Every target reads the same bytes in [off, off+n) (clipped to the image)."""
@@ -649,17 +645,24 @@ class Lockstep:
         ref = self._top_alloc(self.targets[0], off, n, desc, raw[0] if raw is not None else None)
         uniform = len(ref) == 1
         for t in others:
+            count = None
             if uniform:
                 try:
                     count = t.introspection.allocated_bytes(off, n)
                 except Qcow2Error as e:
                     raise Divergence("map", desc, f"{t.name} alloc raised {type(e).__name__}: {e}") from e
-                if count is not None and count == (n if ref[0][2] else 0):
-                    continue
-            runs = self._top_alloc(t, off, n, desc)
-            if runs != ref:
-                raise Divergence("map", desc, f"top-layer allocation of [{off}, {off + n}) differs:\n  "
-                                 f"{self.targets[0].name}: {ref}\n  {t.name}: {runs}")
+            self._same_top_alloc(t, self.targets[0].name, ref, count, off, n, desc)
+
+    def _same_top_alloc(self, t: Target, ref_name: str, ref: list[tuple[int, int, bool]], count: int | None,
+                        off: int, n: int, desc: str) -> None:
+        """``t``'s top-layer allocation of [off, off+n) is the reference's ``ref``: its
+        allocated byte ``count`` settles a uniform range, else its runs are read."""
+        if count is not None and len(ref) == 1 and count == (n if ref[0][2] else 0):
+            return
+        runs = self._top_alloc(t, off, n, desc)
+        if runs != ref:
+            raise Divergence("map", desc, f"top-layer allocation of [{off}, {off + n}) differs:\n  "
+                             f"{ref_name}: {ref}\n  {t.name}: {runs}")
 
     def _top_alloc(self, t: Target, off: int, n: int, desc: str,
                    report: list[dict[str, Any]] | None = None) -> list[tuple[int, int, bool]]:
