@@ -550,7 +550,19 @@ class QemuImage:
                       compressed=True)
 
     def flush(self) -> None:
-        self._io().checked("flush", quiet=True)
+        """The guest's flush. qemu-io prints nothing when a flush fails (flush_f returns
+        blk_flush's error unprinted), so the failure shows only as the "Marking image as
+        corrupt" of a write-back the overlap check refused, or, once the node is dropped,
+        not at all (ENOMEDIUM): both are the flagged image's CorruptionError."""
+        io = self._io()
+        dropped = io.dropped
+        out = self._sync()
+        if dropped or "Marking image as corrupt" in out:
+            raise CorruptionError(f"qemu-io 'flush': {out.strip() or 'no medium, the node was dropped'}")
+
+    def _sync(self) -> str:
+        """Write QEMU's caches to the file before qemu-img reads it (map, info)."""
+        return self._io().checked("flush", quiet=True)
 
     def resize(self, new_size: int, *, shrink: bool = False) -> None:
         # qemu-img resize refuses to shrink without --shrink (qemu-img.c, img_resize);
@@ -610,7 +622,7 @@ class QemuImage:
 
     def map(self, offset: int = 0, n: int | None = None) -> list[dict[str, Any]]:
         if self.io is not None and not self.readonly:
-            self.flush()
+            self._sync()
         args = ["map", "--output=json", "-U"]
         if offset:
             args += ["--start-offset", str(offset)]
@@ -640,7 +652,7 @@ class QemuImage:
 
     def info(self) -> dict[str, Any]:
         if self.io is not None and not self.readonly and hasattr(self, "size"):
-            self.flush()  # qemu-img reads the file: the metadata caches must be in it
+            self._sync()  # qemu-img reads the file: the metadata caches must be in it
         return dict(json.loads(self._img("info", "--output=json", "-U", keys=False)))
 
     def _snapshot(self, flag: str, name: str) -> None:

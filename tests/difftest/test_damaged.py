@@ -225,3 +225,24 @@ def test_a_request_that_flags_the_image_and_succeeds_agrees_with_qemu(tmp_path: 
     run = Corpus(tmp_path, case.seed).run(case, ["model", "impl", "qemu"], tmp_path / "run")
     assert run.finding is None, run.finding
     assert run.flagged_everywhere  # the read after it failed alike on every side
+
+
+def test_a_write_back_refused_inside_a_write_flags_and_a_silent_flush_fails(tmp_path: Path) -> None:
+    """Damaged seed 12, both with a refcount-table entry flipped onto an L2 table:
+    - flip-250@v2: the write's qcow2_alloc_cluster_link_l2 forces the L2 cache's write-back
+      (qcow2_cache_set_dependency, the refcount cache depending on it after the zero
+      write's free), the overlap check refuses it and flags the image, and the write still
+      succeeds: link_l2 ignores what set_dependency returns (impl/cluster.py);
+    - flip-149@v3: a flush's refused write-back fails the flush, which qemu-io does not
+      print: only "Marking image as corrupt" shows it (QemuImage.flush). The model, which
+      has no cache, goes on: the named model-only difference."""
+    v2 = Case("flip-250@v2", 12, "v2", "flip-250@v2.qcow2", ((4862, 64),), None,
+              (Op("write_zeroes", 65024, 65536), Op("write", 2664448, 32768, 73)))
+    run = Corpus(tmp_path, 12).run(v2, ["model", "impl", "qemu"], tmp_path / "v2")
+    assert run.finding is None, run.finding
+    v3 = Case("flip-149@v3", 12, "v3", "flip-149@v3.qcow2", ((6702, 128),), None,
+              (Op("write", 2821120, 32768, 61), Op("flush")))
+    run = Corpus(tmp_path, 12).run(v3, ["model", "impl", "qemu"], tmp_path / "v3")
+    assert run.finding is not None
+    assert run.finding.outcomes == {"model": "ok", "impl": "CorruptionError", "qemu": "CorruptionError"}
+    assert explain(run.finding, run) is METADATA_OVERLAP
