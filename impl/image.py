@@ -130,6 +130,8 @@ class Image:
         self.cluster_size = img.cluster_size
         self.readonly = readonly
         self.last_host_end = 0
+        self.close_error: HostIOError | None = None
+        """A cache write-back the host refused at the close (QEMU only prints it)."""
         self.metadata_preallocation: bool | None = None
         self.snapshot_l1: list[int] | None = None
         self.backing: Any = None
@@ -899,8 +901,7 @@ class Image:
         if self.closed:
             return
         self.closed = True
-        self.close_error: HostIOError | None = None
-        """A cache write-back the host refused at the close (QEMU only prints it)."""
+        self.close_error = None
         try:
             if not self.readonly and not self.broken:
                 s = self.s

@@ -15,8 +15,9 @@ The persistent bitmaps' writes at close (spec/bitmap_store.py: data clusters, ta
 new directory) are checked with nothing ignored, as store_bitmap and bitmap_list_store do.
 The refcount table's own writes are not checked, as QEMU 7.2 does not check them
 (block/qcow2-refcount.c: alloc_refcount_block hooks a new block into the table, and
-qcow2_refcount_area writes the grown table and the header, with plain bdrv_pwrite_sync);
-nor is the in-place directory rewrite of the open (it runs before this checker exists).
+qcow2_refcount_area writes the grown table and the header, with plain bdrv_pwrite_sync).
+The in-place directory rewrite of a read-write open is checked with the directory itself
+ignored (bitmap_list_store in place; impl/image.py loads the bitmaps once this exists).
 The bitmap directory counts as metadata only while the bitmaps autoclear bit is set
 (qcow2_check_metadata_overlap).
 """

@@ -274,16 +274,18 @@ def detect_metadata_preallocation(img: ImageView, *, write_back: bool = True) ->
     s = img.s
     if not write_back:
         dirty_end = max([max(c.dirty) + c.entry_size for c in (s.l2_cache, s.rc_cache) if c.dirty], default=0)
-        if dirty_end and not _preallocated(img, dirty_end):
+        if dirty_end and not _preallocated(img, dirty_end, peek=True):
             return False
     s.l2_cache.write(barrier=True)
     s.rc_cache.write(barrier=True)
     return _preallocated(img, 0)
 
 
-def _preallocated(img: ImageView, dirty_end: int) -> bool:
+def _preallocated(img: ImageView, dirty_end: int, *, peek: bool = False) -> bool:
     """The count of detect_metadata_preallocation against the file's st_blocks, with the
-    file taken to end at ``dirty_end`` at least."""
+    file taken to end at ``dirty_end`` at least. ``peek``: an upper bound that leaves the
+    refcount cache as it was (no hit, no load, no eviction, so its slots stay QEMU's): a
+    cached block is counted, an uncached one taken as full."""
     s = img.s
     cs = s.cluster_size
     st = os.fstat(s.host.fd)
@@ -300,7 +302,11 @@ def _preallocated(img: ImageView, dirty_end: int) -> bool:
         off = s.reftable[rt] & ~0x1FF
         if off:
             k = min(per, end_cluster - rt * per)
-            count += int(np.count_nonzero(s.rc_cache.get(off)[:k]))
+            if peek:
+                block = s.rc_cache.tables.get(off)
+                count += k if block is None else int(np.count_nonzero(block[:k]))
+            else:
+                count += int(np.count_nonzero(s.rc_cache.get(off)[:k]))
     return count >= threshold
 
 

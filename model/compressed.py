@@ -49,11 +49,16 @@ from spec.geometry import align_up
 BDRV_SECTOR_SIZE = 512
 
 
+def check_request(s: State, offset: int, n: int) -> None:
+    """What is refused before the block layer writes anything (so no bitmap bit is set)."""
+    if offset % BDRV_SECTOR_SIZE or n % BDRV_SECTOR_SIZE:
+        raise RequestError("compressed writes must be sector aligned (qemu-io write -c)")
+    check_range(s, offset, n)
+
+
 def write_compressed(s: State, offset: int, data: bytes) -> None:
     """Write one cluster compressed (see the module doc)."""
-    if offset % BDRV_SECTOR_SIZE or len(data) % BDRV_SECTOR_SIZE:
-        raise RequestError("compressed writes must be sector aligned (qemu-io write -c)")
-    check_range(s, offset, len(data))
+    check_request(s, offset, len(data))
     cs = s.cluster_size
     # qcow2_co_pwritev_compressed_part refuses an external data file (-ENOTSUP) before
     # it looks at the alignment (-EINVAL), so that check comes first here too.

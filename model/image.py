@@ -426,6 +426,7 @@ class Image:
         Raises RequestError (alignment, size, range, an allocated cluster, read-only,
         closed), UnsupportedFeature (external data file), CorruptionError."""
         self._writable()
+        cp.check_request(self.state, offset, len(data))
         try:
             self._guard(cp.write_compressed, self.state, offset, bytes(data))
         finally:

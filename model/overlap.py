@@ -4,10 +4,13 @@ overlap-check mode "cached": everything except inactive L2 tables).
 
 The image's own metadata writes that QEMU checks at once are checked too (check_metadata_write:
 an L1 entry, the grown L1 table, a snapshot's L1 copy, the snapshot table, the active L1
-overwritten by a snapshot's).
+overwritten by a snapshot's; the refcount blocks alloc_refcount_block and the refcount
+table's growth write, Qcow2File.check_refblock_write; the persistent bitmaps' writes,
+spec/bitmap_store.py).
 
 A data write that would land on the header, an L1 table (active or a snapshot's), an active
-L2 table, the refcount table, a refcount block or the snapshot table means the tables are
+L2 table, the refcount table, a refcount block, the snapshot table or the bitmap directory
+(while the bitmaps autoclear bit is set) means the tables are
 inconsistent. QEMU then refuses the write and flags the image corrupt; so does the model
 (the caller turns the CorruptionError into the corrupt bit). Writes to an external data file
 are not checked: no metadata lives there.
@@ -86,8 +89,9 @@ def check_metadata_write(q: Qcow2File, offset: int, n: int, own: str,
     the writers of new tables do: qcow2_grow_l1_table, qcow2_snapshot_create's L1 copy,
     qcow2_write_snapshots, whose new list ``snapshots`` replaces the file's, see _ranges).
     The model checks the writes QEMU makes at once, as the model does: L1 entries, the
-    grown L1 table, the snapshot writers; its L2 tables and refcount blocks leave QEMU's
-    caches later (difftest/damaged/notes.py, metadata-overlap)."""
+    grown L1 table, the snapshot writers, new refcount blocks, the bitmaps' writes; the
+    L2 tables and refcount blocks a request changes leave QEMU's caches later
+    (difftest/damaged/notes.py, metadata-overlap)."""
     if n <= 0:
         return
     cs = q.cluster_size

@@ -347,8 +347,7 @@ def _load_data(q: Qcow2File, entry: c.Container, disk_size: int) -> bytearray:
     return data
 
 
-def load_on_open(q: Qcow2File,
-                 overlap_check: Callable[[int, int], None] | None = None) -> BitmapSet | None:
+def load_on_open(q: Qcow2File, overlap_check: Callable[[int, int], None]) -> BitmapSet | None:
     """What a read-write open does to the autoclear bits and the bitmaps (see the module
     doc). Returns the loaded set, or None when the image has no bitmaps QEMU would load."""
     h = q.header
@@ -383,7 +382,7 @@ def load_on_open(q: Qcow2File,
     return result
 
 
-def _update_in_place(q: Qcow2File, s: BitmapSet, overlap_check: Callable[[int, int], None] | None) -> None:
+def _update_in_place(q: Qcow2File, s: BitmapSet, overlap_check: Callable[[int, int], None]) -> None:
     """update_ext_header_and_dir_in_place (see the module doc)."""
     h = q.header
     assert h.v3 is not None
@@ -395,8 +394,7 @@ def _update_in_place(q: Qcow2File, s: BitmapSet, overlap_check: Callable[[int, i
         raise FormatError("Can't update bitmap directory", "bitmap_directory")
     h.v3.autoclear_features = int(h.v3.autoclear_features) & ~ft.QCOW2_AUTOCLEAR_BITMAPS
     _header_sync(q, s)
-    if overlap_check is not None:
-        overlap_check(s.dir_offset, s.dir_size)
+    overlap_check(s.dir_offset, s.dir_size)
     q.pwrite(s.dir_offset, new_dir)
     _header_sync(q, s)
     h.v3.autoclear_features = int(h.v3.autoclear_features) | ft.QCOW2_AUTOCLEAR_BITMAPS

@@ -119,12 +119,12 @@ def _floor_run(targets: list[str], ops: int, cfg: Config, seed: int) -> float:
             for i, (name, args) in enumerate(steps) if name in ("write", "write_random")}
     with tempfile.TemporaryDirectory(prefix="difftest-floor-") as d:
         ts = [make_target(spec, Path(d)) for spec in targets]
-        for t in ts:
-            t.dir.mkdir(parents=True, exist_ok=True)
-            t.setup(cfg, None)
-        images = [t.image for t in ts]
-        qemu = [isinstance(i, qemuio.QemuImage) for i in images]
         try:
+            for t in ts:
+                t.dir.mkdir(parents=True, exist_ok=True)
+                t.setup(cfg, None)
+            images = [t.image for t in ts]
+            qemu = [isinstance(i, qemuio.QemuImage) for i in images]
             t0 = time.perf_counter()
             for i, (name, args) in enumerate(steps):
                 if name == "read":

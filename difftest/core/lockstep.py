@@ -214,10 +214,10 @@ class Lockstep:
         self.size = cfg.size
         self.targets: list[Target] = []
         self.oracle_broken = False
-        self._remote: list[Target] = []
         """Set when QEMU's own image turned out corrupt at a disagreement (see
         _unless_oracle_corrupt), or when QEMU dropped the node (_after_corruption); nothing
         is run or compared after that."""
+        self._remote: list[Target] = []
         self.root.mkdir(parents=True, exist_ok=True)
         backing_dir = self.root / "backing"
         backing: tuple[str, str] | None = None

@@ -390,7 +390,7 @@ def in_separate_process(t: Target, fn: Callable[[Target], Any]) -> Any:
     t.reopen()
     try:
         result = fn(t)
-    except Qcow2Error:
+    except BaseException:
         # The operation's error is the outcome, as qemu-img's is on the qemu side; the
         # reopen after it may fail too (a flagged image refuses a read-write open) and
         # must not take its place.

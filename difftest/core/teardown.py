@@ -280,11 +280,11 @@ def _orphan_tail_of_packing(ls: Run, at: int, sizes: tuple[int, int], files: tup
     cluster was already inside both files, as long, the target's last cluster zeros where
     QEMU's holds those bytes (deep seed 90078): past both files' image end offset (the end
     of the last cluster with a reference, qemu-img check)."""
-    if not _packed(ls) or sizes[1] - at > ls.cfg.cluster_size:
+    if not _packed(ls):
         return False
     if at == sizes[0] < sizes[1]:
-        return True
-    return sizes[0] == sizes[1] and all(
+        return sizes[1] - sizes[0] < ls.cfg.cluster_size
+    return sizes[0] == sizes[1] and sizes[1] - at <= ls.cfg.cluster_size and all(
         at >= int(qemu_check(f, force_share=True).get("image-end-offset", sizes[0])) for f in files)
 
 
