@@ -30,8 +30,6 @@ QEMU's limit (qcow2_refcount_area).
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import struct
 
 import numpy as np
@@ -39,10 +37,9 @@ import numpy as np
 from impl.state import HEADER_REFTABLE_FIELDS, State
 from spec.entries import REFT_OFFSET_MASK
 from spec.errors import CorruptionError, RequestError
-from spec.geometry import align_up, div_round_up
+from spec.geometry import align_up
 from spec.hostio import HostIOError
-from spec.limits import QCOW_MAX_REFTABLE_SIZE
-from spec.refblocks import refcount_metadata_size
+from spec.refblocks import refcount_area
 
 
 class Again(Exception):
@@ -396,15 +393,7 @@ def _grow_reftable(s: State, cluster_index: int, new_index: int, new_block: int)
     g = s.geometry
     cs = s.cluster_size
     per = g.refcount_block_entries
-    used = div_round_up(max(cluster_index + 1, new_block // cs + 1), per)
-    start = used * per * cs
-    total_blocks, _ = refcount_metadata_size(start // cs, cs, g.refcount_order, True)
-    table_size = align_up(total_blocks + div_round_up(total_blocks, 2), cs // 8)
-    table_clusters = table_size * 8 // cs
-    if total_blocks > QCOW_MAX_REFTABLE_SIZE or table_size > QCOW_MAX_REFTABLE_SIZE:
-        # qcow2_refcount_area compares entry counts with the limit in bytes (spec/refblocks.py):
-        # up to 8 Mi entries are written; past that EFBIG, after the new block was written.
-        raise HostIOError(f"refcount table of {table_size} entries: {os.strerror(errno.EFBIG)}")
+    start, total_blocks, table_size, table_clusters = refcount_area(g, cluster_index, new_block)
     new_table = (s.reftable + [0] * table_size)[:table_size]
     new_table[new_index] = new_block
     area_index = start // cs // per

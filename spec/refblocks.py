@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from spec.entries import REFT_OFFSET_MASK
 from spec.errors import CorruptionError, RequestError
-from spec.geometry import align_up, div_round_up
+from spec.geometry import Geometry, align_up, div_round_up
 from spec.hostio import HostIOError
 from spec.limits import QCOW_MAX_REFTABLE_SIZE
 from spec.qfile import Qcow2File
@@ -321,6 +321,26 @@ def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int
             return blocks, table
 
 
+def refcount_area(g: Geometry, cluster_index: int, new_block: int) -> tuple[int, int, int, int]:
+    """Where alloc_refcount_block's growth puts its area and how large the new table is:
+    (start of the area in bytes, refcount blocks it counts, table entries, table clusters).
+    The area starts at the first refblock range past the ones in use, counting the block
+    just allocated; the table is half as large again as the blocks, cluster-aligned.
+    Raises HostIOError (EFBIG) past QEMU's limit."""
+    cs = g.cluster_size
+    entries = g.refcount_block_entries
+    blocks_used = div_round_up(max(cluster_index + 1, new_block // cs + 1), entries)
+    start = blocks_used * entries * cs
+    total_blocks, _ = refcount_metadata_size(start // cs, cs, g.refcount_order, True)
+    table_size = align_up(total_blocks + div_round_up(total_blocks, 2), cs // 8)
+    if total_blocks > QCOW_MAX_REFTABLE_SIZE or table_size > QCOW_MAX_REFTABLE_SIZE:
+        # qcow2_refcount_area compares entry counts with the limit in bytes: a table of up
+        # to 8 Mi entries (64 MiB) is written, which QEMU's open then refuses ("Reference
+        # count table too large"). Past that, EFBIG, after the new block was written.
+        raise HostIOError(f"refcount table of {table_size} entries: {os.strerror(errno.EFBIG)}")
+    return start, total_blocks, table_size, table_size * 8 // cs
+
+
 def _grow_reftable(q: Qcow2File, cluster_index: int, new_index: int, new_block: int) -> None:
     """Replace the refcount table by a larger one (alloc_refcount_block's second half, then
     qcow2_refcount_area with additional_clusters 0 and a generous size).
@@ -333,17 +353,7 @@ def _grow_reftable(q: Qcow2File, cluster_index: int, new_index: int, new_block: 
     g = q.geometry
     cs = q.cluster_size
     entries = g.refcount_block_entries
-    blocks_used = div_round_up(max(cluster_index + 1, new_block // cs + 1), entries)
-    start = blocks_used * entries * cs
-    total_blocks, _ = refcount_metadata_size(start // cs, cs, g.refcount_order, True)
-    table_size = total_blocks + div_round_up(total_blocks, 2)
-    table_size = align_up(table_size, cs // 8)
-    table_clusters = table_size * 8 // cs
-    if total_blocks > QCOW_MAX_REFTABLE_SIZE or table_size > QCOW_MAX_REFTABLE_SIZE:
-        # qcow2_refcount_area compares entry counts with the limit in bytes: a table of up
-        # to 8 Mi entries (64 MiB) is written, which QEMU's open then refuses ("Reference
-        # count table too large"). Past that, EFBIG, after the new block was written.
-        raise HostIOError(f"refcount table of {table_size} entries: {os.strerror(errno.EFBIG)}")
+    start, total_blocks, table_size, table_clusters = refcount_area(g, cluster_index, new_block)
     old = read_reftable(q)
     new_table = (old + [0] * table_size)[:table_size]
     new_table[new_index] = new_block
