@@ -204,14 +204,17 @@ class BitmapSet:
                                          "and cannot be used; cannot resize qcow2 with it")
 
     # --- the directory -----------------------------------------------------------------------
-    def directory_bytes(self) -> bytes:
-        """bitmap_list_store's buffer: every entry rebuilt without extra data."""
+    def directory_bytes(self, *, as_loaded: bool = False) -> bytes:
+        """bitmap_list_store's buffer: every entry rebuilt without extra data. QEMU keeps a
+        name as a C string (bitmap_list_load: g_strndup), so a name with a NUL in it is
+        stored up to the NUL; ``as_loaded`` keeps the names as the file has them."""
         out = bytearray()
         for b in self.bitmaps:
-            n = bm.BITMAP_DIR_ENTRY_HEADER_SIZE + len(b.name)
+            name = b.name if as_loaded else b.name.split(b"\0", 1)[0]
+            n = bm.BITMAP_DIR_ENTRY_HEADER_SIZE + len(name)
             out += struct.pack(">QIIBBHI", b.table_offset, b.table_size, b.flags,
-                               bm.BT_DIRTY_TRACKING_BITMAP, b.granularity_bits, len(b.name), 0)
-            out += b.name + bytes(-n % 8)
+                               bm.BT_DIRTY_TRACKING_BITMAP, b.granularity_bits, len(name), 0)
+            out += name + bytes(-n % 8)
         return bytes(out)
 
     # --- the close ------------------------------------------------------------------------------
@@ -386,14 +389,20 @@ def _update_in_place(q: Qcow2File, s: BitmapSet, overlap_check: Callable[[int, i
     """update_ext_header_and_dir_in_place (see the module doc)."""
     h = q.header
     assert h.v3 is not None
-    new_dir = s.directory_bytes()
-    if len(new_dir) != s.dir_size:
+    if len(s.directory_bytes(as_loaded=True)) != s.dir_size:
         # bitmap_list_store refuses an in-place store of another size (-EINVAL: "Can't
         # update bitmap directory", the open fails); the directory held extra data or
         # padding QEMU would not write. The header is not touched before that check.
         raise FormatError("Can't update bitmap directory", "bitmap_directory")
     h.v3.autoclear_features = int(h.v3.autoclear_features) & ~ft.QCOW2_AUTOCLEAR_BITMAPS
     _header_sync(q, s)
+    new_dir = s.directory_bytes()
+    if len(new_dir) != s.dir_size:
+        # A name with a NUL in it (damaged seed 13, flip-1242@bitmap): QEMU's copy stops at
+        # the NUL, the directory it would store is shorter, and bitmap_list_store refuses it
+        # after update_ext_header_and_dir_in_place dropped the bitmaps bit from the header,
+        # which stays dropped (the next open warns that the bitmaps are inconsistent).
+        raise FormatError("Can't update bitmap directory", "bitmap_directory")
     overlap_check(s.dir_offset, s.dir_size)
     q.pwrite(s.dir_offset, new_dir)
     _header_sync(q, s)

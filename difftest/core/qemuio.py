@@ -200,16 +200,25 @@ _LOGGED_ONLY = re.compile(r"^(qcow2_free_clusters failed: [^\n]*"
                           r"|qcow2: Image is corrupt: [^\n]*; further non-fatal corruption events will be "
                           r"suppressed"
                           r"|qcow2: Marking image as corrupt: [^\n]*; further corruption events will be "
-                          r"suppressed)(\n|$)", re.MULTILINE)
+                          r"suppressed"
+                          r"|qemu-io: warning: [^\n]*)(\n|$)", re.MULTILINE)
 """Messages QEMU logs without failing the request by themselves: a failed refcount
 decrement (block/qcow2-refcount.c, qcow2_free_clusters); a non-fatal corruption event
 (qcow2_signal_corruption with fatal=false, block/qcow2.c: e.g. "Cannot free unaligned
 cluster" from qcow2_free_any_cluster), which neither sets the corrupt bit nor fails the
-request; and the fatal kind, "Marking image as corrupt", which drops the node
+request; a warning (warn_report: e.g. "a program lacking bitmap support modified this
+file", when the bitmaps autoclear bit is clear and the extension is there), which neither
+fails an open nor a request; and the fatal kind, "Marking image as corrupt", which drops the node
 (QemuIo.dropped) but fails the request only if the request says so itself: a free inside a
 zero write that meets an unaligned refcount block flags the image and the write still
 succeeds ("wrote ..."). Every later request then fails with ENOMEDIUM, which is what an
 engine's flagged image answers with CorruptionError (error_class)."""
+
+
+_UNTERMINATED = b"on the image file to fix."
+"""The end of the one message QEMU 7.2 prints without a newline (qcow2_do_open, after
+clearing the bitmaps autoclear bit: "Some clusters may be leaked, run 'qemu-img check -r'
+on the image file to fix."), so the prompt follows it on the same line."""
 
 
 class QemuIo:
@@ -277,8 +286,10 @@ class QemuIo:
                 memory = any(m.encode() in out for m in OUT_OF_MEMORY)
                 raise QemuIoDied(f"{who} exited ({how}); output: {out!r}", "memory" if memory else "crash")
             chunks.append(chunk)
-            tail = (tail + chunk)[-(len(PROMPT) + 1):]
-            if tail.endswith(PROMPT) and (len(tail) == len(PROMPT) or tail[0:1] == b"\n"):
+            tail = (tail + chunk)[-(len(PROMPT) + len(_UNTERMINATED)):]
+            before = tail[-len(PROMPT) - 1:-len(PROMPT)]
+            if tail.endswith(PROMPT) and (len(tail) == len(PROMPT) or before == b"\n"
+                                          or tail.endswith(_UNTERMINATED + PROMPT)):
                 break
             if len(chunks) == 1 and chunk == PROMPT:
                 break
@@ -420,7 +431,7 @@ class QemuImage:
         """QEMU driver options for every open (``l2-cache-size=...,overlap-check=...``, keys)."""
         self.io: QemuIo | None = QemuIo(self.path, readonly=readonly, command=command, options=options,
                                         objects=self.secrets.objects() if self.secrets else ())
-        if _FAIL.search(self.io.banner):
+        if _FAIL.search(_LOGGED_ONLY.sub("", self.io.banner)):
             err = self.io.banner
             self.io.kill()
             self.io = None

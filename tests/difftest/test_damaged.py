@@ -246,3 +246,15 @@ def test_a_write_back_refused_inside_a_write_flags_and_a_silent_flush_fails(tmp_
     assert run.finding is not None
     assert run.finding.outcomes == {"model": "ok", "impl": "CorruptionError", "qemu": "CorruptionError"}
     assert explain(run.finding, run) is METADATA_OVERLAP
+
+
+def test_a_bitmap_name_with_a_nul_fails_the_open_after_the_bitmaps_bit_is_gone(tmp_path: Path) -> None:
+    """Damaged seed 13, flip-1242@bitmap: the first byte of a bitmap's name is zeroed. QEMU
+    keeps the name up to the NUL (g_strndup), so the directory it would store in place is
+    shorter: bitmap_list_store refuses it ("Can't update bitmap directory") after the
+    bitmaps autoclear bit was written off, and the open fails; the next open warns that the
+    bitmaps are inconsistent and prints a message with no newline before qemu-io's prompt
+    (QemuIo._response). Every side refuses, then reopens, alike (spec/bitmap_store.py)."""
+    case = Case("flip-1242@bitmap", 13, "bitmap", "flip-1242@bitmap.qcow2", ((188472, 98),), None, ())
+    run = Corpus(tmp_path, 13).run(case, ["model", "impl", "qemu"], tmp_path / "run")
+    assert run.finding is None, run.finding
