@@ -53,14 +53,16 @@ class Introspection:
 
 
 class EngineIntrospection(Introspection):
-    def __init__(self, image: Introspectable) -> None:
+    def __init__(self, image: Introspectable, *, packed: bool = False) -> None:
         self.image = image
+        self.packed = packed
+        """The packing happened before a reopen (Target.reopen): QEMU's image stays damaged."""
 
     def corrupt(self) -> bool:
         return self.image.broken
 
     def packed_into_live_cluster(self) -> bool:
-        return self.image.packed_into_live_cluster
+        return self.packed or self.image.packed_into_live_cluster
 
     def top_layer_runs(self, offset: int, n: int) -> Runs:
         """The image's own block status, piece by piece: what qemu-io's ``map`` reports

@@ -197,6 +197,29 @@ def test_the_same_orphan_cluster_inside_both_files_is_the_packing_tail_too(tmp_p
 
 
 @pytest.mark.skipif(not qemuio.available(), reason="needs qemu-io")
+def test_qemus_packing_damage_is_remembered_across_a_snapshot_reopen(tmp_path: Path) -> None:
+    """Deep campaign seed 100035: QEMU packs compressed data into a live cluster, then a
+    snapshot operation reopens every in-process target (in_separate_process), which lost
+    what the engine had seen; a later write over the damaged compressed cluster fails on every
+    side, QEMU's parallel pieces having written the next cluster where the engines stopped.
+    The damage is remembered across the reopen: noted qemu-corrupt-live, not a divergence."""
+    cfg = Config(version=3, cluster_size=65536, compression_type="zstd", backing="qcow2", size=524288)
+    with Lockstep(tmp_path, cfg, ["model", "impl", "qemu"]) as ls:
+        ls.write_compressed(off=196608, n=65536, byte=196)
+        ls.write_zeroes(off=65536, n=196096, unmap=True)
+        ls.write_compressed(off=131072, n=65536, seed=23968)
+        ls.write_compressed(off=393216, n=65536, byte=51)
+        ls.write(off=65024, n=131072, byte=90)
+        ls.resize(new_size=523776, shrink=True)
+        ls.snapshot_create(name="s0")
+        ls.write_compressed(off=458752, n=65024, seed=65535)
+        ls.write(off=458240, n=3113, byte=90)
+        ls.write_random(off=461824, n=513, seed=2093)
+        ls.finish()
+        assert any(n.startswith("qemu-corrupt-live") for n in ls.notes), ls.notes
+
+
+@pytest.mark.skipif(not qemuio.available(), reason="needs qemu-io")
 def test_content_after_qemus_packing_damage_is_not_compared_with_qemu(tmp_path: Path) -> None:
     """Deep campaign seed 50074: QEMU packs compressed data into a live cluster, later writes
     hide the damage from qemu-img check, and the guest content at 81920 ends up different
