@@ -567,11 +567,11 @@ class QemuImage:
         not at all (ENOMEDIUM): both are the flagged image's CorruptionError."""
         io = self._io()
         dropped = io.dropped
-        out = self._sync()
+        out = self.sync()
         if dropped or "Marking image as corrupt" in out:
             raise CorruptionError(f"qemu-io 'flush': {out.strip() or 'no medium, the node was dropped'}")
 
-    def _sync(self) -> str:
+    def sync(self) -> str:
         """Write QEMU's caches to the file before qemu-img reads it (map, info)."""
         return self._io().checked("flush", quiet=True)
 
@@ -633,7 +633,7 @@ class QemuImage:
 
     def map(self, offset: int = 0, n: int | None = None) -> list[dict[str, Any]]:
         if self.io is not None and not self.readonly:
-            self._sync()
+            self.sync()
         args = ["map", "--output=json", "-U"]
         if offset:
             args += ["--start-offset", str(offset)]
@@ -663,7 +663,7 @@ class QemuImage:
 
     def info(self) -> dict[str, Any]:
         if self.io is not None and not self.readonly and hasattr(self, "size"):
-            self._sync()  # qemu-img reads the file: the metadata caches must be in it
+            self.sync()  # qemu-img reads the file: the metadata caches must be in it
         return dict(json.loads(self._img("info", "--output=json", "-U", keys=False)))
 
     def _snapshot(self, flag: str, name: str) -> None:

@@ -64,3 +64,24 @@ def test_the_model_runs_the_modes_a_valid_image_cannot_tell_apart(tmp_path: Path
         assert [t.name for t in ls.targets] == ["model", "impl"]
     finally:
         ls.close()
+
+
+def test_a_map_after_qemus_refused_apply_on_v2_is_a_note(tmp_path: Path) -> None:
+    """Deep seed 100080: the refused apply leaves a v2 image (no corrupt bit, so both sides
+    reopen it) with an L2 table a snapshot shares written in place; the flush before qemu-img
+    map refuses its write-back and flags QEMU's image. QEMU's file is then corrupt by its own
+    doing: compare_map notes it as a request does (qemu-corrupt-live), not a divergence."""
+    cfg = Config(version=2, cluster_size=65536, backing="qcow2", size=537068032, overlap_check="all")
+    ls = Lockstep(tmp_path, cfg, ["model", "impl", "qemu"])
+    try:
+        ls.write(off=65536, n=79770, byte=0)
+        assert ls.snapshot_create(name="s1")
+        ls.write_compressed(off=47513600, n=65536, seed=1625)
+        assert ls.snapshot_create(name="s0")
+        assert not ls.snapshot_apply(name="s1")
+        ls.write_compressed(off=0, n=65536, seed=575)
+        assert not ls.compare_map(off=0, n=513)
+        assert any(n.startswith("qemu-corrupt-live") for n in ls.notes), ls.notes
+        ls.finish()
+    finally:
+        ls.close()
