@@ -258,3 +258,15 @@ def test_a_bitmap_name_with_a_nul_fails_the_open_after_the_bitmaps_bit_is_gone(t
     case = Case("flip-1242@bitmap", 13, "bitmap", "flip-1242@bitmap.qcow2", ((188472, 98),), None, ())
     run = Corpus(tmp_path, 13).run(case, ["model", "impl", "qemu"], tmp_path / "run")
     assert run.finding is None, run.finding
+
+
+def test_a_slow_qemu_request_is_not_a_hang(tmp_path: Path) -> None:
+    """Damaged seed 13, flip-2627@v3: the write's allocation makes QEMU grow the refcount
+    table to millions of entries, which takes qemu-io 15 s or more on a loaded machine; the
+    qemu side has qemu-io's own limit (qemuio.TIMEOUT), not an engine call's 20 s."""
+    case = Case("flip-2627@v3", 13, "v3", "flip-2627@v3.qcow2",
+                ((3654, 15), (3655, 248), (10111, 64), (15076, 64), (15121, 179), (16426, 15), (16427, 248),
+                 (33219, 1)), None,
+                (Op("discard", 1334272, 4096), Op("discard", 0, 65536), Op("write", 3426304, 512, 110)))
+    run = Corpus(tmp_path, 13).run(case, ["model", "impl", "qemu"], tmp_path / "run")
+    assert run.finding is None, run.finding
