@@ -46,7 +46,7 @@ from spec.entries import (
     compressed_range,
     subcluster_type,
 )
-from spec.errors import CorruptionError
+from spec.errors import CorruptionError, check_node_dropped
 from spec.geometry import align_down, align_up, split_aligned
 from spec.hostio import HostIOError
 
@@ -491,17 +491,9 @@ def write_zeroes(img: ImageView, offset: int, n: int, unmap: bool) -> None:
     """bdrv_co_do_pwrite_zeroes over qcow2_co_pwrite_zeroes: pieces cut at subclusters; a
     piece the driver refuses (-ENOTSUP) is written as zero data."""
     for start, length in split_aligned(offset, n, img.s.geometry.subcluster_size):
-        _node_dropped(img.s)
+        check_node_dropped(img.s.signalled)
         if not _driver_zeroes(img, start, length, unmap):
             write(img, start, memoryview(bytes(length)))
-
-
-def _node_dropped(s: State) -> None:
-    """A piece of a request after a free signalled a corruption (State.signalled): QEMU
-    dropped the node there (bs->drv NULL), so the block layer's next piece, or its
-    zero-status query or zero-data fallback, fails with ENOMEDIUM (block/io.c)."""
-    if s.signalled is not None:
-        raise CorruptionError(f"{s.signalled}; the node was dropped")
 
 
 def _driver_zeroes(img: ImageView, offset: int, n: int, unmap: bool) -> bool:
@@ -639,7 +631,7 @@ def discard(img: ImageView, offset: int, n: int) -> None:
     if s.version < 3 and img.backing is not None:
         return
     for start, length in split_aligned(offset, n, cs):
-        _node_dropped(s)
+        check_node_dropped(s.signalled)
         if (start % cs or length % cs) and (start % cs or start + length != img.size):
             continue
         cluster_discard(img, start, length, request=True, full=False)

@@ -68,7 +68,7 @@ from spec.entries import (
     cluster_type,
     subcluster_type,
 )
-from spec.errors import CorruptionError
+from spec.errors import check_node_dropped
 from spec.geometry import align_down, align_up, split_aligned
 
 
@@ -81,19 +81,11 @@ def write_zeroes(s: State, offset: int, n: int, unmap: bool) -> None:
         offset, n, tail = _encrypted_edges(s, offset, n)
     align = s.q.geometry.subcluster_size
     for start, length in split_aligned(offset, n, align):
-        _node_dropped(s)
+        check_node_dropped(s.q.signalled)
         if not _driver_pwrite_zeroes(s, start, length, unmap):
             wr.write(s, start, bytes(length))
     if tail is not None:
         wr.write(s, tail[0], bytes(tail[1]))
-
-
-def _node_dropped(s: State) -> None:
-    """A piece of a request after a free signalled a corruption (Qcow2File.signalled):
-    QEMU dropped the node there (bs->drv NULL), so the block layer's next piece, or its
-    zero-status query or zero-data fallback, fails with ENOMEDIUM (block/io.c)."""
-    if s.q.signalled is not None:
-        raise CorruptionError(f"{s.q.signalled}; the node was dropped")
 
 
 def _encrypted_edges(s: State, offset: int, n: int) -> tuple[int, int, tuple[int, int] | None]:
@@ -229,7 +221,7 @@ def discard(s: State, offset: int, n: int) -> None:
         # backing file, so v2 images with a backing file ignore discards.
         return
     for start, length in split_aligned(offset, n, cs):
-        _node_dropped(s)
+        check_node_dropped(s.q.signalled)
         if (start % cs or length % cs) and (start % cs or start + length != s.size):
             continue
         mark_dirty(s)

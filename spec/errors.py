@@ -44,3 +44,12 @@ class WrongKey(RequestError):
     """An encrypted image's passphrase unlocks no key slot (QEMU: "Invalid password, cannot
     unlock any keyslot"). A RequestError because the key is the caller's input; LUKS1 cannot
     tell a wrong passphrase from damaged key material, so both end here (spec/encryption.py)."""
+
+
+def check_node_dropped(signalled: str | None) -> None:
+    """A piece of a request after a free signalled a corruption (the engine's ``signalled``):
+    QEMU dropped the node there (bs->drv NULL), so the block layer's next piece, or its
+    zero-status query or zero-data fallback, fails with ENOMEDIUM (block/io.c). Both engines
+    ask this between pieces."""
+    if signalled is not None:
+        raise CorruptionError(f"{signalled}; the node was dropped")
