@@ -726,6 +726,8 @@ class Image:
         a loop: one answer may stop short)."""
         n = min(n, self.size - offset)
         while n > 0:
+            if self.s.signalled is not None:
+                return False  # the node was dropped: bdrv_co_block_status answers ENOMEDIUM
             flags, pnum = stt.status_above(self, offset, n)
             if not flags & stt.BDRV_BLOCK_ZERO or pnum <= 0:
                 return False
@@ -738,6 +740,8 @@ class Image:
         want_zero covers the range and says ZERO; no clamp to the image end."""
         if n <= 0:
             return True
+        if self.s.signalled is not None:
+            return False  # the node was dropped: bdrv_co_block_status answers ENOMEDIUM
         flags, pnum = stt.status_above(self, offset, n, want_zero=False)
         return pnum == n and bool(flags & stt.BDRV_BLOCK_ZERO)
 
@@ -749,6 +753,8 @@ class Image:
         its metadata preallocation, as qcow2_co_block_status does at its first call."""
         if n <= 0:
             return True
+        if self.s.signalled is not None:
+            return False  # the node was dropped: bdrv_co_block_status answers ENOMEDIUM
         if self.metadata_preallocation is None:
             self.metadata_preallocation = stt.detect_metadata_preallocation(self)
         if offset + n > self.size:

@@ -292,15 +292,26 @@ def _preallocated(img: ImageView, dirty_end: int, *, peek: bool = False) -> bool
     real = st.st_blocks * 512 // cs
     threshold = max(real * 10 // 9, real + 2)
     end_cluster = -(-max(st.st_size, dirty_end) // cs)
-    if end_cluster < threshold:
-        return False
     per = s.geometry.refcount_block_entries
+    reach = min(len(s.reftable), -(-end_cluster // per))
+    # Only clusters below the end of the file are counted: below the threshold there, the
+    # count cannot reach it, and QEMU's walk goes to the end of the file; what it can still
+    # meet is an unaligned refcount block, decided without reading a single block.
+    walk = end_cluster >= threshold
     count = 0
-    for rt in range(min(len(s.reftable), -(-end_cluster // per))):
+    for rt in range(reach):
         if count >= threshold:
             break
         off = s.reftable[rt] & ~0x1FF
-        if off:
+        if off % cs:
+            if peek:
+                return True  # undecided: the real count meets it and flags the image
+            # qcow2_get_refcount flags an unaligned block: the node is dropped and the
+            # detection fails, taken for "not preallocated" (qcow2_co_block_status goes on);
+            # the request fails at the block layer's next call, or succeeds flagged.
+            s.signalled = s.signalled or f"refcount block offset {off:#x} unaligned (reftable index {rt:#x})"
+            return False
+        if off and walk:
             k = min(per, end_cluster - rt * per)
             if peek:
                 block = s.rc_cache.tables.get(off)

@@ -197,15 +197,15 @@ def detect_metadata_preallocation(s: State) -> bool:
     real_clusters = st.st_blocks * 512 // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = -(-st.st_size // cs)
-    if end_cluster < threshold:
-        # Only clusters below the end of the file are counted, so the count cannot reach
-        # the threshold: the common case of a file without holes, decided without reading
-        # a single refcount block.
-        return False
     entries = q.geometry.refcount_block_entries
     # Only the reftable entries whose blocks cover the file are read.
     reach = min(int(q.header.refcount_table_clusters) * cs // 8, -(-end_cluster // entries))
     table = struct.unpack(f">{reach}Q", q.pread(int(q.header.refcount_table_offset), 8 * reach))
+    # Only clusters below the end of the file are counted: below the threshold there, the
+    # count cannot reach it (the common case of a file without holes), and QEMU's walk goes
+    # to the end of the file; what it can still meet is an unaligned refcount block, decided
+    # without reading a single block.
+    walk = end_cluster >= threshold
     count = 0
     # QEMU stops counting at the threshold; whole blocks are counted here, which gives the
     # same answer because the count only grows.
@@ -213,7 +213,16 @@ def detect_metadata_preallocation(s: State) -> bool:
         if count >= threshold:
             break
         off = table[rt] & ~0x1FF
-        if off:
+        if off % cs:
+            # qcow2_get_refcount flags an unaligned block ("Refblock offset ... unaligned"):
+            # the node is dropped (bs->drv NULL) and the detection fails, which
+            # qcow2_co_block_status takes for "not preallocated" and goes on; the request
+            # then fails at the block layer's next call (check_node_dropped), or succeeds
+            # flagged.
+            s.q.signalled = s.q.signalled or \
+                f"refcount block offset {off:#x} unaligned (reftable index {rt:#x})"
+            return False
+        if off and walk:
             k = min(entries, end_cluster - rt * entries)
             count += int(np.count_nonzero(rb.refblock_array(q, off)[:k]))
     return count >= threshold
@@ -248,6 +257,8 @@ def is_zero(s: State, offset: int, n: int) -> bool:
     a short backing file's end): one answer may stop short of the range."""
     n = min(n, s.size - offset)
     while n > 0:
+        if s.q.signalled is not None:
+            return False  # the node was dropped: bdrv_co_block_status answers ENOMEDIUM
         flags, pnum = status_above(s, offset, n)
         if not flags & BDRV_BLOCK_ZERO or pnum <= 0:
             return False
@@ -264,6 +275,8 @@ def is_zero_fast(s: State, offset: int, n: int) -> bool:
     copied; and a raw backing file answers DATA, holes included."""
     if n <= 0:
         return True
+    if s.q.signalled is not None:
+        return False  # the node was dropped: bdrv_co_block_status answers ENOMEDIUM
     flags, pnum = status_above(s, offset, n, want_zero=False)
     return pnum == n and bool(flags & BDRV_BLOCK_ZERO)
 

@@ -83,6 +83,9 @@ def write_zeroes(s: State, offset: int, n: int, unmap: bool) -> None:
     for start, length in split_aligned(offset, n, align):
         check_node_dropped(s.q.signalled)
         if not _driver_pwrite_zeroes(s, start, length, unmap):
+            # The zero-data fallback is a new block-layer call (bdrv_driver_pwritev): a
+            # node the status query dropped fails it (ENOMEDIUM).
+            check_node_dropped(s.q.signalled)
             wr.write(s, start, bytes(length))
     if tail is not None:
         wr.write(s, tail[0], bytes(tail[1]))

@@ -715,3 +715,38 @@ def test_two_refused_l2_write_backs_meet_qemus_first_refusal_first(engine: Modul
     img.close()
     assert _corrupt_bit(ours)
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_an_unaligned_refcount_block_met_by_the_preallocation_guess_flags_the_image(
+        engine: ModuleType, tmp_path: Path, compat: str) -> None:
+    """The first block-status query of an open (a partial write_zeroes asks whether the rest
+    of its cluster reads as zeros) guesses whether the image is preallocated
+    (qcow2_detect_metadata_preallocation): it counts refcounts cluster by cluster up to the
+    end of the file, and qcow2_get_refcount flags an unaligned refcount block on the way.
+    The detection's failure is ignored, but the node is dropped, so the zero-data fallback
+    fails (ENOMEDIUM) and so does everything after it (damaged seed 13, flip-340@v2: a
+    reftable entry with reserved bits, met after a free had grown the file to 4 TiB)."""
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"compat={compat},cluster_size=4k",
+                    str(src), "4M"], check=True)
+    qemu_io(src, "write -q -P 1 0 8k")
+    with open_image(src) as img:
+        reftable = int(img.header.refcount_table_offset)
+    _poke(src, reftable + 8, struct.pack(">Q", 0x1200))  # entry 1 (clusters from 8 MiB): unaligned
+    with src.open("r+b") as f:
+        f.truncate(16 * MiB)  # a sparse tail: the count reaches entry 1 below its threshold
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = _qemu_io("-f", "qcow2", "-c", "write -z 0 512", "-c", "read 8k 4k", str(theirs))
+    assert "Refblock offset 0x1200 unaligned (reftable index: 0x1)" in r.stderr, r.stdout + r.stderr
+    assert r.stdout.count("No medium found") == 2, r.stdout
+    with engine.open(ours) as img:
+        with pytest.raises(CorruptionError):
+            img.write_zeroes(0, 512)  # cluster 0 holds data: not zero, the fallback is refused
+        with pytest.raises(CorruptionError):
+            img.read(8 * KiB, 4 * KiB)
+    if compat == "1.1":
+        assert _corrupt_bit(theirs) and _corrupt_bit(ours)
+    assert ours.read_bytes() == theirs.read_bytes()
