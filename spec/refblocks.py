@@ -192,7 +192,13 @@ def update_refcount(q: Qcow2File, offset: int, length: int, addend: int, *, disc
                 update_refcount(q, start, done * cs, -addend)
             raise RequestError(f"refcount of cluster {idx} would exceed {q.refcount_max}")
         refcount_set(data, i, q.geometry.refcount_bits, new)
-        q.pwrite(block, bytes(data))
+        if not (new == 0 and cl == block):
+            q.pwrite(block, bytes(data))
+        # else: a refcount block whose own cluster is freed (a damaged entry pointing at it):
+        # update_refcount finds the cluster in its refcount cache and discards that entry
+        # (qcow2_cache_is_table_offset, qcow2_cache_discard), dirty as it is, so this very
+        # decrement never reaches the file. (A free after a COW has just flushed the cache,
+        # qcow2_cache_set_dependency, so nothing else is lost with it.)
         if new == 0:
             q.refcount_freed(idx)
         if new == 0 and discard:

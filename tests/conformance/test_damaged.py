@@ -750,3 +750,30 @@ def test_an_unaligned_refcount_block_met_by_the_preallocation_guess_flags_the_im
     if compat == "1.1":
         assert _corrupt_bit(theirs) and _corrupt_bit(ours)
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_a_cow_freeing_the_refcount_block_itself_leaves_its_refcount(engine: ModuleType,
+                                                                      tmp_path: Path) -> None:
+    """An L2 entry (without COPIED) pointing at the refcount block: a partial write copies the
+    cluster elsewhere and frees the old one, the refcount block itself, whose refcount drops
+    to 0. QEMU's update_refcount then finds that cluster in its refcount cache and discards
+    the entry, dirty (qcow2_cache_is_table_offset, qcow2_cache_discard): the decrement never
+    reaches the file, which keeps refcount 1 for the block, as its reftable entry wants, and
+    checks clean. The cacheless model wrote the 0 (damaged seed 13, flip-1467@snap)."""
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", str(src), "4M"],
+                   check=True)
+    qemu_io(src, "write -q -P 1 0 8k")
+    with open_image(src) as img:
+        block = int(img.refcount_table()[0])
+    _poke(src, l2_table_offset(src, 0) + 8 * 21, struct.pack(">Q", block))  # guest cluster 21
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = _qemu_io("-f", "qcow2", "-c", "write -q -P 7 84k 512", str(theirs))
+    assert r.returncode == 0 and not r.stderr, r.stdout + r.stderr
+    with engine.open(ours) as img:
+        img.write(84 * KiB, b"\x07" * 512)
+    assert check_json(theirs).get("corruptions", 0) == 0
+    assert check_without_name(ours) == check_without_name(theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
