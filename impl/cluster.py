@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from typing import NamedTuple
 
 from impl import refcount as rc
 from impl.hostfile import HostFile
@@ -208,10 +209,140 @@ def write(img: ImageView, offset: int, data: memoryview) -> None:
             free_any_cluster(img.s, old, request=False)
 
 
+class _Piece(NamedTuple):
+    """One piece of a run qcow2_alloc_host_offset hands back: ``n`` clusters from guest
+    ``pos`` (``nbytes`` of new data) at host cluster ``host``, in slice ``key`` from word
+    ``w``; ``cow`` is calculate_l2_meta's (start_from, start_to, end_from, end_to) from the
+    piece's first cluster, None when every touched subcluster already holds data (no
+    QCowL2Meta); ``known_zero``: both COW regions are known to read as zeros (a plain
+    unallocated cluster without a backing file, inside the image)."""
+
+    pos: int
+    nbytes: int
+    host: int
+    n: int
+    in_place: bool
+    key: int
+    w: int
+    cow: tuple[int, int, int, int] | None
+    known_zero: bool
+
+
 def write_run(img: ImageView, pos: int, end: int, data: memoryview, base: int, frees: list[int],
               *, prealloc: bool = False) -> int:
-    """One qcow2_alloc_host_offset: clusters that continue on the host, each piece cut at
-    the slice end. Returns where it stopped."""
+    """One qcow2_alloc_host_offset and its write task: clusters that continue on the host,
+    each piece cut at the slice end. Returns where it stopped; the old entries the run
+    replaces go to ``frees``.
+
+    As in QEMU the whole run is mapped first (new clusters allocated); a run of one piece is
+    then written with its COW in at most one read and one vectored write (merge_cow). A run
+    of several pieces has its data written first in one request, then each piece's COW
+    regions copied and the piece linked, the last piece first (QEMU's QCowL2Meta list is
+    built by prepending): when a COW read fails there (a compressed cluster that does not
+    decode), the later pieces stay linked, that piece and the earlier ones are given back,
+    and the data written first stays in the file, as with QEMU (model/write.py, write_run)."""
+    s = img.s
+    start = pos
+    pieces: list[_Piece] = []
+    pos = _map_run(img, pos, end, pieces)
+    if not pieces:
+        return pos
+    last = pieces[-1]
+    last_end = last.host + last.pos % s.cluster_size + last.nbytes
+    # Where preallocate_co makes the file end: exact over allocated clusters, the whole
+    # last subcluster over new ones (model/write.py, _host_end).
+    img.last_host_end = last_end if last.in_place else align_up(last_end, s.geometry.subcluster_size)
+    metas = [p for p in pieces if p.cow is not None]
+    if prealloc:
+        for p in reversed(metas):
+            frees += _link(img, p, prealloc=True)
+        return pos
+    task_host = pieces[0].host + pieces[0].pos % s.cluster_size
+    s.overlap.check(task_host, pos - start)  # qcow2_co_pwritev_part
+    piece = data[start - base:pos - base]
+    target = s.data_host()
+    if len(pieces) == 1:
+        p = pieces[0]
+        if p.cow is None:
+            # Plain overwrite of allocated subclusters: one host write, no metadata.
+            if s.crypto is not None:
+                piece = memoryview(s.crypto.encrypt(task_host, start, bytes(piece)))
+            target.pwrite(task_host, piece)
+            return pos
+        first = p.pos - p.pos % s.cluster_size
+        try:
+            _data_with_cow(img, first, p.host, *p.cow, piece, p.known_zero, in_place=p.in_place)
+        except UnflaggedError:
+            _abort(s, metas)
+            raise
+        # The guest data (and COW) reach the disk before the L2 entry mapping them. QEMU
+        # does this only after COW regions (perform_cow); here always (see the module doc).
+        s.l2_cache.depends_on_flush()
+        frees += _link(img, p)
+        return pos
+    # Several pieces: only the first can have a head region and only the last a tail (the
+    # run continues across whole clusters), so on success the run goes out as QEMU's data
+    # write plus those two regions would leave it, in one vectored write.
+    zeroed = {p.pos for p in reversed(metas) if _zero_cow(img, p)}
+    regions: list[tuple[int, int, bytes]] = []  # (piece index, offset in its first cluster, bytes)
+    for i in range(len(metas) - 1, -1, -1):
+        if metas[i].pos in zeroed:
+            continue
+        try:
+            regions += [(i, at, buf) for at, buf in _read_cow_regions(img, metas[i])]
+        except UnflaggedError:
+            _fail_run(img, metas, i, regions, task_host, start, piece, frees)
+            raise
+    lead = pieces[0]
+    at = task_host
+    bufs: list[bytes | memoryview] = [piece]
+    for i, off, buf in regions:
+        if metas[i] is lead and off < lead.pos % s.cluster_size:
+            bufs.insert(0, buf)
+            at -= len(buf)
+        else:
+            bufs.append(buf)
+    # The regions' own checks (do_perform_cow_write); once the image is flagged nothing
+    # after is compared (the difftest's qemu-dropped), so one check over the whole suffices.
+    s.overlap.check(at, sum(len(b) for b in bufs))
+    if s.crypto is not None:
+        guest = start - (task_host - at)
+        bufs = [s.crypto.encrypt(at, guest, b"".join(bufs))]
+    target.pwritev(bufs, at)
+    s.l2_cache.depends_on_flush()
+    for p in reversed(metas):
+        frees += _link(img, p)
+    return pos
+
+
+def _fail_run(img: ImageView, metas: list[_Piece], i: int, regions: list[tuple[int, int, bytes]],
+              task_host: int, start: int, piece: memoryview, frees: list[int]) -> None:
+    """A COW read of piece ``metas[i]`` failed in a run of several pieces. The file is left
+    as QEMU leaves it: the run's data was written first, the pieces after ``i`` (their COW
+    read already) got their regions and are linked, ``i`` and the ones before are given
+    back (qcow2_handle_l2meta, then qcow2_alloc_cluster_abort)."""
+    s = img.s
+    target = s.data_host()
+    if s.crypto is not None:
+        piece = memoryview(s.crypto.encrypt(task_host, start, bytes(piece)))
+    target.pwrite(task_host, piece)
+    s.l2_cache.depends_on_flush()
+    for j in range(len(metas) - 1, i, -1):
+        p = metas[j]
+        first = p.pos - p.pos % s.cluster_size
+        for k, at, buf in regions:
+            if k == j:
+                s.overlap.check(p.host + at, len(buf))  # do_perform_cow_write
+                if s.crypto is not None:
+                    buf = s.crypto.encrypt(p.host + at, first + at, buf)
+                target.pwrite(p.host + at, buf)
+        frees += _link(img, p)
+    _abort(s, metas[:i + 1])
+
+
+def _map_run(img: ImageView, pos: int, end: int, pieces: list[_Piece]) -> int:
+    """qcow2_alloc_host_offset: the pieces of one host-contiguous run, appended to
+    ``pieces`` (new clusters allocated as they are found). Returns where the run stopped."""
     s = img.s
     cs = s.cluster_size
     expected: int | None = None
@@ -232,17 +363,10 @@ def write_run(img: ImageView, pos: int, end: int, data: memoryview, base: int, f
         if not n:
             break
         nbytes = min(end - pos, n * cs - pos % cs)
-        try:
-            frees += _write_clusters(img, pos, nbytes, host, data, base, key, w,
-                                     keep_old=in_place, prealloc=prealloc)
-        except UnflaggedError:
-            if not in_place:
-                _abort(s, host, n)
-            raise
+        # An invalid entry fails the mapping after this piece's clusters were allocated:
+        # QEMU leaks them (handle_alloc returns before its QCowL2Meta exists).
+        pieces.append(_plan(img, pos, nbytes, host, n, in_place, key, w))
         expected = host + pos % cs + nbytes
-        # Where preallocate_co makes the file end: exact over allocated clusters, the whole
-        # last subcluster over new ones (model/write.py, write_run).
-        img.last_host_end = expected if in_place else align_up(expected, s.geometry.subcluster_size)
         pos += nbytes
     return pos
 
@@ -264,7 +388,7 @@ def write_new_cluster(img: ImageView, offset: int, data: memoryview, key: int, w
     try:
         _data_with_cow(img, first, host, 0, within, end_from, cs, data, known_zero, below=True)
     except UnflaggedError:
-        _abort(s, host, 1)
+        rc.free_clusters(s, host, cs)  # qcow2_alloc_cluster_abort, no discard
         raise
     cache = s.l2_cache
     cache.depends_on_flush()  # see _write_clusters: data before the entry mapping it
@@ -277,11 +401,14 @@ def write_new_cluster(img: ImageView, offset: int, data: memoryview, key: int, w
     img.last_host_end = host + end_from
 
 
-def _abort(s: State, host: int, n: int) -> None:
-    """qcow2_alloc_cluster_abort: the COW read failed (-EIO) before anything was linked;
-    the fresh clusters are given back, without a discard."""
-    if not s.has_data_file:
-        rc.free_clusters(s, host, n * s.cluster_size)
+def _abort(s: State, pieces: list[_Piece]) -> None:
+    """qcow2_alloc_cluster_abort for each piece after a COW read failed (-EIO) before it
+    was linked: its new clusters are given back, without a discard."""
+    if s.has_data_file:
+        return
+    for p in pieces:
+        if not p.in_place:
+            rc.free_clusters(s, p.host, p.n * s.cluster_size)
 
 
 def _place(s: State, pos: int, expected: int | None, n: int) -> tuple[int, int]:
@@ -295,10 +422,11 @@ def _place(s: State, pos: int, expected: int | None, n: int) -> tuple[int, int]:
     return expected, rc.alloc_clusters_at(s, expected, n)
 
 
-def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memoryview, base: int,
-                    key: int, w: int, *, keep_old: bool, prealloc: bool) -> list[int]:
-    """calculate_l2_meta + perform_cow + qcow2_alloc_cluster_link_l2 for ``n`` clusters of
-    one slice. Returns the old entries that lose a reference."""
+def _plan(img: ImageView, pos: int, nbytes: int, host: int, n: int, in_place: bool, key: int,
+          w: int) -> _Piece:
+    """calculate_l2_meta for ``n`` clusters of one slice: CorruptionError on an invalid
+    touched subcluster; no COW range when the piece is written in place over subclusters
+    that all hold data."""
     s = img.s
     g = s.geometry
     cs, scs = s.cluster_size, g.subcluster_size
@@ -306,10 +434,8 @@ def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memo
     step = 2 if ext else 1
     words = s.l2_cache.get(key)
     first = pos - pos % cs
-    n = -(-(pos - first + nbytes) // cs)
     start_to = pos - first
     end_from = start_to + nbytes
-    piece = data[pos - base:pos - base + nbytes]
 
     def pair(i: int) -> tuple[int, int]:
         j = w + i * step
@@ -327,20 +453,13 @@ def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memo
                 raise CorruptionError(f"invalid cluster entry {e:#x}/{b:#x}")
             if t is not ST.NORMAL:
                 all_normal = False
-    if keep_old and all_normal:
-        if prealloc:
-            return []
-        # Plain overwrite of allocated subclusters: one host write, no metadata.
-        s.overlap.check(host + start_to, nbytes)
-        if s.crypto is not None:
-            piece = memoryview(s.crypto.encrypt(host + start_to, pos, bytes(piece)))
-        s.data_host().pwrite(host + start_to, piece)
-        return []
+    if in_place and all_normal:
+        return _Piece(pos, nbytes, host, n, in_place, key, w, None, False)
 
     # calculate_l2_meta: where the COW starts in the first cluster and ends in the last.
     e0, b0 = pair(0)
     t_first = subcluster_type(e0, b0, g.subcluster_index(pos), extended_l2=ext, has_data_file=dfile)
-    if keep_old:
+    if in_place:
         start_from = start_to if t_first is ST.NORMAL else align_down(start_to, scs)
     elif t_first is ST.COMPRESSED:
         start_from = 0
@@ -354,7 +473,7 @@ def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memo
     el, bl = pair(n - 1)
     sc_last = g.subcluster_index(last)
     t_last = subcluster_type(el, bl, sc_last, extended_l2=ext, has_data_file=dfile)
-    if keep_old:
+    if in_place:
         end_to = end_from if t_last is ST.NORMAL else align_up(end_from, scs)
     elif t_last is ST.COMPRESSED:
         end_to = align_up(end_from, cs)
@@ -365,23 +484,29 @@ def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memo
             end_to -= min(g.subclusters_per_cluster - sc_last - 1, high) * scs
     else:
         end_to = align_up(end_from, scs)
+    # Both COW regions of a cluster that was plain unallocated in an image without a
+    # backing file (and inside the image) read as zeros: what is_zero_fast would answer,
+    # known without asking block status.
+    known_zero = (not ext and not dfile and img.backing is None and not e0 and not el
+                  and first + n * cs <= img.size)
+    return _Piece(pos, nbytes, host, n, in_place, key, w, (start_from, start_to, end_from, end_to),
+                  known_zero)
 
-    if not prealloc:
-        # Both COW regions of a cluster that was plain unallocated in an image without a
-        # backing file (and inside the image) read as zeros: what is_zero_fast would
-        # answer, known without asking block status.
-        known_zero = (not ext and not dfile and img.backing is None and not e0 and not el
-                      and first + n * cs <= img.size)
-        _data_with_cow(img, first, host, start_from, start_to, end_from, end_to, piece, known_zero,
-                       in_place=keep_old)
-        # The guest data (and COW) reach the disk before the L2 entry mapping them. QEMU
-        # does this only after COW regions (perform_cow); here always (see the module doc).
-        s.l2_cache.depends_on_flush()
 
-    # qcow2_alloc_cluster_link_l2: the only place QEMU sets the lazy-refcounts dirty bit
-    # (qcow2_mark_dirty), before the new L2 entries.
+def _link(img: ImageView, p: _Piece, *, prealloc: bool = False) -> list[int]:
+    """qcow2_alloc_cluster_link_l2 for a piece: its entries point at its clusters (COPIED),
+    with extended L2 entries its COW range marked allocated. Returns the old entries that
+    lose a reference."""
+    s = img.s
+    cs, scs = s.cluster_size, s.geometry.subcluster_size
+    ext = s.extended_l2
+    step = 2 if ext else 1
+    assert p.cow is not None
+    start_from, end_to = p.cow[0], p.cow[3]
+    # The only place QEMU sets the lazy-refcounts dirty bit (qcow2_mark_dirty), before the
+    # new L2 entries.
     img.mark_dirty()
-    words = s.l2_cache.get(key)
+    words = s.l2_cache.get(p.key)
     if not s.lazy_refcounts:
         try:
             s.l2_cache.set_dependency(s.rc_cache)
@@ -397,19 +522,59 @@ def _write_clusters(img: ImageView, pos: int, nbytes: int, host: int, data: memo
                 raise
             s.signalled = s.signalled or str(e)
     olds: list[int] = []
-    for i in range(n):
-        j = w + i * step
+    for i in range(p.n):
+        j = p.w + i * step
         old_e = words[j]
-        if not keep_old and old_e:
+        if not p.in_place and old_e:
             olds.append(old_e)
-        words[j] = (host + i * cs) | QCOW_OFLAG_COPIED
+        words[j] = (p.host + i * cs) | QCOW_OFLAG_COPIED
         if ext and not prealloc:
             lo = (max(start_from, i * cs) - i * cs) // scs
             hi = (min(end_to, (i + 1) * cs) - i * cs - 1) // scs + 1
             bits = words[j + 1] | QCOW_OFLAG_SUB_ALLOC_RANGE(lo, hi)
             words[j + 1] = bits & ~QCOW_OFLAG_SUB_ZERO_RANGE(lo, hi)
-    s.l2_cache.mark_dirty(key)
+    s.l2_cache.mark_dirty(p.key)
     return olds
+
+
+def _zero_cow(img: ImageView, p: _Piece) -> bool:
+    """handle_alloc_space for a piece of a run of several: when its COW regions read as
+    zeros, zero them on the host (the whole range for new clusters, the regions alone in
+    place, see _data_with_cow) instead of copying; False when they must be copied."""
+    s = img.s
+    assert p.cow is not None
+    start_from, start_to, end_from, end_to = p.cow
+    head, tail = start_to - start_from, end_to - end_from
+    first = p.pos - p.pos % s.cluster_size
+    if not (head or tail) or s.crypto is not None:
+        return False
+    if not (p.known_zero or (img.is_zero_fast(first + start_from, head)
+                             and img.is_zero_fast(first + end_from, tail))):
+        return False
+    s.overlap.check(p.host + start_from, end_to - start_from)
+    target = s.data_host()
+    if p.in_place:
+        return _zero_cow_regions(target, p.host, start_from, start_to, end_from, end_to)
+    return bool(target.zero_range(p.host + start_from, end_to - start_from))
+
+
+def _read_cow_regions(img: ImageView, p: _Piece) -> list[tuple[int, bytes]]:
+    """A piece's COW regions as perform_cow reads them (both in one read across the data
+    when at most PERFORM_COW_MERGE_MAX bytes lie between, else each alone): (offset in
+    the piece's first cluster, bytes) each. UnflaggedError when a read fails."""
+    assert p.cow is not None
+    start_from, start_to, end_from, end_to = p.cow
+    head, tail = start_to - start_from, end_to - end_from
+    first = p.pos - p.pos % img.s.cluster_size
+    if head and tail and end_from - start_to <= PERFORM_COW_MERGE_MAX:
+        whole = img.read_internal(first + start_from, end_to - start_from)
+        return [(start_from, whole[:head]), (end_from, whole[len(whole) - tail:])]
+    out: list[tuple[int, bytes]] = []
+    if head:
+        out.append((start_from, img.read_internal(first + start_from, head)))
+    if tail:
+        out.append((end_from, img.read_internal(first + end_from, tail)))
+    return out
 
 
 def _data_with_cow(img: ImageView, first: int, host: int, start_from: int, start_to: int,

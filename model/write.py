@@ -24,7 +24,9 @@ With extended L2 entries only the COW range calculate_l2_meta picks is written a
 marked allocated. The COW regions are read as perform_cow reads them (one read
 across the new data when both exist and at most 16 KiB lie between, else each
 alone); when such a read fails (a compressed cluster that does not decode) the
-request fails and the fresh clusters are freed (qcow2_alloc_cluster_abort).
+request fails and the fresh clusters are freed (qcow2_alloc_cluster_abort). A run of
+several pieces has its data written before any COW (merge_cow merges only a run of one
+piece), so there the data stays in the file (write_run).
 Replaced clusters lose their reference once the whole request is linked, so no
 piece of a request reuses a cluster another piece gave up (qcow2_co_pwritev_part).
 Whether a COW region may be zeroed instead of copied is bdrv_co_is_zero_fast's
@@ -114,19 +116,88 @@ def write(s: State, offset: int, data: bytes) -> None:
             mp.free_any_cluster(s.q, old, request=False)
 
 
+class Segment(NamedTuple):
+    """One piece of a run that qcow2_alloc_host_offset hands back: ``n`` clusters from guest
+    ``pos`` (``nbytes`` of new data) at host cluster ``host``, written in place or to new
+    clusters, with the COW range calculate_l2_meta gives it; ``cow`` is None when every
+    touched subcluster already holds data (no QCowL2Meta: nothing to copy or link)."""
+
+    pos: int
+    nbytes: int
+    host: int
+    n: int
+    in_place: bool
+    cow: Cow | None
+
+
 def write_run(s: State, pos: int, end: int, data: bytes, base: int, *, prealloc: bool = False,
               frees: list[int] | None = None) -> int:
-    """One pass of qcow2_alloc_host_offset: as many clusters as are contiguous on the host.
-    Returns the guest offset where the run stopped. ``prealloc`` allocates and links
-    without writing (preallocate_co; link_l2 with m->prealloc leaves the bitmap alone).
-    The old entries the run replaces are appended to ``frees`` for the caller to free;
-    without it they are freed at the end of the run."""
+    """One qcow2_alloc_host_offset and the write task over its host-contiguous run; returns
+    the guest offset where the run stopped. ``prealloc`` allocates and links without
+    writing (preallocate_co; link_l2 with m->prealloc leaves the bitmap alone). The old
+    entries the run replaces are appended to ``frees`` for the caller to free; without it
+    they are freed at the end of the run.
+
+    QEMU first maps the whole run (allocating, and computing every piece's COW range), and
+    an error there writes nothing. Then the task writes (qcow2_co_pwritev_task):
+    a run of one piece with COW regions goes through perform_cow in one write (merge_cow);
+    any other run has its guest data written first, in one request over the whole run, and
+    then each piece's COW regions are copied and linked, the last piece first (QEMU's list
+    of QCowL2Meta is built by prepending). A COW read that fails (a compressed cluster that
+    does not decode) stops there: the later pieces stay linked, that piece and the earlier
+    ones are given back, and the data written first stays in the file."""
+    q = s.q
+    start = pos
+    segs: list[Segment] = []
+    pos = _map_run(s, pos, end, segs)
+    if not segs:
+        return pos
+    s.last_host_end = _host_end(s, segs[-1])
+    metas = [sg for sg in segs if sg.cow is not None]
+    olds: list[int] = []
+    if prealloc:
+        for sg in reversed(metas):
+            olds += _link(s, sg, prealloc=True)
+    else:
+        task_host = segs[0].host + segs[0].pos % q.cluster_size
+        ov.check_data_write(q, task_host, pos - start)  # qcow2_co_pwritev_part
+        zeroed = {sg.pos for sg in metas if handle_alloc_space(s, sg)}
+        piece = data[start - base:pos - base]
+        if len(segs) == 1 and metas and segs[0].pos not in zeroed and _has_cow(metas[0]):
+            # merge_cow: the data goes out with the COW regions, in perform_cow's write.
+            try:
+                perform_cow(s, metas[0], piece)
+            except UnflaggedError:
+                _abort(s, metas)
+                raise
+            olds += _link(s, metas[0])
+        else:
+            q.data_pwrite(task_host, _encrypted(s, task_host, start, piece))
+            for i in range(len(metas) - 1, -1, -1):
+                sg = metas[i]
+                try:
+                    if sg.pos not in zeroed:
+                        perform_cow(s, sg, None)
+                except UnflaggedError:
+                    _abort(s, metas[:i + 1])
+                    if frees is not None:
+                        frees += olds
+                    raise
+                olds += _link(s, sg)
+    if frees is not None:
+        frees += olds
+    else:
+        for old in olds:
+            mp.free_any_cluster(s.q, old, request=False)
+    return pos
+
+
+def _map_run(s: State, pos: int, end: int, segs: list[Segment]) -> int:
+    """qcow2_alloc_host_offset: the pieces of one host-contiguous run, appended to ``segs``
+    (new clusters allocated as they are found). Returns where the run stopped."""
     q, g = s.q, s.q.geometry
     cs = q.cluster_size
     expected: int | None = None
-    own_frees = frees is None
-    if frees is None:
-        frees = []
     while pos < end:
         l2off = mp.l2_table_for_write(q, pos)
         table = mp.read_l2(q, l2off)
@@ -141,8 +212,6 @@ def write_run(s: State, pos: int, end: int, data: bytes, base: int, *, prealloc:
             if expected is not None and host != expected:
                 break
             n = count_clusters(s, table, idx, want, new_alloc=False)
-            nbytes = min(end - pos, n * cs - pos % cs)
-            write_clusters(s, pos, nbytes, host, data, base, keep_old=True, prealloc=prealloc)
         else:
             n = count_clusters(s, table, idx, want, new_alloc=True)
             if q.has_data_file:
@@ -154,27 +223,40 @@ def write_run(s: State, pos: int, end: int, data: bytes, base: int, *, prealloc:
                 if n == 0:
                     break
                 host = expected
-            nbytes = min(end - pos, n * cs - pos % cs)
-            try:
-                frees += write_clusters(s, pos, nbytes, host, data, base, keep_old=False,
-                                        prealloc=prealloc)
-            except UnflaggedError:
-                # The COW read failed (-EIO): qcow2_alloc_cluster_abort gives the fresh
-                # clusters back, without a discard; nothing was linked.
-                if not q.has_data_file:
-                    rb.free_clusters(q, host, n * cs)
-                raise
+        nbytes = min(end - pos, n * cs - pos % cs)
+        # An invalid entry fails the mapping after this piece's clusters were allocated:
+        # QEMU leaks them (handle_alloc returns before its QCowL2Meta exists).
+        cow = _plan_cow(s, table, idx, n, pos, nbytes, keep_old=in_place)
+        segs.append(Segment(pos, nbytes, host, n, in_place, cow))
         expected = host + pos % cs + nbytes
-        # preallocate_co makes the file reach host_offset + bytes of its last
-        # qcow2_alloc_host_offset: the exact end over clusters already allocated, and with
-        # QEMU 7.2 the whole last subcluster over new ones (observed; a data-file-raw image
-        # grown inside its last, already linked cluster ends exactly at the new size).
-        s.last_host_end = expected if in_place else align_up(expected, g.subcluster_size)
         pos += nbytes
-    if own_frees:
-        for old in frees:
-            mp.free_any_cluster(s.q, old, request=False)
     return pos
+
+
+def _host_end(s: State, sg: Segment) -> int:
+    """Where preallocate_co makes the file end after this last piece: exactly at its end
+    over clusters already allocated, and with QEMU 7.2 at the end of its last subcluster
+    over new ones (observed; a data-file-raw image grown inside its last, already linked
+    cluster ends exactly at the new size)."""
+    end = sg.host + sg.pos % s.cluster_size + sg.nbytes
+    return end if sg.in_place else align_up(end, s.q.geometry.subcluster_size)
+
+
+def _abort(s: State, segs: list[Segment]) -> None:
+    """qcow2_alloc_cluster_abort for each piece after a COW read failed (-EIO, the image not
+    flagged): new clusters are given back, without a discard; nothing was linked. After an
+    error that flags the image QEMU gives them back in its cache only, which never reaches
+    the file once the node is dropped, so the cacheless model leaves them."""
+    if s.q.has_data_file:
+        return
+    for sg in segs:
+        if not sg.in_place:
+            rb.free_clusters(s.q, sg.host, sg.n * s.cluster_size)
+
+
+def _has_cow(sg: Segment) -> bool:
+    cow = sg.cow
+    return cow is not None and (cow.start_from < cow.start_to or cow.end_from < cow.end_to)
 
 
 def preallocate(s: State, offset: int, n: int, *, full: bool) -> None:
@@ -224,70 +306,48 @@ def count_clusters(s: State, table: mp.L2Table, idx: int, want: int, *, new_allo
     return i
 
 
-def write_clusters(s: State, pos: int, nbytes: int, host: int, data: bytes, base: int,
-                   *, keep_old: bool, prealloc: bool = False) -> list[int]:
-    """Write [pos, pos+nbytes) to the clusters starting at host cluster ``host`` and link
-    them (calculate_l2_meta, perform_cow, qcow2_alloc_cluster_link_l2). Returns the old
-    entries that lose a reference."""
+def _plan_cow(s: State, table: mp.L2Table, idx: int, n: int, pos: int, nbytes: int,
+              *, keep_old: bool) -> Cow | None:
+    """calculate_l2_meta for a piece: CorruptionError on an invalid touched subcluster;
+    None when the piece is written in place over subclusters that all hold data."""
+    cs, scs = s.cluster_size, s.q.geometry.subcluster_size
+    first = align_down(pos, cs)
+    w_lo, w_hi = pos - first, pos - first + nbytes
+    types = [(table[idx + i], _subcluster_type(s, table[idx + i], sc * scs))
+             for i in range(n)
+             for sc in range(max(w_lo, i * cs) // scs, (min(w_hi, (i + 1) * cs) - 1) // scs + 1)]
+    for (e, b), t in types:
+        if t is SubclusterType.INVALID:
+            raise CorruptionError(f"invalid cluster entry {e:#x}/{b:#x}")
+    if keep_old and all(t is SubclusterType.NORMAL for _, t in types):
+        # Written over data: no QCowL2Meta. (A preallocation links anything else kept in
+        # place, a ZERO_ALLOC cluster say, like a write would, so it turns into data.)
+        return None
+    return calculate_l2_meta(s, table, idx, n, pos, nbytes, keep_old=keep_old)
+
+
+def _link(s: State, sg: Segment, *, prealloc: bool = False) -> list[int]:
+    """qcow2_alloc_cluster_link_l2: point the piece's entries at its clusters (COPIED), and
+    with extended L2 entries mark the COW range allocated. Returns the old entries that
+    lose a reference."""
     q, g = s.q, s.q.geometry
     cs, scs = q.cluster_size, g.subcluster_size
-    first = align_down(pos, cs)
-    l2off = mp.l2_table_for_write(q, pos)
+    assert sg.cow is not None
+    lo_b, hi_b = sg.cow.start_from, sg.cow.end_to
+    l2off = mp.l2_table_for_write(q, sg.pos)
     table = mp.read_l2(q, l2off)
-    idx = g.l2_index(pos)
-    n = g.size_to_clusters(pos - first + nbytes)
-    cow_start_to = pos - first
-    cow_end_from = cow_start_to + nbytes
-    piece = data[pos - base:pos - base + nbytes]
-
-    def sctype(i: int, at: int) -> SubclusterType:
-        return _subcluster_type(s, table[idx + i], at)
-
-    for i in range(n):
-        e, b = table[idx + i]
-        w_from = max(cow_start_to, i * cs)
-        w_to = min(cow_end_from, (i + 1) * cs)
-        for sc in range(w_from // scs, (w_to - 1) // scs + 1):
-            if sctype(i, sc * scs) is SubclusterType.INVALID:
-                raise CorruptionError(f"invalid cluster entry {e:#x}/{b:#x}")
-    if keep_old and all(
-        sctype(i, sc * scs) is SubclusterType.NORMAL
-        for i in range(n)
-        for sc in range(max(cow_start_to, i * cs) // scs,
-                        (min(cow_end_from, (i + 1) * cs) - 1) // scs + 1)
-    ):
-        if prealloc:
-            # calculate_l2_meta (skip_cow): nothing to link. Anything else kept in
-            # place, a ZERO_ALLOC cluster say, is linked below like a write would
-            # link it, and so turns into data (preallocate_co over a zeroed cluster).
-            return []
-        # Every touched subcluster is already allocated: a plain overwrite, no metadata.
-        ov.check_data_write(q, host + cow_start_to, len(piece))
-        q.data_pwrite(host + cow_start_to, _encrypted(s, host + cow_start_to, pos, piece))
-        return []
-
-    cow = calculate_l2_meta(s, table, idx, n, pos, nbytes, keep_old=keep_old)
-    cow_start_from, cow_end_to = cow.start_from, cow.end_to
-
-    if not prealloc:
-        ov.check_data_write(q, host + cow_start_from, cow_end_to - cow_start_from)
-        if not handle_alloc_space(s, first, host, cow, piece, in_place=keep_old):
-            perform_cow(s, first, host, cow, piece)
-
-    # Link the clusters (qcow2_alloc_cluster_link_l2).
+    idx = g.l2_index(sg.pos)
     olds: list[int] = []
-    table = mp.read_l2(q, l2off)
-    for i in range(n):
+    for i in range(sg.n):
         old_e, old_b = table[idx + i]
-        if not keep_old and old_e:
+        if not sg.in_place and old_e:
             olds.append(old_e)
         new_b = old_b if prealloc else 0
         if q.extended_l2 and not prealloc:
-            w_from = max(cow_start_from, i * cs) - i * cs
-            w_to = min(cow_end_to, (i + 1) * cs) - i * cs
-            lo, hi = w_from // scs, (w_to - 1) // scs + 1
+            lo = (max(lo_b, i * cs) - i * cs) // scs
+            hi = (min(hi_b, (i + 1) * cs) - i * cs - 1) // scs + 1
             new_b = (old_b | QCOW_OFLAG_SUB_ALLOC_RANGE(lo, hi)) & ~QCOW_OFLAG_SUB_ZERO_RANGE(lo, hi)
-        table[idx + i] = ((host + i * cs) | QCOW_OFLAG_COPIED, new_b)
+        table[idx + i] = ((sg.host + i * cs) | QCOW_OFLAG_COPIED, new_b)
     mp.write_l2(q, l2off, table)
     return olds
 
@@ -347,17 +407,19 @@ def _subcluster_type(s: State, pair: tuple[int, int], offset: int) -> Subcluster
                            extended_l2=q.extended_l2, has_data_file=q.has_data_file)
 
 
-def handle_alloc_space(s: State, first: int, host: int, cow: Cow, piece: bytes, *,
-                       in_place: bool = False) -> bool:
+def handle_alloc_space(s: State, sg: Segment) -> bool:
     """QEMU's shortcut for COW regions that read as zeros (block/qcow2.c handle_alloc_space,
-    is_zero_cow): when there is a COW region and each one is zero by ONE answer of
-    bdrv_co_is_zero_fast (mapping_report.is_zero_fast), the whole range is zeroed on the host
+    is_zero_cow): when the piece has a COW region and each one is zero by ONE answer of
+    bdrv_co_is_zero_fast (mapping_report.is_zero_fast), the range is zeroed on the host
     with a write-zeroes request that may not fall back to writing (fallocate; Qcow2File.
-    write_zeroes_no_fallback), and only the new data is written. Returns False (nothing
-    written) when the shortcut does not apply and the COW must be copied (perform_cow).
-    Holes in the host file are what ``qemu-img map`` sees, so this matters to its output."""
-    q = s.q
-    if cow.start_from == cow.start_to and cow.end_from == cow.end_to:
+    write_zeroes_no_fallback); the data is written after, with the run's. Returns False
+    (nothing zeroed) when the shortcut does not apply and the COW must be copied
+    (perform_cow). Holes in the host file are what ``qemu-img map`` sees, so this matters
+    to its output."""
+    q, cow, host = s.q, sg.cow, sg.host
+    assert cow is not None
+    first = align_down(sg.pos, s.cluster_size)
+    if not _has_cow(sg):
         return False
     if s.crypto is not None:
         # Zeroed host bytes do not read back as zeros through a cipher: QEMU skips the
@@ -367,7 +429,8 @@ def handle_alloc_space(s: State, first: int, host: int, cow: Cow, piece: bytes, 
             and st.is_zero_fast(s, first + cow.end_from, cow.end_to - cow.end_from)):
         return False
     target = q.data_f if q.has_data_file else None
-    if in_place:
+    ov.check_data_write(q, host + cow.start_from, cow.end_to - cow.start_from)
+    if sg.in_place:
         # Crash safety, where the model departs from QEMU: QEMU zeroes the whole range, the
         # new data's part included, and writes the data after. Written in place (extended
         # L2 entries: new subclusters of an allocated cluster) that part can hold live data,
@@ -378,22 +441,23 @@ def handle_alloc_space(s: State, first: int, host: int, cow: Cow, piece: bytes, 
         for lo, hi in regions:
             if hi > lo and not q.write_zeroes_no_fallback(host + lo, hi - lo, target):
                 return False
-    elif not q.write_zeroes_no_fallback(host + cow.start_from, cow.end_to - cow.start_from,
-                                        target):
-        return False
-    q.data_pwrite(host + cow.start_to, piece)
-    return True
+        return True
+    return q.write_zeroes_no_fallback(host + cow.start_from, cow.end_to - cow.start_from, target)
 
 
-def perform_cow(s: State, first: int, host: int, cow: Cow, piece: bytes) -> None:
-    """Naive COW (block/qcow2.c perform_cow, the model's single write): what the COW regions
-    read as now, with the new data laid over them, written in one go.
+def perform_cow(s: State, sg: Segment, piece: bytes | None) -> None:
+    """Naive COW (block/qcow2.c perform_cow): what the piece's COW regions read as now,
+    written to its clusters; with the new data laid over them in one write when ``piece``
+    is given (merge_cow), else each region in a write of its own.
 
     Which guest bytes are read is QEMU's choice: nothing without COW regions; the whole
     range, the new data's part included, when both regions exist and at most
     PERFORM_COW_MERGE_MAX bytes lie between them; else each region alone. It matters where
     reading fails (a compressed cluster that does not decode, UnflaggedError): a cluster
     that is overwritten whole is read only in the first case."""
+    cow, host = sg.cow, sg.host
+    assert cow is not None
+    first = align_down(sg.pos, s.cluster_size)
     head, tail = cow.start_to - cow.start_from, cow.end_to - cow.end_from
     merged = bytearray(cow.end_to - cow.start_from)
     if head and tail and cow.end_from - cow.start_to <= PERFORM_COW_MERGE_MAX:
@@ -403,11 +467,19 @@ def perform_cow(s: State, first: int, host: int, cow: Cow, piece: bytes) -> None
             merged[:head] = rd.read(s, first + cow.start_from, head)
         if tail:
             merged[len(merged) - tail:] = rd.read(s, first + cow.end_from, tail)
-    merged[head:head + len(piece)] = piece
     # On an encrypted image the COW regions were read as plaintext and are encrypted with the
     # new data for the new host offset (perform_cow, do_perform_cow_encrypt).
-    s.q.data_pwrite(host + cow.start_from,
-                    _encrypted(s, host + cow.start_from, first + cow.start_from, bytes(merged)))
+    if piece is not None:
+        merged[head:head + len(piece)] = piece
+        regions = [(cow.start_from, cow.end_to)]
+    else:
+        regions = [(lo, hi) for lo, hi in ((cow.start_from, cow.start_to), (cow.end_from, cow.end_to))
+                   if hi > lo]
+    for lo, hi in regions:
+        # do_perform_cow_write checks each write it makes.
+        ov.check_data_write(s.q, host + lo, hi - lo)
+        chunk = bytes(merged[lo - cow.start_from:hi - cow.start_from])
+        s.q.data_pwrite(host + lo, _encrypted(s, host + lo, first + lo, chunk))
 
 
 def _encrypted(s: State, host: int, guest: int, data: bytes) -> bytes:

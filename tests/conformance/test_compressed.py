@@ -161,3 +161,28 @@ def test_zstd_cluster_in_two_frames_reads_like_qemu(engine: ModuleType, tmp_path
     assert qemu_io_failures(q, "read -P 0x21 0 32k", "read -P 0x22 32k 32k") == 0
     with engine.open(m) as img:
         assert img.read(0, 64 * KiB) == b"".join(half)
+
+
+def test_failed_cow_of_a_run_keeps_the_data_written_first_like_qemu(engine: ModuleType,
+                                                                    tmp_path: Path) -> None:
+    """A write over an allocated cluster and a compressed one that does not decode, whose new
+    cluster lands right after the allocated one: QEMU maps both as one host run, so it does
+    not merge the data with the COW (merge_cow needs the run to be the one piece) and writes
+    the run's data first; the COW read then fails (EIO) and the new cluster is given back.
+    The allocated cluster keeps the new bytes and the freed one holds its byte (difftest
+    seed 110061, where an engine read first and wrote nothing)."""
+    q, m = pair(tmp_path, "", "", 64 * KiB, cluster_size=4096)
+    qemu_io(q, "write -q -c -P 1 4096 4096", "write -q -P 2 0 4096")
+    coff, _ = compressed_range(l2_entry(q, 4096), 12)
+    with open(q, "r+b") as f:
+        f.seek(coff)
+        f.write(b"\xff" * 16)  # BTYPE 11: not a deflate stream
+    host0 = l2_entry(q, 0) & ((1 << 56) - 512)
+    assert host0 + 4096 == q.stat().st_size  # the next cluster is free: one host run
+    shutil.copyfile(q, m)
+    assert "Input/output error" in qemu_io_fails(q, "write -q -P 7 3584 513")
+    with engine.open(m) as img, pytest.raises(Qcow2Error):
+        img.write(3584, b"\x07" * 513)
+    assert m.read_bytes() == q.read_bytes()
+    qemu_io(q, "read -q -P 2 0 3584", "read -q -P 7 3584 512")
+    assert q.read_bytes()[host0 + 4096] == 7

@@ -81,6 +81,22 @@ def test_cow_write_over_a_backing_file_is_one_read_and_one_write(tmp_path: Path)
         assert img.read(65536, 65536) == b"\x5a" * 1000 + b"b" * 3000 + b"\x5a" * (65536 - 4000)
 
 
+def test_cow_of_a_run_of_two_pieces_is_one_read_and_one_write(tmp_path: Path) -> None:
+    """A write over an allocated cluster and the next one, whose new cluster lands right
+    after it on the host: one run of two pieces, which QEMU writes as data then tail
+    region; impl sends both in one vectored write after the one tail read."""
+    _, top = _overlay(tmp_path)
+    with impl.open(top) as img:
+        img.write(0, b"a")  # allocates the L2 table and cluster 0, the file's last
+        img.reset_stats()
+        img.backing.reset_stats()
+        img.write(65536 - 1000, b"r" * 2000)
+        st = img.stats()
+        assert (st["data_reads"], st["data_writes"], st["data_write_bytes"]) == (0, 1, 65536 + 1000)
+        assert img.backing.stats()["data_reads"] == 1
+        assert img.read(65536 - 1000, 65536 + 1000) == b"r" * 2000 + b"\x5a" * (65536 - 1000)
+
+
 def test_cow_regions_far_apart_are_read_separately(tmp_path: Path) -> None:
     _, top = _overlay(tmp_path)
     with impl.open(top) as img:
