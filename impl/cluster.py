@@ -32,10 +32,10 @@ from typing import NamedTuple
 from impl import refcount as rc
 from impl.hostfile import HostFile
 from impl.state import ImageView, State
+from spec.cow import cow_range
 from spec.entries import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
-    QCOW_L2_BITMAP_ALL_ALLOC,
     QCOW_L2_BITMAP_ALL_ZEROES,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_SUB_ALLOC_RANGE,
@@ -457,37 +457,12 @@ def _plan(img: ImageView, pos: int, nbytes: int, host: int, n: int, in_place: bo
         return _Piece(pos, nbytes, host, n, in_place, key, w, None, False)
 
     # calculate_l2_meta: where the COW starts in the first cluster and ends in the last.
-    e0, b0 = pair(0)
-    t_first = subcluster_type(e0, b0, g.subcluster_index(pos), extended_l2=ext, has_data_file=dfile)
-    if in_place:
-        start_from = start_to if t_first is ST.NORMAL else align_down(start_to, scs)
-    elif t_first is ST.COMPRESSED:
-        start_from = 0
-    elif t_first in (ST.NORMAL, ST.ZERO_ALLOC, ST.UNALLOCATED_ALLOC):
-        alloc = b0 & QCOW_L2_BITMAP_ALL_ALLOC
-        low = (alloc & -alloc).bit_length() - 1 if alloc else 32
-        start_from = min(start_to // scs, low) * scs if ext else 0
-    else:
-        start_from = align_down(start_to, scs)
-    last = pos + nbytes - 1
-    el, bl = pair(n - 1)
-    sc_last = g.subcluster_index(last)
-    t_last = subcluster_type(el, bl, sc_last, extended_l2=ext, has_data_file=dfile)
-    if in_place:
-        end_to = end_from if t_last is ST.NORMAL else align_up(end_from, scs)
-    elif t_last is ST.COMPRESSED:
-        end_to = align_up(end_from, cs)
-    elif t_last in (ST.NORMAL, ST.ZERO_ALLOC, ST.UNALLOCATED_ALLOC):
-        end_to = align_up(end_from, cs)
-        if ext:
-            high = 32 - (bl & QCOW_L2_BITMAP_ALL_ALLOC).bit_length()
-            end_to -= min(g.subclusters_per_cluster - sc_last - 1, high) * scs
-    else:
-        end_to = align_up(end_from, scs)
+    e0, el = pair(0), pair(n - 1)
+    start_from, end_to = cow_range(g, e0, el, start_to, end_from, keep_old=in_place, has_data_file=dfile)
     # Both COW regions of a cluster that was plain unallocated in an image without a
     # backing file (and inside the image) read as zeros: what is_zero_fast would answer,
     # known without asking block status.
-    known_zero = (not ext and not dfile and img.backing is None and not e0 and not el
+    known_zero = (not ext and not dfile and img.backing is None and not e0[0] and not el[0]
                   and first + n * cs <= img.size)
     return _Piece(pos, nbytes, host, n, in_place, key, w, (start_from, start_to, end_from, end_to),
                   known_zero)

@@ -56,10 +56,10 @@ from model import overlap as ov
 from model import read as rd
 from model.state import State, UnflaggedError, mark_dirty
 from spec import refblocks as rb
+from spec.cow import cow_range
 from spec.encryption import SECTOR_SIZE
 from spec.entries import (
     L2E_OFFSET_MASK,
-    QCOW_L2_BITMAP_ALL_ALLOC,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_SUB_ALLOC_RANGE,
     QCOW_OFLAG_SUB_ZERO_RANGE,
@@ -354,51 +354,14 @@ def _link(s: State, sg: Segment, *, prealloc: bool = False) -> list[int]:
 
 def calculate_l2_meta(s: State, table: mp.L2Table, idx: int, n: int, pos: int, nbytes: int,
                       *, keep_old: bool) -> Cow:
-    """Where the COW starts in the first cluster and ends in the last, for a write of
-    [pos, pos+nbytes) over the ``n`` entries of ``table`` from ``idx`` (block/qcow2-cluster.c,
-    calculate_l2_meta). ``keep_old``: the clusters are written in place.
-
-    In place, touched subclusters that were not data are completed to their boundaries. A
-    new cluster is copied whole from the old one (or what it reads as), except: with
-    extended L2 entries QEMU copies only from the first allocated subcluster and up to the
-    last allocated one, and the rest stays unallocated in the new bitmap; a compressed
-    cluster is always copied whole; one without a host cluster (plain zero, unallocated)
-    only up to the subcluster boundaries around the new data.
-    """
-    q, g = s.q, s.q.geometry
-    cs, scs = q.cluster_size, g.subcluster_size
-    cow_start_to = pos - align_down(pos, cs)
-    cow_end_from = cow_start_to + nbytes
-    t_first = _subcluster_type(s, table[idx], pos)
-    b0 = table[idx][1]
-    if keep_old:
-        cow_start_from = (cow_start_to if t_first is SubclusterType.NORMAL
-                          else align_down(cow_start_to, scs))
-    elif t_first is SubclusterType.COMPRESSED:
-        cow_start_from = 0
-    elif t_first in (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC, SubclusterType.UNALLOCATED_ALLOC):
-        alloc = b0 & QCOW_L2_BITMAP_ALL_ALLOC
-        first_alloc = (alloc & -alloc).bit_length() - 1 if alloc else 32
-        cow_start_from = min(cow_start_to // scs, first_alloc) * scs if q.extended_l2 else 0
-    else:
-        cow_start_from = align_down(cow_start_to, scs)
-    last_pos = pos + nbytes - 1
-    t_last = _subcluster_type(s, table[idx + n - 1], last_pos)
-    _, bl = table[idx + n - 1]
-    sc_last = g.subcluster_index(last_pos)
-    if keep_old:
-        cow_end_to = cow_end_from if t_last is SubclusterType.NORMAL else align_up(cow_end_from, scs)
-    elif t_last is SubclusterType.COMPRESSED:
-        cow_end_to = align_up(cow_end_from, cs)
-    elif t_last in (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC, SubclusterType.UNALLOCATED_ALLOC):
-        cow_end_to = align_up(cow_end_from, cs)
-        if q.extended_l2:
-            alloc = bl & QCOW_L2_BITMAP_ALL_ALLOC
-            clz = 32 - alloc.bit_length()
-            cow_end_to -= min(g.subclusters_per_cluster - sc_last - 1, clz) * scs
-    else:
-        cow_end_to = align_up(cow_end_from, scs)
-    return Cow(cow_start_from, cow_start_to, cow_end_from, cow_end_to)
+    """The COW range of a write of [pos, pos+nbytes) over the ``n`` entries of ``table``
+    from ``idx`` (block/qcow2-cluster.c, calculate_l2_meta; spec/cow.py). ``keep_old``: the
+    clusters are written in place."""
+    start_to = pos - align_down(pos, s.cluster_size)
+    end_from = start_to + nbytes
+    start_from, end_to = cow_range(s.q.geometry, table[idx], table[idx + n - 1], start_to, end_from,
+                                   keep_old=keep_old, has_data_file=s.q.has_data_file)
+    return Cow(start_from, start_to, end_from, end_to)
 
 
 def _subcluster_type(s: State, pair: tuple[int, int], offset: int) -> SubclusterType:
