@@ -161,7 +161,7 @@ def write_run(s: State, pos: int, end: int, data: bytes, base: int, *, prealloc:
     else:
         task_host = segs[0].host + segs[0].pos % q.cluster_size
         ov.check_data_write(q, task_host, pos - start)  # qcow2_co_pwritev_part
-        zeroed = {sg.pos for sg in metas if handle_alloc_space(s, sg)}
+        zeroed = {sg.pos for sg in reversed(metas) if handle_alloc_space(s, sg)}
         piece = data[start - base:pos - base]
         if len(segs) == 1 and metas and segs[0].pos not in zeroed and _has_cow(metas[0]):
             # merge_cow: the data goes out with the COW regions, in perform_cow's write.
