@@ -39,7 +39,7 @@ from spec.entries import REFT_OFFSET_MASK
 from spec.errors import CorruptionError, RequestError
 from spec.geometry import align_up
 from spec.hostio import HostIOError
-from spec.refblocks import refcount_area
+from spec.refblocks import grown_reftable, refcount_area
 
 
 class Again(Exception):
@@ -394,7 +394,7 @@ def _grow_reftable(s: State, cluster_index: int, new_index: int, new_block: int)
     cs = s.cluster_size
     per = g.refcount_block_entries
     start, total_blocks, table_size, table_clusters = refcount_area(g, cluster_index, new_block)
-    new_table = (s.reftable + [0] * table_size)[:table_size]
+    new_table = grown_reftable(s.reftable, table_size)
     new_table[new_index] = new_block
     area_index = start // cs // per
     missing = sum(1 for i in range(area_index, total_blocks) if not new_table[i])

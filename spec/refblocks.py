@@ -347,6 +347,16 @@ def refcount_area(g: Geometry, cluster_index: int, new_block: int) -> tuple[int,
     return start, total_blocks, table_size, table_size * 8 // cs
 
 
+def grown_reftable(old: list[int], table_size: int) -> list[int]:
+    """The entries qcow2_refcount_area copies into a new refcount table of ``table_size``
+    entries: those up to the last one whose offset bits are set (max_refcount_table_index,
+    update_max_refcount_table_index), reserved bits and all; an entry past it that holds
+    only reserved bits is not copied (damaged seed 13, flip-1206@bitmap and
+    flip-5136@bitmap). The rest is zeros."""
+    last = next((i for i in range(len(old) - 1, 0, -1) if old[i] & REFT_OFFSET_MASK), 0)
+    return (old[:last + 1] + [0] * table_size)[:table_size]
+
+
 def _grow_reftable(q: Qcow2File, cluster_index: int, new_index: int, new_block: int) -> None:
     """Replace the refcount table by a larger one (alloc_refcount_block's second half, then
     qcow2_refcount_area with additional_clusters 0 and a generous size).
@@ -360,8 +370,7 @@ def _grow_reftable(q: Qcow2File, cluster_index: int, new_index: int, new_block: 
     cs = q.cluster_size
     entries = g.refcount_block_entries
     start, total_blocks, table_size, table_clusters = refcount_area(g, cluster_index, new_block)
-    old = read_reftable(q)
-    new_table = (old + [0] * table_size)[:table_size]
+    new_table = grown_reftable(read_reftable(q), table_size)
     new_table[new_index] = new_block
     area_index = start // cs // entries
     additional = sum(1 for i in range(area_index, total_blocks) if not new_table[i])
