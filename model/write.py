@@ -110,7 +110,7 @@ def write(s: State, offset: int, data: bytes) -> None:
     frees: list[int] = []
     try:
         while pos < end:
-            pos = write_run(s, pos, end, data, offset, frees=frees)
+            pos = write_run(s, pos, end, data, offset, frees)
     finally:
         for old in frees:
             mp.free_any_cluster(s.q, old, request=False)
@@ -130,13 +130,12 @@ class Segment(NamedTuple):
     cow: Cow | None
 
 
-def write_run(s: State, pos: int, end: int, data: bytes, base: int, *, prealloc: bool = False,
-              frees: list[int] | None = None) -> int:
+def write_run(s: State, pos: int, end: int, data: bytes, base: int, frees: list[int], *,
+              prealloc: bool = False) -> int:
     """One qcow2_alloc_host_offset and the write task over its host-contiguous run; returns
     the guest offset where the run stopped. ``prealloc`` allocates and links without
     writing (preallocate_co; link_l2 with m->prealloc leaves the bitmap alone). The old
-    entries the run replaces are appended to ``frees`` for the caller to free; without it
-    they are freed at the end of the run.
+    entries the run replaces are appended to ``frees``, for the caller to free.
 
     QEMU first maps the whole run (allocating, and computing every piece's COW range), and
     an error there writes nothing. Then the task writes (qcow2_co_pwritev_task):
@@ -154,10 +153,9 @@ def write_run(s: State, pos: int, end: int, data: bytes, base: int, *, prealloc:
         return pos
     s.last_host_end = _host_end(s, segs[-1])
     metas = [sg for sg in segs if sg.cow is not None]
-    olds: list[int] = []
     if prealloc:
         for sg in reversed(metas):
-            olds += _link(s, sg, prealloc=True)
+            frees += _link(s, sg, prealloc=True)
     else:
         task_host = segs[0].host + segs[0].pos % q.cluster_size
         ov.check_data_write(q, task_host, pos - start)  # qcow2_co_pwritev_part
@@ -170,7 +168,7 @@ def write_run(s: State, pos: int, end: int, data: bytes, base: int, *, prealloc:
             except UnflaggedError:
                 _abort(s, metas)
                 raise
-            olds += _link(s, metas[0])
+            frees += _link(s, metas[0])
         else:
             q.data_pwrite(task_host, _encrypted(s, task_host, start, piece))
             for i in range(len(metas) - 1, -1, -1):
@@ -180,15 +178,8 @@ def write_run(s: State, pos: int, end: int, data: bytes, base: int, *, prealloc:
                         perform_cow(s, sg, None)
                 except UnflaggedError:
                     _abort(s, metas[:i + 1])
-                    if frees is not None:
-                        frees += olds
                     raise
-                olds += _link(s, sg)
-    if frees is not None:
-        frees += olds
-    else:
-        for old in olds:
-            mp.free_any_cluster(s.q, old, request=False)
+                frees += _link(s, sg)
     return pos
 
 
@@ -266,7 +257,10 @@ def preallocate(s: State, offset: int, n: int, *, full: bool) -> None:
     s.last_host_end = 0
     pos, end = offset, offset + n
     while pos < end:
-        pos = write_run(s, pos, end, b"", pos, prealloc=True)
+        frees: list[int] = []
+        pos = write_run(s, pos, end, b"", pos, frees, prealloc=True)
+        for old in frees:
+            mp.free_any_cluster(q, old, request=False)
     target = q.data_f if q.has_data_file else None
     size = q.file_size(target)
     # QEMU's file (or data file) then ends where write_run says (last_host_end).
