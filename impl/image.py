@@ -31,6 +31,7 @@ from impl.hostfile import HostFile, IOStats
 from impl.state import State
 from spec import bitmap_store as bms
 from spec import features as ft
+from spec import header_update as hu
 from spec.entries import (
     HOST_OFFSET_TYPES,
     L1E_OFFSET_MASK,
@@ -118,6 +119,9 @@ class Image:
     def __init__(self, img: ImageFile, path: str, *, readonly: bool, snapshot: str | None,
                  depth: int, options: dict[str, Any]) -> None:
         options = dict(options)
+        self._header_memory = hu.memory_of(img)
+        """What QEMU keeps of the header cluster (spec/header_update.py), taken before the
+        open changes anything; shared by every writer of this open."""
         crypto = crypt.unlock(img, options.pop("key_secret", None))
         self.backing_key_secret = options.pop("backing_key_secret", None)
         if img.incompatible_features & ft.QCOW2_INCOMPAT_CORRUPT and not readonly:
@@ -214,6 +218,7 @@ class Image:
         if not self.readonly and snapshot is None:
             self._open_read_write(img)
         s = State(host, img.header, img.geometry, data=data, compression_type=img.compression_type)
+        s.header_memory = self._header_memory
         s.sync = o.cache != "unsafe"
         s.lazy_refcounts = bool(img.compatible_features & ft.QCOW2_COMPAT_LAZY_REFCOUNTS)
         g = img.geometry
@@ -312,6 +317,7 @@ class Image:
             raise FormatError(f"cannot open for writing: {e.strerror}", self.filename) from None
         try:
             q = Qcow2File(img, f, readonly=False)
+            q.header_memory = self._header_memory
             if h.v3.incompatible_features & ft.QCOW2_INCOMPAT_DIRTY:
                 from spec.check import repair_dirty
 
@@ -337,6 +343,7 @@ class Image:
             raise FormatError(f"cannot open for writing: {e.strerror}", self.filename) from None
         try:
             q = Qcow2File(img, f, readonly=False)
+            q.header_memory = self._header_memory
             self.bitmaps = bms.load_on_open(
                 q, lambda off, n: s.overlap.check_metadata(off, n, ov.QCOW2_OL_BITMAP_DIRECTORY))
         except CorruptionError as e:

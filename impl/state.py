@@ -22,6 +22,7 @@ from spec import features as ft
 from spec import header as hd
 from spec.encryption import Qcow2Crypto
 from spec.geometry import Geometry
+from spec.header_update import HeaderMemory, header_cluster
 from spec.image import validate_table
 from spec.limits import QCOW_MAX_L1_SIZE
 
@@ -86,6 +87,9 @@ class State:
         self.data = data
         """The external data file (guest data goes there), or None."""
         self.header = header
+        self.header_memory: HeaderMemory | None = None
+        """What QEMU keeps of the header cluster to rewrite it (spec/header_update.py); set
+        by image.py at open (None while an image is created)."""
         self.geometry = geometry
         self.cluster_size = geometry.cluster_size
         self.cluster_bits = geometry.cluster_bits
@@ -281,16 +285,36 @@ class State:
 
     # --- writing what QEMU keeps in memory ----------------------------------------------------
     def write_header(self) -> None:
-        """qcow2_update_header's fixed part."""
+        """The fixed header fields: QEMU's writes of single fields (qcow2_mark_dirty, the
+        snapshot table, a grown table, a resize) leave the rest of the cluster alone."""
         self.host.pwrite(0, hd.Header.build(self.header), meta=True)
 
+    def update_header(self) -> None:
+        """qcow2_update_header: the whole header cluster rebuilt from memory
+        (spec/header_update.py); nothing when it does not fit."""
+        if self.header_memory is None:
+            self.write_header()
+            return
+        cluster = header_cluster(self.header_memory, self.header, self.cluster_size)
+        if cluster is not None:
+            self.host.pwrite(0, cluster, meta=True)
+
     def set_incompatible_bit(self, bit: int, on: bool) -> None:
-        """Flip one incompatible feature bit when it differs (v3 only), header rewritten."""
+        """Flip one incompatible feature bit when it differs: qcow2_mark_dirty writes the
+        field alone, qcow2_mark_clean and qcow2_mark_corrupt rewrite the header cluster (the
+        latter on v2 too, which has no such bit)."""
         v3 = self.header.v3
-        if v3 is None or bool(int(v3.incompatible_features) & bit) == on:
+        if v3 is None:
+            if bit == ft.QCOW2_INCOMPAT_CORRUPT and on:
+                self.update_header()
+            return
+        if bool(int(v3.incompatible_features) & bit) == on:
             return
         v3.incompatible_features = int(v3.incompatible_features) ^ bit
-        self.write_header()
+        if bit == ft.QCOW2_INCOMPAT_DIRTY and on:
+            self.write_header()
+        else:
+            self.update_header()
 
     def write_l1_entry(self, index: int, *, sync: bool = True) -> None:
         """qcow2_write_l1_entry: the 512-byte aligned group of entries around ``index``,

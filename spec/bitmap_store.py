@@ -52,6 +52,7 @@ import construct as c
 from spec import bitmaps as bm
 from spec import features as ft
 from spec import header as hd
+from spec import header_update as hu
 from spec.entries import (
     BME_TABLE_ENTRY_FLAG_ALL_ONES,
     BME_TABLE_ENTRY_OFFSET_MASK,
@@ -156,8 +157,11 @@ class BitmapSet:
     """The directory as loaded at a read-write open, and the bits of the loaded bitmaps."""
 
     def __init__(self, bitmaps: list[Bitmap], disk_size: int, ext_offset: int,
-                 dir_offset: int, dir_size: int) -> None:
+                 dir_offset: int, dir_size: int, memory: hu.HeaderMemory) -> None:
         self.bitmaps = bitmaps
+        self.memory = memory
+        """The engine's header memory (spec/header_update.py): every header this set writes
+        is the whole cluster qcow2_update_header rebuilds from it."""
         self.disk_size = disk_size
         """bdrv_getlength of the node: the virtual size rounded down to a sector."""
         self.ext_offset = ext_offset
@@ -264,7 +268,9 @@ class BitmapSet:
         self.dir_offset, self.dir_size = dir_off, len(new_dir)
         assert header.v3 is not None
         header.v3.autoclear_features = int(header.v3.autoclear_features) | ft.QCOW2_AUTOCLEAR_BITMAPS
-        host.bitmap_pwrite(0, self.header_bytes(header, host.bitmap_pread(0, self.header_end)))
+        cluster = self.header_cluster(header, cs)
+        if cluster is not None:
+            host.bitmap_pwrite(0, cluster)
         host.bitmap_flush()
         host.bitmap_directory_moved(dir_off, len(new_dir))
         if old_dir[1]:
@@ -290,23 +296,11 @@ class BitmapSet:
             host.bitmap_pwrite(off, chunk + bytes(cs - len(chunk)))
         return table
 
-    def header_bytes(self, q_header: c.Container, current: bytes) -> bytes:
-        """The header cluster's first bytes as qcow2_update_header leaves them for an image
-        whose extensions QEMU wrote itself: the fixed header, and the bitmaps extension's
-        payload in its place (``current`` is the file's bytes up to the extension's end)."""
-        buf = bytearray(current)
-        fixed = hd.Header.build(q_header)
-        buf[:len(fixed)] = fixed
-        payload = hd.BitmapsExtension.build(dict(
-            nb_bitmaps=len(self.bitmaps), reserved32=0,
-            bitmap_directory_size=self.dir_size, bitmap_directory_offset=self.dir_offset))
-        buf[self.ext_offset + 8:self.ext_offset + 8 + len(payload)] = payload
-        return bytes(buf)
-
-    @property
-    def header_end(self) -> int:
-        """Bytes of the header cluster ``header_bytes`` rewrites."""
-        return self.ext_offset + 8 + 24
+    def header_cluster(self, q_header: c.Container, cluster_size: int) -> bytes | None:
+        """The header cluster as qcow2_update_header writes it with this directory in
+        memory (None: it does not fit, nothing is written)."""
+        self.memory.set_bitmaps(len(self.bitmaps), self.dir_size, self.dir_offset)
+        return hu.header_cluster(self.memory, q_header, cluster_size)
 
 
 def _free_bitmap_clusters(host: BitmapHost, offset: int, n: int, cs: int) -> None:
@@ -375,13 +369,13 @@ def load_on_open(q: Qcow2File, overlap_check: Callable[[int, int], None]) -> Bit
                 b.flags |= bm.BME_FLAG_IN_USE
             bitmaps.append(b)
         s = BitmapSet(bitmaps, disk_size, ext.offset, int(ext.data.bitmap_directory_offset),
-                      int(ext.data.bitmap_directory_size))
+                      int(ext.data.bitmap_directory_size), q.header_memory)
         if any(not b.inconsistent for b in bitmaps):
             _update_in_place(q, s, overlap_check)
             update_header = False
         result = s  # only in-use bitmaps: nothing tracked or stored, but a resize is refused
     if update_header:
-        q.write_header()
+        q.update_header()
     return result
 
 
@@ -412,7 +406,9 @@ def _update_in_place(q: Qcow2File, s: BitmapSet, overlap_check: Callable[[int, i
 
 def _header_sync(q: Qcow2File, s: BitmapSet) -> None:
     """update_header_sync on a spec file: the header (one write) then a flush."""
-    q.pwrite(0, s.header_bytes(q.header, q.pread(0, s.header_end)))
+    cluster = s.header_cluster(q.header, q.cluster_size)
+    if cluster is not None:
+        q.pwrite(0, cluster)
     q.flush()
 
 

@@ -32,7 +32,9 @@ import construct as c
 from spec import header as hd
 from spec import hostio
 from spec.errors import RequestError
+from spec.features import QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DIRTY
 from spec.geometry import Geometry
+from spec.header_update import header_cluster, memory_of
 from spec.hostio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 from spec.image import ImageFile
 
@@ -50,6 +52,8 @@ class Qcow2File(hd.HeaderViews):
         self.header: c.Container = img.header
         self.geometry: Geometry = img.geometry
         self.image_file = img
+        self.header_memory = memory_of(img)
+        """What QEMU keeps of the header cluster to rewrite it (spec/header_update.py)."""
         self.data_f = data_f
         self.free_cluster_index = 0
         # No operation changes the data-file bit, and every lookup asks for it: it is read
@@ -210,14 +214,32 @@ class Qcow2File(hd.HeaderViews):
 
     # --- header ------------------------------------------------------------------------------
     def write_header(self) -> None:
-        """Write the fixed header fields (not the extensions) back to offset 0."""
+        """Write the fixed header fields (not the extensions) back to offset 0: QEMU's
+        writes of single header fields (qcow2_mark_dirty, the snapshot table, a grown L1 or
+        refcount table, a resize), which leave the rest of the cluster alone."""
         self.pwrite(0, hd.Header.build(self.header))
 
+    def update_header(self) -> None:
+        """qcow2_update_header: the whole header cluster rebuilt from memory (extensions,
+        backing file name, zeros; spec/header_update.py); nothing when it does not fit."""
+        cluster = header_cluster(self.header_memory, self.header, self.cluster_size)
+        if cluster is not None:
+            self.pwrite(0, cluster)
+
     def set_incompatible_bit(self, bit: int, on: bool) -> None:
+        """Set or clear one incompatible feature bit as QEMU does: qcow2_mark_dirty writes
+        the field alone, qcow2_mark_clean, qcow2_mark_corrupt and qcow2_mark_consistent
+        rewrite the header cluster (also on v2, which has no such bits: the corrupt flag
+        lives in memory there, but qcow2_mark_corrupt still rewrites the cluster)."""
         if self.header.v3 is None:
+            if bit == QCOW2_INCOMPAT_CORRUPT and on:
+                self.update_header()
             return
         old = int(self.header.v3.incompatible_features)
         new = old | bit if on else old & ~bit
         if new != old:
             self.header.v3.incompatible_features = new
-            self.write_header()
+            if bit == QCOW2_INCOMPAT_DIRTY and on:
+                self.write_header()
+            else:
+                self.update_header()

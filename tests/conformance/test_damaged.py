@@ -809,3 +809,35 @@ def test_a_grown_refcount_table_drops_reserved_bits_past_the_last_block(engine: 
 
 def qemu_img_check_text(path: Path) -> str:
     return subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_flagging_the_image_rewrites_the_whole_header_cluster(engine: ModuleType, tmp_path: Path,
+                                                              compat: str) -> None:
+    """qcow2_mark_corrupt (on v2 too, which has no corrupt bit) rewrites the header with
+    qcow2_update_header: the whole first cluster rebuilt from memory, extensions in QEMU's
+    order, the backing file name after them, zeros to the end. Damaged bytes there that QEMU
+    never read (the padding, a feature name) are gone from its file; the engines rewrote
+    the fixed fields only and kept them (damaged seed 13, flip-5136@bitmap: a byte at 1175)."""
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"compat={compat}", "-b", "base.qcow2",
+                    "-F", "qcow2", str(src), "1M"], check=True, cwd=tmp_path)
+    qemu_io(src, "write -q -P 1 0 64k")
+    l2 = l2_table_offset(src, 0)
+    _poke(src, l2 + 6, b"\x02")  # guest cluster 0's host offset unaligned: a read flags the image
+    _poke(src, 1175, b"\xf8")  # past the backing file name
+    _poke(src, 0xFFFF, b"\x01")  # the header cluster's last byte
+    if compat == "1.1":
+        _poke(src, 112 + 8 + 2 + 5, b"X")  # inside the feature table's first name
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = _qemu_io("-f", "qcow2", "-c", "read 0 4k", str(theirs))
+    assert "Marking image as corrupt" in r.stderr, r.stdout + r.stderr
+    with engine.open(ours) as img, pytest.raises(CorruptionError):
+        img.read(0, 4 * KiB)
+    head = theirs.read_bytes()[:64 * KiB]
+    assert head[1175] == 0 and head[0xFFFF] == 0
+    assert ours.read_bytes() == theirs.read_bytes()
