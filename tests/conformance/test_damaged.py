@@ -873,3 +873,28 @@ def test_a_one_cluster_write_whose_link_forces_a_refused_write_back_succeeds_fla
         with pytest.raises(CorruptionError):  # the node was dropped: nothing is served
             img.read(MiB, 512)
     assert _corrupt_bit(ours)
+
+
+def test_a_header_rewrite_that_does_not_fit_leaves_the_header_alone(engine: ModuleType,
+                                                                      tmp_path: Path) -> None:
+    """header_length as large as the cluster: QEMU keeps everything after its 112 bytes as
+    unknown header fields, and qcow2_update_header, which must add at least the end-of-
+    extensions marker, runs out of room (-ENOSPC) and writes nothing. So flagging the image
+    leaves no corrupt bit in the file (damaged seed 14, flip-957@snap); the engines wrote
+    it."""
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", str(src), "1M"],
+                   check=True)
+    qemu_io(src, "write -q -P 1 0 4k")
+    _poke(src, 100, struct.pack(">I", 4096))  # header_length
+    l2 = l2_table_offset(src, 0)
+    _poke(src, l2 + 6, b"\x02")  # an unaligned host offset: a read flags the image
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    r = _qemu_io("-f", "qcow2", "-c", "read 0 4k", str(theirs))
+    assert "Marking image as corrupt" in r.stderr, r.stdout + r.stderr
+    assert not _corrupt_bit(theirs)
+    with engine.open(ours) as img, pytest.raises(CorruptionError):
+        img.read(0, 4 * KiB)
+    assert ours.read_bytes() == theirs.read_bytes() == src.read_bytes()
