@@ -253,10 +253,6 @@ def _same_layout(ls: Run, excluded: set[str] | frozenset[str] = frozenset()) -> 
                     fb.seek(at)
                     x, y = fa.read(16), fb.read(16)
                     sizes = (fa.seek(0, 2), fb.seek(0, 2))
-                if _orphan_tail_of_packing(ls, at, sizes, (mine, theirs)):
-                    ls.notes.append(f"qemu-corrupt-tail: {q.name}'s file ends in {sizes[1] - at} "
-                                    "bytes of a write whose COW failed on its own packing damage")
-                    continue
                 where = _what_is(theirs, at) if mine.endswith(".qcow2") else "the data file"
                 shown = f"{x.hex()} vs {y.hex()}"
                 if ls.cfg.encrypt != "none" and not where.startswith(PLAIN_STRUCTURES):
@@ -268,24 +264,6 @@ def _same_layout(ls: Run, excluded: set[str] | frozenset[str] = frozenset()) -> 
                                  f"{where}: {shown} (file sizes {sizes[0]} and {sizes[1]})")
             # Counted by the campaign summary, so a run shows how many files were compared.
             ls.notes.append(f"layout-identical: {t.name} = {q.name}")
-
-
-def _orphan_tail_of_packing(ls: Run, at: int, sizes: tuple[int, int], files: tuple[str, str]) -> bool:
-    """The files differ only in their last cluster, which nothing references, on an image
-    QEMU damaged with its own packing of compressed data into a live cluster. A write over a
-    compressed cluster whose data that packing overwrote fails in every side's COW; QEMU
-    wrote the request's own bytes into the new cluster first and leaves them there when it
-    frees the cluster, where the engines read the COW source first and write nothing. QEMU's
-    file is then the target's plus less than a cluster (deep seed 40145), or, when the freed
-    cluster was already inside both files, as long, the target's last cluster zeros where
-    QEMU's holds those bytes (deep seed 90078): past both files' image end offset (the end
-    of the last cluster with a reference, qemu-img check)."""
-    if not _packed(ls):
-        return False
-    if at == sizes[0] < sizes[1]:
-        return sizes[1] - sizes[0] < ls.cfg.cluster_size
-    return sizes[0] == sizes[1] and sizes[1] - at <= ls.cfg.cluster_size and all(
-        at >= int(qemu_check(f, force_share=True).get("image-end-offset", sizes[0])) for f in files)
 
 
 def _read_outcome(img: Any, pos: int, k: int) -> tuple[str, Any]:
