@@ -257,25 +257,24 @@ def _same_kind_run(img: ImageView, offset: int, needed: int,
     return kind, min((same + first_sc) * g.subcluster_size, needed), host
 
 
-def detect_metadata_preallocation(img: ImageView, *, write_back: bool = True) -> bool:
+def detect_metadata_preallocation(img: ImageView) -> bool:
     """qcow2_detect_metadata_preallocation: clearly more clusters have a refcount than the
-    file has blocks allocated, on the file as written: dirty cache entries count as written
-    (QEMU's st_blocks sees them once flushed, and the caller, map or is_zero, acts on the
-    image as written).
+    file has blocks allocated. QEMU counts the refcounts through its cache and takes st_blocks
+    of the file as it is, dirty entries unwritten; the cacheless model's file has them all.
 
-    ``write_back=False`` (image_map, which the lockstep harness runs after every step)
-    writes the dirty entries back only when the answer could depend on it. Writing them can
-    only add host blocks (a write never frees one) and move the end of the file to the end
-    of a dirty entry at most, so the threshold after a write-back is at least the one
+    The dirty entries are written back only when the answer could depend on it. Writing them
+    can only add host blocks (a write never frees one) and move the end of the file to the
+    end of a dirty entry at most, so the threshold after a write-back is at least the one
     computed now, and the count at most the one computed with the file ending past every
     dirty entry: if that count is below this threshold, the answer after a write-back is
-    False too, and the entries stay dirty until the engine writes them itself (as QEMU's
-    cache answers its own block status without flushing)."""
+    False too, and the entries stay dirty until the engine writes them itself, as QEMU's
+    cache answers its own block status without flushing. (Writing them back always made a
+    table the impl still held dirty readable through a damaged mapping that QEMU reads as
+    still on disk: damaged seed 14, flip-7491@snap.)"""
     s = img.s
-    if not write_back:
-        dirty_end = max([max(c.dirty) + c.entry_size for c in (s.l2_cache, s.rc_cache) if c.dirty], default=0)
-        if dirty_end and not _preallocated(img, dirty_end, peek=True):
-            return False
+    dirty_end = max([max(c.dirty) + c.entry_size for c in (s.l2_cache, s.rc_cache) if c.dirty], default=0)
+    if dirty_end and not _preallocated(img, dirty_end, peek=True):
+        return False
     s.l2_cache.write(barrier=True)
     s.rc_cache.write(barrier=True)
     return _preallocated(img, 0)
@@ -395,7 +394,7 @@ def image_map(img: ImageView, offset: int, n: int) -> list[dict[str, Any]]:
         layer = layer.backing
     kept = [q.metadata_preallocation for q in chain]
     for q in chain:
-        q.metadata_preallocation = detect_metadata_preallocation(q, write_back=False)
+        q.metadata_preallocation = detect_metadata_preallocation(q)
     out: list[dict[str, Any]] = []
     try:
         pos, end = offset, offset + n
