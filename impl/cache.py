@@ -191,14 +191,18 @@ class Qcow2Cache:
 
         ``barrier``: a write-back of the impl's own that QEMU does not make at this point (an
         ordering barrier before freed clusters are reused or punched, a status query). An
-        entry the check refuses then stays dirty, and nothing is raised: QEMU meets (and
-        flags) that overlap only at its own write-back (a flush, an eviction, the close)."""
+        entry the check refuses, or the host refuses (EFBIG past the file size limit), then
+        stays dirty, and nothing is raised: QEMU meets (and flags, or fails with) that only
+        at its own write-back (a flush, an eviction, the close); damaged seed 15,
+        flip-3290@overlay: a refcount block at 2 PiB, written back by the preallocation
+        guess, failed a write that QEMU completes."""
         refused: CorruptionError | None = None
         for offset in sorted(self.dirty, key=self.slot.__getitem__):
             try:
                 self._write_entry(offset)
             except HostIOError:
-                raise
+                if not barrier:
+                    raise
             except CorruptionError as e:
                 refused = refused or e
         if refused is not None and not barrier:
