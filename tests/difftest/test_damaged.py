@@ -157,6 +157,13 @@ def test_refcount_blocks_the_host_cannot_write_are_named_only_against_the_model(
     assert explain(both, Run(qemu_log=log)) is None  # the impl, with QEMU's cache, must agree
     again = ["qcow2_free_clusters failed: Resource temporarily unavailable\n"]
     assert explain(write, Run(qemu_log=again)) is None  # a grown table the engines now build too
+    # Seed 15, flip-4773@snap: a flush fails on such a block in QEMU and in the impl, but
+    # qemu-io prints nothing for a failed flush.
+    flush = Finding("flush", 1, {"model": "ok", "impl": "CorruptionError", "qemu": "ok"})
+    refused = "HostIOError: host write of 4096 bytes at 17592194441216 failed: [Errno 27] File too large"
+    assert explain(flush, Run(qemu_log=log[:1], errors={"impl": refused})) is REFCOUNTS_GROWN_ON_FREE
+    assert explain(flush, Run(qemu_log=log[:1], errors={"impl": "CorruptionError: overlap"})) is None
+    assert explain(flush, Run(qemu_log=[], errors={"impl": refused})) is None  # no failed free
 
 
 def test_a_refcount_index_past_32_bits_is_named(tmp_path: Path) -> None:
