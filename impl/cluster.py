@@ -53,6 +53,8 @@ from spec.hostio import HostIOError
 
 ST = SubclusterType
 _SWAP = sys.byteorder == "little"
+QCOW2_MAX_WORKERS = 8
+"""Write tasks of one request in flight at once (block/qcow2.h)."""
 PERFORM_COW_MERGE_MAX = 16384
 """perform_cow reads both COW regions with one request when at most this many bytes of new
 data lie between them."""
@@ -200,10 +202,17 @@ def write(img: ImageView, offset: int, data: memoryview) -> None:
     Clusters the request replaces are freed only after the whole request, so no piece
     reuses what another piece gave up."""
     frees: list[int] = []
+    failed: list[UnflaggedError] = []
+    runs = 0
     pos, end = offset, offset + len(data)
     try:
-        while pos < end:
-            pos = write_run(img, pos, end, data, offset, frees)
+        # A failed COW read does not stop the later runs (write tasks in QEMU's pool; see
+        # model/write.py, write); the request fails with the first error.
+        while pos < end and (not failed or runs <= QCOW2_MAX_WORKERS):
+            pos = write_run(img, pos, end, data, offset, frees, failed=failed)
+            runs += 1
+        if failed:
+            raise failed[0]
     finally:
         for old in frees:
             free_any_cluster(img.s, old, request=False)
@@ -229,10 +238,10 @@ class _Piece(NamedTuple):
 
 
 def write_run(img: ImageView, pos: int, end: int, data: memoryview, base: int, frees: list[int],
-              *, prealloc: bool = False) -> int:
+              *, prealloc: bool = False, failed: list[UnflaggedError] | None = None) -> int:
     """One qcow2_alloc_host_offset and its write task: clusters that continue on the host,
     each piece cut at the slice end. Returns where it stopped; the old entries the run
-    replaces go to ``frees``.
+    replaces go to ``frees``; a failed COW read goes to ``failed`` when given, else is raised.
 
     As in QEMU the whole run is mapped first (new clusters allocated); a run of one piece is
     then written with its COW in at most one read and one vectored write (merge_cow). A run
@@ -272,9 +281,9 @@ def write_run(img: ImageView, pos: int, end: int, data: memoryview, base: int, f
         first = p.pos - p.pos % s.cluster_size
         try:
             _data_with_cow(img, first, p.host, *p.cow, piece, p.known_zero, in_place=p.in_place)
-        except UnflaggedError:
+        except UnflaggedError as e:
             _abort(s, metas)
-            raise
+            return _failed(e, failed, pos)
         # The guest data (and COW) reach the disk before the L2 entry mapping them. QEMU
         # does this only after COW regions (perform_cow); here always (see the module doc).
         s.l2_cache.depends_on_flush()
@@ -290,9 +299,9 @@ def write_run(img: ImageView, pos: int, end: int, data: memoryview, base: int, f
             continue
         try:
             regions += [(i, at, buf) for at, buf in _read_cow_regions(img, metas[i])]
-        except UnflaggedError:
+        except UnflaggedError as e:
             _fail_run(img, metas, i, regions, task_host, start, piece, frees)
-            raise
+            return _failed(e, failed, pos)
     lead = pieces[0]
     at = task_host
     bufs: list[bytes | memoryview] = [piece]
@@ -312,6 +321,14 @@ def write_run(img: ImageView, pos: int, end: int, data: memoryview, base: int, f
     s.l2_cache.depends_on_flush()
     for p in reversed(metas):
         frees += _link(img, p)
+    return pos
+
+
+def _failed(e: UnflaggedError, failed: list[UnflaggedError] | None, pos: int) -> int:
+    """A run's COW read failed: raise it, or keep it for the caller and go on from ``pos``."""
+    if failed is None:
+        raise e
+    failed.append(e)
     return pos
 
 

@@ -84,6 +84,9 @@ class Cow(NamedTuple):
     end_to: int
 
 
+QCOW2_MAX_WORKERS = 8
+"""Write tasks of one request in flight at once (block/qcow2.h)."""
+
 PERFORM_COW_MERGE_MAX = 16384
 """perform_cow (block/qcow2.c) reads both COW regions in one request when at most this
 many bytes of new data lie between them."""
@@ -108,9 +111,21 @@ def write(s: State, offset: int, data: bytes) -> None:
     # link their L2 entries and free what they replace (qcow2_alloc_cluster_link_l2);
     # so a later piece never reuses a cluster an earlier piece gave up.
     frees: list[int] = []
+    failed: list[UnflaggedError] = []
+    runs = 0
     try:
-        while pos < end:
-            pos = write_run(s, pos, end, data, offset, frees)
+        # The runs are write tasks in an AioTaskPool of QCOW2_MAX_WORKERS: a failed COW read
+        # does not stop the loop, which checks the pool's status only before the next run and
+        # sees an error only once a task has finished; with qemu-io's thread-pool I/O every
+        # task yields at its first request, so each run is started, up to the one that has
+        # to wait for a free worker (after which the error is taken to be seen: the first
+        # task finishes first). The request then fails with the first error (deep seed
+        # 130192: the run after a failed COW wrote its data in place).
+        while pos < end and (not failed or runs <= QCOW2_MAX_WORKERS):
+            pos = write_run(s, pos, end, data, offset, frees, failed=failed)
+            runs += 1
+        if failed:
+            raise failed[0]
     finally:
         for old in frees:
             mp.free_any_cluster(s.q, old, request=False)
@@ -131,11 +146,12 @@ class Segment(NamedTuple):
 
 
 def write_run(s: State, pos: int, end: int, data: bytes, base: int, frees: list[int], *,
-              prealloc: bool = False) -> int:
+              prealloc: bool = False, failed: list[UnflaggedError] | None = None) -> int:
     """One qcow2_alloc_host_offset and the write task over its host-contiguous run; returns
     the guest offset where the run stopped. ``prealloc`` allocates and links without
     writing (preallocate_co; link_l2 with m->prealloc leaves the bitmap alone). The old
-    entries the run replaces are appended to ``frees``, for the caller to free.
+    entries the run replaces are appended to ``frees``, for the caller to free. A failed
+    COW read (UnflaggedError) is appended to ``failed`` when given, and raised otherwise.
 
     QEMU first maps the whole run (allocating, and computing every piece's COW range), and
     an error there writes nothing. Then the task writes (qcow2_co_pwritev_task):
@@ -165,9 +181,9 @@ def write_run(s: State, pos: int, end: int, data: bytes, base: int, frees: list[
             # merge_cow: the data goes out with the COW regions, in perform_cow's write.
             try:
                 perform_cow(s, metas[0], piece)
-            except UnflaggedError:
+            except UnflaggedError as e:
                 _abort(s, metas)
-                raise
+                return _failed(e, failed, pos)
             frees += _link(s, metas[0])
         else:
             q.data_pwrite(task_host, _encrypted(s, task_host, start, piece))
@@ -176,10 +192,18 @@ def write_run(s: State, pos: int, end: int, data: bytes, base: int, frees: list[
                 try:
                     if sg.pos not in zeroed:
                         perform_cow(s, sg, None)
-                except UnflaggedError:
+                except UnflaggedError as e:
                     _abort(s, metas[:i + 1])
-                    raise
+                    return _failed(e, failed, pos)
                 frees += _link(s, sg)
+    return pos
+
+
+def _failed(e: UnflaggedError, failed: list[UnflaggedError] | None, pos: int) -> int:
+    """A run's COW read failed: raise it, or keep it for the caller and go on from ``pos``."""
+    if failed is None:
+        raise e
+    failed.append(e)
     return pos
 
 

@@ -186,3 +186,23 @@ def test_failed_cow_of_a_run_keeps_the_data_written_first_like_qemu(engine: Modu
     assert m.read_bytes() == q.read_bytes()
     qemu_io(q, "read -q -P 2 0 3584", "read -q -P 7 3584 512")
     assert q.read_bytes()[host0 + 4096] == 7
+
+
+def test_failed_cow_does_not_stop_the_requests_later_runs_like_qemu(engine: ModuleType,
+                                                                    tmp_path: Path) -> None:
+    """A write over a compressed cluster that does not decode and then an allocated cluster
+    elsewhere on the host: two runs, which QEMU starts as concurrent write tasks. The first
+    fails its COW read (EIO), the second still writes its data in place, and the request
+    fails (deep seed 130192, where both engines stopped at the first run)."""
+    q, m = pair(tmp_path, "", "", 64 * KiB, cluster_size=4096)
+    qemu_io(q, "write -q -P 2 8192 4096", "write -q -c -P 1 4096 4096")
+    coff, _ = compressed_range(l2_entry(q, 4096), 12)
+    with open(q, "r+b") as f:
+        f.seek(coff)
+        f.write(b"\xff" * 16)  # BTYPE 11: not a deflate stream
+    shutil.copyfile(q, m)
+    assert "Input/output error" in qemu_io_fails(q, "write -q -P 7 7680 1024")
+    with engine.open(m) as img, pytest.raises(Qcow2Error):
+        img.write(7680, b"\x07" * 1024)
+    assert m.read_bytes() == q.read_bytes()
+    qemu_io(q, "read -q -P 7 8192 512", "read -q -P 2 8704 3584")
