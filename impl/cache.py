@@ -36,6 +36,7 @@ caller indexes the decoded array; ``encode`` turns it back into bytes on write-b
 
 from __future__ import annotations
 
+import errno
 import math
 import time
 from collections import OrderedDict
@@ -200,8 +201,10 @@ class Qcow2Cache:
         for offset in sorted(self.dirty, key=self.slot.__getitem__):
             try:
                 self._write_entry(offset)
-            except HostIOError:
-                if not barrier:
+            except HostIOError as e:
+                # Only the file-size limit is QEMU's to meet later; any other host error
+                # (EIO, ENOSPC) fails the request here, as a failed barrier must.
+                if not barrier or not _file_too_large(e):
                     raise
             except CorruptionError as e:
                 refused = refused or e
@@ -291,3 +294,9 @@ class Qcow2Cache:
         # 0 disables it: never due, so a reader comparing the clock with next_clean (the
         # image's inline read) needs no second test.
         self.next_clean = self.clock() + interval if interval > 0 else math.inf
+
+
+def _file_too_large(e: HostIOError) -> bool:
+    """The host call behind ``e`` failed with EFBIG (HostFile raises from the OSError)."""
+    cause = e.__context__
+    return isinstance(cause, OSError) and cause.errno == errno.EFBIG

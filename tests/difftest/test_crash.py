@@ -273,25 +273,23 @@ def _free_without_barrier(free: Callable[..., None]) -> Callable[..., None]:
 def data_after_l2(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """COW and guest data of an allocating write issued after the L2 entry that maps it."""
     later: list[tuple[Any, int, bytes]] = []
-    perform_cow, write_l2 = wr.perform_cow, mp.write_l2
+    write_run, write_l2 = wr.write_run, mp.write_l2
 
-    def late_cow(s: Any, first: int, host: int, cow: Any, piece: bytes) -> None:
-        calls: list[tuple[int, bytes]] = []
-        s.q.data_pwrite = lambda o, d: calls.append((o, d))
+    def late_run(s: Any, *args: Any, **kwargs: Any) -> int:
+        s.q.data_pwrite = lambda o, d: later.append((s.q, o, d))
         try:
-            perform_cow(s, first, host, cow, piece)
+            return write_run(s, *args, **kwargs)
         finally:
             del s.q.data_pwrite
-        later.extend((s.q, o, d) for o, d in calls)
 
     def l2_then_data(q: Any, off: int, table: Any) -> None:
         write_l2(q, off, table)
         while later:
             qq, o, d = later.pop(0)
-            qq.data_pwrite(o, d)
+            type(qq).data_pwrite(qq, o, d)
 
     monkeypatch.setattr(wr, "handle_alloc_space", lambda *a, **k: False)
-    monkeypatch.setattr(wr, "perform_cow", late_cow)
+    monkeypatch.setattr(wr, "write_run", late_run)
     monkeypatch.setattr(mp, "write_l2", l2_then_data)
     yield
 
