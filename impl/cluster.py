@@ -32,7 +32,7 @@ from typing import NamedTuple
 from impl import refcount as rc
 from impl.hostfile import HostFile
 from impl.state import ImageView, State
-from spec.cow import cow_range
+from spec.cow import PERFORM_COW_MERGE_MAX, QCOW2_MAX_WORKERS, cow_range
 from spec.entries import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -53,11 +53,6 @@ from spec.hostio import HostIOError
 
 ST = SubclusterType
 _SWAP = sys.byteorder == "little"
-QCOW2_MAX_WORKERS = 8
-"""Write tasks of one request in flight at once (block/qcow2.h)."""
-PERFORM_COW_MERGE_MAX = 16384
-"""perform_cow reads both COW regions with one request when at most this many bytes of new
-data lie between them."""
 
 
 class UnflaggedError(CorruptionError):

@@ -56,7 +56,7 @@ from model import overlap as ov
 from model import read as rd
 from model.state import State, UnflaggedError, mark_dirty
 from spec import refblocks as rb
-from spec.cow import cow_range
+from spec.cow import PERFORM_COW_MERGE_MAX, QCOW2_MAX_WORKERS, cow_range
 from spec.encryption import SECTOR_SIZE
 from spec.entries import (
     L2E_OFFSET_MASK,
@@ -84,12 +84,6 @@ class Cow(NamedTuple):
     end_to: int
 
 
-QCOW2_MAX_WORKERS = 8
-"""Write tasks of one request in flight at once (block/qcow2.h)."""
-
-PERFORM_COW_MERGE_MAX = 16384
-"""perform_cow (block/qcow2.c) reads both COW regions in one request when at most this
-many bytes of new data lie between them."""
 
 def write(s: State, offset: int, data: bytes) -> None:
     """Write guest bytes (see the module doc); no range check (the facade's)."""

@@ -17,6 +17,14 @@ from __future__ import annotations
 from spec.entries import QCOW_L2_BITMAP_ALL_ALLOC, SubclusterType, subcluster_type
 from spec.geometry import Geometry, align_down, align_up
 
+PERFORM_COW_MERGE_MAX = 16384
+"""perform_cow (block/qcow2.c) reads both COW regions in one request when at most this many
+bytes of new data lie between them."""
+
+QCOW2_MAX_WORKERS = 8
+"""Write tasks of one request in flight at once (block/qcow2.h): a failed COW read does not
+stop the later runs of a request until its pool is full."""
+
 _KEEPS_HOST = (SubclusterType.NORMAL, SubclusterType.ZERO_ALLOC, SubclusterType.UNALLOCATED_ALLOC)
 
 

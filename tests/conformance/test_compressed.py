@@ -163,6 +163,14 @@ def test_zstd_cluster_in_two_frames_reads_like_qemu(engine: ModuleType, tmp_path
         assert img.read(0, 64 * KiB) == b"".join(half)
 
 
+def _make_undecodable(q: Path, guest: int) -> None:
+    """Overwrite the compressed data of the 4 KiB cluster at ``guest`` so it no longer decodes."""
+    coff, _ = compressed_range(l2_entry(q, guest), 12)
+    with open(q, "r+b") as f:
+        f.seek(coff)
+        f.write(b"\xff" * 16)  # BTYPE 11: not a deflate stream
+
+
 def test_failed_cow_of_a_run_keeps_the_data_written_first_like_qemu(engine: ModuleType,
                                                                     tmp_path: Path) -> None:
     """A write over an allocated cluster and a compressed one that does not decode, whose new
@@ -173,10 +181,7 @@ def test_failed_cow_of_a_run_keeps_the_data_written_first_like_qemu(engine: Modu
     seed 110061, where an engine read first and wrote nothing)."""
     q, m = pair(tmp_path, "", "", 64 * KiB, cluster_size=4096)
     qemu_io(q, "write -q -c -P 1 4096 4096", "write -q -P 2 0 4096")
-    coff, _ = compressed_range(l2_entry(q, 4096), 12)
-    with open(q, "r+b") as f:
-        f.seek(coff)
-        f.write(b"\xff" * 16)  # BTYPE 11: not a deflate stream
+    _make_undecodable(q, 4096)
     host0 = l2_entry(q, 0) & ((1 << 56) - 512)
     assert host0 + 4096 == q.stat().st_size  # the next cluster is free: one host run
     shutil.copyfile(q, m)
@@ -196,10 +201,7 @@ def test_failed_cow_does_not_stop_the_requests_later_runs_like_qemu(engine: Modu
     fails (deep seed 130192, where both engines stopped at the first run)."""
     q, m = pair(tmp_path, "", "", 64 * KiB, cluster_size=4096)
     qemu_io(q, "write -q -P 2 8192 4096", "write -q -c -P 1 4096 4096")
-    coff, _ = compressed_range(l2_entry(q, 4096), 12)
-    with open(q, "r+b") as f:
-        f.seek(coff)
-        f.write(b"\xff" * 16)  # BTYPE 11: not a deflate stream
+    _make_undecodable(q, 4096)
     shutil.copyfile(q, m)
     assert "Input/output error" in qemu_io_fails(q, "write -q -P 7 7680 1024")
     with engine.open(m) as img, pytest.raises(Qcow2Error):
