@@ -316,6 +316,33 @@ def test_every_miss_with_4k_slices_reads_4k_of_metadata(tmp_path: Path) -> None:
             assert st["meta_reads"] == st["l2_cache_misses"]
 
 
+def test_cache_rows_trace_records_every_host_read_of_a_pass(tmp_path: Path) -> None:
+    """The cache rows' disk limit replays the host reads impl made in one pass: one 4 KiB
+    data read per request plus one entry-sized metadata read per L2 miss. The trace used to
+    see only what went through HostFile.pread after open, so a pass of cache hits (the
+    plain-image closure) recorded nothing and the limit divided by zero."""
+    from difftest.bench.impl.cache_rows import Config, _Side
+
+    p = _prealloc(tmp_path / "a.qcow2", 4 << 30)
+    offs = [(i * 2654435761) % (4 << 30) // 4096 * 4096 for i in range(200)]
+    for c in (Config("all", 512 * K, 64 * K), Config("few", 16 * K, 4 * K)):
+        side = _Side(p, c, [offs, offs])
+        try:
+            side.iops()  # one timed pass, as the rows run before tracing
+            side.img.reset_stats()
+            trace = side.trace()
+            misses = side.img.stats()["l2_cache_misses"]
+            data = [(o, n) for o, n, meta in trace if not meta]
+            meta_reads = [n for _, n, meta in trace if meta]
+            assert len(data) == len(offs) and {n for _, n in data} == {4096}
+            assert meta_reads == [c.entry_size] * misses
+            assert (misses == 0) == (c.name == "all")
+            assert side.img.read(offs[0], 4096) == bytes(4096)  # the fast path is back
+            assert "read" in side.img.__dict__
+        finally:
+            side.close()
+
+
 def test_sequential_1m_read_of_contiguous_clusters_is_one_host_read(tmp_path: Path) -> None:
     """The read-seq row: 16 host-contiguous clusters in one request are one host read."""
     p = _prealloc(tmp_path / "a.qcow2", 64 * M)

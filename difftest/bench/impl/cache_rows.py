@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,24 +90,44 @@ class _Side:
         return len(offs) / t
 
     def trace(self) -> list[tuple[int, int, bool]]:
-        """The host reads (offset, length) of one untimed pass over the same requests: what
-        a perfect engine with this cache would have to ask of the disk."""
-        f = self.img.s.host
+        """The host reads (offset, length, is-metadata) of one untimed pass over the same
+        requests: what a perfect engine with this cache would have to ask of the disk.
+
+        The pass goes through Image's general read path, whose every host read is a call of
+        the data file's pread or preadv_into (tests/impl/test_counts.py holds its I/O equal
+        to the fast path's): the plain-image closure installed at open captured the file's
+        pread when it was bound, so it would not see the recorder and a pass of cache hits
+        would record nothing."""
+        img = self.img
+        f = img.s.host
         out: list[tuple[int, int, bool]] = []
-        real = f.pread
+        real_pread, real_preadv = f.pread, f.preadv_into
 
         def pread(offset: int, n: int, *, meta: bool = False) -> bytes:
             out.append((offset, n, meta))
             # Data is recorded, not read: the replay must find it as cold as the timed
             # rounds found theirs (each round reads blocks nothing has read before).
-            return real(offset, n, meta=meta) if meta else bytes(n)
+            return real_pread(offset, n, meta=meta) if meta else bytes(n)
 
+        def preadv_into(bufs: Sequence[bytearray | memoryview], offset: int, *,
+                        meta: bool = False) -> None:
+            out.append((offset, sum(map(len, bufs)), meta))
+            if meta:
+                real_preadv(bufs, offset, meta=meta)
+
+        fast = img.__dict__.pop("read", None)
         f.pread = pread  # type: ignore[method-assign]
+        f.preadv_into = preadv_into  # type: ignore[method-assign]
         try:
             for o in self.passes[-1]:
-                self.img.read(o, 4096)
+                img.read(o, 4096)
         finally:
-            del f.pread
+            del f.pread, f.preadv_into
+            if fast is not None:
+                img.__dict__["read"] = fast
+        if sum(1 for _, _, meta in out if not meta) < len(self.passes[-1]):
+            raise RuntimeError(f"{self.c.name}: the traced pass recorded {len(out)} host reads for "
+                               f"{len(self.passes[-1])} requests; the bench cannot see impl's reads")
         return out
 
     def miss_rate(self) -> float:
