@@ -83,6 +83,17 @@ def _img_image(cfg: Config) -> list[str]:
     return [*keys.objects(), "--image-opts", keys.image_opts(TOP)]
 
 
+def _driver_image(cfg: Config, plain: list[str]) -> list[str]:
+    """How a qemu-io or ``qemu-img snapshot`` command of the script names the top image: with
+    the image's driver options (cache sizes, overlap-check) and keys by ``--image-opts``, as
+    the harness passes them (qemuio.QemuIo, QemuImage._img(driver=True)), else ``plain``."""
+    keys = secrets_of(cfg)
+    opts = ",".join(o for o in (cfg.qemu_open_options(), keys.open_options() if keys else "") if o)
+    if not opts:
+        return plain
+    return [*(keys.objects() if keys else []), "--image-opts", f"driver=qcow2,file.filename={TOP},{opts}"]
+
+
 def _create_line(argv: list[str], encrypted: bool) -> str:
     return f"retry_pbkdf2 {shlex.join(argv)} || exit 1" if encrypted else shlex.join(argv)
 
@@ -117,18 +128,12 @@ def shell_script(cfg: Config, log: list[tuple[str, dict[str, Any]]], d: Divergen
                      f".write(random.Random({seed}).randbytes({n}))'")
     segment: list[str] = []
 
-    keys = secrets_of(cfg)
-
     def flush_segment() -> None:
         if segment:
-            opts = ",".join(o for o in (cfg.qemu_open_options(), keys.open_options() if keys else "") if o)
-            argv = ["qemu-io", "-t", "unsafe", *(keys.objects() if keys else [])]
+            argv = ["qemu-io", "-t", "unsafe"]
             for c in segment:
                 argv += ["-c", c]
-            # The cache options and keys as the harness passes them (qemuio.QemuIo: --image-opts).
-            image = ["--image-opts", f"driver=qcow2,file.filename={TOP},{opts}"] if opts \
-                else ["-f", "qcow2", TOP]
-            lines.append(shlex.join([*argv, *image]))
+            lines.append(shlex.join([*argv, *_driver_image(cfg, ["-f", "qcow2", TOP])]))
             segment.clear()
 
     # The virtual size is tracked so that a resize runs as the harness runs it: qemu-io's
@@ -155,7 +160,8 @@ def shell_script(cfg: Config, log: list[tuple[str, dict[str, Any]]], d: Divergen
         elif name.startswith("snapshot_"):
             flush_segment()
             flag = {"snapshot_create": "-c", "snapshot_apply": "-a", "snapshot_delete": "-d"}[name]
-            lines.append(shlex.join(["qemu-img", "snapshot", flag, kw["name"], *_img_image(cfg)]))
+            # qemu-img snapshot has no -f: the image's options (or nothing) name the format.
+            lines.append(shlex.join(["qemu-img", "snapshot", flag, kw["name"], *_driver_image(cfg, [TOP])]))
         elif name == "reopen":
             flush_segment()
         elif name == "compare_map":
@@ -163,7 +169,7 @@ def shell_script(cfg: Config, log: list[tuple[str, dict[str, Any]]], d: Divergen
             lines.append(shlex.join(["qemu-img", "map", "--output=json", *_img_image(cfg)]))
     flush_segment()
     lines += [shlex.join(["qemu-img", "map", "--output=json", *_img_image(cfg)]),
-              shlex.join(["qemu-img", "snapshot", "-l", *_img_image(cfg)]),
+              shlex.join(["qemu-img", "snapshot", "-l", *_driver_image(cfg, [TOP])]),
               shlex.join(["qemu-img", "check", *_img_image(cfg)])]
     if d is not None and d.kind == "reader" and readers:
         lines += _reader_lines(cfg, log, reader_of(d, readers) or readers[0], size)

@@ -663,6 +663,29 @@ def test_reproducers_render_every_operation() -> None:
     assert "ls.snapshot_delete(name='s0')" in body and body.rstrip().endswith("ls.close()")
 
 
+@pytest.mark.parametrize("overlap", ["cached", "all"])
+def test_a_reproducer_with_snapshots_runs_through(tmp_path: Path, overlap: str) -> None:
+    """repro.sh runs each snapshot operation as the harness does: qemu-img snapshot has no -f,
+    so the image is named alone, or by --image-opts with its driver options; the script used
+    to pass -f qcow2 and every snapshot line failed ('unrecognized option')."""
+    cfg = Config(cluster_size=4096, size=65536, overlap_check=overlap)
+    log: list[tuple[str, dict[str, Any]]] = [
+        ("write", {"off": 0, "n": 4096, "byte": 0x11}), ("snapshot_create", {"name": "s0"}),
+        ("write", {"off": 0, "n": 4096, "byte": 0x22}), ("snapshot_apply", {"name": "s0"}),
+        ("snapshot_create", {"name": "s1"}), ("snapshot_delete", {"name": "s0"})]
+    (tmp_path / "repro.sh").write_text(shell_script(cfg, log))
+    r = subprocess.run(["bash", "-e", "repro.sh"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    listed = subprocess.run(["qemu-img", "snapshot", "-l", str(tmp_path / "top.qcow2")],
+                            capture_output=True, text=True, check=True).stdout
+    assert " s1 " in listed and " s0 " not in listed
+    assert ("overlap-check=all" in r.stderr) == (overlap == "all")  # set -x shows each command
+    top = str(tmp_path / "top.qcow2")
+    data = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x11 0 4096", top],
+                          capture_output=True, text=True, check=True).stdout
+    assert "Pattern verification failed" not in data
+
+
 # -- CLI ------------------------------------------------------------------------------------------
 
 def test_cli_difftest_json_clean_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -330,7 +330,7 @@ def test_cache_rows_trace_records_every_host_read_of_a_pass(tmp_path: Path) -> N
         try:
             side.iops()  # one timed pass, as the rows run before tracing
             side.img.reset_stats()
-            trace = side.trace()
+            trace = side.trace(offs)
             misses = side.img.stats()["l2_cache_misses"]
             data = [(o, n) for o, n, meta in trace if not meta]
             meta_reads = [n for _, n, meta in trace if meta]

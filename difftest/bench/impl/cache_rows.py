@@ -5,10 +5,11 @@ Cache rows run with cache="none" (O_DIRECT), so every miss is a device read. Two
 configurations differ only in how much L2 metadata a request must read, so the best ratio a
 disk allows is ``(d + m_b * l_b) / (d + m_a * l_a)``: ``d`` the latency of the 4 KiB data
 read, ``m`` the miss rate and ``l`` the latency of one metadata read of the entry size. The
-row measures those latencies itself, on the same file in the same run: it records the host
-reads impl made in one more pass of each configuration and replays them with O_DIRECT
-(DirectReader), one at a time, so ``d`` and ``l`` are what this device, in the state the
-timed rounds left it (its own caches included), charges for exactly those reads. Miss rates
+row measures those latencies itself, on the same file in the same run: after each timed round
+it records the host reads impl makes in one more (untimed) pass of each configuration, over
+fresh offsets, and replays them with O_DIRECT (DirectReader), one at a time, so ``d`` and
+``l`` are what this device, in the state that round left it (its own caches included),
+charges for exactly those reads. The limit is the median of the rounds' limits. Miss rates
 come from impl's counters. The row prints that limit beside what impl achieved and the talk's
 ratio, plus the sampled latencies (random table offsets) for reference.
 
@@ -89,9 +90,9 @@ class _Side:
         self.meta_bytes.append(st["meta_read_bytes"])
         return len(offs) / t
 
-    def trace(self) -> list[tuple[int, int, bool]]:
-        """The host reads (offset, length, is-metadata) of one untimed pass over the same
-        requests: what a perfect engine with this cache would have to ask of the disk.
+    def trace(self, offsets: list[int]) -> list[tuple[int, int, bool]]:
+        """The host reads (offset, length, is-metadata) of one untimed pass of 4 KiB reads at
+        ``offsets``: what a perfect engine with this cache would have to ask of the disk.
 
         The pass goes through Image's general read path, whose every host read is a call of
         the data file's pread or preadv_into (tests/impl/test_counts.py holds its I/O equal
@@ -119,15 +120,15 @@ class _Side:
         f.pread = pread  # type: ignore[method-assign]
         f.preadv_into = preadv_into  # type: ignore[method-assign]
         try:
-            for o in self.passes[-1]:
+            for o in offsets:
                 img.read(o, 4096)
         finally:
             del f.pread, f.preadv_into
             if fast is not None:
                 img.__dict__["read"] = fast
-        if sum(1 for _, _, meta in out if not meta) < len(self.passes[-1]):
+        if sum(1 for _, _, meta in out if not meta) < len(offsets):
             raise RuntimeError(f"{self.c.name}: the traced pass recorded {len(out)} host reads for "
-                               f"{len(self.passes[-1])} requests; the bench cannot see impl's reads")
+                               f"{len(offsets)} requests; the bench cannot see impl's reads")
         return out
 
     def miss_rate(self) -> float:
@@ -198,7 +199,9 @@ def _compare(ws: Workspace, rounds: int, progress: Progress, label: str, path: P
     with impl.open(path, readonly=True) as img:
         # Each configuration reads its own fresh offsets in every pass, so no data read
         # finds a block another configuration (or round) has just brought into a cache.
-        passes = {c.name: [random_offsets(7 + 100 * i + r, reads, img.size, 4 * K) for r in range(rounds + 1)]
+        # Two passes a round: the timed one, and the untimed one whose host reads the
+        # round's replay repeats.
+        passes = {c.name: [random_offsets(7 + 100 * i + r, reads, img.size, 4 * K) for r in range(2 * rounds)]
                   for i, c in enumerate(configs)}
     hosts = _real_data(path, [o for ps in passes.values() for p in ps for o in p])
     sides = {}
@@ -206,31 +209,35 @@ def _compare(ws: Workspace, rounds: int, progress: Progress, label: str, path: P
         progress(f"{label}: warming {c.name}")
         sides[c.name] = _Side(path, c, passes[c.name])
     figs: dict[str, list[float]] = {c.name: [] for c in configs}
+    replays: dict[str, list[dict[str, float]]] = {c.name: [] for c in configs}
     try:
         for r in range(rounds):
             progress(f"{label} round {r + 1}/{rounds}")
             for c in configs:
                 figs[c.name].append(sides[c.name].iops())
+            # The disk's side of the same round, in the same minutes: this small shared
+            # machine's virtio disk (and the host's cache behind it) charges the same reads
+            # 1.1 or 2 ms in different minutes, so a replay taken once, after all rounds,
+            # made the limit swing by 2x between runs.
+            for c in configs:
+                trace = sides[c.name].trace(passes[c.name][rounds + r])
+                replays[c.name].append(_replay(path, trace, max(c.entry_size, 4 * K)))
         progress(f"{label}: disk latencies")
         lat = _latencies(path, hosts, {c.entry_size for c in configs})
-        replay = {}
-        for c in configs:
-            progress(f"{label}: replaying {c.name}'s host reads with O_DIRECT")
-            replay[c.name] = _replay(path, sides[c.name].trace(), max(c.entry_size, 4 * K))
     finally:
         for sd in sides.values():
             sd.close()
     per = {}
     for c in configs:
         sd = sides[c.name]
-        # The same formula, with latencies taken from the replay of this configuration's
-        # own reads (the device and its caches in the state the timed rounds left them).
-        rp = replay[c.name]
-        cost = rp["data_us"] / 1e6 + sd.miss_rate() * rp["meta_us"] / 1e6
+        # (d + m * l) per round, d and l from that round's replay of this configuration's
+        # own reads (the device and its caches as the round left them).
+        costs = [rp["data_us"] + sd.miss_rate() * rp["meta_us"] for rp in replays[c.name]]
         per[c.name] = {"iops": median(figs[c.name]), "rounds": figs[c.name], "miss_rate": sd.miss_rate(),
                        "meta_bytes_per_miss": (median(sd.meta_bytes) / median(sd.misses)
                                                if median(sd.misses) else 0),
-                       "l2_misses": median(sd.misses), "cost_us": cost * 1e6, "replay": rp,
+                       "l2_misses": median(sd.misses), "cost_us": median(costs), "cost_rounds_us": costs,
+                       "replay": {k: median(rp[k] for rp in replays[c.name]) for k in replays[c.name][0]},
                        "cost_sampled_us": (lat["data"] + sd.miss_rate() * lat[c.entry_size]) * 1e6,
                        "entries": sd.img.s.l2_cache.capacity}
     return {"configs": per, "latency_us": {str(k): v * 1e6 for k, v in lat.items()}}
@@ -240,8 +247,11 @@ def _limit_row(row: str, workload: str, figs: dict[str, Any], a: str, b: str, ta
                extra_ok: bool, target_extra: str, counts: dict[str, Any]) -> RowResult:
     pa, pb = figs["configs"][a], figs["configs"][b]
     achieved = pa["iops"] / pb["iops"]
-    limit = pb["cost_us"] / pa["cost_us"]
+    # The median of the rounds' own limits: each compares replays taken in the same minutes.
+    per_round = [cb / ca for ca, cb in zip(pa["cost_rounds_us"], pb["cost_rounds_us"], strict=True)]
+    limit = median(per_round)
     figs["limit_ratio"] = limit
+    figs["limit_rounds"] = per_round
     # What the disk's limit leaves out: impl's own time per request beyond the replay of its
     # reads, from the configuration that misses least. A second limit adds it to both sides
     # (an engine's cost per request that does not depend on the cache).
