@@ -166,6 +166,13 @@ class OverlapChecker:
         """A guest-data write (data_file=true in QEMU: nothing to check with a data file)."""
         if not self.mask or n <= 0 or self.s.has_data_file:
             return
+        if not self.stale and not self.dir_wraps:
+            # Every allocating write asks this: a request inside one cluster that holds no
+            # metadata is one dict lookup, without check_metadata's call and range loop.
+            cs = self.s.cluster_size
+            first = offset // cs
+            if first == (offset + n - 1) // cs and not self.clusters.get(first):
+                return
         self.check_metadata(offset, n, 0)
 
     def check_l1_write(self, offset: int, n: int) -> None:
