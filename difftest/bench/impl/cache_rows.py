@@ -356,4 +356,7 @@ def open_2t(ws: Workspace, rounds: int, progress: Progress) -> RowResult:
                      ours_label="open ms (median); peak RSS growth MiB in ratio",
                      peer_label="RSS budget MiB (l2 + refcount cache + 16 MiB)",
                      figures={"runs": runs, "reads_ms_median": median(x["reads_s"] for x in runs) * 1000},
-                     counts={"l1_entries": runs[0]["l1_entries"], "cache_bytes": caches})
+                     counts={"l1_entries": runs[0]["l1_entries"], "cache_bytes": caches},
+                     note=f"open {open_ms:.1f} ms; peak RSS growth {growth / M:.1f} MiB of a "
+                          f"{(caches + 16 * M) / M:.1f} MiB budget; {runs[0]['l1_entries']:,} L1 entries, "
+                          f"{runs[0]['meta_read_bytes']:,} metadata bytes read by open and 1,000 reads")
