@@ -63,6 +63,14 @@ import sys
 from typing import Any
 
 
+def cwd_on_path() -> None:
+    """The qcow2lab script's sys.path starts with its own directory, not the current one, so
+    a reader module beside where the command runs would not import. The current directory
+    goes last: it never shadows the project's own modules (the worker inherits sys.path)."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+
+
 def load(spec: str) -> Any:
     """The object a ``py:module[:NAME]`` or short reader name (``dissect``) stands for."""
     if spec == "dissect":
@@ -72,10 +80,6 @@ def load(spec: str) -> Any:
     if not spec.startswith("py:"):
         raise ValueError(f"reader {spec!r}: expected py:MODULE[:NAME] or 'dissect'")
     modname, _, attr = spec[3:].partition(":")
-    # The qcow2lab script's sys.path starts with its own directory, not the current one, so
-    # a reader module beside where the command runs would not import. The current directory
-    # goes last: it never shadows the project's own modules (the worker inherits sys.path).
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
+    cwd_on_path()
     mod = importlib.import_module(modname)
     return getattr(mod, attr) if attr else mod

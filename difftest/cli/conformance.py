@@ -85,7 +85,12 @@ def run(args: argparse.Namespace) -> int:
     for r in readers:  # a typo or a module off the path is the commonest first mistake
         try:
             load(r)
-        except (ImportError, ValueError, AttributeError) as e:
+        except AttributeError as e:  # the module imported: the :NAME part is wrong
+            err.print(f"[bold red]reader {r!r} cannot be loaded: {e}[/]\n"
+                      "py:MODULE:NAME names an object of the module (or leave :NAME out for the "
+                      "module itself).")
+            return 2
+        except (ImportError, ValueError) as e:
             err.print(f"[bold red]reader {r!r} cannot be loaded: {type(e).__name__}: {e}[/]\n"
                       "A py: reader's module must be importable: run from the directory that holds "
                       "its package or put that directory on PYTHONPATH.")

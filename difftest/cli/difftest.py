@@ -206,6 +206,9 @@ def summary(stats: Stats, targets: list[str]) -> None:
         seeds = ", ".join(str(d.seed) for d in ds[:8]) + (" ..." if len(ds) > 8 else "")
         con.print(f"[bold red]FINDING[/] {escape(best.key)}: met x{hits} (seeds {seeds}; "
                   f"{best.steps} steps): {escape(best.message)}")
+        if not any(d.reproduced for d in ds):
+            con.print("  [yellow]did not fail again when its reproducer was replayed: flaky (load, "
+                      "timing or a limit); its repro.sh and test_repro.py may pass[/]")
         if best.repro_dir:
             con.print(f"  reproducers: {best.repro_dir}/repro.sh (qemu side), "
                       f"{best.repro_dir}/test_repro.py (pytest)")

@@ -56,10 +56,13 @@ class Cell:
     backing file also has zero clusters over it: one cell can meet two bugs)."""
     harness: int = 0
     """Findings that are not the reader's (the writers disagreeing), left to difftest."""
+    flaky: bool = False
+    """The cell's finding did not fail again when its reproducer was replayed."""
 
     def to_json(self) -> dict[str, Any]:
         return {"area": self.area, "reader": self.reader, "outcome": self.outcome, "detail": self.detail,
                 "repro": self.repro, "steps": self.steps, "hits": self.hits, "examples": self.examples,
+                "flaky": self.flaky,
                 "seconds": round(self.seconds, 1), "others": [o.to_json() for o in self.others],
                 "harness_findings": self.harness}
 
@@ -71,10 +74,11 @@ class CellFinding:
     repro: str | None
     hits: int
     detail: str
+    flaky: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"outcome": self.outcome, "steps": self.steps, "repro": self.repro, "hits": self.hits,
-                "detail": self.detail}
+                "detail": self.detail, "flaky": self.flaky}
 
 
 def declared_unsupported(reader: str, area: Area) -> str | None:
@@ -107,21 +111,22 @@ def classify(cell: Cell, stats: Stats) -> Cell:
     cell.examples = stats.examples
     real: list[CellFinding] = []
     unsupported_finding: Found | None = None
-    for best, hits, _ in stats.findings():
+    for best, hits, met in stats.findings():
         cls = finding_class_of(best)
         if cls is None:
             cell.harness += 1
         elif cls == "unsupported":
             unsupported_finding = best
         else:
-            real.append(CellFinding(cls, best.steps, _shown(best.repro_dir), hits, best.message))
+            real.append(CellFinding(cls, best.steps, _shown(best.repro_dir), hits, best.message,
+                                    not any(d.reproduced for d in met)))
     unsupported_notes = sum(n for k, n in stats.notes.items() if k.startswith("unsupported"))
     if real:
         # The most met first; on a tie the one with fewer operations (the more basic bug).
         real.sort(key=lambda f: (-f.hits, f.steps))
         top = real[0]
-        cell.outcome, cell.repro, cell.steps, cell.hits, cell.detail = \
-            top.outcome, top.repro, top.steps, top.hits, top.detail
+        cell.outcome, cell.repro, cell.steps, cell.hits, cell.detail, cell.flaky = \
+            top.outcome, top.repro, top.steps, top.hits, top.detail, top.flaky
         cell.others = real[1:]
     elif unsupported_finding is not None:
         cell.outcome, cell.detail = "unsupported", unsupported_finding.message

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import queue
+import shutil
 import time
 import traceback
 from collections import Counter
@@ -59,6 +60,10 @@ class Found:
     signature: str = ""
     """What groups it with the other meetings of the same bug (difftest/core/signature.py);
     the message when there is none (a harness error)."""
+    reproduced: bool = True
+    """False when replaying the recorded reproducer in a fresh Lockstep did not fail the same
+    way: the finding is flaky (timing, the machine's load, a limit), and its reproducers may
+    pass."""
 
     @property
     def key(self) -> str:
@@ -66,7 +71,8 @@ class Found:
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "message": self.message, "seed": self.seed,
-                "repro_dir": self.repro_dir, "steps": self.steps, "signature": self.key}
+                "repro_dir": self.repro_dir, "steps": self.steps, "signature": self.key,
+                "reproduced": self.reproduced}
 
 
 @dataclass
@@ -101,6 +107,17 @@ class Stats:
             groups.setdefault(d.key, []).append(d)
         return [(min(ds, key=lambda d: (d.repro_dir is None, d.steps)), max(self.hits[k], len(ds)), ds)
                 for k, ds in groups.items()]
+
+    def one_folder_per_finding(self) -> None:
+        """Keep only the best instance's reproducer folder of each finding. Two shards can
+        shrink to one signature from different starts (one met it with lazy refcounts, which
+        the simplification then dropped), each into its own seed-N folder; the others are
+        removed and their instances point at the kept one."""
+        for best, _, ds in self.findings():
+            for d in ds:
+                if d.repro_dir and best.repro_dir and d.repro_dir != best.repro_dir:
+                    shutil.rmtree(d.repro_dir, ignore_errors=True)
+                    d.repro_dir = best.repro_dir
 
     @property
     def ops_per_second(self) -> float:
@@ -210,12 +227,13 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
         for err in errors:
             d = err if isinstance(err, Divergence) else last.get("d")
             if isinstance(d, Divergence):
+                reproduced = True
                 if hooks.store is not None and shard.shrink:
-                    d = _delete_operations(hooks.store, d, shard)
+                    d, reproduced = _delete_operations(hooks.store, d, shard)
                 where, steps = hooks.store.lookup(d) if hooks.store is not None else (None, 0)
                 key = where.name if where is not None else str(getattr(d, "signature", ""))
                 stats.divergences.append(Found(d.kind, normalise(str(d)), shard.seed,
-                                               str(where) if where else None, steps, key))
+                                               str(where) if where else None, steps, key, reproduced))
                 if key:
                     stats.hits[key] += 1
             else:
@@ -239,34 +257,35 @@ MINIMIZE_SECONDS = 60.0
 """Time for the deletion pass after Hypothesis's shrinking, per distinct divergence."""
 
 
-def _delete_operations(store: ReproStore, d: Divergence, shard: Shard) -> Divergence:
+def _delete_operations(store: ReproStore, d: Divergence, shard: Shard) -> tuple[Divergence, bool]:
     """Drop operations from ``d``'s smallest reproducer while it still fails the same way,
     then the configuration's features the failure does not need (difftest/core/minimize.py),
-    rewriting the reproducer; the divergence it now shows."""
+    rewriting the reproducer; the divergence it now shows, and whether the recorded
+    reproducer failed again when replayed (False: flaky)."""
     key = store.signature_of(d)
     case = store.cases.get(key) if key is not None else None
     if case is None:
-        return d
+        return d, True
     cfg, ops, finish = case
     seconds = MINIMIZE_SECONDS if shard.shrink_seconds is None else min(shard.shrink_seconds,
                                                                         MINIMIZE_SECONDS)
     t0 = time.monotonic()
     workdir = Path(shard.workdir) if shard.workdir else None
     readers = tuple(shard.readers)
-    if ops:
-        found = minimize(cfg, ops, shard.targets, d, finish=finish, seconds=seconds, readers=readers,
-                         workdir=workdir)
-        if found is None:
-            return d  # it no longer reproduces: the recorded reproducer is left as it is
-        ops, d = found
+    # Also with no operations left: the replay is what proves the reproducer reproduces.
+    found = minimize(cfg, ops, shard.targets, d, finish=finish, seconds=seconds, readers=readers,
+                     workdir=workdir)
+    if found is None:
+        return d, False  # it no longer reproduces: the recorded reproducer is left as it is
+    ops, d = found
     simpler, d2 = simplify(cfg, ops, shard.targets, d, finish=finish, pinned=frozenset(shard.overrides),
                            seconds=max(seconds - (time.monotonic() - t0), 0.0), readers=readers,
                            workdir=workdir)
     if simpler == cfg and len(ops) >= len(case[1]):
-        return d
+        return d, True
     # The log as the machine records it: a teardown finding's reproducer runs finish().
     store.record(simpler, ops + ([("finish", {})] if finish else []), shard.targets, d2)
-    return d2
+    return d2, True
 
 
 _NO_CONSTANTS = providers.Constants()
@@ -341,6 +360,7 @@ def run_shards(shards: list[Shard], jobs: int, on_event: Callable[[str, Any], No
             if deadline is not None and time.monotonic() >= deadline:
                 break
             total.merge(run_shard(primed(sh), on_event))
+        total.one_folder_per_finding()
         total.elapsed = time.perf_counter() - t0
         return total
     ctx = mp.get_context("fork")
@@ -378,5 +398,6 @@ def run_shards(shards: list[Shard], jobs: int, on_event: Callable[[str, Any], No
                     running.remove(p)
         elif on_event:
             on_event(kind, value)
+    total.one_folder_per_finding()
     total.elapsed = time.perf_counter() - t0
     return total

@@ -14,6 +14,8 @@ signature (difftest/core/signature.py).
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -212,9 +214,39 @@ def _reader_lines(cfg: Config, log: list[tuple[str, dict[str, Any]]], reader: st
             "# the script's exit status is the reader check's (non-zero while the bug is there).",
             shlex.join(["qemu-img", "convert", "-O", "raw", *_img_image(cfg), "expected.raw"]),
             f"(ulimit -v {memory_kib}; "
-            f'PYTHONPATH={shlex.quote(str(PROJECT))}${{PYTHONPATH:+:$PYTHONPATH}} '
+            f'PYTHONPATH={shlex.quote(os.pathsep.join([str(PROJECT), *reader_paths([reader])]))}'
+            '${PYTHONPATH:+:$PYTHONPATH} '
             + shlex.join(["timeout", "-s", "KILL", str(READER_TIMEOUT), sys.executable, "-m",
                           "difftest.core.readcheck", reader, TOP, "expected.raw", *ranges]) + ")"]
+
+
+def reader_paths(readers: list[str] | tuple[str, ...]) -> list[str]:
+    """The directories a reproducer puts on the path so that its ``py:`` readers import
+    wherever it runs: where each reader's top-level module is found now (the campaign found
+    it, e.g. in its current directory), unless that is the project or the interpreter's own
+    (both are on the path anyway)."""
+    from difftest.adapters import cwd_on_path
+
+    cwd_on_path()
+    out: list[str] = []
+    for r in readers:
+        if not r.startswith("py:"):
+            continue
+        try:
+            spec = importlib.util.find_spec(r[3:].partition(":")[0].split(".")[0])
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.submodule_search_locations:
+            where = Path(next(iter(spec.submodule_search_locations))).parent.resolve()
+        elif spec is not None and spec.origin and spec.has_location:
+            where = Path(spec.origin).parent.resolve()
+        else:
+            continue
+        interpreter = (Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve())
+        if where != PROJECT and not any(where.is_relative_to(p) for p in interpreter) \
+                and str(where) not in out:
+            out.append(str(where))
+    return out
 
 
 def pytest_body(cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: list[str],
@@ -222,8 +254,13 @@ def pytest_body(cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: lis
     lines = ['"""qcow2lab difftest reproducer (generated)."""', "",
              "from pathlib import Path", "",
              "from difftest.core.config import Config",
-             "from difftest.core.lockstep import Lockstep", "", "",
-             "def test_repro(tmp_path: Path) -> None:"]
+             "from difftest.core.lockstep import Lockstep", ""]
+    paths = reader_paths(readers)
+    if paths:
+        # The readers' own directories: the adapter worker inherits this sys.path.
+        lines[2:2] = ["import sys"]
+        lines += [f"sys.path += [p for p in {paths!r} if p not in sys.path]", ""]
+    lines += ["", "def test_repro(tmp_path: Path) -> None:"]
     if d is not None:
         lines += [f"    # divergence: {line}" for line in normalise(str(d)).splitlines()]
     if cfg.encrypted:

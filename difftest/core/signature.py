@@ -122,9 +122,11 @@ def features(cfg: Config) -> str:
 
 def short_name(reader: str) -> str:
     """A reader's name in a folder name: ``dissect``, ``libqcow``, or the last part of a
-    ``py:`` module's name (``py:tests.difftest.planted_reader:reader`` -> planted_reader)."""
+    ``py:`` module's name and the object's (``py:tests.difftest.planted_reader:reader`` ->
+    planted_reader.reader): two readers of one module get two folders."""
     if reader.startswith("py:"):
-        reader = reader[3:].split(":")[0].split(".")[-1]
+        module, _, name = reader[3:].partition(":")
+        reader = module.split(".")[-1] + (f".{name}" if name else "")
     return re.sub(r"[^\w.+-]+", "_", reader).strip("_")
 
 

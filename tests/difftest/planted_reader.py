@@ -41,3 +41,19 @@ class _Reader:
 
 
 reader = _Reader()
+
+
+class _OnceReader(_Reader):
+    """Fails its first open after ``PLANTED_READER_ONCE`` (a file path) is set, then reads
+    right: a finding whose reproducer passes when replayed (flaky)."""
+
+    def open(self, path: str, readonly: bool = True, **_: Any) -> _Image:
+        marker = os.environ.get("PLANTED_READER_ONCE")
+        if marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise OSError("planted: the first open fails")
+        os.environ["PLANTED_READER_FIXED"] = "1"  # no zero-cluster bug: only the flaky open
+        return _Image(path)
+
+
+once = _OnceReader()

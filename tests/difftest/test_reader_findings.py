@@ -100,11 +100,47 @@ def test_a_reader_finding_is_shrunk_named_and_counted_once(planted_campaign: tup
     best, hits, _ = findings[0]
     assert hits == 3  # met by every shard, shrunk by the first
     assert best.steps <= 3
-    assert best.signature == "reader-wrong-bytes-read-planted_reader--v3,c4K,qcow2"
+    assert best.signature == "reader-wrong-bytes-read-planted_reader.reader--v3,c4K,qcow2"
     assert best.repro_dir is not None and Path(best.repro_dir).name == best.signature
     # The configurations the shrinker passed through left no folders behind.
     folders = [p.name for p in (root / "repro").glob("seed-*/*")]
     assert folders == [best.signature]
+
+
+def test_one_finding_keeps_one_folder(tmp_path: Path) -> None:
+    """Two shards that shrink to the same signature from different starts each wrote a
+    seed-N folder; the campaign keeps the best one (fewest operations) only."""
+    sig = "reader-wrong-bytes-read-m.r--v3,c512,raw"
+    dirs = [tmp_path / f"seed-{n}" / sig for n in (1, 2)]
+    for d in dirs:
+        d.mkdir(parents=True)
+        (d / "repro.sh").write_text("exit 1\n")
+    stats = Stats(divergences=[Found("reader", "m", 1, str(dirs[0]), 3, sig),
+                               Found("reader", "m", 2, str(dirs[1]), 0, sig)])
+    stats.one_folder_per_finding()
+    assert not dirs[0].exists() and dirs[1].exists()
+    assert {d.repro_dir for d in stats.divergences} == {str(dirs[1])}
+
+
+@needs_qemu
+def test_a_finding_that_does_not_fail_again_on_replay_is_flaky(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that fails once and then reads right: the replay of its reproducer passes,
+    so the finding is reported as flaky (Found.reproduced, the summary, the matrix cell),
+    not as confirmed."""
+    from difftest.conformance.matrix import Cell, classify
+    from difftest.conformance.render import cell_text
+
+    monkeypatch.setenv("PLANTED_READER_ONCE", str(tmp_path / "failed-once"))
+    shard = Shard(["model", "qemu"], seed=1, examples=1, steps=2, overrides={"backing": "none", "version": 3},
+                  db_dir=None, repro_dir=str(tmp_path / "repro"), workdir=str(tmp_path / "work"),
+                  readers=["py:tests.difftest.planted_reader:once"], shrink_seconds=10)
+    stats = run_shards([shard], 1)
+    [(best, _, met)] = stats.findings()
+    assert "first open fails" in best.message and not any(d.reproduced for d in met)
+    assert best.to_json()["reproduced"] is False
+    cell = classify(Cell("plain", "once"), stats)
+    assert cell.flaky and "flaky" in cell_text(cell)
 
 
 @needs_qemu
@@ -135,6 +171,49 @@ def test_test_repro_includes_the_reader_and_fails_while_the_bug_is_there(
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],
                            cwd=PROJECT, capture_output=True, text=True, env=env)
         assert r.returncode == want, r.stdout[-2000:]
+
+
+def test_two_readers_of_one_module_are_two_names() -> None:
+    """Folders and signatures name a py: reader by its module's last part and its object, so
+    two readers of one module never share a reproducer folder (a newcomer's conformance run
+    had py:m:buggy's cell point at py:m:buggy2's script)."""
+    cfg = Config(backing="qcow2", cluster_size=4096)
+    d = Divergence("reader", "finish", "py:m:buggy reads qemu's file differently from model")
+    e = Divergence("reader", "finish", "py:m:buggy2 reads qemu's file differently from model")
+    readers = ["py:m:buggy", "py:m:buggy2"]
+    assert signature(d, cfg, readers) == "reader-wrong-bytes-read-m.buggy--v3,c4K,qcow2"
+    assert signature(e, cfg, readers) == "reader-wrong-bytes-read-m.buggy2--v3,c4K,qcow2"
+
+
+@needs_qemu
+def test_reproducers_of_a_reader_outside_the_checkout_import_it(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader module beside where the campaign ran (not in the project): repro.sh and
+    test_repro.py put its directory on the path, so they fail with the bug from an empty
+    directory and pass once it is fixed; they used to fail with ModuleNotFoundError either
+    way."""
+    from difftest.core.repro import write_reproducers
+
+    mine = tmp_path / "my-readers"
+    mine.mkdir()
+    (mine / "outside_reader.py").write_text("from tests.difftest.planted_reader import reader\n")
+    monkeypatch.syspath_prepend(str(mine))
+    spec = "py:outside_reader:reader"
+    d = Divergence("reader", "finish", f"wrong-bytes: {spec} reads qemu's file differently from model")
+    sh, py = write_reproducers(tmp_path / "repro", Config(**ZERO_OVER_BACKING),
+                               [("discard", {"off": 0, "n": 8192})], ["model", "qemu"], d, [spec])
+    assert str(mine) in sh.read_text() and str(mine) in py.read_text()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for fixed, want in (("", 1), ("1", 0)):
+        where = tmp_path / f"run{fixed}"
+        where.mkdir()
+        r = subprocess.run(["sh", str(sh)], cwd=where, capture_output=True, text=True,
+                           env={**env, "PLANTED_READER_FIXED": fixed})
+        assert r.returncode == want and "ModuleNotFoundError" not in r.stderr, r.stderr[-2000:]
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(py)],
+                           cwd=where, capture_output=True, text=True,
+                           env={**env, "PLANTED_READER_FIXED": fixed, "PYTHONPATH": str(PROJECT)})
+        assert r.returncode == want and "ModuleNotFoundError" not in r.stdout, r.stdout[-2000:]
 
 
 # -- the conformance matrix ----------------------------------------------------------------------------
