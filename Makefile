@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint:
-	$(VENV)/bin/ruff check spec model impl difftest tests
+	$(VENV)/bin/ruff check spec model impl difftest tests examples
 
 typecheck:
 	$(VENV)/bin/mypy
