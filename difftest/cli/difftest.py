@@ -205,7 +205,7 @@ def summary(stats: Stats, targets: list[str]) -> None:
     for best, hits, ds in findings:
         seeds = ", ".join(str(d.seed) for d in ds[:8]) + (" ..." if len(ds) > 8 else "")
         con.print(f"[bold red]FINDING[/] {escape(best.key)}: met x{hits} (seeds {seeds}; "
-                  f"{best.steps} steps): {escape(best.message)}")
+                  f"{best.steps} step{'s' if best.steps != 1 else ''}): {escape(best.message)}")
         if not any(d.reproduced for d in ds):
             con.print("  [yellow]did not fail again when its reproducer was replayed: flaky (load, "
                       "timing or a limit); its repro.sh and test_repro.py may pass[/]")

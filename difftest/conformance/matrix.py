@@ -19,6 +19,7 @@ counted in the cell as ``other`` and left to ``qcow2lab difftest``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections.abc import Callable
@@ -162,6 +163,8 @@ def run_cell(area: Area, reader: str, *, budget: float, seed: int, out: Path,
     stats = run_shards(shards, 1, on_event, deadline=t0 + budget)
     cell.seconds = time.monotonic() - t0
     _remove_workdir(where / "work")
+    with contextlib.suppress(OSError):  # a cell without findings leaves no empty folder
+        where.rmdir()
     return classify(cell, stats)
 
 

@@ -93,6 +93,10 @@ def reader_operation(d: Divergence) -> str:
     return "read"
 
 
+PLAIN_CLUSTERS = "c64K"
+"""The cluster-size feature of a finding simplified to the default (minimize.SIMPLER)."""
+
+
 def features(cfg: Config) -> str:
     """The configuration's image features, as part of a folder name."""
     parts = [f"v{cfg.version}", f"c{_human(cfg.cluster_size)}"]
@@ -153,4 +157,6 @@ def covers(known: str, key: str) -> bool:
     (the deletion pass drops the features a finding does not need, minimize.simplify)."""
     head, _, feats = known.partition("--")
     head2, _, feats2 = key.partition("--")
-    return head == head2 and set(feats.split(",")) <= set(feats2.split(","))
+    # 64 KiB is the cluster size a finding that needs no particular one is simplified to:
+    # it stands for any (the other features are absent when plain).
+    return head == head2 and set(feats.split(",")) - {PLAIN_CLUSTERS} <= set(feats2.split(","))

@@ -73,6 +73,9 @@ def test_a_known_finding_covers_meetings_with_more_features() -> None:
     # A finding simplified to a backing file of the image's size covers a short one too.
     assert covers("reader-wrong-bytes-read-x--v3,c4K,qcow2",
                   "reader-wrong-bytes-read-x--v3,c4K,qcow2,shorter-backing")
+    # One simplified to 64 KiB clusters and no backing file covers any cluster size and backing.
+    assert covers("reader-wrong-bytes-read-x--v3,c64K", "reader-wrong-bytes-read-x--v3,c512,raw")
+    assert not covers("reader-wrong-bytes-read-x--v3,c4K", "reader-wrong-bytes-read-x--v3,c512")
 
 
 def test_saved_failures_are_replayed_by_the_first_shard_only() -> None:
