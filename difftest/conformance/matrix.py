@@ -163,8 +163,9 @@ def run_cell(area: Area, reader: str, *, budget: float, seed: int, out: Path,
     stats = run_shards(shards, 1, on_event, deadline=t0 + budget)
     cell.seconds = time.monotonic() - t0
     _remove_workdir(where / "work")
-    with contextlib.suppress(OSError):  # a cell without findings leaves no empty folder
+    with contextlib.suppress(OSError):  # a cell without findings leaves no empty folders
         where.rmdir()
+        where.parent.rmdir()
     return classify(cell, stats)
 
 

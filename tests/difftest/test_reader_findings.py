@@ -270,3 +270,4 @@ def test_conformance_cli_finds_the_planted_bug_in_its_cell(tmp_path: Path,
     assert zero["steps"] <= 3 and Path(zero["repro"], "repro.sh").exists()
     # No backing file, no zero cluster over one: the planted bug cannot show.
     assert cells["v2"]["outcome"] == "pass", cells["v2"]
+    assert [p.name for p in tmp_path.iterdir()] == ["zero-over-backing"]  # no empty folder for v2
