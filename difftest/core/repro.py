@@ -220,16 +220,16 @@ def _reader_lines(cfg: Config, log: list[tuple[str, dict[str, Any]]], reader: st
                           "difftest.core.readcheck", reader, TOP, "expected.raw", *ranges]) + ")"]
 
 
-def reader_paths(readers: list[str] | tuple[str, ...]) -> list[str]:
-    """The directories a reproducer puts on the path so that its ``py:`` readers import
-    wherever it runs: where each reader's top-level module is found now (the campaign found
-    it, e.g. in its current directory), unless that is the project or the interpreter's own
-    (both are on the path anyway)."""
+def reader_paths(specs: list[str] | tuple[str, ...]) -> list[str]:
+    """The directories a reproducer puts on the path so that its ``py:`` readers (and
+    targets) import wherever it runs: where each one's top-level module is found now (the
+    campaign found it, e.g. in its current directory), unless that is the project or the
+    interpreter's own (both are on the path anyway)."""
     from difftest.adapters import cwd_on_path
 
     cwd_on_path()
     out: list[str] = []
-    for r in readers:
+    for r in specs:
         if not r.startswith("py:"):
             continue
         try:
@@ -255,9 +255,9 @@ def pytest_body(cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: lis
              "from pathlib import Path", "",
              "from difftest.core.config import Config",
              "from difftest.core.lockstep import Lockstep", ""]
-    paths = reader_paths(readers)
+    paths = reader_paths([*targets, *readers])
     if paths:
-        # The readers' own directories: the adapter worker inherits this sys.path.
+        # The py: targets' and readers' own directories: the adapter worker inherits sys.path.
         lines[2:2] = ["import sys"]
         lines += [f"sys.path += [p for p in {paths!r} if p not in sys.path]", ""]
     lines += ["", "def test_repro(tmp_path: Path) -> None:"]

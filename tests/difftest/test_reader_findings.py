@@ -206,6 +206,10 @@ def test_reproducers_of_a_reader_outside_the_checkout_import_it(tmp_path: Path,
     sh, py = write_reproducers(tmp_path / "repro", Config(**ZERO_OVER_BACKING),
                                [("discard", {"off": 0, "n": 8192})], ["model", "qemu"], d, [spec])
     assert str(mine) in sh.read_text() and str(mine) in py.read_text()
+    # A py: target from there gets the same path in test_repro.py (the worker imports it too).
+    from difftest.core.repro import pytest_body
+    assert str(mine) in pytest_body(Config(), [], ["py:outside_reader:reader", "qemu"])
+    assert "sys.path" not in pytest_body(Config(), [], ["model", "qemu"], d, ["dissect"])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for fixed, want in (("", 1), ("1", 0)):
         where = tmp_path / f"run{fixed}"
