@@ -112,11 +112,11 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
     # shard); removed when the class is collected or at exit.
     backing_cache = tempfile.TemporaryDirectory(prefix="difftest-backing-", dir=hooks.workdir)
 
-    def _is_known(d: Divergence, cfg: Config) -> bool:
+    def _is_known(d: Divergence, cfg: Config, log: list[tuple[str, dict[str, Any]]]) -> bool:
         """Whether an earlier shard reported ``d``'s finding (counted through on_known)."""
         if not hooks.known:
             return False
-        key = hooks.store.key(cfg, d) if hooks.store is not None else signature(d, cfg, hooks.readers)
+        key = signature(d, cfg, hooks.readers, log)
         key = next((k for k in hooks.known if covers(k, key)), "")
         if not key:
             return False
@@ -164,7 +164,7 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
         def _known(self, d: Divergence) -> bool:
             """Whether ``d`` is a finding an earlier shard reported: then it is counted and
             nothing more of this example is run or compared."""
-            if self.ls is None or not _is_known(d, self.ls.cfg):
+            if self.ls is None or not _is_known(d, self.ls.cfg, self.ls.log):
                 return False
             self.failed = True
             return True
@@ -199,7 +199,7 @@ def make_machine(hooks: Hooks) -> type[RuleBasedStateMachine]:
                                    on_close=[hooks.on_close] if hooks.on_close else [])
             except Divergence as d:
                 self.failed = True
-                if _is_known(d, cfg):
+                if _is_known(d, cfg, []):
                     reject()  # no Lockstep to run the rules on: drop the example
                 if hooks.store is not None:
                     hooks.store.record(cfg, [], hooks.targets, d)

@@ -319,12 +319,12 @@ class ReproStore:
         """Per signature, the configuration and operations of the smallest reproducer, and
         whether it failed in the teardown (difftest/core/minimize.py replays them)."""
 
-    def key(self, cfg: Config, d: Divergence) -> str:
-        return signature(d, cfg, self.readers)
+    def key(self, cfg: Config, d: Divergence, log: list[tuple[str, dict[str, Any]]] | None = None) -> str:
+        return signature(d, cfg, self.readers, log)
 
     def record(self, cfg: Config, log: list[tuple[str, dict[str, Any]]], targets: list[str],
                d: Divergence) -> None:
-        key = self.key(cfg, d)
+        key = self.key(cfg, d, log)
         d.signature = key  # type: ignore[attr-defined]  # the campaign reports by it
         steps = len(_until_finish(log))  # the reproducer's operations
         if key in self.best and self.best[key] < steps:

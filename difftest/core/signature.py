@@ -10,9 +10,10 @@ share one folder. The signature is what stays the same:
   wrong-bytes) and the reader;
 - the operation kind (``write_zeroes``, ``finish``; for a reader: open, size or read);
 - the feature set of the configuration (``features``): version, cluster size, refcount
-  width, extended L2, compression, lazy refcounts, backing kind and size, data file,
-  encryption. Cache and open options and the virtual size are left out: they change how
-  an engine gets there, not what the image is.
+  width, extended L2, compression, lazy refcounts, backing kind and size (a backing file the
+  operations grew the image past counts as shorter), data file, encryption. Cache and open
+  options and the virtual size are left out: they change how an engine gets there, not what
+  the image is.
 
 It is also a folder name, so it holds no "/" and no temporary path.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from typing import Any
 
 from difftest.core.config import Config, _human
 from difftest.core.divergence import Divergence
@@ -97,8 +99,19 @@ PLAIN_CLUSTERS = "c64K"
 """The cluster-size feature of a finding simplified to the default (minimize.SIMPLER)."""
 
 
-def features(cfg: Config) -> str:
-    """The configuration's image features, as part of a folder name."""
+Log = list[tuple[str, dict[str, Any]]]
+
+
+def grown_past_backing(cfg: Config, log: Log) -> bool:
+    """Whether a resize of ``log`` made the image larger than its backing file: the reader
+    then meets what a backing file shorter than the image gives (named so in ``features``)."""
+    return cfg.backing != "none" and any(name == "resize" and kw.get("new_size", 0) > cfg.backing_bytes
+                                         for name, kw in log)
+
+
+def features(cfg: Config, log: Log | None = None) -> str:
+    """The image features of the configuration and of what ``log`` made of it, as part of a
+    folder name."""
     parts = [f"v{cfg.version}", f"c{_human(cfg.cluster_size)}"]
     if cfg.refcount_bits != 16:
         parts.append(f"rc{cfg.refcount_bits}")
@@ -113,7 +126,9 @@ def features(cfg: Config) -> str:
         # not need a short backing file is simplified to "same", and must still cover a
         # meeting on a short one (covers).
         parts.append(cfg.backing)
-        if cfg.backing_size != "same":
+        if cfg.backing_size == "shorter" or (log and grown_past_backing(cfg, log)):
+            parts.append("shorter-backing")
+        elif cfg.backing_size != "same":
             parts.append(f"{cfg.backing_size}-backing")
     if cfg.data_file:
         parts.append("datafile-raw" if cfg.data_file_raw else "datafile")
@@ -134,15 +149,17 @@ def short_name(reader: str) -> str:
     return re.sub(r"[^\w.+-]+", "_", reader).strip("_")
 
 
-def signature(d: Divergence, cfg: Config, readers: list[str] | tuple[str, ...] = ()) -> str:
-    """The stable name of the finding ``d`` made on ``cfg``; see the module docstring."""
+def signature(d: Divergence, cfg: Config, readers: list[str] | tuple[str, ...] = (),
+              log: Log | None = None) -> str:
+    """The stable name of the finding ``d`` made on ``cfg`` by the operations of ``log``;
+    see the module docstring."""
     op = d.op.split("(")[0]
     if d.kind == "reader":
         who = reader_of(d, readers)
         head = f"reader-{finding_class(d)}-{reader_operation(d)}" + (f"-{short_name(who)}" if who else "")
     else:
         head = f"{d.kind}-{op}"
-    return f"{head}--{features(cfg)}"
+    return f"{head}--{features(cfg, log)}"
 
 
 def operation_identity(d: Divergence, readers: list[str] | tuple[str, ...] = ()) -> str:

@@ -57,6 +57,21 @@ def test_a_signature_is_stable_across_offsets_paths_and_cache_options() -> None:
     assert "/" not in signature(Divergence("bytes", "read(off=1, n=2)", "/tmp/x"), cfg)
 
 
+def test_a_backing_file_the_image_was_grown_past_is_a_shorter_one() -> None:
+    """A resize past the backing file's end meets what a short backing file gives: the
+    signature says shorter-backing, so the finding is the short-backing cell's one and not a
+    second finding of the same bug (found in the zero-over-backing cell, 2026-12-07)."""
+    d = Divergence("reader", "finish", "error: libqcow reading [0, 37376): OSError: parent file")
+    cfg = Config(backing="qcow2", cluster_size=4096, size=32768)
+    grown = [("resize", {"new_size": 37376, "shrink": False})]
+    shrunk = [("resize", {"new_size": 16384, "shrink": True})]
+    short = cfg.replace(backing_size="shorter")
+    assert signature(d, cfg, ["libqcow"], grown) == signature(d, short, ["libqcow"])
+    assert signature(d, cfg, ["libqcow"], grown).endswith("--v3,c4K,qcow2,shorter-backing")
+    assert signature(d, cfg, ["libqcow"], shrunk).endswith(",qcow2")
+    assert signature(d, cfg.replace(backing="none"), ["libqcow"], grown).endswith("--v3,c4K")
+
+
 def test_temporary_paths_are_normalised_away() -> None:
     msg = "cannot open /tmp/difftest-abc123/qemu/top.qcow2: no <obj at 0x7f3a2b4c5d6e>"
     assert normalise(msg) == "cannot open <tmp>: no <obj at 0x…>"
