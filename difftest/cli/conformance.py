@@ -2,7 +2,7 @@
 feature area and reader (difftest/conformance/), printed as a matrix.
 
     qcow2lab conformance --readers dissect,libqcow[,py:MODULE[:NAME]] [--areas a,b,...]
-                         [--time-budget S | --total-budget S] [--seed N] [--out DIR]
+                         [--time-budget S | --total-budget S] [--seed N] [--jobs N] [--out DIR]
                          [--output=table|json|markdown]
 
 Each cell is pass, unsupported, or the class of the reader's finding (wrong bytes, error,
@@ -36,8 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--time-budget", type=float, help=f"seconds per cell (default {DEFAULT_BUDGET:.0f}; "
                         "a cell with a finding can take up to twice that, to shrink it)")
     budget.add_argument("--total-budget", type=float, help="seconds for the whole matrix, shared equally "
-                        "by the cells")
+                        "by the cells (--jobs of them at a time)")
     p.add_argument("--seed", type=int, default=0, help="first seed of every cell's campaign")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in a process of its own "
+                   "(default 1); the budget stays per cell, so N jobs take about 1/N of the time")
     p.add_argument("--out", default="conformance-repro", help="where the cells' reproducers are written")
     p.add_argument("--output", choices=["table", "json", "markdown"], default="table")
     p.set_defaults(func=run)
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from difftest.adapters import load
     from difftest.conformance import render
     from difftest.conformance.areas import select
-    from difftest.conformance.matrix import Cell, run_cell
+    from difftest.conformance.matrix import Cell, run_matrix
     from difftest.core import qemuio
 
     err = Console(stderr=True)
@@ -97,8 +99,13 @@ def run(args: argparse.Namespace) -> int:
             return 2
     versions = _versions(readers)
     ncells = len(areas) * len(readers)
-    budget = args.total_budget / ncells if args.total_budget else (args.time_budget or DEFAULT_BUDGET)
-    cells: list[Cell] = []
+    if args.jobs < 1:
+        err.print(f"[red]--jobs must be at least 1, not {args.jobs}[/]")
+        return 2
+    jobs = min(args.jobs, ncells)
+    # --total-budget: the cells share it, ``jobs`` of them at a time.
+    budget = (args.total_budget * jobs / ncells if args.total_budget
+              else (args.time_budget or DEFAULT_BUDGET))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("examples {task.fields[examples]}  findings [red]{task.fields[found]}"),
                         TimeElapsedColumn(), console=err,
@@ -114,15 +121,20 @@ def run(args: argparse.Namespace) -> int:
                 counts["examples"] += 1
             progress.update(task, examples=counts["examples"], found=counts["found"])
 
-        for area in areas:
-            for reader in readers:
-                progress.update(task, description=f"{area.name} × {reader}")
-                cell = run_cell(area, reader, budget=budget, seed=args.seed, out=Path(args.out),
-                                on_event=on_event)
-                cells.append(cell)
-                if cell.outcome not in ("pass", "unsupported", "not run"):
-                    counts["found"] += 1
-                progress.update(task, advance=1, found=counts["found"])
+        running: list[str] = []
+
+        def on_start(cell: Cell) -> None:
+            running.append(f"{cell.area} × {cell.reader}")
+            progress.update(task, description=", ".join(running))
+
+        def on_cell(cell: Cell) -> None:
+            running.remove(f"{cell.area} × {cell.reader}")
+            if cell.outcome not in ("pass", "unsupported", "not run"):
+                counts["found"] += 1
+            progress.update(task, advance=1, found=counts["found"], description=", ".join(running) or "done")
+
+        cells = run_matrix(areas, readers, budget=budget, seed=args.seed, out=Path(args.out), jobs=jobs,
+                           on_start=on_start, on_cell=on_cell, on_event=on_event)
     date = datetime.now(UTC).strftime("%Y-%m-%d")
     meta = {"date": date, "versions": versions, "budget_per_cell_s": round(budget, 1), "seed": args.seed}
     if args.output == "json":

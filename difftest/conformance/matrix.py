@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import multiprocessing as mp
+import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from typing import Any
 from difftest.adapters import load
 from difftest.conformance.areas import Area
 from difftest.conformance.snapshots import wrap
-from difftest.core.campaign import Found, Shard, Stats, run_shards
+from difftest.core.campaign import Found, QueuedEvents, Shard, Stats, run_shards
 from difftest.core.signature import READER_CLASSES, short_name
 
 TARGETS = ["model", "qemu"]
@@ -163,9 +165,8 @@ def run_cell(area: Area, reader: str, *, budget: float, seed: int, out: Path,
     stats = run_shards(shards, 1, on_event, deadline=t0 + budget)
     cell.seconds = time.monotonic() - t0
     _remove_workdir(where / "work")
-    with contextlib.suppress(OSError):  # a cell without findings leaves no empty folders
+    with contextlib.suppress(OSError):  # a cell without findings leaves no empty folder
         where.rmdir()
-        where.parent.rmdir()
     return classify(cell, stats)
 
 
@@ -183,14 +184,86 @@ def _remove_workdir(path: Path) -> None:
 
 
 def run_matrix(areas: list[Area], readers: list[str], *, budget: float, seed: int, out: Path,
+               jobs: int = 1, on_start: Callable[[Cell], None] | None = None,
                on_cell: Callable[[Cell], None] | None = None,
                on_event: Callable[[str, Any], None] | None = None) -> list[Cell]:
-    """Every (area, reader) cell, area by area; ``budget`` is per cell."""
-    cells = []
-    for area in areas:
-        for reader in readers:
-            cell = run_cell(area, reader, budget=budget, seed=seed, out=out, on_event=on_event)
-            cells.append(cell)
+    """Every (area, reader) cell, area by area, ``jobs`` cells at a time (each in a process
+    of its own when jobs > 1); ``budget`` is per cell. The cells come back in matrix order
+    whatever order they finish in; ``on_start`` and ``on_cell`` see each cell begin and end."""
+    cells = [Cell(area.name, reader) for area in areas for reader in readers]
+    todo = [(area, reader) for area in areas for reader in readers]
+    if jobs <= 1:
+        for i, (area, reader) in enumerate(todo):
+            if on_start:
+                on_start(cells[i])
+            cells[i] = run_cell(area, reader, budget=budget, seed=seed, out=out, on_event=on_event)
             if on_cell:
-                on_cell(cell)
+                on_cell(cells[i])
+    else:
+        _run_parallel(todo, cells, jobs, budget=budget, seed=seed, out=out, on_start=on_start,
+                      on_cell=on_cell, on_event=on_event)
+    for area in areas:  # an area whose cells all passed leaves no empty folder (pruned here,
+        with contextlib.suppress(OSError):  # not by a cell: another may be about to write there)
+            (out / area.name).rmdir()
     return cells
+
+
+def _run_parallel(todo: list[tuple[Area, str]], cells: list[Cell], jobs: int, *, budget: float,
+                  seed: int, out: Path, on_start: Callable[[Cell], None] | None,
+                  on_cell: Callable[[Cell], None] | None,
+                  on_event: Callable[[str, Any], None] | None) -> None:
+    """run_matrix's cells on ``jobs`` forked processes. A cell's process that dies before
+    it reports (the harness itself failing; a reader's own crash is a finding, caught in the
+    reader's worker) leaves its cell "not run" with the exit status."""
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    running: dict[int, Any] = {}  # cell index -> its process, until it is joined
+    unreported: set[int] = set()  # a process can end before its report is read
+    waiting = list(range(len(todo)))
+    try:
+        while waiting or unreported:
+            while waiting and len(running) < jobs:
+                i = waiting.pop(0)
+                area, reader = todo[i]
+                p = ctx.Process(target=_cell_worker, args=(i, area, reader, budget, seed, out, q),
+                                daemon=True)
+                p.start()
+                running[i] = p
+                unreported.add(i)
+                if on_start:
+                    on_start(cells[i])
+            try:
+                msg = q.get(timeout=0.5)
+            except queue.Empty:
+                for i, p in list(running.items()):
+                    if not p.is_alive():
+                        p.join()
+                        del running[i]
+                        if p.exitcode != 0:
+                            unreported.discard(i)
+                            cells[i].detail = f"the cell's process died (exit {p.exitcode})"
+                            if on_cell:
+                                on_cell(cells[i])
+                continue
+            if msg[0] == "cell":
+                _, i, cell = msg
+                cells[i] = cell
+                unreported.discard(i)
+                p = running.pop(i, None)
+                if p is not None:
+                    p.join()
+                if on_cell:
+                    on_cell(cell)
+            elif on_event:
+                on_event(msg[0], msg[1])
+    finally:
+        for p in running.values():  # interrupted: no cell outlives the matrix
+            p.terminate()
+            p.join()
+
+
+def _cell_worker(i: int, area: Area, reader: str, budget: float, seed: int, out: Path, q: Any) -> None:
+    ev = QueuedEvents(q)
+    cell = run_cell(area, reader, budget=budget, seed=seed, out=out, on_event=ev)
+    ev.flush()
+    q.put(("cell", i, cell))

@@ -323,22 +323,33 @@ def _once_per_campaign(shards: list[Shard]) -> list[Shard]:
 
 # -- multi-process ----------------------------------------------------------------------------
 
-def _worker(shard: Shard, q: Any) -> None:
-    pending = 0
+class QueuedEvents:
+    """A campaign's on_event that sends events to a parent process over ``q``, steps in
+    batches of 20 (one queue message per step would cost more than the step); call
+    ``flush`` before the last message."""
 
-    def ev(kind: str, value: Any) -> None:
-        nonlocal pending
+    def __init__(self, q: Any) -> None:
+        self.q = q
+        self.pending = 0
+
+    def __call__(self, kind: str, value: Any) -> None:
         if kind == "step":
-            pending += 1
-            if pending >= 20:
-                q.put(("step", pending))
-                pending = 0
+            self.pending += 1
+            if self.pending >= 20:
+                self.flush()
         else:
-            q.put((kind, value))
+            self.q.put((kind, value))
 
+    def flush(self) -> None:
+        if self.pending:
+            self.q.put(("step", self.pending))
+            self.pending = 0
+
+
+def _worker(shard: Shard, q: Any) -> None:
+    ev = QueuedEvents(q)
     stats = run_shard(shard, ev)
-    if pending:
-        q.put(("step", pending))
+    ev.flush()
     q.put(("done", stats))
 
 

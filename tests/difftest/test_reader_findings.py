@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -280,7 +281,7 @@ def test_a_cell_keeps_every_distinct_finding_the_most_met_first() -> None:
 def test_conformance_cli_finds_the_planted_bug_in_its_cell(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["conformance", "--readers", PLANTED, "--areas", "zero-over-backing,v2", "--time-budget", "6",
-               "--seed", "3", "--out", str(tmp_path), "--output", "json"])
+               "--seed", "3", "--jobs", "2", "--out", str(tmp_path), "--output", "json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 1
     cells = {c["area"]: c for c in out["cells"]}
@@ -290,3 +291,28 @@ def test_conformance_cli_finds_the_planted_bug_in_its_cell(tmp_path: Path,
     # No backing file, no zero cluster over one: the planted bug cannot show.
     assert cells["v2"]["outcome"] == "pass", cells["v2"]
     assert [p.name for p in tmp_path.iterdir()] == ["zero-over-backing"]  # no empty folder for v2
+
+
+def test_parallel_cells_come_back_in_matrix_order_and_a_dead_one_is_not_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs: cells run in forked processes (which inherit this patched run_cell); the
+    first cell finishes last, and one cell's process dies without reporting."""
+    import time
+
+    from difftest.conformance import matrix
+
+    def fake_cell(area: Any, reader: str, **_: Any) -> Cell:
+        if area.name == "v2":
+            os._exit(3)
+        time.sleep(1.0 if area.name == "plain" else 0.0)
+        return Cell(area.name, reader, outcome="pass", examples=1)
+
+    monkeypatch.setattr(matrix, "run_cell", fake_cell)
+    started: list[str] = []
+    ended: list[str] = []
+    cells = matrix.run_matrix(select("plain,v2,zlib"), ["r"], budget=1, seed=0, out=tmp_path, jobs=2,
+                              on_start=lambda c: started.append(c.area),
+                              on_cell=lambda c: ended.append(c.area))
+    assert [(c.area, c.outcome) for c in cells] == [("plain", "pass"), ("v2", "not run"), ("zlib", "pass")]
+    assert "exit 3" in cells[1].detail
+    assert started == ["plain", "v2", "zlib"] and ended[-1] == "plain" and sorted(ended) == sorted(started)
