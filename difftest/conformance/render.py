@@ -21,8 +21,10 @@ def _grid(cells: list[Cell]) -> tuple[list[str], list[str], dict[tuple[str, str]
     return areas, readers, {(c.area, c.reader): c for c in cells}
 
 
-def _finding(outcome: str, steps: int, repro: str | None, flaky: bool = False) -> str:
+def _finding(outcome: str, steps: int, repro: str | None, flaky: bool = False, grown: bool = False) -> str:
     text = LABELS.get(outcome, outcome)
+    if grown:
+        text += " (short-backing's, through a grow past the backing file)"
     if flaky:
         text += " (flaky: passed when replayed)"
     if repro:
@@ -33,8 +35,8 @@ def _finding(outcome: str, steps: int, repro: str | None, flaky: bool = False) -
 def cell_text(c: Cell, sep: str = "; ") -> str:
     """One cell in plain words: each distinct finding's class, its reproducer's number of
     operations and folder (the most met first), or pass / unsupported."""
-    return sep.join([_finding(c.outcome, c.steps, c.repro, c.flaky),
-                     *(_finding(o.outcome, o.steps, o.repro, o.flaky) for o in c.others)])
+    return sep.join([_finding(c.outcome, c.steps, c.repro, c.flaky, c.grown),
+                     *(_finding(o.outcome, o.steps, o.repro, o.flaky, o.grown) for o in c.others)])
 
 
 def to_json(cells: list[Cell], meta: dict[str, Any]) -> str:

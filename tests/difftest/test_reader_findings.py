@@ -277,6 +277,25 @@ def test_a_cell_keeps_every_distinct_finding_the_most_met_first() -> None:
     assert [(o.outcome, o.steps) for o in cell.others] == [("error", 0), ("wrong-bytes", 1)]
 
 
+def test_a_short_backing_finding_met_through_a_grow_is_marked_and_comes_after_the_areas_own() -> None:
+    from difftest.conformance.render import cell_text
+
+    stats = Stats(examples=2)
+    stats.ops["truncate"] = 2
+    for sig, hits in (("reader-error-read-x--v3,c4K,qcow2,shorter-backing", 5),
+                      ("reader-wrong-bytes-read-x--v3,c4K,qcow2", 1)):
+        stats.divergences.append(Found("reader", "m", 1, f"r/{sig}", 1, sig))
+        stats.hits[sig] = hits
+    cell = classify(Cell("zero-over-backing", "x"), stats)
+    assert (cell.outcome, cell.grown) == ("wrong-bytes", False)  # the area's own, though met less
+    assert [(o.outcome, o.grown) for o in cell.others] == [("error", True)]
+    assert cell_text(cell).split("; ")[1].startswith("error (short-backing's, through a grow")
+    assert cell.to_json()["others"][0]["grown_past_backing"] is True
+    # In the short-backing area the same name is the area's own finding.
+    own = classify(Cell("short-backing", "x"), stats)
+    assert not own.grown and not any(o.grown for o in own.others) and own.outcome == "error"
+
+
 @needs_qemu
 def test_conformance_cli_finds_the_planted_bug_in_its_cell(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
