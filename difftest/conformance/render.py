@@ -34,7 +34,7 @@ def _finding(outcome: str, steps: int, repro: str | None, flaky: bool = False, g
 
 def cell_text(c: Cell, sep: str = "; ") -> str:
     """One cell in plain words: each distinct finding's class, its reproducer's number of
-    operations and folder (the most met first), or pass / unsupported."""
+    operations and folder (in matrix.classify's order), or pass / unsupported."""
     return sep.join([_finding(c.outcome, c.steps, c.repro, c.flaky, c.grown),
                      *(_finding(o.outcome, o.steps, o.repro, o.flaky, o.grown) for o in c.others)])
 
