@@ -31,6 +31,7 @@ from hypothesis import seed as hyp_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.errors import Unsatisfiable
 from hypothesis.internal.conjecture import engine, providers
+from hypothesis.reporting import current_reporter, with_reporter
 from hypothesis.stateful import run_state_machine_as_test
 
 from difftest.core.config import Config
@@ -216,8 +217,9 @@ def run_shard(shard: Shard, on_event: Callable[[str, Any], None] | None = None) 
     providers._get_local_constants = _no_local_constants
     providers.CONSTANTS_CACHE.cache.clear()  # it may hold local constants picked earlier
     try:
-        _run_seeded(machine, s, shard.seed,
-                    f"qcow2lab-difftest:{sorted(shard.overrides.items())}".encode())
+        with with_reporter(_shrink_limit_reporter(shard.shrink_seconds)):
+            _run_seeded(machine, s, shard.seed,
+                        f"qcow2lab-difftest:{sorted(shard.overrides.items())}".encode())
     except Unsatisfiable:
         pass  # every example met a known finding (Hooks.known): counted in stats.hits
     except Exception as e:  # Flaky failures and oracle trouble are findings too
@@ -289,6 +291,28 @@ def _delete_operations(store: ReproStore, d: Divergence, shard: Shard) -> tuple[
 
 
 _NO_CONSTANTS = providers.Constants()
+
+
+SLOW_SHRINK_TEXT = "WARNING: Hypothesis has spent more than five minutes working to shrink"
+
+
+def _shrink_limit_reporter(limit: float | None) -> Callable[[object], None]:
+    """Hypothesis's reporter, except for the fixed text it prints when its shrink time limit
+    stops a shrink ("more than five minutes ... PLEASE REPORT THIS"): under a lowered limit
+    that text is wrong about the time and asks for a report of nothing, so it becomes one
+    line that says what happened. Every other report passes through."""
+    report = current_reporter()
+    if limit is None:
+        return report
+
+    def reporter(value: object) -> None:
+        if isinstance(value, str) and value.startswith(SLOW_SHRINK_TEXT):
+            report(f"Hypothesis stopped shrinking at the time limit of {limit:g} s; the deletion "
+                   "pass goes on from the smallest example so far")
+        else:
+            report(value)
+
+    return reporter
 
 
 def _no_local_constants() -> providers.Constants:
