@@ -8,7 +8,8 @@ feature area and reader (difftest/conformance/), printed as a matrix.
 Each cell is pass, unsupported, or the class of the reader's finding (wrong bytes, error,
 hang, crash, memory) with the folder of its minimal reproducer (repro.sh runs the reader and
 exits non-zero while the bug is there; test_repro.py is the same case as a pytest test).
-Exit status: 0 when every cell passed or is unsupported, 1 when a reader has a finding.
+Exit status: 0 when every cell passed or is unsupported, 1 when a reader has a finding or
+a cell's process died (--jobs).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from difftest.adapters import load
     from difftest.conformance import render
     from difftest.conformance.areas import select
-    from difftest.conformance.matrix import Cell, run_matrix
+    from difftest.conformance.matrix import DIED, Cell, run_matrix
     from difftest.core import qemuio
 
     err = Console(stderr=True)
@@ -145,4 +146,7 @@ def run(args: argparse.Namespace) -> int:
         print(render.to_markdown(cells))
     else:
         render.print_table(cells, f"conformance {date}: {', '.join(versions.values())}")
-    return 1 if any(c.outcome not in ("pass", "unsupported", "not run") for c in cells) else 0
+    died = [c for c in cells if c.detail.startswith(DIED)]
+    for c in died:  # the harness failed there, not the reader: never a silent "not run"
+        err.print(f"[bold red]{c.area} × {c.reader} did not run: {c.detail}[/]")
+    return 1 if died or any(c.outcome not in ("pass", "unsupported", "not run") for c in cells) else 0

@@ -40,6 +40,8 @@ STEPS = 12
 """Operations per example at most: reader bugs show on short sequences, and short examples
 give a cell of a few seconds many configurations and files."""
 EXAMPLES_PER_SHARD = 4
+DIED = "the cell's process died"
+"""A "not run" cell's detail when its process ended without reporting (--jobs > 1)."""
 OUTCOMES = ("pass", "unsupported", "wrong-bytes", "error", "hang", "crash", "memory", "not run")
 
 
@@ -255,7 +257,7 @@ def _run_parallel(todo: list[tuple[Area, str]], cells: list[Cell], jobs: int, *,
                         del running[i]
                         if p.exitcode != 0:
                             unreported.discard(i)
-                            cells[i].detail = f"the cell's process died (exit {p.exitcode})"
+                            cells[i].detail = f"{DIED} (exit {p.exitcode})"
                             if on_cell:
                                 on_cell(cells[i])
                 continue

@@ -335,3 +335,22 @@ def test_parallel_cells_come_back_in_matrix_order_and_a_dead_one_is_not_run(
     assert [(c.area, c.outcome) for c in cells] == [("plain", "pass"), ("v2", "not run"), ("zlib", "pass")]
     assert "exit 3" in cells[1].detail
     assert started == ["plain", "v2", "zlib"] and ended[-1] == "plain" and sorted(ended) == sorted(started)
+
+
+@needs_qemu
+def test_a_dead_cell_process_fails_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from difftest.conformance import matrix
+
+    def fake_cell(area: Any, reader: str, **_: Any) -> Cell:
+        if area.name == "v2":
+            os._exit(3)
+        return Cell(area.name, reader, outcome="pass", examples=1)
+
+    monkeypatch.setattr(matrix, "run_cell", fake_cell)
+    rc = main(["conformance", "--readers", PLANTED, "--areas", "plain,v2", "--jobs", "2",
+               "--out", str(tmp_path), "--output", "json"])
+    out = capsys.readouterr()
+    assert rc == 1
+    assert [c["outcome"] for c in json.loads(out.out)["cells"]] == ["pass", "not run"]
+    assert "v2 × " in out.err and "did not run" in out.err and "exit 3" in out.err
