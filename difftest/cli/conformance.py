@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "by the cells (--jobs of them at a time)")
     p.add_argument("--seed", type=int, default=0, help="first seed of every cell's campaign")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in a process of its own "
-                   "(default 1); the budget stays per cell, so N jobs take about 1/N of the time")
+                   "(default 1). With --time-budget N jobs take about 1/N of the time; with "
+                   "--total-budget each cell gets about N times as long. Cells share the CPUs: "
+                   "more jobs than cores give each cell fewer examples")
     p.add_argument("--out", default="conformance-repro", help="where the cells' reproducers are written")
     p.add_argument("--output", choices=["table", "json", "markdown"], default="table")
     p.set_defaults(func=run)
@@ -72,11 +74,14 @@ def run(args: argparse.Namespace) -> int:
     from difftest.adapters import load
     from difftest.conformance import render
     from difftest.conformance.areas import select
-    from difftest.conformance.matrix import DIED, Cell, run_matrix
+    from difftest.conformance.matrix import Cell, run_matrix
     from difftest.core import qemuio
 
     err = Console(stderr=True)
     readers = [r.strip() for r in args.readers.split(",") if r.strip()]
+    if args.jobs < 1:
+        err.print(f"[red]--jobs must be at least 1, not {args.jobs}[/]")
+        return 2
     try:
         areas = select(args.areas)
     except ValueError as e:
@@ -100,12 +105,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
     versions = _versions(readers)
     ncells = len(areas) * len(readers)
-    if args.jobs < 1:
-        err.print(f"[red]--jobs must be at least 1, not {args.jobs}[/]")
-        return 2
     jobs = min(args.jobs, ncells)
-    # --total-budget: the cells share it, ``jobs`` of them at a time.
-    budget = (args.total_budget * jobs / ncells if args.total_budget
+    # --total-budget: the cells run in ceil(ncells / jobs) waves, which share it.
+    budget = (args.total_budget / -(-ncells // jobs) if args.total_budget
               else (args.time_budget or DEFAULT_BUDGET))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("examples {task.fields[examples]}  findings [red]{task.fields[found]}"),
@@ -146,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         print(render.to_markdown(cells))
     else:
         render.print_table(cells, f"conformance {date}: {', '.join(versions.values())}")
-    died = [c for c in cells if c.detail.startswith(DIED)]
+    died = [c for c in cells if c.died]
     for c in died:  # the harness failed there, not the reader: never a silent "not run"
         err.print(f"[bold red]{c.area} × {c.reader} did not run: {c.detail}[/]")
     return 1 if died or any(c.outcome not in ("pass", "unsupported", "not run") for c in cells) else 0

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import multiprocessing as mp
-import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +30,8 @@ from typing import Any
 from difftest.adapters import load
 from difftest.conformance.areas import BY_NAME, Area
 from difftest.conformance.snapshots import wrap
-from difftest.core.campaign import Found, QueuedEvents, Shard, Stats, run_shards
+from difftest.core.campaign import Found, Shard, Stats, run_shards
+from difftest.core.procpool import run_forked
 from difftest.core.signature import READER_CLASSES, short_name
 
 TARGETS = ["model", "qemu"]
@@ -40,8 +39,6 @@ STEPS = 12
 """Operations per example at most: reader bugs show on short sequences, and short examples
 give a cell of a few seconds many configurations and files."""
 EXAMPLES_PER_SHARD = 4
-DIED = "the cell's process died"
-"""A "not run" cell's detail when its process ended without reporting (--jobs > 1)."""
 OUTCOMES = ("pass", "unsupported", "wrong-bytes", "error", "hang", "crash", "memory", "not run")
 
 
@@ -66,11 +63,13 @@ class Cell:
     grown: bool = False
     """The cell's finding is the short-backing area's, met here by growing the image past its
     backing file (see grown_elsewhere)."""
+    died: bool = False
+    """The cell's process ended without reporting (--jobs): the harness failed there."""
 
     def to_json(self) -> dict[str, Any]:
         return {"area": self.area, "reader": self.reader, "outcome": self.outcome, "detail": self.detail,
                 "repro": self.repro, "steps": self.steps, "hits": self.hits, "examples": self.examples,
-                "flaky": self.flaky, "grown_past_backing": self.grown,
+                "flaky": self.flaky, "grown_past_backing": self.grown, "process_died": self.died,
                 "seconds": round(self.seconds, 1), "others": [o.to_json() for o in self.others],
                 "harness_findings": self.harness}
 
@@ -178,11 +177,13 @@ def run_cell(area: Area, reader: str, *, budget: float, seed: int, out: Path,
                     repro_dir=str(where), readers=[spec], shrink_seconds=max(10.0, budget / 2),
                     workdir=str(where / "work"))
               for k in range(10_000)]
-    stats = run_shards(shards, 1, on_event, deadline=t0 + budget)
+    try:
+        stats = run_shards(shards, 1, on_event, deadline=t0 + budget)
+    finally:  # also when interrupted: the work folder goes, and an empty cell folder
+        _remove_workdir(where / "work")
+        with contextlib.suppress(OSError):
+            where.rmdir()
     cell.seconds = time.monotonic() - t0
-    _remove_workdir(where / "work")
-    with contextlib.suppress(OSError):  # a cell without findings leaves no empty folder
-        where.rmdir()
     return classify(cell, stats)
 
 
@@ -203,83 +204,38 @@ def run_matrix(areas: list[Area], readers: list[str], *, budget: float, seed: in
                jobs: int = 1, on_start: Callable[[Cell], None] | None = None,
                on_cell: Callable[[Cell], None] | None = None,
                on_event: Callable[[str, Any], None] | None = None) -> list[Cell]:
-    """Every (area, reader) cell, area by area, ``jobs`` cells at a time (each in a process
-    of its own when jobs > 1); ``budget`` is per cell. The cells come back in matrix order
-    whatever order they finish in; ``on_start`` and ``on_cell`` see each cell begin and end."""
-    cells = [Cell(area.name, reader) for area in areas for reader in readers]
+    """Every (area, reader) cell, area by area, ``jobs`` cells at a time (each in a forked
+    process of its own when jobs > 1, difftest/core/procpool.py); ``budget`` is per cell. The
+    cells come back in matrix order whatever order they finish in; ``on_start`` and
+    ``on_cell`` see each cell begin and end. A cell whose process died without reporting is
+    "not run" with ``died`` set."""
     todo = [(area, reader) for area in areas for reader in readers]
-    if jobs <= 1:
-        for i, (area, reader) in enumerate(todo):
-            if on_start:
-                on_start(cells[i])
-            cells[i] = run_cell(area, reader, budget=budget, seed=seed, out=out, on_event=on_event)
-            if on_cell:
-                on_cell(cells[i])
-    else:
-        _run_parallel(todo, cells, jobs, budget=budget, seed=seed, out=out, on_start=on_start,
-                      on_cell=on_cell, on_event=on_event)
-    for area in areas:  # an area whose cells all passed leaves no empty folder (pruned here,
-        with contextlib.suppress(OSError):  # not by a cell: another may be about to write there)
-            (out / area.name).rmdir()
-    return cells
+    cells = [Cell(area.name, reader) for area, reader in todo]
 
+    def run(i: int, events: Callable[[str, Any], None] | None) -> Cell:
+        area, reader = todo[i]
+        return run_cell(area, reader, budget=budget, seed=seed, out=out, on_event=events)
 
-def _run_parallel(todo: list[tuple[Area, str]], cells: list[Cell], jobs: int, *, budget: float,
-                  seed: int, out: Path, on_start: Callable[[Cell], None] | None,
-                  on_cell: Callable[[Cell], None] | None,
-                  on_event: Callable[[str, Any], None] | None) -> None:
-    """run_matrix's cells on ``jobs`` forked processes. A cell's process that dies before
-    it reports (the harness itself failing; a reader's own crash is a finding, caught in the
-    reader's worker) leaves its cell "not run" with the exit status."""
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    running: dict[int, Any] = {}  # cell index -> its process, until it is joined
-    unreported: set[int] = set()  # a process can end before its report is read
-    waiting = list(range(len(todo)))
+    def done(i: int, cell: Cell) -> None:
+        cells[i] = cell
+        if on_cell:
+            on_cell(cell)
+
+    def died(i: int, why: str) -> None:
+        cells[i].died, cells[i].detail = True, f"the cell's process ended without reporting ({why})"
+        done(i, cells[i])
+
     try:
-        while waiting or unreported:
-            while waiting and len(running) < jobs:
-                i = waiting.pop(0)
-                area, reader = todo[i]
-                p = ctx.Process(target=_cell_worker, args=(i, area, reader, budget, seed, out, q),
-                                daemon=True)
-                p.start()
-                running[i] = p
-                unreported.add(i)
+        if jobs <= 1:
+            for i in range(len(todo)):
                 if on_start:
                     on_start(cells[i])
-            try:
-                msg = q.get(timeout=0.5)
-            except queue.Empty:
-                for i, p in list(running.items()):
-                    if not p.is_alive():
-                        p.join()
-                        del running[i]
-                        if p.exitcode != 0:
-                            unreported.discard(i)
-                            cells[i].detail = f"{DIED} (exit {p.exitcode})"
-                            if on_cell:
-                                on_cell(cells[i])
-                continue
-            if msg[0] == "cell":
-                _, i, cell = msg
-                cells[i] = cell
-                unreported.discard(i)
-                p = running.pop(i, None)
-                if p is not None:
-                    p.join()
-                if on_cell:
-                    on_cell(cell)
-            elif on_event:
-                on_event(msg[0], msg[1])
+                done(i, run(i, on_event))
+        else:
+            run_forked(len(todo), run, jobs, on_result=done, on_died=died, on_event=on_event,
+                       on_start=None if on_start is None else lambda i: on_start(cells[i]))
     finally:
-        for p in running.values():  # interrupted: no cell outlives the matrix
-            p.terminate()
-            p.join()
-
-
-def _cell_worker(i: int, area: Area, reader: str, budget: float, seed: int, out: Path, q: Any) -> None:
-    ev = QueuedEvents(q)
-    cell = run_cell(area, reader, budget=budget, seed=seed, out=out, on_event=ev)
-    ev.flush()
-    q.put(("cell", i, cell))
+        for area in areas:  # an area whose cells all passed leaves no empty folder (pruned
+            with contextlib.suppress(OSError):  # here: another cell may be about to write there)
+                (out / area.name).rmdir()
+    return cells

@@ -15,8 +15,6 @@ difftest/core/signature.py) counts the hit and moves on instead of shrinking it 
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
-import queue
 import shutil
 import time
 import traceback
@@ -39,6 +37,7 @@ from difftest.core.divergence import Divergence
 from difftest.core.lockstep import Lockstep
 from difftest.core.machine import Hooks, make_machine
 from difftest.core.minimize import minimize, simplify
+from difftest.core.procpool import run_forked
 from difftest.core.repro import ReproStore
 from difftest.core.signature import normalise
 
@@ -347,36 +346,6 @@ def _once_per_campaign(shards: list[Shard]) -> list[Shard]:
 
 # -- multi-process ----------------------------------------------------------------------------
 
-class QueuedEvents:
-    """A campaign's on_event that sends events to a parent process over ``q``, steps in
-    batches of 20 (one queue message per step would cost more than the step); call
-    ``flush`` before the last message."""
-
-    def __init__(self, q: Any) -> None:
-        self.q = q
-        self.pending = 0
-
-    def __call__(self, kind: str, value: Any) -> None:
-        if kind == "step":
-            self.pending += 1
-            if self.pending >= 20:
-                self.flush()
-        else:
-            self.q.put((kind, value))
-
-    def flush(self) -> None:
-        if self.pending:
-            self.q.put(("step", self.pending))
-            self.pending = 0
-
-
-def _worker(shard: Shard, q: Any) -> None:
-    ev = QueuedEvents(q)
-    stats = run_shard(shard, ev)
-    ev.flush()
-    q.put(("done", stats))
-
-
 def run_shards(shards: list[Shard], jobs: int, on_event: Callable[[str, Any], None] | None = None,
                deadline: float | None = None) -> Stats:
     """Run ``shards`` on ``jobs`` processes (in this process when jobs == 1). With a
@@ -398,41 +367,14 @@ def run_shards(shards: list[Shard], jobs: int, on_event: Callable[[str, Any], No
         total.one_folder_per_finding()
         total.elapsed = time.perf_counter() - t0
         return total
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    todo = list(shards)
-    running: list[Any] = []
-    started = finished = 0
-    while todo or finished < started:
-        if deadline is not None and time.monotonic() >= deadline:
-            todo.clear()  # the budget is spent: wait for the running shards only
-        while todo and len(running) < jobs:
-            p = ctx.Process(target=_worker, args=(primed(todo.pop(0)), q), daemon=True)
-            p.start()
-            running.append(p)
-            started += 1
-        if finished >= started and not (todo and len(running) < jobs):
-            break
-        try:
-            kind, value = q.get(timeout=0.5)
-        except queue.Empty:
-            for p in list(running):
-                if not p.is_alive():
-                    p.join()
-                    running.remove(p)
-                    if p.exitcode != 0:
-                        finished += 1  # it died before reporting
-                        total.divergences.append(Found("worker-died", f"exit {p.exitcode}", -1, None))
-            continue
-        if kind == "done":
-            finished += 1
-            total.merge(value)
-            for p in list(running):
-                if not p.is_alive():
-                    p.join()
-                    running.remove(p)
-        elif on_event:
-            on_event(kind, value)
+    # A shard's process is forked when it starts, so it is primed with what the campaign
+    # has found by then.
+    run_forked(len(shards), lambda i, ev: run_shard(primed(shards[i]), ev), jobs,
+               on_result=lambda _i, stats: total.merge(stats),
+               on_died=lambda i, why: total.divergences.append(Found("worker-died", why, shards[i].seed,
+                                                                     None)),
+               on_event=on_event,
+               may_start=None if deadline is None else lambda: time.monotonic() < deadline)
     total.one_folder_per_finding()
     total.elapsed = time.perf_counter() - t0
     return total

@@ -281,7 +281,6 @@ def test_a_short_backing_finding_met_through_a_grow_is_marked_and_comes_after_th
     from difftest.conformance.render import cell_text
 
     stats = Stats(examples=2)
-    stats.ops["truncate"] = 2
     for sig, hits in (("reader-error-read-x--v3,c4K,qcow2,shorter-backing", 5),
                       ("reader-wrong-bytes-read-x--v3,c4K,qcow2", 1)):
         stats.divergences.append(Found("reader", "m", 1, f"r/{sig}", 1, sig))
@@ -314,16 +313,23 @@ def test_conformance_cli_finds_the_planted_bug_in_its_cell(tmp_path: Path,
 
 def test_parallel_cells_come_back_in_matrix_order_and_a_dead_one_is_not_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--jobs: cells run in forked processes (which inherit this patched run_cell); the
-    first cell finishes last, and one cell's process dies without reporting."""
+    """--jobs: cells run in forked processes (which inherit this patched run_cell). The
+    first cell waits until the third has finished (which starts only once the second's
+    death was noticed), and the second's process dies without reporting."""
     import time
 
     from difftest.conformance import matrix
 
+    flag = tmp_path / "zlib-done"
+
     def fake_cell(area: Any, reader: str, **_: Any) -> Cell:
         if area.name == "v2":
             os._exit(3)
-        time.sleep(1.0 if area.name == "plain" else 0.0)
+        if area.name == "zlib":
+            flag.touch()
+        deadline = time.monotonic() + 60
+        while area.name == "plain" and not flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         return Cell(area.name, reader, outcome="pass", examples=1)
 
     monkeypatch.setattr(matrix, "run_cell", fake_cell)
@@ -332,9 +338,10 @@ def test_parallel_cells_come_back_in_matrix_order_and_a_dead_one_is_not_run(
     cells = matrix.run_matrix(select("plain,v2,zlib"), ["r"], budget=1, seed=0, out=tmp_path, jobs=2,
                               on_start=lambda c: started.append(c.area),
                               on_cell=lambda c: ended.append(c.area))
-    assert [(c.area, c.outcome) for c in cells] == [("plain", "pass"), ("v2", "not run"), ("zlib", "pass")]
+    assert [(c.area, c.outcome, c.died) for c in cells] == [("plain", "pass", False), ("v2", "not run", True),
+                                                            ("zlib", "pass", False)]
     assert "exit 3" in cells[1].detail
-    assert started == ["plain", "v2", "zlib"] and ended[-1] == "plain" and sorted(ended) == sorted(started)
+    assert started == ["plain", "v2", "zlib"] and ended == ["v2", "zlib", "plain"]
 
 
 @needs_qemu
