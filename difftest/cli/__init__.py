@@ -54,3 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: the commands' finally blocks have run; no traceback
+        print("qcow2lab: interrupted", file=sys.stderr)
+        return 130

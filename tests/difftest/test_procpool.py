@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from difftest.core.procpool import QueuedEvents, run_forked
 
 
@@ -85,3 +87,15 @@ def test_tasks_not_started_under_a_spent_budget_are_not_reported() -> None:
 
     results, died, _ = _run(lambda i, ev: i, 10, 1, may_start=may_start)
     assert 1 <= len(results) < 10 and not died and set(results) == set(range(len(results)))
+
+
+def test_ctrl_c_ends_a_command_with_130_and_no_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from difftest.cli import conformance, main
+
+    def interrupted(_args: Any) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conformance, "run", interrupted)
+    assert main(["conformance", "--readers", "dissect"]) == 130
+    assert capsys.readouterr().err == "qcow2lab: interrupted\n"
