@@ -960,3 +960,33 @@ def test_a_refcount_block_past_the_file_size_limit_stays_dirty_through_a_status_
     img.write(4608, b"\x02" * (64 * KiB))
     assert img.read(4608, 64 * KiB) == b"\x02" * (64 * KiB)
     img.close()  # its write-back of the block fails as QEMU's does, and is only reported
+
+
+def test_a_refcount_block_the_preallocation_guess_cannot_read_is_not_preallocated(
+        engine: ModuleType, tmp_path: Path) -> None:
+    """The same guess meets a refcount block it cannot read (a reftable entry at 2^63, which
+    no host read reaches): qcow2_get_refcount fails, the detection fails, and
+    qcow2_co_block_status takes that for "not preallocated" and goes on, nothing flagged.
+    The engines failed the request with the host error (damaged seed 17, flip-1263@snap)."""
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", str(src), "4M"],
+                   check=True)
+    qemu_io(src, "write -q -P 1 0 8k")
+    with open_image(src) as img:
+        reftable = int(img.header.refcount_table_offset)
+    _poke(src, reftable + 8, struct.pack(">Q", 1 << 63))  # entry 1 (clusters from 8 MiB)
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    for path in (theirs, ours):
+        shutil.copy(src, path)
+        with path.open("r+b") as f:
+            # A sparse tail (a copy would fill it): the count reaches entry 1 below its
+            # threshold, which st_blocks sets.
+            f.truncate(16 * MiB)
+    r = _qemu_io("-f", "qcow2", "-c", "write -z 0 512", "-c", "read -P 0 0 512", "-c", "read -P 1 512 4k",
+                 str(theirs))
+    assert r.returncode == 0 and "error" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+    with engine.open(ours) as img:
+        img.write_zeroes(0, 512)
+        assert img.read(0, 4608) == bytes(512) + b"\x01" * 4096
+    assert not _corrupt_bit(theirs) and not _corrupt_bit(ours)
+    assert ours.read_bytes() == theirs.read_bytes()
