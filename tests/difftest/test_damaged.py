@@ -25,6 +25,7 @@ from difftest.damaged.notes import (
     REFCOUNT_INDEX_WRAP,
     REFCOUNTS_GROWN_ON_FREE,
     TABLE_PUNCHED,
+    TABLE_WRITTEN_BEFORE_PUNCH,
     explain,
 )
 from spec import features as ft
@@ -140,6 +141,31 @@ def test_a_read_of_a_table_the_model_already_rewrote_is_named(tmp_path: Path) ->
     assert explain(read, Run(paths={"model": img}, case=elsewhere)) is None
     assert explain(Finding("read", 1, {"model": "ok sha256:a", "impl": "ok sha256:b", "qemu": "ok sha256:c"}),
                    Run(paths={"model": img}, case=case)) is None  # impl and QEMU must agree
+
+
+def test_a_read_of_a_table_written_back_before_a_punch_is_named(tmp_path: Path) -> None:
+    """Damaged seed 17, flip-4126@v2: a discard changed the L2 table a damaged entry maps a
+    later read onto; QEMU punched with the table still dirty, the engines wrote it first."""
+    img = tmp_path / "t.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "4M"],
+                   check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 1 0 8k", str(img)], check=True)
+    f = open_image(img)
+    l2 = f.l1_table()[0] & ((1 << 56) - 512)
+    f.close()
+    with img.open("r+b") as fh:  # guest cluster 3 -> the L2 table itself
+        fh.seek(l2 + 24)
+        fh.write(l2.to_bytes(8, "big"))
+    ops = (Op("discard", 4096, 4096), Op("read", 3 * 4096, 512))
+    case = Case("x", 0, "v3", "t.qcow2", (), None, ops)
+    read = Finding("read", 1, {"model": "ok sha256:a", "impl": "ok sha256:a", "qemu": "ok sha256:b"})
+    assert explain(read, Run(paths={"model": img}, case=case)) is TABLE_WRITTEN_BEFORE_PUNCH
+    no_free = replace(case, ops=(Op("write", 4096, 512, 1), ops[1]))
+    assert explain(read, Run(paths={"model": img}, case=no_free)) is None  # no discard before the read
+    elsewhere = replace(case, ops=(ops[0], Op("read", 0, 512)))  # cluster 0 maps to data
+    assert explain(read, Run(paths={"model": img}, case=elsewhere)) is None
+    split = Finding("read", 1, {"model": "ok sha256:a", "impl": "ok sha256:c", "qemu": "ok sha256:b"})
+    assert explain(split, Run(paths={"model": img}, case=case)) is None  # the engines must agree
 
 
 def test_refcount_blocks_the_host_cannot_write_are_named_only_against_the_model() -> None:
