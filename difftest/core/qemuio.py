@@ -227,6 +227,7 @@ class QemuIo:
     def __init__(self, path: str | Path, *, fmt: str = "qcow2", readonly: bool = False,
                  command: list[str] | None = None, options: str = "",
                  objects: Sequence[str] = ()) -> None:
+        path = Path(path).absolute()  # it runs in the image's folder (QemuImage.path)
         argv = list(command) if command else ["qemu-io", "-t", "unsafe", "-f", fmt]
         argv += objects  # --object secret,... (Secrets.objects)
         if readonly:
@@ -421,7 +422,9 @@ class QemuImage:
     def __init__(self, path: str | Path, *, readonly: bool = False, command: list[str] | None = None,
                  size: int | None = None, cluster_size: int | None = None, options: str = "",
                  secrets: Secrets | None = None) -> None:
-        self.path = Path(path)
+        # Absolute: qemu-io and qemu-img run in the image's folder (where QEMU 7.2 looks for a
+        # relative data file), so a path relative to ours would name nothing there.
+        self.path = Path(path).absolute()
         self.readonly = readonly
         self.secrets = secrets if secrets is not None else secrets_for(self.path)
         """The keys of an encrypted image (None: the ones ``remember``ed for the path, if any)."""

@@ -489,6 +489,22 @@ def test_config_strategy_draws_only_valid_configs() -> None:
 
 # -- the qemu-io channel ------------------------------------------------------------------------
 
+def test_qemu_image_opens_a_path_relative_to_the_callers_folder(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-io and qemu-img run in the image's folder (where QEMU 7.2 looks for a relative
+    data file); a relative path of the caller's must still name the image there
+    (``qcow2lab difftest --damaged --replay difftest-repro/.../case.json`` from the checkout
+    had QEMU refuse every image)."""
+    (tmp_path / "sub").mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "sub" / "r.qcow2"), "1M"],
+                   check=True)
+    monkeypatch.chdir(tmp_path)
+    with qemuio.QemuImage(Path("sub") / "r.qcow2") as img:
+        img.write(0, b"\x5a" * 512)
+        assert img.read(0, 512) == b"\x5a" * 512
+        assert img.info()["virtual-size"] == 1 << 20  # qemu-img, in the image's folder too
+
+
 def test_qemu_image_roundtrip_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "a.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(path), "1M"],
