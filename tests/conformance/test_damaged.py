@@ -990,3 +990,33 @@ def test_a_refcount_block_the_preallocation_guess_cannot_read_is_not_preallocate
         assert img.read(0, 4608) == bytes(512) + b"\x01" * 4096
     assert not _corrupt_bit(theirs) and not _corrupt_bit(ours)
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_the_preallocation_guess_is_made_at_the_first_block_status_query(
+        engine: ModuleType, tmp_path: Path) -> None:
+    """qcow2_co_block_status makes the guess at its first call, on the file as it is then.
+    Here that call is the first write's COW check (is_zero_cow), while the file is small;
+    the write then puts its L2 table at 8 MiB, where a damaged L1 entry points. The impl
+    knew the COW regions of a plain unallocated cluster were zeros without asking, so its
+    guess came at the next query, on the grown file, and met the unaligned refcount block
+    of reftable entry 1 (clusters from 8 MiB), which QEMU never reaches: the impl flagged the
+    image where QEMU wrote (damaged seed 18, flip-2969@v3)."""
+    src = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", str(src), "4M"],
+                   check=True)
+    with open_image(src) as img:
+        reftable, l1 = int(img.header.refcount_table_offset), int(img.header.l1_table_offset)
+    _poke(src, reftable + 8, struct.pack(">Q", 0x800))  # entry 1: an unaligned block
+    _poke(src, l1, struct.pack(">Q", 1 << 63 | (8 * MiB + 4096)))  # L1[0]: past the file's end
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "e.qcow2"
+    for path in (theirs, ours):
+        shutil.copy(src, path)
+    r = _qemu_io("-f", "qcow2", "-c", "write -P 7 0xc00 4k", "-c", "write -z 0x3200 512",
+                 "-c", "read -P 7 0xc00 4k", str(theirs))
+    assert r.returncode == 0 and "corrupt" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+    with engine.open(ours) as img:
+        img.write(0xC00, b"\x07" * 4096)
+        img.write_zeroes(0x3200, 512)
+        assert img.read(0xC00, 4096) == b"\x07" * 4096
+    assert not _corrupt_bit(theirs) and not _corrupt_bit(ours)
+    assert ours.read_bytes() == theirs.read_bytes()
