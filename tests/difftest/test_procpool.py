@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from difftest.core.procpool import QueuedEvents, run_forked
+from difftest.core.procpool import PipedEvents, run_forked
 
 
 def _run(task: Any, count: int, jobs: int, **kw: Any) -> tuple[dict[int, Any], dict[int, str], list[Any]]:
@@ -36,7 +37,7 @@ def _run(task: Any, count: int, jobs: int, **kw: Any) -> tuple[dict[int, Any], d
 
 
 def test_results_deaths_and_events_each_once() -> None:
-    def task(i: int, ev: QueuedEvents) -> int:
+    def task(i: int, ev: PipedEvents) -> int:
         for _ in range(45):
             ev("step", None)
         ev("example", i)
@@ -55,13 +56,29 @@ def test_results_deaths_and_events_each_once() -> None:
     assert sum(v for k, v in events if k == "step") >= 3 * 45
 
 
+def test_a_task_killed_in_the_middle_of_a_message_is_a_death_and_holds_nothing() -> None:
+    """Task 1 dies having written only the start of a message (its length says 1 MiB); the
+    others, started before and after it, still report. With one queue shared by every task
+    a task killed while holding the queue's write lock blocked all the others for good."""
+    def task(i: int, ev: PipedEvents) -> int:
+        ev("example", i)
+        if i == 1:
+            os.write(ev.conn.fileno(), struct.pack("!i", 1 << 20) + b"torn")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return i
+
+    results, died, events = _run(task, 4, 2)
+    assert results == {0: 0, 2: 2, 3: 3} and died == {1: "signal 9"}
+    assert {v for k, v in events if k == "example"} == {0, 1, 2, 3}
+
+
 def test_a_death_is_noticed_while_another_task_keeps_sending(tmp_path: Path) -> None:
     """Task 0 sends events until task 2 has run; task 2 can start only once task 1's death
     frees its slot (jobs=2). A pool that looked for deaths only when the queue was quiet
     would wait for task 0's own 30 s limit."""
     flag = tmp_path / "two-ran"
 
-    def task(i: int, ev: QueuedEvents) -> int:
+    def task(i: int, ev: PipedEvents) -> int:
         if i == 1:
             os._exit(5)
         if i == 2:
