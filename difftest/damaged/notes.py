@@ -136,8 +136,11 @@ REFCOUNT_INDEX_WRAP = Note(
     "any cluster no block covers, write a new block, then fail on the table that would cover "
     "the index (past QEMU's limit, EFBIG): a failed free, which QEMU only logs, and the new "
     "block leaked. The same holds for a bitmap directory entry or bitmap table entry with such "
-    "an offset, which the close's bitmap store frees (block/qcow2-bitmap.c). A QEMU defect, not "
-    "matched.",
+    "an offset, which the close's bitmap store frees (block/qcow2-bitmap.c). The low cluster "
+    "whose refcount the wrap dropped is then free to QEMU's allocator: a later write that "
+    "allocates it is refused by QEMU's own overlap check (the header's cluster: \"overlaps with "
+    "qcow2_header\") and flags the image, where the engines allocate elsewhere and write "
+    "(damaged seed 19, flip-4349@v3). A QEMU defect, not matched.",
     open=False)
 
 TABLE_PUNCHED = Note(
@@ -330,6 +333,9 @@ def explain(finding: Finding, run: Run) -> Note | None:
         return None
     if finding.kind == "check" and _wrapping_offset(run.image):
         return REFCOUNT_INDEX_WRAP
+    if (theirs == "CorruptionError" and _OVERLAP_WORDS in qemu_log and _wrapping_offset(run.image)
+            and all(v != theirs for k, v in finding.outcomes.items() if k != "qemu")):
+        return REFCOUNT_INDEX_WRAP  # QEMU allocated the cluster the wrap freed, and refused to write it
     return None
 
 

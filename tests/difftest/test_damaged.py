@@ -205,7 +205,19 @@ def test_a_refcount_index_past_32_bits_is_named(tmp_path: Path) -> None:
     assert explain(check, Run(image=bytes(data))) is None
     data[l2 + 8 * 25 + 1] |= 0x80  # entry 25: host offset 2^55, refcount-table index 2^32 with 4 KiB clusters
     assert explain(check, Run(image=bytes(data))) is REFCOUNT_INDEX_WRAP
+    # Seed 19, flip-4349@v3: a discard frees that cluster, QEMU's wrap drops the header's
+    # refcount, and the next allocating write gets cluster 0, which QEMU's overlap check refuses.
+    write = Finding("write", 1, {"model": "ok", "impl": "ok", "qemu": "CorruptionError"})
+    refused = ["qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with "
+               "qcow2_header); further corruption events will be suppressed\n",
+               "write failed: Input/output error\n"]
+    assert explain(write, Run(image=bytes(data), qemu_log=refused)) is REFCOUNT_INDEX_WRAP
+    assert explain(write, Run(image=bytes(data), qemu_log=refused[1:])) is None  # no overlap refusal
+    flagged = Finding("write", 1, {"model": "ok", "impl": "CorruptionError", "qemu": "CorruptionError"})
+    # The impl flagged as QEMU did: a refused write-back of its own (metadata-overlap), not the wrap.
+    assert explain(flagged, Run(image=bytes(data), qemu_log=refused)) is METADATA_OVERLAP
     data[l2 + 8 * 25 + 1] &= 0x7F
+    assert explain(write, Run(image=bytes(data), qemu_log=refused)) is None  # no wrapping offset
     data[l2 + 8 * 4] |= 0x42  # entry 4 compressed, offset bit 57: index 2^34
     assert explain(check, Run(image=bytes(data))) is REFCOUNT_INDEX_WRAP
 
