@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from difftest.damaged.campaign import SHRINK_SECONDS, Corpus, Stats, campaign, describe
+from difftest.damaged.campaign import SHRINK_SECONDS, Corpus, Stats, campaign, describe, replay_for_qemu_race
 from difftest.damaged.case import Case
 from difftest.damaged.notes import explain
 
@@ -33,11 +33,14 @@ def _engines(spec: str | None) -> list[str]:
 def replay(path: Path, engines: list[str]) -> int:
     case = Case.from_json(json.loads(path.read_text()))
     work = path.parent / "replay"
-    run = Corpus(work, case.seed).run(case, engines, work / "run")
+    corpus = Corpus(work, case.seed)
+    run = corpus.run(case, engines, work / "run")
     if run.finding is None:
         print("every side agrees")
         return 0
     note = explain(run.finding, run)
+    if note is None and replay_for_qemu_race(corpus, run, engines, work / "again"):
+        note = explain(run.finding, run)
     print(run.finding if note is None else f"{run.finding}\n  named difference {note.name}: {note.reason}")
     return 1 if note is None else 0
 

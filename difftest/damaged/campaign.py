@@ -125,6 +125,36 @@ class Corpus:
         return run_case(case, self.bases[case.base], m.sidecars, engines, workdir)
 
 
+REPLAYS = 4
+"""How often an unexplained finding's case is run again to see whether QEMU answers alike."""
+
+
+def qemu_varies(first: list[dict[str, str]], again: list[dict[str, str]]) -> bool:
+    """Two runs of one case (their trails): at the first request QEMU answered otherwise, the
+    engines answered alike in both runs and agreed with QEMU's answer in one of them, and
+    every earlier request had every side answer as before (QEMU_NONDETERMINISTIC)."""
+    for a, b in zip(first, again, strict=False):  # up to the shorter run's last request
+        engines = {k: v for k, v in a.items() if k != "qemu"}
+        if engines != {k: v for k, v in b.items() if k != "qemu"}:
+            return False
+        if a.get("qemu") != b.get("qemu"):
+            theirs = set(engines.values())
+            return len(theirs) == 1 and bool(theirs & {a.get("qemu"), b.get("qemu")})
+    return False
+
+
+def replay_for_qemu_race(corpus: Corpus, run: Run, engines: list[str], workdir: Path) -> bool:
+    """Run an unexplained finding's case again (REPLAYS times at most) and set
+    ``run.qemu_varied`` once QEMU answers otherwise (qemu_varies). True when it did."""
+    if "qemu" not in engines or run.case is None:
+        return False
+    for _ in range(REPLAYS):
+        if qemu_varies(run.trail, corpus.run(run.case, engines, workdir).trail):
+            run.qemu_varied = True
+            return True
+    return False
+
+
 def shrink(corpus: Corpus, case: Case, finding: Finding, engines: list[str], workdir: Path,
            seconds: float = SHRINK_SECONDS) -> tuple[Case, Finding]:
     """Fewer requests, then fewer damaged bytes, then fewer flipped bits, while a finding of
@@ -195,6 +225,9 @@ def campaign(*, seed: int, engines: list[str], time_budget: float | None, exampl
             stats.refused += not run.opened
             note = None if run.finding is None else \
                 explain(run.finding, run)
+            if run.finding is not None and note is None and \
+                    replay_for_qemu_race(corpus, run, engines, work / "again"):
+                note = explain(run.finding, run)
             if run.finding is not None and note is not None:
                 key = f"{note.name}/{run.finding.signature()}:{family(m.name)}"
                 if key in stats.noted:

@@ -259,6 +259,11 @@ class Run:
     """The damaged image every side started from."""
     model_table_punched: bool = False
     """After some request, the model's file had its L1 or refcount table punched to zeros."""
+    trail: list[dict[str, str]] = field(default_factory=list)
+    """Every request's outcome on each side, in order (the finding's request last)."""
+    qemu_varied: bool = False
+    """A replay of the same case had QEMU answer a request otherwise while the engines
+    answered every request alike (campaign.qemu_varies; notes.QEMU_NONDETERMINISTIC)."""
 
 
 def run_case(case: Case, base: Base, sidecars: dict[str, bytes], engines: list[str], workdir: Path) -> Run:
@@ -336,6 +341,7 @@ def _requests(case: Case, images: dict[str, Any], run: Run) -> Finding | None:
                 results[e], _, detail = _outcome_detail(img.flush)
             if detail:
                 run.errors[e] = detail
+        run.trail.append(results)
         if "model" in images and not run.model_table_punched:
             run.model_table_punched = table_punched(run.image, run.paths["model"])
         if _disagree(results) or any(r.startswith("crash") or r == "hang" for r in results.values()):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from difftest.cli.damaged import replay
-from difftest.damaged.campaign import Corpus, campaign
+from difftest.damaged.campaign import Corpus, campaign, qemu_varies
 from difftest.damaged.case import Case, Finding, Op, Run, count_bits, table_punched
 from difftest.damaged.notes import (
     CACHED_METADATA_READ,
@@ -22,6 +22,7 @@ from difftest.damaged.notes import (
     METADATA_OVERLAP,
     MODEL_WRITE_THROUGH,
     QEMU_ABORTED,
+    QEMU_NONDETERMINISTIC,
     REFCOUNT_INDEX_WRAP,
     REFCOUNTS_GROWN_ON_FREE,
     TABLE_PUNCHED,
@@ -315,3 +316,23 @@ def test_a_slow_qemu_request_is_not_a_hang(tmp_path: Path) -> None:
                 (Op("discard", 1334272, 4096), Op("discard", 0, 65536), Op("write", 3426304, 512, 110)))
     run = Corpus(tmp_path, 13).run(case, ["model", "impl", "qemu"], tmp_path / "run")
     assert run.finding is None, run.finding
+
+
+def test_qemu_answering_a_replay_otherwise_is_named_only_when_the_engines_did_not() -> None:
+    """Seed 19, flip-531@snap: QEMU ran a write's pieces concurrently and flagged the image in
+    one request or the next from run to run; the engines took one of those ways each time."""
+    ok = {"model": "ok", "impl": "ok", "qemu": "ok"}
+    failed = {"model": "ok", "impl": "ok", "qemu": "CorruptionError"}
+    flagged = {"model": "ok", "impl": "CorruptionError", "qemu": "CorruptionError"}
+    first, again = [ok, ok, failed], [ok, ok, ok, flagged]
+    assert qemu_varies(first, again) and qemu_varies(again, first)
+    assert not qemu_varies(first, first)  # the same answers: nothing varied
+    assert qemu_varies(first, [ok, failed]) and qemu_varies([ok, failed], first)  # flagged a request earlier
+    # An engine answered otherwise in the replay: not QEMU alone.
+    assert not qemu_varies(first, [ok, {"model": "ok", "impl": "CorruptionError", "qemu": "ok"}, ok])
+    # QEMU's two answers, neither of them the engines': they took none of QEMU's ways.
+    assert not qemu_varies([{"model": "HostIOError", "impl": "HostIOError", "qemu": "ok"}],
+                           [{"model": "HostIOError", "impl": "HostIOError", "qemu": "CorruptionError"}])
+    finding = Finding("write", 2, failed)
+    assert explain(finding, Run()) is None
+    assert explain(finding, Run(qemu_varied=True)) is QEMU_NONDETERMINISTIC
