@@ -396,9 +396,7 @@ def write_new_cluster(img: ImageView, offset: int, data: memoryview, key: int, w
     within = offset & (cs - 1)
     first = offset - within
     end_from = within + len(data)
-    # Known only once the first block-status query has decided the metadata preallocation
-    # (_plan's known_zero).
-    known_zero = img.backing is None and first + cs <= img.size and img.metadata_preallocation is not None
+    known_zero = _zeros_known(img, first + cs)
     try:
         _data_with_cow(img, first, host, 0, within, end_from, cs, data, known_zero, below=True)
     except UnflaggedError:
@@ -490,17 +488,20 @@ def _plan(img: ImageView, pos: int, nbytes: int, host: int, n: int, in_place: bo
     # calculate_l2_meta: where the COW starts in the first cluster and ends in the last.
     e0, el = pair(0), pair(n - 1)
     start_from, end_to = cow_range(g, e0, el, start_to, end_from, keep_old=in_place, has_data_file=dfile)
-    # Both COW regions of a cluster that was plain unallocated in an image without a
-    # backing file (and inside the image) read as zeros: what is_zero_fast would answer,
-    # known without asking block status. Not before this image's first block-status query,
-    # which decides its metadata preallocation there and then (qcow2_co_block_status), on
-    # the file as it is at that moment: skipped, the guess came later, on a file the write
-    # had grown, and met an unaligned refcount block QEMU never reached (damaged seed 18,
-    # flip-2969@v3).
-    known_zero = (not ext and not dfile and img.backing is None and not e0[0] and not el[0]
-                  and first + n * cs <= img.size and img.metadata_preallocation is not None)
+    known_zero = not ext and not dfile and not e0[0] and not el[0] and _zeros_known(img, first + n * cs)
     return _Piece(pos, nbytes, host, n, in_place, key, w, (start_from, start_to, end_from, end_to),
                   known_zero)
+
+
+def _zeros_known(img: ImageView, end: int) -> bool:
+    """The COW regions of plain unallocated clusters ending at guest offset ``end`` read as
+    zeros, known without asking block status (what is_zero_fast would answer): no backing
+    file, inside the image, and this image's first block-status query already made, which
+    decides its metadata preallocation there and then (qcow2_co_block_status), on the file as
+    it is at that moment. Skipping that query, the guess came later, on a file the write had
+    grown, and met an unaligned refcount block QEMU never reached (damaged seed 18,
+    flip-2969@v3)."""
+    return img.backing is None and end <= img.size and img.metadata_preallocation is not None
 
 
 def _link(img: ImageView, p: _Piece, *, prealloc: bool = False) -> list[int]:

@@ -19,9 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from difftest.damaged.campaign import SHRINK_SECONDS, Corpus, Stats, campaign, describe, replay_for_qemu_race
+from difftest.damaged.campaign import SHRINK_SECONDS, Corpus, Stats, campaign, describe, explain_run
 from difftest.damaged.case import Case
-from difftest.damaged.notes import explain
 
 DEFAULT_EXAMPLES = 200
 
@@ -38,9 +37,7 @@ def replay(path: Path, engines: list[str]) -> int:
     if run.finding is None:
         print("every side agrees")
         return 0
-    note = explain(run.finding, run)
-    if note is None and replay_for_qemu_race(corpus, run, engines, work / "again"):
-        note = explain(run.finding, run)
+    note = explain_run(corpus, run, engines, work / "again")
     print(run.finding if note is None else f"{run.finding}\n  named difference {note.name}: {note.reason}")
     return 1 if note is None else 0
 

@@ -227,7 +227,6 @@ class QemuIo:
     def __init__(self, path: str | Path, *, fmt: str = "qcow2", readonly: bool = False,
                  command: list[str] | None = None, options: str = "",
                  objects: Sequence[str] = ()) -> None:
-        path = Path(path).absolute()  # it runs in the image's folder (QemuImage.path)
         argv = list(command) if command else ["qemu-io", "-t", "unsafe", "-f", fmt]
         argv += objects  # --object secret,... (Secrets.objects)
         if readonly:

@@ -144,16 +144,19 @@ def qemu_varies(first: list[dict[str, str]], again: list[dict[str, str]]) -> boo
     return False
 
 
-def replay_for_qemu_race(corpus: Corpus, run: Run, engines: list[str], workdir: Path) -> bool:
-    """Run an unexplained finding's case again (REPLAYS times at most) and set
-    ``run.qemu_varied`` once QEMU answers otherwise (qemu_varies). True when it did."""
-    if "qemu" not in engines or run.case is None:
-        return False
+def explain_run(corpus: Corpus, run: Run, engines: list[str], workdir: Path) -> Note | None:
+    """The note that explains ``run``'s finding; when none does, the case is run again
+    (REPLAYS times at most) and ``run.qemu_varied`` set once QEMU answers otherwise
+    (qemu_varies), which explain names."""
+    assert run.finding is not None
+    note = explain(run.finding, run)
+    if note is not None or "qemu" not in engines or run.case is None:
+        return note
     for _ in range(REPLAYS):
         if qemu_varies(run.trail, corpus.run(run.case, engines, workdir).trail):
             run.qemu_varied = True
-            return True
-    return False
+            return explain(run.finding, run)
+    return None
 
 
 def shrink(corpus: Corpus, case: Case, finding: Finding, engines: list[str], workdir: Path,
@@ -224,11 +227,7 @@ def campaign(*, seed: int, engines: list[str], time_budget: float | None, exampl
             stats.operations += run.steps
             stats.opened += run.opened
             stats.refused += not run.opened
-            note = None if run.finding is None else \
-                explain(run.finding, run)
-            if run.finding is not None and note is None and \
-                    replay_for_qemu_race(corpus, run, engines, work / "again"):
-                note = explain(run.finding, run)
+            note = None if run.finding is None else explain_run(corpus, run, engines, work / "again")
             if run.finding is not None and note is not None:
                 key = f"{note.name}/{run.finding.signature()}:{family(m.name)}"
                 if key in stats.noted:

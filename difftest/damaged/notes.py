@@ -260,6 +260,15 @@ def _model_forgot_unwritable_blocks(finding: Finding, qemu_log: str, impl_error:
     return finding.outcomes["impl"] == theirs and finding.outcomes.get("model", theirs) != theirs
 
 
+def _read_onto_metadata(finding: Finding, run: Run) -> bool:
+    """A read every side served, whose host clusters are tables in the model's file
+    (_reads_metadata)."""
+    return (finding.kind == "read" and all(v.startswith("ok") for v in finding.outcomes.values())
+            and run.case is not None and "model" in run.paths and 0 <= finding.step < len(run.case.ops)
+            and _reads_metadata(run.paths["model"], run.case.ops[finding.step].offset,
+                                run.case.ops[finding.step].n))
+
+
 def _reads_metadata(path: Path, guest: int, n: int) -> bool:
     """Some cluster of [guest, guest+n) maps, through the active L1 and L2 tables of ``path``,
     to a host cluster that the refcount table or the L1 table also names (a refcount block, an
@@ -319,20 +328,13 @@ def explain(finding: Finding, run: Run) -> Note | None:
     if efbig and finding.kind in ("write", "write_zeroes", "discard", "flush") and others == {"ok"} \
             and finding.outcomes.get("model") == "CorruptionError":
         return MODEL_WRITE_THROUGH
-    if (finding.kind == "read" and len(others) == 1 and finding.outcomes.get("model") not in others
-            and all(v.startswith("ok") for v in finding.outcomes.values()) and run.case is not None
-            and "model" in run.paths and 0 <= finding.step < len(run.case.ops)
-            and _reads_metadata(run.paths["model"], run.case.ops[finding.step].offset,
-                                run.case.ops[finding.step].n)):
+    if (len(others) == 1 and finding.outcomes.get("model") not in others
+            and _read_onto_metadata(finding, run)):
         return CACHED_METADATA_READ
-    if (finding.kind == "read" and _engines_agree(finding) and "impl" in finding.outcomes
-            and finding.outcomes["qemu"] != finding.outcomes["impl"]
-            and all(v.startswith("ok") for v in finding.outcomes.values()) and run.case is not None
-            and "model" in run.paths and 0 <= finding.step < len(run.case.ops)
-            and any(op.kind == "discard" or (op.kind == "write_zeroes" and op.unmap)
-                    for op in run.case.ops[:finding.step])
-            and _reads_metadata(run.paths["model"], run.case.ops[finding.step].offset,
-                                run.case.ops[finding.step].n)):
+    if (_engines_agree(finding) and "impl" in finding.outcomes
+            and finding.outcomes["qemu"] != finding.outcomes["impl"] and _read_onto_metadata(finding, run)
+            and run.case is not None and any(op.kind == "discard" or (op.kind == "write_zeroes" and op.unmap)
+                                             for op in run.case.ops[:finding.step])):
         return TABLE_WRITTEN_BEFORE_PUNCH
     if (len(others) == 1 and finding.outcomes.get("model") not in others and "model" in run.paths
             and run.model_table_punched):
